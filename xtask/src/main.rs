@@ -1,0 +1,44 @@
+//! `cargo xtask …`: the project's own commands. Each one installs what it
+//! needs first (see `setup`), so the README's two commands work on a fresh
+//! Debian machine with nothing but the Rust toolchain.
+
+mod bench;
+mod cmd;
+mod demo;
+mod setup;
+mod test;
+
+use anyhow::{Result, bail};
+
+const USAGE: &str = "\
+usage: cargo xtask <command>
+
+  setup            install the system and Python packages builds and tests need
+  test             set up, check formatting and lints, run every test
+  demo [DIR]       set up, run the local mesh on the simulator (examples/demo), show it, tear down
+  bench [PART]     set up, run the benchmarks (PART: identity, destination, redirector, mesh)
+";
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("xtask: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
+    let mut args = std::env::args().skip(1);
+    let command = args.next().unwrap_or_default();
+    let rest: Vec<String> = args.collect();
+    match command.as_str() {
+        "setup" => setup::run(),
+        "test" => test::run(&rest),
+        "demo" => demo::run(&rest),
+        "bench" => bench::run(&rest),
+        "" | "help" | "-h" | "--help" => {
+            print!("{USAGE}");
+            Ok(())
+        }
+        other => bail!("unknown command {other:?}\n{USAGE}"),
+    }
+}
