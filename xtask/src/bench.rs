@@ -5,22 +5,22 @@
 use crate::setup;
 use anyhow::{Result, bail};
 
+type Bench = fn() -> Result<()>;
+
 /// The parts that have a benchmark, in the order `bench` with no argument runs them.
-const PARTS: &[&str] = &[];
+const PARTS: &[(&str, Bench)] = &[];
 
 pub fn run(args: &[String]) -> Result<()> {
     setup::run()?;
-    let wanted: Vec<&str> = match args.first() {
-        Some(part) => vec![part.as_str()],
-        None => PARTS.to_vec(),
-    };
-    if wanted.is_empty() {
+    let known = || PARTS.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ");
+    if PARTS.is_empty() {
         bail!("no benchmarks exist yet");
     }
-    for part in wanted {
-        match part {
-            other => bail!("no benchmark named {other:?}; known: {}", PARTS.join(", ")),
-        }
+    match args.first() {
+        None => PARTS.iter().try_for_each(|(_, bench)| bench()),
+        Some(part) => match PARTS.iter().find(|(n, _)| n == part) {
+            Some((_, bench)) => bench(),
+            None => bail!("no benchmark named {part:?}; known: {}", known()),
+        },
     }
-    Ok(())
 }
