@@ -536,3 +536,81 @@ impl Drop for DownOnDrop {
         }
     }
 }
+
+#[test]
+fn the_two_node_example_serves_curl_through_its_service() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/two-node");
+    let name = unique("ex");
+    let _guard = DownOnDrop(name.clone());
+    let opts = Options::detect().unwrap();
+    let running = cluster::up(&example, &name, &opts).expect("examples/two-node comes up");
+    let mut curl = cluster::pod_command(
+        &running.state,
+        "demo/client",
+        "curl",
+        &["-sS", "--max-time", "5", "http://server.demo:8080/"].map(String::from),
+    )
+    .unwrap();
+    let out = curl.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let served = std::fs::read_to_string(example.join("www/index.html")).unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), served);
+}
+
+#[test]
+fn nodes_reach_cluster_ips_and_the_host_reaches_nodes() {
+    let cluster = TestCluster::up(TWO_NODES).expect("cluster up");
+    let state = cluster.state();
+    let vip = state
+        .services
+        .iter()
+        .find(|s| s.name == "echo")
+        .unwrap()
+        .cluster_ip
+        .unwrap();
+    // From node-a's own namespace (a node proxy would connect from here).
+    let args = ["./tcp_client.py", &vip.to_string(), "80", "10000"].map(String::from);
+    let mut cmd = cluster::node_command(state, "node-a", "python3", &args).unwrap();
+    let out = cmd.current_dir(cluster.manifest_dir()).output().unwrap();
+    assert!(
+        out.status.success(),
+        "node -> ClusterIP: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // From the host to a listener in node-b's namespace (as Prometheus
+    // scrapes node proxies at <node ip>:15020).
+    let node_b = state.node("node-b").unwrap();
+    let mut server = cluster::node_command(
+        state,
+        "node-b",
+        "python3",
+        &["./tcp_echo.py", "15020"].map(String::from),
+    )
+    .unwrap();
+    let mut server = server
+        .current_dir(cluster.manifest_dir())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(server.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.starts_with("listening"), "{first}");
+    let mut conn =
+        std::net::TcpStream::connect_timeout(&(node_b.ip, 15020).into(), Duration::from_secs(3))
+            .expect("host reaches node-b");
+    use std::io::{Read, Write};
+    conn.write_all(b"ping from the host").unwrap();
+    conn.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut back = String::new();
+    conn.read_to_string(&mut back).unwrap();
+    assert_eq!(back, "ping from the host");
+    server.kill().unwrap();
+    server.wait().unwrap();
+}
