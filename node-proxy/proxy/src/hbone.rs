@@ -1,0 +1,48 @@
+//! HBONE: how node proxies carry a pod's TCP connection to another node.
+//!
+//! Each connection becomes one HTTP/2 `CONNECT` stream (`:authority` =
+//! `podIP:port`) on a TLS 1.3 mutual-TLS connection to the destination pod's
+//! `podIP:15008`. This is the protocol Istio's ztunnel speaks, so the wire
+//! format is one operators can already inspect; unlike a TLS connection per
+//! TCP connection, many streams share one handshake.
+//!
+//! - [`stream`]: one CONNECT stream as `AsyncRead + AsyncWrite`;
+//! - [`server`]: accepting streams on 15008;
+//! - [`pool`]: client connections, reused per source pod and destination.
+
+pub mod pool;
+pub mod server;
+pub mod stream;
+
+pub use pool::{HbonePool, PoolConfig};
+pub use server::{HboneRequest, serve_connection};
+pub use stream::H2Stream;
+
+/// The port every enrolled pod's HBONE listener is on.
+pub const HBONE_PORT: u16 = 15008;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HboneError {
+    #[error(
+        "cannot reach the destination node proxy at {addr}: {source} (maybe a NetworkPolicy is blocking port 15008)"
+    )]
+    Connect {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("TLS handshake with {addr} failed: {source}")]
+    Tls {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("HTTP/2 with {addr} failed: {source}")]
+    H2 {
+        addr: std::net::SocketAddr,
+        source: h2::Error,
+    },
+    #[error("the destination node proxy refused the tunnel to {target}: HTTP {status}")]
+    Refused {
+        target: std::net::SocketAddr,
+        status: http::StatusCode,
+    },
+}

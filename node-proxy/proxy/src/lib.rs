@@ -1,0 +1,6 @@
+//! The Weft node proxy. One per node; carries every enrolled pod's TCP
+//! connections over mutual TLS, each end presenting its own pod's identity.
+//!
+//! - [`hbone`]: the tunnel between node proxies (HTTP/2 CONNECT over mTLS).
+
+pub mod hbone;
