@@ -1,0 +1,312 @@
+//! Picking a Service endpoint for a new connection.
+//!
+//! Power of two choices over a peak-sensitive EWMA of connect latency, as
+//! Linkerd and Finagle do: pick two endpoints at random, take the one with
+//! the lower cost, where cost = latency estimate × (connections in flight
+//! + 1). Two random candidates avoid the herding that "always the best"
+//! causes when every proxy sees the same best endpoint; the in-flight factor
+//! spreads load before the latency estimate catches up. kube-proxy, by
+//! contrast, picks uniformly and keeps sending to a slow or dead endpoint.
+//!
+//! An endpoint whose connect just failed is skipped for a backoff that
+//! doubles with each consecutive failure (1 s … 30 s) and resets on success.
+//! When every endpoint is backed off, the one whose backoff ends first is
+//! tried anyway: refusing outright would turn a blip into an outage.
+
+use rand::Rng;
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::sync::Mutex;
+use std::time::Duration;
+use tokio::time::Instant;
+
+#[derive(Clone, Debug)]
+pub struct BalancerConfig {
+    /// How quickly old latency observations fade (time constant).
+    pub decay: Duration,
+    /// Latency assumed for an endpoint never measured: low, so new endpoints
+    /// get traffic and a measurement.
+    pub default_latency: Duration,
+    pub failure_backoff: Duration,
+    pub max_failure_backoff: Duration,
+}
+
+impl Default for BalancerConfig {
+    fn default() -> Self {
+        Self {
+            decay: Duration::from_secs(10),
+            default_latency: Duration::from_millis(1),
+            failure_backoff: Duration::from_secs(1),
+            max_failure_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Stats {
+    /// Latency estimate in seconds.
+    ewma: f64,
+    updated: Instant,
+    in_flight: usize,
+    consecutive_failures: u32,
+    backoff_until: Option<Instant>,
+}
+
+/// Per-endpoint state, shared by every connection of the node proxy.
+pub struct Balancer<K> {
+    config: BalancerConfig,
+    stats: Mutex<HashMap<K, Stats>>,
+}
+
+/// What `/config_dump` shows for one endpoint.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EndpointState {
+    pub latency_ewma: Duration,
+    pub in_flight: usize,
+    pub consecutive_failures: u32,
+    pub backed_off: bool,
+}
+
+impl<K: Hash + Eq + Clone> Balancer<K> {
+    pub fn new(config: BalancerConfig) -> Self {
+        Self {
+            config,
+            stats: Mutex::default(),
+        }
+    }
+
+    /// Chooses among `candidates` and counts a connection in flight to it;
+    /// report the outcome with [`Balancer::connected`] or [`Balancer::failed`].
+    pub fn pick(&self, candidates: &[K], rng: &mut impl Rng) -> Option<K> {
+        let now = Instant::now();
+        let mut stats = self.stats.lock().expect("balancer lock");
+        let usable: Vec<&K> = candidates
+            .iter()
+            .filter(|k| {
+                stats
+                    .get(*k)
+                    .and_then(|s| s.backoff_until)
+                    .is_none_or(|until| until <= now)
+            })
+            .collect();
+        let chosen = match usable.len() {
+            0 => candidates
+                .iter()
+                .min_by_key(|k| stats.get(*k).and_then(|s| s.backoff_until))?,
+            1 => usable[0],
+            n => {
+                let a = rng.random_range(0..n);
+                let mut b = rng.random_range(0..n - 1);
+                if b >= a {
+                    b += 1;
+                }
+                let cost = |k: &K| self.cost(stats.get(k), now);
+                if cost(usable[a]) <= cost(usable[b]) {
+                    usable[a]
+                } else {
+                    usable[b]
+                }
+            }
+        }
+        .clone();
+        self.entry(&mut stats, &chosen, now).in_flight += 1;
+        Some(chosen)
+    }
+
+    /// The connection to `k` was established after `latency`.
+    pub fn connected(&self, k: &K, latency: Duration) {
+        let now = Instant::now();
+        let mut stats = self.stats.lock().expect("balancer lock");
+        let decay = self.config.decay.as_secs_f64();
+        let s = self.entry(&mut stats, k, now);
+        s.in_flight = s.in_flight.saturating_sub(1);
+        let observed = latency.as_secs_f64();
+        // Peak-sensitive: a slower observation replaces the estimate at
+        // once; faster ones pull it down gradually.
+        if observed > s.ewma {
+            s.ewma = observed;
+        } else {
+            let elapsed = now.saturating_duration_since(s.updated).as_secs_f64();
+            let w = (-elapsed / decay).exp();
+            s.ewma = s.ewma * w + observed * (1.0 - w);
+        }
+        s.updated = now;
+        s.consecutive_failures = 0;
+        s.backoff_until = None;
+    }
+
+    /// Connecting to `k` failed.
+    pub fn failed(&self, k: &K) {
+        let now = Instant::now();
+        let mut stats = self.stats.lock().expect("balancer lock");
+        let (base, max) = (self.config.failure_backoff, self.config.max_failure_backoff);
+        let s = self.entry(&mut stats, k, now);
+        s.in_flight = s.in_flight.saturating_sub(1);
+        s.consecutive_failures = s.consecutive_failures.saturating_add(1);
+        let backoff = base
+            .saturating_mul(1u32 << (s.consecutive_failures - 1).min(16))
+            .min(max);
+        s.backoff_until = Some(now + backoff);
+    }
+
+    /// Forgets endpoints that are no longer in any Service.
+    pub fn retain(&self, keep: impl Fn(&K) -> bool) {
+        self.stats
+            .lock()
+            .expect("balancer lock")
+            .retain(|k, _| keep(k));
+    }
+
+    pub fn state(&self, k: &K) -> Option<EndpointState> {
+        let now = Instant::now();
+        let stats = self.stats.lock().expect("balancer lock");
+        stats.get(k).map(|s| EndpointState {
+            latency_ewma: Duration::from_secs_f64(s.ewma),
+            in_flight: s.in_flight,
+            consecutive_failures: s.consecutive_failures,
+            backed_off: s.backoff_until.is_some_and(|u| u > now),
+        })
+    }
+
+    fn cost(&self, stats: Option<&Stats>, now: Instant) -> f64 {
+        match stats {
+            None => self.config.default_latency.as_secs_f64(),
+            Some(s) => {
+                // Without fresh observations the estimate relaxes towards the
+                // default, so one slow connect is not held against an
+                // endpoint forever.
+                let elapsed = now.saturating_duration_since(s.updated).as_secs_f64();
+                let w = (-elapsed / self.config.decay.as_secs_f64()).exp();
+                let latency = s.ewma * w + self.config.default_latency.as_secs_f64() * (1.0 - w);
+                latency * (s.in_flight as f64 + 1.0)
+            }
+        }
+    }
+
+    fn entry<'a>(&self, stats: &'a mut HashMap<K, Stats>, k: &K, now: Instant) -> &'a mut Stats {
+        stats.entry(k.clone()).or_insert_with(|| Stats {
+            ewma: self.config.default_latency.as_secs_f64(),
+            updated: now,
+            in_flight: 0,
+            consecutive_failures: 0,
+            backoff_until: None,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use rand::rngs::StdRng;
+
+    fn share(
+        b: &Balancer<&'static str>,
+        eps: &[&'static str],
+        latency: impl Fn(&str) -> Duration,
+        n: usize,
+    ) -> HashMap<&'static str, usize> {
+        let mut rng = StdRng::seed_from_u64(7);
+        let mut counts = HashMap::new();
+        for _ in 0..n {
+            let k = b.pick(eps, &mut rng).unwrap();
+            *counts.entry(k).or_default() += 1;
+            b.connected(&k, latency(k));
+        }
+        counts
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_endpoint_gets_a_clearly_smaller_share() {
+        let b = Balancer::new(BalancerConfig::default());
+        let eps = ["fast", "slow", "fast2"];
+        let lat = |k: &str| {
+            if k == "slow" {
+                Duration::from_millis(50)
+            } else {
+                Duration::from_millis(1)
+            }
+        };
+        let counts = share(&b, &eps, lat, 3000);
+        let slow = counts.get("slow").copied().unwrap_or(0);
+        // Uniform would give 1000; P2C only picks it when both candidates
+        // are "slow", which it never is twice: it wins no contest.
+        assert!(slow < 100, "slow endpoint got {slow} of 3000: {counts:?}");
+        assert!(
+            counts["fast"] > 1200 && counts["fast2"] > 1200,
+            "{counts:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn in_flight_connections_spread_load_before_latency_is_known() {
+        let b: Balancer<&str> = Balancer::new(BalancerConfig::default());
+        let mut rng = StdRng::seed_from_u64(1);
+        let eps = ["a", "b"];
+        // Ten connects in flight at once (none has completed yet).
+        let picks: Vec<_> = (0..10).map(|_| b.pick(&eps, &mut rng).unwrap()).collect();
+        let a = picks.iter().filter(|k| **k == "a").count();
+        assert_eq!(
+            a, 5,
+            "two candidates, equal latency: in-flight counts alternate them: {picks:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_endpoint_is_skipped_for_a_growing_backoff() {
+        let b = Balancer::new(BalancerConfig::default());
+        let mut rng = StdRng::seed_from_u64(3);
+        let eps = ["good", "bad"];
+        b.failed(&"bad");
+        for _ in 0..50 {
+            let k = b.pick(&eps, &mut rng).unwrap();
+            assert_eq!(k, "good");
+            b.connected(&k, Duration::from_millis(1));
+        }
+        assert!(b.state(&"bad").unwrap().backed_off);
+        tokio::time::advance(Duration::from_millis(1001)).await;
+        assert!(
+            !b.state(&"bad").unwrap().backed_off,
+            "1 s after one failure it is tried again"
+        );
+        b.failed(&"bad");
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        assert!(b.state(&"bad").unwrap().backed_off, "second failure: 2 s");
+        tokio::time::advance(Duration::from_millis(600)).await;
+        assert!(!b.state(&"bad").unwrap().backed_off);
+        b.connected(&"bad", Duration::from_millis(1));
+        assert_eq!(b.state(&"bad").unwrap().consecutive_failures, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn when_all_failed_the_soonest_to_recover_is_tried() {
+        let b = Balancer::new(BalancerConfig::default());
+        let mut rng = StdRng::seed_from_u64(5);
+        b.failed(&"a");
+        b.failed(&"a"); // 2 s
+        b.failed(&"b"); // 1 s
+        assert_eq!(b.pick(&["a", "b"], &mut rng), Some("b"));
+        assert_eq!(b.pick(&[] as &[&str], &mut rng), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_spike_is_forgiven_over_time() {
+        let b = Balancer::new(BalancerConfig::default());
+        let mut rng = StdRng::seed_from_u64(9);
+        let _ = b.pick(&["x"], &mut rng);
+        b.connected(&"x", Duration::from_millis(200));
+        assert_eq!(
+            b.state(&"x").unwrap().latency_ewma,
+            Duration::from_millis(200),
+            "peaks count at once"
+        );
+        tokio::time::advance(Duration::from_secs(30)).await;
+        let _ = b.pick(&["x"], &mut rng);
+        b.connected(&"x", Duration::from_millis(1));
+        let est = b.state(&"x").unwrap().latency_ewma;
+        assert!(
+            est < Duration::from_millis(20),
+            "after 3 decay periods the estimate is near the new value: {est:?}"
+        );
+    }
+}
