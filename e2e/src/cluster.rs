@@ -48,6 +48,10 @@ pub enum SimError {
     NoSuchNode { name: String, node: String },
     #[error(transparent)]
     NotReady(Box<NotReady>),
+    #[error(
+        "tearing down simulator {name:?} was incomplete (run `weft-sim down --name {name}` again): {errors}"
+    )]
+    Teardown { name: String, errors: String },
     #[error("all {0} simulator slots are in use: run `weft-sim down` for some")]
     NoSlot(usize),
 }
@@ -405,9 +409,17 @@ pub fn down(name: &str, opts: &Options) -> Result<(), SimError> {
         let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(ns));
     }
     if let Some(state) = &state {
+        // The host end of the fabric veth goes when the fabric namespace is
+        // destroyed, which the kernel does asynchronously: give it a moment
+        // before deleting it by hand, and accept that it vanished meanwhile.
         let host = &state.fabric.host_interface;
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while sys::link_exists(host) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         if sys::link_exists(host)
             && let Err(e) = sys::run("ip", &["link", "del", host], None)
+            && sys::link_exists(host)
         {
             errors.push(e.to_string());
         }
@@ -422,10 +434,10 @@ pub fn down(name: &str, opts: &Options) -> Result<(), SimError> {
     if errors.is_empty() {
         return Ok(());
     }
-    Err(SimError::Sys(SysError::Io {
-        what: format!("tearing down simulator {name:?}: {}", errors.join("; ")),
-        source: std::io::Error::other("teardown incomplete"),
-    }))
+    Err(SimError::Teardown {
+        name: name.to_string(),
+        errors: errors.join("; "),
+    })
 }
 
 /// Loads the state of a running simulator.

@@ -2,8 +2,8 @@
 //!
 //! Power of two choices over a peak-sensitive EWMA of connect latency, as
 //! Linkerd and Finagle do: pick two endpoints at random, take the one with
-//! the lower cost, where cost = latency estimate × (connections in flight
-//! + 1). Two random candidates avoid the herding that "always the best"
+//! the lower cost, where cost is the latency estimate times one more than
+//! the connections in flight. Two random candidates avoid the herding that "always the best"
 //! causes when every proxy sees the same best endpoint; the in-flight factor
 //! spreads load before the latency estimate catches up. kube-proxy, by
 //! contrast, picks uniformly and keeps sending to a slow or dead endpoint.
