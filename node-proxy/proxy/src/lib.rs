@@ -2,7 +2,11 @@
 //! connections over mutual TLS, each end presenting its own pod's identity.
 //!
 //! - [`hbone`]: the tunnel between node proxies (HTTP/2 CONNECT over mTLS);
-//! - [`balancer`]: choosing a Service endpoint per connection.
+//! - [`balancer`]: choosing a Service endpoint per connection;
+//! - [`splice`]: joining two streams with half-close and byte counts;
+//! - [`metrics`]: the Prometheus metrics.
 
 pub mod balancer;
 pub mod hbone;
+pub mod metrics;
+pub mod splice;
