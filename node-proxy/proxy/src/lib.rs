@@ -4,8 +4,10 @@
 //! - [`hbone`]: the tunnel between node proxies (HTTP/2 CONNECT over mTLS);
 //! - [`balancer`]: choosing a Service endpoint per connection;
 //! - [`splice`]: joining two streams with half-close and byte counts;
-//! - [`metrics`]: the Prometheus metrics.
+//! - [`metrics`]: the Prometheus metrics;
+//! - [`admin`]: metrics, health and admin HTTP endpoints.
 
+pub mod admin;
 pub mod balancer;
 pub mod hbone;
 pub mod metrics;
