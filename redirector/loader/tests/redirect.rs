@@ -1,0 +1,406 @@
+//! Real eBPF, as root: the cgroup programs at the cgroup v2 root, sk_lookup
+//! on the enrolled namespace, real sockets in test namespaces.
+
+mod support;
+
+use std::io;
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::time::{Duration, Instant};
+use support::*;
+use weft_redirector::{
+    Netns, PodEnrollment, SKIP_INBOUND_PORTS, SKIP_OUTBOUND_PORTS, original_dst,
+};
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+#[test]
+fn outbound_connect_lands_on_proxy_listener_with_original_destination() {
+    let pods = PodPair::new();
+    let installed = Installed::new();
+    let server = listen(&pods.server, "10.99.0.2:8080");
+    let proxy = listen(&pods.client, "127.0.0.1:15001");
+    installed.enroll(&pods.client, "client-uid", &[]);
+
+    let mut client = connect_from(&pods.client, "10.99.0.2:8080").expect("redirected connect");
+    let mut accepted = accept_within(&proxy, TIMEOUT).expect("proxy listener got the connection");
+    assert_eq!(original_dst(&accepted).unwrap(), addr("10.99.0.2:8080"));
+    // The application still believes it talks to the server.
+    assert_eq!(client.peer_addr().unwrap(), addr("10.99.0.2:8080"));
+    // And the accepted socket's peer is really that client.
+    assert_eq!(accepted.peer_addr().unwrap(), client.local_addr().unwrap());
+    assert_bytes_flow(&mut client, &mut accepted, b"GET / HTTP/1.1\r\n");
+    assert!(
+        accept_within(&server, Duration::from_millis(200)).is_none(),
+        "nothing reached the server directly"
+    );
+}
+
+#[test]
+fn inbound_connection_lands_on_15006_with_original_port() {
+    let pods = PodPair::new();
+    let installed = Installed::new();
+    // The enrolled pod is `client` here; `server` plays a non-enrolled peer.
+    let app = listen(&pods.client, "0.0.0.0:8080");
+    let inbound = listen(&pods.client, "0.0.0.0:15006");
+    installed
+        .get()
+        .register_inbound_listener(&pods.client.netns, &inbound)
+        .unwrap();
+    installed.enroll(&pods.client, "enrolled-uid", &[]);
+
+    let mut peer = connect_from(&pods.server, "10.99.0.1:8080").expect("inbound connect");
+    let mut accepted = accept_within(&inbound, TIMEOUT).expect("15006 got the connection");
+    assert_eq!(accepted.local_addr().unwrap(), addr("10.99.0.1:8080"));
+    assert_eq!(accepted.peer_addr().unwrap(), peer.local_addr().unwrap());
+    assert_bytes_flow(&mut peer, &mut accepted, b"hello app");
+    assert!(
+        accept_within(&app, Duration::from_millis(200)).is_none(),
+        "app was bypassed"
+    );
+
+    // 15008 (HBONE) is never steered.
+    let hbone = listen(&pods.client, "0.0.0.0:15008");
+    connect_from(&pods.server, "10.99.0.1:15008").expect("hbone connect");
+    assert!(
+        accept_within(&hbone, TIMEOUT).is_some(),
+        "15008 reached its own listener"
+    );
+    assert!(accept_within(&inbound, Duration::from_millis(200)).is_none());
+}
+
+#[test]
+fn inbound_without_proxy_listener_fails_closed() {
+    let pods = PodPair::new();
+    let installed = Installed::new();
+    let app = listen(&pods.client, "0.0.0.0:8080");
+    installed.enroll(&pods.client, "enrolled-uid", &[]);
+
+    let started = Instant::now();
+    let err =
+        connect_from(&pods.server, "10.99.0.1:8080").expect_err("no plaintext path to the app");
+    assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused, "{err}");
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "refused fast"
+    );
+    assert!(accept_within(&app, Duration::from_millis(200)).is_none());
+}
+
+#[test]
+fn proxy_marked_sockets_go_direct() {
+    let pods = PodPair::new();
+    let installed = Installed::new();
+    let server = listen(&pods.server, "10.99.0.2:8080");
+    let proxy = listen(&pods.client, "127.0.0.1:15001");
+    installed.enroll(&pods.client, "client-uid", &[]);
+
+    let sock = pods
+        .client
+        .netns
+        .proxy_tcp_socket(socket2::Domain::IPV4)
+        .unwrap();
+    sock.connect_timeout(&addr("10.99.0.2:8080").into(), Duration::from_secs(2))
+        .expect("marked connect");
+    let accepted = accept_within(&server, TIMEOUT).expect("server got the proxy's own connection");
+    assert_eq!(accepted.peer_addr().unwrap().ip(), addr("10.99.0.1:0").ip());
+    assert!(accept_within(&proxy, Duration::from_millis(200)).is_none());
+}
+
+#[test]
+fn loopback_and_udp_are_untouched() {
+    let pods = PodPair::new();
+    let installed = Installed::new();
+    let proxy = listen(&pods.client, "127.0.0.1:15001");
+    let local = listen(&pods.client, "127.0.0.1:9000");
+    installed.enroll(&pods.client, "client-uid", &[]);
+
+    // Loopback: the app talking to itself.
+    connect_from(&pods.client, "127.0.0.1:9000").expect("loopback connect");
+    assert!(
+        accept_within(&local, TIMEOUT).is_some(),
+        "loopback reached its listener"
+    );
+    assert!(accept_within(&proxy, Duration::from_millis(200)).is_none());
+
+    // UDP, DNS-like: a query to the server's port 53 and its answer, both
+    // with connect() (runs the connect4 hook) and with sendto().
+    let dns = pods
+        .server
+        .netns
+        .run(|| UdpSocket::bind("10.99.0.2:53"))
+        .unwrap();
+    dns.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let answered = pods
+        .client
+        .netns
+        .run(|| {
+            let s = UdpSocket::bind("0.0.0.0:0")?;
+            s.set_read_timeout(Some(TIMEOUT))?;
+            s.connect("10.99.0.2:53")?;
+            s.send(b"query A server")?;
+            Ok(s)
+        })
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let (n, from) = dns
+        .recv_from(&mut buf)
+        .expect("query arrived at the DNS server");
+    assert_eq!(&buf[..n], b"query A server");
+    dns.send_to(b"answer 10.99.0.2", from).unwrap();
+    let n = answered.recv(&mut buf).expect("answer arrived");
+    assert_eq!(&buf[..n], b"answer 10.99.0.2");
+    let unconnected = pods
+        .client
+        .netns
+        .run(|| UdpSocket::bind("0.0.0.0:0"))
+        .unwrap();
+    unconnected.send_to(b"query AAAA", "10.99.0.2:53").unwrap();
+    let (n, _) = dns.recv_from(&mut buf).expect("sendto query arrived");
+    assert_eq!(&buf[..n], b"query AAAA");
+}
+
+#[test]
+fn skip_port_annotations_bypass_capture() {
+    let pods = PodPair::new();
+    let installed = Installed::new();
+    let skipped = listen(&pods.server, "10.99.0.2:5432");
+    let proxy = listen(&pods.client, "127.0.0.1:15001");
+    let inbound = listen(&pods.client, "0.0.0.0:15006");
+    let metrics = listen(&pods.client, "0.0.0.0:9090");
+    installed
+        .get()
+        .register_inbound_listener(&pods.client.netns, &inbound)
+        .unwrap();
+    installed.enroll(
+        &pods.client,
+        "client-uid",
+        &[
+            (SKIP_OUTBOUND_PORTS, "5432, 6379"),
+            (SKIP_INBOUND_PORTS, "9090"),
+        ],
+    );
+
+    connect_from(&pods.client, "10.99.0.2:5432").expect("skipped outbound connect");
+    assert!(
+        accept_within(&skipped, TIMEOUT).is_some(),
+        "5432 went direct"
+    );
+    connect_from(&pods.client, "10.99.0.2:8080").expect("captured outbound connect");
+    let captured = accept_within(&proxy, TIMEOUT).expect("8080 was captured");
+    assert_eq!(original_dst(&captured).unwrap(), addr("10.99.0.2:8080"));
+
+    connect_from(&pods.server, "10.99.0.1:9090").expect("skipped inbound connect");
+    assert!(
+        accept_within(&metrics, TIMEOUT).is_some(),
+        "9090 reached the app"
+    );
+    connect_from(&pods.server, "10.99.0.1:8080").expect("captured inbound connect");
+    assert!(
+        accept_within(&inbound, TIMEOUT).is_some(),
+        "8080 was steered to 15006"
+    );
+}
+
+#[test]
+fn bad_annotation_is_rejected_and_enrolls_nothing() {
+    let pods = PodPair::new();
+    let installed = Installed::new();
+    let err = installed
+        .get()
+        .enroll(&PodEnrollment {
+            netns: &pods.client.netns,
+            pod_uid: "bad".into(),
+            annotations: [(SKIP_OUTBOUND_PORTS.to_string(), "postgres".to_string())].into(),
+        })
+        .unwrap_err();
+    assert!(err.to_string().contains(SKIP_OUTBOUND_PORTS), "{err}");
+    assert!(installed.get().enrolled().unwrap().is_empty());
+}
+
+#[test]
+fn unenroll_makes_traffic_go_direct_again() {
+    let pods = PodPair::new();
+    let installed = Installed::new();
+    let server = listen(&pods.server, "10.99.0.2:8080");
+    let proxy = listen(&pods.client, "127.0.0.1:15001");
+    installed.enroll(&pods.client, "client-uid", &[]);
+    let enrolled = installed.get().enrolled().unwrap();
+    assert_eq!(enrolled.len(), 1);
+    assert_eq!(enrolled[0].pod_uid, "client-uid");
+    assert_eq!(
+        enrolled[0].netns_cookie,
+        pods.client.netns.cookie().unwrap()
+    );
+
+    connect_from(&pods.client, "10.99.0.2:8080").unwrap();
+    assert!(
+        accept_within(&proxy, TIMEOUT).is_some(),
+        "captured while enrolled"
+    );
+
+    installed.get().unenroll("client-uid").unwrap();
+    assert!(installed.get().enrolled().unwrap().is_empty());
+    let client = connect_from(&pods.client, "10.99.0.2:8080").unwrap();
+    let accepted = accept_within(&server, TIMEOUT).expect("direct after unenroll");
+    assert_eq!(accepted.peer_addr().unwrap(), client.local_addr().unwrap());
+    assert!(accept_within(&proxy, Duration::from_millis(200)).is_none());
+    let err = installed.get().unenroll("client-uid").unwrap_err();
+    assert!(
+        matches!(err, weft_redirector::Error::NotEnrolled { .. }),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_proxy_listener_refuses_fast_and_sends_nothing() {
+    let pods = PodPair::new();
+    let installed = Installed::new();
+    let server = listen(&pods.server, "10.99.0.2:8080");
+    let capture = Capture::start(&pods.server, "eth0");
+
+    // Control: before enrollment the SYN is on the wire, so the capture works.
+    connect_from(&pods.client, "10.99.0.2:8080").unwrap();
+    assert!(accept_within(&server, TIMEOUT).is_some());
+    assert!(capture.syns_to_port(8080) >= 1, "capture sees a direct SYN");
+
+    installed.enroll(&pods.client, "client-uid", &[]);
+    let started = Instant::now();
+    let err = connect_from(&pods.client, "10.99.0.2:8080").expect_err("no proxy: refused");
+    assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused, "{err}");
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "refused fast: {:?}",
+        started.elapsed()
+    );
+    let err6 = connect_from(&pods.client, "[fd00:99::2]:8080").expect_err("no proxy: refused (v6)");
+    assert_eq!(err6.kind(), io::ErrorKind::ConnectionRefused, "{err6}");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(capture.syns_to_port(8080), 0, "no SYN left the pod");
+    assert!(accept_within(&server, Duration::from_millis(100)).is_none());
+}
+
+#[test]
+fn ipv6_connects_redirect_the_same_way() {
+    let pods = PodPair::new();
+    let installed = Installed::new();
+    let server = listen(&pods.server, "[fd00:99::2]:8080");
+    let proxy6 = listen(&pods.client, "[::1]:15001");
+    let proxy4 = listen(&pods.client, "127.0.0.1:15001");
+    installed.enroll(&pods.client, "client-uid", &[]);
+
+    let mut client = connect_from(&pods.client, "[fd00:99::2]:8080").expect("v6 connect");
+    let mut accepted = accept_within(&proxy6, TIMEOUT).expect("[::1]:15001 got it");
+    assert_eq!(original_dst(&accepted).unwrap(), addr("[fd00:99::2]:8080"));
+    assert_eq!(client.peer_addr().unwrap(), addr("[fd00:99::2]:8080"));
+    assert_bytes_flow(&mut client, &mut accepted, b"v6 bytes");
+    assert!(accept_within(&server, Duration::from_millis(200)).is_none());
+
+    // IPv4-mapped destination on an AF_INET6 socket: stays IPv4, lands on 127.0.0.1:15001.
+    let mapped = pods
+        .client
+        .netns
+        .run(|| {
+            let s = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None)?;
+            s.set_only_v6(false)?;
+            s.connect_timeout(
+                &addr("[::ffff:10.99.0.2]:8080").into(),
+                Duration::from_secs(2),
+            )?;
+            Ok(TcpStream::from(s))
+        })
+        .expect("mapped connect");
+    let accepted = accept_within(&proxy4, TIMEOUT).expect("127.0.0.1:15001 got the mapped connect");
+    assert_eq!(original_dst(&accepted).unwrap(), addr("10.99.0.2:8080"));
+    assert_eq!(mapped.peer_addr().unwrap(), addr("[::ffff:10.99.0.2]:8080"));
+}
+
+#[test]
+fn restarted_proxy_adopts_pinned_state() {
+    let pods = PodPair::new();
+    let mut installed = Installed::new();
+    let proxy = listen(&pods.client, "127.0.0.1:15001");
+    installed.enroll(&pods.client, "client-uid", &[]);
+    let before = installed.get().installed_objects().unwrap();
+
+    // The proxy process goes away (its fds close) ...
+    drop(installed.redirector.take());
+    connect_from(&pods.client, "10.99.0.2:8080").unwrap();
+    assert!(
+        accept_within(&proxy, TIMEOUT).is_some(),
+        "capture survives the proxy"
+    );
+
+    // ... and a new one finds everything in place.
+    installed.redirector = Some(
+        weft_redirector::Redirector::install(weft_redirector::RedirectorConfig {
+            pin_dir: installed.pin_dir.clone(),
+            cgroup_root: None,
+        })
+        .unwrap(),
+    );
+    let after = installed.get().installed_objects().unwrap();
+    let ids = |o: &weft_redirector::InstalledObjects| {
+        let mut v: Vec<u32> = o.links.iter().map(|l| l.1).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(ids(&before), ids(&after), "same links, not re-attached");
+    assert_eq!(installed.get().enrolled().unwrap()[0].pod_uid, "client-uid");
+    let _ = Netns::current();
+}
+
+fn bpftool_has(kind: &str, id: u32) -> bool {
+    std::process::Command::new("bpftool")
+        .args([kind, "show", "id", &id.to_string()])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+#[test]
+fn uninstall_removes_every_program_link_pin_and_map() {
+    let pods = PodPair::new();
+    let mut installed = Installed::new();
+    installed.enroll(&pods.client, "client-uid", &[]);
+    let objects = installed.get().installed_objects().unwrap();
+    assert_eq!(
+        objects.links.len(),
+        7,
+        "6 cgroup links + 1 sk_lookup: {objects:?}"
+    );
+    assert_eq!(objects.maps.len(), 5, "{objects:?}");
+    for (_, link, prog) in &objects.links {
+        assert!(bpftool_has("link", *link));
+        assert!(bpftool_has("prog", *prog));
+    }
+
+    installed.uninstall();
+    assert!(!installed.pin_dir.exists(), "pin dir removed");
+    // Links and programs go synchronously; maps are freed by a kernel work
+    // item once their last reference is gone, so allow a moment.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let left: Vec<String> = objects
+            .links
+            .iter()
+            .flat_map(|(_, l, p)| [("link", *l), ("prog", *p)])
+            .chain(objects.maps.iter().map(|(_, m)| ("map", *m)))
+            .filter(|(k, id)| bpftool_has(k, *id))
+            .map(|(k, id)| format!("{k} {id}"))
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still present after uninstall: {left:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // And the capture is really gone: a connect from the pod goes direct.
+    let server = listen(&pods.server, "10.99.0.2:8080");
+    connect_from(&pods.client, "10.99.0.2:8080").unwrap();
+    assert!(accept_within(&server, TIMEOUT).is_some());
+}
