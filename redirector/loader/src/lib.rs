@@ -39,6 +39,7 @@ pub use redirector::{
     DEFAULT_PIN_DIR, Enrolled, InstalledObjects, PodEnrollment, Redirector, RedirectorConfig,
     uninstall_at,
 };
+pub use registration::{PodRegistrationListener, RegistrationRequest};
 
 /// Ports of the node proxy inside each enrolled pod (design.md).
 pub const OUTBOUND_PORT: u16 = 15001;

@@ -404,3 +404,45 @@ fn uninstall_removes_every_program_link_pin_and_map() {
     connect_from(&pods.client, "10.99.0.2:8080").unwrap();
     assert!(accept_within(&server, TIMEOUT).is_some());
 }
+
+#[test]
+fn discovery_finds_processes_already_running_in_a_pod_netns() {
+    let pods = PodPair::new();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let sleeper = Kill(
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &pods.client.name, "sleep", "30"])
+            .spawn()
+            .unwrap(),
+    );
+    let pid = sleeper.0.id();
+    let host_inode =
+        std::os::unix::fs::MetadataExt::ino(&std::fs::metadata("/proc/self/ns/net").unwrap());
+    let want = pods.client.netns.cookie().unwrap();
+    // `ip netns exec` execs `sleep` in place; give it a moment to switch namespace.
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let found = weft_redirector::discovery::scan_host().unwrap();
+        let hit = found.iter().find(|d| d.pid == pid);
+        if let Some(d) = hit {
+            let netns = Netns::open(&d.netns_path).unwrap();
+            assert_eq!(netns.cookie().unwrap(), want, "{d:?}");
+            assert!(
+                found.iter().all(|d| d.netns_inode != host_inode),
+                "host netns is never listed"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pid {pid} not found in {found:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
