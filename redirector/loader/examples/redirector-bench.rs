@@ -21,7 +21,7 @@
 use socket2::{Domain, Socket, Type};
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::os::fd::AsRawFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 use weft_redirector::{Netns, PodEnrollment, Redirector, RedirectorConfig, original_dst};
@@ -60,9 +60,9 @@ struct Install {
     redirector: Option<Redirector>,
 }
 impl Install {
-    fn new(pin_dir: &PathBuf, netns: Option<&Netns>) -> Result<Self, String> {
+    fn new(pin_dir: &Path, netns: Option<&Netns>) -> Result<Self, String> {
         let r = Redirector::install(RedirectorConfig {
-            pin_dir: pin_dir.clone(),
+            pin_dir: pin_dir.to_path_buf(),
             cgroup_root: None,
         })
         .map_err(|e| e.to_string())?;
@@ -75,7 +75,7 @@ impl Install {
             .map_err(|e| e.to_string())?;
         }
         Ok(Self {
-            pin_dir: pin_dir.clone(),
+            pin_dir: pin_dir.to_path_buf(),
             redirector: Some(r),
         })
     }
@@ -221,7 +221,7 @@ fn run() -> Result<(), String> {
 
 /// One measurement of every case; `installed` puts the programs in place
 /// (and enrolls the bench netns for the enrolled case only).
-fn measure(netns: &Netns, pin_dir: &PathBuf, installed: bool) -> Result<Vec<f64>, String> {
+fn measure(netns: &Netns, pin_dir: &Path, installed: bool) -> Result<Vec<f64>, String> {
     let mut out = Vec::new();
     let err = |e: weft_redirector::Error| e.to_string();
 
