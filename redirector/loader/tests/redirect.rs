@@ -4,7 +4,7 @@
 mod support;
 
 use std::io;
-use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 use support::*;
 use weft_redirector::{
@@ -59,6 +59,16 @@ fn inbound_connection_lands_on_15006_with_original_port() {
         accept_within(&app, Duration::from_millis(200)).is_none(),
         "app was bypassed"
     );
+
+    // IPv6 goes to the IPv6 listener of the same pod.
+    let inbound6 = listen(&pods.client, "[::]:15006");
+    installed
+        .get()
+        .register_inbound_listener(&pods.client.netns, &inbound6)
+        .unwrap();
+    connect_from(&pods.server, "[fd00:99::1]:8080").expect("inbound v6 connect");
+    let accepted6 = accept_within(&inbound6, TIMEOUT).expect("[::]:15006 got the v6 connection");
+    assert_eq!(accepted6.local_addr().unwrap(), addr("[fd00:99::1]:8080"));
 
     // 15008 (HBONE) is never steered.
     let hbone = listen(&pods.client, "0.0.0.0:15008");
@@ -445,4 +455,72 @@ fn discovery_finds_processes_already_running_in_a_pod_netns() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// getsockopt with an explicit buffer length: (return code or -errno, optlen, bytes).
+fn raw_getsockopt(fd: i32, level: i32, name: i32, buf_len: usize) -> (i32, usize, Vec<u8>) {
+    let mut buf = vec![0u8; buf_len];
+    let mut len = buf_len as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `buf`.
+    let rc = unsafe { libc::getsockopt(fd, level, name, buf.as_mut_ptr().cast(), &mut len) };
+    let rc = if rc == 0 {
+        0
+    } else {
+        -io::Error::last_os_error().raw_os_error().unwrap()
+    };
+    buf.truncate(len as usize);
+    (rc, len as usize, buf)
+}
+
+#[test]
+fn getsockopt_hook_leaves_other_options_alone_and_respects_optlen() {
+    use std::os::fd::AsRawFd;
+    let pods = PodPair::new();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let other = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let fd = other.as_raw_fd();
+    let probes = |fd| {
+        [
+            raw_getsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, 4),
+            raw_getsockopt(fd, libc::SOL_SOCKET, libc::SO_TYPE, 4),
+            // Larger than a page: the kernel gives programs only PAGE_SIZE.
+            {
+                // TCP_INFO bytes change between calls (timers): compare rc and length.
+                let (rc, len, _) = raw_getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, 8192);
+                (rc, len, Vec::new())
+            },
+            raw_getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_CONGESTION, 16),
+            raw_getsockopt(fd, libc::SOL_IP, 80, 16),
+            raw_getsockopt(fd, libc::SOL_IPV6, 80, 28),
+        ]
+    };
+    let before = probes(fd);
+    let installed = Installed::new();
+    let proxy = listen(&pods.client, "127.0.0.1:15001");
+    installed.enroll(&pods.client, "client-uid", &[]);
+    assert_eq!(
+        probes(fd),
+        before,
+        "other sockets see exactly the kernel's answers"
+    );
+
+    let _client = connect_from(&pods.client, "10.99.0.2:8080").unwrap();
+    let accepted = accept_within(&proxy, TIMEOUT).unwrap();
+    let afd = accepted.as_raw_fd();
+    let (rc, len, bytes) = raw_getsockopt(afd, libc::SOL_IP, 80, 16);
+    assert_eq!((rc, len), (0, 16));
+    assert_eq!(
+        &bytes[2..8],
+        &[0x1f, 0x90, 10, 99, 0, 2],
+        "port 8080, 10.99.0.2"
+    );
+    // A huge buffer (beyond a page) still gets the 16-byte answer.
+    let (rc, len, _) = raw_getsockopt(afd, libc::SOL_IP, 80, 65536);
+    assert_eq!((rc, len), (0, 16));
+    // Too small for a sockaddr_in: the kernel's own error stands.
+    let (rc, _, _) = raw_getsockopt(afd, libc::SOL_IP, 80, 8);
+    assert!(rc < 0, "short buffer is not answered");
+    // The IPv6 option on an IPv4 destination is not ours to answer.
+    let (rc, _, _) = raw_getsockopt(afd, libc::SOL_IPV6, 80, 28);
+    assert!(rc < 0);
 }
