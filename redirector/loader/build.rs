@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const PROGRAMS: &[&str] = &["weft_cgroup", "weft_sk_lookup"];
+const PROGRAMS: &[&str] = &["weft_cgroup", "weft_sk_lookup", "weft_bench"];
 
 fn main() {
     let manifest = PathBuf::from(

@@ -53,3 +53,9 @@ pub const HBONE_PORT: u16 = 15008;
 /// ASCII, below the bits Calico (0xffff0000) and Cilium (0x0f00, 0xf000 areas
 /// of the high half) use; Istio uses 1337 for the same purpose.
 pub const PROXY_SOCKET_MARK: u32 = 0x5746;
+
+/// For `redirector-bench` only: not part of the API.
+#[doc(hidden)]
+pub mod bench_support {
+    pub use crate::objects::BENCH_NOOP_OBJECT;
+}

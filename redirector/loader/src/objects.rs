@@ -48,3 +48,8 @@ pub const CGROUP_PROGRAMS: &[CgroupProgram] = &[
         attach_type: link::BPF_CGROUP_INET6_CONNECT,
     },
 ];
+
+/// Do-nothing getsockopt and connect4 programs, for the benchmark's
+/// "kernel hook cost" column only.
+pub static BENCH_NOOP_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/weft_bench.bpf.o"));
