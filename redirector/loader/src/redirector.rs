@@ -136,6 +136,25 @@ impl Redirector {
         Self::open_maps(pin_dir, cgroup_root)
     }
 
+    /// Opens an existing installation without loading or attaching anything
+    /// (status tools); fails with [`Error::NotInstalled`] if it is absent.
+    pub fn open(config: RedirectorConfig) -> Result<Self, Error> {
+        if let Some(p) = CGROUP_PROGRAMS
+            .iter()
+            .find(|p| !link_pin(&config.pin_dir, p.name).exists())
+        {
+            return Err(Error::NotInstalled {
+                pin_dir: config.pin_dir.clone(),
+                missing: format!("links/{}", p.name),
+            });
+        }
+        let cgroup_root = match config.cgroup_root {
+            Some(root) => root,
+            None => cgroup::find_cgroup2_root()?,
+        };
+        Self::open_maps(config.pin_dir, cgroup_root)
+    }
+
     fn open_maps(pin_dir: PathBuf, cgroup_root: PathBuf) -> Result<Self, Error> {
         let maps = Maps {
             netns: open_map(&pin_dir, maps::NETNS)?,

@@ -524,3 +524,45 @@ fn getsockopt_hook_leaves_other_options_alone_and_respects_optlen() {
     let (rc, _, _) = raw_getsockopt(afd, libc::SOL_IPV6, 80, 28);
     assert!(rc < 0);
 }
+
+#[test]
+fn operator_cli_shows_status_and_uninstalls() {
+    let pods = PodPair::new();
+    let mut installed = Installed::new();
+    installed.enroll(&pods.client, "cli-pod-uid", &[]);
+    let ids = installed.get().installed_objects().unwrap();
+    drop(installed.redirector.take()); // as if the proxy were gone
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_weft-redirector"))
+            .args(args)
+            .arg("--pin-dir")
+            .arg(&installed.pin_dir)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (ok, out) = cli(&["check"]);
+    assert!(ok && out.contains("cgroup v2 root"), "{out}");
+    let (ok, out) = cli(&["status"]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("weft_connect4") && out.contains("cli-pod-uid"),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("link {:>6}", ids.links[0].1)),
+        "{out}"
+    );
+    let (ok, out) = cli(&["uninstall"]);
+    assert!(ok, "{out}");
+    assert!(!installed.pin_dir.exists());
+    let (ok, out) = cli(&["status"]);
+    assert!(!ok && out.contains("not installed"), "{out}");
+    for (_, link, _) in &ids.links {
+        assert!(!bpftool_has("link", *link), "link {link} left");
+    }
+}
