@@ -56,6 +56,10 @@ pub enum Error {
         value: String,
         reason: String,
     },
+    #[error(
+        "refusing to enroll {path}: it is the node agent's own (host) network namespace, and capturing it would redirect the node's own traffic; pass the pod's namespace"
+    )]
+    HostNetns { path: PathBuf },
     #[error("pod {uid:?} is not enrolled")]
     NotEnrolled { uid: String },
     #[error(

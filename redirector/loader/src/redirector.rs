@@ -69,6 +69,8 @@ pub struct InstalledObjects {
     pub maps: Vec<(String, u32)>,
 }
 
+/// Shared by the node proxy's tasks (`Arc<Redirector>`): every method takes
+/// `&self`; map updates are serialised inside.
 pub struct Redirector {
     pin_dir: PathBuf,
     cgroup_root: PathBuf,
@@ -188,6 +190,13 @@ impl Redirector {
     pub fn enroll(&self, pod: &PodEnrollment<'_>) -> Result<Enrolled, Error> {
         let skip = SkipPorts::from_annotations(&pod.annotations)?;
         let cookie = pod.netns.cookie()?;
+        // The agent runs in the node's namespace (hostNetwork): enrolling its
+        // own namespace would capture the node's traffic.
+        if Netns::open("/proc/self/ns/net")?.cookie()? == cookie {
+            return Err(Error::HostNetns {
+                path: pod.netns.path().into(),
+            });
+        }
         let mut maps = self.lock();
         remove_skip_ports(&mut maps.skip, cookie)?;
         for (ports, direction) in [

@@ -566,3 +566,94 @@ fn operator_cli_shows_status_and_uninstalls() {
         assert!(!bpftool_has("link", *link), "link {link} left");
     }
 }
+
+#[test]
+fn redirector_is_shareable_across_tasks() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<weft_redirector::Redirector>();
+}
+
+#[test]
+fn host_namespace_is_never_enrolled() {
+    let installed = Installed::new();
+    let host = Netns::open("/proc/self/ns/net").unwrap();
+    let err = installed
+        .get()
+        .enroll(&PodEnrollment {
+            netns: &host,
+            pod_uid: "oops".into(),
+            annotations: Default::default(),
+        })
+        .unwrap_err();
+    assert!(
+        matches!(err, weft_redirector::Error::HostNetns { .. }),
+        "{err}"
+    );
+    assert!(installed.get().enrolled().unwrap().is_empty());
+}
+
+#[test]
+fn proxy_delivers_inbound_to_the_app_without_looping() {
+    // The real inbound flow: accepted on 15006, the proxy connects (marked,
+    // from inside the pod) to the app at podIP:8080; neither hook may steer
+    // that connection back to the proxy.
+    let pods = PodPair::new();
+    let installed = Installed::new();
+    let app = listen(&pods.client, "0.0.0.0:8080");
+    let inbound = listen(&pods.client, "0.0.0.0:15006");
+    let outbound = listen(&pods.client, "127.0.0.1:15001");
+    installed
+        .get()
+        .register_inbound_listener(&pods.client.netns, &inbound)
+        .unwrap();
+    installed.enroll(&pods.client, "client-uid", &[]);
+
+    let mut peer = connect_from(&pods.server, "10.99.0.1:8080").unwrap();
+    let mut from_peer = accept_within(&inbound, TIMEOUT).expect("steered to 15006");
+    let to = from_peer.local_addr().unwrap();
+    let sock = pods
+        .client
+        .netns
+        .proxy_tcp_socket(socket2::Domain::IPV4)
+        .unwrap();
+    sock.connect_timeout(&to.into(), Duration::from_secs(2))
+        .expect("proxy -> app");
+    let mut to_app = TcpStream::from(sock);
+    let mut at_app = accept_within(&app, TIMEOUT).expect("the app got the proxy's connection");
+    assert!(
+        accept_within(&inbound, Duration::from_millis(100)).is_none(),
+        "no loop via 15006"
+    );
+    assert!(
+        accept_within(&outbound, Duration::from_millis(100)).is_none(),
+        "no loop via 15001"
+    );
+    assert_bytes_flow(&mut peer, &mut from_peer, b"request");
+    assert_bytes_flow(&mut to_app, &mut at_app, b"request");
+}
+
+#[test]
+fn re_enrolling_updates_skip_ports() {
+    let pods = PodPair::new();
+    let installed = Installed::new();
+    let server = listen(&pods.server, "10.99.0.2:5432");
+    let proxy = listen(&pods.client, "127.0.0.1:15001");
+    installed.enroll(&pods.client, "client-uid", &[(SKIP_OUTBOUND_PORTS, "5432")]);
+    connect_from(&pods.client, "10.99.0.2:5432").unwrap();
+    assert!(
+        accept_within(&server, TIMEOUT).is_some(),
+        "skipped at first"
+    );
+
+    installed.enroll(&pods.client, "client-uid", &[]);
+    assert_eq!(
+        installed.get().enrolled().unwrap().len(),
+        1,
+        "still one pod"
+    );
+    connect_from(&pods.client, "10.99.0.2:5432").unwrap();
+    assert!(
+        accept_within(&proxy, TIMEOUT).is_some(),
+        "captured after the annotation went away"
+    );
+}
