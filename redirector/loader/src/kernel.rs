@@ -15,43 +15,48 @@ pub struct KernelFeature {
     pub min_kernel: &'static str,
 }
 
-/// Everything we need, newest last: the last entry is the overall minimum.
+pub const BPF_LINKS: KernelFeature = KernelFeature {
+    name: "BPF links for cgroup programs (pinnable attachments)",
+    since: (5, 7),
+    min_kernel: "5.7",
+};
+pub const SOCKOPT_AND_GETPEERNAME: KernelFeature = KernelFeature {
+    name: "cgroup getpeername4/6 hooks and bpf_get_netns_cookie in cgroup/getsockopt",
+    since: (5, 8),
+    min_kernel: "5.8",
+};
+pub const SK_LOOKUP: KernelFeature = KernelFeature {
+    name: "sk_lookup programs (inbound steering)",
+    since: (5, 9),
+    min_kernel: "5.9",
+};
+pub const SO_NETNS_COOKIE: KernelFeature = KernelFeature {
+    name: "SO_NETNS_COOKIE (namespace cookies from user space)",
+    since: (5, 14),
+    min_kernel: "5.14",
+};
+pub const SK_LOOKUP_INGRESS_IFINDEX: KernelFeature = KernelFeature {
+    name: "ingress_ifindex in sk_lookup programs",
+    since: (5, 17),
+    min_kernel: "5.17",
+};
+
+/// Everything we need, oldest first: the last entry is the overall minimum.
 pub const FEATURES: &[KernelFeature] = &[
-    KernelFeature {
-        name: "BPF links for cgroup programs (pinnable attachments)",
-        since: (5, 7),
-        min_kernel: "5.7",
-    },
-    KernelFeature {
-        name: "cgroup getpeername4/6 hooks and bpf_get_netns_cookie in cgroup/getsockopt",
-        since: (5, 8),
-        min_kernel: "5.8",
-    },
-    KernelFeature {
-        name: "sk_lookup programs (inbound steering)",
-        since: (5, 9),
-        min_kernel: "5.9",
-    },
-    KernelFeature {
-        name: "SO_NETNS_COOKIE (namespace cookies from user space)",
-        since: (5, 14),
-        min_kernel: "5.14",
-    },
-    KernelFeature {
-        name: "ingress_ifindex in sk_lookup programs",
-        since: (5, 17),
-        min_kernel: "5.17",
-    },
+    BPF_LINKS,
+    SOCKOPT_AND_GETPEERNAME,
+    SK_LOOKUP,
+    SO_NETNS_COOKIE,
+    SK_LOOKUP_INGRESS_IFINDEX,
 ];
 
 /// The feature a program of ours depends on most recently.
 pub fn feature_of_program(program: &str) -> KernelFeature {
-    let index = match program {
-        "weft_sk_lookup" => 4,
-        "weft_getpeer4" | "weft_getpeer6" | "weft_getsockopt" => 1,
-        _ => 0,
-    };
-    FEATURES[index]
+    match program {
+        "weft_sk_lookup" => SK_LOOKUP_INGRESS_IFINDEX,
+        "weft_getpeer4" | "weft_getpeer6" | "weft_getsockopt" => SOCKOPT_AND_GETPEERNAME,
+        _ => BPF_LINKS,
+    }
 }
 
 /// The running kernel's release string (`uname -r`).

@@ -97,6 +97,14 @@ impl Redirector {
     /// adopts them if a previous run left them pinned under `pin_dir`.
     pub fn install(config: RedirectorConfig) -> Result<Self, Error> {
         kernel::check_kernel()?;
+        // Probe what the release number cannot promise (backports, configs).
+        if let Err(e) = Netns::current().and_then(|ns| ns.cookie()) {
+            return Err(kernel::missing(
+                &kernel::SO_NETNS_COOKIE,
+                &kernel::running_release(),
+                e.to_string(),
+            ));
+        }
         let cgroup_root = match config.cgroup_root {
             Some(root) => root,
             None => cgroup::find_cgroup2_root()?,
