@@ -1,0 +1,190 @@
+//! `weft-sim`: the local cluster simulator's command line.
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+use weft_sim::{Options, State, cluster};
+
+#[derive(Parser)]
+#[command(
+    name = "weft-sim",
+    about = "A Kubernetes cluster simulated with network namespaces, from a directory of YAML"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build the cluster from DIR, start its pods, print `ready`; stay in the
+    /// foreground until SIGINT/SIGTERM (then tear down) unless --detach.
+    Up {
+        dir: PathBuf,
+        #[arg(long, default_value = "weft")]
+        name: String,
+        /// Return after `ready` and leave the cluster running.
+        #[arg(long)]
+        detach: bool,
+        /// Seconds to wait for every pod to run and listen on its ports.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
+    /// Run a command inside a pod (its network namespace and cgroup).
+    Exec {
+        #[arg(long, default_value = "weft")]
+        name: String,
+        /// NAMESPACE/POD
+        pod: String,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Show the cluster (--json: the state file).
+    Status {
+        #[arg(long, default_value = "weft")]
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Tear the cluster down (idempotent; also cleans up after a crash).
+    Down {
+        #[arg(long, default_value = "weft")]
+        name: String,
+    },
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("weft-sim: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let mut opts = Options::detect()?;
+    match cli.command {
+        Cmd::Up {
+            dir,
+            name,
+            detach,
+            timeout,
+        } => {
+            opts.ready_timeout = Duration::from_secs(timeout);
+            // Signals are caught from the start, so a Ctrl-C during set-up
+            // also ends in a teardown rather than half a cluster.
+            let signals =
+                signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM, libc::SIGHUP])?;
+            let mut running = cluster::up(&dir, &name, &opts)?;
+            print_summary(&running.state);
+            println!("ready");
+            if detach {
+                return Ok(ExitCode::SUCCESS);
+            }
+            wait_for_signal(signals, &mut running);
+            eprintln!("weft-sim: tearing down {name}");
+            cluster::down(&name, &opts)?;
+            for (_, _, child) in &mut running.children {
+                let _ = child.wait();
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Exec { name, pod, command } => {
+            let state = cluster::load(&name, &opts)?;
+            let mut cmd = cluster::pod_command(&state, &pod, &command[0], &command[1..])?;
+            let status = cmd.status()?;
+            Ok(ExitCode::from(
+                status.code().unwrap_or(128).clamp(0, 255) as u8
+            ))
+        }
+        Cmd::Status { name, json } => {
+            let state = cluster::load(&name, &opts)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&state)?);
+            } else {
+                print_summary(&state);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Down { name } => {
+            cluster::down(&name, &opts)?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn wait_for_signal(mut signals: signal_hook::iterator::Signals, running: &mut weft_sim::Cluster) {
+    loop {
+        if signals.pending().next().is_some() {
+            return;
+        }
+        for (pod, container, child) in &mut running.children {
+            if let Ok(Some(status)) = child.try_wait() {
+                eprintln!("weft-sim: pod {pod} container {container} exited ({status})");
+            }
+        }
+        running
+            .children
+            .retain_mut(|(_, _, c)| matches!(c.try_wait(), Ok(None)));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn print_summary(s: &State) {
+    println!(
+        "cluster {}: {} nodes, {} pods, {} services (state {})",
+        s.name,
+        s.nodes.len(),
+        s.pods.len(),
+        s.services.len(),
+        State::path(&s.state_dir).display()
+    );
+    println!(
+        "  host   {} {} (fabric {})",
+        s.fabric.host_interface, s.fabric.host_ip, s.fabric.cidr
+    );
+    for n in &s.nodes {
+        println!(
+            "  node   {:<24} {:<15} pods {}",
+            n.name,
+            n.ip.to_string(),
+            n.pod_cidr
+        );
+    }
+    for p in &s.pods {
+        println!(
+            "  pod    {:<24} {:<15} {} on {}",
+            p.key(),
+            p.ip.to_string(),
+            p.ipv6,
+            p.node
+        );
+    }
+    for svc in &s.services {
+        let ports: Vec<String> = svc
+            .ports
+            .iter()
+            .map(|p| {
+                format!(
+                    "{}->{}",
+                    p.port,
+                    p.target_port.map(|t| t.to_string()).unwrap_or("?".into())
+                )
+            })
+            .collect();
+        let ip = svc
+            .cluster_ip
+            .map(|i| i.to_string())
+            .unwrap_or_else(|| "None".into());
+        println!(
+            "  svc    {:<24} {:<15} {} endpoints {}",
+            format!("{}/{}", svc.namespace, svc.name),
+            ip,
+            ports.join(","),
+            svc.endpoints.len()
+        );
+    }
+}

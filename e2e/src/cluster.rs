@@ -1,0 +1,512 @@
+//! Bringing a simulated cluster up and tearing it down.
+//!
+//! `up` writes the state file before it creates anything, so that whatever a
+//! crash leaves behind is named somewhere; `down` removes everything by name
+//! *and* by prefix (namespaces `weft.<name>.*`, the cgroup directory), so it
+//! also cleans up what a crashed `up` never recorded. `up` runs `down` for
+//! its name first, which makes a re-run after a crash just work.
+
+use crate::manifest::{ManifestError, Manifests};
+use crate::netconf;
+use crate::plan::{self, ContainerLaunch, Layout, Plan, PlanError};
+use crate::state::State;
+use crate::sys::{self, CgroupHandle, SysError, io};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error(transparent)]
+    Sys(#[from] SysError),
+    #[error("the simulator creates network namespaces and cgroups: run it as root")]
+    NotRoot,
+    #[error("invalid simulator name {0:?}: use 1 to 16 characters of a-z, 0-9 and '-'")]
+    BadName(String),
+    #[error("{}: Pod {pod}: container {container:?}: command {program:?} not found (not on PATH, or not an executable file relative to the manifest directory)", file.display())]
+    ProgramNotFound {
+        file: PathBuf,
+        pod: String,
+        container: String,
+        program: String,
+    },
+    #[error(
+        "no simulator named {0:?} is running (no state file); start one with `weft-sim up DIR --name {0}`"
+    )]
+    NotRunning(String),
+    #[error("no pod {pod:?} in simulator {name:?}; pods: {known}")]
+    NoSuchPod {
+        name: String,
+        pod: String,
+        known: String,
+    },
+    #[error("no node {node:?} in simulator {name:?}")]
+    NoSuchNode { name: String, node: String },
+    #[error(transparent)]
+    NotReady(Box<NotReady>),
+    #[error("all {0} simulator slots are in use: run `weft-sim down` for some")]
+    NoSlot(usize),
+}
+
+/// A container that did not come up, with the end of its log.
+#[derive(Debug, thiserror::Error)]
+#[error("Pod {pod}: container {container:?} {problem}; last lines of {}:\n{tail}", log.display())]
+pub struct NotReady {
+    pub pod: String,
+    pub container: String,
+    pub problem: String,
+    pub log: PathBuf,
+    pub tail: String,
+}
+
+/// Where simulators keep state, and how long `up` waits for pods.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub layout: Layout,
+    pub ready_timeout: Duration,
+}
+
+impl Options {
+    /// The machine's defaults: `/run/weft-sim` and the real cgroup2 mount.
+    pub fn detect() -> Result<Self, SimError> {
+        Ok(Self {
+            layout: Layout {
+                run_dir: PathBuf::from("/run/weft-sim"),
+                cgroup_root: sys::cgroup2_mount()?.join("weft-sim"),
+            },
+            ready_timeout: Duration::from_secs(30),
+        })
+    }
+}
+
+/// A running simulated cluster. Dropping it does not tear it down (a
+/// detached `up` must outlive the process): call [`down`].
+pub struct Cluster {
+    pub state: State,
+    /// Container processes, when this process started them.
+    pub children: Vec<(String, String, Child)>,
+}
+
+pub fn validate_name(name: &str) -> Result<(), SimError> {
+    let ok = !name.is_empty()
+        && name.len() <= 16
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(SimError::BadName(name.to_string()))
+    }
+}
+
+/// Brings up the cluster described by the manifests in `dir`.
+pub fn up(dir: &Path, name: &str, opts: &Options) -> Result<Cluster, SimError> {
+    validate_name(name)?;
+    if !sys::is_root() {
+        return Err(SimError::NotRoot);
+    }
+    let dir = dir
+        .canonicalize()
+        .map_err(io(format!("manifest directory {}", dir.display())))?;
+    let manifests = Manifests::load_dir(&dir)?;
+    // Everything that can be wrong with the input is found before anything
+    // is created: a bad manifest leaves nothing behind.
+    let draft = plan::plan(name, 0, &manifests, &opts.layout)?;
+    let programs = resolve_programs(&draft)?;
+
+    down(name, opts)?;
+    std::fs::create_dir_all(&opts.layout.run_dir).map_err(io("creating /run/weft-sim"))?;
+    let lock = std::fs::File::create(opts.layout.run_dir.join(".lock"))
+        .map_err(io("creating the simulator lock"))?;
+    lock.lock().map_err(io("locking the simulator directory"))?;
+    let slot = free_slot(&opts.layout)?;
+    let plan = plan::plan(name, slot, &manifests, &opts.layout)?;
+    plan.state.save().map_err(io("writing the state file"))?;
+    drop(lock); // the slot is claimed by the state file now
+
+    match build(&plan, &programs, opts) {
+        Ok(cluster) => Ok(cluster),
+        Err(e) => {
+            if let Err(cleanup) = down(name, opts) {
+                eprintln!("weft-sim: cleaning up after a failed up also failed: {cleanup}");
+            }
+            Err(e)
+        }
+    }
+}
+
+fn resolve_programs(plan: &Plan) -> Result<Vec<(String, Vec<PathBuf>)>, SimError> {
+    let mut out = Vec::new();
+    for (pod, launches) in &plan.launches {
+        let mut paths = Vec::new();
+        for l in launches {
+            let found =
+                plan::resolve_program(&l.program, &plan.state.manifest_dir).ok_or_else(|| {
+                    SimError::ProgramNotFound {
+                        file: plan.sources[pod].clone(),
+                        pod: pod.clone(),
+                        container: l.name.clone(),
+                        program: l.program.clone(),
+                    }
+                })?;
+            paths.push(found);
+        }
+        out.push((pod.clone(), paths));
+    }
+    Ok(out)
+}
+
+/// The lowest slot no state file claims and no leftover interface occupies.
+fn free_slot(layout: &Layout) -> Result<u8, SimError> {
+    let mut used = std::collections::BTreeSet::new();
+    for entry in std::fs::read_dir(&layout.run_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if let Ok(state) = State::load(&entry.path()) {
+            used.insert(state.slot);
+        }
+    }
+    (0..=250u8)
+        .find(|s| !used.contains(s) && !sys::link_exists(&plan::host_interface(*s)))
+        .ok_or(SimError::NoSlot(251))
+}
+
+fn build(
+    plan: &Plan,
+    programs: &[(String, Vec<PathBuf>)],
+    opts: &Options,
+) -> Result<Cluster, SimError> {
+    let state = &plan.state;
+    let fabric = &state.fabric.netns;
+    sys::run("ip", &["netns", "add", fabric], None)?;
+    for n in &state.nodes {
+        sys::run("ip", &["netns", "add", &n.netns], None)?;
+    }
+    for p in &state.pods {
+        sys::run("ip", &["netns", "add", &p.netns], None)?;
+    }
+    // The host's leg into the fabric, and every node's.
+    sys::ip_batch(
+        None,
+        &format!(
+            "link add {h} type veth peer name host netns {fabric}\naddr add {ip}/24 dev {h}\naddr add {ip6}/64 dev {h} nodad\nlink set {h} up\n",
+            h = state.fabric.host_interface,
+            ip = state.fabric.host_ip,
+            ip6 = state.fabric.host_ipv6,
+        ),
+    )?;
+    sys::ip_batch(Some(fabric), &netconf::fabric_links_script(state))?;
+    sys::ip_batch(Some(fabric), &netconf::fabric_script(state))?;
+    for n in &state.nodes {
+        sys::netns_sysctls(&n.netns, netconf::node_sysctls())?;
+        sys::ip_batch(Some(&n.netns), &netconf::node_script(state, n))?;
+        sys::nft_in(&n.netns, &netconf::kube_proxy_rules(state, n))?;
+        std::fs::create_dir_all(&n.cgroup)
+            .map_err(io(format!("creating cgroup {}", n.cgroup.display())))?;
+    }
+    write_credentials(state)?;
+    for p in &state.pods {
+        let node = state
+            .node(&p.node)
+            .expect("planned pods are on planned nodes");
+        sys::ip_batch(Some(&p.netns), &netconf::pod_script(node, p))?;
+        let etc = Path::new("/etc/netns").join(&p.netns);
+        std::fs::create_dir_all(&etc).map_err(io(format!("creating {}", etc.display())))?;
+        std::fs::write(etc.join("hosts"), &plan.hosts[&p.key()])
+            .map_err(io("writing a pod's /etc/hosts"))?;
+        std::fs::write(etc.join("resolv.conf"), &plan.resolv[&p.key()])
+            .map_err(io("writing a pod's /etc/resolv.conf"))?;
+        std::fs::create_dir_all(&p.cgroup)
+            .map_err(io(format!("creating cgroup {}", p.cgroup.display())))?;
+    }
+
+    std::fs::create_dir_all(state.state_dir.join("logs"))
+        .map_err(io("creating the log directory"))?;
+    let mut cluster = Cluster {
+        state: state.clone(),
+        children: Vec::new(),
+    };
+    for (pod_key, paths) in programs {
+        let pod = cluster
+            .state
+            .pods
+            .iter_mut()
+            .find(|p| p.key() == *pod_key)
+            .expect("planned pod");
+        for ((launch, program), container) in plan.launches[pod_key]
+            .iter()
+            .zip(paths)
+            .zip(pod.containers.iter_mut())
+        {
+            let child = start_container(
+                pod.netns.as_str(),
+                &pod.cgroup,
+                &state.manifest_dir,
+                launch,
+                program,
+            )?;
+            container.pid = Some(child.id());
+            cluster
+                .children
+                .push((pod_key.clone(), launch.name.clone(), child));
+        }
+    }
+    cluster.state.save().map_err(io("writing the state file"))?;
+    wait_ready(&mut cluster, plan, opts.ready_timeout)?;
+    Ok(cluster)
+}
+
+/// One random token per node (see docs/simulator.md, "Node credentials").
+fn write_credentials(state: &State) -> Result<(), SimError> {
+    use rand::RngCore;
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = state.state_dir.join("credentials");
+    std::fs::create_dir_all(&dir).map_err(io("creating the credentials directory"))?;
+    for n in &state.nodes {
+        let mut bytes = [0u8; 32];
+        rand::rng().fill_bytes(&mut bytes);
+        let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&n.credential_file)
+            .map_err(io(format!("writing {}", n.credential_file.display())))?;
+        std::io::Write::write_all(&mut f, token.as_bytes())
+            .map_err(io("writing a node credential"))?;
+    }
+    Ok(())
+}
+
+fn start_container(
+    netns: &str,
+    cgroup: &Path,
+    workdir: &Path,
+    launch: &ContainerLaunch,
+    program: &Path,
+) -> Result<Child, SimError> {
+    let log = std::fs::File::create(&launch.log)
+        .map_err(io(format!("creating {}", launch.log.display())))?;
+    let log2 = log.try_clone().map_err(io("duplicating a log file"))?;
+    let cg = CgroupHandle::open(cgroup)?;
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", netns])
+        .arg(program)
+        .args(&launch.args)
+        .envs(launch.env.iter().map(|(k, v)| (k, v)))
+        .current_dir(workdir)
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log2);
+    // Its own process group: a Ctrl-C meant for `weft-sim up` reaches the
+    // simulator, which then tears the pods down in order, not the pods first.
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    sys::join_cgroup_before_exec(&mut cmd, &cg);
+    cmd.spawn()
+        .map_err(|e| SimError::Sys(io(format!("starting {}", program.display()))(e)))
+}
+
+/// Every container is running (or has completed successfully) and every
+/// declared TCP port listens in its pod's namespace.
+fn wait_ready(cluster: &mut Cluster, plan: &Plan, timeout: Duration) -> Result<(), SimError> {
+    let deadline = Instant::now() + timeout;
+    let mut pending: Vec<usize> = (0..cluster.children.len()).collect();
+    while !pending.is_empty() {
+        let mut still = Vec::new();
+        for i in pending {
+            let (pod, container, child) = &mut cluster.children[i];
+            let launch = plan.launches[pod.as_str()]
+                .iter()
+                .find(|l| l.name == *container)
+                .expect("launch");
+            if let Some(status) = child.try_wait().map_err(io("checking a container"))? {
+                if status.success() && launch.tcp_ports.is_empty() {
+                    continue; // ran to completion, like a Job's pod
+                }
+                return Err(SimError::NotReady(Box::new(NotReady {
+                    pod: pod.clone(),
+                    container: container.clone(),
+                    problem: format!("exited ({status}) before the cluster was ready"),
+                    log: launch.log.clone(),
+                    tail: sys::tail(&launch.log, 10),
+                })));
+            }
+            let listening = sys::listening_ports(child.id());
+            let missing: Vec<u16> = launch
+                .tcp_ports
+                .iter()
+                .copied()
+                .filter(|p| !listening.contains(p))
+                .collect();
+            if missing.is_empty() {
+                continue;
+            }
+            if Instant::now() > deadline {
+                return Err(SimError::NotReady(Box::new(NotReady {
+                    pod: pod.clone(),
+                    container: container.clone(),
+                    problem: format!(
+                        "is not listening on TCP port(s) {missing:?} after {}s",
+                        timeout.as_secs()
+                    ),
+                    log: launch.log.clone(),
+                    tail: sys::tail(&launch.log, 10),
+                })));
+            }
+            still.push(i);
+        }
+        pending = still;
+        if !pending.is_empty() {
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+    Ok(())
+}
+
+/// Tears down the simulator `name`: processes, namespaces, cgroups, host
+/// interface, per-netns files and the state directory. Idempotent.
+pub fn down(name: &str, opts: &Options) -> Result<(), SimError> {
+    validate_name(name)?;
+    let state_dir = opts.layout.run_dir.join(name);
+    let state = State::load(&state_dir).ok();
+    let mut errors: Vec<String> = Vec::new();
+
+    // 1. Processes: every cgroup of this simulator, then stragglers that
+    //    entered one of its namespaces without its cgroup.
+    if let Err(e) = sys::remove_cgroup(&opts.layout.cgroup_root.join(name), Duration::from_secs(5))
+    {
+        errors.push(e.to_string());
+    }
+    let prefix = plan::netns_prefix(name);
+    let namespaces: Vec<String> = sys::netns_list()
+        .into_iter()
+        .filter(|n| n.starts_with(&prefix))
+        .collect();
+    for ns in &namespaces {
+        for pid in sys::netns_pids(ns) {
+            // SAFETY: kill(2) on a pid whose network namespace is one this
+            // simulator created: only processes running inside our cluster.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+    // 2. Namespaces (their veths go with them) and the host interface.
+    for ns in &namespaces {
+        if let Err(e) = sys::run("ip", &["netns", "del", ns], None) {
+            errors.push(e.to_string());
+        }
+        let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(ns));
+    }
+    if let Some(state) = &state {
+        let host = &state.fabric.host_interface;
+        if sys::link_exists(host)
+            && let Err(e) = sys::run("ip", &["link", "del", host], None)
+        {
+            errors.push(e.to_string());
+        }
+    }
+    // 3. Files: kept when something above failed, so a retry still knows the slot.
+    if errors.is_empty()
+        && let Err(e) = std::fs::remove_dir_all(&state_dir)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        errors.push(format!("removing {}: {e}", state_dir.display()));
+    }
+    if errors.is_empty() {
+        return Ok(());
+    }
+    Err(SimError::Sys(SysError::Io {
+        what: format!("tearing down simulator {name:?}: {}", errors.join("; ")),
+        source: std::io::Error::other("teardown incomplete"),
+    }))
+}
+
+/// Loads the state of a running simulator.
+pub fn load(name: &str, opts: &Options) -> Result<State, SimError> {
+    validate_name(name)?;
+    State::load(&opts.layout.run_dir.join(name)).map_err(|_| SimError::NotRunning(name.to_string()))
+}
+
+/// A command that runs inside the cluster. It holds the cgroup's open
+/// `cgroup.procs` until it is dropped, because the child writes to it
+/// between fork and exec.
+pub struct ClusterCommand {
+    command: Command,
+    _cgroup: CgroupHandle,
+}
+
+impl std::ops::Deref for ClusterCommand {
+    type Target = Command;
+    fn deref(&self) -> &Command {
+        &self.command
+    }
+}
+
+impl std::ops::DerefMut for ClusterCommand {
+    fn deref_mut(&mut self) -> &mut Command {
+        &mut self.command
+    }
+}
+
+/// A command that runs `program args…` inside a pod: its network namespace
+/// (with its `/etc/hosts`, via `ip netns exec`), its cgroup, and its
+/// containers' working directory (the manifest directory), as `kubectl exec`
+/// runs in the container's.
+pub fn pod_command(
+    state: &State,
+    pod: &str,
+    program: &str,
+    args: &[String],
+) -> Result<ClusterCommand, SimError> {
+    let p = state.pod(pod).ok_or_else(|| SimError::NoSuchPod {
+        name: state.name.clone(),
+        pod: pod.to_string(),
+        known: state
+            .pods
+            .iter()
+            .map(|p| p.key())
+            .collect::<Vec<_>>()
+            .join(", "),
+    })?;
+    let mut cmd = command_in(&p.netns, &p.cgroup, program, args)?;
+    cmd.current_dir(&state.manifest_dir);
+    Ok(cmd)
+}
+
+/// A command that runs inside a node's namespace and node cgroup (where a
+/// node proxy runs).
+pub fn node_command(
+    state: &State,
+    node: &str,
+    program: &str,
+    args: &[String],
+) -> Result<ClusterCommand, SimError> {
+    let n = state.node(node).ok_or_else(|| SimError::NoSuchNode {
+        name: state.name.clone(),
+        node: node.to_string(),
+    })?;
+    command_in(&n.netns, &n.cgroup, program, args)
+}
+
+fn command_in(
+    netns: &str,
+    cgroup: &Path,
+    program: &str,
+    args: &[String],
+) -> Result<ClusterCommand, SimError> {
+    let cg = CgroupHandle::open(cgroup)?;
+    let mut command = Command::new("ip");
+    command.args(["netns", "exec", netns, program]).args(args);
+    sys::join_cgroup_before_exec(&mut command, &cg);
+    Ok(ClusterCommand {
+        command,
+        _cgroup: cg,
+    })
+}

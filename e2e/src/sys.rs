@@ -1,0 +1,289 @@
+//! The machine side: running `ip`/`nft`, cgroups, and reading `/proc`.
+//!
+//! Networking goes through iproute2 and nftables rather than netlink from
+//! Rust: they are the tools an operator debugging the simulator uses anyway,
+//! batch mode keeps it to a few processes per node, and every failure comes
+//! with the tool's own message.
+
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SysError {
+    #[error("`{command}` failed ({status}): {stderr}")]
+    Command {
+        command: String,
+        status: String,
+        stderr: String,
+    },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error(
+        "no cgroup v2 hierarchy is mounted (looked in /proc/self/mountinfo); the simulator needs one"
+    )]
+    NoCgroup2,
+}
+
+pub fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SysError {
+    let what = what.into();
+    move |source| SysError::Io { what, source }
+}
+
+/// Runs a program to completion, feeding `stdin`, failing with its stderr.
+pub fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<(), SysError> {
+    let command = format!("{program} {}", args.join(" "));
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(io(format!(
+            "cannot start `{command}` (is it installed? `cargo xtask setup` installs it)"
+        )))?;
+    if let Some(text) = stdin {
+        let mut pipe = child.stdin.take().expect("stdin is piped");
+        pipe.write_all(text.as_bytes())
+            .map_err(io(format!("writing to `{command}`")))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(io(format!("waiting for `{command}`")))?;
+    if !out.status.success() {
+        return Err(SysError::Command {
+            command,
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// `ip [-n NETNS] -batch -` with `script` on stdin.
+pub fn ip_batch(netns: Option<&str>, script: &str) -> Result<(), SysError> {
+    match netns {
+        Some(ns) => run("ip", &["-n", ns, "-batch", "-"], Some(script)),
+        None => run("ip", &["-batch", "-"], Some(script)),
+    }
+}
+
+/// Writes sysctls inside a network namespace (`/proc/sys` is per netns for
+/// `net/*`, so it must be written from a process inside it).
+pub fn netns_sysctls(netns: &str, values: &[(&str, &str)]) -> Result<(), SysError> {
+    let script: String = values
+        .iter()
+        .map(|(path, value)| format!("echo {value} > /proc/sys/{path}\n"))
+        .collect();
+    run(
+        "ip",
+        &["netns", "exec", netns, "sh", "-e", "-c", &script],
+        None,
+    )
+}
+
+pub fn nft_in(netns: &str, rules: &str) -> Result<(), SysError> {
+    run(
+        "ip",
+        &["netns", "exec", netns, "nft", "-f", "-"],
+        Some(rules),
+    )
+}
+
+/// Names of the network namespaces `ip netns` knows.
+pub fn netns_list() -> Vec<String> {
+    std::fs::read_dir("/run/netns")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+pub fn link_exists(name: &str) -> bool {
+    Path::new("/sys/class/net").join(name).exists()
+}
+
+/// Pids of processes whose network namespace is `netns`.
+pub fn netns_pids(netns: &str) -> Vec<i32> {
+    let Ok(target) = std::fs::metadata(Path::new("/run/netns").join(netns)) else {
+        return Vec::new();
+    };
+    use std::os::unix::fs::MetadataExt;
+    let (dev, ino) = (target.dev(), target.ino());
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+                .filter(|pid| {
+                    std::fs::metadata(format!("/proc/{pid}/ns/net"))
+                        .map(|m| m.dev() == dev && m.ino() == ino)
+                        .unwrap_or(false)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The cgroup v2 mount point (on a hybrid layout, `/sys/fs/cgroup/unified`).
+pub fn cgroup2_mount() -> Result<PathBuf, SysError> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(io("reading /proc/self/mountinfo"))?;
+    info.lines()
+        .find_map(|line| {
+            // Fields: id parent major:minor root mountpoint options ... - fstype source super
+            let (left, right) = line.split_once(" - ")?;
+            let mount_point = left.split_whitespace().nth(4)?;
+            (right.split_whitespace().next()? == "cgroup2").then(|| PathBuf::from(mount_point))
+        })
+        .ok_or(SysError::NoCgroup2)
+}
+
+/// An open `cgroup.procs`, so a child can join the cgroup between fork and
+/// exec without allocating (see [`join_cgroup_before_exec`]).
+pub struct CgroupHandle {
+    procs: std::fs::File,
+}
+
+impl CgroupHandle {
+    pub fn open(cgroup: &Path) -> Result<Self, SysError> {
+        let path = cgroup.join("cgroup.procs");
+        let procs = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(io(format!("opening {}", path.display())))?;
+        Ok(Self { procs })
+    }
+}
+
+/// Makes `command`'s process join `cgroup` before it execs, so it and every
+/// process it forks are in the pod's cgroup from their first instruction.
+pub fn join_cgroup_before_exec(command: &mut Command, cgroup: &CgroupHandle) {
+    use std::os::unix::process::CommandExt;
+    let fd = cgroup.procs.as_raw_fd();
+    // SAFETY: the closure runs in the forked child before exec, where only
+    // async-signal-safe calls are allowed; it makes one write(2) to a file
+    // descriptor the parent opened (and keeps open until spawn returns), and
+    // allocates nothing. Writing "0" to cgroup.procs moves the writer.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Kills every process in a cgroup (`cgroup.kill`, Linux ≥ 5.14), waits for
+/// it to empty, and removes the directory. Absent cgroups are fine.
+pub fn remove_cgroup(cgroup: &Path, timeout: Duration) -> Result<(), SysError> {
+    if !cgroup.exists() {
+        return Ok(());
+    }
+    // Children first: a cgroup with sub-cgroups cannot be removed.
+    if let Ok(entries) = std::fs::read_dir(cgroup) {
+        for e in entries.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                remove_cgroup(&e.path(), timeout)?;
+            }
+        }
+    }
+    let _ = std::fs::write(cgroup.join("cgroup.kill"), "1");
+    let deadline = Instant::now() + timeout;
+    loop {
+        let procs = std::fs::read_to_string(cgroup.join("cgroup.procs")).unwrap_or_default();
+        if procs.trim().is_empty() {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(SysError::Io {
+                what: format!(
+                    "processes {} in {} survived cgroup.kill",
+                    procs.trim().replace('\n', ","),
+                    cgroup.display()
+                ),
+                source: std::io::Error::from(std::io::ErrorKind::TimedOut),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    match std::fs::remove_dir(cgroup) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io(format!("removing cgroup {}", cgroup.display()))(e)),
+    }
+}
+
+/// TCP ports in LISTEN state in the network namespace of `pid`.
+pub fn listening_ports(pid: u32) -> Vec<u16> {
+    let mut ports = Vec::new();
+    for table in ["tcp", "tcp6"] {
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let mut fields = line.split_whitespace();
+            let local = fields.nth(1);
+            let state = fields.nth(1);
+            if state != Some("0A") {
+                continue;
+            }
+            if let Some(port) = local
+                .and_then(|l| l.rsplit_once(':'))
+                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())
+            {
+                ports.push(port);
+            }
+        }
+    }
+    ports
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// The last `lines` lines of a log file, for error messages.
+pub fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_cgroup2_mount() {
+        let m = cgroup2_mount().unwrap();
+        assert!(m.join("cgroup.procs").exists(), "{}", m.display());
+    }
+
+    #[test]
+    fn listening_ports_sees_a_listener() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        assert!(listening_ports(std::process::id()).contains(&port));
+    }
+
+    #[test]
+    fn run_reports_stderr() {
+        let e = run("sh", &["-c", "echo nope >&2; exit 3"], None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nope") && e.contains("exit status: 3"), "{e}");
+    }
+}

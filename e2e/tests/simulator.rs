@@ -1,0 +1,538 @@
+//! End-to-end tests of the simulator: real namespaces, veths, nftables and
+//! processes (they need root, as the simulator does).
+
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use weft_sim::testing::{APPS, leftovers};
+use weft_sim::{Options, TestCluster, cluster};
+
+const TWO_NODES: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: demo}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: demo}
+spec:
+  nodeName: node-a
+  containers: [{name: main, command: [sleep, infinity]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: near, namespace: demo}
+spec:
+  nodeName: node-b
+  containers:
+  - name: main
+    command: [sh, -c, 'echo "ip=$MY_IP node=$MY_NODE"; exec sleep infinity']
+    env:
+    - {name: MY_IP, valueFrom: {fieldRef: {fieldPath: status.podIP}}}
+    - {name: MY_NODE, valueFrom: {fieldRef: {fieldPath: spec.nodeName}}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: echo, namespace: demo, labels: {app: echo}}
+spec:
+  nodeName: node-b
+  containers:
+  - name: main
+    command: [./tcp_echo.py, "9000"]
+    ports: [{name: echo, containerPort: 9000}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo, namespace: demo}
+spec:
+  selector: {app: echo}
+  ports: [{port: 80, targetPort: echo}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: nobody, namespace: demo}
+spec:
+  selector: {app: nobody}
+  ports: [{port: 80}]
+"#;
+
+/// Runs the checking TCP client in `pod` against `host:port` and returns its report.
+fn echo_through(cluster: &TestCluster, pod: &str, host: &str, port: u16, bytes: usize) -> Value {
+    let out = cluster.exec(
+        pod,
+        &[
+            "./tcp_client.py",
+            host,
+            &port.to_string(),
+            &bytes.to_string(),
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "client in {pod} -> {host}:{port} failed ({}): {stdout} {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("client output {stdout:?}: {e}"))
+}
+
+fn assert_echoed(report: &Value, bytes: usize) {
+    assert_eq!(report["match"], true, "{report}");
+    assert_eq!(report["sent"], bytes, "{report}");
+    assert_eq!(report["received"], bytes, "{report}");
+    assert_eq!(report["sent_sha256"], report["received_sha256"], "{report}");
+}
+
+#[test]
+fn pod_reaches_pod_across_nodes_by_ip_cluster_ip_and_name() {
+    let cluster = TestCluster::up(TWO_NODES).expect("cluster up");
+    let echo = cluster.pod("demo/echo").clone();
+    assert_eq!(echo.node, "node-b");
+    assert_eq!(cluster.pod("demo/client").node, "node-a");
+    let svc = cluster
+        .state()
+        .services
+        .iter()
+        .find(|s| s.name == "echo")
+        .unwrap();
+    let vip = svc.cluster_ip.unwrap().to_string();
+    const MB: usize = 1 << 20;
+
+    // By pod IP (v4 and v6), across the fabric.
+    let r = echo_through(&cluster, "demo/client", &echo.ip.to_string(), 9000, MB);
+    assert_echoed(&r, MB);
+    assert_eq!(r["peer"], echo.ip.to_string());
+    let r = echo_through(&cluster, "demo/client", &echo.ipv6.to_string(), 9000, MB);
+    assert_echoed(&r, MB);
+
+    // By ClusterIP and by every name kube-dns would answer.
+    for host in [
+        vip.as_str(),
+        "echo.demo.svc.cluster.local",
+        "echo.demo",
+        "echo",
+    ] {
+        let r = echo_through(&cluster, "demo/client", host, 80, MB);
+        assert_echoed(&r, MB);
+        assert_eq!(
+            r["peer"], vip,
+            "the client sees the ClusterIP, not the endpoint ({host})"
+        );
+    }
+
+    // Same node, through the Service (replies must meet the node's conntrack).
+    let r = echo_through(&cluster, "demo/near", "echo", 80, MB);
+    assert_echoed(&r, MB);
+    // Hairpin: the endpoint reaches itself through its own Service.
+    let r = echo_through(&cluster, "demo/echo", &vip, 80, 4096);
+    assert_echoed(&r, 4096);
+}
+
+#[test]
+fn service_without_endpoints_refuses_at_once_and_unknown_names_fail_fast() {
+    let cluster = TestCluster::up(TWO_NODES).expect("cluster up");
+    let started = Instant::now();
+    let out = cluster.exec(
+        "demo/client",
+        &["curl", "-sS", "--max-time", "5", "http://nobody:80/"],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "curl: connection refused expected: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Couldn't connect"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cluster.exec(
+        "demo/client",
+        &[
+            "curl",
+            "-sS",
+            "--max-time",
+            "5",
+            "http://no-such-service.demo/",
+        ],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(6),
+        "could not resolve host expected"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "took {:?}: a DNS or connect timeout crept in",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn containers_run_in_their_pod_cgroup_with_downward_env() {
+    let cluster = TestCluster::up(TWO_NODES).expect("cluster up");
+    let near = cluster.pod("demo/near").clone();
+    let log = std::fs::read_to_string(&near.containers[0].log).unwrap();
+    assert_eq!(log.trim(), format!("ip={} node=node-b", near.ip));
+
+    let pid = near.containers[0].pid.unwrap();
+    let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let procs = std::fs::read_to_string(near.cgroup.join("cgroup.procs")).unwrap();
+    assert!(
+        procs.lines().any(|l| l == pid.to_string()),
+        "container {pid} not in {}: {cgroup}",
+        near.cgroup.display()
+    );
+    // `exec` joins the cgroup too.
+    let own = cluster.exec_ok("demo/near", &["cat", "/proc/self/cgroup"]);
+    let expected_suffix = format!("/weft-sim/{}/pod.demo.near", cluster.name());
+    assert!(own.trim().ends_with(&expected_suffix), "{own}");
+}
+
+#[test]
+fn down_leaves_no_namespace_veth_cgroup_or_process() {
+    let cluster = TestCluster::up(TWO_NODES).expect("cluster up");
+    let name = cluster.name().to_string();
+    let slot = cluster.state().slot;
+    let pids: Vec<u32> = cluster
+        .state()
+        .pods
+        .iter()
+        .flat_map(|p| p.containers.iter().filter_map(|c| c.pid))
+        .collect();
+    assert_eq!(pids.len(), 3);
+    assert!(
+        !leftovers(&name, Some(slot)).is_empty(),
+        "a running cluster must be visible to the leftover check"
+    );
+    let host_if = cluster.state().fabric.host_interface.clone();
+    assert!(Path::new("/sys/class/net").join(&host_if).exists());
+
+    drop(cluster);
+    assert_eq!(leftovers(&name, Some(slot)), Vec::<String>::new());
+    for pid in pids {
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "container process {pid} survived down"
+        );
+    }
+}
+
+#[test]
+fn two_simulators_side_by_side() {
+    let one = TestCluster::up(TWO_NODES).expect("first cluster");
+    let two = TestCluster::up(TWO_NODES).expect("second cluster");
+    assert_ne!(one.state().slot, two.state().slot);
+    assert_ne!(
+        one.state().fabric.host_interface,
+        two.state().fabric.host_interface
+    );
+    // Same pod addresses in both, each in its own namespaces.
+    assert_eq!(one.pod("demo/echo").ip, two.pod("demo/echo").ip);
+    for c in [&one, &two] {
+        assert_echoed(&echo_through(c, "demo/client", "echo", 80, 65536), 65536);
+    }
+    let (name, slot) = (one.name().to_string(), one.state().slot);
+    drop(one);
+    assert_eq!(leftovers(&name, Some(slot)), Vec::<String>::new());
+    assert_echoed(&echo_through(&two, "demo/client", "echo", 80, 65536), 65536);
+}
+
+/// A name for a cluster this test drives by hand.
+fn unique(tag: &str) -> String {
+    format!("{tag}{}", std::process::id())
+}
+
+fn manifest_dir(files: &[(&str, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text) in APPS.iter().chain(files) {
+        std::fs::write(dir.path().join(name), text).unwrap();
+        if name.ends_with(".py") {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(
+                dir.path().join(name),
+                std::fs::Permissions::from_mode(0o755),
+            )
+            .unwrap();
+        }
+    }
+    dir
+}
+
+#[test]
+fn bad_input_is_reported_with_file_and_object_and_leaves_nothing() {
+    let opts = Options::detect().unwrap();
+    let pod = |body: &str| {
+        format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: p, namespace: n}}\nspec:\n{body}")
+    };
+    let cases = [
+        (
+            "broken.yaml",
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: [\n".to_string(),
+            "broken.yaml: document 1 is not valid YAML",
+        ),
+        (
+            "nonode.yaml",
+            pod("  containers: [{name: c, command: [sleep, '1']}]\n"),
+            "nonode.yaml: Pod n/p: spec.nodeName is required",
+        ),
+        (
+            "missing.yaml",
+            pod("  nodeName: n1\n  containers: [{name: c, command: [no-such-command-weft]}]\n"),
+            "missing.yaml: Pod n/p: container \"c\": command \"no-such-command-weft\" not found",
+        ),
+        (
+            "dup.yaml",
+            format!(
+                "{}---\n{}",
+                pod("  nodeName: n1\n  containers: [{name: c, command: [sleep, '1']}]\n"),
+                pod("  nodeName: n2\n  containers: [{name: c, command: [sleep, '1']}]\n")
+            ),
+            "dup.yaml: Pod n/p is defined twice",
+        ),
+    ];
+    for (file, text, expected) in cases {
+        let dir = manifest_dir(&[(file, text.as_str())]);
+        let name = unique("bad");
+        let err = cluster::up(dir.path(), &name, &opts)
+            .err()
+            .unwrap_or_else(|| panic!("{file} was accepted"));
+        assert!(err.to_string().contains(expected), "{file}: got {err}");
+        assert_eq!(leftovers(&name, None), Vec::<String>::new(), "{file}");
+    }
+}
+
+#[test]
+fn a_container_that_fails_at_start_is_reported_and_cleaned_up() {
+    let opts = Options::detect().unwrap();
+    let text = "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: n}\nspec:\n  nodeName: n1\n  containers: [{name: c, command: [sh, -c, 'echo broken config >&2; exit 3'], ports: [{containerPort: 80}]}]\n";
+    let dir = manifest_dir(&[("p.yaml", text)]);
+    let name = unique("fail");
+    let err = cluster::up(dir.path(), &name, &opts)
+        .err()
+        .expect("must fail")
+        .to_string();
+    assert!(
+        err.contains("Pod n/p: container \"c\" exited") && err.contains("broken config"),
+        "{err}"
+    );
+    assert_eq!(leftovers(&name, None), Vec::<String>::new());
+}
+
+fn sim() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_weft-sim"))
+}
+
+/// Starts `weft-sim up` in the foreground and waits for its `ready` line.
+fn up_foreground(dir: &Path, name: &str) -> std::process::Child {
+    let mut child = sim()
+        .args(["up", dir.to_str().unwrap(), "--name", name])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match lines.next() {
+            Some(Ok(line)) if line == "ready" => break,
+            Some(Ok(_)) => {}
+            other => panic!("weft-sim up ended before ready: {other:?}"),
+        }
+        assert!(Instant::now() < deadline, "no ready line within 30s");
+    }
+    child
+}
+
+fn wait_exit(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "process did not exit within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn cli_detach_exec_status_down() {
+    let dir = manifest_dir(&[("c.yaml", TWO_NODES)]);
+    let name = unique("cli");
+    let _guard = DownOnDrop(name.clone());
+    let out = sim()
+        .args([
+            "up",
+            dir.path().to_str().unwrap(),
+            "--name",
+            &name,
+            "--detach",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).lines().last(),
+        Some("ready")
+    );
+
+    let out = sim()
+        .args([
+            "exec",
+            "--name",
+            &name,
+            "demo/client",
+            "--",
+            "./tcp_client.py",
+            "echo.demo",
+            "80",
+            "1000",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = sim()
+        .args([
+            "exec",
+            "--name",
+            &name,
+            "demo/client",
+            "--",
+            "sh",
+            "-c",
+            "exit 7",
+        ])
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(7), "exec passes the exit code through");
+
+    let out = sim()
+        .args(["status", "--name", &name, "--json"])
+        .output()
+        .unwrap();
+    let state: weft_sim::State =
+        serde_json::from_slice(&out.stdout).expect("status --json is the state file");
+    assert_eq!(state.pods.len(), 3);
+    let slot = state.slot;
+
+    assert!(
+        sim()
+            .args(["down", "--name", &name])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert_eq!(leftovers(&name, Some(slot)), Vec::<String>::new());
+    assert!(
+        sim()
+            .args(["down", "--name", &name])
+            .status()
+            .unwrap()
+            .success(),
+        "down is idempotent"
+    );
+    let out = sim()
+        .args(["exec", "--name", &name, "demo/client", "--", "true"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is running"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn foreground_up_tears_down_on_sigterm() {
+    let dir = manifest_dir(&[("c.yaml", TWO_NODES)]);
+    let name = unique("fg");
+    let _guard = DownOnDrop(name.clone());
+    let mut child = up_foreground(dir.path(), &name);
+    let slot = cluster::load(&name, &Options::detect().unwrap())
+        .unwrap()
+        .slot;
+    // SAFETY: signalling the weft-sim process this test started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(wait_exit(&mut child, Duration::from_secs(20)).success());
+    assert_eq!(leftovers(&name, Some(slot)), Vec::<String>::new());
+}
+
+#[test]
+fn down_and_up_clean_up_after_a_crashed_simulator() {
+    let dir = manifest_dir(&[("c.yaml", TWO_NODES)]);
+    let name = unique("crash");
+    let _guard = DownOnDrop(name.clone());
+    let mut child = up_foreground(dir.path(), &name);
+    let state = cluster::load(&name, &Options::detect().unwrap()).unwrap();
+    child.kill().unwrap(); // SIGKILL: no chance to clean up
+    child.wait().unwrap();
+    assert!(
+        !leftovers(&name, Some(state.slot)).is_empty(),
+        "a killed simulator leaves its cluster behind"
+    );
+
+    // `up` of the same name first clears what the crash left.
+    let out = sim()
+        .args([
+            "up",
+            dir.path().to_str().unwrap(),
+            "--name",
+            &name,
+            "--detach",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pids: Vec<u32> = state
+        .pods
+        .iter()
+        .flat_map(|p| p.containers.iter().filter_map(|c| c.pid))
+        .collect();
+    for pid in pids {
+        let alive = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s.contains(") Z "))
+            .unwrap_or(false);
+        assert!(
+            !alive,
+            "container {pid} of the crashed simulator still runs"
+        );
+    }
+    assert!(
+        sim()
+            .args(["down", "--name", &name])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert_eq!(leftovers(&name, Some(state.slot)), Vec::<String>::new());
+}
+
+/// Tears a hand-driven cluster down even when the test fails half way.
+struct DownOnDrop(String);
+
+impl Drop for DownOnDrop {
+    fn drop(&mut self) {
+        if let Ok(opts) = Options::detect() {
+            let _ = cluster::down(&self.0, &opts);
+        }
+    }
+}
