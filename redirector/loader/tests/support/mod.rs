@@ -70,6 +70,19 @@ impl Drop for TestNetns {
     }
 }
 
+/// A namespace someone else created (the simulator's pods).
+pub struct TestNetnsRef {
+    pub netns: Netns,
+}
+
+impl TestNetnsRef {
+    pub fn open(path: &Path) -> Self {
+        Self {
+            netns: Netns::open(path).expect("open pod netns"),
+        }
+    }
+}
+
 /// Two "pods": `client` (10.99.0.1, fd00:99::1) and `server` (10.99.0.2,
 /// fd00:99::2), each with `eth0`, joined by a veth pair. Addresses exist
 /// only inside these namespaces.
@@ -277,9 +290,12 @@ pub struct Capture {
 
 impl Capture {
     pub fn start(ns: &TestNetns, ifname: &str) -> Self {
+        Self::start_in(&ns.netns, ifname)
+    }
+
+    pub fn start_in(netns: &Netns, ifname: &str) -> Self {
         let ifname = std::ffi::CString::new(ifname).unwrap();
-        let fd = ns
-            .netns
+        let fd = netns
             .run(move || {
                 let proto = (libc::ETH_P_ALL as u16).to_be() as i32;
                 // SAFETY: plain socket/bind syscalls on a socket we own.
@@ -349,4 +365,97 @@ fn tcp_of_frame(frame: &[u8]) -> Option<(u16, u8)> {
         u16::from_be_bytes([*tcp.get(2)?, *tcp.get(3)?]),
         *tcp.get(13)?,
     ))
+}
+
+/// A stand-in for the node proxy inside one pod's namespace: accepts on a
+/// listener, finds where the connection was going (SO_ORIGINAL_DST for
+/// outbound, the local address for inbound), connects there with a
+/// proxy-marked socket from inside the pod and relays bytes both ways.
+/// Records every destination it served. Stops on Drop.
+pub struct StandInProxy {
+    pub served: std::sync::Arc<std::sync::Mutex<Vec<SocketAddr>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+pub enum Direction {
+    Outbound,
+    Inbound,
+}
+
+impl StandInProxy {
+    pub fn start(netns_path: &Path, listener: TcpListener, direction: Direction) -> Self {
+        use std::sync::atomic::AtomicBool;
+        use std::sync::{Arc, Mutex};
+        let served = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let netns = Netns::open(netns_path).expect("pod netns");
+        let (served2, stop2) = (served.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            listener.set_nonblocking(true).unwrap();
+            while !stop2.load(Ordering::Relaxed) {
+                let (client, _) = match listener.accept() {
+                    Ok(c) => c,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(5));
+                        continue;
+                    }
+                    Err(e) => panic!("stand-in accept: {e}"),
+                };
+                client.set_nonblocking(false).unwrap();
+                let target = match direction {
+                    Direction::Outbound => {
+                        weft_redirector::original_dst(&client).expect("SO_ORIGINAL_DST")
+                    }
+                    Direction::Inbound => client.local_addr().unwrap(),
+                };
+                served2.lock().unwrap().push(target);
+                let domain = socket2::Domain::for_address(target);
+                let upstream = netns.proxy_tcp_socket(domain).expect("marked socket");
+                if upstream
+                    .connect_timeout(&target.into(), Duration::from_secs(5))
+                    .is_err()
+                {
+                    continue; // drops the client: it sees EOF
+                }
+                relay(client, TcpStream::from(upstream));
+            }
+        });
+        Self {
+            served,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn served(&self) -> Vec<SocketAddr> {
+        self.served.lock().unwrap().clone()
+    }
+}
+
+impl Drop for StandInProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Copies both ways until each side half-closes (threads end with the streams).
+fn relay(a: TcpStream, b: TcpStream) {
+    let (mut a2, mut b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
+    let (mut a, mut b) = (a, b);
+    for s in [&a, &b] {
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    }
+    std::thread::spawn(move || {
+        let _ = io::copy(&mut a, &mut b2);
+        let _ = b2.shutdown(std::net::Shutdown::Write);
+    });
+    std::thread::spawn(move || {
+        let _ = io::copy(&mut b, &mut a2);
+        let _ = a2.shutdown(std::net::Shutdown::Write);
+    });
 }
