@@ -98,8 +98,18 @@ pub fn remove_pinned(pin: &Path) -> io::Result<()> {
     }
 }
 
-/// (link id, program id) of the link pinned at `pin`.
-pub fn pinned_ids(pin: &Path) -> io::Result<(u32, u32)> {
+/// What the kernel says about a pinned link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PinnedLinkInfo {
+    pub link_id: u32,
+    pub prog_id: u32,
+    /// For netns (sk_lookup) links: the namespace's inode, 0 once the
+    /// namespace is gone (the kernel detaches such links by itself).
+    pub netns_ino: u32,
+}
+
+/// Reads the link pinned at `pin`.
+pub fn pinned_info(pin: &Path) -> io::Result<PinnedLinkInfo> {
     let path = CString::new(pin.as_os_str().as_bytes())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "pin path contains NUL"))?;
     let mut attr = BpfAttr::zeroed();
@@ -108,7 +118,8 @@ pub fn pinned_ids(pin: &Path) -> io::Result<(u32, u32)> {
     let fd = bpf(BPF_OBJ_GET, &mut attr)?;
     // SAFETY: the kernel returned a new file descriptor that we now own.
     let link = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    // struct bpf_link_info starts with type, id, prog_id (u32 each).
+    // struct bpf_link_info: type, id, prog_id (u32 each), then an 8-aligned
+    // union whose netns member starts with netns_ino (offset 16).
     let mut info = [0u8; 64];
     let mut attr = BpfAttr::zeroed();
     // info: bpf_fd, info_len, info (pointer)
@@ -117,5 +128,9 @@ pub fn pinned_ids(pin: &Path) -> io::Result<(u32, u32)> {
     attr.put_u64(8, info.as_mut_ptr() as u64);
     bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
     let word = |i: usize| u32::from_ne_bytes(info[i..i + 4].try_into().expect("4 bytes"));
-    Ok((word(4), word(8)))
+    Ok(PinnedLinkInfo {
+        link_id: word(4),
+        prog_id: word(8),
+        netns_ino: word(16),
+    })
 }

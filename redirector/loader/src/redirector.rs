@@ -265,6 +265,30 @@ impl Redirector {
         Ok(())
     }
 
+    /// Unenrolls pods whose network namespace no longer exists (a missed
+    /// CNI DEL, a crash): the kernel already detached their sk_lookup link
+    /// and reports its namespace as gone. Returns what was removed.
+    pub fn remove_stale(&self) -> Result<Vec<Enrolled>, Error> {
+        let mut removed = Vec::new();
+        for pod in self.enrolled()? {
+            let gone = match link::pinned_info(&self.pod_pin(pod.netns_cookie)) {
+                Ok(info) => info.netns_ino == 0,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+                Err(source) => {
+                    return Err(Error::Pin {
+                        path: self.pod_pin(pod.netns_cookie),
+                        source,
+                    });
+                }
+            };
+            if gone {
+                self.unenroll_cookie(pod.netns_cookie)?;
+                removed.push(pod);
+            }
+        }
+        Ok(removed)
+    }
+
     /// The enrolled pods, read from the kernel map.
     pub fn enrolled(&self) -> Result<Vec<Enrolled>, Error> {
         let maps = self.lock();
@@ -371,11 +395,11 @@ fn installed_objects(pin_dir: &Path) -> Result<InstalledObjects, Error> {
         };
         for entry in entries {
             let path = entry?.path();
-            let (link_id, prog_id) = link::pinned_ids(&path).map_err(|source| Error::Pin {
+            let info = link::pinned_info(&path).map_err(|source| Error::Pin {
                 path: path.clone(),
                 source,
             })?;
-            out.links.push((path, link_id, prog_id));
+            out.links.push((path, info.link_id, info.prog_id));
         }
     }
     for name in maps::ALL {

@@ -657,3 +657,39 @@ fn re_enrolling_updates_skip_ports() {
         "captured after the annotation went away"
     );
 }
+
+#[test]
+fn pods_whose_namespace_vanished_are_removed_as_stale() {
+    let installed = Installed::new();
+    let pods = PodPair::new();
+    installed.enroll(&pods.client, "gone-uid", &[]);
+    installed.enroll(&pods.server, "alive-uid", &[]);
+    assert!(
+        installed.get().remove_stale().unwrap().is_empty(),
+        "both alive"
+    );
+
+    // The pod is deleted without a CNI DEL reaching us.
+    let PodPair { client, server } = pods;
+    drop(client);
+    // Namespace teardown is asynchronous in the kernel: poll, bounded.
+    let deadline = Instant::now() + TIMEOUT;
+    let removed = loop {
+        let removed = installed.get().remove_stale().unwrap();
+        if !removed.is_empty() || Instant::now() > deadline {
+            break removed;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(removed.len(), 1, "{removed:?}");
+    assert_eq!(removed[0].pod_uid, "gone-uid");
+    let left: Vec<String> = installed
+        .get()
+        .enrolled()
+        .unwrap()
+        .into_iter()
+        .map(|e| e.pod_uid)
+        .collect();
+    assert_eq!(left, vec!["alive-uid".to_string()]);
+    drop(server);
+}
