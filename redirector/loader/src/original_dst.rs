@@ -14,6 +14,7 @@ pub const SO_ORIGINAL_DST: libc::c_int = 80;
 /// for IPv6).
 pub fn original_dst(socket: &impl AsRawFd) -> io::Result<SocketAddr> {
     let fd = socket.as_raw_fd();
+    // SAFETY: sockaddr_storage is plain data; all-zero is a valid value.
     let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
     // SAFETY: getsockname writes at most `len` bytes into `storage`.

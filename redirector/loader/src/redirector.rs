@@ -551,6 +551,7 @@ fn remove_skip_ports(
 }
 
 fn socket_family(fd: i32) -> Result<u32, Error> {
+    // SAFETY: sockaddr_storage is plain data; all-zero is a valid value.
     let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
     // SAFETY: getsockname writes at most `len` bytes into `addr`.
