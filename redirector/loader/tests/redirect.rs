@@ -693,3 +693,72 @@ fn pods_whose_namespace_vanished_are_removed_as_stale() {
     assert_eq!(left, vec!["alive-uid".to_string()]);
     drop(server);
 }
+
+#[test]
+fn cni_add_and_del_enroll_and_release_the_pod() {
+    use weft_cni::plugin::{self, CniEnv};
+    use weft_cni::protocol::PodEvent;
+    use weft_redirector::PodRegistrationListener;
+
+    let pods = PodPair::new();
+    let installed = Installed::new();
+    let server = listen(&pods.server, "10.99.0.2:8080");
+    let proxy = listen(&pods.client, "127.0.0.1:15001");
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("cni.sock");
+    let conf = format!(
+        r#"{{"cniVersion":"1.0.0","name":"net","type":"weft-cni","agent_socket":"{}","prevResult":{{"cniVersion":"1.0.0"}}}}"#,
+        socket.display()
+    );
+    let env = |command: &str| CniEnv {
+        command: command.into(),
+        container_id: "sandbox-1".into(),
+        netns: pods.client.path().display().to_string(),
+        args: "K8S_POD_NAMESPACE=demo;K8S_POD_NAME=client;K8S_POD_UID=uid-cni".into(),
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut agent = PodRegistrationListener::bind(&socket).unwrap();
+        // What the node agent does with each registration (minus opening
+        // the proxy's listeners, which the test did above).
+        for command in ["ADD", "DEL"] {
+            let (env, conf) = (env(command), conf.clone());
+            let cni = tokio::task::spawn_blocking(move || plugin::run(&env, conf.as_bytes()));
+            let req = agent.next().await.unwrap();
+            let result = match &req.event {
+                PodEvent::Add { pod, netns, .. } => Netns::open(netns)
+                    .and_then(|ns| {
+                        installed.get().enroll(&PodEnrollment {
+                            netns: &ns,
+                            pod_uid: pod.uid.clone(),
+                            annotations: Default::default(),
+                        })
+                    })
+                    .map(drop),
+                PodEvent::Del { pod, .. } => installed.get().unenroll(&pod.uid),
+            };
+            match result {
+                Ok(()) => req.ack(),
+                Err(e) => req.reject(e),
+            }
+            cni.await.unwrap().expect("CNI command succeeded");
+            if command == "ADD" {
+                assert_eq!(installed.get().enrolled().unwrap()[0].pod_uid, "uid-cni");
+                connect_from(&pods.client, "10.99.0.2:8080").unwrap();
+                assert!(
+                    accept_within(&proxy, TIMEOUT).is_some(),
+                    "captured after CNI ADD"
+                );
+            }
+        }
+    });
+    assert!(
+        installed.get().enrolled().unwrap().is_empty(),
+        "released by CNI DEL"
+    );
+    connect_from(&pods.client, "10.99.0.2:8080").unwrap();
+    assert!(
+        accept_within(&server, TIMEOUT).is_some(),
+        "direct after CNI DEL"
+    );
+}
