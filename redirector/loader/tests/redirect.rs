@@ -96,6 +96,21 @@ fn inbound_without_proxy_listener_fails_closed() {
         "refused fast"
     );
     assert!(accept_within(&app, Duration::from_millis(200)).is_none());
+
+    // A proxy that registered its listener and then died: the kernel drops
+    // the closed socket from the map, and inbound is refused again.
+    let inbound = listen(&pods.client, "0.0.0.0:15006");
+    installed
+        .get()
+        .register_inbound_listener(&pods.client.netns, &inbound)
+        .unwrap();
+    connect_from(&pods.server, "10.99.0.1:8080").expect("steered while the proxy lives");
+    assert!(accept_within(&inbound, TIMEOUT).is_some());
+    drop(inbound);
+    let err =
+        connect_from(&pods.server, "10.99.0.1:8080").expect_err("refused after the proxy died");
+    assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused, "{err}");
+    assert!(accept_within(&app, Duration::from_millis(200)).is_none());
 }
 
 #[test]
