@@ -5,10 +5,12 @@
 use crate::setup;
 use anyhow::{Result, bail};
 
+mod redirector;
+
 type Bench = fn() -> Result<()>;
 
 /// The parts that have a benchmark, in the order `bench` with no argument runs them.
-const PARTS: &[(&str, Bench)] = &[];
+const PARTS: &[(&str, Bench)] = &[("redirector", redirector::run)];
 
 pub fn run(args: &[String]) -> Result<()> {
     setup::run()?;

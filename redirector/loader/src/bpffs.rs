@@ -1,0 +1,80 @@
+//! The bpffs directory that holds our pins.
+//!
+//! Pins outlive the process, which is what lets a restarted node proxy find
+//! its programs attached and its maps filled. Some hosts (this one) boot
+//! without bpffs mounted at /sys/fs/bpf; we mount it there, as systemd does.
+
+use crate::Error;
+use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
+use std::fs::{File, OpenOptions};
+use std::path::Path;
+
+/// Makes `pin_dir` exist on a bpffs, mounting bpffs on its parent if needed.
+pub fn ensure_pin_dir(pin_dir: &Path) -> Result<(), Error> {
+    let parent = pin_dir.parent().unwrap_or(Path::new("/"));
+    if !is_bpffs(parent) {
+        mount_bpffs(parent).map_err(|source| Error::Bpffs {
+            path: pin_dir.into(),
+            source,
+        })?;
+    }
+    for sub in ["", "maps", "links", "pods"] {
+        let dir = pin_dir.join(sub);
+        match std::fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(source) => return Err(Error::Pin { path: dir, source }),
+        }
+    }
+    Ok(())
+}
+
+pub fn is_bpffs(path: &Path) -> bool {
+    statfs(path).is_ok_and(|s| s.filesystem_type() == BPF_FS_MAGIC)
+}
+
+/// Mounts bpffs at `dir`, serialised by a lock file: parallel callers (tests,
+/// a proxy restarting while another instance exits) must not stack mounts.
+fn mount_bpffs(dir: &Path) -> std::io::Result<()> {
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open("/run/weft-bpffs.lock")?;
+    let _guard = Locked::exclusive(lock)?;
+    if is_bpffs(dir) {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir)?;
+    nix::mount::mount(
+        Some("bpf"),
+        dir,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        Some("mode=0700"),
+    )
+    .map_err(std::io::Error::from)
+}
+
+/// An flock held until drop.
+struct Locked(File);
+
+impl Locked {
+    fn exclusive(file: File) -> std::io::Result<Self> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock on a file descriptor we own; no memory is shared.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Self(file))
+    }
+}
+
+impl Drop for Locked {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: as above; closing the file would release it too.
+        unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
+    }
+}

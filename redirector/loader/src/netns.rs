@@ -1,0 +1,157 @@
+//! A pod's network namespace, and sockets opened inside it.
+//!
+//! A socket belongs to the network namespace it was created in, forever. So
+//! the node proxy, running in the node's namespace, creates its in-pod
+//! sockets on a short-lived thread that has `setns`-ed into the pod's
+//! namespace: only that thread moves, the rest of the process (tokio's
+//! workers included) never changes namespace.
+
+use crate::{Error, PROXY_SOCKET_MARK};
+use socket2::{Domain, Protocol, Socket, Type};
+use std::fs::File;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+/// `SO_NETNS_COOKIE` (Linux 5.14, asm-generic/socket.h); not in every libc.
+const SO_NETNS_COOKIE: libc::c_int = 71;
+
+/// An open network namespace (a file descriptor on `/proc/<pid>/ns/net`,
+/// `/run/netns/<name>`, or one handed over by the CNI plugin).
+#[derive(Debug)]
+pub struct Netns {
+    fd: OwnedFd,
+    path: PathBuf,
+}
+
+impl Netns {
+    /// Opens the namespace at `path`.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, Error> {
+        let path = path.as_ref().to_path_buf();
+        let file = File::open(&path).map_err(|source| Error::Netns {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(Self {
+            fd: file.into(),
+            path,
+        })
+    }
+
+    /// Wraps an already open namespace fd; `label` names it in errors.
+    pub fn from_fd(fd: OwnedFd, label: impl Into<PathBuf>) -> Self {
+        Self {
+            fd,
+            path: label.into(),
+        }
+    }
+
+    /// The namespace of the calling thread.
+    pub fn current() -> Result<Self, Error> {
+        Self::open("/proc/thread-self/ns/net")
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` on a fresh thread that has joined this namespace.
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> io::Result<T> + Send) -> Result<T, Error> {
+        let fd = self.fd.as_fd();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(io::Error::from)?;
+                f()
+            })
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("thread in the namespace panicked")))
+        })
+        .map_err(|source| Error::Netns {
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    /// The namespace's cookie: the key of the enrolled-namespaces map, the
+    /// same value `bpf_get_netns_cookie` returns inside it.
+    pub fn cookie(&self) -> Result<u64, Error> {
+        self.run(|| {
+            let sock = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+            socket_cookie(&sock)
+        })
+    }
+
+    /// A TCP listener inside this namespace (SO_REUSEADDR; IPv6 sockets are
+    /// IPv6-only so 0.0.0.0 and :: can both be bound). Non-blocking, ready
+    /// for `tokio::net::TcpListener::from_std`.
+    pub fn listen_tcp(&self, addr: SocketAddr) -> Result<std::net::TcpListener, Error> {
+        self.run(|| {
+            let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+            if addr.is_ipv6() {
+                sock.set_only_v6(true)?;
+            }
+            sock.set_reuse_address(true)?;
+            sock.set_nonblocking(true)?;
+            sock.bind(&addr.into())?;
+            sock.listen(1024)?;
+            Ok(sock.into())
+        })
+    }
+
+    /// A TCP socket inside this namespace carrying [`PROXY_SOCKET_MARK`]:
+    /// the proxy's own connections from the pod are never redirected.
+    pub fn proxy_tcp_socket(&self, domain: Domain) -> Result<Socket, Error> {
+        self.run(|| {
+            let sock = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+            sock.set_mark(PROXY_SOCKET_MARK)?;
+            Ok(sock)
+        })
+    }
+}
+
+impl AsFd for Netns {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+fn socket_cookie(sock: &Socket) -> io::Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cookie`, which is that large.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cookie_of_current_namespace_is_stable_and_nonzero() {
+        let ns = Netns::current().unwrap();
+        let a = ns.cookie().unwrap();
+        assert_ne!(a, 0);
+        assert_eq!(a, Netns::current().unwrap().cookie().unwrap());
+    }
+
+    #[test]
+    fn missing_namespace_is_a_typed_error() {
+        let err = Netns::open("/run/netns/weft-does-not-exist").unwrap_err();
+        assert!(matches!(err, Error::Netns { .. }), "{err}");
+        assert!(err.to_string().contains("weft-does-not-exist"));
+    }
+}

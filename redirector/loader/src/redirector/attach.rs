@@ -1,0 +1,103 @@
+//! Loading the programs and attaching them (cgroup root, pod namespaces).
+
+use super::link_pin;
+use crate::kernel::{self, feature_of_program};
+use crate::objects::{self, CGROUP_PROGRAMS};
+use crate::{Error, Netns, PROXY_SOCKET_MARK, link};
+use aya::programs::{CgroupSockAddr, CgroupSockopt, Program, SkLookup, SockOps};
+use aya::{Ebpf, EbpfLoader};
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::path::Path;
+
+fn load_error(program: &str, e: impl std::fmt::Display) -> Error {
+    let feature = feature_of_program(program);
+    let detail = e.to_string();
+    if kernel::has(&feature) {
+        Error::Load {
+            program: program.to_string(),
+            detail,
+        }
+    } else {
+        kernel::missing(&feature, &kernel::running_release(), detail)
+    }
+}
+
+fn loader(pin_dir: &Path) -> EbpfLoader<'static> {
+    let mut loader = EbpfLoader::new();
+    loader.default_map_pin_directory(pin_dir.join("maps"));
+    loader
+}
+
+pub(super) fn attach_cgroup_programs(pin_dir: &Path, cgroup_root: &Path) -> Result<(), Error> {
+    let mut ebpf: Ebpf = loader(pin_dir)
+        .override_global(objects::PROXY_MARK_GLOBAL, &PROXY_SOCKET_MARK, true)
+        .load(objects::CGROUP_OBJECT)
+        .map_err(|e| load_error("weft_cgroup", e))?;
+    let cgroup = File::open(cgroup_root).map_err(|source| Error::Attach {
+        program: "cgroup programs".into(),
+        target: cgroup_root.into(),
+        source,
+    })?;
+    for p in CGROUP_PROGRAMS {
+        let program = ebpf.program_mut(p.name).ok_or_else(|| Error::Load {
+            program: p.name.into(),
+            detail: "not in the compiled object".into(),
+        })?;
+        load_program(program).map_err(|e| load_error(p.name, e))?;
+        let prog_fd = program.fd().map_err(|e| load_error(p.name, e))?;
+        let pin = link_pin(pin_dir, p.name);
+        link::create_pinned(prog_fd.as_fd(), cgroup.as_fd(), p.attach_type, &pin).map_err(
+            |source| Error::Attach {
+                program: p.name.into(),
+                target: cgroup_root.into(),
+                source,
+            },
+        )?;
+    }
+    // Dropping `ebpf` closes our program fds; the pinned links keep the
+    // programs (and, through them, the pinned maps) alive.
+    Ok(())
+}
+
+fn load_program(program: &mut Program) -> Result<(), aya::programs::ProgramError> {
+    match program {
+        Program::CgroupSockAddr(p) => CgroupSockAddr::load(p),
+        Program::CgroupSockopt(p) => CgroupSockopt::load(p),
+        Program::SockOps(p) => SockOps::load(p),
+        Program::SkLookup(p) => SkLookup::load(p),
+        _ => Err(aya::programs::ProgramError::UnexpectedProgramType),
+    }
+}
+
+/// One sk_lookup instance per pod: the program cannot ask which namespace it
+/// runs in, so it is loaded with the pod's cookie as a constant.
+pub(super) fn attach_sk_lookup(
+    pin_dir: &Path,
+    cookie: u64,
+    netns: &Netns,
+    pin: &Path,
+) -> Result<(), Error> {
+    let mut ebpf = loader(pin_dir)
+        .override_global(objects::NETNS_COOKIE_GLOBAL, &cookie, true)
+        .load(objects::SK_LOOKUP_OBJECT)
+        .map_err(|e| load_error(objects::SK_LOOKUP_PROGRAM, e))?;
+    let program = ebpf
+        .program_mut(objects::SK_LOOKUP_PROGRAM)
+        .ok_or_else(|| Error::Load {
+            program: objects::SK_LOOKUP_PROGRAM.into(),
+            detail: "not in the compiled object".into(),
+        })?;
+    load_program(program).map_err(|e| load_error(objects::SK_LOOKUP_PROGRAM, e))?;
+    let prog_fd = program
+        .fd()
+        .map_err(|e| load_error(objects::SK_LOOKUP_PROGRAM, e))?;
+    link::create_pinned(prog_fd.as_fd(), netns.as_fd(), link::BPF_SK_LOOKUP, pin).map_err(
+        |source| Error::Attach {
+            program: objects::SK_LOOKUP_PROGRAM.into(),
+            target: netns.path().into(),
+            source,
+        },
+    )?;
+    Ok(())
+}
