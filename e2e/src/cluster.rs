@@ -9,10 +9,12 @@
 use crate::manifest::{ManifestError, Manifests};
 use crate::netconf;
 use crate::plan::{self, ContainerLaunch, Layout, Plan, PlanError};
+use crate::registration;
 use crate::state::State;
 use crate::sys::{self, CgroupHandle, SysError, io};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +50,15 @@ pub enum SimError {
     NoSuchNode { name: String, node: String },
     #[error(transparent)]
     NotReady(Box<NotReady>),
+    #[error("Pod {pod}: node {node}'s agent did not take the pod ({source}); is the node proxy running and listening on {}?", socket.display())]
+    Registration {
+        pod: String,
+        node: String,
+        socket: PathBuf,
+        source: weft_cni::protocol::ClientError,
+    },
+    #[error("starting the node agents failed: {0}")]
+    NodeAgents(String),
     #[error(
         "tearing down simulator {name:?} was incomplete (run `weft-sim down --name {name}` again): {errors}"
     )]
@@ -72,6 +83,19 @@ pub struct NotReady {
 pub struct Options {
     pub layout: Layout,
     pub ready_timeout: Duration,
+    /// Mesh mode: what runs on each node and takes pod registrations (the
+    /// node proxies). Started once the network exists; then every pod is
+    /// registered with its node's agent before its containers start.
+    pub node_agents: Option<Arc<dyn NodeAgents>>,
+}
+
+/// Starts whatever listens on each node's `agent_socket` (in mesh mode, one
+/// node proxy per node, in the node's namespace and cgroup; see
+/// [`node_command`]). Called after the network and node credentials exist,
+/// before any pod is registered or started. Processes it starts in a node
+/// cgroup are stopped by `down`.
+pub trait NodeAgents: Send + Sync + std::fmt::Debug {
+    fn start(&self, state: &State) -> Result<(), String>;
 }
 
 impl Options {
@@ -83,6 +107,7 @@ impl Options {
                 cgroup_root: sys::cgroup2_mount()?.join("weft-sim"),
             },
             ready_timeout: Duration::from_secs(30),
+            node_agents: None,
         })
     }
 }
@@ -129,7 +154,8 @@ pub fn up(dir: &Path, name: &str, opts: &Options) -> Result<Cluster, SimError> {
         .map_err(io("creating the simulator lock"))?;
     lock.lock().map_err(io("locking the simulator directory"))?;
     let slot = free_slot(&opts.layout)?;
-    let plan = plan::plan(name, slot, &manifests, &opts.layout)?;
+    let mut plan = plan::plan(name, slot, &manifests, &opts.layout)?;
+    plan.state.registers_pods = opts.node_agents.is_some();
     plan.state.save().map_err(io("writing the state file"))?;
     drop(lock); // the slot is claimed by the state file now
 
@@ -231,6 +257,24 @@ fn build(
             .map_err(io(format!("creating cgroup {}", p.cgroup.display())))?;
     }
 
+    for n in &state.nodes {
+        let dir = n.agent_socket.parent().expect("socket path has a parent");
+        std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+    }
+    if let Some(agents) = &opts.node_agents {
+        agents.start(state).map_err(SimError::NodeAgents)?;
+        for p in &state.pods {
+            let node = state
+                .node(&p.node)
+                .expect("planned pods are on planned nodes");
+            registration::add(node, p).map_err(|source| SimError::Registration {
+                pod: p.key(),
+                node: node.name.clone(),
+                socket: node.agent_socket.clone(),
+                source,
+            })?;
+        }
+    }
     std::fs::create_dir_all(state.state_dir.join("logs"))
         .map_err(io("creating the log directory"))?;
     let mut cluster = Cluster {
@@ -383,8 +427,24 @@ pub fn down(name: &str, opts: &Options) -> Result<(), SimError> {
     let state = State::load(&state_dir).ok();
     let mut errors: Vec<String> = Vec::new();
 
-    // 1. Processes: every cgroup of this simulator, then stragglers that
-    //    entered one of its namespaces without its cgroup.
+    // 1. Processes: pods first, then (as a kubelet would, once a pod's
+    //    containers are gone) `del` to each node's agent while the agents
+    //    still run, then node-level processes and stragglers that entered
+    //    one of the namespaces without its cgroup.
+    if let Some(state) = &state {
+        for p in &state.pods {
+            if let Err(e) = sys::remove_cgroup(&p.cgroup, Duration::from_secs(5)) {
+                errors.push(e.to_string());
+            }
+            if state.registers_pods
+                && let Some(node) = state.node(&p.node)
+                && let Err(e) = registration::del(node, p)
+            {
+                // Best effort, as CNI DEL: the agent also notices vanished namespaces.
+                eprintln!("weft-sim: del of {} to node {}: {e}", p.key(), node.name);
+            }
+        }
+    }
     if let Err(e) = sys::remove_cgroup(&opts.layout.cgroup_root.join(name), Duration::from_secs(5))
     {
         errors.push(e.to_string());

@@ -7,12 +7,14 @@
 //! - [`netconf`]: the network of each namespace as scripts (pure);
 //! - [`sys`]: `ip`, `nft`, cgroups and `/proc`;
 //! - [`cluster`]: `up`, `down`, running commands inside pods and nodes;
+//! - [`registration`]: telling node agents about pods (the CNI protocol);
 //! - [`testing`]: a cluster per test, torn down on drop.
 
 pub mod cluster;
 pub mod manifest;
 pub mod netconf;
 pub mod plan;
+pub mod registration;
 pub mod state;
 pub mod sys;
 pub mod testing;

@@ -129,6 +129,7 @@ pub fn plan(
                 netns_path: PathBuf::from("/run/netns").join(netns_node(name, node)),
                 cgroup: cgroup_dir.join(format!("node.{node}")),
                 credential_file: state_dir.join("credentials").join(format!("{node}.token")),
+                agent_socket: state_dir.join("nodes").join(node).join("cni.sock"),
             }
         })
         .collect();
@@ -253,6 +254,7 @@ pub fn plan(
         state: State {
             name: name.to_string(),
             slot,
+            registers_pods: false,
             manifest_dir: manifests.dir.clone(),
             state_dir,
             fabric: FabricState {

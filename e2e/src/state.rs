@@ -14,6 +14,9 @@ pub struct State {
     pub slot: u8,
     pub manifest_dir: PathBuf,
     pub state_dir: PathBuf,
+    /// Whether pods are registered with their node's agent (mesh mode).
+    #[serde(default)]
+    pub registers_pods: bool,
     pub fabric: FabricState,
     pub nodes: Vec<NodeState>,
     pub pods: Vec<PodState>,
@@ -42,6 +45,9 @@ pub struct NodeState {
     /// A cgroup for node-level processes (the node proxy runs here).
     pub cgroup: PathBuf,
     pub credential_file: PathBuf,
+    /// Where this node's agent (the node proxy) takes pod registrations
+    /// (`docs/redirector.md`, "Pod registration protocol").
+    pub agent_socket: PathBuf,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

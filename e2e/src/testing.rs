@@ -43,6 +43,15 @@ impl TestCluster {
     /// pods run: containers start in this directory; `*.sh` and `*.py`
     /// files are made executable).
     pub fn up_with_files(files: &[(&str, &str)]) -> Result<Self, SimError> {
+        Self::up_with(files, |_| {})
+    }
+
+    /// Like [`TestCluster::up_with_files`], adjusting the options first (for
+    /// example to start node agents in mesh mode).
+    pub fn up_with(
+        files: &[(&str, &str)],
+        adjust: impl FnOnce(&mut Options),
+    ) -> Result<Self, SimError> {
         let dir = tempfile::tempdir().map_err(cluster_io("creating a manifest directory"))?;
         for (name, text) in APPS.iter().chain(files) {
             let path = dir.path().join(name);
@@ -58,7 +67,8 @@ impl TestCluster {
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
-        let opts = Options::detect()?;
+        let mut opts = Options::detect()?;
+        adjust(&mut opts);
         let cluster = cluster::up(dir.path(), &name, &opts)?;
         Ok(Self { cluster, opts, dir })
     }
