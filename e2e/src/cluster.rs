@@ -445,6 +445,14 @@ pub fn down(name: &str, opts: &Options) -> Result<(), SimError> {
             }
         }
     }
+    // Node-level processes (node proxies) get SIGTERM and a grace period,
+    // as the kubelet gives a pod, so they can drain and clean up after
+    // themselves (a node proxy removes its eBPF programs), then the rest
+    // is killed.
+    if let Some(state) = &state {
+        let cgroups: Vec<&Path> = state.nodes.iter().map(|n| n.cgroup.as_path()).collect();
+        sys::terminate_cgroups(&cgroups, Duration::from_secs(10));
+    }
     if let Err(e) = sys::remove_cgroup(&opts.layout.cgroup_root.join(name), Duration::from_secs(5))
     {
         errors.push(e.to_string());
@@ -484,6 +492,16 @@ pub fn down(name: &str, opts: &Options) -> Result<(), SimError> {
             errors.push(e.to_string());
         }
     }
+    // The node proxies remove their pins when they stop; only empty
+    // directories are left to remove here (bpffs refuses to remove a
+    // directory that still holds pins, which `leftovers` then reports).
+    let pins = plan::bpf_pin_root(name);
+    if let Ok(nodes) = std::fs::read_dir(&pins) {
+        for node in nodes.flatten() {
+            let _ = std::fs::remove_dir(node.path());
+        }
+    }
+    let _ = std::fs::remove_dir(&pins);
     // 3. Files: kept when something above failed, so a retry still knows the slot.
     if errors.is_empty()
         && let Err(e) = std::fs::remove_dir_all(&state_dir)
@@ -512,6 +530,7 @@ pub fn load(name: &str, opts: &Options) -> Result<State, SimError> {
 pub struct ClusterCommand {
     command: Command,
     _cgroup: CgroupHandle,
+    _netns: Option<sys::NetnsHandle>,
 }
 
 impl std::ops::Deref for ClusterCommand {
@@ -564,7 +583,17 @@ pub fn node_command(
         name: state.name.clone(),
         node: node.to_string(),
     })?;
-    command_in(&n.netns, &n.cgroup, program, args)
+    let cg = CgroupHandle::open(&n.cgroup)?;
+    let netns = sys::NetnsHandle::open(&n.netns_path)?;
+    let mut command = Command::new(program);
+    command.args(args);
+    sys::enter_netns_before_exec(&mut command, &netns);
+    sys::join_cgroup_before_exec(&mut command, &cg);
+    Ok(ClusterCommand {
+        command,
+        _cgroup: cg,
+        _netns: Some(netns),
+    })
 }
 
 fn command_in(
@@ -580,5 +609,6 @@ fn command_in(
     Ok(ClusterCommand {
         command,
         _cgroup: cg,
+        _netns: None,
     })
 }

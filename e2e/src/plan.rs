@@ -85,6 +85,10 @@ pub fn netns_pod(name: &str, namespace: &str, pod: &str) -> String {
 pub fn netns_prefix(name: &str) -> String {
     format!("weft.{name}.")
 }
+/// Parent of the eBPF pin directories of one simulator's nodes.
+pub fn bpf_pin_root(name: &str) -> PathBuf {
+    PathBuf::from("/sys/fs/bpf/weft-sim").join(name)
+}
 pub fn host_interface(slot: u8) -> String {
     format!("wf{slot}h")
 }
@@ -130,6 +134,7 @@ pub fn plan(
                 cgroup: cgroup_dir.join(format!("node.{node}")),
                 credential_file: state_dir.join("credentials").join(format!("{node}.token")),
                 agent_socket: state_dir.join("nodes").join(node).join("cni.sock"),
+                bpf_pin_dir: bpf_pin_root(name).join(node),
             }
         })
         .collect();

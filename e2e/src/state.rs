@@ -48,6 +48,10 @@ pub struct NodeState {
     /// Where this node's agent (the node proxy) takes pod registrations
     /// (`docs/redirector.md`, "Pod registration protocol").
     pub agent_socket: PathBuf,
+    /// Where this node's proxy pins its eBPF programs and maps. On a real
+    /// node that is `/sys/fs/bpf/weft`; simulated nodes share one kernel,
+    /// so each gets its own directory.
+    pub bpf_pin_dir: PathBuf,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

@@ -185,6 +185,41 @@ pub fn join_cgroup_before_exec(command: &mut Command, cgroup: &CgroupHandle) {
     }
 }
 
+/// An open network namespace, so a child can enter it between fork and
+/// exec (see [`enter_netns_before_exec`]).
+pub struct NetnsHandle {
+    file: std::fs::File,
+}
+
+impl NetnsHandle {
+    pub fn open(path: &Path) -> Result<Self, SysError> {
+        let file = std::fs::File::open(path)
+            .map_err(io(format!("opening network namespace {}", path.display())))?;
+        Ok(Self { file })
+    }
+}
+
+/// Makes `command`'s process enter a network namespace, and only that,
+/// before it execs. Node-level processes (the node proxy) start this way
+/// rather than through `ip netns exec`, which also gives the child a new
+/// mount namespace with `/sys` remounted: that hides the cgroup2 and bpffs
+/// mounts a node proxy needs to attach and pin its eBPF programs.
+pub fn enter_netns_before_exec(command: &mut Command, netns: &NetnsHandle) {
+    use std::os::unix::process::CommandExt;
+    let fd = netns.file.as_raw_fd();
+    // SAFETY: runs in the forked child before exec; setns(2) is a single
+    // async-signal-safe system call on a descriptor the parent keeps open
+    // until spawn returns, and nothing is allocated.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Kills every process in a cgroup (`cgroup.kill`, Linux ≥ 5.14), waits for
 /// it to empty, and removes the directory. Absent cgroups are fine.
 pub fn remove_cgroup(cgroup: &Path, timeout: Duration) -> Result<(), SysError> {
@@ -222,6 +257,33 @@ pub fn remove_cgroup(cgroup: &Path, timeout: Duration) -> Result<(), SysError> {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(io(format!("removing cgroup {}", cgroup.display()))(e)),
+    }
+}
+
+/// Sends SIGTERM to every process in `cgroups` and waits up to `grace` for
+/// them to exit. Whatever is left is for `remove_cgroup` to kill.
+pub fn terminate_cgroups(cgroups: &[&Path], grace: Duration) {
+    let procs = |cg: &Path| -> Vec<i32> {
+        std::fs::read_to_string(cg.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    };
+    let mut any = false;
+    for cg in cgroups {
+        for pid in procs(cg) {
+            // SAFETY: kill(2) on a process in a cgroup this simulator made.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            any = true;
+        }
+    }
+    if !any {
+        return;
+    }
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline && cgroups.iter().any(|cg| !procs(cg).is_empty()) {
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

@@ -164,6 +164,10 @@ pub fn leftovers(name: &str, slot: Option<u8>) -> Vec<String> {
             }
         }
     }
+    let pins = crate::plan::bpf_pin_root(name);
+    if pins.exists() {
+        left.push(format!("eBPF pins under {}", pins.display()));
+    }
     if let Some(slot) = slot {
         let host = crate::plan::host_interface(slot);
         if crate::sys::link_exists(&host) {

@@ -5,10 +5,15 @@
 //! - [`balancer`]: choosing a Service endpoint per connection;
 //! - [`splice`]: joining two streams with half-close and byte counts;
 //! - [`metrics`]: the Prometheus metrics;
-//! - [`admin`]: metrics, health and admin HTTP endpoints.
+//! - [`admin`]: metrics, health and admin HTTP endpoints;
+//! - [`pods`]: the pods this proxy serves (registration, in-pod listeners);
+//! - [`outbound`], [`inbound`]: the pods' connections.
 
 pub mod admin;
 pub mod balancer;
 pub mod hbone;
+pub mod inbound;
 pub mod metrics;
+pub mod outbound;
+pub mod pods;
 pub mod splice;

@@ -84,14 +84,20 @@ impl TcpMetrics {
             "TCP connections closed",
             self.closed.clone(),
         );
+        // Istio's meaning, which operators already know: "sent" is the
+        // response direction (towards the client), "received" the request
+        // direction (from the client).
+        // Istio's meaning, which operators already know: "sent" is the
+        // response direction (towards the client), "received" the request
+        // direction (from the client).
         registry.register(
             "weft_tcp_sent_bytes",
-            "Bytes sent to the destination over TCP connections (counted when they close)",
+            "Bytes sent back to the client of TCP connections (response direction; counted when they close)",
             self.sent.clone(),
         );
         registry.register(
             "weft_tcp_received_bytes",
-            "Bytes received from the destination over TCP connections (counted when they close)",
+            "Bytes received from the client of TCP connections (request direction; counted when they close)",
             self.received.clone(),
         );
     }
@@ -115,13 +121,17 @@ pub struct OpenConnection {
 }
 
 impl OpenConnection {
-    pub fn close(mut self, sent: u64, received: u64) {
+    /// Records a closed connection; `moved.a_to_b` is what the client sent.
+    pub fn close(mut self, moved: &crate::splice::Transferred) {
         if let Some(labels) = self.labels.take() {
-            self.metrics.sent.get_or_create(&labels).inc_by(sent);
+            self.metrics
+                .sent
+                .get_or_create(&labels)
+                .inc_by(moved.b_to_a);
             self.metrics
                 .received
                 .get_or_create(&labels)
-                .inc_by(received);
+                .inc_by(moved.a_to_b);
             self.metrics.closed.get_or_create(&labels).inc();
         }
     }
@@ -276,7 +286,10 @@ mod tests {
             !text.contains("weft_tcp_connections_closed_total{"),
             "not closed yet: {text}"
         );
-        c.close(1000, 250);
+        c.close(&crate::splice::Transferred {
+            a_to_b: 250,
+            b_to_a: 1000,
+        });
         let dropped = tcp.open(labels(Reporter::Source));
         drop(dropped);
         let text = render(&registry);

@@ -13,10 +13,22 @@ use std::path::Path;
 pub fn ensure_pin_dir(pin_dir: &Path) -> Result<(), Error> {
     let parent = pin_dir.parent().unwrap_or(Path::new("/"));
     if !is_bpffs(parent) {
-        mount_bpffs(parent).map_err(|source| Error::Bpffs {
-            path: pin_dir.into(),
-            source,
-        })?;
+        // A parent that does not exist yet inside a mounted bpffs (a nested
+        // pin directory, such as a simulated node's) is created there;
+        // mounting another bpffs on it would make a separate instance whose
+        // pins nobody else sees, and leave a mount behind.
+        let existing = parent.ancestors().find(|a| a.exists());
+        if existing.is_some_and(is_bpffs) {
+            std::fs::create_dir_all(parent).map_err(|source| Error::Pin {
+                path: parent.into(),
+                source,
+            })?;
+        } else {
+            mount_bpffs(parent).map_err(|source| Error::Bpffs {
+                path: pin_dir.into(),
+                source,
+            })?;
+        }
     }
     for sub in ["", "maps", "links", "pods"] {
         let dir = pin_dir.join(sub);
