@@ -23,4 +23,5 @@ pub mod reload;
 pub mod server;
 pub mod service;
 pub mod serving;
+pub mod testing;
 pub mod workloads;
