@@ -78,6 +78,12 @@ impl CertManager {
             .with_client_cert_verifier(verifier)
             .with_cert_resolver(resolver);
         config.alpn_protocols = vec![b"h2".to_vec()];
+        // No session resumption: a resumed session skips certificates, so a
+        // client whose certificate rotated, or whose anchor was retired,
+        // would still be admitted under its old identity. HBONE pools
+        // connections, so full handshakes are rare enough to afford.
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
         Ok(config)
     }
 
@@ -101,6 +107,8 @@ impl CertManager {
             .with_custom_certificate_verifier(verifier)
             .with_client_cert_resolver(resolver);
         config.alpn_protocols = vec![b"h2".to_vec()];
+        // See server_config: every connection verifies the peer afresh.
+        config.resumption = rustls::client::Resumption::disabled();
         Ok(config)
     }
 }
