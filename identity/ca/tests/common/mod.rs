@@ -39,6 +39,7 @@ pub async fn connect(
         let name = name.clone();
         async move {
             let tcp = TcpStream::connect(addr).await?;
+            tcp.set_nodelay(true)?;
             let tls = connector.connect(name, tcp).await?;
             Ok::<_, std::io::Error>(TokioIo::new(tls))
         }
