@@ -17,6 +17,7 @@ pub mod authority;
 pub mod csr;
 pub mod http;
 pub mod init;
+pub mod kubernetes;
 pub mod material;
 pub mod metrics;
 pub mod reload;

@@ -7,11 +7,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use weft_identity::authority::LeafPolicy;
+use weft_identity::kubernetes::{KubeWorkloads, TokenReviewAuthenticator};
 use weft_identity::server::{self, ServeConfig};
 use weft_identity::serving::default_server_names;
+use weft_identity::workloads::WorkloadDirectory;
 use weft_identity::{init, workloads::LocalClusterState};
 use weft_identity_api::DEFAULT_TRUST_DOMAIN;
-use weft_node_auth::LocalCredentials;
+use weft_node_auth::{LocalCredentials, NodeAuthenticator};
 
 #[derive(Parser)]
 #[command(name = "weft-identity", about = "The Weft mesh CA")]
@@ -44,11 +46,17 @@ enum Command {
         #[arg(long = "server-name")]
         server_names: Vec<String>,
         /// Local mode: directory of `<node>.token` files written by weft-sim.
-        #[arg(long)]
-        local_credentials: PathBuf,
+        /// Without the two `--local-*` flags the CA runs against Kubernetes
+        /// (in-cluster config or KUBECONFIG): TokenReview and the pods API.
+        #[arg(long, requires = "local_cluster_state")]
+        local_credentials: Option<PathBuf>,
         /// Local mode: weft-sim's state file (which pods run on which node).
-        #[arg(long)]
-        local_cluster_state: PathBuf,
+        #[arg(long, requires = "local_credentials")]
+        local_cluster_state: Option<PathBuf>,
+        /// Kubernetes mode: the node proxy's service account, `<namespace>/<name>`;
+        /// tokens of any other account are refused.
+        #[arg(long, default_value = weft_identity::kubernetes::DEFAULT_NODE_PROXY_ACCOUNT)]
+        node_proxy_service_account: String,
     },
     /// Write a new trust anchor and issuer into DIR (cert-manager's layout).
     Init {
@@ -97,6 +105,7 @@ fn main() -> Result<()> {
             server_names,
             local_credentials,
             local_cluster_state,
+            node_proxy_service_account,
         } => {
             weft_identity_api::SpiffeId::new(&trust_domain, "x", "x").context("--trust-domain")?;
             let mut policy = LeafPolicy::new(trust_domain);
@@ -116,12 +125,26 @@ fn main() -> Result<()> {
             };
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(async {
-                let ca = server::spawn(
-                    config,
-                    Arc::new(LocalCredentials::new(local_credentials)),
-                    Arc::new(LocalClusterState::new(local_cluster_state)),
-                )
-                .await?;
+                let (auth, workloads): (Arc<dyn NodeAuthenticator>, Arc<dyn WorkloadDirectory>) =
+                    match (local_credentials, local_cluster_state) {
+                        (Some(credentials), Some(state)) => (
+                            Arc::new(LocalCredentials::new(credentials)),
+                            Arc::new(LocalClusterState::new(state)),
+                        ),
+                        _ => {
+                            let client = kube::Client::try_default().await.context(
+                                "no Kubernetes configuration; for local mode pass --local-credentials and --local-cluster-state",
+                            )?;
+                            (
+                                Arc::new(TokenReviewAuthenticator::new(
+                                    client.clone(),
+                                    &node_proxy_service_account,
+                                )),
+                                Arc::new(KubeWorkloads::new(client)),
+                            )
+                        }
+                    };
+                let ca = server::spawn(config, auth, workloads).await?;
                 println!("ready {} metrics {}", ca.addr, ca.metrics_addr);
                 shutdown_signal().await;
                 ca.stop().await;

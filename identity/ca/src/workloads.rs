@@ -25,6 +25,8 @@ pub enum WorkloadsError {
         "cannot read cluster state {path}: {reason} (is the simulator running? `weft-sim status`)"
     )]
     Unavailable { path: PathBuf, reason: String },
+    #[error("cannot list pods from the Kubernetes API: {0}")]
+    Api(String),
 }
 
 pub trait WorkloadDirectory: Send + Sync + 'static {
