@@ -17,6 +17,9 @@ use weft_identity_api::pb::{
 };
 use weft_node_auth::{AuthError, NodeAuthenticator, bearer_token};
 
+/// Largest Certify request decoded; larger ones fail with OUT_OF_RANGE.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
 pub struct IdentityService {
     authority: Arc<Authority>,
     auth: Arc<dyn NodeAuthenticator>,
@@ -49,7 +52,9 @@ impl IdentityService {
     }
 
     pub fn into_server(self) -> IdentityServer<Self> {
-        IdentityServer::new(self)
+        // Requests are an identity and a CSR of at most MAX_CSR_BYTES: refuse
+        // anything much larger before decoding it (tonic's default is 4 MiB).
+        IdentityServer::new(self).max_decoding_message_size(MAX_REQUEST_BYTES)
     }
 
     async fn authenticate<T>(&self, request: &Request<T>) -> Result<String, Status> {

@@ -124,7 +124,7 @@ async fn refusals_table() {
             name: "oversized CSR",
             token: Token::Node("node-a"),
             identity: CLIENT,
-            csr: || vec![0x30; 64 * 1024],
+            csr: || vec![0x30; 8 * 1024],
             code: Code::InvalidArgument,
             reason: "the limit is 4096",
         },
@@ -201,6 +201,16 @@ async fn refusals_table() {
             case.reason
         );
     }
+    // A request far beyond any CSR is not even decoded.
+    let err = certify(
+        &mut client,
+        Some(&ca.token("node-a")),
+        CLIENT,
+        vec![0; 1 << 20],
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
     // The service kept serving through all of that.
     let ok = certify(&mut client, Some(&ca.token("node-a")), CLIENT, ok_csr()).await;
     assert!(ok.is_ok(), "{ok:?}");
