@@ -46,7 +46,8 @@ pub enum ServeError {
     },
 }
 
-/// A running CA. Dropping it does not stop it; call [`RunningCa::stop`].
+/// A running CA. [`RunningCa::stop`] stops it and waits; dropping it stops
+/// it without waiting.
 pub struct RunningCa {
     pub addr: SocketAddr,
     pub metrics_addr: SocketAddr,
@@ -58,9 +59,9 @@ pub struct RunningCa {
 impl RunningCa {
     /// Stops accepting, ends every open connection and stream, and waits for
     /// the tasks to finish: after this the CA is unreachable.
-    pub async fn stop(self) {
+    pub async fn stop(mut self) {
         self.stop.cancel();
-        for mut task in self.tasks {
+        for mut task in std::mem::take(&mut self.tasks) {
             // Bounded: a peer that ignores GOAWAY must not hang the caller.
             if tokio::time::timeout(Duration::from_secs(5), &mut task)
                 .await
@@ -70,10 +71,11 @@ impl RunningCa {
             }
         }
     }
+}
 
-    /// Resolves when the CA stops on its own (it does not, short of a bug).
-    pub fn stopped(&self) -> CancellationToken {
-        self.stop.clone()
+impl Drop for RunningCa {
+    fn drop(&mut self) {
+        self.stop.cancel();
     }
 }
 

@@ -9,7 +9,6 @@ use futures::future::BoxFuture;
 use futures::stream::{BoxStream, StreamExt};
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::{CertificateDer, ServerName};
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -55,8 +54,9 @@ pub trait CaClient: Send + Sync + 'static {
 /// Where and how to reach the CA.
 #[derive(Debug, Clone)]
 pub struct GrpcCaConfig {
-    /// Address to dial.
-    pub address: SocketAddr,
+    /// `host:port` to dial, resolved at every connect (on Kubernetes the
+    /// Service name, e.g. `weft-identity.weft-system.svc:15012`).
+    pub address: String,
     /// Name the CA's serving certificate must carry (DNS or IP).
     pub server_name: String,
     /// File holding this node's bearer credential (re-read per call).
@@ -93,12 +93,13 @@ impl GrpcCaClient {
             .with_no_client_auth();
         tls.alpn_protocols = vec![b"h2".to_vec()];
         let connector = TlsConnector::from(Arc::new(tls));
-        let address = config.address;
+        let address = config.address.clone();
         let connect = tower::service_fn(move |_uri: http::Uri| {
             let connector = connector.clone();
             let server_name = server_name.clone();
+            let address = address.clone();
             async move {
-                let tcp = TcpStream::connect(address).await?;
+                let tcp = TcpStream::connect(address.as_str()).await?;
                 tcp.set_nodelay(true)?;
                 let tls = connector.connect(server_name, tcp).await?;
                 Ok::<_, std::io::Error>(TokioIo::new(tls))

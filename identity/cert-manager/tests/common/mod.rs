@@ -62,7 +62,7 @@ impl Node {
         );
         let client = GrpcCaClient::new(
             GrpcCaConfig {
-                address: ca.addr(),
+                address: ca.addr().to_string(),
                 server_name: "localhost".into(),
                 token_file: ca.token_file(node),
                 request_timeout: Duration::from_secs(5),
