@@ -378,3 +378,50 @@ async fn expiry_gauges_match_the_files() {
         "{text}"
     );
 }
+
+/// The bundle stream: current anchors first, a new message on rotation;
+/// strangers get nothing.
+#[tokio::test]
+async fn trust_bundle_stream_follows_ca_crt() {
+    use weft_identity_api::pb::WatchTrustBundleRequest;
+    let ca = start().await;
+    let mut client = connect(ca.addr(), &ca.anchors_pem(), "localhost").await;
+
+    let err = client
+        .watch_trust_bundle(WatchTrustBundleRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+
+    let mut request = tonic::Request::new(WatchTrustBundleRequest {});
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", ca.token("node-a")).parse().unwrap(),
+    );
+    let mut stream = client
+        .watch_trust_bundle(request)
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    assert_eq!(first.trust_domain, "cluster.local");
+    assert_eq!(first.anchors.len(), 1);
+
+    let anchor2 = weft_identity::init::trust_anchor(
+        "cluster.local",
+        "2",
+        Duration::from_secs(365 * 24 * 3600),
+    )
+    .unwrap();
+    weft_identity::init::write_anchors(&ca.ca_dir(), &[&ca.anchor, &anchor2]).unwrap();
+    let second = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("rotation pushed")
+        .unwrap()
+        .unwrap();
+    assert_eq!(second.anchors.len(), 2);
+    assert_eq!(
+        second.anchors[0], first.anchors[0],
+        "old anchor still in force"
+    );
+}

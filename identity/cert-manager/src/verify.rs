@@ -300,3 +300,91 @@ impl ServerCertVerifier for CaServerVerifier {
         algorithms().supported_schemes()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{CertificateParams, KeyPair, SanType};
+    use std::time::Duration;
+    use weft_identity::authority::{Authority, LeafPolicy};
+    use weft_identity::init;
+    use weft_identity::material::Material;
+
+    const ID: &str = "spiffe://cluster.local/ns/demo/sa/client";
+
+    fn self_signed(sans: Vec<SanType>) -> CertificateDer<'static> {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = sans;
+        params.self_signed(&key).unwrap().der().clone()
+    }
+
+    fn uri(s: &str) -> SanType {
+        SanType::URI(s.try_into().unwrap())
+    }
+
+    #[test]
+    fn spiffe_id_needs_exactly_one_uri_san() {
+        assert_eq!(
+            spiffe_id_of(&self_signed(vec![uri(ID)]))
+                .unwrap()
+                .to_string(),
+            ID
+        );
+        for sans in [
+            vec![],
+            vec![SanType::DnsName("client.demo".try_into().unwrap())],
+            vec![uri(ID), uri("spiffe://cluster.local/ns/demo/sa/other")],
+            vec![uri("https://example.com/")],
+        ] {
+            assert!(
+                spiffe_id_of(&self_signed(sans.clone())).is_err(),
+                "{sans:?}"
+            );
+        }
+        assert!(spiffe_id_of(&CertificateDer::from(vec![0x30, 0x03, 1, 2, 3])).is_err());
+    }
+
+    /// A leaf from a real issuer: valid now, expired later, and refused by a
+    /// bundle of another trust domain even though the anchor is the same.
+    #[test]
+    fn chain_time_and_trust_domain_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let year = Duration::from_secs(365 * 24 * 3600);
+        let anchor = init::trust_anchor("cluster.local", "1", year).unwrap();
+        let issuer = init::issuer(&anchor, "cluster.local", "1", year).unwrap();
+        init::write_layout(dir.path(), &issuer, &[&anchor]).unwrap();
+        let mut policy = LeafPolicy::new("cluster.local");
+        policy.ttl = Duration::from_secs(3600);
+        let authority = Authority::new(policy, Material::load(dir.path()).unwrap());
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![uri(ID)];
+        let csr = params.serialize_request(&key).unwrap();
+        let signed = authority.certify(&ID.parse().unwrap(), csr.der()).unwrap();
+
+        let bundle = TrustBundle::from_pem("cluster.local", anchor.cert_pem.as_bytes()).unwrap();
+        let now = UnixTime::now();
+        let usage = webpki::KeyUsage::client_auth;
+        assert_eq!(
+            verify_chain(&bundle, &signed.leaf, &signed.intermediates, now, usage())
+                .unwrap()
+                .to_string(),
+            ID
+        );
+        let later = UnixTime::since_unix_epoch(Duration::from_secs(now.as_secs() + 7200));
+        assert!(matches!(
+            verify_chain(&bundle, &signed.leaf, &signed.intermediates, later, usage()),
+            Err(Error::InvalidCertificate(CertificateError::Expired))
+        ));
+        // Without the issuer in the chain, the leaf does not reach the anchor.
+        assert!(matches!(
+            verify_chain(&bundle, &signed.leaf, &[], now, usage()),
+            Err(Error::InvalidCertificate(CertificateError::UnknownIssuer))
+        ));
+        let other = TrustBundle::from_pem("other.local", anchor.cert_pem.as_bytes()).unwrap();
+        let err =
+            verify_chain(&other, &signed.leaf, &signed.intermediates, now, usage()).unwrap_err();
+        assert!(err.to_string().contains("not in trust domain"), "{err}");
+    }
+}
