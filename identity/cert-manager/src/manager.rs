@@ -103,9 +103,13 @@ struct Inner {
     identities: Mutex<HashMap<SpiffeId, Slot>>,
     metrics: CertManagerMetrics,
     bundle_task: Mutex<Option<AbortHandle>>,
+    generations: std::sync::atomic::AtomicU64,
 }
 
 struct Slot {
+    /// Tells this slot's worker from an earlier one for the same identity
+    /// (dropped and re-added): only the current worker may publish or release.
+    generation: u64,
     /// Pods on this node using the identity; 0 for an identity fetched on
     /// first use without a registered pod (kept for one certificate lifetime).
     pods: usize,
@@ -145,6 +149,7 @@ impl CertManager {
                 identities: Mutex::new(HashMap::new()),
                 metrics,
                 bundle_task: Mutex::new(None),
+                generations: std::sync::atomic::AtomicU64::new(0),
             }),
         }
     }
@@ -240,14 +245,20 @@ impl CertManager {
             return slot.cert.clone();
         }
         let (tx, rx) = watch::channel(None);
+        let generation = self
+            .inner
+            .generations
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let worker = tokio::spawn(run_identity(
             Arc::downgrade(&self.inner),
             identity.clone(),
+            generation,
             tx,
         ));
         identities.insert(
             identity.clone(),
             Slot {
+                generation,
                 pods: usize::from(pod),
                 cert: rx.clone(),
                 worker: worker.abort_handle(),
@@ -283,14 +294,32 @@ impl Inner {
 
     /// Drops an identity nobody registered once its certificate is due for
     /// refresh: it was fetched on first use and no pod claimed it since.
-    fn release_if_unclaimed(&self, identity: &SpiffeId) -> bool {
+    fn release_if_unclaimed(&self, identity: &SpiffeId, generation: u64) -> bool {
         let mut identities = self.lock();
-        if identities.get(identity).is_some_and(|s| s.pods == 0) {
-            identities.remove(identity);
-            self.metrics.forget(&identity.to_string());
-            return true;
+        match identities.get(identity) {
+            Some(s) if s.generation != generation => true, // superseded: just stop
+            Some(s) if s.pods == 0 => {
+                identities.remove(identity);
+                self.metrics.forget(&identity.to_string());
+                true
+            }
+            Some(_) => false,
+            None => true,
         }
-        false
+    }
+
+    /// Runs `f` (publish, count) only while `generation` is the identity's
+    /// current worker, under the lock `unregister_pod` takes, so a worker
+    /// being dropped cannot re-create metric series after they were removed.
+    fn if_current(&self, identity: &SpiffeId, generation: u64, f: impl FnOnce()) -> bool {
+        let identities = self.lock();
+        let current = identities
+            .get(identity)
+            .is_some_and(|s| s.generation == generation);
+        if current {
+            f();
+        }
+        current
     }
 }
 
@@ -307,6 +336,7 @@ fn jitter(range: (f64, f64)) -> f64 {
 async fn run_identity(
     inner: Weak<Inner>,
     identity: SpiffeId,
+    generation: u64,
     tx: watch::Sender<Option<WorkloadCertificate>>,
 ) {
     let name = identity.to_string();
@@ -320,26 +350,39 @@ async fn run_identity(
         let result = strong.fetch(&identity).await;
         let config = strong.config.clone();
         let metrics = strong.metrics.clone();
-        drop(strong);
         match result {
             Ok(cert) => {
                 let lifetime = cert.remaining(SystemTime::now());
-                metrics.refreshed(&name, true, Some(cert.valid_until));
-                tracing::info!(identity = %name, serial = %cert.serial, ?lifetime, "workload certificate issued");
-                tx.send_replace(Some(cert));
+                let valid_until = cert.valid_until;
+                let serial = cert.serial.clone();
+                let published = strong.if_current(&identity, generation, || {
+                    metrics.refreshed(&name, true, Some(valid_until));
+                    tx.send_replace(Some(cert));
+                });
+                drop(strong);
+                if !published {
+                    return;
+                }
+                tracing::info!(identity = %name, %serial, ?lifetime, "workload certificate issued");
                 expires = Some(Instant::now() + lifetime);
                 backoff = None;
                 tokio::time::sleep(lifetime.mul_f64(jitter(config.refresh_window))).await;
                 let Some(strong) = inner.upgrade() else {
                     return;
                 };
-                if strong.release_if_unclaimed(&identity) {
+                if strong.release_if_unclaimed(&identity, generation) {
                     tracing::debug!(identity = %name, "no pod claimed this identity; dropped");
                     return;
                 }
             }
             Err(error) => {
-                metrics.refreshed(&name, false, None);
+                let counted = strong.if_current(&identity, generation, || {
+                    metrics.refreshed(&name, false, None);
+                });
+                drop(strong);
+                if !counted {
+                    return;
+                }
                 let delay = backoff.unwrap_or(config.backoff_initial);
                 backoff = Some((delay * 2).min(config.backoff_max));
                 // Full jitter on the upper half: retries of many identities

@@ -372,3 +372,20 @@ async fn trust_bundle_updates_reach_subscribers() {
     assert_eq!(watch.borrow().certificates().len(), 2);
     assert_eq!(s.metrics.bundle_updates.get(), 1);
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_identity_can_come_back_after_it_was_dropped() {
+    let s = setup(Duration::from_secs(100), config());
+    let a = id("a");
+    s.manager.register_pod(&a);
+    let first = s.manager.certificate(&a).await.unwrap();
+    s.manager.unregister_pod(&a);
+    s.manager.register_pod(&a);
+    let second = s.manager.certificate(&a).await.unwrap();
+    assert_ne!(first.serial, second.serial, "a fresh key and certificate");
+    tokio::time::sleep(Duration::from_secs(300)).await;
+    // One worker refreshes it (the dropped one is gone): ~1 fetch per 50–70 s.
+    let calls = s.ca.calls_for(&a).len();
+    assert!((5..=8).contains(&calls), "{calls} fetches in 300 s");
+    assert!(text(&s.registry).contains(&format!("identity=\"{a}\"")));
+}
