@@ -5,12 +5,13 @@
 use crate::setup;
 use anyhow::{Result, bail};
 
+mod identity;
 mod redirector;
 
 type Bench = fn() -> Result<()>;
 
 /// The parts that have a benchmark, in the order `bench` with no argument runs them.
-const PARTS: &[(&str, Bench)] = &[("redirector", redirector::run)];
+const PARTS: &[(&str, Bench)] = &[("identity", identity::run), ("redirector", redirector::run)];
 
 pub fn run(args: &[String]) -> Result<()> {
     setup::run()?;
