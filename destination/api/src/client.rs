@@ -179,6 +179,10 @@ async fn watch_once(
         .await?
         .into_inner();
     while let Some(response) = stream.message().await? {
+        if !*received {
+            *received = true;
+            state.send_replace(ConnectionState::Connected);
+        }
         let mut result = Ok(());
         view.send_if_modified(|v| {
             result = v.apply(response);
@@ -191,10 +195,6 @@ async fn watch_once(
             tracing::warn!(error = %e, "destination delta did not apply; requesting a snapshot");
             view.send_modify(|v| v.epoch.clear());
             return Err(ClientError::Ended);
-        }
-        if !*received {
-            *received = true;
-            state.send_replace(ConnectionState::Connected);
         }
     }
     Ok(())

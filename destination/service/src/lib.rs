@@ -7,7 +7,14 @@
 //! hands each node's latest view to its subscribers; the [`server`] streams
 //! snapshots and deltas over gRPC.
 
+pub mod admin;
 pub mod index;
+pub mod indexer;
+pub mod metrics;
 pub mod model;
+pub mod publisher;
+pub mod server;
+pub mod source;
 pub mod store;
+pub mod synthetic;
 pub mod views;

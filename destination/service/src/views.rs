@@ -17,7 +17,7 @@ pub type Workloads = BTreeMap<String, Arc<Workload>>;
 pub type Services = BTreeMap<String, Arc<Service>>;
 
 /// What every node with enrolled pods receives.
-#[derive(Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct MeshView {
     /// Enrolled workloads, by uid.
     pub workloads: Workloads,
@@ -27,7 +27,7 @@ pub struct MeshView {
 
 /// One node's own pods, enrolled or not (a proxy must know when one of its
 /// pods leaves the mesh).
-#[derive(Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct LocalView {
     pub workloads: Workloads,
     /// A node without enrolled pods has no clients in the mesh and needs no

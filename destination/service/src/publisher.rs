@@ -1,0 +1,186 @@
+//! Versions the index's output and hands each node's latest view to its
+//! subscribers.
+//!
+//! Each node has a `tokio::sync::watch` holding only its *latest* view:
+//! a subscriber that reads slowly skips the versions it was too slow for
+//! and its next delta is computed from what it last received (see
+//! [`crate::server`]). Nothing is queued per subscriber, so memory does not
+//! grow with a subscriber's backlog: at most the view it last received and
+//! the current one are held for it.
+//!
+//! A view's version is the index generation in which that node's view last
+//! changed; a rebuild that leaves a node's view as it was does not wake its
+//! subscribers. The last [`HISTORY`] generations are kept so that a proxy
+//! reconnecting with a recent version gets a delta instead of a snapshot.
+
+use crate::index::Index;
+use crate::metrics::Metrics;
+use crate::views::NodeView;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tokio::sync::watch;
+
+/// Generations kept for resuming.
+pub const HISTORY: usize = 16;
+
+pub struct Publisher {
+    epoch: String,
+    state: Mutex<State>,
+    ready: watch::Sender<bool>,
+    pub metrics: Arc<Metrics>,
+}
+
+#[derive(Default)]
+struct State {
+    generation: u64,
+    /// Oldest first; the back is the current index.
+    history: VecDeque<(u64, Arc<Index>)>,
+    nodes: HashMap<String, watch::Sender<NodeView>>,
+}
+
+impl Publisher {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        // A new epoch per run: versions restart, and a proxy holding a
+        // version from an earlier run must not be given a delta against it.
+        let epoch = format!("{:016x}", rand::random::<u64>());
+        Self {
+            epoch,
+            state: Mutex::default(),
+            ready: watch::channel(false).0,
+            metrics,
+        }
+    }
+
+    pub fn epoch(&self) -> &str {
+        &self.epoch
+    }
+
+    /// True once the first full index has been published.
+    pub fn ready(&self) -> watch::Receiver<bool> {
+        self.ready.subscribe()
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.lock().generation
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave `State` half-updated
+        // in a way that matters more than stopping service would.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Publishes a rebuilt index; returns how many nodes' views changed.
+    pub fn publish(&self, mut index: Index) -> usize {
+        let mut state = self.lock();
+        if let Some((_, previous)) = state.history.back() {
+            intern(&mut index, previous);
+        }
+        state.generation += 1;
+        let generation = state.generation;
+        let index = Arc::new(index);
+        let now = Instant::now();
+
+        let mut names: Vec<String> = index.nodes.keys().cloned().collect();
+        names.extend(state.nodes.keys().cloned());
+        names.sort();
+        names.dedup();
+        let mut changed = 0;
+        for node in names {
+            let mut view = NodeView::new(&index.mesh, index.local(&node));
+            let sender = state
+                .nodes
+                .entry(node.clone())
+                .or_insert_with(|| watch::channel(NodeView::empty()).0);
+            let current = sender.borrow();
+            if current.version != 0 && current.same_content(&view) {
+                continue;
+            }
+            drop(current);
+            view.version = generation;
+            view.published = now;
+            sender.send_replace(view);
+            changed += 1;
+        }
+        // Forget nodes that have no pods and nobody watching.
+        state
+            .nodes
+            .retain(|node, tx| index.nodes.contains_key(node) || tx.receiver_count() > 0);
+        state.history.push_back((generation, index));
+        while state.history.len() > HISTORY {
+            state.history.pop_front();
+        }
+        drop(state);
+        self.ready.send_replace(true);
+        changed
+    }
+
+    /// The latest view of `node`, as a watch.
+    pub fn subscribe(&self, node: &str) -> watch::Receiver<NodeView> {
+        let mut state = self.lock();
+        let current = state.history.back().map(|(g, i)| (*g, i.clone()));
+        state
+            .nodes
+            .entry(node.to_string())
+            .or_insert_with(|| {
+                // A node with no pods so far: its (empty) view as of now.
+                let mut view = NodeView::empty();
+                if let Some((generation, index)) = current {
+                    view = NodeView::new(&index.mesh, index.local(node));
+                    view.version = generation;
+                }
+                watch::channel(view).0
+            })
+            .subscribe()
+    }
+
+    /// The view `node` had at `version` of this epoch, if still known.
+    pub fn view_at(&self, node: &str, epoch: &str, version: u64) -> Option<NodeView> {
+        if epoch != self.epoch || version == 0 {
+            return None;
+        }
+        let state = self.lock();
+        let (_, index) = state.history.iter().find(|(g, _)| *g == version)?;
+        let mut view = NodeView::new(&index.mesh, index.local(node));
+        view.version = version;
+        Some(view)
+    }
+}
+
+/// Reuses the previous generation's allocations for everything unchanged:
+/// history then costs little memory, and diffs of unchanged parts are
+/// pointer comparisons.
+fn intern(index: &mut Index, previous: &Index) {
+    if *index.mesh == *previous.mesh {
+        index.mesh = previous.mesh.clone();
+    } else {
+        let mesh = Arc::make_mut(&mut index.mesh);
+        intern_map(&mut mesh.workloads, &previous.mesh.workloads);
+        intern_map(&mut mesh.services, &previous.mesh.services);
+    }
+    for (node, local) in index.nodes.iter_mut() {
+        let Some(old) = previous.nodes.get(node) else {
+            continue;
+        };
+        if **local == **old {
+            *local = old.clone();
+        } else {
+            let l = Arc::make_mut(local);
+            intern_map(&mut l.workloads, &old.workloads);
+        }
+    }
+}
+
+fn intern_map<V: PartialEq>(
+    new: &mut std::collections::BTreeMap<String, Arc<V>>,
+    old: &std::collections::BTreeMap<String, Arc<V>>,
+) {
+    for (key, value) in new.iter_mut() {
+        if let Some(previous) = old.get(key)
+            && **previous == **value
+        {
+            *value = previous.clone();
+        }
+    }
+}
