@@ -2,13 +2,15 @@
 //! baseline (no mesh) in the same run and reports ratios, medians and spread:
 //! the machines are shared and noisy, so absolute numbers alone mislead.
 
+mod destination;
+
 use crate::setup;
 use anyhow::{Result, bail};
 
 type Bench = fn() -> Result<()>;
 
 /// The parts that have a benchmark, in the order `bench` with no argument runs them.
-const PARTS: &[(&str, Bench)] = &[];
+const PARTS: &[(&str, Bench)] = &[("destination", destination::run)];
 
 pub fn run(args: &[String]) -> Result<()> {
     setup::run()?;

@@ -14,6 +14,9 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
+/// Largest response accepted: a snapshot of ~500 000 workloads.
+pub const MAX_MESSAGE: usize = 256 << 20;
+
 /// Where the bearer credential comes from. A file is re-read on every
 /// connection attempt: projected ServiceAccount tokens rotate.
 #[derive(Clone, Debug)]
@@ -175,6 +178,9 @@ async fn watch_once(
         .map_err(|_| bad_endpoint("the node credential contains invalid characters".into()))?;
     request.metadata_mut().insert("authorization", bearer);
     let mut stream = DestinationClient::new(channel)
+        // A snapshot grows with the mesh (docs/destination.md); tonic's 4 MiB
+        // default would refuse one of a large cluster.
+        .max_decoding_message_size(MAX_MESSAGE)
         .watch(request)
         .await?
         .into_inner();

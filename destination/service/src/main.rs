@@ -139,8 +139,16 @@ async fn run(args: Args) -> Result<()> {
         .with_context(|| format!("cannot listen on {} (--grpc-addr)", args.grpc_addr))?;
     tracing::info!(grpc = %args.grpc_addr, admin = %args.admin_addr, "weft-destination serving");
     let service = DestinationService::new(publisher, auth);
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
+    // SIGTERM (Kubernetes stopping the pod) or Ctrl-C: end the streams so
+    // proxies reconnect to another replica at once.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot install the SIGTERM handler")?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
     };
     tokio::select! {
         r = server::serve(grpc_listener, tls, service, shutdown) => r?,

@@ -149,38 +149,100 @@ impl Publisher {
 }
 
 /// Reuses the previous generation's allocations for everything unchanged:
-/// history then costs little memory, and diffs of unchanged parts are
-/// pointer comparisons.
+/// history then costs little memory, and "unchanged" becomes a pointer
+/// comparison for the publisher and every stream.
 fn intern(index: &mut Index, previous: &Index) {
-    if *index.mesh == *previous.mesh {
+    let mesh = Arc::make_mut(&mut index.mesh);
+    let same_workloads = intern_map(&mut mesh.workloads, &previous.mesh.workloads);
+    let same_services = intern_map(&mut mesh.services, &previous.mesh.services);
+    if same_workloads && same_services {
         index.mesh = previous.mesh.clone();
-    } else {
-        let mesh = Arc::make_mut(&mut index.mesh);
-        intern_map(&mut mesh.workloads, &previous.mesh.workloads);
-        intern_map(&mut mesh.services, &previous.mesh.services);
     }
     for (node, local) in index.nodes.iter_mut() {
         let Some(old) = previous.nodes.get(node) else {
             continue;
         };
-        if **local == **old {
+        let l = Arc::make_mut(local);
+        if intern_map(&mut l.workloads, &old.workloads) && l.has_enrolled == old.has_enrolled {
             *local = old.clone();
-        } else {
-            let l = Arc::make_mut(local);
-            intern_map(&mut l.workloads, &old.workloads);
         }
     }
 }
 
+/// Replaces values equal to the previous map's by the previous `Arc`;
+/// true when the maps are equal.
 fn intern_map<V: PartialEq>(
     new: &mut std::collections::BTreeMap<String, Arc<V>>,
     old: &std::collections::BTreeMap<String, Arc<V>>,
-) {
+) -> bool {
+    let mut all_same = new.len() == old.len();
     for (key, value) in new.iter_mut() {
-        if let Some(previous) = old.get(key)
-            && **previous == **value
-        {
-            *value = previous.clone();
+        match old.get(key) {
+            Some(previous) if **previous == **value => *value = previous.clone(),
+            _ => all_same = false,
         }
+    }
+    all_same
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::{IndexConfig, build};
+    use crate::synthetic::{self, Shape};
+
+    const SHAPE: Shape = Shape {
+        pods: 200,
+        services: 40,
+        nodes: 10,
+        namespaces: 4,
+    };
+
+    #[test]
+    fn only_nodes_whose_view_changed_get_a_new_version() {
+        let config = IndexConfig::default();
+        let mut objects = synthetic::cluster(SHAPE);
+        let publisher = Publisher::new(Arc::new(Metrics::new()));
+        assert_eq!(publisher.publish(build(&objects, &config)), SHAPE.nodes);
+        let mut rx = publisher.subscribe(&synthetic::node_name(0));
+        let v1 = rx.borrow_and_update().version;
+
+        // Nothing changed: nobody is woken.
+        assert_eq!(publisher.publish(build(&objects, &config)), 0);
+        assert!(!rx.has_changed().unwrap());
+
+        // A pod of a namespace outside the mesh changes: only its node.
+        let pod = objects
+            .pods
+            .values_mut()
+            .find(|p| p.key.namespace == "ns-01")
+            .unwrap();
+        pod.labels.insert("touched".into(), "yes".into());
+        let node = pod.node.clone().unwrap();
+        assert_eq!(publisher.publish(build(&objects, &config)), 1);
+        let view = publisher.subscribe(&node).borrow().clone();
+        assert_eq!(view.version, publisher.generation());
+
+        // An enrolled pod changes: every node with enrolled pods.
+        let pod = objects
+            .pods
+            .values_mut()
+            .find(|p| p.key.namespace == "ns-00")
+            .unwrap();
+        pod.labels.insert("touched".into(), "yes".into());
+        assert_eq!(publisher.publish(build(&objects, &config)), SHAPE.nodes);
+        assert!(rx.has_changed().unwrap());
+        assert!(rx.borrow_and_update().version > v1);
+
+        // The history serves the versions needed to resume.
+        let old = publisher
+            .view_at(&synthetic::node_name(0), publisher.epoch(), v1)
+            .unwrap();
+        assert_eq!(old.version, v1);
+        assert!(
+            publisher
+                .view_at(&synthetic::node_name(0), "another-epoch", v1)
+                .is_none()
+        );
     }
 }

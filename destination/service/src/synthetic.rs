@@ -96,13 +96,15 @@ pub fn cluster(shape: Shape) -> ClusterObjects {
     objects
 }
 
-/// Pod `i` belongs to Service `i / (pods / services)`, in that Service's
-/// namespace, on node `i % nodes`.
+/// Pod `i` belongs to Service `s = i / (pods / services)`, in that
+/// Service's namespace; replica `r` of a Service lands on node
+/// `(s + 17 r) % nodes`, so that every node runs pods of enrolled and of
+/// other namespaces, and replicas spread.
 pub fn pod(shape: Shape, i: usize) -> PodInfo {
     let per_service = (shape.pods / shape.services.max(1)).max(1);
     let s = i / per_service;
     let ns = format!("ns-{:02}", s % shape.namespaces);
-    let node = i % shape.nodes;
+    let node = (s + 17 * (i % per_service)) % shape.nodes;
     let mut labels = BTreeMap::new();
     labels.insert("app".to_string(), format!("app-{s:05}"));
     labels.insert("pod-template-hash".to_string(), "7d9c8b6f5d".to_string());
@@ -112,29 +114,13 @@ pub fn pod(shape: Shape, i: usize) -> PodInfo {
         node: Some(node_name(node)),
         service_account: format!("sa-{s:05}"),
         labels,
+        // Unique per pod (per-node pod CIDRs do not matter to the index).
         ips: vec![IpAddr::V4(Ipv4Addr::new(
             10,
-            (node / 256) as u8 + 100,
-            (node % 256) as u8,
-            0,
-        ))]
-        .into_iter()
-        .map(|base| match base {
-            // Unique per pod: node in the second/third octet, a counter in
-            // the fourth and a spill-over into the second.
-            IpAddr::V4(v4) => {
-                let o = v4.octets();
-                let k = i / shape.nodes;
-                IpAddr::V4(Ipv4Addr::new(
-                    10,
-                    o[1] + (k / 250) as u8,
-                    o[2],
-                    (k % 250) as u8 + 2,
-                ))
-            }
-            other => other,
-        })
-        .collect(),
+            (100 + i / 62_500) as u8,
+            ((i / 250) % 250) as u8,
+            (i % 250) as u8 + 2,
+        ))],
         ports: vec![ContainerPort {
             name: "http".into(),
             port: 8080,

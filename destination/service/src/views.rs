@@ -65,15 +65,18 @@ impl NodeView {
         }
     }
 
-    /// Same objects (versions aside). Pointer checks first: unchanged parts
-    /// are shared between versions.
+    /// Same objects (versions aside), by identity: the publisher interns
+    /// every generation against the previous one, so unchanged parts are the
+    /// same allocation. A deep comparison here would cost a walk of the
+    /// whole mesh per subscriber per update; a false "different" only costs
+    /// an empty delta.
     pub fn same_content(&self, other: &NodeView) -> bool {
         let mesh_same = match (&self.mesh, &other.mesh) {
             (None, None) => true,
-            (Some(a), Some(b)) => Arc::ptr_eq(a, b) || a == b,
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
             _ => false,
         };
-        mesh_same && (Arc::ptr_eq(&self.local, &other.local) || self.local == other.local)
+        mesh_same && Arc::ptr_eq(&self.local, &other.local)
     }
 
     /// Every workload in the view, in uid order: the node's own pods and,
