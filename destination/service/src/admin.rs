@@ -19,7 +19,7 @@ pub struct Admin {
 }
 
 impl Admin {
-    fn respond(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    fn respond(&self, method: &Method, path: &str) -> Response<Full<Bytes>> {
         let text = |status: StatusCode, body: String, content_type: &str| {
             Response::builder()
                 .status(status)
@@ -27,14 +27,14 @@ impl Admin {
                 .body(Full::new(Bytes::from(body)))
                 .expect("static response parts are valid")
         };
-        if req.method() != Method::GET {
+        if method != Method::GET {
             return text(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "only GET\n".into(),
                 "text/plain",
             );
         }
-        match req.uri().path() {
+        match path {
             "/metrics" => text(
                 StatusCode::OK,
                 self.metrics.encode(),
@@ -59,8 +59,8 @@ impl Admin {
             let (stream, _) = listener.accept().await?;
             let admin = self.clone();
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| {
-                    let response = admin.respond(&req);
+                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let response = admin.respond(req.method(), req.uri().path());
                     async move { Ok::<_, Infallible>(response) }
                 });
                 if let Err(e) = hyper::server::conn::http1::Builder::new()
@@ -71,5 +71,44 @@ impl Admin {
                 }
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_only_after_the_first_sync() {
+        let (tx, ready) = watch::channel(false);
+        let admin = Admin {
+            metrics: Arc::new(Metrics::new()),
+            ready,
+        };
+        assert_eq!(
+            admin.respond(&Method::GET, "/ready").status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            admin.respond(&Method::GET, "/live").status(),
+            StatusCode::OK
+        );
+        tx.send_replace(true);
+        assert_eq!(
+            admin.respond(&Method::GET, "/ready").status(),
+            StatusCode::OK
+        );
+        assert_eq!(
+            admin.respond(&Method::GET, "/metrics").status(),
+            StatusCode::OK
+        );
+        assert_eq!(
+            admin.respond(&Method::POST, "/ready").status(),
+            StatusCode::METHOD_NOT_ALLOWED
+        );
+        assert_eq!(
+            admin.respond(&Method::GET, "/nope").status(),
+            StatusCode::NOT_FOUND
+        );
     }
 }

@@ -85,7 +85,16 @@ async fn api_server(
                 "PodList",
                 "v1",
                 "100",
-                vec![pod("web-1", "uid-web-1", "10.244.0.5", "90")],
+                vec![
+                    pod("web-1", "uid-web-1", "10.244.0.5", "90"),
+                    // Not what an API server sends, but what a broken
+                    // aggregated API or a future schema might: no uid.
+                    {
+                        let mut p = pod("no-uid", "", "10.244.0.9", "91");
+                        p["metadata"].as_object_mut().unwrap().remove("uid");
+                        p
+                    },
+                ],
             )),
             // The watch from 100: one more pod, then the resource version
             // expires (the watch was too slow / etcd compacted).
@@ -180,6 +189,9 @@ async fn lists_watches_and_relists_after_410_gone() {
     assert_eq!(w.identity, "spiffe://cluster.local/ns/shop/sa/web");
     assert_eq!(calls.lock().unwrap()["list /api/v1/pods"], 2);
     assert_eq!(calls.lock().unwrap()["list /api/v1/namespaces"], 1);
+    // The pod without a uid was refused (once: at the first list; the
+    // re-list no longer has it), and did not stop the others.
+    assert_eq!(metrics.rejected("Pod"), 1);
     let text = metrics.encode();
     assert!(
         text.contains("weft_destination_indexed_objects{kind=\"Pod\"} 1"),
