@@ -407,3 +407,55 @@ async fn slow_subscriber_gets_one_coalesced_delta_not_a_backlog() {
         Some("10.244.11.201".parse().unwrap())
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_subscriber_skips_superseded_versions_entirely() {
+    const UPDATES: usize = 400;
+    let pki = pki();
+    let creds = Credentials::new(&["node-a"]);
+    let served = Served::start(&pki, &creds).await;
+    let mut cluster = Cluster::default();
+    cluster.apply(namespace("shop", true));
+    cluster.apply(pod("shop", "hot", "node-a", "10.244.0.2", json!({})));
+    served.publish(&cluster);
+
+    let ch = channel(&served, &pki, Some(16 * 1024)).await;
+    let mut stream = watch(ch, Some(&token("node-a")), "node-a", "", 0)
+        .await
+        .unwrap();
+    let mut view = View::default();
+    view.apply(next(&mut stream).await).unwrap();
+
+    // The same pod changes 400 times, ~2 KiB each time: 800 KiB of updates
+    // of which only the last matters.
+    for i in 0..UPDATES {
+        let blob = format!("{i:04}{}", "x".repeat(2048));
+        cluster.apply(pod(
+            "shop",
+            "hot",
+            "node-a",
+            "10.244.0.2",
+            json!({"blob": blob}),
+        ));
+        served.publish(&cluster);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let final_version = served.publisher.generation();
+
+    let mut received_bytes = 0;
+    while view.version != final_version {
+        let response = next(&mut stream).await;
+        received_bytes += prost::Message::encoded_len(&response);
+        view.apply(response).unwrap();
+    }
+    let produced = UPDATES * 2048;
+    eprintln!("{received_bytes} bytes received for {produced} bytes of updates");
+    // What was superseded while the subscriber did not read was never
+    // queued: at most the transport's windows' worth plus the final state.
+    assert!(
+        received_bytes < produced / 8,
+        "{received_bytes} bytes delivered of {produced}: superseded versions were queued"
+    );
+    let blob = &view.workloads["uid-shop-hot"].labels["blob"];
+    assert!(blob.starts_with(&format!("{:04}", UPDATES - 1)));
+}
