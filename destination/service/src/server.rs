@@ -151,8 +151,13 @@ impl Subscriber {
                 Some(last) if !self.first && last.version == current.version => continue,
                 Some(last) => current.delta_from(last, &self.epoch),
             };
-            self.first = false;
             let metrics = &self._gauge.0;
+            // Lag is about new versions reaching proxies: a snapshot for a
+            // proxy connecting now would count the version's age instead.
+            if !self.first {
+                metrics.observe_lag(current.published.elapsed());
+            }
+            self.first = false;
             metrics
                 .updates_pushed
                 .get_or_create(&PushLabel {
@@ -163,7 +168,6 @@ impl Subscriber {
                     },
                 })
                 .inc();
-            metrics.observe_lag(current.published.elapsed());
             self.last = Some(current);
             return Some(response);
         }

@@ -166,7 +166,7 @@ async fn binary_serves_views_ready_and_metrics() {
         );
     }
     assert!(
-        metrics.contains("weft_destination_push_lag_seconds_count 2"),
+        metrics.contains("weft_destination_push_lag_seconds_count 1"),
         "{metrics}"
     );
 }

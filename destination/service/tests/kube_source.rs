@@ -60,6 +60,15 @@ async fn api_server(
         let path = request.uri().path().to_string();
         let query = request.uri().query().unwrap_or("").to_string();
         let is_watch = query.contains("watch=true");
+        if path == "/api/v1/pods" {
+            // Finished pods are filtered out by the API server.
+            assert!(
+                query.contains(
+                    "fieldSelector=status.phase%21%3DSucceeded%2Cstatus.phase%21%3DFailed"
+                ),
+                "{query}"
+            );
+        }
         let call = {
             let mut calls = calls.lock().unwrap();
             let n = calls

@@ -108,9 +108,14 @@ async fn watch_kind<K>(
     let origin = format!("kube watch {kind}");
     let key = |o: &K| ObjectKey::new(o.namespace().unwrap_or_default(), o.name_any());
     let mut listing: Vec<Object> = Vec::new();
-    let mut stream = watcher::watcher(api, watcher::Config::default())
-        .default_backoff()
-        .boxed();
+    let mut config = watcher::Config::default();
+    if kind == Kind::Pod {
+        // Finished pods claim nothing (their IPs are reused): do not even
+        // receive them. A pod that finishes leaves the selection and arrives
+        // as a deletion.
+        config = config.fields("status.phase!=Succeeded,status.phase!=Failed");
+    }
+    let mut stream = watcher::watcher(api, config).default_backoff().boxed();
     while let Some(event) = stream.next().await {
         let update = match event {
             Ok(Event::Init) => {
