@@ -51,7 +51,9 @@ pub fn build(
                 object: format!("Service {}", svc.key),
                 detail: match config.endpoints {
                     EndpointsFrom::Selectors => {
-                        "its selector matches no running pod; connections to it will fail".into()
+                        "its selector matches no running pod with an address (yet); \
+                         connections to it will fail"
+                            .into()
                     }
                     EndpointsFrom::EndpointSlices => {
                         "has no ready endpoints; connections to it will fail".into()
