@@ -44,7 +44,7 @@ struct Args {
     #[arg(long, default_value = "0.0.0.0:15010")]
     grpc_addr: SocketAddr,
     /// /metrics, /ready and /live.
-    #[arg(long, default_value = "0.0.0.0:15014")]
+    #[arg(long, default_value = "0.0.0.0:15015")]
     admin_addr: SocketAddr,
     /// PEM certificate chain the gRPC server presents.
     #[arg(long)]
