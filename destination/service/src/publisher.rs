@@ -16,10 +16,11 @@
 use crate::index::Index;
 use crate::metrics::Metrics;
 use crate::views::NodeView;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokio::sync::watch;
+use weft_destination_api::Workload;
 
 /// Generations kept for resuming.
 pub const HISTORY: usize = 16;
@@ -152,9 +153,17 @@ impl Publisher {
 /// history then costs little memory, and "unchanged" becomes a pointer
 /// comparison for the publisher and every stream.
 fn intern(index: &mut Index, previous: &Index) {
+    // An enrolled workload is one allocation shared by the mesh and its
+    // node's local view: decide about it once (keyed by that allocation,
+    // kept alive by the local view until it is replaced there).
+    let mut decided: HashMap<*const Workload, Option<Arc<Workload>>> = HashMap::new();
     let mesh = Arc::make_mut(&mut index.mesh);
-    let same_workloads = intern_map(&mut mesh.workloads, &previous.mesh.workloads);
-    let same_services = intern_map(&mut mesh.services, &previous.mesh.services);
+    let same_workloads = intern_map(
+        &mut mesh.workloads,
+        &previous.mesh.workloads,
+        Some(&mut decided),
+    );
+    let same_services = intern_map(&mut mesh.services, &previous.mesh.services, None);
     if same_workloads && same_services {
         index.mesh = previous.mesh.clone();
     }
@@ -163,23 +172,46 @@ fn intern(index: &mut Index, previous: &Index) {
             continue;
         };
         let l = Arc::make_mut(local);
-        if intern_map(&mut l.workloads, &old.workloads) && l.has_enrolled == old.has_enrolled {
+        let same = intern_map(&mut l.workloads, &old.workloads, Some(&mut decided));
+        if same && l.has_enrolled == old.has_enrolled {
             *local = old.clone();
         }
     }
 }
 
 /// Replaces values equal to the previous map's by the previous `Arc`;
-/// true when the maps are equal.
+/// true when the maps are equal. `decided` remembers, per new allocation,
+/// the outcome (the previous `Arc`, or `None`: changed), so that a value
+/// shared by several maps is compared once.
 fn intern_map<V: PartialEq>(
-    new: &mut std::collections::BTreeMap<String, Arc<V>>,
-    old: &std::collections::BTreeMap<String, Arc<V>>,
+    new: &mut BTreeMap<String, Arc<V>>,
+    old: &BTreeMap<String, Arc<V>>,
+    mut decided: Option<&mut HashMap<*const V, Option<Arc<V>>>>,
 ) -> bool {
     let mut all_same = new.len() == old.len();
     for (key, value) in new.iter_mut() {
-        match old.get(key) {
-            Some(previous) if **previous == **value => *value = previous.clone(),
-            _ => all_same = false,
+        let previous = old.get(key);
+        let ptr = Arc::as_ptr(value);
+        let known = decided.as_deref().and_then(|d| d.get(&ptr).cloned());
+        let outcome = match known {
+            Some(outcome) => outcome,
+            None => {
+                let outcome = previous.filter(|p| ***p == **value).cloned();
+                if let Some(d) = decided.as_deref_mut() {
+                    d.insert(ptr, outcome.clone());
+                }
+                outcome
+            }
+        };
+        match outcome {
+            Some(reused) if previous.is_some_and(|p| Arc::ptr_eq(p, &reused)) => *value = reused,
+            Some(reused) => {
+                // Equal to an allocation of the previous generation, but
+                // not the one this map held under this key.
+                *value = reused;
+                all_same = false;
+            }
+            None => all_same = false,
         }
     }
     all_same

@@ -268,13 +268,22 @@ fn from_slices(
             };
             // Dual-stack Services have one slice per family listing the same
             // pod: merge them into one endpoint.
-            let entry = out.entry(key).or_insert(endpoint.clone());
-            for a in endpoint.addresses {
-                if !entry.addresses.contains(&a) {
-                    entry.addresses.push(a);
+            match out.entry(key) {
+                std::collections::btree_map::Entry::Vacant(slot) => {
+                    let mut endpoint = endpoint;
+                    endpoint.ports = ports.clone();
+                    slot.insert(endpoint);
+                }
+                std::collections::btree_map::Entry::Occupied(mut slot) => {
+                    let entry = slot.get_mut();
+                    for a in endpoint.addresses {
+                        if !entry.addresses.contains(&a) {
+                            entry.addresses.push(a);
+                        }
+                    }
+                    entry.ports.extend(ports.iter().map(|(k, v)| (*k, *v)));
                 }
             }
-            entry.ports.extend(ports.iter().map(|(k, v)| (*k, *v)));
         }
     }
     out
