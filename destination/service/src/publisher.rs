@@ -336,7 +336,9 @@ mod tests {
                 }
             }
             publisher.publish(build(&objects, &config));
-            for (rx, (last, client)) in rxs.iter_mut().zip(held.iter_mut()) {
+            // What the objects say, computed afresh without the publisher.
+            let truth = build(&objects, &config);
+            for ((rx, (last, client)), node) in rxs.iter_mut().zip(held.iter_mut()).zip(&nodes) {
                 let current = rx.borrow_and_update().clone();
                 client
                     .apply(current.delta_from(last, publisher.epoch()))
@@ -344,6 +346,15 @@ mod tests {
                 let mut fresh = View::default();
                 fresh.apply(current.snapshot(publisher.epoch())).unwrap();
                 assert_eq!(*client, fresh, "round {round}");
+                let mut expected = View::default();
+                expected
+                    .apply(NodeView::new(&truth.mesh, truth.local(node)).snapshot("e"))
+                    .unwrap();
+                assert_eq!(
+                    client.workloads, expected.workloads,
+                    "round {round}, {node}"
+                );
+                assert_eq!(client.services, expected.services, "round {round}, {node}");
                 *last = current;
             }
         }
