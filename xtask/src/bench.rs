@@ -5,13 +5,18 @@
 use crate::setup;
 use anyhow::{Result, bail};
 
+mod destination;
 mod identity;
 mod redirector;
 
 type Bench = fn() -> Result<()>;
 
 /// The parts that have a benchmark, in the order `bench` with no argument runs them.
-const PARTS: &[(&str, Bench)] = &[("identity", identity::run), ("redirector", redirector::run)];
+const PARTS: &[(&str, Bench)] = &[
+    ("identity", identity::run),
+    ("destination", destination::run),
+    ("redirector", redirector::run),
+];
 
 pub fn run(args: &[String]) -> Result<()> {
     setup::run()?;

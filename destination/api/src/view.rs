@@ -1,0 +1,223 @@
+//! The node's view as a proxy holds it: the objects of the last snapshot with
+//! every later delta applied, plus lookups by address (what the proxy asks
+//! when a pod connects somewhere).
+
+use crate::{Policy, Service, WatchResponse, Workload, address};
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+
+#[derive(Clone, Debug, Default)]
+pub struct View {
+    /// The control plane run this view came from (empty: nothing received).
+    pub epoch: String,
+    pub version: u64,
+    pub workloads: BTreeMap<String, Workload>,
+    pub services: BTreeMap<String, Service>,
+    pub policies: BTreeMap<String, Policy>,
+    by_address: HashMap<IpAddr, String>,
+    by_vip: HashMap<IpAddr, String>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ApplyError {
+    #[error(
+        "delta for version {base} of epoch {epoch:?} does not apply to the held view \
+         (epoch {held_epoch:?}, version {held}); a fresh snapshot is needed"
+    )]
+    BaseMismatch {
+        epoch: String,
+        base: u64,
+        held_epoch: String,
+        held: u64,
+    },
+}
+
+impl PartialEq for View {
+    /// Two views are equal when they hold the same objects at the same
+    /// version (the address maps are derived from the objects).
+    fn eq(&self, other: &Self) -> bool {
+        self.epoch == other.epoch
+            && self.version == other.version
+            && self.workloads == other.workloads
+            && self.services == other.services
+            && self.policies == other.policies
+    }
+}
+
+impl View {
+    /// Applies one response of the stream. A delta must start from the
+    /// version held; otherwise nothing changes and the caller asks for a
+    /// snapshot.
+    pub fn apply(&mut self, response: WatchResponse) -> Result<(), ApplyError> {
+        if response.snapshot {
+            self.workloads.clear();
+            self.services.clear();
+            self.policies.clear();
+            self.by_address.clear();
+            self.by_vip.clear();
+        } else if response.epoch != self.epoch || response.base_version != self.version {
+            return Err(ApplyError::BaseMismatch {
+                epoch: response.epoch,
+                base: response.base_version,
+                held_epoch: self.epoch.clone(),
+                held: self.version,
+            });
+        }
+        for uid in &response.removed_workloads {
+            self.remove_workload(uid);
+        }
+        for key in &response.removed_services {
+            self.remove_service(key);
+        }
+        for key in &response.removed_policies {
+            self.policies.remove(key);
+        }
+        for workload in response.workloads {
+            self.remove_workload(&workload.uid);
+            for ip in workload.addresses.iter().filter_map(|a| address::decode(a)) {
+                self.by_address.insert(ip, workload.uid.clone());
+            }
+            self.workloads.insert(workload.uid.clone(), workload);
+        }
+        for service in response.services {
+            let key = service.key();
+            self.remove_service(&key);
+            for ip in service
+                .cluster_ips
+                .iter()
+                .filter_map(|a| address::decode(a))
+            {
+                self.by_vip.insert(ip, key.clone());
+            }
+            self.services.insert(key, service);
+        }
+        for policy in response.policies {
+            self.policies.insert(policy.key(), policy);
+        }
+        self.epoch = response.epoch;
+        self.version = response.version;
+        Ok(())
+    }
+
+    /// The workload that owns a pod IP.
+    pub fn workload_by_address(&self, ip: IpAddr) -> Option<&Workload> {
+        self.by_address
+            .get(&ip)
+            .and_then(|uid| self.workloads.get(uid))
+    }
+
+    /// The Service whose ClusterIP this is.
+    pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Service> {
+        self.by_vip.get(&ip).and_then(|key| self.services.get(key))
+    }
+
+    fn remove_workload(&mut self, uid: &str) {
+        if let Some(old) = self.workloads.remove(uid) {
+            for ip in old.addresses.iter().filter_map(|a| address::decode(a)) {
+                // Only if the address still points here: another workload
+                // may have taken it over within the same response.
+                if self.by_address.get(&ip).is_some_and(|owner| owner == uid) {
+                    self.by_address.remove(&ip);
+                }
+            }
+        }
+    }
+
+    fn remove_service(&mut self, key: &str) {
+        if let Some(old) = self.services.remove(key) {
+            for ip in old.cluster_ips.iter().filter_map(|a| address::decode(a)) {
+                if self.by_vip.get(&ip).is_some_and(|owner| owner == key) {
+                    self.by_vip.remove(&ip);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn workload(uid: &str, ip: &str) -> Workload {
+        Workload {
+            uid: uid.into(),
+            name: uid.into(),
+            namespace: "ns".into(),
+            addresses: vec![address::encode(ip.parse().unwrap())],
+            ..Default::default()
+        }
+    }
+
+    fn snapshot(version: u64, workloads: Vec<Workload>) -> WatchResponse {
+        WatchResponse {
+            epoch: "e1".into(),
+            version,
+            snapshot: true,
+            workloads,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn snapshot_then_delta_moves_an_address() {
+        let mut view = View::default();
+        view.apply(snapshot(3, vec![workload("a", "10.0.0.1")]))
+            .unwrap();
+        let ip = "10.0.0.1".parse().unwrap();
+        assert_eq!(view.workload_by_address(ip).unwrap().uid, "a");
+
+        // a leaves, b takes the same IP, in one delta.
+        view.apply(WatchResponse {
+            epoch: "e1".into(),
+            version: 5,
+            base_version: 3,
+            removed_workloads: vec!["a".into()],
+            workloads: vec![workload("b", "10.0.0.1")],
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(view.workload_by_address(ip).unwrap().uid, "b");
+        assert_eq!(view.workloads.len(), 1);
+        assert_eq!(view.version, 5);
+    }
+
+    #[test]
+    fn delta_from_another_base_is_refused_and_changes_nothing() {
+        let mut view = View::default();
+        view.apply(snapshot(3, vec![workload("a", "10.0.0.1")]))
+            .unwrap();
+        let before = view.clone();
+        let err = view
+            .apply(WatchResponse {
+                epoch: "e1".into(),
+                version: 9,
+                base_version: 7,
+                removed_workloads: vec!["a".into()],
+                ..Default::default()
+            })
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            ApplyError::BaseMismatch {
+                base: 7,
+                held: 3,
+                ..
+            }
+        ));
+        assert_eq!(view, before);
+    }
+
+    #[test]
+    fn snapshot_replaces_everything() {
+        let mut view = View::default();
+        view.apply(snapshot(3, vec![workload("a", "10.0.0.1")]))
+            .unwrap();
+        view.apply(snapshot(4, vec![workload("b", "10.0.0.2")]))
+            .unwrap();
+        assert!(
+            view.workload_by_address("10.0.0.1".parse().unwrap())
+                .is_none()
+        );
+        assert_eq!(view.workloads.keys().collect::<Vec<_>>(), ["b"]);
+    }
+}

@@ -1,0 +1,93 @@
+//! The index: a pure function from the cluster's objects to every node's
+//! view. No I/O, no clock, no state between calls: the same objects always
+//! give the same views, which is what lets the tests drive it with object
+//! JSON alone and lets the publisher compare results to find what changed.
+//!
+//! The cost is a full rebuild per batch of changes (linear in the cluster,
+//! measured by `cargo xtask bench destination`); an incremental index would
+//! be faster per event and much harder to get right.
+
+mod addresses;
+mod problems;
+mod services;
+mod workloads;
+
+pub use problems::{Problem, ProblemKind};
+
+use crate::store::ClusterObjects;
+use crate::views::{LocalView, MeshView};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// Where Service endpoints come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EndpointsFrom {
+    /// Computed from Service selectors over pods, as the endpoints
+    /// controller would (local mode: no controller runs).
+    Selectors,
+    /// Read from EndpointSlices (on Kubernetes).
+    EndpointSlices,
+}
+
+#[derive(Clone, Debug)]
+pub struct IndexConfig {
+    pub trust_domain: String,
+    pub cluster_domain: String,
+    pub endpoints: EndpointsFrom,
+}
+
+impl Default for IndexConfig {
+    fn default() -> Self {
+        Self {
+            trust_domain: weft_destination_api::DEFAULT_TRUST_DOMAIN.into(),
+            cluster_domain: "cluster.local".into(),
+            endpoints: EndpointsFrom::EndpointSlices,
+        }
+    }
+}
+
+/// Everything the index computes.
+#[derive(Debug, Default)]
+pub struct Index {
+    pub mesh: Arc<MeshView>,
+    /// Nodes with at least one pod. Any other node's view is empty.
+    pub nodes: BTreeMap<String, Arc<LocalView>>,
+    /// Inconsistencies found (served around, reported).
+    pub problems: Vec<Problem>,
+}
+
+impl Index {
+    pub fn local(&self, node: &str) -> Arc<LocalView> {
+        self.nodes.get(node).cloned().unwrap_or_default()
+    }
+}
+
+pub fn build(objects: &ClusterObjects, config: &IndexConfig) -> Index {
+    let mut problems = Vec::new();
+    let owners = addresses::assign(objects, &mut problems);
+    let workloads = workloads::build(objects, config, &owners, &mut problems);
+    let services = services::build(objects, config, &workloads, &mut problems);
+
+    let mut nodes: BTreeMap<String, LocalView> = BTreeMap::new();
+    let mut mesh = MeshView {
+        workloads: BTreeMap::new(),
+        services,
+    };
+    for w in workloads.placed.values() {
+        let local = nodes.entry(w.node.clone()).or_default();
+        local.workloads.insert(w.uid.clone(), w.clone());
+        if w.enrolled {
+            local.has_enrolled = true;
+            mesh.workloads.insert(w.uid.clone(), w.clone());
+        }
+    }
+    problems.sort();
+    Index {
+        mesh: Arc::new(mesh),
+        nodes: nodes.into_iter().map(|(n, v)| (n, Arc::new(v))).collect(),
+        problems,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,54 @@
+//! Inconsistencies in the cluster's objects the index works around. Each is
+//! reported (logged when it appears, counted by kind in
+//! `weft_destination_index_problems`); none stops the rest being served.
+
+use std::fmt;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ProblemKind {
+    /// Two pods claim one IP: the older keeps it, the other is served
+    /// without it.
+    DuplicateAddress,
+    /// Two Services claim one ClusterIP: the older keeps it.
+    DuplicateClusterIp,
+    /// A Service with a selector has no endpoints.
+    NoEndpoints,
+    /// A pod runs as a ServiceAccount the manifests do not declare.
+    MissingServiceAccount,
+    /// An EndpointSlice points at a pod the index does not know.
+    UnknownEndpointPod,
+}
+
+impl ProblemKind {
+    pub const ALL: [ProblemKind; 5] = [
+        ProblemKind::DuplicateAddress,
+        ProblemKind::DuplicateClusterIp,
+        ProblemKind::NoEndpoints,
+        ProblemKind::MissingServiceAccount,
+        ProblemKind::UnknownEndpointPod,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProblemKind::DuplicateAddress => "duplicate_address",
+            ProblemKind::DuplicateClusterIp => "duplicate_cluster_ip",
+            ProblemKind::NoEndpoints => "no_endpoints",
+            ProblemKind::MissingServiceAccount => "missing_service_account",
+            ProblemKind::UnknownEndpointPod => "unknown_endpoint_pod",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Problem {
+    pub kind: ProblemKind,
+    /// `Kind namespace/name`.
+    pub object: String,
+    pub detail: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.object, self.detail)
+    }
+}

@@ -1,0 +1,101 @@
+//! Pods to workloads: identity, addresses, enrollment.
+
+use super::addresses::{self, Owners};
+use super::{IndexConfig, Problem, ProblemKind};
+use crate::model::{MESH_LABEL, ObjectKey, PodInfo};
+use crate::store::ClusterObjects;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use weft_destination_api::{NamedPort, TunnelProtocol, Workload, address, spiffe_id};
+
+pub struct Workloads<'a> {
+    /// Pods on a node, not finished, by key.
+    pub placed: BTreeMap<&'a ObjectKey, Arc<Workload>>,
+}
+
+/// Enrolled: the namespace opts in, the pod does not opt out, and the pod
+/// has a network namespace of its own (a hostNetwork pod shares the node's:
+/// capturing it would capture the node).
+pub fn enrolled(pod: &PodInfo, enrolled_namespaces: &HashSet<&str>) -> bool {
+    enrolled_namespaces.contains(pod.key.namespace.as_str())
+        && pod.labels.get(MESH_LABEL).map(String::as_str) != Some("disabled")
+        && !pod.host_network
+}
+
+pub fn build<'a>(
+    objects: &'a ClusterObjects,
+    config: &IndexConfig,
+    owners: &Owners<'a>,
+    problems: &mut Vec<Problem>,
+) -> Workloads<'a> {
+    let enrolled_namespaces: HashSet<&str> = objects
+        .namespaces
+        .values()
+        .filter(|ns| ns.labels.get(MESH_LABEL).map(String::as_str) == Some("enabled"))
+        .map(|ns| ns.name.as_str())
+        .collect();
+    let mut placed = BTreeMap::new();
+    for pod in objects.pods.values() {
+        let Some(node) = &pod.node else { continue };
+        if pod.terminated {
+            continue;
+        }
+        if objects.tracks_service_accounts
+            && pod.service_account != "default"
+            && !objects
+                .service_accounts
+                .contains(&ObjectKey::new(&pod.key.namespace, &pod.service_account))
+        {
+            problems.push(Problem {
+                kind: ProblemKind::MissingServiceAccount,
+                object: format!("Pod {}", pod.key),
+                detail: format!(
+                    "runs as ServiceAccount {:?}, which is not declared in namespace {:?}; \
+                     its identity is still derived from that name",
+                    pod.service_account, pod.key.namespace
+                ),
+            });
+        }
+        let enrolled = enrolled(pod, &enrolled_namespaces);
+        let addresses = if addresses::claims(pod) {
+            pod.ips
+                .iter()
+                .filter(|ip| owners.get(ip).is_some_and(|owner| **owner == pod.key))
+                .map(|ip| address::encode(*ip))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let workload = Workload {
+            uid: pod.uid.clone(),
+            name: pod.key.name.clone(),
+            namespace: pod.key.namespace.clone(),
+            service_account: pod.service_account.clone(),
+            identity: spiffe_id(
+                &config.trust_domain,
+                &pod.key.namespace,
+                &pod.service_account,
+            ),
+            node: node.clone(),
+            addresses,
+            labels: pod.labels.clone(),
+            ports: pod
+                .ports
+                .iter()
+                .map(|p| NamedPort {
+                    name: p.name.clone(),
+                    port: p.port.into(),
+                    protocol: p.protocol.clone(),
+                })
+                .collect(),
+            enrolled,
+            tunnel: if enrolled {
+                TunnelProtocol::Hbone
+            } else {
+                TunnelProtocol::None
+            } as i32,
+        };
+        placed.insert(&pod.key, Arc::new(workload));
+    }
+    Workloads { placed }
+}

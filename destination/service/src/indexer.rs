@@ -1,0 +1,118 @@
+//! The loop between sources and publisher: apply what sources report to the
+//! store, rebuild the index, publish, and report what changed in the
+//! problems the index works around.
+//!
+//! Updates that arrive while a rebuild runs are applied together before the
+//! next one: under churn the index rebuilds as fast as it can, not once per
+//! event.
+
+use crate::index::{self, IndexConfig, Problem, ProblemKind};
+use crate::metrics::{KindLabel, ProblemLabel};
+use crate::model::Kind;
+use crate::publisher::Publisher;
+use crate::store::{ClusterObjects, StoreUpdate};
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::mpsc;
+
+/// What a source tells the indexer.
+// Moved once through a bounded channel: a box per event would cost more
+// than the unused bytes of `Synced`.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum SourceEvent {
+    Update(StoreUpdate),
+    /// The source has delivered its first complete state: the index may be
+    /// published (and `/ready` turn true).
+    Synced,
+}
+
+/// Most updates applied in one batch before rebuilding: bounds the time a
+/// rebuild waits under a flood.
+const MAX_BATCH: usize = 10_000;
+
+pub async fn run(
+    mut objects: ClusterObjects,
+    config: IndexConfig,
+    mut events: mpsc::Receiver<SourceEvent>,
+    publisher: Arc<Publisher>,
+) {
+    let mut synced = false;
+    let mut problems: BTreeSet<Problem> = BTreeSet::new();
+    while let Some(first) = events.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match events.try_recv() {
+                Ok(e) => batch.push(e),
+                Err(_) => break,
+            }
+        }
+        let mut changed = false;
+        for event in batch {
+            match event {
+                SourceEvent::Update(update) => {
+                    objects.apply(update);
+                    changed = true;
+                }
+                SourceEvent::Synced => {
+                    if !synced {
+                        tracing::info!("first full sync received; serving views");
+                    }
+                    synced = true;
+                    changed = true;
+                }
+            }
+        }
+        if !(synced && changed) {
+            continue;
+        }
+        let started = Instant::now();
+        let config_for_build = config.clone();
+        // The rebuild is CPU work proportional to the cluster: keep it off
+        // the threads that drive the streams.
+        let (returned, built) = match tokio::task::spawn_blocking(move || {
+            let built = index::build(&objects, &config_for_build);
+            (objects, built)
+        })
+        .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "index rebuild failed; the indexer stops");
+                return;
+            }
+        };
+        objects = returned;
+        let metrics = publisher.metrics.clone();
+        for kind in Kind::ALL {
+            metrics
+                .indexed_objects
+                .get_or_create(&KindLabel {
+                    kind: kind.to_string(),
+                })
+                .set(objects.count(kind) as i64);
+        }
+        let now: BTreeSet<Problem> = built.problems.iter().cloned().collect();
+        for p in now.difference(&problems) {
+            tracing::warn!(problem = p.kind.as_str(), object = %p.object, detail = %p.detail, "index problem");
+        }
+        for p in problems.difference(&now) {
+            tracing::info!(problem = p.kind.as_str(), object = %p.object, "index problem resolved");
+        }
+        for kind in ProblemKind::ALL {
+            metrics
+                .index_problems
+                .get_or_create(&ProblemLabel {
+                    problem: kind.as_str(),
+                })
+                .set(now.iter().filter(|p| p.kind == kind).count() as i64);
+        }
+        problems = now;
+        let nodes = publisher.publish(built);
+        metrics
+            .index_duration
+            .observe(started.elapsed().as_secs_f64());
+        tracing::debug!(nodes_changed = nodes, elapsed = ?started.elapsed(), "index published");
+    }
+}

@@ -1,0 +1,12 @@
+//! Where the objects come from: the Kubernetes API ([`kube`]) or a directory
+//! of manifests plus the simulator's state file ([`local`]). Both send
+//! [`SourceEvent`](crate::indexer::SourceEvent)s carrying validated objects;
+//! what fails validation is logged and counted here, at the edge, once per
+//! version of the object.
+
+pub mod kube;
+pub mod local;
+mod manifests;
+mod sim_state;
+
+pub use sim_state::SimState;

@@ -1,0 +1,119 @@
+//! The objects the index is computed from: the latest valid version of each,
+//! keyed by kind and `namespace/name`. Sources change it through
+//! [`StoreUpdate`]s; the index reads it.
+
+use crate::model::{Kind, NamespaceInfo, Object, ObjectKey, PodInfo, ServiceInfo, SliceInfo};
+use std::collections::{BTreeMap, BTreeSet};
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum StoreUpdate {
+    /// Add or replace one object.
+    Apply(Object),
+    /// Remove one object (absent: nothing to do).
+    Delete(Kind, ObjectKey),
+    /// Every object of these kinds is now exactly `objects` (a re-list, or
+    /// a re-read of the local manifests).
+    Replace {
+        kinds: Vec<Kind>,
+        objects: Vec<Object>,
+    },
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct ClusterObjects {
+    pub namespaces: BTreeMap<String, NamespaceInfo>,
+    pub pods: BTreeMap<ObjectKey, PodInfo>,
+    pub services: BTreeMap<ObjectKey, ServiceInfo>,
+    pub slices: BTreeMap<ObjectKey, SliceInfo>,
+    pub service_accounts: BTreeSet<ObjectKey>,
+    pub nodes: BTreeSet<String>,
+    /// Whether ServiceAccounts are known at all: the local source reads
+    /// them from the manifests; the kube source does not watch them (the
+    /// API server refuses a pod whose ServiceAccount does not exist).
+    pub tracks_service_accounts: bool,
+}
+
+impl ClusterObjects {
+    pub fn apply(&mut self, update: StoreUpdate) {
+        match update {
+            StoreUpdate::Apply(object) => self.insert(object),
+            StoreUpdate::Delete(kind, key) => self.remove(kind, &key),
+            StoreUpdate::Replace { kinds, objects } => {
+                for kind in kinds {
+                    self.clear(kind);
+                }
+                for object in objects {
+                    self.insert(object);
+                }
+            }
+        }
+    }
+
+    pub fn count(&self, kind: Kind) -> usize {
+        match kind {
+            Kind::Namespace => self.namespaces.len(),
+            Kind::Pod => self.pods.len(),
+            Kind::Service => self.services.len(),
+            Kind::EndpointSlice => self.slices.len(),
+            Kind::ServiceAccount => self.service_accounts.len(),
+            Kind::Node => self.nodes.len(),
+        }
+    }
+
+    fn insert(&mut self, object: Object) {
+        match object {
+            Object::Namespace(ns) => {
+                self.namespaces.insert(ns.name.clone(), ns);
+            }
+            Object::Pod(p) => {
+                self.pods.insert(p.key.clone(), p);
+            }
+            Object::Service(s) => {
+                self.services.insert(s.key.clone(), s);
+            }
+            Object::EndpointSlice(s) => {
+                self.slices.insert(s.key.clone(), s);
+            }
+            Object::ServiceAccount(k) => {
+                self.service_accounts.insert(k);
+            }
+            Object::Node(n) => {
+                self.nodes.insert(n);
+            }
+        }
+    }
+
+    fn remove(&mut self, kind: Kind, key: &ObjectKey) {
+        match kind {
+            Kind::Namespace => {
+                self.namespaces.remove(&key.name);
+            }
+            Kind::Pod => {
+                self.pods.remove(key);
+            }
+            Kind::Service => {
+                self.services.remove(key);
+            }
+            Kind::EndpointSlice => {
+                self.slices.remove(key);
+            }
+            Kind::ServiceAccount => {
+                self.service_accounts.remove(key);
+            }
+            Kind::Node => {
+                self.nodes.remove(&key.name);
+            }
+        }
+    }
+
+    fn clear(&mut self, kind: Kind) {
+        match kind {
+            Kind::Namespace => self.namespaces.clear(),
+            Kind::Pod => self.pods.clear(),
+            Kind::Service => self.services.clear(),
+            Kind::EndpointSlice => self.slices.clear(),
+            Kind::ServiceAccount => self.service_accounts.clear(),
+            Kind::Node => self.nodes.clear(),
+        }
+    }
+}

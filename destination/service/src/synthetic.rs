@@ -1,0 +1,133 @@
+//! Synthetic clusters of any size, for benchmarks and load tests: the shape
+//! of a typical cluster (namespaces half enrolled, Deployments of a few
+//! replicas spread over the nodes, one Service and EndpointSlice per
+//! Deployment), without a cluster.
+
+use crate::model::{
+    ContainerPort, NamespaceInfo, ObjectKey, PodInfo, ServiceInfo, ServicePortInfo, SliceEndpoint,
+    SliceInfo, SlicePort, TargetPort,
+};
+use crate::store::ClusterObjects;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+
+#[derive(Clone, Copy, Debug)]
+pub struct Shape {
+    pub pods: usize,
+    pub services: usize,
+    pub nodes: usize,
+    pub namespaces: usize,
+}
+
+pub fn node_name(i: usize) -> String {
+    format!("node-{i:03}")
+}
+
+pub fn cluster(shape: Shape) -> ClusterObjects {
+    let mut objects = ClusterObjects::default();
+    for n in 0..shape.namespaces {
+        let mut labels = BTreeMap::new();
+        if n % 2 == 0 {
+            labels.insert(crate::model::MESH_LABEL.to_string(), "enabled".to_string());
+        }
+        let name = format!("ns-{n:02}");
+        objects
+            .namespaces
+            .insert(name.clone(), NamespaceInfo { name, labels });
+    }
+    for i in 0..shape.pods {
+        let pod = pod(shape, i);
+        objects.pods.insert(pod.key.clone(), pod);
+    }
+    let per_service = shape.pods / shape.services.max(1);
+    for s in 0..shape.services {
+        let ns = format!("ns-{:02}", s % shape.namespaces);
+        let key = ObjectKey::new(&ns, format!("svc-{s:05}"));
+        let mut selector = BTreeMap::new();
+        selector.insert("app".to_string(), format!("app-{s:05}"));
+        objects.services.insert(
+            key.clone(),
+            ServiceInfo {
+                key: key.clone(),
+                cluster_ips: vec![IpAddr::V4(Ipv4Addr::new(
+                    10,
+                    96,
+                    (s / 250) as u8,
+                    (s % 250) as u8 + 1,
+                ))],
+                headless: false,
+                ports: vec![ServicePortInfo {
+                    name: "http".into(),
+                    port: 80,
+                    target: TargetPort::Name("http".into()),
+                    protocol: "TCP".into(),
+                    app_protocol: "http".into(),
+                }],
+                selector: Some(selector),
+                created: String::new(),
+            },
+        );
+        let endpoints = (0..per_service)
+            .map(|r| s * per_service + r)
+            .filter(|i| *i < shape.pods)
+            .map(|i| {
+                let p = pod(shape, i);
+                SliceEndpoint {
+                    addresses: p.ips.clone(),
+                    ready: true,
+                    pod: Some(p.key.name.clone()),
+                }
+            })
+            .collect();
+        let slice_key = ObjectKey::new(&ns, format!("svc-{s:05}-abcde"));
+        objects.slices.insert(
+            slice_key.clone(),
+            SliceInfo {
+                key: slice_key,
+                service: key.name.clone(),
+                endpoints,
+                ports: vec![SlicePort {
+                    name: "http".into(),
+                    port: 8080,
+                }],
+            },
+        );
+    }
+    objects
+}
+
+/// Pod `i` belongs to Service `s = i / (pods / services)`, in that
+/// Service's namespace; replica `r` of a Service lands on node
+/// `(s + 17 r) % nodes`, so that every node runs pods of enrolled and of
+/// other namespaces, and replicas spread.
+pub fn pod(shape: Shape, i: usize) -> PodInfo {
+    let per_service = (shape.pods / shape.services.max(1)).max(1);
+    let s = i / per_service;
+    let ns = format!("ns-{:02}", s % shape.namespaces);
+    let node = (s + 17 * (i % per_service)) % shape.nodes;
+    let mut labels = BTreeMap::new();
+    labels.insert("app".to_string(), format!("app-{s:05}"));
+    labels.insert("pod-template-hash".to_string(), "7d9c8b6f5d".to_string());
+    PodInfo {
+        key: ObjectKey::new(&ns, format!("app-{s:05}-7d9c8b6f5d-{i:05}")),
+        uid: format!("00000000-0000-4000-8000-{i:012}"),
+        node: Some(node_name(node)),
+        service_account: format!("sa-{s:05}"),
+        labels,
+        // Unique per pod (per-node pod CIDRs do not matter to the index).
+        ips: vec![IpAddr::V4(Ipv4Addr::new(
+            10,
+            (100 + i / 62_500) as u8,
+            ((i / 250) % 250) as u8,
+            (i % 250) as u8 + 2,
+        ))],
+        ports: vec![ContainerPort {
+            name: "http".into(),
+            port: 8080,
+            protocol: "TCP".into(),
+        }],
+        host_network: false,
+        terminated: false,
+        created: String::new(),
+    }
+}

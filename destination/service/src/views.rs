@@ -1,0 +1,284 @@
+//! What the index produces and the server sends.
+//!
+//! Every node with at least one enrolled pod needs the same picture of the
+//! mesh (every enrolled workload, every Service), so that part is built once
+//! and shared ([`MeshView`], behind an `Arc`); what differs per node is only
+//! its own pods ([`LocalView`]). A [`NodeView`] is the pair, and responses on
+//! the wire are computed from two NodeViews: a snapshot from nothing, or a
+//! delta from what the subscriber last received.
+
+use std::collections::BTreeMap;
+use std::iter::Peekable;
+use std::sync::Arc;
+use std::time::Instant;
+use weft_destination_api::{Service, WatchResponse, Workload};
+
+pub type Workloads = BTreeMap<String, Arc<Workload>>;
+pub type Services = BTreeMap<String, Arc<Service>>;
+
+/// What every node with enrolled pods receives.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct MeshView {
+    /// Enrolled workloads, by uid.
+    pub workloads: Workloads,
+    /// Every Service, by `namespace/name`.
+    pub services: Services,
+}
+
+/// One node's own pods, enrolled or not (a proxy must know when one of its
+/// pods leaves the mesh).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LocalView {
+    pub workloads: Workloads,
+    /// A node without enrolled pods has no clients in the mesh and needs no
+    /// picture of it: its view is only its own pods.
+    pub has_enrolled: bool,
+}
+
+/// The view of one node at one version.
+#[derive(Clone, Debug)]
+pub struct NodeView {
+    /// 0: nothing indexed yet.
+    pub version: u64,
+    /// When the index published this version (for push lag).
+    pub published: Instant,
+    pub mesh: Option<Arc<MeshView>>,
+    pub local: Arc<LocalView>,
+}
+
+impl NodeView {
+    pub fn empty() -> Self {
+        Self {
+            version: 0,
+            published: Instant::now(),
+            mesh: None,
+            local: Arc::default(),
+        }
+    }
+
+    pub fn new(mesh: &Arc<MeshView>, local: Arc<LocalView>) -> Self {
+        Self {
+            version: 0,
+            published: Instant::now(),
+            mesh: local.has_enrolled.then(|| mesh.clone()),
+            local,
+        }
+    }
+
+    /// Same objects (versions aside), by identity: the publisher interns
+    /// every generation against the previous one, so unchanged parts are the
+    /// same allocation. A deep comparison here would cost a walk of the
+    /// whole mesh per subscriber per update; a false "different" only costs
+    /// an empty delta.
+    pub fn same_content(&self, other: &NodeView) -> bool {
+        let mesh_same = match (&self.mesh, &other.mesh) {
+            (None, None) => true,
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        };
+        mesh_same && Arc::ptr_eq(&self.local, &other.local)
+    }
+
+    /// Every workload in the view, in uid order: the node's own pods and,
+    /// with enrolled pods, the mesh's.
+    pub fn workloads(&self) -> impl Iterator<Item = (&String, &Arc<Workload>)> {
+        let mesh = self.mesh.iter().flat_map(|m| m.workloads.iter());
+        Union {
+            a: self.local.workloads.iter().peekable(),
+            b: mesh.peekable(),
+        }
+    }
+
+    pub fn services(&self) -> impl Iterator<Item = (&String, &Arc<Service>)> {
+        self.mesh.iter().flat_map(|m| m.services.iter())
+    }
+
+    pub fn snapshot(&self, epoch: &str) -> WatchResponse {
+        WatchResponse {
+            epoch: epoch.to_string(),
+            version: self.version,
+            snapshot: true,
+            base_version: 0,
+            workloads: self.workloads().map(|(_, w)| (**w).clone()).collect(),
+            services: self.services().map(|(_, s)| (**s).clone()).collect(),
+            ..Default::default()
+        }
+    }
+
+    /// What turns `old` (the subscriber's view) into `self`.
+    pub fn delta_from(&self, old: &NodeView, epoch: &str) -> WatchResponse {
+        let mut response = WatchResponse {
+            epoch: epoch.to_string(),
+            version: self.version,
+            snapshot: false,
+            base_version: old.version,
+            ..Default::default()
+        };
+        if self.same_content(old) {
+            return response;
+        }
+        diff(old.workloads(), self.workloads(), |change| match change {
+            Change::Upsert(w) => response.workloads.push((**w).clone()),
+            Change::Remove(uid) => response.removed_workloads.push(uid.clone()),
+        });
+        diff(old.services(), self.services(), |change| match change {
+            Change::Upsert(s) => response.services.push((**s).clone()),
+            Change::Remove(key) => response.removed_services.push(key.clone()),
+        });
+        response
+    }
+}
+
+/// Merges two maps' iterators in key order; `a` wins where both have a key.
+struct Union<'a, V, A, B>
+where
+    A: Iterator<Item = (&'a String, &'a V)>,
+    B: Iterator<Item = (&'a String, &'a V)>,
+    V: 'a,
+{
+    a: Peekable<A>,
+    b: Peekable<B>,
+}
+
+impl<'a, V, A, B> Iterator for Union<'a, V, A, B>
+where
+    A: Iterator<Item = (&'a String, &'a V)>,
+    B: Iterator<Item = (&'a String, &'a V)>,
+{
+    type Item = (&'a String, &'a V);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match (self.a.peek(), self.b.peek()) {
+            (Some((ka, _)), Some((kb, _))) => match ka.cmp(kb) {
+                std::cmp::Ordering::Less => self.a.next(),
+                std::cmp::Ordering::Greater => self.b.next(),
+                std::cmp::Ordering::Equal => {
+                    self.b.next();
+                    self.a.next()
+                }
+            },
+            (Some(_), None) => self.a.next(),
+            (None, _) => self.b.next(),
+        }
+    }
+}
+
+enum Change<'a, V> {
+    Upsert(&'a Arc<V>),
+    Remove(&'a String),
+}
+
+/// Walks two key-ordered sequences once, reporting what changed.
+fn diff<'a, V: PartialEq + 'a>(
+    old: impl Iterator<Item = (&'a String, &'a Arc<V>)>,
+    new: impl Iterator<Item = (&'a String, &'a Arc<V>)>,
+    mut out: impl FnMut(Change<'a, V>),
+) {
+    let mut old = old.peekable();
+    let mut new = new.peekable();
+    loop {
+        match (old.peek(), new.peek()) {
+            (Some((ko, vo)), Some((kn, vn))) => match ko.cmp(kn) {
+                std::cmp::Ordering::Less => {
+                    out(Change::Remove(ko));
+                    old.next();
+                }
+                std::cmp::Ordering::Greater => {
+                    out(Change::Upsert(vn));
+                    new.next();
+                }
+                std::cmp::Ordering::Equal => {
+                    if !(Arc::ptr_eq(vo, vn) || vo == vn) {
+                        out(Change::Upsert(vn));
+                    }
+                    old.next();
+                    new.next();
+                }
+            },
+            (Some((ko, _)), None) => {
+                out(Change::Remove(ko));
+                old.next();
+            }
+            (None, Some((_, vn))) => {
+                out(Change::Upsert(vn));
+                new.next();
+            }
+            (None, None) => break,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weft_destination_api::View;
+
+    fn w(uid: &str, node: &str) -> (String, Arc<Workload>) {
+        (
+            uid.to_string(),
+            Arc::new(Workload {
+                uid: uid.into(),
+                node: node.into(),
+                ..Default::default()
+            }),
+        )
+    }
+
+    fn view(
+        version: u64,
+        mesh: &[(String, Arc<Workload>)],
+        local: &[(String, Arc<Workload>)],
+    ) -> NodeView {
+        NodeView {
+            version,
+            published: Instant::now(),
+            mesh: Some(Arc::new(MeshView {
+                workloads: mesh.iter().cloned().collect(),
+                services: Services::new(),
+            })),
+            local: Arc::new(LocalView {
+                workloads: local.iter().cloned().collect(),
+                has_enrolled: true,
+            }),
+        }
+    }
+
+    #[test]
+    fn delta_applied_to_old_snapshot_equals_new_snapshot() {
+        let old = view(
+            1,
+            &[w("a", "n1"), w("c", "n2")],
+            &[w("a", "n1"), w("z", "n1")],
+        );
+        let new = view(
+            2,
+            &[w("a", "n1"), w("b", "n2")],
+            &[w("a", "n1"), w("y", "n1")],
+        );
+        let delta = new.delta_from(&old, "e");
+        let mut removed = delta.removed_workloads.clone();
+        removed.sort();
+        assert_eq!(removed, ["c", "z"]);
+        let mut added: Vec<_> = delta.workloads.iter().map(|w| w.uid.clone()).collect();
+        added.sort();
+        assert_eq!(added, ["b", "y"]);
+
+        let mut client = View::default();
+        client.apply(old.snapshot("e")).unwrap();
+        client.apply(delta).unwrap();
+        let mut fresh = View::default();
+        fresh.apply(new.snapshot("e")).unwrap();
+        assert_eq!(client, fresh);
+    }
+
+    #[test]
+    fn union_lists_shared_keys_once() {
+        let v = view(
+            1,
+            &[w("a", "n1"), w("b", "n2")],
+            &[w("a", "n1"), w("c", "n1")],
+        );
+        let keys: Vec<_> = v.workloads().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, ["a", "b", "c"]);
+    }
+}

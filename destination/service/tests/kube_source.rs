@@ -1,0 +1,213 @@
+//! The kube source against kube's mock HTTP service: list and watch
+//! responses shaped as the API server sends them, including a watch that
+//! expires with 410 Gone and must be followed by a re-list.
+
+use http::{Request, Response};
+use kube::client::Body;
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tower_test::mock::{self, SendResponse};
+use weft_destination::index::IndexConfig;
+use weft_destination::metrics::Metrics;
+use weft_destination::publisher::Publisher;
+use weft_destination::store::ClusterObjects;
+use weft_destination::views::NodeView;
+use weft_destination::{indexer, source};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+fn pod(name: &str, uid: &str, ip: &str, rv: &str) -> Value {
+    // List items come without kind/apiVersion, as from the API server.
+    json!({
+        "metadata": {"name": name, "namespace": "shop", "uid": uid, "resourceVersion": rv,
+                     "creationTimestamp": "2026-11-20T09:13:02Z", "labels": {"app": "web"}},
+        "spec": {"nodeName": "node-a", "serviceAccountName": "web",
+                 "containers": [{"name": "web", "image": "web:1", "ports": [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]}]},
+        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}
+    })
+}
+
+fn list(kind: &str, api_version: &str, rv: &str, items: Vec<Value>) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "kind": kind, "apiVersion": api_version,
+        "metadata": {"resourceVersion": rv}, "items": items
+    }))
+    .unwrap()
+}
+
+fn event(kind: &str, object: Value) -> String {
+    format!("{}\n", json!({"type": kind, "object": object}))
+}
+
+fn with_kind(mut object: Value, kind: &str) -> Value {
+    object["kind"] = json!(kind);
+    object["apiVersion"] = json!("v1");
+    object
+}
+
+/// Plays the API server: answers each request by resource and by how many
+/// times that resource was listed/watched. Watches with nothing scripted
+/// stay open (their responders are kept).
+async fn api_server(
+    mut handle: mock::Handle<Request<Body>, Response<Body>>,
+    calls: Arc<Mutex<HashMap<String, usize>>>,
+) {
+    let mut held: Vec<SendResponse<Response<Body>>> = Vec::new();
+    while let Some((request, send)) = handle.next_request().await {
+        let path = request.uri().path().to_string();
+        let query = request.uri().query().unwrap_or("").to_string();
+        let is_watch = query.contains("watch=true");
+        if path == "/api/v1/pods" {
+            // Finished pods are filtered out by the API server.
+            assert!(
+                query.contains(
+                    "fieldSelector=status.phase%21%3DSucceeded%2Cstatus.phase%21%3DFailed"
+                ),
+                "{query}"
+            );
+        }
+        let call = {
+            let mut calls = calls.lock().unwrap();
+            let n = calls
+                .entry(format!(
+                    "{} {path}",
+                    if is_watch { "watch" } else { "list" }
+                ))
+                .or_default();
+            *n += 1;
+            *n
+        };
+        let body: Option<Vec<u8>> = match (path.as_str(), is_watch, call) {
+            ("/api/v1/namespaces", false, _) => Some(list(
+                "NamespaceList",
+                "v1",
+                "50",
+                vec![
+                    json!({"metadata": {"name": "shop", "uid": "ns-shop", "resourceVersion": "50",
+                                          "labels": {"weft.io/mesh": "enabled"}}}),
+                ],
+            )),
+            ("/api/v1/pods", false, 1) => Some(list(
+                "PodList",
+                "v1",
+                "100",
+                vec![
+                    pod("web-1", "uid-web-1", "10.244.0.5", "90"),
+                    // Not what an API server sends, but what a broken
+                    // aggregated API or a future schema might: no uid.
+                    {
+                        let mut p = pod("no-uid", "", "10.244.0.9", "91");
+                        p["metadata"].as_object_mut().unwrap().remove("uid");
+                        p
+                    },
+                ],
+            )),
+            // The watch from 100: one more pod, then the resource version
+            // expires (the watch was too slow / etcd compacted).
+            ("/api/v1/pods", true, 1) => {
+                assert!(query.contains("resourceVersion=100"), "{query}");
+                let mut body = event(
+                    "ADDED",
+                    with_kind(pod("web-2", "uid-web-2", "10.244.0.6", "101"), "Pod"),
+                );
+                body.push_str(&event(
+                    "ERROR",
+                    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                           "message": "too old resource version: 101 (180)", "reason": "Expired", "code": 410}),
+                ));
+                Some(body.into_bytes())
+            }
+            // The re-list: web-1 was deleted while the watch was gone; the
+            // deletion event was lost, only the list says so.
+            ("/api/v1/pods", false, 2) => Some(list(
+                "PodList",
+                "v1",
+                "200",
+                vec![pod("web-2", "uid-web-2", "10.244.0.6", "101")],
+            )),
+            ("/api/v1/services", false, _) => Some(list("ServiceList", "v1", "60", vec![])),
+            ("/apis/discovery.k8s.io/v1/endpointslices", false, _) => Some(list(
+                "EndpointSliceList",
+                "discovery.k8s.io/v1",
+                "70",
+                vec![],
+            )),
+            (_, true, _) => None,
+            other => panic!("unexpected request {other:?} {query}"),
+        };
+        match body {
+            Some(body) => send.send_response(Response::builder().body(Body::from(body)).unwrap()),
+            None => held.push(send),
+        }
+    }
+}
+
+async fn wait(
+    rx: &mut watch::Receiver<NodeView>,
+    what: &str,
+    check: impl FnMut(&NodeView) -> bool,
+) {
+    tokio::time::timeout(WAIT, rx.wait_for(check))
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+        .unwrap();
+}
+
+fn names(view: &NodeView) -> Vec<String> {
+    view.workloads().map(|(_, w)| w.name.clone()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_watches_and_relists_after_410_gone() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let calls = Arc::new(Mutex::new(HashMap::new()));
+    let server = tokio::spawn(api_server(handle, calls.clone()));
+    let client = kube::Client::new(service, "default");
+
+    let metrics = Arc::new(Metrics::new());
+    let publisher = Arc::new(Publisher::new(metrics.clone()));
+    let (tx, rx) = mpsc::channel(64);
+    let source = tokio::spawn(source::kube::run(client, tx, metrics.clone()));
+    let indexer = tokio::spawn(indexer::run(
+        ClusterObjects::default(),
+        IndexConfig::default(),
+        rx,
+        publisher.clone(),
+    ));
+    let mut ready = publisher.ready();
+    let mut view = publisher.subscribe("node-a");
+
+    tokio::time::timeout(WAIT, ready.wait_for(|r| *r))
+        .await
+        .expect("ready after every kind is listed")
+        .unwrap();
+    // web-2 arrives on the watch, before the 410: both pods seen together.
+    wait(&mut view, "the watched pod", |v| {
+        names(v) == ["web-1", "web-2"]
+    })
+    .await;
+    // After 410 Gone the source re-lists: web-1, deleted meanwhile, goes.
+    wait(&mut view, "the re-list", |v| names(v) == ["web-2"]).await;
+    let v = view.borrow().clone();
+    let w = v.workloads().next().unwrap().1;
+    assert!(w.enrolled);
+    assert_eq!(w.identity, "spiffe://cluster.local/ns/shop/sa/web");
+    assert_eq!(calls.lock().unwrap()["list /api/v1/pods"], 2);
+    assert_eq!(calls.lock().unwrap()["list /api/v1/namespaces"], 1);
+    // The pod without a uid was refused (once: at the first list; the
+    // re-list no longer has it), and did not stop the others.
+    assert_eq!(metrics.rejected("Pod"), 1);
+    let text = metrics.encode();
+    assert!(
+        text.contains("weft_destination_indexed_objects{kind=\"Pod\"} 1"),
+        "{text}"
+    );
+
+    for t in [source, indexer, server] {
+        t.abort();
+    }
+}

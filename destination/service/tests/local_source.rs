@@ -1,0 +1,323 @@
+//! The local source on a temporary directory, through the indexer and
+//! publisher: what a node proxy would see as files change.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+use weft_destination::index::{EndpointsFrom, IndexConfig};
+use weft_destination::indexer;
+use weft_destination::metrics::Metrics;
+use weft_destination::publisher::Publisher;
+use weft_destination::source::local::LocalSource;
+use weft_destination::store::ClusterObjects;
+use weft_destination::views::NodeView;
+use weft_destination_api::address;
+
+/// The issue's bound: an edited file is in the pushed view within a second.
+const PROPAGATION: Duration = Duration::from_secs(1);
+
+struct Pipeline {
+    publisher: Arc<Publisher>,
+    metrics: Arc<Metrics>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+fn start(dir: &Path, state: Option<&Path>) -> Pipeline {
+    let metrics = Arc::new(Metrics::new());
+    let publisher = Arc::new(Publisher::new(metrics.clone()));
+    let (tx, rx) = mpsc::channel(64);
+    let source = LocalSource::new(
+        dir.to_path_buf(),
+        state.map(Path::to_path_buf),
+        metrics.clone(),
+    );
+    let objects = ClusterObjects {
+        tracks_service_accounts: true,
+        ..Default::default()
+    };
+    let config = IndexConfig {
+        endpoints: EndpointsFrom::Selectors,
+        ..IndexConfig::default()
+    };
+    Pipeline {
+        tasks: vec![
+            tokio::spawn(async move {
+                source.run(tx).await.unwrap();
+            }),
+            tokio::spawn(indexer::run(objects, config, rx, publisher.clone())),
+        ],
+        publisher,
+        metrics,
+    }
+}
+
+async fn wait(
+    rx: &mut watch::Receiver<NodeView>,
+    within: Duration,
+    what: &str,
+    check: impl FnMut(&NodeView) -> bool,
+) {
+    tokio::time::timeout(within, rx.wait_for(check))
+        .await
+        .unwrap_or_else(|_| panic!("not within {within:?}: {what}"))
+        .unwrap();
+}
+
+fn has(view: &NodeView, name: &str) -> bool {
+    view.workloads().any(|(_, w)| w.name == name)
+}
+
+const NAMESPACE: &str = "\
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: demo
+  labels:
+    weft.io/mesh: enabled
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata:
+  name: client
+  namespace: demo
+";
+
+const CLIENT: &str = "\
+apiVersion: v1
+kind: Pod
+metadata:
+  name: client
+  namespace: demo
+  labels: {app: client}
+spec:
+  nodeName: node-a
+  serviceAccountName: client
+  containers:
+  - name: main
+    command: [sleep, infinity]
+status:
+  podIP: 10.244.0.2
+";
+
+const SERVER: &str = "\
+apiVersion: v1
+kind: Pod
+metadata:
+  name: server
+  namespace: demo
+  labels: {app: server}
+spec:
+  nodeName: node-a
+  containers:
+  - name: main
+    ports: [{name: http, containerPort: 8080}]
+status:
+  podIP: 10.244.0.3
+---
+apiVersion: v1
+kind: Service
+metadata: {name: server, namespace: demo}
+spec:
+  clusterIP: 10.96.0.20
+  selector: {app: server}
+  ports: [{name: http, port: 80, targetPort: http}]
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adding_editing_and_deleting_files_changes_the_view() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("namespace.yaml"), NAMESPACE).unwrap();
+    std::fs::write(dir.path().join("client.yaml"), CLIENT).unwrap();
+    let p = start(dir.path(), None);
+    let mut ready = p.publisher.ready();
+    let mut view = p.publisher.subscribe("node-a");
+    wait(&mut view, Duration::from_secs(5), "first view", |v| {
+        has(v, "client")
+    })
+    .await;
+    assert!(*ready.wait_for(|r| *r).await.unwrap());
+    let w = view.borrow().workloads().next().unwrap().1.clone();
+    assert!(w.enrolled);
+    assert_eq!(w.identity, "spiffe://cluster.local/ns/demo/sa/client");
+    assert_eq!(
+        address::decode(&w.addresses[0]),
+        Some("10.244.0.2".parse().unwrap())
+    );
+
+    // Add a file: a server and its Service.
+    let t = Instant::now();
+    std::fs::write(dir.path().join("server.yaml"), SERVER).unwrap();
+    wait(&mut view, PROPAGATION, "server added", |v| {
+        v.services()
+            .any(|(k, s)| k == "demo/server" && s.endpoints.len() == 1)
+    })
+    .await;
+    eprintln!("file added -> view changed in {:?}", t.elapsed());
+
+    // Edit a file: the namespace leaves the mesh.
+    let t = Instant::now();
+    std::fs::write(
+        dir.path().join("namespace.yaml"),
+        NAMESPACE.replace("weft.io/mesh: enabled", "weft.io/mesh: disabled"),
+    )
+    .unwrap();
+    wait(&mut view, PROPAGATION, "namespace left the mesh", |v| {
+        v.mesh.is_none() && v.workloads().all(|(_, w)| !w.enrolled)
+    })
+    .await;
+    eprintln!("file edited -> view changed in {:?}", t.elapsed());
+
+    // Delete a file: the server goes.
+    std::fs::remove_file(dir.path().join("server.yaml")).unwrap();
+    wait(&mut view, PROPAGATION, "server removed", |v| {
+        !has(v, "server")
+    })
+    .await;
+    assert!(has(&view.borrow(), "client"));
+    assert_eq!(p.metrics.rejected("File"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_files_and_objects_are_reported_and_the_rest_served() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("namespace.yaml"), NAMESPACE).unwrap();
+    std::fs::write(dir.path().join("client.yaml"), CLIENT).unwrap();
+    std::fs::write(
+        dir.path().join("garbage.yaml"),
+        "kind: Pod\nmetadata: {name: [oops\n",
+    )
+    .unwrap();
+    // One bad object among good ones: only it is refused.
+    std::fs::write(
+        dir.path().join("mixed.yaml"),
+        format!("{SERVER}---\napiVersion: v1\nkind: Pod\nmetadata: {{name: bad, namespace: demo}}\nspec:\n  nodeName: node-a\n  containers: []\nstatus: {{podIP: not-an-ip}}\n"),
+    )
+    .unwrap();
+    let p = start(dir.path(), None);
+    let mut view = p.publisher.subscribe("node-a");
+    wait(
+        &mut view,
+        Duration::from_secs(5),
+        "good objects served",
+        |v| has(v, "client") && has(v, "server"),
+    )
+    .await;
+    assert!(!has(&view.borrow(), "bad"));
+    assert_eq!(p.metrics.rejected("File"), 1, "garbage.yaml");
+    assert_eq!(p.metrics.rejected("Pod"), 1, "demo/bad");
+
+    // A good file broken by an edit keeps serving what it held.
+    std::fs::write(
+        dir.path().join("client.yaml"),
+        "kind: Pod\n  bad: indentation\n :",
+    )
+    .unwrap();
+    let t = Instant::now();
+    while p.metrics.rejected("File") < 2 && t.elapsed() < PROPAGATION * 3 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        p.metrics.rejected("File"),
+        2,
+        "client.yaml's broken edit is reported"
+    );
+    assert!(
+        has(&view.borrow(), "client"),
+        "its last good objects are still served"
+    );
+
+    // Unchanged broken files are not reported again on later reloads.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(p.metrics.rejected("File"), 2);
+
+    // Fixed: the new content is served.
+    std::fs::write(
+        dir.path().join("client.yaml"),
+        CLIENT.replace("10.244.0.2", "10.244.0.9"),
+    )
+    .unwrap();
+    wait(&mut view, PROPAGATION, "fixed file served", |v| {
+        v.workloads().any(|(_, w)| {
+            w.name == "client"
+                && address::decode(&w.addresses[0]) == Some("10.244.0.9".parse().unwrap())
+        })
+    })
+    .await;
+    let text = p.metrics.encode();
+    assert!(
+        text.contains("weft_destination_rejected_objects_total{kind=\"File\"} 2"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulator_state_supplies_addresses_the_manifests_leave_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = tempfile::tempdir().unwrap();
+    let state_dir = run.path().join("weft-sim/demo");
+    let state_file = state_dir.join("state.json");
+    std::fs::write(dir.path().join("namespace.yaml"), NAMESPACE).unwrap();
+    // No status and no clusterIP: the simulator assigns them.
+    let server = SERVER
+        .replace("status:\n  podIP: 10.244.0.3\n", "")
+        .replace("  clusterIP: 10.96.0.20\n", "");
+    std::fs::write(dir.path().join("server.yaml"), server).unwrap();
+    // The state file's directory does not exist yet: the simulator is not up.
+    let p = start(dir.path(), Some(&state_file));
+    let mut view = p.publisher.subscribe("node-a");
+    wait(
+        &mut view,
+        Duration::from_secs(5),
+        "server without address",
+        |v| {
+            v.workloads()
+                .any(|(_, w)| w.name == "server" && w.addresses.is_empty())
+        },
+    )
+    .await;
+    let uid_before = view.borrow().workloads().next().unwrap().1.uid.clone();
+    assert_eq!(uid_before, "local:demo/server");
+
+    let state = |ip: &str| {
+        format!(
+            r#"{{"name": "demo", "pods": [{{"namespace": "demo", "name": "server", "uid": "5f0c-server",
+                "node": "node-a", "ip": "{ip}", "ipv6": "fd00:10:244:0::3"}}],
+               "services": [{{"namespace": "demo", "name": "server", "cluster_ip": "10.96.17.4"}}]}}"#
+        )
+    };
+    std::fs::create_dir_all(&state_dir).unwrap();
+    std::fs::write(&state_file, state("10.244.0.3")).unwrap();
+    // The directory appeared after start: found by the periodic re-read.
+    wait(
+        &mut view,
+        PROPAGATION * 3,
+        "addresses from the state file",
+        |v| {
+            v.workloads()
+                .any(|(_, w)| w.uid == "5f0c-server" && w.addresses.len() == 2)
+                && v.services().any(|(_, s)| {
+                    s.cluster_ips.first().and_then(|a| address::decode(a))
+                        == Some("10.96.17.4".parse().unwrap())
+                        && s.endpoints.len() == 1
+                })
+        },
+    )
+    .await;
+
+    // The simulator restarts the pod with another IP: followed.
+    std::fs::write(&state_file, state("10.244.0.7")).unwrap();
+    wait(&mut view, PROPAGATION, "new IP from the state file", |v| {
+        v.workloads()
+            .any(|(_, w)| address::decode(&w.addresses[0]) == Some("10.244.0.7".parse().unwrap()))
+    })
+    .await;
+}

@@ -1,0 +1,52 @@
+//! The RBAC in daemonset/ is valid Kubernetes and grants the kube source
+//! exactly what it uses: list and watch of the kinds it watches.
+
+use k8s_openapi::api::core::v1::ServiceAccount;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use serde::Deserialize;
+use std::collections::BTreeSet;
+use weft_destination::model::Kind;
+use weft_destination::source::kube::KINDS;
+
+#[test]
+fn cluster_role_grants_list_and_watch_of_watched_kinds() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../daemonset/destination/rbac.yaml"
+    );
+    let text = std::fs::read_to_string(path).unwrap();
+    let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&text)
+        .map(|d| serde_yaml::Value::deserialize(d).unwrap())
+        .collect();
+    assert_eq!(docs.len(), 3);
+    let sa: ServiceAccount = serde_yaml::from_value(docs[0].clone()).unwrap();
+    let role: ClusterRole = serde_yaml::from_value(docs[1].clone()).unwrap();
+    let binding: ClusterRoleBinding = serde_yaml::from_value(docs[2].clone()).unwrap();
+
+    let mut granted = BTreeSet::new();
+    for rule in role.rules.unwrap() {
+        assert_eq!(rule.verbs, ["list", "watch"], "read-only");
+        for group in rule.api_groups.unwrap() {
+            for resource in rule.resources.clone().unwrap() {
+                granted.insert((group.clone(), resource));
+            }
+        }
+    }
+    let needed: BTreeSet<(String, String)> = KINDS
+        .iter()
+        .map(|k| match k {
+            Kind::Namespace => ("", "namespaces"),
+            Kind::Pod => ("", "pods"),
+            Kind::Service => ("", "services"),
+            Kind::EndpointSlice => ("discovery.k8s.io", "endpointslices"),
+            other => panic!("no RBAC mapping for {other}"),
+        })
+        .map(|(g, r)| (g.to_string(), r.to_string()))
+        .collect();
+    assert_eq!(granted, needed);
+
+    assert_eq!(binding.role_ref.name, role.metadata.name.unwrap());
+    let subject = &binding.subjects.unwrap()[0];
+    assert_eq!(Some(&subject.name), sa.metadata.name.as_ref());
+    assert_eq!(subject.namespace, sa.metadata.namespace);
+}
