@@ -10,7 +10,7 @@
 use crate::metrics::{Metrics, PushLabel};
 use crate::publisher::Publisher;
 use crate::views::NodeView;
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -256,7 +256,13 @@ pub async fn serve(
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(DestinationServer::new(service))
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            tokio_stream::wrappers::TcpListenerStream::new(listener).map(|accepted| {
+                // Deltas are small and latency matters: without this, Nagle
+                // and the peer's delayed ACK hold a small write for ~40 ms.
+                accepted.inspect(|stream| {
+                    let _ = stream.set_nodelay(true);
+                })
+            }),
             shutdown,
         )
         .await
