@@ -99,7 +99,7 @@ impl Destination for DestinationService {
             first: true,
             closing: self.closing.clone(),
             epoch: self.publisher.epoch().to_string(),
-            _gauge: SubscriberGauge::new(self.publisher.metrics.clone()),
+            gauge: SubscriberGauge::new(self.publisher.metrics.clone()),
         };
         Ok(Response::new(Box::pin(subscriber.into_stream())))
     }
@@ -119,7 +119,7 @@ struct Subscriber {
     first: bool,
     closing: watch::Receiver<bool>,
     epoch: String,
-    _gauge: SubscriberGauge,
+    gauge: SubscriberGauge,
 }
 
 impl Subscriber {
@@ -151,7 +151,7 @@ impl Subscriber {
                 Some(last) if !self.first && last.version == current.version => continue,
                 Some(last) => current.delta_from(last, &self.epoch),
             };
-            let metrics = &self._gauge.0;
+            let metrics = &self.gauge.0;
             // Lag is about new versions reaching proxies: a snapshot for a
             // proxy connecting now would count the version's age instead.
             if !self.first {
