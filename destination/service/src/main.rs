@@ -123,7 +123,9 @@ async fn run(args: Args) -> Result<()> {
             })
         }
     };
-    tokio::spawn(indexer::run(objects, config, rx, publisher.clone()));
+    // The indexer only ends if a rebuild panicked: then views would go
+    // stale silently, so the process exits and is restarted instead.
+    let mut indexer_task = tokio::spawn(indexer::run(objects, config, rx, publisher.clone()));
 
     let admin_listener = tokio::net::TcpListener::bind(args.admin_addr)
         .await
@@ -152,6 +154,7 @@ async fn run(args: Args) -> Result<()> {
     };
     tokio::select! {
         r = server::serve(grpc_listener, tls, service, shutdown) => r?,
+        _ = &mut indexer_task => bail!("the indexer stopped; views would go stale"),
         r = &mut source_task => match r {
             Ok(Ok(())) => bail!("the source stopped"),
             Ok(Err(e)) => return Err(e),

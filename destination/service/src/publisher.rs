@@ -23,7 +23,7 @@ use tokio::sync::watch;
 use weft_destination_api::Workload;
 
 /// Generations kept for resuming.
-pub const HISTORY: usize = 16;
+pub const HISTORY: usize = 8;
 
 pub struct Publisher {
     epoch: String,

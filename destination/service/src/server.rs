@@ -10,7 +10,7 @@
 use crate::metrics::{Metrics, PushLabel};
 use crate::publisher::Publisher;
 use crate::views::NodeView;
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -99,7 +99,7 @@ impl Destination for DestinationService {
             first: true,
             closing: self.closing.clone(),
             epoch: self.publisher.epoch().to_string(),
-            _gauge: SubscriberGauge::new(self.publisher.metrics.clone()),
+            gauge: SubscriberGauge::new(self.publisher.metrics.clone()),
         };
         Ok(Response::new(Box::pin(subscriber.into_stream())))
     }
@@ -119,7 +119,7 @@ struct Subscriber {
     first: bool,
     closing: watch::Receiver<bool>,
     epoch: String,
-    _gauge: SubscriberGauge,
+    gauge: SubscriberGauge,
 }
 
 impl Subscriber {
@@ -151,7 +151,7 @@ impl Subscriber {
                 Some(last) if !self.first && last.version == current.version => continue,
                 Some(last) => current.delta_from(last, &self.epoch),
             };
-            let metrics = &self._gauge.0;
+            let metrics = &self.gauge.0;
             // Lag is about new versions reaching proxies: a snapshot for a
             // proxy connecting now would count the version's age instead.
             if !self.first {
@@ -256,7 +256,13 @@ pub async fn serve(
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(DestinationServer::new(service))
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            tokio_stream::wrappers::TcpListenerStream::new(listener).map(|accepted| {
+                // Deltas are small and latency matters: without this, Nagle
+                // and the peer's delayed ACK hold a small write for ~40 ms.
+                accepted.inspect(|stream| {
+                    let _ = stream.set_nodelay(true);
+                })
+            }),
             shutdown,
         )
         .await
