@@ -53,15 +53,7 @@ impl TestCluster {
         adjust: impl FnOnce(&mut Options),
     ) -> Result<Self, SimError> {
         let dir = tempfile::tempdir().map_err(cluster_io("creating a manifest directory"))?;
-        for (name, text) in APPS.iter().chain(files) {
-            let path = dir.path().join(name);
-            std::fs::write(&path, text).map_err(cluster_io("writing a manifest"))?;
-            if name.ends_with(".sh") || name.ends_with(".py") {
-                use std::os::unix::fs::PermissionsExt;
-                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
-                    .map_err(cluster_io("making a script executable"))?;
-            }
-        }
+        write_files(dir.path(), files).map_err(cluster_io("writing the manifest directory"))?;
         let name = format!(
             "t{}-{}",
             std::process::id(),
@@ -175,4 +167,37 @@ pub fn leftovers(name: &str, slot: Option<u8>) -> Vec<String> {
         }
     }
     left
+}
+
+/// Tears down the simulator `name` when dropped: for tests that drive
+/// `cluster::up` or the `weft-sim` binary by hand, so a failing assertion
+/// does not leave the cluster behind.
+pub struct DownOnDrop(pub String);
+
+impl Drop for DownOnDrop {
+    fn drop(&mut self) {
+        if let Ok(opts) = Options::detect() {
+            let _ = cluster::down(&self.0, &opts);
+        }
+    }
+}
+
+/// A temporary manifest directory holding `files` and the test [`APPS`]
+/// (scripts made executable), for tests that call `cluster::up` themselves.
+pub fn manifest_dir(files: &[(&str, &str)]) -> std::io::Result<tempfile::TempDir> {
+    let dir = tempfile::tempdir()?;
+    write_files(dir.path(), files)?;
+    Ok(dir)
+}
+
+fn write_files(dir: &Path, files: &[(&str, &str)]) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for (name, text) in APPS.iter().chain(files) {
+        let path = dir.join(name);
+        std::fs::write(&path, text)?;
+        if name.ends_with(".sh") || name.ends_with(".py") {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+        }
+    }
+    Ok(())
 }

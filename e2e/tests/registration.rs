@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use weft_sim::cluster::NodeAgents;
-use weft_sim::testing::leftovers;
+use weft_sim::testing::{DownOnDrop, leftovers};
 use weft_sim::{Options, State, TestCluster, cluster};
 
 const CLUSTER: &str = r#"
@@ -163,14 +163,4 @@ fn a_pod_whose_agent_does_not_answer_is_not_started() {
         "{err}"
     );
     assert_eq!(leftovers(&name, None), Vec::<String>::new());
-}
-
-struct DownOnDrop(String);
-
-impl Drop for DownOnDrop {
-    fn drop(&mut self) {
-        if let Ok(opts) = Options::detect() {
-            let _ = cluster::down(&self.0, &opts);
-        }
-    }
 }

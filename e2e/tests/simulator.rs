@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use weft_sim::testing::{APPS, leftovers};
+use weft_sim::testing::{DownOnDrop, leftovers, manifest_dir};
 use weft_sim::{Options, TestCluster, cluster};
 
 const TWO_NODES: &str = r#"
@@ -247,22 +247,6 @@ fn unique(tag: &str) -> String {
     format!("{tag}{}", std::process::id())
 }
 
-fn manifest_dir(files: &[(&str, &str)]) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    for (name, text) in APPS.iter().chain(files) {
-        std::fs::write(dir.path().join(name), text).unwrap();
-        if name.ends_with(".py") {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(
-                dir.path().join(name),
-                std::fs::Permissions::from_mode(0o755),
-            )
-            .unwrap();
-        }
-    }
-    dir
-}
-
 #[test]
 fn bad_input_is_reported_with_file_and_object_and_leaves_nothing() {
     let opts = Options::detect().unwrap();
@@ -296,7 +280,7 @@ fn bad_input_is_reported_with_file_and_object_and_leaves_nothing() {
         ),
     ];
     for (file, text, expected) in cases {
-        let dir = manifest_dir(&[(file, text.as_str())]);
+        let dir = manifest_dir(&[(file, text.as_str())]).unwrap();
         let name = unique("bad");
         let err = cluster::up(dir.path(), &name, &opts)
             .err()
@@ -310,7 +294,7 @@ fn bad_input_is_reported_with_file_and_object_and_leaves_nothing() {
 fn a_container_that_fails_at_start_is_reported_and_cleaned_up() {
     let opts = Options::detect().unwrap();
     let text = "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: n}\nspec:\n  nodeName: n1\n  containers: [{name: c, command: [sh, -c, 'echo broken config >&2; exit 3'], ports: [{containerPort: 80}]}]\n";
-    let dir = manifest_dir(&[("p.yaml", text)]);
+    let dir = manifest_dir(&[("p.yaml", text)]).unwrap();
     let name = unique("fail");
     let err = cluster::up(dir.path(), &name, &opts)
         .err()
@@ -363,7 +347,7 @@ fn wait_exit(child: &mut std::process::Child, limit: Duration) -> std::process::
 
 #[test]
 fn cli_detach_exec_status_down() {
-    let dir = manifest_dir(&[("c.yaml", TWO_NODES)]);
+    let dir = manifest_dir(&[("c.yaml", TWO_NODES)]).unwrap();
     let name = unique("cli");
     let _guard = DownOnDrop(name.clone());
     let out = sim()
@@ -459,7 +443,7 @@ fn cli_detach_exec_status_down() {
 
 #[test]
 fn foreground_up_tears_down_on_sigterm() {
-    let dir = manifest_dir(&[("c.yaml", TWO_NODES)]);
+    let dir = manifest_dir(&[("c.yaml", TWO_NODES)]).unwrap();
     let name = unique("fg");
     let _guard = DownOnDrop(name.clone());
     let mut child = up_foreground(dir.path(), &name);
@@ -474,7 +458,7 @@ fn foreground_up_tears_down_on_sigterm() {
 
 #[test]
 fn down_and_up_clean_up_after_a_crashed_simulator() {
-    let dir = manifest_dir(&[("c.yaml", TWO_NODES)]);
+    let dir = manifest_dir(&[("c.yaml", TWO_NODES)]).unwrap();
     let name = unique("crash");
     let _guard = DownOnDrop(name.clone());
     let mut child = up_foreground(dir.path(), &name);
@@ -524,17 +508,6 @@ fn down_and_up_clean_up_after_a_crashed_simulator() {
             .success()
     );
     assert_eq!(leftovers(&name, Some(state.slot)), Vec::<String>::new());
-}
-
-/// Tears a hand-driven cluster down even when the test fails half way.
-struct DownOnDrop(String);
-
-impl Drop for DownOnDrop {
-    fn drop(&mut self) {
-        if let Ok(opts) = Options::detect() {
-            let _ = cluster::down(&self.0, &opts);
-        }
-    }
 }
 
 #[test]
