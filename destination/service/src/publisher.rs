@@ -173,7 +173,8 @@ fn intern(index: &mut Index, previous: &Index) {
         };
         let l = Arc::make_mut(local);
         let same = intern_map(&mut l.workloads, &old.workloads, Some(&mut decided));
-        if same && l.has_enrolled == old.has_enrolled {
+        let same_policies = intern_map(&mut l.policies, &old.policies, None);
+        if same && same_policies && l.has_enrolled == old.has_enrolled {
             *local = old.clone();
         }
     }

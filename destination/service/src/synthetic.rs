@@ -31,9 +31,14 @@ pub fn cluster(shape: Shape) -> ClusterObjects {
             labels.insert(crate::model::MESH_LABEL.to_string(), "enabled".to_string());
         }
         let name = format!("ns-{n:02}");
-        objects
-            .namespaces
-            .insert(name.clone(), NamespaceInfo { name, labels });
+        objects.namespaces.insert(
+            name.clone(),
+            NamespaceInfo {
+                name,
+                labels,
+                default_policy: None,
+            },
+        );
     }
     for i in 0..shape.pods {
         let pod = pod(shape, i);
@@ -129,5 +134,13 @@ pub fn pod(shape: Shape, i: usize) -> PodInfo {
         host_network: false,
         terminated: false,
         created: String::new(),
+        default_policy: None,
+        probe_ports: vec![8080],
+        host_ips: vec![IpAddr::V4(Ipv4Addr::new(
+            10,
+            240,
+            (node / 250) as u8,
+            (node % 250) as u8 + 1,
+        ))],
     }
 }

@@ -39,6 +39,10 @@ fn cluster_role_grants_list_and_watch_of_watched_kinds() {
             Kind::Pod => ("", "pods"),
             Kind::Service => ("", "services"),
             Kind::EndpointSlice => ("discovery.k8s.io", "endpointslices"),
+            Kind::Server => ("policy.weft.io", "servers"),
+            Kind::AuthorizationPolicy => ("policy.weft.io", "authorizationpolicies"),
+            Kind::MeshTLSAuthentication => ("policy.weft.io", "meshtlsauthentications"),
+            Kind::NetworkAuthentication => ("policy.weft.io", "networkauthentications"),
             other => panic!("no RBAC mapping for {other}"),
         })
         .map(|(g, r)| (g.to_string(), r.to_string()))
