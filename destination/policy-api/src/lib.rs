@@ -12,6 +12,7 @@
 pub mod authentication;
 pub mod authorization;
 pub mod crd;
+pub mod examples;
 pub mod server;
 mod status;
 

@@ -57,17 +57,6 @@ impl ProblemKind {
             ProblemKind::InvalidDefaultPolicy => "invalid_default_policy",
         }
     }
-
-    /// The problems that leave a policy object out of effect (the
-    /// `reason` of `weft_destination_ineffective_policies`).
-    pub fn is_ineffective_policy(self) -> bool {
-        matches!(
-            self,
-            ProblemKind::PolicyDanglingReference
-                | ProblemKind::PolicyUnsupportedKind
-                | ProblemKind::PolicyInvalid
-        )
-    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -20,6 +20,21 @@ pub enum Ineffective {
 }
 
 impl Ineffective {
+    pub const ALL: [Ineffective; 3] = [
+        Ineffective::DanglingReference,
+        Ineffective::UnsupportedKind,
+        Ineffective::Invalid,
+    ];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Ineffective::DanglingReference => "dangling_reference",
+            Ineffective::UnsupportedKind => "unsupported_kind",
+            Ineffective::Invalid => "invalid",
+        }
+    }
+
     pub fn problem(self) -> ProblemKind {
         match self {
             Ineffective::DanglingReference => ProblemKind::PolicyDanglingReference,
