@@ -6,6 +6,9 @@ use crate::model::{Kind, NamespaceInfo, Object, ObjectKey, PodInfo, ServiceInfo,
 use crate::policy_model::{AuthorizationObject, MeshTlsObject, NetworkAuthnObject, ServerObject};
 use std::collections::{BTreeMap, BTreeSet};
 
+// Moved once from a source to the store: a box per object would cost an
+// allocation each for the sake of the small `Delete`.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq)]
 pub enum StoreUpdate {
     /// Add or replace one object.

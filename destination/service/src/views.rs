@@ -290,6 +290,40 @@ mod tests {
     }
 
     #[test]
+    fn policy_changes_travel_in_deltas() {
+        let policy = |name: &str, port: u32| {
+            (
+                format!("ns/{name}"),
+                Arc::new(Policy {
+                    name: name.into(),
+                    namespace: "ns".into(),
+                    probe_ports: vec![port],
+                    ..Default::default()
+                }),
+            )
+        };
+        let mut old = view(1, &[], &[w("a", "n1")]);
+        Arc::make_mut(&mut old.local).policies =
+            [policy("a", 1), policy("b", 1)].into_iter().collect();
+        let mut new = view(2, &[], &[w("a", "n1")]);
+        Arc::make_mut(&mut new.local).policies =
+            [policy("a", 2), policy("c", 1)].into_iter().collect();
+        let delta = new.delta_from(&old, "e");
+        assert_eq!(delta.removed_policies, ["ns/b"]);
+        let changed: Vec<_> = delta.policies.iter().map(|p| p.key()).collect();
+        assert_eq!(changed, ["ns/a", "ns/c"]);
+
+        let mut client = View::default();
+        client.apply(old.snapshot("e")).unwrap();
+        assert_eq!(client.policies.len(), 2);
+        client.apply(delta).unwrap();
+        let mut fresh = View::default();
+        fresh.apply(new.snapshot("e")).unwrap();
+        assert_eq!(client, fresh);
+        assert_eq!(client.policies["ns/a"].probe_ports, [2]);
+    }
+
+    #[test]
     fn union_lists_shared_keys_once() {
         let v = view(
             1,
