@@ -11,6 +11,8 @@ pub mod networks;
 mod resolve;
 mod selector;
 pub mod status;
+#[cfg(test)]
+mod tests;
 
 use super::{IndexConfig, Problem, ProblemKind};
 use crate::model::{Kind, ObjectKey, PodInfo};
@@ -106,6 +108,14 @@ pub fn build<'a>(
         }
     }
 
+    // Servers only select pods of their own namespace.
+    let mut by_namespace: BTreeMap<&str, Vec<&ValidServer<'_>>> = BTreeMap::new();
+    for server in servers.values().filter_map(|r| r.as_ref().ok()) {
+        by_namespace
+            .entry(server.object.key.namespace.as_str())
+            .or_default()
+            .push(server);
+    }
     let cluster_networks: Vec<_> = config
         .cluster_networks
         .iter()
@@ -116,10 +126,9 @@ pub fn build<'a>(
     for pod in pods {
         let default = default_policy(objects, pod, cluster_default, problems);
         let mut selected: BTreeMap<u16, Vec<&ValidServer<'_>>> = BTreeMap::new();
-        for server in servers.values().filter_map(|r| r.as_ref().ok()) {
-            if server.object.key.namespace != pod.key.namespace
-                || !server.selector.matches(&pod.labels)
-            {
+        let candidates = by_namespace.get(pod.key.namespace.as_str());
+        for server in candidates.into_iter().flatten().copied() {
+            if !server.selector.matches(&pod.labels) {
                 continue;
             }
             let port = match &server.port {
