@@ -143,6 +143,11 @@ async fn run(args: Args) -> Result<()> {
                 .await
                 .context("cannot configure the Kubernetes client (in-cluster or KUBECONFIG)")?;
             let metrics = metrics.clone();
+            // Each policy object's Accepted condition, kept up to date.
+            tokio::spawn(source::kube_status::run(
+                client.clone(),
+                publisher.policy_statuses(),
+            ));
             tokio::spawn(async move {
                 source::kube::run(client, tx, metrics).await;
                 Ok(())

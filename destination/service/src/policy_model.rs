@@ -29,6 +29,8 @@ pub struct PolicyObject<S> {
     pub spec: S,
     /// RFC 3339; orders conflicting Servers (the older wins).
     pub created: String,
+    /// `metadata.generation`: the status condition says which it judged.
+    pub generation: Option<i64>,
 }
 
 pub type ServerObject = PolicyObject<ServerSpec>;
@@ -91,6 +93,7 @@ pub fn from_resource<S: Clone>(
             .as_ref()
             .map(|t| t.0.to_string())
             .unwrap_or_default(),
+        generation: meta.generation,
     })
 }
 

@@ -53,7 +53,10 @@ pub fn build<'a>(
 ) -> PolicyIndex<'a> {
     let td = &config.trust_domain;
     let mut statuses = Vec::new();
-    let mut report = |kind: Kind, key: &ObjectKey, failure: Option<resolve::Failure>| {
+    let mut report = |kind: Kind,
+                      key: &ObjectKey,
+                      generation: Option<i64>,
+                      failure: Option<resolve::Failure>| {
         if let Some((why, detail)) = &failure {
             problems.push(Problem {
                 kind: why.problem(),
@@ -65,6 +68,7 @@ pub fn build<'a>(
             kind,
             key: key.clone(),
             ineffective: failure,
+            generation,
         });
     };
 
@@ -72,7 +76,12 @@ pub fn build<'a>(
     let mut servers: BTreeMap<&ObjectKey, Result<ValidServer<'_>, String>> = BTreeMap::new();
     for (key, object) in &objects.servers {
         let valid = resolve::server(object);
-        report(Kind::Server, key, valid.as_ref().err().cloned());
+        report(
+            Kind::Server,
+            key,
+            object.generation,
+            valid.as_ref().err().cloned(),
+        );
         servers.insert(key, valid.map_err(|(_, why)| why));
     }
     // Authentications are reported on their own, and again through each
@@ -81,6 +90,7 @@ pub fn build<'a>(
         report(
             Kind::MeshTLSAuthentication,
             key,
+            object.generation,
             resolve::mesh_tls(object, td).err(),
         );
     }
@@ -88,6 +98,7 @@ pub fn build<'a>(
         report(
             Kind::NetworkAuthentication,
             key,
+            object.generation,
             resolve::network_authn(object).err(),
         );
     }
@@ -101,10 +112,15 @@ pub fn build<'a>(
     for (key, object) in &objects.authorization_policies {
         match resolve::authorization(object, objects, &server_state, td) {
             Ok((target, authz)) => {
-                report(Kind::AuthorizationPolicy, key, None);
+                report(Kind::AuthorizationPolicy, key, object.generation, None);
                 by_target.entry(target).or_default().push(authz);
             }
-            Err(failure) => report(Kind::AuthorizationPolicy, key, Some(failure)),
+            Err(failure) => report(
+                Kind::AuthorizationPolicy,
+                key,
+                object.generation,
+                Some(failure),
+            ),
         }
     }
 

@@ -59,6 +59,8 @@ pub struct PolicyStatus {
     pub key: ObjectKey,
     /// `None`: accepted (in effect).
     pub ineffective: Option<(Ineffective, String)>,
+    /// The object's `metadata.generation` this judges.
+    pub generation: Option<i64>,
 }
 
 impl PolicyStatus {
