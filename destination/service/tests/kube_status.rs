@@ -83,7 +83,7 @@ async fn writes_conditions_once_per_change() {
     ]));
     let writer = tokio::spawn(kube_status::run(client, rx));
 
-    let mut requests = vec![next(&mut seen).await, next(&mut seen).await];
+    let mut requests = [next(&mut seen).await, next(&mut seen).await];
     requests.sort_by(|a, b| a.1.cmp(&b.1));
     let (method, path, body) = &requests[0];
     assert_eq!(method, "PATCH");
