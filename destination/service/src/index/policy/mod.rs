@@ -20,7 +20,7 @@ use crate::store::ClusterObjects;
 use networks::Cidr;
 use resolve::{ServerPort, Target, ValidServer};
 use status::PolicyStatus;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use weft_destination_api::{Authorization, DefaultPolicy, Policy, PolicyServer, address};
 use weft_policy_api::DefaultPolicy as CrdPolicy;
@@ -124,13 +124,18 @@ pub fn build<'a>(
         }
     }
 
-    // Servers only select pods of their own namespace.
-    let mut by_namespace: BTreeMap<&str, Vec<&ValidServer<'_>>> = BTreeMap::new();
+    // Servers only select pods of their own namespace, and most require a
+    // label: index them by (namespace, one required label) so that a pod is
+    // matched against the few Servers that can select it, not against
+    // every Server of its namespace.
+    let mut by_label: HashMap<(&str, &str, &str), Vec<&ValidServer<'_>>> = HashMap::new();
+    let mut any_labels: HashMap<&str, Vec<&ValidServer<'_>>> = HashMap::new();
     for server in servers.values().filter_map(|r| r.as_ref().ok()) {
-        by_namespace
-            .entry(server.object.key.namespace.as_str())
-            .or_default()
-            .push(server);
+        let ns = server.object.key.namespace.as_str();
+        match server.selector.required_label() {
+            Some((k, v)) => by_label.entry((ns, k, v)).or_default().push(server),
+            None => any_labels.entry(ns).or_default().push(server),
+        }
     }
     let cluster_networks: Vec<_> = config
         .cluster_networks
@@ -142,8 +147,16 @@ pub fn build<'a>(
     for pod in pods {
         let default = default_policy(objects, pod, cluster_default, problems);
         let mut selected: BTreeMap<u16, Vec<&ValidServer<'_>>> = BTreeMap::new();
-        let candidates = by_namespace.get(pod.key.namespace.as_str());
-        for server in candidates.into_iter().flatten().copied() {
+        let ns = pod.key.namespace.as_str();
+        // Each Server is indexed once, and a pod has one value per label
+        // key: no Server comes up twice.
+        let candidates = any_labels.get(ns).into_iter().flatten().chain(
+            pod.labels
+                .iter()
+                .filter_map(|(k, v)| by_label.get(&(ns, k.as_str(), v.as_str())))
+                .flatten(),
+        );
+        for server in candidates.copied() {
             if !server.selector.matches(&pod.labels) {
                 continue;
             }

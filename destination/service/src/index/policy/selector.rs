@@ -49,6 +49,15 @@ impl Selector {
         })
     }
 
+    /// One `matchLabels` pair every selected pod has: lets the index look
+    /// Servers up by a pod's labels instead of trying each one.
+    pub fn required_label(&self) -> Option<(&str, &str)> {
+        self.labels
+            .iter()
+            .next()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
     /// An empty selector selects every pod (of the namespace).
     pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
         self.labels.iter().all(|(k, v)| labels.get(k) == Some(v))

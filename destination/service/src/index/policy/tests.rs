@@ -255,3 +255,36 @@ spec:
     assert_eq!(policy.servers.len(), 1);
     assert_eq!(policy.servers[0].name, "web-http");
 }
+
+#[test]
+fn servers_select_by_expressions_and_by_every_label() {
+    let (policy, _) = build(
+        "apiVersion: policy.weft.io/v1alpha1
+kind: Server
+metadata: {name: by-expression, namespace: shop}
+spec:
+  podSelector: {matchExpressions: [{key: app, operator: In, values: [web, api]}]}
+  port: 9090
+---
+apiVersion: policy.weft.io/v1alpha1
+kind: Server
+metadata: {name: needs-tier, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: web, tier: back}}
+  port: 9091
+---
+apiVersion: policy.weft.io/v1alpha1
+kind: Server
+metadata: {name: other-namespace, namespace: prod}
+spec:
+  podSelector: {}
+  port: 9092
+",
+    );
+    let names: Vec<(&str, u32)> = policy
+        .servers
+        .iter()
+        .map(|s| (s.name.as_str(), s.port))
+        .collect();
+    assert_eq!(names, [("web-http", 8080), ("by-expression", 9090)]);
+}
