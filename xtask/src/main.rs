@@ -4,6 +4,7 @@
 
 mod bench;
 mod cmd;
+mod crds;
 mod demo;
 mod setup;
 mod test;
@@ -17,6 +18,7 @@ usage: cargo xtask <command>
   test             set up, check formatting and lints, run every test
   demo [DIR]       set up, run the local mesh on the simulator (examples/demo), show it, tear down
   bench [PART]     set up, run the benchmarks (PART: identity, destination, redirector, mesh)
+  crds             regenerate crds/ (the policy CRDs) from the Rust types
 ";
 
 fn main() {
@@ -35,6 +37,7 @@ fn run() -> Result<()> {
         "test" => test::run(&rest),
         "demo" => demo::run(&rest),
         "bench" => bench::run(&rest),
+        "crds" => crds::run(),
         "" | "help" | "-h" | "--help" => {
             print!("{USAGE}");
             Ok(())

@@ -1,13 +1,16 @@
 //! The destination service's API, shared by the control plane and the node
 //! proxy: the protobuf messages and gRPC stubs (`proto/destination.proto`),
 //! the view a proxy assembles from the stream ([`View`]), and a client that
-//! keeps that view up to date across reconnects ([`client`]).
+//! keeps that view up to date across reconnects ([`client`]), and the
+//! inbound authorization decision the proxy takes from a pod's [`Policy`]
+//! ([`policy::authorize`]).
 //!
 //! Keys: a workload is keyed by its pod uid, a Service and a Policy by
 //! `namespace/name` ([`service_key`]).
 
 pub mod address;
 pub mod client;
+pub mod policy;
 mod view;
 
 pub use view::{ApplyError, View};
@@ -17,9 +20,10 @@ pub mod proto {
     tonic::include_proto!("weft.destination.v1");
 }
 
+pub use policy::{Decision, Reason, authorize};
 pub use proto::{
-    Endpoint, NamedPort, Policy, Service, ServicePort, TunnelProtocol, WatchRequest, WatchResponse,
-    Workload,
+    Authorization, DefaultPolicy, Endpoint, NamedPort, Network, Policy, PolicyServer, Requirement,
+    Service, ServicePort, TunnelProtocol, WatchRequest, WatchResponse, Workload,
 };
 
 /// The trust domain identities use when none is configured.

@@ -106,6 +106,15 @@ impl View {
             .and_then(|uid| self.workloads.get(uid))
     }
 
+    /// The inbound policy of one of this node's workloads. `None` means the
+    /// view has no policy for it: the proxy should refuse inbound
+    /// connections to it (a pod's policy arrives in the same response as
+    /// the pod itself, so this is never a normal state).
+    pub fn policy_of(&self, workload: &Workload) -> Option<&Policy> {
+        self.policies
+            .get(&crate::service_key(&workload.namespace, &workload.name))
+    }
+
     /// The Service whose ClusterIP this is.
     pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Service> {
         self.by_vip.get(&ip).and_then(|key| self.services.get(key))
@@ -205,6 +214,30 @@ mod tests {
             }
         ));
         assert_eq!(view, before);
+    }
+
+    #[test]
+    fn policies_are_found_by_workload_and_removed_by_key() {
+        let mut view = View::default();
+        let mut response = snapshot(1, vec![workload("a", "10.0.0.1")]);
+        response.policies = vec![Policy {
+            name: "a".into(),
+            namespace: "ns".into(),
+            workload_uid: "a".into(),
+            ..Default::default()
+        }];
+        view.apply(response).unwrap();
+        let w = view.workloads["a"].clone();
+        assert_eq!(view.policy_of(&w).unwrap().workload_uid, "a");
+        view.apply(WatchResponse {
+            epoch: "e1".into(),
+            version: 2,
+            base_version: 1,
+            removed_policies: vec!["ns/a".into()],
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(view.policy_of(&w).is_none());
     }
 
     #[test]

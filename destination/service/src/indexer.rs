@@ -7,7 +7,7 @@
 //! event.
 
 use crate::index::{self, IndexConfig, Problem, ProblemKind};
-use crate::metrics::{KindLabel, ProblemLabel};
+use crate::metrics::{IneffectiveLabel, KindLabel, ProblemLabel};
 use crate::model::Kind;
 use crate::publisher::Publisher;
 use crate::store::{ClusterObjects, StoreUpdate};
@@ -109,6 +109,19 @@ pub async fn run(
                 .set(now.iter().filter(|p| p.kind == kind).count() as i64);
         }
         problems = now;
+        for reason in index::policy::status::Ineffective::ALL {
+            let count = built
+                .policy_statuses
+                .iter()
+                .filter(|s| s.ineffective.as_ref().is_some_and(|(r, _)| *r == reason))
+                .count();
+            metrics
+                .ineffective_policies
+                .get_or_create(&IneffectiveLabel {
+                    reason: reason.label(),
+                })
+                .set(count as i64);
+        }
         let nodes = publisher.publish(built);
         metrics
             .index_duration

@@ -59,6 +59,30 @@ struct Args {
     trust_domain: String,
     #[arg(long, default_value = "cluster.local")]
     cluster_domain: String,
+    /// The cluster-wide default inbound policy (docs/policy.md); namespaces
+    /// and pods override it with the annotation weft.io/default-inbound-policy.
+    #[arg(long, default_value = "all-unauthenticated", value_parser = parse_default_policy)]
+    default_inbound_policy: weft_policy_api::DefaultPolicy,
+    /// The networks cluster-authenticated and cluster-unauthenticated admit:
+    /// comma-separated CIDRs.
+    #[arg(long, default_value = weft_destination::index::policy::networks::DEFAULT_CLUSTER_NETWORKS,
+          value_parser = parse_networks)]
+    cluster_networks: Networks,
+}
+
+fn parse_default_policy(s: &str) -> Result<weft_policy_api::DefaultPolicy, String> {
+    s.parse()
+        .map_err(|e: weft_policy_api::server::UnknownPolicy| e.to_string())
+}
+
+/// A newtype: clap would otherwise take a Vec as a repeated argument.
+#[derive(Clone, Debug)]
+struct Networks(Vec<weft_destination::index::policy::networks::Cidr>);
+
+fn parse_networks(s: &str) -> Result<Networks, String> {
+    weft_destination::index::policy::networks::parse_list(s)
+        .map(Networks)
+        .map_err(|e| e.to_string())
 }
 
 #[tokio::main]
@@ -105,6 +129,8 @@ async fn run(args: Args) -> Result<()> {
         trust_domain: args.trust_domain.clone(),
         cluster_domain: args.cluster_domain.clone(),
         endpoints,
+        default_policy: args.default_inbound_policy,
+        cluster_networks: args.cluster_networks.0.clone(),
     };
     let mut source_task = match args.source {
         SourceKind::Local => {
@@ -117,6 +143,11 @@ async fn run(args: Args) -> Result<()> {
                 .await
                 .context("cannot configure the Kubernetes client (in-cluster or KUBECONFIG)")?;
             let metrics = metrics.clone();
+            // Each policy object's Accepted condition, kept up to date.
+            tokio::spawn(source::kube_status::run(
+                client.clone(),
+                publisher.policy_statuses(),
+            ));
             tokio::spawn(async move {
                 source::kube::run(client, tx, metrics).await;
                 Ok(())

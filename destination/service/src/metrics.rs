@@ -26,6 +26,12 @@ pub struct ProblemLabel {
     pub problem: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IneffectiveLabel {
+    /// `dangling_reference`, `unsupported_kind`, `invalid`.
+    pub reason: &'static str,
+}
+
 pub struct Metrics {
     pub registry: Registry,
     /// Watch streams open now.
@@ -37,6 +43,8 @@ pub struct Metrics {
     pub indexed_objects: Family<KindLabel, Gauge>,
     pub rejected_objects: Family<KindLabel, Counter>,
     pub index_problems: Family<ProblemLabel, Gauge>,
+    /// Policy objects not in effect now, by reason (docs/policy.md).
+    pub ineffective_policies: Family<IneffectiveLabel, Gauge>,
     /// Time to rebuild the index and publish the views.
     pub index_duration: Histogram,
 }
@@ -87,6 +95,18 @@ impl Metrics {
             "Inconsistencies the index currently works around, by problem",
             index_problems.clone(),
         );
+        let ineffective_policies = Family::<IneffectiveLabel, Gauge>::default();
+        registry.register(
+            "ineffective_policies",
+            "Policy objects (policy.weft.io) not in effect because a reference dangles, \
+             names an unsupported kind, or a value is invalid, by reason",
+            ineffective_policies.clone(),
+        );
+        for reason in crate::index::policy::status::Ineffective::ALL {
+            let _ = ineffective_policies.get_or_create(&IneffectiveLabel {
+                reason: reason.label(),
+            });
+        }
         let index_duration = Histogram::new(exponential_buckets(0.0001, 4.0, 10));
         registry.register(
             "index_duration_seconds",
@@ -113,6 +133,7 @@ impl Metrics {
             indexed_objects,
             rejected_objects,
             index_problems,
+            ineffective_policies,
             index_duration,
         }
     }

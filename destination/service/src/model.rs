@@ -3,6 +3,9 @@
 //! YAML documents) into these; an object that fails is a [`Rejection`]:
 //! logged with its name and the reason, counted, and never reaches the index.
 
+use crate::policy_model::{
+    self, AuthorizationObject, MeshTlsObject, NetworkAuthnObject, ServerObject,
+};
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::discovery::v1 as discovery;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -24,17 +27,37 @@ pub enum Kind {
     EndpointSlice,
     ServiceAccount,
     Node,
+    // policy.weft.io/v1alpha1
+    Server,
+    AuthorizationPolicy,
+    MeshTLSAuthentication,
+    NetworkAuthentication,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 10] = [
         Kind::Namespace,
         Kind::Pod,
         Kind::Service,
         Kind::EndpointSlice,
         Kind::ServiceAccount,
         Kind::Node,
+        Kind::Server,
+        Kind::AuthorizationPolicy,
+        Kind::MeshTLSAuthentication,
+        Kind::NetworkAuthentication,
     ];
+
+    /// The kinds of the policy API group (`policy.weft.io`).
+    pub fn is_policy(self) -> bool {
+        matches!(
+            self,
+            Kind::Server
+                | Kind::AuthorizationPolicy
+                | Kind::MeshTLSAuthentication
+                | Kind::NetworkAuthentication
+        )
+    }
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -44,6 +67,10 @@ impl Kind {
             Kind::EndpointSlice => "EndpointSlice",
             Kind::ServiceAccount => "ServiceAccount",
             Kind::Node => "Node",
+            Kind::Server => "Server",
+            Kind::AuthorizationPolicy => "AuthorizationPolicy",
+            Kind::MeshTLSAuthentication => "MeshTLSAuthentication",
+            Kind::NetworkAuthentication => "NetworkAuthentication",
         }
     }
 
@@ -95,7 +122,7 @@ pub struct Rejection {
 }
 
 impl Rejection {
-    fn new(kind: Kind, meta: &ObjectMeta, reason: impl Into<String>) -> Self {
+    pub(crate) fn new(kind: Kind, meta: &ObjectMeta, reason: impl Into<String>) -> Self {
         let name = meta.name.as_deref().unwrap_or("<unnamed>");
         let object = match meta.namespace.as_deref() {
             Some(ns) if !ns.is_empty() => format!("{ns}/{name}"),
@@ -113,6 +140,8 @@ impl Rejection {
 pub struct NamespaceInfo {
     pub name: String,
     pub labels: BTreeMap<String, String>,
+    /// `weft.io/default-inbound-policy`, as written.
+    pub default_policy: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -138,6 +167,13 @@ pub struct PodInfo {
     pub terminated: bool,
     /// RFC 3339, for deciding which of two pods claiming one IP keeps it.
     pub created: String,
+    /// `weft.io/default-inbound-policy`, as written.
+    pub default_policy: Option<String>,
+    /// Ports kubelet probes (policy lets the node reach them).
+    pub probe_ports: Vec<u16>,
+    /// The node's addresses (`status.hostIPs`): where kubelet probes come
+    /// from. The local source fills them from the simulator's state.
+    pub host_ips: Vec<IpAddr>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -200,6 +236,10 @@ pub enum Object {
     EndpointSlice(SliceInfo),
     ServiceAccount(ObjectKey),
     Node(String),
+    Server(ServerObject),
+    AuthorizationPolicy(AuthorizationObject),
+    MeshTLSAuthentication(MeshTlsObject),
+    NetworkAuthentication(NetworkAuthnObject),
 }
 
 impl Object {
@@ -211,6 +251,10 @@ impl Object {
             Object::EndpointSlice(_) => Kind::EndpointSlice,
             Object::ServiceAccount(_) => Kind::ServiceAccount,
             Object::Node(_) => Kind::Node,
+            Object::Server(_) => Kind::Server,
+            Object::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
+            Object::MeshTLSAuthentication(_) => Kind::MeshTLSAuthentication,
+            Object::NetworkAuthentication(_) => Kind::NetworkAuthentication,
         }
     }
 
@@ -222,6 +266,10 @@ impl Object {
             Object::EndpointSlice(s) => s.key.clone(),
             Object::ServiceAccount(k) => k.clone(),
             Object::Node(n) => ObjectKey::new("", n),
+            Object::Server(o) => o.key.clone(),
+            Object::AuthorizationPolicy(o) => o.key.clone(),
+            Object::MeshTLSAuthentication(o) => o.key.clone(),
+            Object::NetworkAuthentication(o) => o.key.clone(),
         }
     }
 }
@@ -272,6 +320,7 @@ pub fn namespace_info(ns: &core::Namespace) -> Result<NamespaceInfo, Rejection> 
     Ok(NamespaceInfo {
         name: name(Kind::Namespace, &ns.metadata)?,
         labels: ns.metadata.labels.clone().unwrap_or_default(),
+        default_policy: policy_model::default_policy_annotation(&ns.metadata),
     })
 }
 
@@ -312,6 +361,18 @@ pub fn pod_info(pod: &core::Pod) -> Result<PodInfo, Rejection> {
         }
     }
     let phase = status.and_then(|s| s.phase.as_deref()).unwrap_or("");
+    let mut host_ips = Vec::new();
+    if let Some(list) = status.and_then(|s| s.host_ips.as_ref()) {
+        for (i, entry) in list.iter().enumerate() {
+            host_ips.push(ip(kind, meta, &format!("status.hostIPs[{i}]"), &entry.ip)?);
+        }
+    }
+    if host_ips.is_empty()
+        && let Some(single) = status.and_then(|s| s.host_ip.as_deref())
+        && !single.is_empty()
+    {
+        host_ips.push(ip(kind, meta, "status.hostIP", single)?);
+    }
     Ok(PodInfo {
         key,
         uid: meta.uid.clone().unwrap_or_default(),
@@ -327,6 +388,9 @@ pub fn pod_info(pod: &core::Pod) -> Result<PodInfo, Rejection> {
         host_network: spec.host_network.unwrap_or(false),
         terminated: matches!(phase, "Succeeded" | "Failed"),
         created: created(meta),
+        default_policy: policy_model::default_policy_annotation(meta),
+        probe_ports: policy_model::probe_ports(spec),
+        host_ips,
     })
 }
 
@@ -471,6 +535,15 @@ pub fn from_value(value: serde_json::Value) -> Result<Option<Object>, Rejection>
         .cloned()
         .and_then(|m| serde_json::from_value(m).ok())
         .unwrap_or_default();
+    if kind.is_policy() {
+        let api_version = value
+            .get("apiVersion")
+            .and_then(|v| v.as_str())
+            .unwrap_or("");
+        if !policy_model::is_ours(kind, api_version, &meta)? {
+            return Ok(None);
+        }
+    }
     let bad = |e: serde_json::Error| Rejection::new(kind, &meta, format!("does not parse: {e}"));
     Ok(Some(match kind {
         Kind::Namespace => Object::Namespace(namespace_info(
@@ -488,6 +561,16 @@ pub fn from_value(value: serde_json::Value) -> Result<Option<Object>, Rejection>
             &serde_json::from_value(value).map_err(bad)?,
         )?),
         Kind::Node => Object::Node(node_name(&serde_json::from_value(value).map_err(bad)?)?),
+        Kind::Server => Object::Server(policy_model::parse(kind, &value, &meta)?),
+        Kind::AuthorizationPolicy => {
+            Object::AuthorizationPolicy(policy_model::parse(kind, &value, &meta)?)
+        }
+        Kind::MeshTLSAuthentication => {
+            Object::MeshTLSAuthentication(policy_model::parse(kind, &value, &meta)?)
+        }
+        Kind::NetworkAuthentication => {
+            Object::NetworkAuthentication(policy_model::parse(kind, &value, &meta)?)
+        }
     }))
 }
 

@@ -14,6 +14,7 @@
 //! reconnecting with a recent version gets a delta instead of a snapshot.
 
 use crate::index::Index;
+use crate::index::policy::status::PolicyStatus;
 use crate::metrics::Metrics;
 use crate::views::NodeView;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -29,6 +30,7 @@ pub struct Publisher {
     epoch: String,
     state: Mutex<State>,
     ready: watch::Sender<bool>,
+    statuses: watch::Sender<Arc<Vec<PolicyStatus>>>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -49,6 +51,7 @@ impl Publisher {
             epoch,
             state: Mutex::default(),
             ready: watch::channel(false).0,
+            statuses: watch::channel(Arc::default()).0,
             metrics,
         }
     }
@@ -60,6 +63,13 @@ impl Publisher {
     /// True once the first full index has been published.
     pub fn ready(&self) -> watch::Receiver<bool> {
         self.ready.subscribe()
+    }
+
+    /// Whether each policy object is in effect, as of the latest index
+    /// (changes only when some status does): what the kube status writer
+    /// reports on the objects.
+    pub fn policy_statuses(&self) -> watch::Receiver<Arc<Vec<PolicyStatus>>> {
+        self.statuses.subscribe()
     }
 
     pub fn generation(&self) -> u64 {
@@ -74,6 +84,13 @@ impl Publisher {
 
     /// Publishes a rebuilt index; returns how many nodes' views changed.
     pub fn publish(&self, mut index: Index) -> usize {
+        self.statuses.send_if_modified(|held| {
+            let changed = **held != index.policy_statuses;
+            if changed {
+                *held = Arc::new(index.policy_statuses.clone());
+            }
+            changed
+        });
         let mut state = self.lock();
         if let Some((_, previous)) = state.history.back() {
             intern(&mut index, previous);
@@ -173,7 +190,8 @@ fn intern(index: &mut Index, previous: &Index) {
         };
         let l = Arc::make_mut(local);
         let same = intern_map(&mut l.workloads, &old.workloads, Some(&mut decided));
-        if same && l.has_enrolled == old.has_enrolled {
+        let same_policies = intern_map(&mut l.policies, &old.policies, None);
+        if same && same_policies && l.has_enrolled == old.has_enrolled {
             *local = old.clone();
         }
     }

@@ -3,8 +3,12 @@
 //! [`StoreUpdate`]s; the index reads it.
 
 use crate::model::{Kind, NamespaceInfo, Object, ObjectKey, PodInfo, ServiceInfo, SliceInfo};
+use crate::policy_model::{AuthorizationObject, MeshTlsObject, NetworkAuthnObject, ServerObject};
 use std::collections::{BTreeMap, BTreeSet};
 
+// Moved once from a source to the store: a box per object would cost an
+// allocation each for the sake of the small `Delete`.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq)]
 pub enum StoreUpdate {
     /// Add or replace one object.
@@ -27,6 +31,10 @@ pub struct ClusterObjects {
     pub slices: BTreeMap<ObjectKey, SliceInfo>,
     pub service_accounts: BTreeSet<ObjectKey>,
     pub nodes: BTreeSet<String>,
+    pub servers: BTreeMap<ObjectKey, ServerObject>,
+    pub authorization_policies: BTreeMap<ObjectKey, AuthorizationObject>,
+    pub mesh_tls_authentications: BTreeMap<ObjectKey, MeshTlsObject>,
+    pub network_authentications: BTreeMap<ObjectKey, NetworkAuthnObject>,
     /// Whether ServiceAccounts are known at all: the local source reads
     /// them from the manifests; the kube source does not watch them (the
     /// API server refuses a pod whose ServiceAccount does not exist).
@@ -57,6 +65,10 @@ impl ClusterObjects {
             Kind::EndpointSlice => self.slices.len(),
             Kind::ServiceAccount => self.service_accounts.len(),
             Kind::Node => self.nodes.len(),
+            Kind::Server => self.servers.len(),
+            Kind::AuthorizationPolicy => self.authorization_policies.len(),
+            Kind::MeshTLSAuthentication => self.mesh_tls_authentications.len(),
+            Kind::NetworkAuthentication => self.network_authentications.len(),
         }
     }
 
@@ -79,6 +91,18 @@ impl ClusterObjects {
             }
             Object::Node(n) => {
                 self.nodes.insert(n);
+            }
+            Object::Server(o) => {
+                self.servers.insert(o.key.clone(), o);
+            }
+            Object::AuthorizationPolicy(o) => {
+                self.authorization_policies.insert(o.key.clone(), o);
+            }
+            Object::MeshTLSAuthentication(o) => {
+                self.mesh_tls_authentications.insert(o.key.clone(), o);
+            }
+            Object::NetworkAuthentication(o) => {
+                self.network_authentications.insert(o.key.clone(), o);
             }
         }
     }
@@ -103,6 +127,18 @@ impl ClusterObjects {
             Kind::Node => {
                 self.nodes.remove(&key.name);
             }
+            Kind::Server => {
+                self.servers.remove(key);
+            }
+            Kind::AuthorizationPolicy => {
+                self.authorization_policies.remove(key);
+            }
+            Kind::MeshTLSAuthentication => {
+                self.mesh_tls_authentications.remove(key);
+            }
+            Kind::NetworkAuthentication => {
+                self.network_authentications.remove(key);
+            }
         }
     }
 
@@ -114,6 +150,10 @@ impl ClusterObjects {
             Kind::EndpointSlice => self.slices.clear(),
             Kind::ServiceAccount => self.service_accounts.clear(),
             Kind::Node => self.nodes.clear(),
+            Kind::Server => self.servers.clear(),
+            Kind::AuthorizationPolicy => self.authorization_policies.clear(),
+            Kind::MeshTLSAuthentication => self.mesh_tls_authentications.clear(),
+            Kind::NetworkAuthentication => self.network_authentications.clear(),
         }
     }
 }

@@ -7,6 +7,7 @@ use crate::model::{
     ContainerPort, NamespaceInfo, ObjectKey, PodInfo, ServiceInfo, ServicePortInfo, SliceEndpoint,
     SliceInfo, SlicePort, TargetPort,
 };
+use crate::policy_model::{AuthorizationObject, PolicyObject, ServerObject};
 use crate::store::ClusterObjects;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
@@ -31,9 +32,14 @@ pub fn cluster(shape: Shape) -> ClusterObjects {
             labels.insert(crate::model::MESH_LABEL.to_string(), "enabled".to_string());
         }
         let name = format!("ns-{n:02}");
-        objects
-            .namespaces
-            .insert(name.clone(), NamespaceInfo { name, labels });
+        objects.namespaces.insert(
+            name.clone(),
+            NamespaceInfo {
+                name,
+                labels,
+                default_policy: None,
+            },
+        );
     }
     for i in 0..shape.pods {
         let pod = pod(shape, i);
@@ -79,6 +85,17 @@ pub fn cluster(shape: Shape) -> ClusterObjects {
                 }
             })
             .collect();
+        // Policy everywhere: a Server per Deployment's port, and one
+        // AuthorizationPolicy admitting the previous Deployment's account
+        // (the per-pod cost of the policy index is in the measurement).
+        objects
+            .servers
+            .insert(key.clone(), server(&ns, &key.name, &format!("app-{s:05}")));
+        let authz = ObjectKey::new(&ns, format!("{}-authz", key.name));
+        objects.authorization_policies.insert(
+            authz.clone(),
+            authorization(&authz, &key.name, &format!("sa-{:05}", s.saturating_sub(1))),
+        );
         let slice_key = ObjectKey::new(&ns, format!("svc-{s:05}-abcde"));
         objects.slices.insert(
             slice_key.clone(),
@@ -129,5 +146,53 @@ pub fn pod(shape: Shape, i: usize) -> PodInfo {
         host_network: false,
         terminated: false,
         created: String::new(),
+        default_policy: None,
+        probe_ports: vec![8080],
+        host_ips: vec![IpAddr::V4(Ipv4Addr::new(
+            10,
+            240,
+            (node / 250) as u8,
+            (node % 250) as u8 + 1,
+        ))],
+    }
+}
+
+fn server(ns: &str, name: &str, app: &str) -> ServerObject {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    PolicyObject {
+        key: ObjectKey::new(ns, name),
+        spec: weft_policy_api::ServerSpec {
+            pod_selector: LabelSelector {
+                match_labels: Some([("app".to_string(), app.to_string())].into()),
+                match_expressions: None,
+            },
+            port: IntOrString::String("http".into()),
+            proxy_protocol: None,
+            access_policy: weft_policy_api::DefaultPolicy::Deny,
+        },
+        created: String::new(),
+        generation: Some(1),
+    }
+}
+
+fn authorization(key: &ObjectKey, server: &str, account: &str) -> AuthorizationObject {
+    PolicyObject {
+        key: key.clone(),
+        spec: weft_policy_api::AuthorizationPolicySpec {
+            target_ref: weft_policy_api::TargetRef {
+                group: Some(weft_policy_api::GROUP.into()),
+                kind: "Server".into(),
+                name: server.into(),
+            },
+            required_authentication_refs: vec![weft_policy_api::AuthenticationRef {
+                group: None,
+                kind: "ServiceAccount".into(),
+                name: account.into(),
+                namespace: None,
+            }],
+        },
+        created: String::new(),
+        generation: Some(1),
     }
 }

@@ -11,10 +11,11 @@ use std::collections::BTreeMap;
 use std::iter::Peekable;
 use std::sync::Arc;
 use std::time::Instant;
-use weft_destination_api::{Service, WatchResponse, Workload};
+use weft_destination_api::{Policy, Service, WatchResponse, Workload};
 
 pub type Workloads = BTreeMap<String, Arc<Workload>>;
 pub type Services = BTreeMap<String, Arc<Service>>;
+pub type Policies = BTreeMap<String, Arc<Policy>>;
 
 /// What every node with enrolled pods receives.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -30,6 +31,8 @@ pub struct MeshView {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct LocalView {
     pub workloads: Workloads,
+    /// The inbound policy of each of those pods, by `namespace/name`.
+    pub policies: Policies,
     /// A node without enrolled pods has no clients in the mesh and needs no
     /// picture of it: its view is only its own pods.
     pub has_enrolled: bool,
@@ -101,6 +104,12 @@ impl NodeView {
             base_version: 0,
             workloads: self.workloads().map(|(_, w)| (**w).clone()).collect(),
             services: self.services().map(|(_, s)| (**s).clone()).collect(),
+            policies: self
+                .local
+                .policies
+                .values()
+                .map(|p| (**p).clone())
+                .collect(),
             ..Default::default()
         }
     }
@@ -125,6 +134,14 @@ impl NodeView {
             Change::Upsert(s) => response.services.push((**s).clone()),
             Change::Remove(key) => response.removed_services.push(key.clone()),
         });
+        diff(
+            old.local.policies.iter(),
+            self.local.policies.iter(),
+            |change| match change {
+                Change::Upsert(p) => response.policies.push((**p).clone()),
+                Change::Remove(key) => response.removed_policies.push(key.clone()),
+            },
+        );
         response
     }
 }
@@ -238,6 +255,7 @@ mod tests {
             })),
             local: Arc::new(LocalView {
                 workloads: local.iter().cloned().collect(),
+                policies: Policies::new(),
                 has_enrolled: true,
             }),
         }
@@ -269,6 +287,40 @@ mod tests {
         let mut fresh = View::default();
         fresh.apply(new.snapshot("e")).unwrap();
         assert_eq!(client, fresh);
+    }
+
+    #[test]
+    fn policy_changes_travel_in_deltas() {
+        let policy = |name: &str, port: u32| {
+            (
+                format!("ns/{name}"),
+                Arc::new(Policy {
+                    name: name.into(),
+                    namespace: "ns".into(),
+                    probe_ports: vec![port],
+                    ..Default::default()
+                }),
+            )
+        };
+        let mut old = view(1, &[], &[w("a", "n1")]);
+        Arc::make_mut(&mut old.local).policies =
+            [policy("a", 1), policy("b", 1)].into_iter().collect();
+        let mut new = view(2, &[], &[w("a", "n1")]);
+        Arc::make_mut(&mut new.local).policies =
+            [policy("a", 2), policy("c", 1)].into_iter().collect();
+        let delta = new.delta_from(&old, "e");
+        assert_eq!(delta.removed_policies, ["ns/b"]);
+        let changed: Vec<_> = delta.policies.iter().map(|p| p.key()).collect();
+        assert_eq!(changed, ["ns/a", "ns/c"]);
+
+        let mut client = View::default();
+        client.apply(old.snapshot("e")).unwrap();
+        assert_eq!(client.policies.len(), 2);
+        client.apply(delta).unwrap();
+        let mut fresh = View::default();
+        fresh.apply(new.snapshot("e")).unwrap();
+        assert_eq!(client, fresh);
+        assert_eq!(client.policies["ns/a"].probe_ports, [2]);
     }
 
     #[test]

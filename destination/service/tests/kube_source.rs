@@ -135,6 +135,37 @@ async fn api_server(
                 "70",
                 vec![],
             )),
+            ("/apis/policy.weft.io/v1alpha1/servers", false, _) => Some(list(
+                "ServerList",
+                "policy.weft.io/v1alpha1",
+                "80",
+                vec![json!({
+                    "metadata": {"name": "web-http", "namespace": "shop", "resourceVersion": "80"},
+                    "spec": {"podSelector": {"matchLabels": {"app": "web"}}, "port": "http"}
+                })],
+            )),
+            ("/apis/policy.weft.io/v1alpha1/authorizationpolicies", false, _) => Some(list(
+                "AuthorizationPolicyList",
+                "policy.weft.io/v1alpha1",
+                "81",
+                vec![json!({
+                    "metadata": {"name": "web-from-client", "namespace": "shop", "resourceVersion": "81"},
+                    "spec": {"targetRef": {"group": "policy.weft.io", "kind": "Server", "name": "web-http"},
+                             "requiredAuthenticationRefs": [{"kind": "ServiceAccount", "name": "client"}]}
+                })],
+            )),
+            ("/apis/policy.weft.io/v1alpha1/meshtlsauthentications", false, _) => Some(list(
+                "MeshTLSAuthenticationList",
+                "policy.weft.io/v1alpha1",
+                "82",
+                vec![],
+            )),
+            ("/apis/policy.weft.io/v1alpha1/networkauthentications", false, _) => Some(list(
+                "NetworkAuthenticationList",
+                "policy.weft.io/v1alpha1",
+                "83",
+                vec![],
+            )),
             (_, true, _) => None,
             other => panic!("unexpected request {other:?} {query}"),
         };
@@ -196,6 +227,22 @@ async fn lists_watches_and_relists_after_410_gone() {
     let w = v.workloads().next().unwrap().1;
     assert!(w.enrolled);
     assert_eq!(w.identity, "spiffe://cluster.local/ns/shop/sa/web");
+    // The policy CRDs were watched too: the Server closes web-2's named
+    // port `http` (8080) to all but the client ServiceAccount.
+    let policy = &v.local.policies["shop/web-2"];
+    assert_eq!(policy.servers.len(), 1);
+    assert_eq!(policy.servers[0].port, 8080);
+    assert_eq!(
+        policy.servers[0].authorizations[0].policy,
+        "shop/web-from-client"
+    );
+    let client: weft_identity_api::SpiffeId =
+        "spiffe://cluster.local/ns/shop/sa/client".parse().unwrap();
+    let other: weft_identity_api::SpiffeId =
+        "spiffe://cluster.local/ns/shop/sa/other".parse().unwrap();
+    let from: std::net::IpAddr = "10.244.0.7".parse().unwrap();
+    assert!(weft_destination_api::authorize(policy, 8080, Some(&client), from).allowed);
+    assert!(!weft_destination_api::authorize(policy, 8080, Some(&other), from).allowed);
     assert_eq!(calls.lock().unwrap()["list /api/v1/pods"], 2);
     assert_eq!(calls.lock().unwrap()["list /api/v1/namespaces"], 1);
     // The pod without a uid was refused (once: at the first list; the

@@ -321,3 +321,78 @@ async fn simulator_state_supplies_addresses_the_manifests_leave_out() {
     })
     .await;
 }
+
+const POLICY: &str = "\
+apiVersion: policy.weft.io/v1alpha1
+kind: Server
+metadata: {name: server-http, namespace: demo}
+spec:
+  podSelector: {matchLabels: {app: server}}
+  port: http
+---
+apiVersion: policy.weft.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: server-from-client, namespace: demo}
+spec:
+  targetRef: {group: policy.weft.io, kind: Server, name: server-http}
+  requiredAuthenticationRefs:
+  - {kind: ServiceAccount, name: client}
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn editing_a_policy_file_flips_a_decision_within_a_second() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("namespace.yaml"), NAMESPACE).unwrap();
+    std::fs::write(dir.path().join("server.yaml"), SERVER).unwrap();
+    std::fs::write(dir.path().join("policy.yaml"), POLICY).unwrap();
+    let p = start(dir.path(), None);
+    let mut view = p.publisher.subscribe("node-a");
+    let client: weft_identity_api::SpiffeId =
+        "spiffe://cluster.local/ns/demo/sa/client".parse().unwrap();
+    let from: std::net::IpAddr = "10.244.0.2".parse().unwrap();
+    let allowed = |v: &NodeView| {
+        v.local.policies.get("demo/server").map(|policy| {
+            weft_destination_api::authorize(policy, 8080, Some(&client), from).allowed
+        })
+    };
+    wait(&mut view, Duration::from_secs(5), "client allowed", |v| {
+        allowed(v) == Some(true)
+    })
+    .await;
+
+    // Authorize another account instead: the client is refused.
+    let t = Instant::now();
+    std::fs::write(
+        dir.path().join("policy.yaml"),
+        POLICY.replace("name: client}", "name: other}"),
+    )
+    .unwrap();
+    wait(&mut view, PROPAGATION, "client refused", |v| {
+        allowed(v) == Some(false)
+    })
+    .await;
+    eprintln!("policy edited -> view changed in {:?}", t.elapsed());
+
+    // A policy whose Server does not exist: reported, counted, no access.
+    std::fs::write(
+        dir.path().join("policy.yaml"),
+        POLICY
+            .replace("name: other}", "name: client}")
+            .replace("name: server-http}", "name: no-such-server}"),
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = p.metrics.encode();
+        if text.contains("weft_destination_ineffective_policies{reason=\"dangling_reference\"} 1") {
+            assert!(
+                text.contains("weft_destination_ineffective_policies{reason=\"invalid\"} 0"),
+                "{text}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "not counted: {text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(allowed(&view.borrow()), Some(false));
+}

@@ -1,5 +1,6 @@
 //! The RBAC in daemonset/ is valid Kubernetes and grants the kube source
-//! exactly what it uses: list and watch of the kinds it watches.
+//! exactly what it uses: list and watch of the kinds it watches, and patch
+//! of the status of the policy kinds (their Accepted condition).
 
 use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
@@ -24,14 +25,30 @@ fn cluster_role_grants_list_and_watch_of_watched_kinds() {
     let binding: ClusterRoleBinding = serde_yaml::from_value(docs[2].clone()).unwrap();
 
     let mut granted = BTreeSet::new();
+    let mut status_patch = BTreeSet::new();
     for rule in role.rules.unwrap() {
-        assert_eq!(rule.verbs, ["list", "watch"], "read-only");
+        let into = if rule.verbs == ["patch"] {
+            &mut status_patch
+        } else {
+            assert_eq!(rule.verbs, ["list", "watch"], "read-only but for status");
+            &mut granted
+        };
         for group in rule.api_groups.unwrap() {
             for resource in rule.resources.clone().unwrap() {
-                granted.insert((group.clone(), resource));
+                into.insert((group.clone(), resource));
             }
         }
     }
+    // Status only, and only of the policy kinds.
+    let policy_status: BTreeSet<(String, String)> = KINDS
+        .iter()
+        .filter(|k| k.is_policy())
+        .map(|k| {
+            let plural = format!("{}s", k.as_str().to_lowercase()).replace("policys", "policies");
+            ("policy.weft.io".to_string(), format!("{plural}/status"))
+        })
+        .collect();
+    assert_eq!(status_patch, policy_status);
     let needed: BTreeSet<(String, String)> = KINDS
         .iter()
         .map(|k| match k {
@@ -39,6 +56,10 @@ fn cluster_role_grants_list_and_watch_of_watched_kinds() {
             Kind::Pod => ("", "pods"),
             Kind::Service => ("", "services"),
             Kind::EndpointSlice => ("discovery.k8s.io", "endpointslices"),
+            Kind::Server => ("policy.weft.io", "servers"),
+            Kind::AuthorizationPolicy => ("policy.weft.io", "authorizationpolicies"),
+            Kind::MeshTLSAuthentication => ("policy.weft.io", "meshtlsauthentications"),
+            Kind::NetworkAuthentication => ("policy.weft.io", "networkauthentications"),
             other => panic!("no RBAC mapping for {other}"),
         })
         .map(|(g, r)| (g.to_string(), r.to_string()))

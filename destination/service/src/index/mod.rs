@@ -8,6 +8,7 @@
 //! be faster per event and much harder to get right.
 
 mod addresses;
+pub mod policy;
 mod problems;
 mod services;
 mod workloads;
@@ -34,6 +35,10 @@ pub struct IndexConfig {
     pub trust_domain: String,
     pub cluster_domain: String,
     pub endpoints: EndpointsFrom,
+    /// The cluster-wide default inbound policy (`--default-inbound-policy`).
+    pub default_policy: weft_policy_api::DefaultPolicy,
+    /// The networks `cluster-*` policies admit (`--cluster-networks`).
+    pub cluster_networks: Vec<policy::networks::Cidr>,
 }
 
 impl Default for IndexConfig {
@@ -42,6 +47,8 @@ impl Default for IndexConfig {
             trust_domain: weft_destination_api::DEFAULT_TRUST_DOMAIN.into(),
             cluster_domain: "cluster.local".into(),
             endpoints: EndpointsFrom::EndpointSlices,
+            default_policy: weft_policy_api::DefaultPolicy::AllUnauthenticated,
+            cluster_networks: policy::default_cluster_networks(),
         }
     }
 }
@@ -54,6 +61,8 @@ pub struct Index {
     pub nodes: BTreeMap<String, Arc<LocalView>>,
     /// Inconsistencies found (served around, reported).
     pub problems: Vec<Problem>,
+    /// Whether each policy object is in effect (its `Accepted` condition).
+    pub policy_statuses: Vec<policy::status::PolicyStatus>,
 }
 
 impl Index {
@@ -68,14 +77,23 @@ pub fn build(objects: &ClusterObjects, config: &IndexConfig) -> Index {
     let workloads = workloads::build(objects, config, &owners, &mut problems);
     let services = services::build(objects, config, &workloads, &mut problems);
 
+    let placed_pods = workloads
+        .placed
+        .keys()
+        .filter_map(|key| objects.pods.get(*key));
+    let policies = policy::build(objects, config, placed_pods, &mut problems);
+
     let mut nodes: BTreeMap<String, LocalView> = BTreeMap::new();
     let mut mesh = MeshView {
         workloads: BTreeMap::new(),
         services,
     };
-    for w in workloads.placed.values() {
+    for (key, w) in &workloads.placed {
         let local = nodes.entry(w.node.clone()).or_default();
         local.workloads.insert(w.uid.clone(), w.clone());
+        if let Some(p) = policies.pods.get(key) {
+            local.policies.insert(key.to_string(), p.clone());
+        }
         if w.enrolled {
             local.has_enrolled = true;
             mesh.workloads.insert(w.uid.clone(), w.clone());
@@ -86,6 +104,7 @@ pub fn build(objects: &ClusterObjects, config: &IndexConfig) -> Index {
         mesh: Arc::new(mesh),
         nodes: nodes.into_iter().map(|(n, v)| (n, Arc::new(v))).collect(),
         problems,
+        policy_statuses: policies.statuses,
     }
 }
 

@@ -17,15 +17,30 @@ pub enum ProblemKind {
     MissingServiceAccount,
     /// An EndpointSlice points at a pod the index does not know.
     UnknownEndpointPod,
+    /// A policy object names an object that does not exist: not in effect.
+    PolicyDanglingReference,
+    /// A policy object refers to a kind Weft does not support: not in effect.
+    PolicyUnsupportedKind,
+    /// A policy object holds a value that makes no sense: not in effect.
+    PolicyInvalid,
+    /// Two Servers select one port of a pod: the older applies.
+    ServerConflict,
+    /// A `weft.io/default-inbound-policy` annotation is not a policy: `deny`.
+    InvalidDefaultPolicy,
 }
 
 impl ProblemKind {
-    pub const ALL: [ProblemKind; 5] = [
+    pub const ALL: [ProblemKind; 10] = [
         ProblemKind::DuplicateAddress,
         ProblemKind::DuplicateClusterIp,
         ProblemKind::NoEndpoints,
         ProblemKind::MissingServiceAccount,
         ProblemKind::UnknownEndpointPod,
+        ProblemKind::PolicyDanglingReference,
+        ProblemKind::PolicyUnsupportedKind,
+        ProblemKind::PolicyInvalid,
+        ProblemKind::ServerConflict,
+        ProblemKind::InvalidDefaultPolicy,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -35,6 +50,11 @@ impl ProblemKind {
             ProblemKind::NoEndpoints => "no_endpoints",
             ProblemKind::MissingServiceAccount => "missing_service_account",
             ProblemKind::UnknownEndpointPod => "unknown_endpoint_pod",
+            ProblemKind::PolicyDanglingReference => "policy_dangling_reference",
+            ProblemKind::PolicyUnsupportedKind => "policy_unsupported_kind",
+            ProblemKind::PolicyInvalid => "policy_invalid",
+            ProblemKind::ServerConflict => "server_conflict",
+            ProblemKind::InvalidDefaultPolicy => "invalid_default_policy",
         }
     }
 }

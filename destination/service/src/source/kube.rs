@@ -1,5 +1,5 @@
 //! The `kube` source: one kube-rs watcher per kind (Namespaces, Pods,
-//! Services, EndpointSlices).
+//! Services, EndpointSlices, and the policy CRDs).
 //!
 //! No reflector stores: each object is reduced to the fields the index uses
 //! (see [`crate::model`]) as it arrives, and only that is kept. A watcher's
@@ -10,6 +10,7 @@
 use crate::indexer::SourceEvent;
 use crate::metrics::Metrics;
 use crate::model::{self, Kind, Object, ObjectKey, Rejection};
+use crate::policy_model;
 use crate::store::StoreUpdate;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
@@ -23,14 +24,23 @@ use std::collections::BTreeSet;
 use std::fmt::Debug;
 use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
+use weft_policy_api as policy;
 
 /// The kinds watched on Kubernetes (ServiceAccounts and Nodes are not: the
 /// API server guarantees the former, the latter add nothing to a view).
-pub const KINDS: [Kind; 4] = [
+///
+/// Views are served only once every kind has been listed, the policy CRDs
+/// included: serving before policies are known would apply the defaults to
+/// ports a Server closes. So the CRDs (crds/) must be installed first.
+pub const KINDS: [Kind; 8] = [
     Kind::Namespace,
     Kind::Pod,
     Kind::Service,
     Kind::EndpointSlice,
+    Kind::Server,
+    Kind::AuthorizationPolicy,
+    Kind::MeshTLSAuthentication,
+    Kind::NetworkAuthentication,
 ];
 
 /// Runs every watcher until `tx` closes. Sends `Synced` once each kind has
@@ -67,9 +77,53 @@ pub async fn run(client: Client, tx: mpsc::Sender<SourceEvent>, metrics: Arc<Met
             synced.clone(),
         )),
         tokio::spawn(watch_kind(
-            Api::<EndpointSlice>::all(client),
+            Api::<EndpointSlice>::all(client.clone()),
             Kind::EndpointSlice,
             |o| model::slice_info(o).map(|s| s.map(Object::EndpointSlice)),
+            tx.clone(),
+            metrics.clone(),
+            synced.clone(),
+        )),
+        tokio::spawn(watch_kind(
+            Api::<policy::Server>::all(client.clone()),
+            Kind::Server,
+            |o| {
+                policy_model::from_resource(Kind::Server, &o.metadata, &o.spec)
+                    .map(|p| Some(Object::Server(p)))
+            },
+            tx.clone(),
+            metrics.clone(),
+            synced.clone(),
+        )),
+        tokio::spawn(watch_kind(
+            Api::<policy::AuthorizationPolicy>::all(client.clone()),
+            Kind::AuthorizationPolicy,
+            |o| {
+                policy_model::from_resource(Kind::AuthorizationPolicy, &o.metadata, &o.spec)
+                    .map(|p| Some(Object::AuthorizationPolicy(p)))
+            },
+            tx.clone(),
+            metrics.clone(),
+            synced.clone(),
+        )),
+        tokio::spawn(watch_kind(
+            Api::<policy::MeshTLSAuthentication>::all(client.clone()),
+            Kind::MeshTLSAuthentication,
+            |o| {
+                policy_model::from_resource(Kind::MeshTLSAuthentication, &o.metadata, &o.spec)
+                    .map(|p| Some(Object::MeshTLSAuthentication(p)))
+            },
+            tx.clone(),
+            metrics.clone(),
+            synced.clone(),
+        )),
+        tokio::spawn(watch_kind(
+            Api::<policy::NetworkAuthentication>::all(client),
+            Kind::NetworkAuthentication,
+            |o| {
+                policy_model::from_resource(Kind::NetworkAuthentication, &o.metadata, &o.spec)
+                    .map(|p| Some(Object::NetworkAuthentication(p)))
+            },
             tx,
             metrics,
             synced,

@@ -5,6 +5,7 @@
 //! version of the object.
 
 pub mod kube;
+pub mod kube_status;
 pub mod local;
 mod manifests;
 mod sim_state;

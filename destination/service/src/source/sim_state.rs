@@ -12,6 +12,19 @@ pub struct SimState {
     pub pods: Vec<SimPod>,
     #[serde(default)]
     pub services: Vec<SimService>,
+    #[serde(default)]
+    pub nodes: Vec<SimNode>,
+}
+
+/// A node's addresses: where kubelet probes come from (policy lets them
+/// reach a pod's probe ports).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+pub struct SimNode {
+    pub name: String,
+    #[serde(default)]
+    pub ip: Option<IpAddr>,
+    #[serde(default)]
+    pub ipv6: Option<IpAddr>,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -42,7 +55,8 @@ impl SimState {
     }
 
     /// Fills in what the manifests leave out: a pod's IPs when its status
-    /// has none, its uid, a Service's ClusterIP. What a manifest states wins.
+    /// has none, its uid, its node's addresses (status.hostIPs), a Service's
+    /// ClusterIP. What a manifest states wins.
     pub fn complete(&self, objects: &mut [Object]) {
         let pods: HashMap<ObjectKey, &SimPod> = self
             .pods
@@ -78,6 +92,15 @@ impl SimState {
                     {
                         pod.node = Some(sim.node.clone());
                     }
+                    if pod.host_ips.is_empty()
+                        && let Some(node) = pod
+                            .node
+                            .as_ref()
+                            .and_then(|n| self.nodes.iter().find(|s| &s.name == n))
+                    {
+                        pod.host_ips
+                            .extend(node.ip.iter().chain(node.ipv6.iter()).copied());
+                    }
                 }
                 Object::Service(svc) => {
                     if svc.cluster_ips.is_empty()
@@ -100,7 +123,8 @@ mod tests {
     #[test]
     fn reads_the_documented_schema() {
         let state = SimState::parse(
-            br#"{"name": "demo", "slot": 0, "nodes": [],
+            br#"{"name": "demo", "slot": 0,
+                "nodes": [{"name": "node-a", "index": 0, "ip": "10.240.0.2", "ipv6": "fd00:10:240:0::2"}],
                 "pods": [{"namespace": "demo", "name": "client", "uid": "5f0c", "node": "node-a",
                           "service_account": "default", "labels": {"app": "client"},
                           "ip": "10.244.0.2", "ipv6": "fd00:10:244:0::2", "containers": []}],
@@ -109,6 +133,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(state.pods[0].ip, Some("10.244.0.2".parse().unwrap()));
+        assert_eq!(state.nodes[0].ip, Some("10.240.0.2".parse().unwrap()));
         assert_eq!(
             state.services[0].cluster_ip,
             Some("10.96.17.4".parse().unwrap())

@@ -1,0 +1,274 @@
+//! The policy index: from the policy objects, the namespaces and the pods,
+//! each placed pod's inbound [`Policy`] (docs/policy.md).
+//!
+//! Per pod: its default policy (pod annotation, else namespace annotation,
+//! else the cluster default), the Servers that select its ports with the
+//! AuthorizationPolicies in effect for each, its probe ports and the
+//! addresses probes come from. Objects that do not resolve are left out
+//! and reported; leaving out an authorization can only refuse more.
+
+pub mod networks;
+mod resolve;
+mod selector;
+pub mod status;
+#[cfg(test)]
+mod tests;
+
+use super::{IndexConfig, Problem, ProblemKind};
+use crate::model::{Kind, ObjectKey, PodInfo};
+use crate::store::ClusterObjects;
+use networks::Cidr;
+use resolve::{ServerPort, Target, ValidServer};
+use status::PolicyStatus;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use weft_destination_api::{Authorization, DefaultPolicy, Policy, PolicyServer, address};
+use weft_policy_api::DefaultPolicy as CrdPolicy;
+
+/// What the policy index computes.
+#[derive(Debug, Default)]
+pub struct PolicyIndex<'a> {
+    /// By pod key.
+    pub pods: BTreeMap<&'a ObjectKey, Arc<Policy>>,
+    /// One per policy object, ordered by kind and key.
+    pub statuses: Vec<PolicyStatus>,
+}
+
+pub fn proto_policy(p: CrdPolicy) -> DefaultPolicy {
+    match p {
+        CrdPolicy::AllUnauthenticated => DefaultPolicy::AllUnauthenticated,
+        CrdPolicy::AllAuthenticated => DefaultPolicy::AllAuthenticated,
+        CrdPolicy::ClusterAuthenticated => DefaultPolicy::ClusterAuthenticated,
+        CrdPolicy::ClusterUnauthenticated => DefaultPolicy::ClusterUnauthenticated,
+        CrdPolicy::Deny => DefaultPolicy::Deny,
+        CrdPolicy::Audit => DefaultPolicy::Audit,
+    }
+}
+
+pub fn build<'a>(
+    objects: &'a ClusterObjects,
+    config: &IndexConfig,
+    pods: impl Iterator<Item = &'a PodInfo>,
+    problems: &mut Vec<Problem>,
+) -> PolicyIndex<'a> {
+    let td = &config.trust_domain;
+    let mut statuses = Vec::new();
+    let mut report = |kind: Kind,
+                      key: &ObjectKey,
+                      generation: Option<i64>,
+                      failure: Option<resolve::Failure>| {
+        if let Some((why, detail)) = &failure {
+            problems.push(Problem {
+                kind: why.problem(),
+                object: format!("{kind} {key}"),
+                detail: format!("{detail}; the policy is not in effect (it grants nothing)"),
+            });
+        }
+        statuses.push(PolicyStatus {
+            kind,
+            key: key.clone(),
+            ineffective: failure,
+            generation,
+        });
+    };
+
+    // Servers.
+    let mut servers: BTreeMap<&ObjectKey, Result<ValidServer<'_>, String>> = BTreeMap::new();
+    for (key, object) in &objects.servers {
+        let valid = resolve::server(object);
+        report(
+            Kind::Server,
+            key,
+            object.generation,
+            valid.as_ref().err().cloned(),
+        );
+        servers.insert(key, valid.map_err(|(_, why)| why));
+    }
+    // Authentications are reported on their own, and again through each
+    // policy that uses them.
+    for (key, object) in &objects.mesh_tls_authentications {
+        report(
+            Kind::MeshTLSAuthentication,
+            key,
+            object.generation,
+            resolve::mesh_tls(object, td).err(),
+        );
+    }
+    for (key, object) in &objects.network_authentications {
+        report(
+            Kind::NetworkAuthentication,
+            key,
+            object.generation,
+            resolve::network_authn(object).err(),
+        );
+    }
+    // AuthorizationPolicies, grouped by what they target.
+    let server_state = |key: &ObjectKey| {
+        servers
+            .get(key)
+            .map(|r| r.as_ref().map(|_| ()).map_err(Clone::clone))
+    };
+    let mut by_target: BTreeMap<Target, Vec<Authorization>> = BTreeMap::new();
+    for (key, object) in &objects.authorization_policies {
+        match resolve::authorization(object, objects, &server_state, td) {
+            Ok((target, authz)) => {
+                report(Kind::AuthorizationPolicy, key, object.generation, None);
+                by_target.entry(target).or_default().push(authz);
+            }
+            Err(failure) => report(
+                Kind::AuthorizationPolicy,
+                key,
+                object.generation,
+                Some(failure),
+            ),
+        }
+    }
+
+    // Servers only select pods of their own namespace, and most require a
+    // label: index them by (namespace, one required label) so that a pod is
+    // matched against the few Servers that can select it, not against
+    // every Server of its namespace.
+    let mut by_label: HashMap<(&str, &str, &str), Vec<&ValidServer<'_>>> = HashMap::new();
+    let mut any_labels: HashMap<&str, Vec<&ValidServer<'_>>> = HashMap::new();
+    for server in servers.values().filter_map(|r| r.as_ref().ok()) {
+        let ns = server.object.key.namespace.as_str();
+        match server.selector.required_label() {
+            Some((k, v)) => by_label.entry((ns, k, v)).or_default().push(server),
+            None => any_labels.entry(ns).or_default().push(server),
+        }
+    }
+    let cluster_networks: Vec<_> = config
+        .cluster_networks
+        .iter()
+        .map(|c| c.to_network(vec![]))
+        .collect();
+    let cluster_default = proto_policy(config.default_policy);
+    let mut out = BTreeMap::new();
+    for pod in pods {
+        let default = default_policy(objects, pod, cluster_default, problems);
+        let mut selected: BTreeMap<u16, Vec<&ValidServer<'_>>> = BTreeMap::new();
+        let ns = pod.key.namespace.as_str();
+        // Each Server is indexed once, and a pod has one value per label
+        // key: no Server comes up twice.
+        let candidates = any_labels.get(ns).into_iter().flatten().chain(
+            pod.labels
+                .iter()
+                .filter_map(|(k, v)| by_label.get(&(ns, k.as_str(), v.as_str())))
+                .flatten(),
+        );
+        for server in candidates.copied() {
+            if !server.selector.matches(&pod.labels) {
+                continue;
+            }
+            let port = match &server.port {
+                ServerPort::Number(n) => Some(*n),
+                ServerPort::Name(name) => {
+                    pod.ports.iter().find(|p| &p.name == name).map(|p| p.port)
+                }
+            };
+            if let Some(port) = port {
+                selected.entry(port).or_default().push(server);
+            }
+        }
+        let mut policy_servers = Vec::new();
+        for (port, mut candidates) in selected {
+            // Two Servers on one port: the older wins, as in Linkerd.
+            candidates.sort_by(|a, b| {
+                (&a.object.created, &a.object.key).cmp(&(&b.object.created, &b.object.key))
+            });
+            let winner = candidates[0];
+            for loser in &candidates[1..] {
+                problems.push(Problem {
+                    kind: ProblemKind::ServerConflict,
+                    object: format!("Server {}", loser.object.key),
+                    detail: format!(
+                        "selects port {port} of pod {} like the older Server {}, which applies there",
+                        pod.key, winner.object.key.name
+                    ),
+                });
+            }
+            let mut authorizations: Vec<Authorization> = Vec::new();
+            for target in [
+                Target::Server(winner.object.key.clone()),
+                Target::Namespace(pod.key.namespace.clone()),
+            ] {
+                authorizations.extend(by_target.get(&target).into_iter().flatten().cloned());
+            }
+            authorizations.sort_by(|a, b| a.policy.cmp(&b.policy));
+            policy_servers.push(PolicyServer {
+                name: winner.object.key.name.clone(),
+                port: port.into(),
+                access_policy: proto_policy(winner.object.spec.access_policy) as i32,
+                proxy_protocol: winner
+                    .object
+                    .spec
+                    .proxy_protocol
+                    .map(|p| {
+                        serde_json::to_value(p)
+                            .ok()
+                            .and_then(|v| v.as_str().map(str::to_string))
+                            .unwrap_or_default()
+                    })
+                    .unwrap_or_default(),
+                authorizations,
+            });
+        }
+        out.insert(
+            &pod.key,
+            Arc::new(Policy {
+                name: pod.key.name.clone(),
+                namespace: pod.key.namespace.clone(),
+                workload_uid: pod.uid.clone(),
+                default_policy: default as i32,
+                cluster_networks: cluster_networks.clone(),
+                servers: policy_servers,
+                probe_ports: pod.probe_ports.iter().map(|p| u32::from(*p)).collect(),
+                probe_sources: pod.host_ips.iter().map(|ip| address::encode(*ip)).collect(),
+            }),
+        );
+    }
+    PolicyIndex {
+        pods: out,
+        statuses,
+    }
+}
+
+/// Pod annotation, else namespace annotation, else the cluster default. A
+/// value that is not a policy is reported and read as `deny`: a typo must
+/// not fall back to a wider default.
+fn default_policy(
+    objects: &ClusterObjects,
+    pod: &PodInfo,
+    cluster: DefaultPolicy,
+    problems: &mut Vec<Problem>,
+) -> DefaultPolicy {
+    let namespace = objects.namespaces.get(&pod.key.namespace);
+    let (value, object) = match (
+        &pod.default_policy,
+        namespace.and_then(|ns| ns.default_policy.as_ref()),
+    ) {
+        (Some(v), _) => (v, format!("Pod {}", pod.key)),
+        (None, Some(v)) => (v, format!("Namespace {}", pod.key.namespace)),
+        (None, None) => return cluster,
+    };
+    match value.parse::<CrdPolicy>() {
+        Ok(p) => proto_policy(p),
+        Err(e) => {
+            problems.push(Problem {
+                kind: ProblemKind::InvalidDefaultPolicy,
+                object,
+                detail: format!(
+                    "annotation {}: {e}; pod {} is served with deny",
+                    crate::policy_model::DEFAULT_POLICY_ANNOTATION,
+                    pod.key
+                ),
+            });
+            DefaultPolicy::Deny
+        }
+    }
+}
+
+/// The cluster networks when none are configured.
+pub fn default_cluster_networks() -> Vec<Cidr> {
+    networks::parse_list(networks::DEFAULT_CLUSTER_NETWORKS).expect("the default list parses")
+}
