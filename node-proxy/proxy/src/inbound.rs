@@ -42,16 +42,31 @@ async fn handle_plaintext(
     let Ok(target) = client.local_addr() else {
         return;
     };
-    let labels = TcpLabels {
-        reporter: Reporter::Destination,
-        source_workload: String::new(),
-        source_namespace: String::new(),
-        source_principal: String::new(),
-        destination_workload: pod.name.clone(),
-        destination_namespace: pod.namespace.clone(),
-        destination_principal: String::new(),
-        destination_service: String::new(),
-        connection_security_policy: SecurityPolicy::None,
+    // The source is whatever the view knows of the peer address (a pod of
+    // this node, or nothing); it has no verified identity.
+    let labels = {
+        let view = cx.mesh.as_ref().map(|m| m.view.borrow());
+        let source = view
+            .as_ref()
+            .and_then(|v| v.workload_by_address(peer.ip()).cloned());
+        let service = view
+            .as_ref()
+            .and_then(|v| service_of(v, pod.workload_uid.as_deref(), target.port()));
+        TcpLabels {
+            reporter: Reporter::Destination,
+            source_workload: source.as_ref().map(|w| w.name.clone()).unwrap_or_default(),
+            source_namespace: source.map(|w| w.namespace).unwrap_or_default(),
+            source_principal: String::new(),
+            destination_workload: pod.name.clone(),
+            destination_namespace: pod.namespace.clone(),
+            destination_principal: pod
+                .identity
+                .as_ref()
+                .map(|i| i.to_string())
+                .unwrap_or_default(),
+            destination_service: service.unwrap_or_default(),
+            connection_security_policy: SecurityPolicy::None,
+        }
     };
     let open = cx.tcp_metrics.open(labels);
     let mut app = match connect_from_pod(&pod, target).await {

@@ -451,15 +451,41 @@ fn mesh_boundaries_and_foreign_certificates() {
         ],
         1.0,
     );
+    // Plaintext into the mesh: the destination knows who it is, the source
+    // has no identity (the outsider runs on node B: not in node A's view).
     let inbound_plain = [
         ("reporter", "destination"),
+        ("source_principal", ""),
         ("destination_workload", "echo-local"),
+        ("destination_principal", ECHO),
         ("connection_security_policy", "none"),
     ];
     wait_metric(
         node_a,
         "weft_tcp_connections_closed_total",
         &inbound_plain,
+        1.0,
+    );
+    wait_metric(
+        node_a,
+        "weft_tcp_received_bytes_total",
+        &inbound_plain,
+        (1 << 20) as f64,
+    );
+    // Same node: node B's view has the outsider (its own pod).
+    let node_b = mc.node_ip("node-b");
+    wait_metric(
+        node_b,
+        "weft_tcp_connections_closed_total",
+        &[
+            ("reporter", "destination"),
+            ("source_workload", "outsider"),
+            ("source_namespace", "plain"),
+            ("source_principal", ""),
+            ("destination_workload", "echo"),
+            ("destination_principal", ECHO),
+            ("connection_security_policy", "none"),
+        ],
         1.0,
     );
 
@@ -481,7 +507,7 @@ fn mesh_boundaries_and_foreign_certificates() {
         "no certificate: {anonymous}"
     );
     // And nothing reached the application through them.
-    let node_b = mc.node_ip("node-b");
+
     assert_eq!(
         metric(
             node_b,
