@@ -191,3 +191,193 @@ pub fn route(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::balancer::BalancerConfig;
+    use weft_destination_api::{Endpoint, Service, ServicePort, TunnelProtocol, WatchResponse};
+
+    fn workload(uid: &str, name: &str, ip: &str, enrolled: bool) -> Workload {
+        Workload {
+            uid: uid.into(),
+            name: name.into(),
+            namespace: "demo".into(),
+            service_account: name.into(),
+            identity: format!("spiffe://cluster.local/ns/demo/sa/{name}"),
+            node: "node-b".into(),
+            addresses: vec![address::encode(ip.parse().unwrap())],
+            enrolled,
+            tunnel: if enrolled {
+                TunnelProtocol::Hbone as i32
+            } else {
+                TunnelProtocol::None as i32
+            },
+            ..Default::default()
+        }
+    }
+
+    fn service(endpoints: Vec<Endpoint>) -> Service {
+        Service {
+            name: "echo".into(),
+            namespace: "demo".into(),
+            hostname: "echo.demo.svc.cluster.local".into(),
+            cluster_ips: vec![address::encode("10.96.0.10".parse().unwrap())],
+            ports: vec![ServicePort {
+                port: 80,
+                target_port: 9000,
+                ..Default::default()
+            }],
+            endpoints,
+        }
+    }
+
+    fn endpoint_of(uid: &str) -> Endpoint {
+        Endpoint {
+            workload_uid: uid.into(),
+            weight: 1,
+            ports: [(80, 9000)].into(),
+            ..Default::default()
+        }
+    }
+
+    fn view(workloads: Vec<Workload>, services: Vec<Service>) -> View {
+        let mut v = View::default();
+        v.apply(WatchResponse {
+            epoch: "e".into(),
+            version: 1,
+            snapshot: true,
+            workloads,
+            services,
+            ..Default::default()
+        })
+        .unwrap();
+        v
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn enrolled_pod_ip_goes_through_hbone_to_its_15008() {
+        let v = view(vec![workload("u1", "echo", "10.244.1.2", true)], vec![]);
+        let b = Balancer::new(BalancerConfig::default());
+        let (r, balanced) = route(&v, addr("10.244.1.2:9000"), &b, &mut rand::rng());
+        assert!(!balanced);
+        match r {
+            Route::Hbone {
+                target,
+                tunnel,
+                identity,
+                service,
+                ..
+            } => {
+                assert_eq!(target, addr("10.244.1.2:9000"));
+                assert_eq!(tunnel, addr("10.244.1.2:15008"));
+                assert_eq!(
+                    identity.to_string(),
+                    "spiffe://cluster.local/ns/demo/sa/echo"
+                );
+                assert_eq!(service, None);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn pods_outside_the_mesh_and_unknown_addresses_are_plain() {
+        let v = view(vec![workload("u1", "legacy", "10.244.1.3", false)], vec![]);
+        let b = Balancer::new(BalancerConfig::default());
+        let (r, _) = route(&v, addr("10.244.1.3:9000"), &b, &mut rand::rng());
+        assert!(matches!(r, Route::Plain { workload: Some(ref w), .. } if w.name == "legacy"));
+        let (r, _) = route(&v, addr("192.0.2.1:443"), &b, &mut rand::rng());
+        assert_eq!(
+            r,
+            Route::Plain {
+                target: addr("192.0.2.1:443"),
+                workload: None,
+                service: None
+            }
+        );
+    }
+
+    #[test]
+    fn a_vip_picks_an_endpoint_and_maps_the_port() {
+        let v = view(
+            vec![
+                workload("u1", "echo", "10.244.1.2", true),
+                workload("u2", "echo", "10.244.0.5", true),
+            ],
+            vec![service(vec![endpoint_of("u1"), endpoint_of("u2")])],
+        );
+        let b = Balancer::new(BalancerConfig::default());
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..200 {
+            let (r, balanced) = route(&v, addr("10.96.0.10:80"), &b, &mut rand::rng());
+            assert!(balanced);
+            assert_eq!(r.service(), Some("echo.demo.svc.cluster.local"));
+            assert!(matches!(r, Route::Hbone { .. }));
+            b.connected(&r.target(), std::time::Duration::from_millis(1));
+            seen.insert(r.target());
+        }
+        assert_eq!(
+            seen.into_iter().collect::<Vec<_>>(),
+            vec![addr("10.244.0.5:9000"), addr("10.244.1.2:9000")]
+        );
+    }
+
+    #[test]
+    fn a_failed_endpoint_is_skipped_while_backed_off() {
+        let v = view(
+            vec![
+                workload("u1", "echo", "10.244.1.2", true),
+                workload("u2", "echo", "10.244.0.5", true),
+            ],
+            vec![service(vec![endpoint_of("u1"), endpoint_of("u2")])],
+        );
+        let b = Balancer::new(BalancerConfig::default());
+        b.failed(&addr("10.244.1.2:9000"));
+        for _ in 0..50 {
+            let (r, _) = route(&v, addr("10.96.0.10:80"), &b, &mut rand::rng());
+            assert_eq!(r.target(), addr("10.244.0.5:9000"));
+            b.connected(&r.target(), std::time::Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn backends_outside_the_mesh_and_undeclared_ports_are_plain() {
+        let outside = Endpoint {
+            addresses: vec![address::encode("10.244.3.9".parse().unwrap())],
+            weight: 1,
+            ports: [(80, 8080)].into(),
+            ..Default::default()
+        };
+        let v = view(vec![], vec![service(vec![outside])]);
+        let b = Balancer::new(BalancerConfig::default());
+        let (r, balanced) = route(&v, addr("10.96.0.10:80"), &b, &mut rand::rng());
+        assert!(balanced);
+        assert_eq!(
+            r,
+            Route::Plain {
+                target: addr("10.244.3.9:8080"),
+                workload: None,
+                service: Some("echo.demo.svc.cluster.local".into())
+            }
+        );
+        let (r, balanced) = route(&v, addr("10.96.0.10:81"), &b, &mut rand::rng());
+        assert!(!balanced);
+        assert_eq!(r.target(), addr("10.96.0.10:81"));
+    }
+
+    #[test]
+    fn local_workload_by_uid_then_by_name() {
+        let v = view(vec![workload("u1", "echo", "10.244.1.2", true)], vec![]);
+        assert_eq!(local_workload(&v, "u1", "x", "y").unwrap().name, "echo");
+        assert_eq!(
+            local_workload(&v, "other", "demo", "echo").unwrap().uid,
+            "u1"
+        );
+        assert!(local_workload(&v, "other", "demo", "nope").is_none());
+    }
+}

@@ -522,7 +522,7 @@ fn mesh_boundaries_and_foreign_certificates() {
 
     // The config dump of node B shows the echo pod with its identity and a
     // certificate for it.
-    let dump = node_b_config_dump(&mc);
+    let dump = config_dump(&mc, "node-b");
     let pods = dump["pods"].as_array().unwrap();
     assert!(
         pods.iter()
@@ -552,9 +552,9 @@ fn mesh_boundaries_and_foreign_certificates() {
 }
 
 /// `/config_dump` is on 127.0.0.1:15000 inside the node's namespace.
-fn node_b_config_dump(mc: &MeshCluster) -> serde_json::Value {
+fn config_dump(mc: &MeshCluster, node: &str) -> serde_json::Value {
     let state = mc.cluster().state();
-    let node = state.node("node-b").unwrap();
+    let node = state.node(node).unwrap();
     let out = Command::new("ip")
         .args([
             "netns",
@@ -570,4 +570,82 @@ fn node_b_config_dump(mc: &MeshCluster) -> serde_json::Value {
         .unwrap();
     serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("config_dump: {e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+/// Whether `node`'s proxy currently captures pod `name`.
+fn captures(mc: &MeshCluster, node: &str, name: &str) -> bool {
+    config_dump(mc, node)["pods"]
+        .as_array()
+        .is_some_and(|pods| pods.iter().any(|p| p["name"] == name))
+}
+
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if done() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("{what}: not within 20s");
+}
+
+#[test]
+fn editing_the_namespace_label_moves_running_pods_in_and_out_of_the_mesh() {
+    let mc = MeshCluster::up(&[]);
+    let cluster = mc.cluster();
+    let echo_ip = cluster.pod("demo/echo").ip.to_string();
+    let node_b = mc.node_ip("node-b");
+    let mtls = [
+        ("reporter", "destination"),
+        ("source_principal", CLIENT),
+        ("destination_workload", "echo"),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    echo_through(cluster, "demo/client", &echo_ip, 9000, 1 << 20, None);
+    wait_metric(node_b, "weft_tcp_connections_opened_total", &mtls, 1.0);
+
+    // Remove the label: the destination service sees the edit, both proxies
+    // release their pods (no restart), and traffic flows directly.
+    let manifest = cluster.manifest_dir().join("c.yaml");
+    let enrolled = std::fs::read_to_string(&manifest).unwrap();
+    let label = "metadata: {name: demo, labels: {weft.io/mesh: enabled}}";
+    assert!(enrolled.contains(label));
+    std::fs::write(&manifest, enrolled.replace(label, "metadata: {name: demo}")).unwrap();
+    wait_until("node proxies release the demo pods", || {
+        !captures(&mc, "node-a", "client") && !captures(&mc, "node-b", "echo")
+    });
+    echo_through(cluster, "demo/client", &echo_ip, 9000, 1 << 20, None);
+    assert_eq!(
+        metric(node_b, "weft_tcp_connections_opened_total", &mtls),
+        Some(1.0),
+        "outside the mesh, the connection did not go through the proxies"
+    );
+    assert_eq!(
+        metric(
+            node_b,
+            "weft_tcp_connections_opened_total",
+            &[
+                ("reporter", "destination"),
+                ("connection_security_policy", "none")
+            ]
+        ),
+        None,
+        "nor through node B's plaintext capture"
+    );
+
+    // Put it back: the same running pods are captured again, with mTLS.
+    std::fs::write(&manifest, &enrolled).unwrap();
+    wait_until("node proxies capture the demo pods again", || {
+        captures(&mc, "node-a", "client")
+            && captures(&mc, "node-b", "echo")
+            && [mc.node_ip("node-a"), node_b].iter().all(|ip| {
+                http_get(std::net::SocketAddr::new((*ip).into(), 15021), "/ready")
+                    .is_some_and(|r| r.0 == 200)
+            })
+    });
+    echo_through(cluster, "demo/client", &echo_ip, 9000, 1 << 20, None);
+    wait_metric(node_b, "weft_tcp_connections_opened_total", &mtls, 2.0);
+
+    mc.down();
 }
