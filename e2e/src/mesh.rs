@@ -90,11 +90,12 @@ impl MeshBinaries {
         })
     }
 
-    /// Next to the running executable (for a test binary in `target/debug/deps`, its parent).
+    /// Next to the running executable (for a test binary in
+    /// `target/<profile>/deps` or an example in `…/examples`, their parent).
     pub fn next_to_current_exe() -> Result<Self, MeshError> {
         let exe = std::env::current_exe().map_err(io("finding the current executable"))?;
         let mut dir = exe.parent().unwrap_or(Path::new(".")).to_path_buf();
-        if dir.ends_with("deps") {
+        if dir.ends_with("deps") || dir.ends_with("examples") {
             dir.pop();
         }
         Self::in_dir(&dir)

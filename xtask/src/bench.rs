@@ -7,6 +7,7 @@ use anyhow::{Result, bail};
 
 mod destination;
 mod identity;
+mod mesh;
 mod redirector;
 
 type Bench = fn() -> Result<()>;
@@ -16,6 +17,7 @@ const PARTS: &[(&str, Bench)] = &[
     ("identity", identity::run),
     ("destination", destination::run),
     ("redirector", redirector::run),
+    ("mesh", mesh::run),
 ];
 
 pub fn run(args: &[String]) -> Result<()> {
