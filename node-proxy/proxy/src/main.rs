@@ -9,11 +9,15 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
+use weft_cni::protocol::PodEvent;
 use weft_node_proxy::admin;
 use weft_node_proxy::mesh::Mesh;
 use weft_node_proxy::metrics::{ProcessCollector, TcpMetrics};
 use weft_node_proxy::pods::{Context, PodRegistry};
 use weft_redirector::{PodRegistrationListener, Redirector, RedirectorConfig};
+
+/// How long a registration waits for the pod to appear in the view.
+const VIEW_WAIT: Duration = Duration::from_secs(5);
 
 #[derive(Parser, Debug)]
 #[command(name = "weft-node-proxy", about = "Weft's per-node proxy")]
@@ -184,13 +188,32 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tokio::select! {
             request = registrations.next() => {
                 let Some(request) = request else { break };
-                match pods.handle(request.event.clone()) {
-                    Ok(()) => request.ack(),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "pod registration refused");
-                        request.reject(e);
+                // A new pod may register before the view has it (the
+                // destination service learns of it at the same time): wait
+                // a bounded moment for the view, so that an enrolled pod is
+                // captured before its containers start, off the loop so
+                // other registrations are not held up.
+                let (pods, mesh) = (pods.clone(), mesh.clone());
+                tokio::spawn(async move {
+                    if let (Some(mesh), PodEvent::Add { pod, .. }) = (&mesh, &request.event) {
+                        let known = |v: &weft_destination_api::View| {
+                            weft_node_proxy::mesh::local_workload(v, &pod.uid, &pod.namespace, &pod.name)
+                                .is_some()
+                        };
+                        let mut view = mesh.view.clone();
+                        let waited = tokio::time::timeout(VIEW_WAIT, view.wait_for(known)).await;
+                        if waited.is_err() {
+                            tracing::info!(pod = %format!("{}/{}", pod.namespace, pod.name), "pod not in the destination view yet; acknowledged, captured when it appears");
+                        }
                     }
-                }
+                    match pods.handle(request.event.clone()) {
+                        Ok(()) => request.ack(),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "pod registration refused");
+                            request.reject(e);
+                        }
+                    }
+                });
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
