@@ -140,12 +140,15 @@ pub async fn serve_hbone(listener: TcpListener, pod: Arc<LocalPod>, cx: Context)
                 return;
             };
             let principal = Arc::new(principal);
+            let mut draining = cx.draining.subscribe();
             let result = serve_connection(
                 tls,
                 move |request| {
                     handle_stream(request, peer, principal.clone(), pod.clone(), cx.clone())
                 },
-                std::future::pending(),
+                async move {
+                    let _ = draining.wait_for(|d| *d).await;
+                },
             )
             .await;
             if let Err(e) = result {

@@ -126,7 +126,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let pods = Arc::new(PodRegistry::new(
         redirector.clone(),
-        Context::new(tcp_metrics, mesh.clone()),
+        Context::new(tcp_metrics.clone(), mesh.clone()),
     ));
 
     let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
@@ -223,9 +223,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let _ = ready_tx.send(false);
     let _ = stop_tx.send(true);
     drop(registrations);
+    pods.stop_accepting();
     // Connections in flight run on their own tasks; give them the deadline.
-    tokio::time::sleep(Duration::from_millis(100).min(Duration::from_secs(args.drain_seconds)))
-        .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.drain_seconds);
+    while tcp_metrics.in_flight() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if tcp_metrics.in_flight() > 0 {
+        tracing::info!(
+            open = tcp_metrics.in_flight(),
+            "drain deadline reached; closing"
+        );
+    }
     drop(pods);
     if args.uninstall_on_exit {
         match Arc::try_unwrap(redirector) {

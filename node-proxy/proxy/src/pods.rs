@@ -112,6 +112,9 @@ pub struct Context {
     pub mesh: Option<Mesh>,
     pub balancer: Arc<Balancer<SocketAddr>>,
     pub pool: Option<Arc<HbonePool<PoolKey>>>,
+    /// Set to true at shutdown: HBONE connections send GOAWAY and finish
+    /// their open streams.
+    pub draining: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl Context {
@@ -127,6 +130,7 @@ impl Context {
             mesh,
             balancer: Arc::new(Balancer::new(BalancerConfig::default())),
             pool,
+            draining: Arc::new(tokio::sync::watch::Sender::new(false)),
         }
     }
 }
@@ -439,7 +443,19 @@ impl PodRegistry {
         }
     }
 
-    /// The identities of captured pods, and whether each has a certificate.
+    /// Shutdown: closes every pod's listeners (new connections of captured
+    /// pods are refused: they fail closed) and tells HBONE connections to
+    /// drain; connections in flight go on.
+    pub fn stop_accepting(&self) {
+        let _ = self.context.draining.send(true);
+        for r in self.pods.lock().expect("pods lock").values_mut() {
+            for h in r.captured.iter_mut().flat_map(|c| c.listeners.drain(..)) {
+                h.abort();
+            }
+        }
+    }
+
+    /// Whether every captured pod has a certificate.
     pub fn certificates_ready(&self) -> bool {
         let Some(mesh) = &self.context.mesh else {
             return true;
