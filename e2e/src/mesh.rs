@@ -511,3 +511,40 @@ fn write_prometheus(
     std::fs::write(&config_path, config).map_err(io("writing the Prometheus configuration"))?;
     Ok((targets_path, config_path))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_program_says_how_to_build_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = MeshBinaries::in_dir(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("weft-identity"), "{err}");
+        assert!(err.contains("cargo build --bins"), "{err}");
+        for name in ["weft-identity", "weft-destination"] {
+            std::fs::write(dir.path().join(name), "").unwrap();
+        }
+        let err = MeshBinaries::in_dir(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("weft-node-proxy"), "{err}");
+        std::fs::write(dir.path().join("weft-node-proxy"), "").unwrap();
+        assert!(MeshBinaries::in_dir(dir.path()).is_ok());
+    }
+
+    /// (The certificate's names are checked end to end: every node proxy
+    /// in the mesh tests verifies them.)
+    #[test]
+    fn the_destination_tls_files_are_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = write_destination_tls(dir.path(), "10.240.3.1".parse().unwrap()).unwrap();
+        let pem = std::fs::read_to_string(dir.path().join("tls.crt")).unwrap();
+        assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"));
+        assert!(
+            std::fs::read_to_string(ca)
+                .unwrap()
+                .contains("BEGIN CERTIFICATE")
+        );
+        let key = std::fs::read_to_string(dir.path().join("tls.key")).unwrap();
+        assert!(key.contains("PRIVATE KEY"));
+    }
+}
