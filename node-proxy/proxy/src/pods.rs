@@ -401,9 +401,15 @@ impl PodRegistry {
             let mut pods = self.pods.lock().expect("pods lock");
             let id = pods
                 .iter()
+                // By uid when the runtime gave one: a StatefulSet pod
+                // recreated under the same name may be added before the old
+                // sandbox's del arrives, and that del must not remove it.
                 .find(|(_, r)| {
-                    (!pod.uid.is_empty() && r.pod.uid == pod.uid)
-                        || (r.pod.namespace == pod.namespace && r.pod.name == pod.name)
+                    if pod.uid.is_empty() {
+                        r.pod.namespace == pod.namespace && r.pod.name == pod.name
+                    } else {
+                        r.pod.uid == pod.uid
+                    }
                 })
                 .map(|(id, _)| id.clone());
             id.and_then(|id| pods.remove(&id))
