@@ -22,6 +22,7 @@ pub async fn serve_plaintext(listener: TcpListener, pod: Arc<LocalPod>, cx: Cont
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
                 tokio::spawn(handle_plaintext(stream, peer, pod.clone(), cx.clone()));
             }
             Err(e) => {
@@ -122,6 +123,8 @@ pub async fn serve_hbone(listener: TcpListener, pod: Arc<LocalPod>, cx: Context)
                 continue;
             }
         };
+        // Small HTTP/2 frames must not wait for Nagle (40 ms with a delayed ACK).
+        let _ = tcp.set_nodelay(true);
         let (acceptor, pod, cx) = (acceptor.clone(), pod.clone(), cx.clone());
         tokio::spawn(async move {
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {

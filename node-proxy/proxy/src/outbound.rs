@@ -24,6 +24,10 @@ pub async fn serve(listener: TcpListener, pod: Arc<LocalPod>, cx: Context) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
+                // The proxy forwards what the app wrote as soon as it can;
+                // Nagle would hold small writes back (the app's own socket
+                // keeps its setting towards us).
+                let _ = stream.set_nodelay(true);
                 tokio::spawn(handle(stream, peer, pod.clone(), cx.clone()));
             }
             Err(e) => {
