@@ -3,7 +3,9 @@
 reads the echo until EOF and checks it byte for byte. Prints one JSON line
 and exits 0 only if everything came back intact.
 
-usage: tcp_client.py HOST PORT NBYTES
+usage: tcp_client.py HOST PORT NBYTES [PATTERN]
+With PATTERN the payload is PATTERN repeated (recognizable on the wire,
+e.g. to prove a capture never sees it) instead of random bytes.
 """
 import hashlib
 import json
@@ -15,7 +17,11 @@ import threading
 
 def main():
     host, port, nbytes = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    payload = os.urandom(nbytes)
+    if len(sys.argv) > 4:
+        pattern = sys.argv[4].encode()
+        payload = (pattern * (nbytes // len(pattern) + 1))[:nbytes]
+    else:
+        payload = os.urandom(nbytes)
     conn = socket.create_connection((host, port), timeout=20)
     peer = conn.getpeername()
 

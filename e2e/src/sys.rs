@@ -253,10 +253,18 @@ pub fn remove_cgroup(cgroup: &Path, timeout: Duration) -> Result<(), SysError> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    match std::fs::remove_dir(cgroup) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(io(format!("removing cgroup {}", cgroup.display()))(e)),
+    loop {
+        match std::fs::remove_dir(cgroup) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            // Killed processes whose parent has not reaped them yet still
+            // pin the cgroup for a moment (they no longer show in
+            // cgroup.procs).
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(io(format!("removing cgroup {}", cgroup.display()))(e)),
+        }
     }
 }
 

@@ -11,6 +11,8 @@ struct Bench {
     part: &'static str,
     package: &'static str,
     example: &'static str,
+    /// Packages whose binaries the example runs (built in release first).
+    binaries: &'static [&'static str],
     what: &'static str,
 }
 
@@ -20,19 +22,29 @@ const BENCHES: &[Bench] = &[
         part: "identity",
         package: "weft-identity",
         example: "certify-bench",
+        binaries: &[],
         what: "certificates issued per second and Certify p50/p99, against signing alone",
     },
     Bench {
         part: "destination",
         package: "weft-destination",
         example: "bench",
+        binaries: &[],
         what: "index time, snapshot size and update fan-out at 10 000 pods / 2 000 Services / 100 nodes",
     },
     Bench {
         part: "redirector",
         package: "weft-redirector",
         example: "redirector-bench",
+        binaries: &[],
         what: "added cost per call of the connect and getsockopt hooks, against no programs (needs root)",
+    },
+    Bench {
+        part: "mesh",
+        package: "weft-node-proxy",
+        example: "mesh-bench",
+        binaries: &["weft-node-proxy", "weft-identity", "weft-destination"],
+        what: "the mesh against the direct path on the simulator: iperf3 throughput, connection rate, latency, proxy RSS",
     },
 ];
 
@@ -50,6 +62,13 @@ pub fn run(args: &[String]) -> Result<()> {
     };
     for b in chosen {
         eprintln!("== bench {}: {}", b.part, b.what);
+        if !b.binaries.is_empty() {
+            let mut args = vec!["build", "--release", "--locked", "--bins"];
+            for p in b.binaries {
+                args.extend(["--package", p]);
+            }
+            cmd::run("cargo", &args)?;
+        }
         cmd::run(
             "cargo",
             &[

@@ -72,6 +72,11 @@ const DEBIAN: &[Need] = &[
         why: "throughput benchmark",
     },
     Need {
+        package: "prometheus",
+        present: Probe::Command("promtool"),
+        why: "a real scrape of the node proxies and `promtool check metrics` (tests)",
+    },
+    Need {
         package: "protobuf-compiler",
         present: Probe::Command("protoc"),
         why: "gRPC code generation (destination, identity)",

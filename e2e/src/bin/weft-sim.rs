@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
+use weft_sim::mesh::{Mesh, MeshBinaries, MeshState};
 use weft_sim::{Options, State, cluster};
 
 #[derive(Parser)]
@@ -30,6 +31,12 @@ enum Cmd {
         /// Seconds to wait for every pod to run and listen on its ports.
         #[arg(long, default_value_t = 30)]
         timeout: u64,
+        /// Also run the mesh: the control plane (weft-identity,
+        /// weft-destination on DIR) on the host and one weft-node-proxy per
+        /// node. The programs are taken from the directory of weft-sim itself
+        /// (`cargo build --bins`).
+        #[arg(long)]
+        mesh: bool,
     },
     /// Run a command inside a pod (its network namespace and cgroup).
     Exec {
@@ -72,14 +79,25 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             name,
             detach,
             timeout,
+            mesh,
         } => {
             opts.ready_timeout = Duration::from_secs(timeout);
+            let mesh = if mesh {
+                let mesh = std::sync::Arc::new(Mesh::new(MeshBinaries::next_to_current_exe()?));
+                opts.node_agents = Some(mesh.clone());
+                Some(mesh)
+            } else {
+                None
+            };
             // Signals are caught from the start, so a Ctrl-C during set-up
             // also ends in a teardown rather than half a cluster.
             let signals =
                 signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM, libc::SIGHUP])?;
             let mut running = cluster::up(&dir, &name, &opts)?;
             print_summary(&running.state);
+            if let Some(m) = mesh.as_ref().and_then(|m| m.state()) {
+                print_mesh(&m);
+            }
             println!("ready");
             if detach {
                 return Ok(ExitCode::SUCCESS);
@@ -89,6 +107,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cluster::down(&name, &opts)?;
             for (_, _, child) in &mut running.children {
                 let _ = child.wait();
+            }
+            if let Some(mesh) = mesh {
+                mesh.reap();
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -102,10 +123,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Status { name, json } => {
             let state = cluster::load(&name, &opts)?;
+            let mesh = MeshState::load(&state.state_dir);
             if json {
-                println!("{}", serde_json::to_string_pretty(&state)?);
+                let mut value = serde_json::to_value(&state)?;
+                if let Some(m) = &mesh {
+                    value["mesh"] = serde_json::to_value(m)?;
+                }
+                println!("{}", serde_json::to_string_pretty(&value)?);
             } else {
                 print_summary(&state);
+                if let Some(m) = &mesh {
+                    print_mesh(m);
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -187,4 +216,21 @@ fn print_summary(s: &State) {
             svc.endpoints.len()
         );
     }
+}
+
+fn print_mesh(m: &MeshState) {
+    println!(
+        "  mesh   identity {} (metrics {}), destination {} (admin {}), trust domain {}",
+        m.identity, m.identity_metrics, m.destination, m.destination_admin, m.trust_domain
+    );
+    for p in &m.node_proxies {
+        println!(
+            "  proxy  {:<24} metrics http://{}/metrics ready http://{}/ready log {}",
+            p.node,
+            p.metrics,
+            p.health,
+            p.log.display()
+        );
+    }
+    println!("  prometheus file-sd {}", m.prometheus_targets.display());
 }

@@ -78,12 +78,23 @@ pub fn metrics_handler(
         if req.method() != Method::GET || req.uri().path() != "/metrics" {
             return not_found();
         }
+        // Prometheus asks for OpenMetrics; anything else (curl, promtool,
+        // older scrapers) gets the classic text format.
+        let openmetrics = req.headers().get_all(http::header::ACCEPT).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.contains("application/openmetrics-text"))
+        });
         let mut text = String::new();
         match prometheus_client::encoding::text::encode(&mut text, &registry) {
-            Ok(()) => reply(
+            Ok(()) if openmetrics => reply(
                 StatusCode::OK,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
                 text,
+            ),
+            Ok(()) => reply(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                openmetrics_to_text(&text),
             ),
             Err(_) => reply(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -92,6 +103,33 @@ pub fn metrics_handler(
             ),
         }
     }
+}
+
+/// OpenMetrics to the Prometheus text format (0.0.4): a counter family is
+/// named without `_total` in OpenMetrics and with it in the text format;
+/// `# UNIT` and `# EOF` do not exist there.
+pub fn openmetrics_to_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+            counters
+                .contains(name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        out.push_str(renamed.as_deref().unwrap_or(line).trim_end());
+        out.push('\n');
+    }
+    out
 }
 
 /// `/ready` answers 200 once `ready` is true (the proxy has a destination
@@ -124,6 +162,16 @@ where
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn openmetrics_counters_get_their_total_name_in_the_text_format() {
+        let om = "# HELP a_total_things Things.\n# TYPE a_total_things counter\na_total_things_total{x=\"1\"} 3\n# HELP g A gauge.\n# TYPE g gauge\n# UNIT g seconds\ng 1\n# EOF\n";
+        assert_eq!(
+            super::openmetrics_to_text(om),
+            "# HELP a_total_things_total Things.\n# TYPE a_total_things_total counter\na_total_things_total{x=\"1\"} 3\n# HELP g A gauge.\n# TYPE g gauge\ng 1\n"
+        );
+    }
+
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -185,15 +233,16 @@ mod tests {
         let addr = start(metrics_handler(Arc::new(registry))).await;
         let (status, body) = get(addr, "/metrics").await;
         assert_eq!(status, 200);
+        // Without `Accept: application/openmetrics-text`: the text format.
         assert!(
-            body.contains("# TYPE weft_tcp_connections_opened counter"),
+            body.contains("# TYPE weft_tcp_connections_opened_total counter"),
             "{body}"
         );
         assert!(
             body.contains("weft_tcp_connections_opened_total{reporter=\"destination\""),
             "{body}"
         );
-        assert!(body.trim_end().ends_with("# EOF"), "{body}");
+        assert!(!body.contains("# EOF"), "{body}");
 
         let addr = start(admin_handler(
             || serde_json::json!({"pods": ["demo/client"]}),

@@ -6,6 +6,7 @@
 //! proxy-marked socket to podIP:port: `sk_lookup` lets a connection whose
 //! source is the pod's own address through, so it does not loop).
 
+use crate::hbone::{HboneRequest, serve_connection};
 use crate::metrics::{Reporter, SecurityPolicy, TcpLabels};
 use crate::outbound::connect_from_pod;
 use crate::pods::{Context, LocalPod};
@@ -14,11 +15,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::net::{TcpListener, TcpStream};
+use weft_cert_manager::{SpiffeId, peer_identity};
+use weft_destination_api::View;
 
 pub async fn serve_plaintext(listener: TcpListener, pod: Arc<LocalPod>, cx: Context) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
                 tokio::spawn(handle_plaintext(stream, peer, pod.clone(), cx.clone()));
             }
             Err(e) => {
@@ -39,16 +43,31 @@ async fn handle_plaintext(
     let Ok(target) = client.local_addr() else {
         return;
     };
-    let labels = TcpLabels {
-        reporter: Reporter::Destination,
-        source_workload: String::new(),
-        source_namespace: String::new(),
-        source_principal: String::new(),
-        destination_workload: pod.name.clone(),
-        destination_namespace: pod.namespace.clone(),
-        destination_principal: String::new(),
-        destination_service: String::new(),
-        connection_security_policy: SecurityPolicy::None,
+    // The source is whatever the view knows of the peer address (a pod of
+    // this node, or nothing); it has no verified identity.
+    let labels = {
+        let view = cx.mesh.as_ref().map(|m| m.view.borrow());
+        let source = view
+            .as_ref()
+            .and_then(|v| v.workload_by_address(peer.ip()).cloned());
+        let service = view
+            .as_ref()
+            .and_then(|v| service_of(v, pod.workload_uid.as_deref(), target.port()));
+        TcpLabels {
+            reporter: Reporter::Destination,
+            source_workload: source.as_ref().map(|w| w.name.clone()).unwrap_or_default(),
+            source_namespace: source.map(|w| w.namespace).unwrap_or_default(),
+            source_principal: String::new(),
+            destination_workload: pod.name.clone(),
+            destination_namespace: pod.namespace.clone(),
+            destination_principal: pod
+                .identity
+                .as_ref()
+                .map(|i| i.to_string())
+                .unwrap_or_default(),
+            destination_service: service.unwrap_or_default(),
+            connection_security_policy: SecurityPolicy::None,
+        }
     };
     let open = cx.tcp_metrics.open(labels);
     let mut app = match connect_from_pod(&pod, target).await {
@@ -73,4 +92,161 @@ async fn handle_plaintext(
         "connection closed"
     );
     open.close(&moved);
+}
+
+/// 15008 on the pod's IP: HBONE. TLS 1.3 with the pod's own certificate; a
+/// client certificate is required and verified against the current trust
+/// bundle; the verified identity is the connection's source principal.
+pub async fn serve_hbone(listener: TcpListener, pod: Arc<LocalPod>, cx: Context) {
+    let (Some(mesh), Some(identity)) = (cx.mesh.clone(), pod.identity.clone()) else {
+        return;
+    };
+    // Built once; the resolver and verifier read the current certificate and
+    // bundle at every handshake, so rotations need no rebuild. Waits for the
+    // pod's first certificate (the listener queues connections meanwhile).
+    let config = loop {
+        match mesh.certs.server_config(&identity).await {
+            Ok(c) => break Arc::new(c),
+            Err(e) => {
+                tracing::warn!(pod = %pod.key(), error = %e, "no certificate for the HBONE listener yet");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        }
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(pod = %pod.key(), error = %e, "HBONE accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        // Small HTTP/2 frames must not wait for Nagle (40 ms with a delayed ACK).
+        let _ = tcp.set_nodelay(true);
+        let (acceptor, pod, cx) = (acceptor.clone(), pod.clone(), cx.clone());
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    tracing::info!(target: "access", pod = %pod.key(), %peer, error = %e, "HBONE handshake refused");
+                    return;
+                }
+                Err(_) => {
+                    tracing::info!(target: "access", pod = %pod.key(), %peer, "HBONE handshake timed out");
+                    return;
+                }
+            };
+            let Some(principal) = peer_identity(tls.get_ref().1) else {
+                // The verifier requires a certificate; unreachable in practice.
+                return;
+            };
+            let principal = Arc::new(principal);
+            let mut draining = cx.draining.subscribe();
+            let result = serve_connection(
+                tls,
+                move |request| {
+                    handle_stream(request, peer, principal.clone(), pod.clone(), cx.clone())
+                },
+                async move {
+                    let _ = draining.wait_for(|d| *d).await;
+                },
+            )
+            .await;
+            if let Err(e) = result {
+                tracing::debug!(%peer, error = %e, "HBONE connection ended");
+            }
+        });
+    }
+}
+
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+async fn handle_stream(
+    request: HboneRequest,
+    peer: SocketAddr,
+    principal: Arc<SpiffeId>,
+    pod: Arc<LocalPod>,
+    cx: Context,
+) {
+    let started = Instant::now();
+    let target = request.target;
+    if Some(target.ip()) != pod.ip {
+        // A tunnel to this pod's listener may only reach this pod.
+        tracing::info!(target: "access", pod = %pod.key(), %peer, %target, "HBONE target is not this pod");
+        request.reject(http::StatusCode::FORBIDDEN);
+        return;
+    }
+    let labels = {
+        let view = cx.mesh.as_ref().map(|m| m.view.borrow());
+        let source = view
+            .as_ref()
+            .and_then(|v| v.workload_by_address(peer.ip()).cloned());
+        let service = view
+            .as_ref()
+            .and_then(|v| service_of(v, pod.workload_uid.as_deref(), target.port()));
+        TcpLabels {
+            reporter: Reporter::Destination,
+            source_workload: source.as_ref().map(|w| w.name.clone()).unwrap_or_default(),
+            source_namespace: source.map(|w| w.namespace).unwrap_or_default(),
+            source_principal: principal.to_string(),
+            destination_workload: pod.name.clone(),
+            destination_namespace: pod.namespace.clone(),
+            destination_principal: pod
+                .identity
+                .as_ref()
+                .map(|i| i.to_string())
+                .unwrap_or_default(),
+            destination_service: service.unwrap_or_default(),
+            connection_security_policy: SecurityPolicy::MutualTls,
+        }
+    };
+    let open = cx.tcp_metrics.open(labels);
+    let mut app = match connect_from_pod(&pod, target).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::info!(target: "access", pod = %pod.key(), %peer, dst = %target, error = %e, "inbound delivery failed");
+            request.reject(http::StatusCode::SERVICE_UNAVAILABLE);
+            open.close(&Default::default());
+            return;
+        }
+    };
+    let mut stream = match request.accept() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::info!(target: "access", pod = %pod.key(), %peer, error = %e, "HBONE stream gone");
+            open.close(&Default::default());
+            return;
+        }
+    };
+    let (moved, err) = splice(&mut stream, &mut app).await;
+    tracing::info!(
+        target: "access",
+        direction = "inbound",
+        src = %peer,
+        src_identity = %principal,
+        dst = %pod.key(),
+        port = target.port(),
+        mtls = true,
+        from_client = moved.a_to_b,
+        to_client = moved.b_to_a,
+        duration_ms = started.elapsed().as_millis() as u64,
+        error = err.as_ref().map(|e| e.to_string()),
+        "connection closed"
+    );
+    open.close(&moved);
+}
+
+/// The first Service (in name order) that sends `port` to this workload.
+fn service_of(view: &View, workload_uid: Option<&str>, port: u16) -> Option<String> {
+    let uid = workload_uid?;
+    view.services
+        .values()
+        .find(|s| {
+            s.endpoints
+                .iter()
+                .any(|e| e.workload_uid == uid && e.ports.values().any(|p| *p == u32::from(port)))
+        })
+        .map(|s| s.hostname.clone())
 }

@@ -13,6 +13,7 @@ pub mod admin;
 pub mod balancer;
 pub mod hbone;
 pub mod inbound;
+pub mod mesh;
 pub mod metrics;
 pub mod outbound;
 pub mod pods;

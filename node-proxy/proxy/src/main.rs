@@ -9,10 +9,15 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
+use weft_cni::protocol::PodEvent;
 use weft_node_proxy::admin;
+use weft_node_proxy::mesh::Mesh;
 use weft_node_proxy::metrics::{ProcessCollector, TcpMetrics};
 use weft_node_proxy::pods::{Context, PodRegistry};
 use weft_redirector::{PodRegistrationListener, Redirector, RedirectorConfig};
+
+/// How long a registration waits for the pod to appear in the view.
+const VIEW_WAIT: Duration = Duration::from_secs(5);
 
 #[derive(Parser, Debug)]
 #[command(name = "weft-node-proxy", about = "Weft's per-node proxy")]
@@ -43,6 +48,40 @@ struct Args {
     /// Log as JSON lines.
     #[arg(long)]
     log_json: bool,
+    #[command(flatten)]
+    control_plane: ControlPlane,
+}
+
+/// Where the control plane is. Without `--destination-address` the proxy
+/// runs standalone: every registered pod is captured and all traffic is
+/// plaintext passthrough (for tests of the redirection alone).
+#[derive(clap::Args, Debug)]
+struct ControlPlane {
+    /// The destination service, `https://host:port`.
+    #[arg(long, requires_all = ["ca_address", "trust_anchors", "token_file"])]
+    destination_address: Option<String>,
+    /// Name the destination service's certificate carries (default: the
+    /// host of `--destination-address`).
+    #[arg(long)]
+    destination_server_name: Option<String>,
+    /// PEM CA for the destination service's certificate (default:
+    /// `--trust-anchors`).
+    #[arg(long)]
+    destination_ca: Option<PathBuf>,
+    /// The identity CA, `host:port`.
+    #[arg(long)]
+    ca_address: Option<String>,
+    /// Name the CA's serving certificate carries.
+    #[arg(long, default_value = "weft-identity.weft-system.svc")]
+    ca_server_name: String,
+    /// The mesh's trust anchors (`ca.crt`): the initial trust bundle.
+    #[arg(long)]
+    trust_anchors: Option<PathBuf>,
+    /// This node's bearer credential (re-read on every call).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
 }
 
 fn main() -> std::process::ExitCode {
@@ -76,9 +115,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let tcp_metrics = TcpMetrics::default();
     tcp_metrics.register(&mut registry);
     registry.register_collector(Box::new(ProcessCollector::new()));
+    let mesh = match &args.control_plane.destination_address {
+        Some(address) => Some(connect_control_plane(
+            &args.control_plane,
+            address,
+            &args.node,
+            &mut registry,
+        )?),
+        None => None,
+    };
     let pods = Arc::new(PodRegistry::new(
         redirector.clone(),
-        Context { tcp_metrics },
+        Context::new(tcp_metrics.clone(), mesh.clone()),
     ));
 
     let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
@@ -104,17 +152,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         stopped(stop_rx.clone()),
     ));
     let dump_pods = pods.clone();
+    let dump_mesh = mesh.clone();
     let node = args.node.clone();
     tokio::spawn(admin::serve(
         bind(args.admin_addr, "admin").await?,
-        admin::admin_handler(move || {
-            let pods: Vec<_> = dump_pods
-                .pods()
-                .iter()
-                .map(|p| serde_json::json!({"namespace": p.namespace, "name": p.name, "uid": p.uid, "netns": p.netns.path()}))
-                .collect();
-            serde_json::json!({ "node": node, "pods": pods })
-        }),
+        admin::admin_handler(move || config_dump(&node, &dump_pods, dump_mesh.as_ref())),
         stopped(stop_rx.clone()),
     ));
 
@@ -127,10 +169,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
             args.agent_socket.display()
         )
     })?;
-    // Without a control plane yet, the proxy is ready as soon as it can take
-    // pods (the destination and identity issues add their conditions).
-    let _ = ready_tx.send(true);
-    tracing::info!(node = %args.node, socket = %args.agent_socket.display(), "node proxy ready");
+    match &mesh {
+        // Ready once the proxy has a view and a certificate for every pod
+        // it captured; pods move in and out of the mesh as the view changes.
+        Some(mesh) => {
+            tokio::spawn(follow_view(mesh.clone(), pods.clone(), ready_tx.clone()));
+        }
+        // Standalone: ready as soon as it can take pods.
+        None => {
+            let _ = ready_tx.send(true);
+        }
+    }
+    tracing::info!(node = %args.node, socket = %args.agent_socket.display(), mesh = mesh.is_some(), "node proxy listening for pods");
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -138,13 +188,32 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tokio::select! {
             request = registrations.next() => {
                 let Some(request) = request else { break };
-                match pods.handle(request.event.clone()) {
-                    Ok(()) => request.ack(),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "pod registration refused");
-                        request.reject(e);
+                // A new pod may register before the view has it (the
+                // destination service learns of it at the same time): wait
+                // a bounded moment for the view, so that an enrolled pod is
+                // captured before its containers start, off the loop so
+                // other registrations are not held up.
+                let (pods, mesh) = (pods.clone(), mesh.clone());
+                tokio::spawn(async move {
+                    if let (Some(mesh), PodEvent::Add { pod, .. }) = (&mesh, &request.event) {
+                        let known = |v: &weft_destination_api::View| {
+                            weft_node_proxy::mesh::local_workload(v, &pod.uid, &pod.namespace, &pod.name)
+                                .is_some()
+                        };
+                        let mut view = mesh.view.clone();
+                        let waited = tokio::time::timeout(VIEW_WAIT, view.wait_for(known)).await;
+                        if waited.is_err() {
+                            tracing::info!(pod = %format!("{}/{}", pod.namespace, pod.name), "pod not in the destination view yet; acknowledged, captured when it appears");
+                        }
                     }
-                }
+                    match pods.handle(request.event.clone()) {
+                        Ok(()) => request.ack(),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "pod registration refused");
+                            request.reject(e);
+                        }
+                    }
+                });
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
@@ -154,9 +223,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let _ = ready_tx.send(false);
     let _ = stop_tx.send(true);
     drop(registrations);
+    pods.stop_accepting();
     // Connections in flight run on their own tasks; give them the deadline.
-    tokio::time::sleep(Duration::from_millis(100).min(Duration::from_secs(args.drain_seconds)))
-        .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.drain_seconds);
+    while tcp_metrics.in_flight() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if tcp_metrics.in_flight() > 0 {
+        tracing::info!(
+            open = tcp_metrics.in_flight(),
+            "drain deadline reached; closing"
+        );
+    }
     drop(pods);
     if args.uninstall_on_exit {
         match Arc::try_unwrap(redirector) {
@@ -166,4 +244,148 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tracing::info!("eBPF programs removed");
     }
     Ok(())
+}
+
+fn connect_control_plane(
+    cp: &ControlPlane,
+    destination: &str,
+    node: &str,
+    registry: &mut Registry,
+) -> anyhow::Result<Mesh> {
+    use anyhow::Context as _;
+    use weft_cert_manager::{
+        CertManager, CertManagerConfig, CertManagerMetrics, GrpcCaClient, GrpcCaConfig,
+        SharedTrustBundle, TrustBundle,
+    };
+    use weft_destination_api::client::{self, Backoff, ClientConfig, TokenSource};
+    // clap's `requires_all` guarantees these with --destination-address.
+    let (Some(ca_address), Some(anchors), Some(token_file)) =
+        (&cp.ca_address, &cp.trust_anchors, &cp.token_file)
+    else {
+        anyhow::bail!("--destination-address needs --ca-address, --trust-anchors and --token-file");
+    };
+    let anchors_pem = std::fs::read(anchors).with_context(|| {
+        format!(
+            "cannot read the trust anchors {} (--trust-anchors: the mesh CA's ca.crt)",
+            anchors.display()
+        )
+    })?;
+    let bundle = SharedTrustBundle::new(
+        TrustBundle::from_pem(cp.trust_domain.clone(), &anchors_pem)
+            .with_context(|| format!("invalid trust anchors in {}", anchors.display()))?,
+    );
+    let ca = GrpcCaClient::new(
+        GrpcCaConfig {
+            address: ca_address.clone(),
+            server_name: cp.ca_server_name.clone(),
+            token_file: token_file.clone(),
+            request_timeout: Duration::from_secs(10),
+        },
+        bundle.watch(),
+    )
+    .context("cannot set up the identity CA client")?;
+    let metrics = CertManagerMetrics::register(registry);
+    let certs = CertManager::new(Arc::new(ca), bundle, CertManagerConfig::default(), metrics);
+    certs.start_trust_bundle_watch();
+    let ca_pem = match &cp.destination_ca {
+        Some(path) => std::fs::read(path)
+            .with_context(|| format!("cannot read {} (--destination-ca)", path.display()))?,
+        None => anchors_pem,
+    };
+    let handle = client::spawn(ClientConfig {
+        endpoint: destination.to_string(),
+        ca_pem,
+        server_name: cp.destination_server_name.clone(),
+        node: node.to_string(),
+        token: TokenSource::File(token_file.clone()),
+        backoff: Backoff::default(),
+    });
+    Ok(Mesh {
+        view: handle.view.clone(),
+        view_state: handle.state.clone(),
+        certs,
+        destination: Some(Arc::new(handle)),
+    })
+}
+
+/// Applies every new view to the registered pods and keeps `/ready` true
+/// only while the proxy has a view and the certificates of its pods.
+async fn follow_view(mesh: Mesh, pods: Arc<PodRegistry>, ready: tokio::sync::watch::Sender<bool>) {
+    let mut view = mesh.view.clone();
+    let mut last_version = None;
+    loop {
+        let version = {
+            let v = view.borrow_and_update();
+            (v.epoch.clone(), v.version)
+        };
+        if last_version.as_ref() != Some(&version) {
+            pods.reconcile();
+            last_version = Some(version);
+        }
+        let now_ready = mesh.has_view() && pods.certificates_ready();
+        ready.send_if_modified(|r| std::mem::replace(r, now_ready) != now_ready);
+        // Certificates arrive without a view change: look again shortly.
+        tokio::select! {
+            changed = view.changed() => if changed.is_err() { return },
+            () = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+    }
+}
+
+fn config_dump(node: &str, pods: &PodRegistry, mesh: Option<&Mesh>) -> serde_json::Value {
+    use serde_json::json;
+    let now = std::time::SystemTime::now();
+    let pods: Vec<_> = pods
+        .pods()
+        .iter()
+        .map(|p| {
+            json!({
+                "namespace": p.namespace, "name": p.name, "uid": p.uid,
+                "netns": p.netns.path(), "ip": p.ip, "identity": p.identity.as_ref().map(|i| i.to_string()),
+            })
+        })
+        .collect();
+    let Some(mesh) = mesh else {
+        return json!({ "node": node, "pods": pods, "mesh": false });
+    };
+    let certificates: Vec<_> = mesh
+        .certs
+        .identities()
+        .iter()
+        .map(|id| {
+            let cert = mesh.certs.current_certificate(id);
+            json!({
+                "identity": id.to_string(),
+                "serial": cert.as_ref().map(|c| c.serial.clone()),
+                "expires_in_seconds": cert.as_ref().map(|c| c.remaining(now).as_secs()),
+                "valid_until_unix": cert.as_ref().and_then(|c| c.valid_until.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_secs()),
+            })
+        })
+        .collect();
+    let view = mesh.view.borrow();
+    let workloads: Vec<_> = view
+        .workloads
+        .values()
+        .map(|w| {
+            json!({
+                "uid": w.uid, "namespace": w.namespace, "name": w.name, "identity": w.identity,
+                "node": w.node, "enrolled": w.enrolled,
+                "addresses": w.addresses.iter().filter_map(|a| weft_destination_api::address::decode(a)).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let services: Vec<_> = view
+        .services
+        .values()
+        .map(|s| json!({"hostname": s.hostname, "endpoints": s.endpoints.len()}))
+        .collect();
+    let state = format!("{:?}", *mesh.view_state.borrow());
+    json!({
+        "node": node,
+        "mesh": true,
+        "pods": pods,
+        "certificates": certificates,
+        "destination": { "state": state, "epoch": view.epoch, "version": view.version,
+                         "workloads": workloads, "services": services },
+    })
 }

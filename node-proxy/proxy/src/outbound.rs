@@ -2,13 +2,17 @@
 //! `cgroup/connect` program. The original destination comes from
 //! `SO_ORIGINAL_DST` on the accepted socket.
 //!
-//! Until the destination view and identities are wired in, every
-//! destination is treated as outside the mesh: the proxy connects to it
-//! directly from the pod's own namespace (a proxy-marked socket, so it is
-//! not redirected again), so the connection still leaves from the pod's IP.
+//! The destination view decides where it goes ([`crate::mesh::route`]): an
+//! enrolled workload (directly or behind a Service VIP) gets an HBONE
+//! stream, from the source pod's namespace, presenting the source pod's
+//! certificate and requiring the destination workload's identity. Anything
+//! else is connected directly from the pod's own namespace (a proxy-marked
+//! socket, so it is not redirected again): it still leaves from the pod's IP.
 
+use crate::hbone::H2Stream;
+use crate::mesh::{self, Route};
 use crate::metrics::{Reporter, SecurityPolicy, TcpLabels};
-use crate::pods::{Context, LocalPod};
+use crate::pods::{Context, LocalPod, PoolKey};
 use crate::splice::splice;
 use socket2::{Domain, SockAddr};
 use std::net::SocketAddr;
@@ -20,6 +24,10 @@ pub async fn serve(listener: TcpListener, pod: Arc<LocalPod>, cx: Context) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
+                // The proxy forwards what the app wrote as soon as it can;
+                // Nagle would hold small writes back (the app's own socket
+                // keeps its setting towards us).
+                let _ = stream.set_nodelay(true);
                 tokio::spawn(handle(stream, peer, pod.clone(), cx.clone()));
             }
             Err(e) => {
@@ -32,7 +40,7 @@ pub async fn serve(listener: TcpListener, pod: Arc<LocalPod>, cx: Context) {
 
 async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<LocalPod>, cx: Context) {
     let started = Instant::now();
-    let target = match weft_redirector::original_dst(&client) {
+    let dst = match weft_redirector::original_dst(&client) {
         Ok(t) => t,
         Err(e) => {
             // Someone connected to 15001 directly: there is nowhere to go.
@@ -40,32 +48,74 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<LocalPod>, cx:
             return;
         }
     };
-    let labels = TcpLabels {
-        reporter: Reporter::Source,
-        source_workload: pod.name.clone(),
-        source_namespace: pod.namespace.clone(),
-        source_principal: String::new(),
-        destination_workload: String::new(),
-        destination_namespace: String::new(),
-        destination_principal: String::new(),
-        destination_service: String::new(),
-        connection_security_policy: SecurityPolicy::None,
+    let (route, balanced) = match &cx.mesh {
+        Some(mesh) => {
+            let view = mesh.view.borrow();
+            mesh::route(&view, dst, &cx.balancer, &mut rand::rng())
+        }
+        None => (
+            Route::Plain {
+                target: dst,
+                workload: None,
+                service: None,
+            },
+            false,
+        ),
     };
+    let labels = labels(&pod, &route);
     let open = cx.tcp_metrics.open(labels);
-    let mut upstream = match connect_from_pod(&pod, target).await {
-        Ok(s) => s,
+    let target = route.target();
+    let connected = match &route {
+        Route::Hbone {
+            tunnel, identity, ..
+        } => match (&cx.pool, &pod.identity) {
+            (Some(pool), Some(source)) => {
+                let key = PoolKey {
+                    pod: pod.clone(),
+                    source: source.clone(),
+                    destination: identity.clone(),
+                    tunnel: *tunnel,
+                };
+                pool.open(key, *tunnel, target)
+                    .await
+                    .map(Upstream::Hbone)
+                    .map_err(|e| e.to_string())
+            }
+            _ => Err("no identity for the source pod".to_string()),
+        },
+        Route::Plain { .. } => connect_from_pod(&pod, target)
+            .await
+            .map(Upstream::Plain)
+            .map_err(|e| e.to_string()),
+    };
+    if balanced {
+        match &connected {
+            Ok(_) => cx.balancer.connected(&target, started.elapsed()),
+            Err(_) => cx.balancer.failed(&target),
+        }
+    }
+    let mut upstream = match connected {
+        Ok(u) => u,
         Err(e) => {
-            tracing::info!(target: "access", pod = %pod.key(), dst = %target, error = %e, "outbound connect failed");
+            tracing::info!(target: "access", pod = %pod.key(), dst = %dst, via = %target, error = %e, "outbound connect failed");
             open.close(&Default::default());
             return;
         }
     };
-    let (moved, err) = splice(&mut client, &mut upstream).await;
+    let (moved, err) = match &mut upstream {
+        Upstream::Hbone(s) => splice(&mut client, s).await,
+        Upstream::Plain(s) => splice(&mut client, s).await,
+    };
     tracing::info!(
         target: "access",
         direction = "outbound",
         src = %pod.key(),
-        dst = %target,
+        src_identity = pod.identity.as_ref().map(|i| i.to_string()),
+        dst = %dst,
+        via = %target,
+        dst_identity = match &route { Route::Hbone { identity, .. } => Some(identity.to_string()), _ => None },
+        service = route.service(),
+        mtls = matches!(route, Route::Hbone { .. }),
         from_client = moved.a_to_b,
         to_client = moved.b_to_a,
         duration_ms = started.elapsed().as_millis() as u64,
@@ -73,6 +123,40 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<LocalPod>, cx:
         "connection closed"
     );
     open.close(&moved);
+}
+
+enum Upstream {
+    Hbone(H2Stream),
+    Plain(TcpStream),
+}
+
+/// Source-side labels: this pod, and what the view says of the destination.
+fn labels(pod: &LocalPod, route: &Route) -> TcpLabels {
+    let (workload, principal, policy) = match route {
+        Route::Hbone {
+            workload, identity, ..
+        } => (
+            Some(workload),
+            identity.to_string(),
+            SecurityPolicy::MutualTls,
+        ),
+        Route::Plain { workload, .. } => (workload.as_ref(), String::new(), SecurityPolicy::None),
+    };
+    TcpLabels {
+        reporter: Reporter::Source,
+        source_workload: pod.name.clone(),
+        source_namespace: pod.namespace.clone(),
+        source_principal: pod
+            .identity
+            .as_ref()
+            .map(|i| i.to_string())
+            .unwrap_or_default(),
+        destination_workload: workload.map(|w| w.name.clone()).unwrap_or_default(),
+        destination_namespace: workload.map(|w| w.namespace.clone()).unwrap_or_default(),
+        destination_principal: principal,
+        destination_service: route.service().unwrap_or_default().to_string(),
+        connection_security_policy: policy,
+    }
 }
 
 /// A TCP connection from inside the pod's namespace, carrying the proxy's

@@ -2,13 +2,14 @@
 //! `weft-node-proxy` binary on every node, pods registered as the CNI
 //! plugin would.
 
-use serde_json::Value;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+mod support;
+
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+use support::{echo_through, http_get, metric, wait_metric};
 use weft_sim::cluster::{NodeAgents, node_command};
 use weft_sim::{State, TestCluster};
 
@@ -70,22 +71,6 @@ impl NodeAgents for NodeProxies {
     }
 }
 
-fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    let status = out.split_whitespace().nth(1)?.parse().ok()?;
-    Some((
-        status,
-        out.split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default(),
-    ))
-}
-
 fn wait_ready(health: SocketAddr, proxy: &mut Child) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
@@ -98,33 +83,6 @@ fn wait_ready(health: SocketAddr, proxy: &mut Child) -> Result<(), String> {
         std::thread::sleep(Duration::from_millis(50));
     }
     Err(format!("node proxy at {health} not ready within 20s"))
-}
-
-/// The value of the first series of `metric` whose labels include all of `labels`.
-fn metric(node_ip: std::net::Ipv4Addr, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let (_, body) = http_get(SocketAddr::new(node_ip.into(), 15020), "/metrics")?;
-    body.lines()
-        .filter(|l| l.starts_with(&format!("{metric}{{")))
-        .find(|l| {
-            labels
-                .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-}
-
-/// Polls until `metric` reaches `want` (connections are counted as they close).
-fn wait_metric(node_ip: std::net::Ipv4Addr, name: &str, labels: &[(&str, &str)], want: f64) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut last = None;
-    while Instant::now() < deadline {
-        last = metric(node_ip, name, labels);
-        if last == Some(want) {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("{name}{labels:?} on {node_ip}: want {want}, last seen {last:?}");
 }
 
 const CLUSTER: &str = r#"
@@ -146,25 +104,6 @@ metadata: {name: echo, namespace: demo}
 spec: {selector: {app: echo}, ports: [{port: 80, targetPort: 9000}]}
 "#;
 
-fn echo_through(cluster: &TestCluster, host: &str, port: u16, bytes: usize) -> Value {
-    let out = cluster.exec(
-        "demo/client",
-        &[
-            "./tcp_client.py",
-            host,
-            &port.to_string(),
-            &bytes.to_string(),
-        ],
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{host}:{port}: {stdout} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_str(stdout.trim()).unwrap()
-}
-
 #[test]
 fn enrolled_pods_talk_through_both_node_proxies_and_metrics_count_it() {
     let proxies = std::sync::Arc::new(NodeProxies::default());
@@ -181,8 +120,7 @@ fn enrolled_pods_talk_through_both_node_proxies_and_metrics_count_it() {
         (vip.as_str(), 80),
         ("echo.demo", 80),
     ] {
-        let r = echo_through(&cluster, host, port, N);
-        assert_eq!(r["match"], true, "{r}");
+        let r = echo_through(&cluster, "demo/client", host, port, N, None);
         assert_eq!(r["received"], N);
         assert_eq!(
             r["peer"],

@@ -1,0 +1,550 @@
+//! The mesh on the simulator, wired as on a cluster: the control plane
+//! (`weft-identity serve`, `weft-destination` with the local source on the
+//! manifest directory) runs on the host and listens on the fabric host
+//! address; one `weft-node-proxy` runs in every node's namespace and cgroup
+//! and reaches the control plane over the fabric with its node credential.
+//!
+//! This crate runs the binaries; it does not link the mesh crates (nothing
+//! here depends on the node proxy, identity or destination code). They are
+//! found in one directory, normally next to `weft-sim` itself (the same
+//! Cargo target directory).
+//!
+//! The control plane processes run in a cgroup under the cluster's
+//! (`<cluster cgroup>/control-plane`), so `down` stops them with everything
+//! else, also after a crash.
+
+use crate::cluster::NodeAgents;
+use crate::state::State;
+use crate::sys::{self, CgroupHandle};
+use serde::{Deserialize, Serialize};
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+pub const IDENTITY_PORT: u16 = 15012;
+pub const IDENTITY_METRICS_PORT: u16 = 15014;
+pub const DESTINATION_PORT: u16 = 15010;
+pub const DESTINATION_ADMIN_PORT: u16 = 15015;
+pub const DESTINATION_SERVER_NAME: &str = "weft-destination.weft-system.svc";
+pub const TRUST_DOMAIN: &str = "cluster.local";
+
+#[derive(Debug, thiserror::Error)]
+pub enum MeshError {
+    #[error(
+        "{binary} not found in {dir}: build the mesh binaries first with `cargo build --bins` (same profile as weft-sim)"
+    )]
+    MissingBinary { binary: &'static str, dir: PathBuf },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Sys(#[from] sys::SysError),
+    #[error("creating the destination service's TLS certificate: {0}")]
+    Certificate(String),
+    #[error("{component} did not become ready within {seconds}s: {problem}; log {log}:\n{tail}")]
+    NotReady {
+        component: String,
+        seconds: u64,
+        problem: String,
+        log: PathBuf,
+        tail: String,
+    },
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> MeshError {
+    let what = what.into();
+    move |source| MeshError::Io { what, source }
+}
+
+/// Where the three mesh programs are.
+#[derive(Clone, Debug)]
+pub struct MeshBinaries {
+    pub identity: PathBuf,
+    pub destination: PathBuf,
+    pub node_proxy: PathBuf,
+}
+
+impl MeshBinaries {
+    /// The programs in `dir` (a Cargo profile directory such as `target/debug`).
+    pub fn in_dir(dir: &Path) -> Result<Self, MeshError> {
+        let find = |binary: &'static str| {
+            let path = dir.join(binary);
+            if path.is_file() {
+                Ok(path)
+            } else {
+                Err(MeshError::MissingBinary {
+                    binary,
+                    dir: dir.to_path_buf(),
+                })
+            }
+        };
+        Ok(Self {
+            identity: find("weft-identity")?,
+            destination: find("weft-destination")?,
+            node_proxy: find("weft-node-proxy")?,
+        })
+    }
+
+    /// Next to the running executable (for a test binary in
+    /// `target/<profile>/deps` or an example in `…/examples`, their parent).
+    pub fn next_to_current_exe() -> Result<Self, MeshError> {
+        let exe = std::env::current_exe().map_err(io("finding the current executable"))?;
+        let mut dir = exe.parent().unwrap_or(Path::new(".")).to_path_buf();
+        if dir.ends_with("deps") || dir.ends_with("examples") {
+            dir.pop();
+        }
+        Self::in_dir(&dir)
+    }
+}
+
+/// What `status --json` shows of the mesh (`<state_dir>/mesh.json`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct MeshState {
+    pub trust_domain: String,
+    /// The identity CA (gRPC over TLS) and its metrics.
+    pub identity: SocketAddr,
+    pub identity_metrics: SocketAddr,
+    /// The destination service (gRPC over TLS) and its admin endpoint.
+    pub destination: SocketAddr,
+    pub destination_admin: SocketAddr,
+    /// The mesh's trust anchors (`ca.crt`).
+    pub trust_anchors: PathBuf,
+    /// The CA of the destination service's serving certificate.
+    pub destination_ca: PathBuf,
+    /// Each node proxy's metrics (`/metrics`), health and admin addresses.
+    pub node_proxies: Vec<NodeProxyState>,
+    /// Prometheus file service discovery for the node proxies.
+    pub prometheus_targets: PathBuf,
+    pub prometheus_config: PathBuf,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct NodeProxyState {
+    pub node: String,
+    pub metrics: SocketAddr,
+    pub health: SocketAddr,
+    /// Inside the node's namespace only.
+    pub admin: SocketAddr,
+    pub log: PathBuf,
+}
+
+impl MeshState {
+    pub fn path(state_dir: &Path) -> PathBuf {
+        state_dir.join("mesh.json")
+    }
+
+    pub fn load(state_dir: &Path) -> Option<Self> {
+        let text = std::fs::read_to_string(Self::path(state_dir)).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+}
+
+/// Starts the control plane and the node proxies when the simulator asks
+/// (`Options::node_agents`). Keeps the children to reap them; `down` stops
+/// them (they live in the cluster's cgroups).
+#[derive(Debug)]
+pub struct Mesh {
+    binaries: MeshBinaries,
+    /// Extra flags for every node proxy (e.g. `--log-json`).
+    pub proxy_args: Vec<String>,
+    /// One thread per child waits for it, so a process `down` killed is
+    /// reaped at once (an unreaped one pins its cgroup).
+    children: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    state: Mutex<Option<MeshState>>,
+}
+
+impl Mesh {
+    pub fn new(binaries: MeshBinaries) -> Self {
+        Self {
+            binaries,
+            proxy_args: Vec::new(),
+            children: Mutex::default(),
+            state: Mutex::default(),
+        }
+    }
+
+    /// The addresses, once started.
+    pub fn state(&self) -> Option<MeshState> {
+        self.state.lock().expect("mesh lock").clone()
+    }
+
+    /// Waits for every process this mesh started (after `down` stopped them).
+    pub fn reap(&self) {
+        for reaper in self.children.lock().expect("mesh lock").drain(..) {
+            let _ = reaper.join();
+        }
+    }
+
+    fn start_all(&self, state: &State) -> Result<MeshState, MeshError> {
+        let host: IpAddr = state.fabric.host_ip.into();
+        let cgroup = control_plane_cgroup(state);
+        std::fs::create_dir_all(&cgroup).map_err(io(format!("creating {}", cgroup.display())))?;
+        let logs = state.state_dir.join("logs");
+        std::fs::create_dir_all(&logs).map_err(io("creating the log directory"))?;
+
+        // Identity: a fresh CA for this cluster.
+        let ca_dir = state.state_dir.join("identity");
+        let init = Command::new(&self.binaries.identity)
+            .args(["init", "--trust-domain", TRUST_DOMAIN, "--out"])
+            .arg(&ca_dir)
+            .output()
+            .map_err(io("running weft-identity init"))?;
+        if !init.status.success() {
+            return Err(MeshError::Io {
+                what: "weft-identity init".into(),
+                source: std::io::Error::other(String::from_utf8_lossy(&init.stderr).to_string()),
+            });
+        }
+        let identity = SocketAddr::new(host, IDENTITY_PORT);
+        let identity_metrics = SocketAddr::new(host, IDENTITY_METRICS_PORT);
+        let identity_log = logs.join("weft-identity.log");
+        let mut args: Vec<String> = vec!["serve".into(), "--ca-dir".into()];
+        args.push(path_arg(&ca_dir));
+        args.extend(
+            [
+                "--trust-domain",
+                TRUST_DOMAIN,
+                "--listen",
+                &identity.to_string(),
+                "--metrics-listen",
+                &identity_metrics.to_string(),
+                "--local-credentials",
+                &path_arg(&state.state_dir.join("credentials")),
+                "--local-cluster-state",
+                &path_arg(&State::path(&state.state_dir)),
+            ]
+            .map(String::from),
+        );
+        self.spawn(&cgroup, &self.binaries.identity, &args, &identity_log)?;
+
+        // Destination: its own serving certificate, from a CA of its own.
+        let dest_dir = state.state_dir.join("destination");
+        let destination_ca = write_destination_tls(&dest_dir, host)?;
+        let destination = SocketAddr::new(host, DESTINATION_PORT);
+        let destination_admin = SocketAddr::new(host, DESTINATION_ADMIN_PORT);
+        let destination_log = logs.join("weft-destination.log");
+        let args: Vec<String> = [
+            "--source",
+            "local",
+            "--manifests",
+            &path_arg(&state.manifest_dir),
+            "--cluster-state",
+            &path_arg(&State::path(&state.state_dir)),
+            "--grpc-addr",
+            &destination.to_string(),
+            "--admin-addr",
+            &destination_admin.to_string(),
+            "--tls-cert",
+            &path_arg(&dest_dir.join("tls.crt")),
+            "--tls-key",
+            &path_arg(&dest_dir.join("tls.key")),
+            "--local-credentials",
+            &path_arg(&state.state_dir.join("credentials")),
+            "--trust-domain",
+            TRUST_DOMAIN,
+        ]
+        .map(String::from)
+        .to_vec();
+        self.spawn(&cgroup, &self.binaries.destination, &args, &destination_log)?;
+
+        let deadline = Instant::now() + Duration::from_secs(30);
+        wait_for("weft-identity", &identity_log, deadline, || {
+            std::fs::read_to_string(&identity_log)
+                .is_ok_and(|l| l.lines().any(|l| l.starts_with("ready ")))
+        })?;
+        wait_for("weft-destination", &destination_log, deadline, || {
+            http_get(destination_admin, "/ready").is_some_and(|(s, _)| s == 200)
+        })?;
+
+        // Node proxies.
+        let trust_anchors = ca_dir.join("ca.crt");
+        let mut proxies = Vec::new();
+        for node in &state.nodes {
+            let log = logs.join(format!("weft-node-proxy.{}.log", node.name));
+            let metrics = SocketAddr::new(node.ip.into(), 15020);
+            let health = SocketAddr::new(node.ip.into(), 15021);
+            let mut args: Vec<String> = [
+                "--node",
+                &node.name,
+                "--agent-socket",
+                &path_arg(&node.agent_socket),
+                "--pin-dir",
+                &path_arg(&node.bpf_pin_dir),
+                "--metrics-addr",
+                &metrics.to_string(),
+                "--health-addr",
+                &health.to_string(),
+                "--uninstall-on-exit",
+                "--drain-seconds",
+                "1",
+                "--destination-address",
+                &format!("https://{destination}"),
+                "--destination-server-name",
+                DESTINATION_SERVER_NAME,
+                "--destination-ca",
+                &path_arg(&destination_ca),
+                "--ca-address",
+                &identity.to_string(),
+                "--trust-anchors",
+                &path_arg(&trust_anchors),
+                "--token-file",
+                &path_arg(&node.credential_file),
+                "--trust-domain",
+                TRUST_DOMAIN,
+            ]
+            .map(String::from)
+            .to_vec();
+            args.extend(self.proxy_args.iter().cloned());
+            let mut cmd = crate::cluster::node_command(
+                state,
+                &node.name,
+                path_str(&self.binaries.node_proxy),
+                &args,
+            )
+            .map_err(|e| MeshError::Io {
+                what: format!("preparing the node proxy of {}", node.name),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+            let out =
+                std::fs::File::create(&log).map_err(io(format!("creating {}", log.display())))?;
+            let err = out.try_clone().map_err(io("log file"))?;
+            let child = cmd
+                .stdin(Stdio::null())
+                .stdout(out)
+                .stderr(err)
+                .spawn()
+                .map_err(io(format!("starting the node proxy of {}", node.name)))?;
+            self.adopt(child);
+            proxies.push(NodeProxyState {
+                node: node.name.clone(),
+                metrics,
+                health,
+                admin: "127.0.0.1:15000".parse().expect("address"),
+                log,
+            });
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for p in &proxies {
+            wait_for(
+                &format!("node proxy of {}", p.node),
+                &p.log,
+                deadline,
+                || http_get(p.health, "/ready").is_some_and(|(s, _)| s == 200),
+            )?;
+        }
+        let (prometheus_targets, prometheus_config) = write_prometheus(state, &proxies)?;
+        let mesh = MeshState {
+            trust_domain: TRUST_DOMAIN.into(),
+            identity,
+            identity_metrics,
+            destination,
+            destination_admin,
+            trust_anchors,
+            destination_ca,
+            node_proxies: proxies,
+            prometheus_targets,
+            prometheus_config,
+        };
+        let text = serde_json::to_string_pretty(&mesh).expect("serializable");
+        std::fs::write(MeshState::path(&state.state_dir), text).map_err(io("writing mesh.json"))?;
+        Ok(mesh)
+    }
+
+    fn spawn(
+        &self,
+        cgroup: &Path,
+        program: &Path,
+        args: &[String],
+        log: &Path,
+    ) -> Result<(), MeshError> {
+        let cg = CgroupHandle::open(cgroup)?;
+        let mut cmd = Command::new(program);
+        cmd.args(args);
+        sys::join_cgroup_before_exec(&mut cmd, &cg);
+        let out = std::fs::File::create(log).map_err(io(format!("creating {}", log.display())))?;
+        let err = out.try_clone().map_err(io("log file"))?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .map_err(io(format!("starting {}", program.display())))?;
+        drop(cg);
+        self.adopt(child);
+        Ok(())
+    }
+
+    fn adopt(&self, mut child: Child) {
+        let reaper = std::thread::spawn(move || {
+            let _ = child.wait();
+        });
+        self.children.lock().expect("mesh lock").push(reaper);
+    }
+}
+
+impl NodeAgents for Mesh {
+    fn start(&self, state: &State) -> Result<(), String> {
+        let mesh = self.start_all(state).map_err(|e| e.to_string())?;
+        *self.state.lock().expect("mesh lock") = Some(mesh);
+        Ok(())
+    }
+}
+
+/// The cgroup of the control plane processes, inside the cluster's.
+pub fn control_plane_cgroup(state: &State) -> PathBuf {
+    let cluster = state
+        .nodes
+        .first()
+        .and_then(|n| n.cgroup.parent())
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup/unified/weft-sim").join(&state.name));
+    cluster.join("control-plane")
+}
+
+fn path_arg(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().unwrap_or_default()
+}
+
+fn wait_for(
+    component: &str,
+    log: &Path,
+    deadline: Instant,
+    mut ready: impl FnMut() -> bool,
+) -> Result<(), MeshError> {
+    let started = Instant::now();
+    while Instant::now() < deadline {
+        if ready() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(MeshError::NotReady {
+        component: component.into(),
+        seconds: started.elapsed().as_secs(),
+        problem: "not ready".into(),
+        log: log.to_path_buf(),
+        tail: sys::tail(log, 20),
+    })
+}
+
+/// One plain HTTP/1.1 GET (control plane and proxy admin endpoints).
+pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let status = out.split_whitespace().nth(1)?.parse().ok()?;
+    Some((
+        status,
+        out.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default(),
+    ))
+}
+
+/// A CA of the destination service's own and a serving certificate for its
+/// Service name and the fabric host address. Returns the CA file.
+fn write_destination_tls(dir: &Path, host: IpAddr) -> Result<PathBuf, MeshError> {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, SanType};
+    let err = |e: rcgen::Error| MeshError::Certificate(e.to_string());
+    std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "weft-sim destination CA");
+    let ca =
+        CertifiedIssuer::self_signed(ca_params, KeyPair::generate().map_err(err)?).map_err(err)?;
+    let mut params =
+        CertificateParams::new(vec![DESTINATION_SERVER_NAME.to_string()]).map_err(err)?;
+    params.subject_alt_names.push(SanType::IpAddress(host));
+    let key = KeyPair::generate().map_err(err)?;
+    let cert = params.signed_by(&key, &ca).map_err(err)?;
+    let write = |name: &str, text: String| {
+        std::fs::write(dir.join(name), text).map_err(io(format!("writing {name}")))
+    };
+    write("ca.crt", ca.pem())?;
+    write("tls.crt", cert.pem())?;
+    write("tls.key", key.serialize_pem())?;
+    Ok(dir.join("ca.crt"))
+}
+
+/// Prometheus file service discovery for the node proxies, and a minimal
+/// configuration that reads it.
+fn write_prometheus(
+    state: &State,
+    proxies: &[NodeProxyState],
+) -> Result<(PathBuf, PathBuf), MeshError> {
+    let dir = state.state_dir.join("prometheus");
+    std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
+    let targets: Vec<_> = proxies
+        .iter()
+        .map(|p| {
+            serde_json::json!({
+                "targets": [p.metrics.to_string()],
+                "labels": {"job": "weft-node-proxy", "node": p.node, "weft_cluster": state.name},
+            })
+        })
+        .collect();
+    let targets_path = dir.join("node-proxies.json");
+    std::fs::write(
+        &targets_path,
+        serde_json::to_string_pretty(&targets).expect("serializable"),
+    )
+    .map_err(io("writing the Prometheus targets"))?;
+    let config = format!(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: weft-node-proxy\n    file_sd_configs:\n      - files: ['{}']\n        refresh_interval: 1s\n",
+        targets_path.display()
+    );
+    let config_path = dir.join("prometheus.yml");
+    std::fs::write(&config_path, config).map_err(io("writing the Prometheus configuration"))?;
+    Ok((targets_path, config_path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_program_says_how_to_build_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = MeshBinaries::in_dir(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("weft-identity"), "{err}");
+        assert!(err.contains("cargo build --bins"), "{err}");
+        for name in ["weft-identity", "weft-destination"] {
+            std::fs::write(dir.path().join(name), "").unwrap();
+        }
+        let err = MeshBinaries::in_dir(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("weft-node-proxy"), "{err}");
+        std::fs::write(dir.path().join("weft-node-proxy"), "").unwrap();
+        assert!(MeshBinaries::in_dir(dir.path()).is_ok());
+    }
+
+    /// (The certificate's names are checked end to end: every node proxy
+    /// in the mesh tests verifies them.)
+    #[test]
+    fn the_destination_tls_files_are_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = write_destination_tls(dir.path(), "10.240.3.1".parse().unwrap()).unwrap();
+        let pem = std::fs::read_to_string(dir.path().join("tls.crt")).unwrap();
+        assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"));
+        assert!(
+            std::fs::read_to_string(ca)
+                .unwrap()
+                .contains("BEGIN CERTIFICATE")
+        );
+        let key = std::fs::read_to_string(dir.path().join("tls.key")).unwrap();
+        assert!(key.contains("PRIVATE KEY"));
+    }
+}

@@ -1,0 +1,767 @@
+//! The mesh end to end on the simulator: the real control plane binaries
+//! (`weft-identity`, `weft-destination`) on the host, `weft-node-proxy` on
+//! every node, real eBPF redirection, real TLS between the node proxies.
+
+mod support;
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use support::{echo_through, http_get, metric, wait_metric};
+use weft_sim::TestCluster;
+use weft_sim::mesh::{Mesh, MeshBinaries};
+
+/// The mesh programs: the node proxy Cargo built for this test, the control
+/// plane next to it. A workspace build (`cargo nextest run --workspace`,
+/// `cargo build --bins`) has them; a run of this package alone builds them.
+fn binaries() -> MeshBinaries {
+    let proxy = Path::new(env!("CARGO_BIN_EXE_weft-node-proxy"));
+    let dir = proxy.parent().unwrap();
+    if let Ok(b) = MeshBinaries::in_dir(dir) {
+        return b;
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let target_dir = dir.parent().unwrap();
+    let status = Command::new(cargo)
+        .current_dir(&workspace)
+        .args([
+            "build",
+            "-p",
+            "weft-identity",
+            "-p",
+            "weft-destination",
+            "--bins",
+        ])
+        .arg("--target-dir")
+        .arg(target_dir)
+        .status()
+        .expect("running cargo build for the control plane binaries");
+    assert!(status.success(), "cargo build --bins failed");
+    MeshBinaries::in_dir(dir).expect("control plane binaries after cargo build")
+}
+
+const CLIENT: &str = "spiffe://cluster.local/ns/demo/sa/client";
+const ECHO: &str = "spiffe://cluster.local/ns/demo/sa/echo";
+
+const CLUSTER: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: demo, labels: {weft.io/mesh: enabled}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: plain}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: client, namespace: demo}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: echo, namespace: demo}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: demo}
+spec: {nodeName: node-a, serviceAccountName: client, containers: [{name: main, command: [sleep, infinity]}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: echo, namespace: demo, labels: {app: echo}}
+spec:
+  nodeName: node-b
+  serviceAccountName: echo
+  containers: [{name: main, command: [./tcp_echo.py, "9000"], ports: [{containerPort: 9000}]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: echo-local, namespace: demo}
+spec:
+  nodeName: node-a
+  serviceAccountName: echo
+  containers: [{name: main, command: [./tcp_echo.py, "9000"], ports: [{containerPort: 9000}]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: opted-out, namespace: demo, labels: {weft.io/mesh: disabled}}
+spec:
+  nodeName: node-b
+  containers: [{name: main, command: [./tcp_echo.py, "9000"], ports: [{containerPort: 9000}]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: outsider, namespace: plain}
+spec:
+  nodeName: node-b
+  containers: [{name: main, command: [./tcp_echo.py, "9000"], ports: [{containerPort: 9000}]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo, namespace: demo}
+spec: {selector: {app: echo}, ports: [{port: 80, targetPort: 9000}]}
+"#;
+
+/// Brings the cluster and the mesh up; the guard tears both down.
+struct MeshCluster {
+    cluster: Option<TestCluster>,
+    mesh: Arc<Mesh>,
+}
+
+impl MeshCluster {
+    fn up(extra: &[(&str, &str)]) -> Self {
+        let mesh = Arc::new(Mesh::new(binaries()));
+        let mut files = vec![("c.yaml", CLUSTER)];
+        files.extend_from_slice(extra);
+        let cluster = TestCluster::up_with(&files, |o| o.node_agents = Some(mesh.clone()))
+            .expect("cluster with the mesh");
+        Self {
+            cluster: Some(cluster),
+            mesh,
+        }
+    }
+
+    fn cluster(&self) -> &TestCluster {
+        self.cluster.as_ref().unwrap()
+    }
+
+    fn node_ip(&self, node: &str) -> Ipv4Addr {
+        self.cluster().state().node(node).unwrap().ip
+    }
+
+    /// Tears down and checks nothing is left behind.
+    fn down(mut self) {
+        let state = self.cluster().state().clone();
+        drop(self.cluster.take());
+        self.mesh.reap();
+        assert_eq!(
+            weft_sim::testing::leftovers(&state.name, Some(state.slot)),
+            Vec::<String>::new()
+        );
+    }
+}
+
+impl Drop for MeshCluster {
+    fn drop(&mut self) {
+        drop(self.cluster.take());
+        self.mesh.reap();
+    }
+}
+
+/// tcpdump on the fabric bridge, inside the fabric namespace.
+struct Capture {
+    child: Child,
+    file: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Capture {
+    fn start(fabric_netns: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("fabric.pcap");
+        let err = dir.path().join("tcpdump.err");
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                fabric_netns,
+                "tcpdump",
+                "-i",
+                "br0",
+                "-U",
+                "-n",
+                "-s",
+                "0",
+                "-w",
+            ])
+            .arg(&file)
+            .arg("tcp")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&err).unwrap())
+            .spawn()
+            .expect("tcpdump (cargo xtask setup installs it)");
+        let mut capture = Self {
+            child,
+            file,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = std::fs::read_to_string(&err).unwrap_or_default();
+            if text.contains("listening on") {
+                break;
+            }
+            if let Ok(Some(status)) = capture.child.try_wait() {
+                panic!("tcpdump exited ({status}): {text}");
+            }
+            assert!(Instant::now() < deadline, "tcpdump did not start: {text}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        capture
+    }
+
+    /// Stops the capture and returns the raw pcap bytes.
+    fn stop(&mut self) -> Vec<u8> {
+        // SAFETY: SIGINT to the ip-netns-exec process we started (it execs
+        // tcpdump, same pid), so tcpdump flushes and exits.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.wait();
+        std::fs::read(&self.file).unwrap()
+    }
+
+    /// Polls the file (bounded) until `done` says it has what is expected.
+    fn wait_for(&self, done: impl Fn(&[u8], &Self) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let pcap = std::fs::read(&self.file).unwrap_or_default();
+            if done(&pcap, self) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("the capture did not see the expected traffic within 10s");
+    }
+
+    /// Packets in the capture matching a tcpdump filter.
+    fn count(&self, filter: &str) -> usize {
+        let out = Command::new("tcpdump")
+            .args(["-r"])
+            .arg(&self.file)
+            .args(["-n", filter])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).lines().count()
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+const MB4: usize = 4 << 20;
+const SECRET: &str = "WEFT-SECRET-PAYLOAD-0123456789";
+const VISIBLE: &str = "WEFT-OUTSIDE-THE-MESH-PAYLOAD";
+
+#[test]
+fn enrolled_pods_talk_over_mutual_tls_with_their_own_identities() {
+    let mc = MeshCluster::up(&[]);
+    let cluster = mc.cluster();
+    let state = cluster.state().clone();
+    let echo_ip = cluster.pod("demo/echo").ip.to_string();
+    let echo_local_ip = cluster.pod("demo/echo-local").ip.to_string();
+    let outsider_ip = cluster.pod("plain/outsider").ip.to_string();
+    let vip = state.services[0].cluster_ip.unwrap().to_string();
+
+    let mut capture = Capture::start(&state.fabric.netns);
+    // A control for the capture: plaintext to a pod outside the mesh is
+    // visible on the same wire.
+    echo_through(
+        cluster,
+        "demo/client",
+        &outsider_ip,
+        9000,
+        64 << 10,
+        Some(VISIBLE),
+    );
+    // Cross-node by pod IP, by ClusterIP and by Service name, 4 MiB each way.
+    for (host, port) in [
+        (echo_ip.as_str(), 9000),
+        (vip.as_str(), 80),
+        ("echo.demo", 80),
+    ] {
+        let r = echo_through(cluster, "demo/client", host, port, MB4, Some(SECRET));
+        assert_eq!(r["received"], MB4);
+    }
+    // tcpdump writes packets as it dequeues them: wait until the file has
+    // both flows before stopping it (a stop drops what is still queued).
+    capture.wait_for(|pcap, c| {
+        contains(pcap, VISIBLE.as_bytes()) && c.count("tcp src port 15008") > 100
+    });
+    let pcap = capture.stop();
+    assert!(
+        capture.count("tcp dst port 15008") > 100,
+        "the cross-node connections went to the HBONE port"
+    );
+    assert!(
+        contains(&pcap, VISIBLE.as_bytes()),
+        "the capture sees plaintext when there is plaintext"
+    );
+    assert!(
+        !contains(&pcap, SECRET.as_bytes()),
+        "mesh traffic crossed the fabric in plaintext"
+    );
+
+    // Same node.
+    echo_through(cluster, "demo/client", &echo_local_ip, 9000, MB4, None);
+
+    // The destination proxy saw the client's identity, verified by mTLS.
+    let node_a = mc.node_ip("node-a");
+    let node_b = mc.node_ip("node-b");
+    let dst = [
+        ("reporter", "destination"),
+        ("source_workload", "client"),
+        ("source_namespace", "demo"),
+        ("source_principal", CLIENT),
+        ("destination_workload", "echo"),
+        ("destination_principal", ECHO),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    wait_metric(node_b, "weft_tcp_connections_closed_total", &dst, 3.0);
+    assert_eq!(
+        metric(node_b, "weft_tcp_connections_opened_total", &dst),
+        Some(3.0)
+    );
+    assert_eq!(
+        metric(node_b, "weft_tcp_received_bytes_total", &dst),
+        Some((3 * MB4) as f64)
+    );
+    assert_eq!(
+        metric(node_b, "weft_tcp_sent_bytes_total", &dst),
+        Some((3 * MB4) as f64)
+    );
+    // Source side: two by Service (with its name), one by pod IP.
+    let src = [
+        ("reporter", "source"),
+        ("source_workload", "client"),
+        ("source_principal", CLIENT),
+        ("destination_workload", "echo"),
+        ("destination_principal", ECHO),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    let mut by_service = src.to_vec();
+    by_service.push(("destination_service", "echo.demo.svc.cluster.local"));
+    wait_metric(
+        node_a,
+        "weft_tcp_connections_closed_total",
+        &by_service,
+        2.0,
+    );
+    let mut by_ip = src.to_vec();
+    by_ip.push(("destination_service", ""));
+    wait_metric(node_a, "weft_tcp_connections_closed_total", &by_ip, 1.0);
+    // Same node: node A reports both ends, still mutual TLS.
+    let local = [
+        ("reporter", "destination"),
+        ("source_principal", CLIENT),
+        ("destination_workload", "echo-local"),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    wait_metric(node_a, "weft_tcp_connections_closed_total", &local, 1.0);
+    // Outside the mesh: plain, and said so.
+    // (non-enrolled pods of other nodes are not in a node's view: no name)
+    let plain = [
+        ("reporter", "source"),
+        ("source_principal", CLIENT),
+        ("destination_principal", ""),
+        ("connection_security_policy", "none"),
+    ];
+    wait_metric(node_a, "weft_tcp_connections_closed_total", &plain, 1.0);
+
+    mc.down();
+}
+
+/// A client certificate for the *client's* SPIFFE identity, signed by a CA
+/// the mesh does not trust.
+fn foreign_client_certificate() -> (String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, SanType};
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
+    let mut leaf = CertificateParams::new(Vec::<String>::new()).unwrap();
+    leaf.subject_alt_names = vec![SanType::URI(CLIENT.try_into().unwrap())];
+    let key = KeyPair::generate().unwrap();
+    let cert = leaf.signed_by(&key, &ca).unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
+/// Connects to `host:15008` with TLS 1.3 (optionally a client certificate),
+/// sends the HTTP/2 preface and reads: prints `refused: <reason>` when the
+/// server aborts, `accepted` when it answers.
+const TLS_PROBE: &str = r#"#!/usr/bin/env python3
+import socket, ssl, sys
+host, cert = sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+ctx.set_alpn_protocols(["h2"])
+if cert:
+    ctx.load_cert_chain(cert, sys.argv[3])
+try:
+    with socket.create_connection((host, 15008), timeout=10) as raw:
+        with ctx.wrap_socket(raw) as s:
+            s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+            data = s.recv(1024)
+            print("accepted" if data else "refused: eof")
+except (ssl.SSLError, OSError) as e:
+    print("refused:", e)
+"#;
+
+#[test]
+fn mesh_boundaries_and_foreign_certificates() {
+    let (cert, key) = foreign_client_certificate();
+    let mc = MeshCluster::up(&[
+        ("tls_probe.py", TLS_PROBE),
+        ("foreign.crt", &cert),
+        ("foreign.key", &key),
+    ]);
+    let cluster = mc.cluster();
+    let echo_ip = cluster.pod("demo/echo").ip.to_string();
+    let echo_local_ip = cluster.pod("demo/echo-local").ip.to_string();
+    let opted_out_ip = cluster.pod("demo/opted-out").ip.to_string();
+
+    // Outside the mesh → enrolled pods (same node and across), plaintext
+    // inbound capture delivers it.
+    echo_through(cluster, "plain/outsider", &echo_ip, 9000, 1 << 20, None);
+    echo_through(
+        cluster,
+        "plain/outsider",
+        &echo_local_ip,
+        9000,
+        1 << 20,
+        None,
+    );
+    // Enrolled → a pod that opted out: plain.
+    echo_through(cluster, "demo/client", &opted_out_ip, 9000, 1 << 20, None);
+    let node_a = mc.node_ip("node-a");
+    wait_metric(
+        node_a,
+        "weft_tcp_connections_closed_total",
+        &[
+            ("reporter", "source"),
+            ("source_principal", CLIENT),
+            ("connection_security_policy", "none"),
+        ],
+        1.0,
+    );
+    // Plaintext into the mesh: the destination knows who it is, the source
+    // has no identity (the outsider runs on node B: not in node A's view).
+    let inbound_plain = [
+        ("reporter", "destination"),
+        ("source_principal", ""),
+        ("destination_workload", "echo-local"),
+        ("destination_principal", ECHO),
+        ("connection_security_policy", "none"),
+    ];
+    wait_metric(
+        node_a,
+        "weft_tcp_connections_closed_total",
+        &inbound_plain,
+        1.0,
+    );
+    wait_metric(
+        node_a,
+        "weft_tcp_received_bytes_total",
+        &inbound_plain,
+        (1 << 20) as f64,
+    );
+    // Same node: node B's view has the outsider (its own pod).
+    let node_b = mc.node_ip("node-b");
+    wait_metric(
+        node_b,
+        "weft_tcp_connections_closed_total",
+        &[
+            ("reporter", "destination"),
+            ("source_workload", "outsider"),
+            ("source_namespace", "plain"),
+            ("source_principal", ""),
+            ("destination_workload", "echo"),
+            ("destination_principal", ECHO),
+            ("connection_security_policy", "none"),
+        ],
+        1.0,
+    );
+
+    // A certificate from another CA, even one naming a mesh identity, and no
+    // certificate at all, are refused by the pod's HBONE listener.
+    let foreign = cluster.exec_ok(
+        "plain/outsider",
+        &["./tls_probe.py", &echo_ip, "foreign.crt", "foreign.key"],
+    );
+    assert!(
+        foreign.contains("refused")
+            && (foreign.to_lowercase().contains("unknown_ca")
+                || foreign.to_lowercase().contains("unknown ca")),
+        "foreign CA: {foreign}"
+    );
+    let anonymous = cluster.exec_ok("plain/outsider", &["./tls_probe.py", &echo_ip]);
+    assert!(
+        anonymous.contains("refused") && anonymous.to_lowercase().contains("certificate"),
+        "no certificate: {anonymous}"
+    );
+    // And nothing reached the application through them.
+
+    assert_eq!(
+        metric(
+            node_b,
+            "weft_tcp_connections_opened_total",
+            &[
+                ("reporter", "destination"),
+                ("connection_security_policy", "mutual_tls")
+            ]
+        ),
+        None
+    );
+
+    // The config dump of node B shows the echo pod with its identity and a
+    // certificate for it.
+    let dump = config_dump(&mc, "node-b");
+    let pods = dump["pods"].as_array().unwrap();
+    assert!(
+        pods.iter()
+            .any(|p| p["name"] == "echo" && p["identity"] == ECHO),
+        "{dump}"
+    );
+    assert!(
+        !pods
+            .iter()
+            .any(|p| p["name"] == "opted-out" || p["name"] == "outsider"),
+        "pods outside the mesh are not captured: {dump}"
+    );
+    assert!(
+        dump["certificates"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["identity"] == ECHO && c["expires_in_seconds"].as_u64().unwrap() > 3600),
+        "{dump}"
+    );
+    assert_eq!(
+        http_get(std::net::SocketAddr::new(node_b.into(), 15021), "/ready").map(|r| r.0),
+        Some(200)
+    );
+
+    mc.down();
+}
+
+/// `/config_dump` is on 127.0.0.1:15000 inside the node's namespace.
+fn config_dump(mc: &MeshCluster, node: &str) -> serde_json::Value {
+    let state = mc.cluster().state();
+    let node = state.node(node).unwrap();
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &node.netns,
+            "curl",
+            "-s",
+            "--max-time",
+            "5",
+            "http://127.0.0.1:15000/config_dump",
+        ])
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("config_dump: {e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+/// Whether `node`'s proxy currently captures pod `name`.
+fn captures(mc: &MeshCluster, node: &str, name: &str) -> bool {
+    config_dump(mc, node)["pods"]
+        .as_array()
+        .is_some_and(|pods| pods.iter().any(|p| p["name"] == name))
+}
+
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    // Generous: CI runs many clusters in parallel on two cores.
+    let deadline = Instant::now() + Duration::from_secs(45);
+    while Instant::now() < deadline {
+        if done() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("{what}: not within 45s");
+}
+
+#[test]
+fn editing_the_namespace_label_moves_running_pods_in_and_out_of_the_mesh() {
+    let mc = MeshCluster::up(&[]);
+    let cluster = mc.cluster();
+    let echo_ip = cluster.pod("demo/echo").ip.to_string();
+    let node_b = mc.node_ip("node-b");
+    let mtls = [
+        ("reporter", "destination"),
+        ("source_principal", CLIENT),
+        ("destination_workload", "echo"),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    echo_through(cluster, "demo/client", &echo_ip, 9000, 1 << 20, None);
+    wait_metric(node_b, "weft_tcp_connections_opened_total", &mtls, 1.0);
+
+    // Remove the label: the destination service sees the edit, both proxies
+    // release their pods (no restart), and traffic flows directly.
+    let manifest = cluster.manifest_dir().join("c.yaml");
+    let enrolled = std::fs::read_to_string(&manifest).unwrap();
+    let label = "metadata: {name: demo, labels: {weft.io/mesh: enabled}}";
+    assert!(enrolled.contains(label));
+    std::fs::write(&manifest, enrolled.replace(label, "metadata: {name: demo}")).unwrap();
+    wait_until("node proxies release the demo pods", || {
+        !captures(&mc, "node-a", "client") && !captures(&mc, "node-b", "echo")
+    });
+    echo_through(cluster, "demo/client", &echo_ip, 9000, 1 << 20, None);
+    assert_eq!(
+        metric(node_b, "weft_tcp_connections_opened_total", &mtls),
+        Some(1.0),
+        "outside the mesh, the connection did not go through the proxies"
+    );
+    assert_eq!(
+        metric(
+            node_b,
+            "weft_tcp_connections_opened_total",
+            &[
+                ("reporter", "destination"),
+                ("connection_security_policy", "none")
+            ]
+        ),
+        None,
+        "nor through node B's plaintext capture"
+    );
+
+    // Put it back: the same running pods are captured again, with mTLS.
+    std::fs::write(&manifest, &enrolled).unwrap();
+    wait_until("node proxies capture the demo pods again", || {
+        captures(&mc, "node-a", "client")
+            && captures(&mc, "node-b", "echo")
+            && [mc.node_ip("node-a"), node_b].iter().all(|ip| {
+                http_get(std::net::SocketAddr::new((*ip).into(), 15021), "/ready")
+                    .is_some_and(|r| r.0 == 200)
+            })
+    });
+    echo_through(cluster, "demo/client", &echo_ip, 9000, 1 << 20, None);
+    wait_metric(node_b, "weft_tcp_connections_opened_total", &mtls, 2.0);
+
+    mc.down();
+}
+
+/// A real Prometheus (Debian's package) on loopback, with the simulator's
+/// file-SD configuration.
+struct Prometheus {
+    child: Child,
+    addr: std::net::SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    fn start(config: &Path) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--storage.tsdb.path={}", dir.path().display()))
+            .arg(format!("--web.listen-address={addr}"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("log")).unwrap())
+            .spawn()
+            .expect("prometheus (cargo xtask setup installs it)");
+        Self {
+            child,
+            addr,
+            _dir: dir,
+        }
+    }
+
+    /// The result vector of an instant query.
+    fn query(&self, q: &str) -> Vec<serde_json::Value> {
+        let encoded: String = q
+            .bytes()
+            .map(|b| match b {
+                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' => (b as char).to_string(),
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        http_get(self.addr, &format!("/api/v1/query?query={encoded}"))
+            .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok())
+            .and_then(|v| v["data"]["result"].as_array().cloned())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn prometheus_scrapes_every_node_proxy_and_promtool_accepts_the_metrics() {
+    let mc = MeshCluster::up(&[]);
+    let cluster = mc.cluster();
+    let echo_ip = cluster.pod("demo/echo").ip.to_string();
+    echo_through(cluster, "demo/client", &echo_ip, 9000, 1 << 20, None);
+    let node_b = mc.node_ip("node-b");
+    let mtls = [
+        ("reporter", "destination"),
+        ("source_principal", CLIENT),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    wait_metric(node_b, "weft_tcp_connections_closed_total", &mtls, 1.0);
+
+    // The exposition passes promtool's lint on every node.
+    for node in ["node-a", "node-b"] {
+        let addr = std::net::SocketAddr::new(mc.node_ip(node).into(), 15020);
+        let (_, body) = http_get(addr, "/metrics").unwrap();
+        let mut check = Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("promtool (cargo xtask setup installs prometheus)");
+        use std::io::Write;
+        check
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(body.as_bytes())
+            .unwrap();
+        let out = check.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "promtool check metrics on {node}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    // Prometheus finds both node proxies through the simulator's file-SD
+    // configuration, scrapes them, and answers a query about the traffic.
+    let config = mc.mesh.state().unwrap().prometheus_config;
+    let prometheus = Prometheus::start(&config);
+    wait_until("Prometheus scrapes both node proxies", || {
+        let up = prometheus.query("up{job=\"weft-node-proxy\"}");
+        up.len() == 2 && up.iter().all(|s| s["value"][1] == "1")
+    });
+    wait_until("Prometheus has the mTLS connection", || {
+        prometheus
+            .query(&format!(
+                "sum(weft_tcp_connections_closed_total{{reporter=\"destination\",source_principal=\"{CLIENT}\",connection_security_policy=\"mutual_tls\",node=\"node-b\"}})"
+            ))
+            .first()
+            .is_some_and(|s| s["value"][1] == "1")
+    });
+    drop(prometheus);
+
+    mc.down();
+}

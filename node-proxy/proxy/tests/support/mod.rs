@@ -1,0 +1,62 @@
+//! Helpers shared by the node proxy's simulator tests.
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+use weft_sim::TestCluster;
+
+pub use weft_sim::mesh::http_get;
+
+/// The value of the first series of `metric` whose labels include all of `labels`.
+pub fn metric(node_ip: Ipv4Addr, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let (_, body) = http_get(SocketAddr::new(node_ip.into(), 15020), "/metrics")?;
+    body.lines()
+        .filter(|l| l.starts_with(&format!("{metric}{{")))
+        .find(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// Polls until `metric` reaches `want` (connections are counted as they close).
+pub fn wait_metric(node_ip: Ipv4Addr, name: &str, labels: &[(&str, &str)], want: f64) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut last = None;
+    while Instant::now() < deadline {
+        last = metric(node_ip, name, labels);
+        if last == Some(want) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{name}{labels:?} on {node_ip}: want {want}, last seen {last:?}");
+}
+
+/// Runs `tcp_client.py` in `pod`: sends `bytes` (random, or `pattern`
+/// repeated), half-closes, reads the echo and checks it byte for byte.
+pub fn echo_through(
+    cluster: &TestCluster,
+    pod: &str,
+    host: &str,
+    port: u16,
+    bytes: usize,
+    pattern: Option<&str>,
+) -> Value {
+    let port = port.to_string();
+    let bytes = bytes.to_string();
+    let mut argv = vec!["./tcp_client.py", host, &port, &bytes];
+    argv.extend(pattern);
+    let out = cluster.exec(pod, &argv);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{pod} -> {host}:{port}: {stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(r["match"], true, "{pod} -> {host}:{port}: {r}");
+    r
+}
