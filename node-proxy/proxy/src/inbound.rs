@@ -19,18 +19,10 @@ use weft_cert_manager::{SpiffeId, peer_identity};
 use weft_destination_api::View;
 
 pub async fn serve_plaintext(listener: TcpListener, pod: Arc<LocalPod>, cx: Context) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                let _ = stream.set_nodelay(true);
-                tokio::spawn(handle_plaintext(stream, peer, pod.clone(), cx.clone()));
-            }
-            Err(e) => {
-                tracing::warn!(pod = %pod.key(), error = %e, "inbound accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        }
-    }
+    crate::pods::accept_loop(listener, &pod, "inbound", |stream, peer| {
+        handle_plaintext(stream, peer, pod.clone(), cx.clone())
+    })
+    .await
 }
 
 async fn handle_plaintext(
@@ -45,30 +37,14 @@ async fn handle_plaintext(
     };
     // The source is whatever the view knows of the peer address (a pod of
     // this node, or nothing); it has no verified identity.
-    let labels = {
-        let view = cx.mesh.as_ref().map(|m| m.view.borrow());
-        let source = view
-            .as_ref()
-            .and_then(|v| v.workload_by_address(peer.ip()).cloned());
-        let service = view
-            .as_ref()
-            .and_then(|v| service_of(v, pod.workload_uid.as_deref(), target.port()));
-        TcpLabels {
-            reporter: Reporter::Destination,
-            source_workload: source.as_ref().map(|w| w.name.clone()).unwrap_or_default(),
-            source_namespace: source.map(|w| w.namespace).unwrap_or_default(),
-            source_principal: String::new(),
-            destination_workload: pod.name.clone(),
-            destination_namespace: pod.namespace.clone(),
-            destination_principal: pod
-                .identity
-                .as_ref()
-                .map(|i| i.to_string())
-                .unwrap_or_default(),
-            destination_service: service.unwrap_or_default(),
-            connection_security_policy: SecurityPolicy::None,
-        }
-    };
+    let labels = destination_labels(
+        &cx,
+        &pod,
+        peer,
+        target.port(),
+        String::new(),
+        SecurityPolicy::None,
+    );
     let open = cx.tcp_metrics.open(labels);
     let mut app = match connect_from_pod(&pod, target).await {
         Ok(s) => s,
@@ -114,19 +90,10 @@ pub async fn serve_hbone(listener: TcpListener, pod: Arc<LocalPod>, cx: Context)
         }
     };
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::warn!(pod = %pod.key(), error = %e, "HBONE accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        // Small HTTP/2 frames must not wait for Nagle (40 ms with a delayed ACK).
-        let _ = tcp.set_nodelay(true);
+    let listening_pod = pod.clone();
+    crate::pods::accept_loop(listener, &listening_pod, "hbone", move |tcp, peer| {
         let (acceptor, pod, cx) = (acceptor.clone(), pod.clone(), cx.clone());
-        tokio::spawn(async move {
+        async move {
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
@@ -157,7 +124,43 @@ pub async fn serve_hbone(listener: TcpListener, pod: Arc<LocalPod>, cx: Context)
             if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "HBONE connection ended");
             }
-        });
+        }
+    })
+    .await
+}
+
+/// The destination side's labels for a connection from `peer` to `port` of
+/// `pod`: the source is whatever the view knows of the peer's address (a
+/// workload, or nothing), its principal the verified identity if any.
+fn destination_labels(
+    cx: &Context,
+    pod: &LocalPod,
+    peer: SocketAddr,
+    port: u16,
+    source_principal: String,
+    security: SecurityPolicy,
+) -> TcpLabels {
+    let view = cx.mesh.as_ref().map(|m| m.view.borrow());
+    let source = view
+        .as_ref()
+        .and_then(|v| v.workload_by_address(peer.ip()).cloned());
+    let service = view
+        .as_ref()
+        .and_then(|v| service_of(v, pod.workload_uid.as_deref(), port));
+    TcpLabels {
+        reporter: Reporter::Destination,
+        source_workload: source.as_ref().map(|w| w.name.clone()).unwrap_or_default(),
+        source_namespace: source.map(|w| w.namespace).unwrap_or_default(),
+        source_principal,
+        destination_workload: pod.name.clone(),
+        destination_namespace: pod.namespace.clone(),
+        destination_principal: pod
+            .identity
+            .as_ref()
+            .map(|i| i.to_string())
+            .unwrap_or_default(),
+        destination_service: service.unwrap_or_default(),
+        connection_security_policy: security,
     }
 }
 
@@ -178,30 +181,14 @@ async fn handle_stream(
         request.reject(http::StatusCode::FORBIDDEN);
         return;
     }
-    let labels = {
-        let view = cx.mesh.as_ref().map(|m| m.view.borrow());
-        let source = view
-            .as_ref()
-            .and_then(|v| v.workload_by_address(peer.ip()).cloned());
-        let service = view
-            .as_ref()
-            .and_then(|v| service_of(v, pod.workload_uid.as_deref(), target.port()));
-        TcpLabels {
-            reporter: Reporter::Destination,
-            source_workload: source.as_ref().map(|w| w.name.clone()).unwrap_or_default(),
-            source_namespace: source.map(|w| w.namespace).unwrap_or_default(),
-            source_principal: principal.to_string(),
-            destination_workload: pod.name.clone(),
-            destination_namespace: pod.namespace.clone(),
-            destination_principal: pod
-                .identity
-                .as_ref()
-                .map(|i| i.to_string())
-                .unwrap_or_default(),
-            destination_service: service.unwrap_or_default(),
-            connection_security_policy: SecurityPolicy::MutualTls,
-        }
-    };
+    let labels = destination_labels(
+        &cx,
+        &pod,
+        peer,
+        target.port(),
+        principal.to_string(),
+        SecurityPolicy::MutualTls,
+    );
     let open = cx.tcp_metrics.open(labels);
     let mut app = match connect_from_pod(&pod, target).await {
         Ok(s) => s,

@@ -21,21 +21,10 @@ use std::time::Instant;
 use tokio::net::{TcpListener, TcpStream};
 
 pub async fn serve(listener: TcpListener, pod: Arc<LocalPod>, cx: Context) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                // The proxy forwards what the app wrote as soon as it can;
-                // Nagle would hold small writes back (the app's own socket
-                // keeps its setting towards us).
-                let _ = stream.set_nodelay(true);
-                tokio::spawn(handle(stream, peer, pod.clone(), cx.clone()));
-            }
-            Err(e) => {
-                tracing::warn!(pod = %pod.key(), error = %e, "outbound accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        }
-    }
+    crate::pods::accept_loop(listener, &pod, "outbound", |stream, peer| {
+        handle(stream, peer, pod.clone(), cx.clone())
+    })
+    .await
 }
 
 async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<LocalPod>, cx: Context) {

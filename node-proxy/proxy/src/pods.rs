@@ -492,3 +492,32 @@ impl Drop for PodRegistry {
         }
     }
 }
+
+/// Accepts on one of a pod's listeners until its task is aborted (the pod
+/// leaves), handing each connection to `handle` on a task of its own. An
+/// accept error (file descriptors exhausted, say) is logged and retried after
+/// a pause rather than ending the listener: the pod would lose its traffic.
+pub(crate) async fn accept_loop<F, Fut>(
+    listener: tokio::net::TcpListener,
+    pod: &LocalPod,
+    what: &'static str,
+    mut handle: F,
+) where
+    F: FnMut(tokio::net::TcpStream, SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                // Forward what arrives at once: with Nagle on, small writes
+                // and HTTP/2 frames wait for the peer's delayed ACK (40 ms).
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(handle(stream, peer));
+            }
+            Err(e) => {
+                tracing::warn!(pod = %pod.key(), listener = what, error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
