@@ -310,16 +310,7 @@ impl Mesh {
                 what: format!("preparing the node proxy of {}", node.name),
                 source: std::io::Error::other(e.to_string()),
             })?;
-            let out =
-                std::fs::File::create(&log).map_err(io(format!("creating {}", log.display())))?;
-            let err = out.try_clone().map_err(io("log file"))?;
-            let child = cmd
-                .stdin(Stdio::null())
-                .stdout(out)
-                .stderr(err)
-                .spawn()
-                .map_err(io(format!("starting the node proxy of {}", node.name)))?;
-            self.adopt(child);
+            self.start_logged(&mut cmd, &log, &format!("the node proxy of {}", node.name))?;
             proxies.push(NodeProxyState {
                 node: node.name.clone(),
                 metrics,
@@ -366,6 +357,14 @@ impl Mesh {
         let mut cmd = Command::new(program);
         cmd.args(args);
         sys::join_cgroup_before_exec(&mut cmd, &cg);
+        self.start_logged(&mut cmd, log, &program.display().to_string())?;
+        drop(cg); // only after spawn: the child writes to it before exec
+        Ok(())
+    }
+
+    /// Starts `cmd` with both output streams going to `log`, and keeps it
+    /// to be stopped with the mesh.
+    fn start_logged(&self, cmd: &mut Command, log: &Path, what: &str) -> Result<(), MeshError> {
         let out = std::fs::File::create(log).map_err(io(format!("creating {}", log.display())))?;
         let err = out.try_clone().map_err(io("log file"))?;
         let child = cmd
@@ -373,8 +372,7 @@ impl Mesh {
             .stdout(out)
             .stderr(err)
             .spawn()
-            .map_err(io(format!("starting {}", program.display())))?;
-        drop(cg);
+            .map_err(io(format!("starting {what}")))?;
         self.adopt(child);
         Ok(())
     }
