@@ -22,8 +22,8 @@ pub mod proto {
 
 pub use policy::{Decision, Reason, authorize};
 pub use proto::{
-    Authorization, DefaultPolicy, Endpoint, NamedPort, Network, Policy, PolicyServer, Requirement,
-    Service, ServicePort, TunnelProtocol, WatchRequest, WatchResponse, Workload,
+    Authorization, DefaultPolicy, Endpoint, NamedPort, Network, Policy, PolicyServer, PortRange,
+    Requirement, Service, ServicePort, TunnelProtocol, WatchRequest, WatchResponse, Workload,
 };
 
 /// The trust domain identities use when none is configured.

@@ -7,14 +7,18 @@
 //! - [`metrics`]: the Prometheus metrics;
 //! - [`admin`]: metrics, health and admin HTTP endpoints;
 //! - [`pods`]: the pods this proxy serves (registration, in-pod listeners);
-//! - [`outbound`], [`inbound`]: the pods' connections.
+//! - [`outbound`], [`inbound`]: the pods' connections;
+//! - [`protocol`]: detecting HTTP/1, HTTP/2 or opaque TCP on a connection;
+//! - [`l7`]: request-level proxying and metrics for HTTP and gRPC.
 
 pub mod admin;
 pub mod balancer;
 pub mod hbone;
 pub mod inbound;
+pub mod l7;
 pub mod mesh;
 pub mod metrics;
 pub mod outbound;
 pub mod pods;
+pub mod protocol;
 pub mod splice;

@@ -124,10 +124,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         )?),
         None => None,
     };
-    let pods = Arc::new(PodRegistry::new(
-        redirector.clone(),
-        Context::new(tcp_metrics.clone(), mesh.clone()),
-    ));
+    let context = Context::new(tcp_metrics.clone(), mesh.clone());
+    context.request_metrics.register(&mut registry);
+    let pods = Arc::new(PodRegistry::new(redirector.clone(), context));
 
     let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

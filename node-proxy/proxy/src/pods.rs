@@ -115,6 +115,13 @@ pub struct Context {
     /// Set to true at shutdown: HBONE connections send GOAWAY and finish
     /// their open streams.
     pub draining: Arc<tokio::sync::watch::Sender<bool>>,
+    /// Golden request metrics of the HTTP connections the proxy terminates
+    /// (registered by the caller, next to the TCP metrics).
+    pub request_metrics: crate::l7::RequestMetrics,
+    /// HTTP client connections to endpoints, for request-level proxying.
+    pub upstreams: crate::l7::UpstreamPool,
+    /// How long protocol detection waits for a client's first bytes.
+    pub detect_timeout: Duration,
 }
 
 impl Context {
@@ -131,6 +138,9 @@ impl Context {
             balancer: Arc::new(Balancer::new(BalancerConfig::default())),
             pool,
             draining: Arc::new(tokio::sync::watch::Sender::new(false)),
+            request_metrics: crate::l7::RequestMetrics::default(),
+            upstreams: crate::l7::UpstreamPool::new(),
+            detect_timeout: crate::protocol::DETECT_TIMEOUT,
         }
     }
 }
