@@ -7,7 +7,9 @@ usage: http_server.py PORT NAME
   GET  /status/CODE      that status, body "status CODE from NAME"
   GET  /delay/MS         200 after sleeping MS milliseconds
   GET  /chunked/N        200, N chunks "chunk-i\\n" (Transfer-Encoding: chunked)
-  POST /echo             200, the request body (Content-Length or chunked)
+  POST /delay/MS         200 after sleeping MS milliseconds (its own method,
+                         so a test can find its latency in its own series)
+  PUT  /echo             200, the request body (Content-Length or chunked)
   GET  /upgrade          with "Upgrade: weft-echo": 101, then echoes raw bytes
 Every response names the server in the header "x-served-by: NAME".
 """
@@ -82,6 +84,15 @@ class Handler(BaseHTTPRequestHandler):
             self.reply(404, b"not found")
 
     def do_POST(self):
+        self.read_body()
+        parts = self.path.strip("/").split("/")
+        if parts[0] == "delay":
+            time.sleep(int(parts[1]) / 1000)
+            self.reply(200, f"delayed {parts[1]} ms by {NAME}".encode())
+        else:
+            self.reply(404, b"not found")
+
+    def do_PUT(self):
         body = self.read_body()
         if self.path == "/echo":
             self.reply(200, body)
