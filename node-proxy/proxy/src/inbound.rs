@@ -10,7 +10,6 @@ use crate::hbone::{HboneRequest, serve_connection};
 use crate::metrics::{Reporter, SecurityPolicy, TcpLabels};
 use crate::outbound::connect_from_pod;
 use crate::pods::{Context, LocalPod};
-use crate::splice::splice;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -25,12 +24,7 @@ pub async fn serve_plaintext(listener: TcpListener, pod: Arc<LocalPod>, cx: Cont
     .await
 }
 
-async fn handle_plaintext(
-    mut client: TcpStream,
-    peer: SocketAddr,
-    pod: Arc<LocalPod>,
-    cx: Context,
-) {
+async fn handle_plaintext(client: TcpStream, peer: SocketAddr, pod: Arc<LocalPod>, cx: Context) {
     let started = Instant::now();
     let Ok(target) = client.local_addr() else {
         return;
@@ -46,7 +40,7 @@ async fn handle_plaintext(
         SecurityPolicy::None,
     );
     let open = cx.tcp_metrics.open(labels);
-    let mut app = match connect_from_pod(&pod, target).await {
+    let app = match connect_from_pod(&pod, target).await {
         Ok(s) => s,
         Err(e) => {
             tracing::info!(target: "access", pod = %pod.key(), %peer, dst = %target, error = %e, "inbound delivery failed");
@@ -54,7 +48,7 @@ async fn handle_plaintext(
             return;
         }
     };
-    let (moved, err) = splice(&mut client, &mut app).await;
+    let (moved, err) = crate::l7::inbound::deliver(client, app, open.labels(), &pod, &cx).await;
     tracing::info!(
         target: "access",
         direction = "inbound",
@@ -190,7 +184,7 @@ async fn handle_stream(
         SecurityPolicy::MutualTls,
     );
     let open = cx.tcp_metrics.open(labels);
-    let mut app = match connect_from_pod(&pod, target).await {
+    let app = match connect_from_pod(&pod, target).await {
         Ok(s) => s,
         Err(e) => {
             tracing::info!(target: "access", pod = %pod.key(), %peer, dst = %target, error = %e, "inbound delivery failed");
@@ -199,7 +193,7 @@ async fn handle_stream(
             return;
         }
     };
-    let mut stream = match request.accept() {
+    let stream = match request.accept() {
         Ok(s) => s,
         Err(e) => {
             tracing::info!(target: "access", pod = %pod.key(), %peer, error = %e, "HBONE stream gone");
@@ -207,7 +201,7 @@ async fn handle_stream(
             return;
         }
     };
-    let (moved, err) = splice(&mut stream, &mut app).await;
+    let (moved, err) = crate::l7::inbound::deliver(stream, app, open.labels(), &pod, &cx).await;
     tracing::info!(
         target: "access",
         direction = "inbound",

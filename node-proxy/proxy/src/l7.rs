@@ -8,12 +8,15 @@
 //! plain otherwise), and measured with the golden metrics.
 //!
 //! - [`outbound`]: serving a pod's HTTP connection, forwarding requests;
+//! - [`inbound`]: delivering an inbound connection to the application,
+//!   request by request when it is HTTP (destination-side metrics);
 //! - [`upstream`]: pooled HTTP client connections per endpoint;
 //! - [`body`]: the response body that records metrics when it ends;
 //! - [`classify`], [`metrics`]: label values and the metric families.
 
 pub mod body;
 pub mod classify;
+pub mod inbound;
 pub mod metrics;
 pub mod outbound;
 pub mod upstream;

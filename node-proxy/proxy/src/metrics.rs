@@ -145,6 +145,14 @@ pub struct OpenConnection {
 }
 
 impl OpenConnection {
+    /// The connection's labels (the request metrics of an HTTP connection
+    /// carry the same peers).
+    pub fn labels(&self) -> &TcpLabels {
+        self.labels
+            .as_ref()
+            .expect("labels are taken only when the connection closes")
+    }
+
     /// Records a closed connection; `moved.a_to_b` is what the client sent.
     pub fn close(mut self, moved: &crate::splice::Transferred) {
         if let Some(labels) = self.labels.take() {

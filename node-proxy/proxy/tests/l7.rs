@@ -308,6 +308,33 @@ fn http1_requests_over_keep_alive_are_proxied_and_counted() {
         ),
         0.0
     );
+    // The destination side (web-1 on node B, web-2 on node A) saw the same
+    // requests, with the client's verified identity.
+    let node_b = mc.node_ip("node-b");
+    let dst = |more: &[(&'static str, &'static str)]| {
+        let mut l = vec![
+            ("reporter", "destination"),
+            ("source_workload", "client"),
+            ("source_principal", CLIENT),
+            ("destination_service", WEB),
+        ];
+        l.extend_from_slice(more);
+        move |node| metric_sum(node, "weft_requests_total", &l)
+    };
+    let both = |f: &dyn Fn(Ipv4Addr) -> f64| f(node_a) + f(node_b);
+    support::wait_until_eq("destination-side requests", 17.0, || both(&dst(&[])));
+    assert_eq!(
+        both(&dst(&[
+            ("method", "GET"),
+            ("status_code", "500"),
+            ("classification", "failure")
+        ])),
+        3.0
+    );
+    assert_eq!(
+        both(&dst(&[("method", "POST"), ("status_code", "200")])),
+        2.0
+    );
     promtool_accepts(node_a);
 
     mc.down();
@@ -417,6 +444,25 @@ fn grpc_and_http2_are_proxied_per_request_and_server_first_protocols_do_not_stal
             &requests(GRPC, &[("destination_workload", endpoint)]),
         );
         assert!(n >= 1.0, "{endpoint} got no request");
+    }
+    // The destination side counted the same calls (grpc-1 on node B,
+    // grpc-2 on node A), failures included.
+    let node_b = mc.node_ip("node-b");
+    let dst = |node, more: &[(&str, &str)]| {
+        let mut l = vec![
+            ("reporter", "destination"),
+            ("source_principal", CLIENT),
+            ("destination_service", GRPC),
+        ];
+        l.extend_from_slice(more);
+        metric_sum(node, "weft_requests_total", &l)
+    };
+    support::wait_until_eq("destination-side gRPC calls", 206.0, || {
+        dst(node_a, &[]) + dst(node_b, &[])
+    });
+    for code in ["13", "5"] {
+        let l = [("grpc_status", code), ("classification", "failure")];
+        assert_eq!(dst(node_a, &l) + dst(node_b, &l), 1.0, "grpc_status {code}");
     }
     // The slow call is in a bucket between 250 ms and 1 s.
     let bucket = |le: &str| {

@@ -176,7 +176,7 @@ impl Connection {
 }
 
 /// An HTTP/1 request asking to switch protocols (WebSocket and the like).
-fn wants_upgrade<B>(request: &Request<B>) -> bool {
+pub(super) fn wants_upgrade<B>(request: &Request<B>) -> bool {
     request.headers().contains_key(header::UPGRADE)
         && request
             .headers()
@@ -191,7 +191,7 @@ fn wants_upgrade<B>(request: &Request<B>) -> bool {
 
 /// After a 101, both sides hand over their connections: bytes flow as for
 /// opaque TCP until either side closes.
-async fn splice_upgraded(
+pub(super) async fn splice_upgraded(
     client: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
     target: SocketAddr,
@@ -211,7 +211,7 @@ async fn splice_upgraded(
 }
 
 /// The response the proxy gives itself when the endpoint failed.
-fn error_response(e: &UpstreamError, grpc: bool) -> Response<ProxyBody> {
+pub(super) fn error_response(e: &UpstreamError, grpc: bool) -> Response<ProxyBody> {
     let empty = || {
         Empty::<Bytes>::new()
             .map_err(|never| match never {})

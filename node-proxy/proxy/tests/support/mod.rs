@@ -57,6 +57,20 @@ pub fn wait_metric_sum(node_ip: Ipv4Addr, name: &str, labels: &[(&str, &str)], w
     panic!("sum of {name}{labels:?} on {node_ip}: want {want}, last seen {last}");
 }
 
+/// Polls `value` until it equals `want` (values counted as responses end).
+pub fn wait_until_eq(what: &str, want: f64, mut value: impl FnMut() -> f64) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut last = f64::NAN;
+    while Instant::now() < deadline {
+        last = value();
+        if last == want {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{what}: want {want}, last seen {last}");
+}
+
 /// Polls until `metric` reaches `want` (connections are counted as they close).
 pub fn wait_metric(node_ip: Ipv4Addr, name: &str, labels: &[(&str, &str)], want: f64) {
     let deadline = Instant::now() + Duration::from_secs(15);
