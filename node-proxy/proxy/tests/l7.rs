@@ -97,8 +97,28 @@ spec:
 /// (5-byte gRPC frame header + payload), the body h2load sends.
 const GRPC_HELLO_FRAME: &str = "\0\0\0\0\u{5}hello";
 
+/// Asks web.demo to switch to the raw "weft-echo" protocol (as a WebSocket
+/// handshake would), then sends bytes that only the upgraded connection
+/// carries; prints JSON {"status", "echo"}.
+const UPGRADE_CLIENT: &str = r#"#!/usr/bin/env python3
+import json, socket
+with socket.create_connection(("web.demo", 80), timeout=20) as s:
+    s.sendall(b"GET /upgrade HTTP/1.1\r\nHost: web.demo\r\nConnection: Upgrade\r\nUpgrade: weft-echo\r\n\r\n")
+    f = s.makefile("rb")
+    status = f.readline().decode().strip()
+    while f.readline() not in (b"\r\n", b""):
+        pass
+    s.sendall(b"raw bytes after the upgrade\n")
+    echo = f.readline().decode().strip()
+print(json.dumps({"status": status, "echo": echo}))
+"#;
+
 fn up() -> MeshCluster {
-    MeshCluster::up(&[("c.yaml", CLUSTER), ("hello.grpc", GRPC_HELLO_FRAME)])
+    MeshCluster::up(&[
+        ("c.yaml", CLUSTER),
+        ("hello.grpc", GRPC_HELLO_FRAME),
+        ("upgrade_client.py", UPGRADE_CLIENT),
+    ])
 }
 
 /// Source-side request series of the client towards `service`, plus `more`.
@@ -237,6 +257,16 @@ fn http1_requests_over_keep_alive_are_proxied_and_counted() {
     );
     assert!(slow.contains("delayed 300 ms"), "{slow}");
 
+    // An upgrade (the WebSocket handshake's shape) passes through both
+    // proxies, and the upgraded connection carries raw bytes both ways.
+    let up = cluster.exec_ok("demo/client", &["./upgrade_client.py"]);
+    let up: serde_json::Value = serde_json::from_str(up.trim()).unwrap();
+    assert!(
+        up["status"].as_str().unwrap().starts_with("HTTP/1.1 101"),
+        "{up}"
+    );
+    assert_eq!(up["echo"], "raw bytes after the upgrade", "{up}");
+
     // The source proxy counted exactly these, by method class, status and
     // classification, with the client's verified identity and the
     // Service's name (summed over the two endpoints).
@@ -267,9 +297,22 @@ fn http1_requests_over_keep_alive_are_proxied_and_counted() {
     );
     let post = requests(WEB, &[("method", "POST"), ("status_code", "200")]);
     wait_metric_sum(node_a, "weft_requests_total", &post, 2.0);
+    wait_metric_sum(
+        node_a,
+        "weft_requests_total",
+        &requests(
+            WEB,
+            &[
+                ("method", "GET"),
+                ("status_code", "101"),
+                ("classification", "success"),
+            ],
+        ),
+        1.0,
+    );
     assert_eq!(
         metric_sum(node_a, "weft_requests_total", &requests(WEB, &[])),
-        17.0,
+        18.0,
         "nothing else was counted"
     );
     // Every series names a destination workload and its identity (mTLS).
@@ -285,7 +328,7 @@ fn http1_requests_over_keep_alive_are_proxied_and_counted() {
                 )]
             )
         ),
-        17.0
+        18.0
     );
     // The 300 ms delay is above the 250 ms bound and within the 1 s one.
     let bucket = |le: &str| {
@@ -322,7 +365,7 @@ fn http1_requests_over_keep_alive_are_proxied_and_counted() {
         move |node| metric_sum(node, "weft_requests_total", &l)
     };
     let both = |f: &dyn Fn(Ipv4Addr) -> f64| f(node_a) + f(node_b);
-    support::wait_until_eq("destination-side requests", 17.0, || both(&dst(&[])));
+    support::wait_until_eq("destination-side requests", 18.0, || both(&dst(&[])));
     assert_eq!(
         both(&dst(&[
             ("method", "GET"),
