@@ -82,21 +82,18 @@ where
     }
 }
 
-/// Whether the local pod declared `port` opaque (or it is a well-known
-/// server-first port): no detection, as on the source side.
+/// Whether the local pod's port skips detection, as on the source side
+/// (plus its Server's `proxyProtocol`).
 fn local_port_is_opaque(pod: &LocalPod, cx: &Context, port: u16) -> bool {
-    if protocol::opaque::DEFAULT_OPAQUE_PORTS.contains(&port) {
-        return true;
+    match &cx.mesh {
+        Some(mesh) => protocol::opaque::is_local_opaque(
+            &mesh.view.borrow(),
+            &pod.key(),
+            pod.workload_uid.as_deref(),
+            port,
+        ),
+        None => true,
     }
-    let (Some(mesh), Some(uid)) = (&cx.mesh, &pod.workload_uid) else {
-        return false;
-    };
-    let view = mesh.view.borrow();
-    view.workloads.get(uid).is_some_and(|w| {
-        w.opaque_ports
-            .iter()
-            .any(|r| r.first <= u32::from(port) && u32::from(port) <= r.last)
-    })
 }
 
 impl From<&TcpLabels> for Peers {

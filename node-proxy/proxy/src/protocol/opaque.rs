@@ -12,9 +12,10 @@
 //! - the Service port's `appProtocol` names a protocol that is not HTTP
 //!   (`tcp`, `mysql`, `https`, `tls`, ...): the Service's owner said so.
 //!
-//! Not consulted yet: a Server's `proxyProtocol` (it reaches only the
-//! destination's own node, in its inbound policy; the inbound side does no
-//! detection yet).
+//! On the destination side ([`is_local_opaque`]) the same rules apply to
+//! the local pod's port, plus a Server's `proxyProtocol` (`opaque` or
+//! `TLS`), which only the destination's own node knows (it comes with the
+//! pod's inbound policy).
 
 use std::net::SocketAddr;
 use weft_destination_api::{View, Workload};
@@ -83,11 +84,35 @@ pub fn is_opaque(view: &View, dst: SocketAddr) -> bool {
     })
 }
 
+/// `proxyProtocol` values of a Server that rule detection out.
+const OPAQUE_PROXY_PROTOCOLS: [&str; 2] = ["opaque", "TLS"];
+
+/// Whether an inbound connection to `port` of the local pod `pod_key`
+/// (`namespace/name`, with workload uid `uid`) must skip detection.
+pub fn is_local_opaque(view: &View, pod_key: &str, uid: Option<&str>, port: u16) -> bool {
+    if DEFAULT_OPAQUE_PORTS.contains(&port) {
+        return true;
+    }
+    let declared = uid
+        .and_then(|uid| view.workloads.get(uid))
+        .is_some_and(|w| declares_opaque(w, port));
+    let server_says = view.policies.get(pod_key).is_some_and(|p| {
+        p.servers.iter().any(|s| {
+            s.port == u32::from(port)
+                && OPAQUE_PROXY_PROTOCOLS
+                    .iter()
+                    .any(|o| o.eq_ignore_ascii_case(&s.proxy_protocol))
+        })
+    });
+    declared || server_says
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use weft_destination_api::{
-        Endpoint, PortRange, Service, ServicePort, WatchResponse, Workload, address,
+        Endpoint, Policy, PolicyServer, PortRange, Service, ServicePort, WatchResponse, Workload,
+        address,
     };
 
     fn workload(uid: &str, ip: &str, opaque: &[(u32, u32)]) -> Workload {
@@ -189,5 +214,42 @@ mod tests {
             let v = view(w(), vec![service(proto, "u1")]);
             assert_eq!(is_opaque(&v, addr("10.96.0.20:80")), opaque, "{proto:?}");
         }
+    }
+
+    #[test]
+    fn the_local_side_follows_the_annotation_and_a_servers_proxy_protocol() {
+        let mut v = view(vec![workload("u1", "10.244.1.2", &[(9000, 9000)])], vec![]);
+        let server = |port: u32, proxy_protocol: &str| PolicyServer {
+            name: format!("s{port}"),
+            port,
+            proxy_protocol: proxy_protocol.into(),
+            ..Default::default()
+        };
+        v.apply(WatchResponse {
+            epoch: "e".into(),
+            version: 2,
+            base_version: 1,
+            policies: vec![Policy {
+                name: "u1".into(),
+                namespace: "demo".into(),
+                workload_uid: "u1".into(),
+                servers: vec![
+                    server(7000, "opaque"),
+                    server(7001, "HTTP/2"),
+                    server(7002, "TLS"),
+                ],
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+        .unwrap();
+        let local = |port| is_local_opaque(&v, "demo/u1", Some("u1"), port);
+        assert!(local(9000), "annotation");
+        assert!(local(7000), "Server proxyProtocol: opaque");
+        assert!(local(7002), "Server proxyProtocol: TLS");
+        assert!(!local(7001), "HTTP/2 is detected");
+        assert!(!local(8080));
+        assert!(local(5432), "well-known port");
+        assert!(!is_local_opaque(&v, "demo/other", None, 7000));
     }
 }
