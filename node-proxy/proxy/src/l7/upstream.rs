@@ -338,3 +338,120 @@ async fn reap_idle(pool: Weak<Inner>) {
             .retain(|_, gate| Arc::strong_count(gate) > 1);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Empty};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// A loopback HTTP server (HTTP/1.1 or h2c) that counts its connections;
+    /// `keep_alive: false` closes each HTTP/1.1 connection after a response.
+    async fn server(protocol: Protocol, keep_alive: bool) -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, Ordering::SeqCst);
+                let service = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
+                        Bytes::from_static(b"ok"),
+                    )))
+                });
+                let io = TokioIo::new(tcp);
+                tokio::spawn(async move {
+                    let _ = match protocol {
+                        Protocol::Http2 => {
+                            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                                .serve_connection(io, service)
+                                .await
+                        }
+                        _ => {
+                            hyper::server::conn::http1::Builder::new()
+                                .keep_alive(keep_alive)
+                                .serve_connection(io, service)
+                                .await
+                        }
+                    };
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    fn key(target: SocketAddr, protocol: Protocol) -> UpstreamKey {
+        UpstreamKey {
+            pod: "uid".into(),
+            target,
+            protocol,
+            mtls: false,
+        }
+    }
+
+    fn request(target: SocketAddr) -> Request<ProxyBody> {
+        Request::builder()
+            .uri(format!("http://{target}/"))
+            .body(Empty::<Bytes>::new().map_err(|n| match n {}).boxed())
+            .unwrap()
+    }
+
+    async fn get(pool: &UpstreamPool, k: &UpstreamKey) -> Bytes {
+        let target = k.target;
+        let connect = move || async move {
+            TcpStream::connect(target)
+                .await
+                .map(Upstream::Plain)
+                .map_err(|source| ConnectError::Tcp { target, source })
+        };
+        let response = pool.send(k, connect, request(target), true).await.unwrap();
+        response.into_body().collect().await.unwrap().to_bytes()
+    }
+
+    #[tokio::test]
+    async fn sequential_http1_requests_reuse_one_keep_alive_connection() {
+        let (addr, accepted) = server(Protocol::Http1, true).await;
+        let pool = UpstreamPool::new();
+        let k = key(addr, Protocol::Http1);
+        for _ in 0..5 {
+            assert_eq!(get(&pool, &k).await, "ok");
+            // hyper marks the connection ready again once its dispatcher
+            // task has seen the end of the body; give it its turns (the
+            // test runtime is single-threaded: this is deterministic).
+            for _ in 0..3 {
+                tokio::task::yield_now().await;
+            }
+        }
+        assert!(
+            accepted.load(Ordering::SeqCst) == 1,
+            "{} connections for 5 sequential requests",
+            accepted.load(Ordering::SeqCst)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_server_closed_is_replaced_without_failing_a_request() {
+        let (addr, accepted) = server(Protocol::Http1, false).await;
+        let pool = UpstreamPool::new();
+        let k = key(addr, Protocol::Http1);
+        for _ in 0..5 {
+            assert_eq!(get(&pool, &k).await, "ok");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 5);
+    }
+
+    #[tokio::test]
+    async fn concurrent_http2_requests_share_one_connection() {
+        let (addr, accepted) = server(Protocol::Http2, true).await;
+        let pool = UpstreamPool::new();
+        let k = key(addr, Protocol::Http2);
+        let all = futures::future::join_all((0..10).map(|_| get(&pool, &k))).await;
+        assert!(all.iter().all(|b| b == "ok"));
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(pool.connections(), 1);
+    }
+}
