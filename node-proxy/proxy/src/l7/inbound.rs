@@ -183,16 +183,15 @@ where
     let io = TokioIo::new(inbound);
     let result = match protocol {
         Protocol::Http2 => {
-            http2::Builder::new(TokioExecutor::new())
-                .serve_connection(io, service)
-                .await
+            let conn = http2::Builder::new(TokioExecutor::new()).serve_connection(io, service);
+            super::serve_until_drained(conn, &cx.draining, |c| c.graceful_shutdown()).await
         }
         _ => {
-            http1::Builder::new()
+            let conn = http1::Builder::new()
                 .preserve_header_case(true)
                 .serve_connection(io, service)
-                .with_upgrades()
-                .await
+                .with_upgrades();
+            super::serve_until_drained(conn, &cx.draining, |c| c.graceful_shutdown()).await
         }
     };
     result.err().map(io::Error::other)

@@ -54,6 +54,7 @@ where
     // Counted for the drain at shutdown, like every proxied connection.
     let _open = cx.tcp_metrics.track();
     let key = pod.key();
+    let draining = cx.draining.clone();
     let conn = Arc::new(Connection {
         dst,
         pod,
@@ -67,16 +68,15 @@ where
     let io = TokioIo::new(io);
     let result = match protocol {
         Protocol::Http2 => {
-            http2::Builder::new(TokioExecutor::new())
-                .serve_connection(io, service)
-                .await
+            let conn = http2::Builder::new(TokioExecutor::new()).serve_connection(io, service);
+            super::serve_until_drained(conn, &draining, |c| c.graceful_shutdown()).await
         }
         _ => {
-            http1::Builder::new()
+            let conn = http1::Builder::new()
                 .preserve_header_case(true)
                 .serve_connection(io, service)
-                .with_upgrades()
-                .await
+                .with_upgrades();
+            super::serve_until_drained(conn, &draining, |c| c.graceful_shutdown()).await
         }
     };
     if let Err(e) = result {
