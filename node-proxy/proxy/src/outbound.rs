@@ -88,7 +88,7 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<LocalPod>, cx:
     let labels = labels(&pod, &route);
     let open = cx.tcp_metrics.open(labels);
     let target = route.target();
-    let connected = open_upstream(&route, &pod, &cx).await;
+    let connected = open_upstream(&route, &pod, &cx, Protocol::Opaque).await;
     if balanced {
         match &connected {
             Ok(_) => cx.balancer.connected(&target, started.elapsed()),
@@ -145,11 +145,13 @@ pub enum ConnectError {
 }
 
 /// Opens the transport for `route`: an HBONE stream (pooled TLS connection)
-/// from the pod to an enrolled workload, else TCP from the pod's namespace.
+/// from the pod to an enrolled workload, telling the destination that it
+/// carries `protocol`; else TCP from the pod's namespace.
 pub async fn open_upstream(
     route: &Route,
     pod: &Arc<LocalPod>,
     cx: &Context,
+    protocol: Protocol,
 ) -> Result<Upstream, ConnectError> {
     let target = route.target();
     match route {
@@ -163,7 +165,10 @@ pub async fn open_upstream(
                     destination: identity.clone(),
                     tunnel: *tunnel,
                 };
-                Ok(Upstream::Hbone(pool.open(key, *tunnel, target).await?))
+                let stream = pool
+                    .open_with(key, *tunnel, target, Some(protocol.token()))
+                    .await?;
+                Ok(Upstream::Hbone(stream))
             }
             _ => Err(ConnectError::NoIdentity { pod: pod.key() }),
         },

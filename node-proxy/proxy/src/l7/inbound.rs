@@ -19,10 +19,12 @@ use super::classify::{MethodClass, grpc_status, is_grpc};
 use super::metrics::Peers;
 use super::outbound::{error_response, splice_upgraded, wants_upgrade};
 use super::upstream::UpstreamError;
+use crate::hbone::H2Stream;
 use crate::metrics::{Reporter, TcpLabels};
 use crate::pods::{Context, LocalPod};
 use crate::protocol::{self, Prefixed, Protocol};
 use crate::splice::{Transferred, splice};
+use bytes::BytesMut;
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -52,7 +54,7 @@ pub async fn deliver<S>(
     cx: &Context,
 ) -> (Transferred, Option<io::Error>)
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + Unpin + Send + DeclaredProtocol + 'static,
 {
     let target = match app.peer_addr() {
         Ok(a) => a,
@@ -61,11 +63,19 @@ where
     if cx.mesh.is_none() || local_port_is_opaque(pod, cx, target.port()) {
         return splice(&mut inbound, &mut app).await;
     }
-    let detected = protocol::detect(&mut inbound, cx.detect_timeout).await;
+    // The source proxy already detected (and said so in the tunnel): trust
+    // it, an authenticated peer; otherwise (plaintext, older proxies) look.
+    let (found, prefix) = match inbound.declared_protocol() {
+        Some(p) => (p, BytesMut::new()),
+        None => {
+            let detected = protocol::detect(&mut inbound, cx.detect_timeout).await;
+            (detected.protocol, detected.prefix)
+        }
+    };
     // The detection bytes are replayed by the prefix, and counted as they
     // are read again below.
-    let mut inbound = Prefixed::new(detected.prefix, inbound);
-    match detected.protocol {
+    let mut inbound = Prefixed::new(prefix, inbound);
+    match found {
         Protocol::Opaque => splice(&mut inbound, &mut app).await,
         http => {
             let from_client = Arc::new(AtomicU64::new(0));
@@ -93,6 +103,24 @@ fn local_port_is_opaque(pod: &LocalPod, cx: &Context, port: u16) -> bool {
             port,
         ),
         None => true,
+    }
+}
+
+/// What an inbound connection says it carries, before any byte is read.
+pub trait DeclaredProtocol {
+    fn declared_protocol(&self) -> Option<Protocol>;
+}
+
+impl DeclaredProtocol for TcpStream {
+    /// A plaintext client says nothing.
+    fn declared_protocol(&self) -> Option<Protocol> {
+        None
+    }
+}
+
+impl DeclaredProtocol for H2Stream {
+    fn declared_protocol(&self) -> Option<Protocol> {
+        self.protocol().and_then(Protocol::from_token)
     }
 }
 

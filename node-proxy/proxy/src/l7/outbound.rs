@@ -120,7 +120,7 @@ impl Connection {
             .upstreams
             .send(
                 &key,
-                || open_upstream(route_ref, pod, cx),
+                || open_upstream(route_ref, pod, cx, self.protocol),
                 request,
                 client_upgrade.is_none(),
             )

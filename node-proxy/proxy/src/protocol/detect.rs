@@ -52,6 +52,23 @@ pub enum Protocol {
     Opaque,
 }
 
+impl Protocol {
+    /// The token for [`crate::hbone::PROTOCOL_HEADER`] (ALPN-style names).
+    pub fn token(self) -> &'static str {
+        match self {
+            Protocol::Http1 => "http/1.1",
+            Protocol::Http2 => "h2",
+            Protocol::Opaque => "opaque",
+        }
+    }
+
+    pub fn from_token(token: &str) -> Option<Self> {
+        [Protocol::Http1, Protocol::Http2, Protocol::Opaque]
+            .into_iter()
+            .find(|p| p.token().eq_ignore_ascii_case(token.trim()))
+    }
+}
+
 /// The verdict on a byte prefix.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
@@ -214,6 +231,15 @@ mod tests {
             classify(b"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\n"),
             Verdict::Is(Protocol::Opaque)
         );
+    }
+
+    #[test]
+    fn protocol_tokens_round_trip() {
+        for p in [Protocol::Http1, Protocol::Http2, Protocol::Opaque] {
+            assert_eq!(Protocol::from_token(p.token()), Some(p));
+        }
+        assert_eq!(Protocol::from_token("H2"), Some(Protocol::Http2));
+        assert_eq!(Protocol::from_token("spdy"), None);
     }
 
     #[test]
