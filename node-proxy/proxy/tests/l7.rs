@@ -267,6 +267,25 @@ fn http1_requests_over_keep_alive_are_proxied_and_counted() {
     );
     assert_eq!(up["echo"], "raw bytes after the upgrade", "{up}");
 
+    // HTTP/1.1 load: h2load --h1, 200 requests over 4 keep-alive
+    // connections, 4 concurrent.
+    let load = cluster.exec_ok(
+        "demo/client",
+        &[
+            "h2load",
+            "--h1",
+            "-n",
+            "200",
+            "-c",
+            "4",
+            "http://web.demo/hello",
+        ],
+    );
+    assert!(
+        load.contains("200 succeeded, 0 failed, 0 errored") && load.contains("200 2xx"),
+        "h2load --h1: {load}"
+    );
+
     // The source proxy counted exactly these, by method class, status and
     // classification, with the client's verified identity and the
     // Service's name (summed over the two endpoints).
@@ -279,7 +298,16 @@ fn http1_requests_over_keep_alive_are_proxied_and_counted() {
             ("classification", "success"),
         ],
     );
-    wait_metric_sum(node_a, "weft_requests_total", &get_ok, 11.0);
+    wait_metric_sum(node_a, "weft_requests_total", &get_ok, 211.0);
+    // Per request, not per connection: both endpoints served some.
+    for endpoint in ["web-1", "web-2"] {
+        let mut l = get_ok.clone();
+        l.push(("destination_workload", endpoint));
+        assert!(
+            metric_sum(node_a, "weft_requests_total", &l) >= 1.0,
+            "{endpoint} got no request"
+        );
+    }
     let get_500 = requests(
         WEB,
         &[
@@ -312,7 +340,7 @@ fn http1_requests_over_keep_alive_are_proxied_and_counted() {
     );
     assert_eq!(
         metric_sum(node_a, "weft_requests_total", &requests(WEB, &[])),
-        18.0,
+        218.0,
         "nothing else was counted"
     );
     // Every series names a destination workload and its identity (mTLS).
@@ -328,7 +356,7 @@ fn http1_requests_over_keep_alive_are_proxied_and_counted() {
                 )]
             )
         ),
-        18.0
+        218.0
     );
     // The 300 ms delay is above the 250 ms bound and within the 1 s one.
     let bucket = |le: &str| {
@@ -365,7 +393,7 @@ fn http1_requests_over_keep_alive_are_proxied_and_counted() {
         move |node| metric_sum(node, "weft_requests_total", &l)
     };
     let both = |f: &dyn Fn(Ipv4Addr) -> f64| f(node_a) + f(node_b);
-    support::wait_until_eq("destination-side requests", 18.0, || both(&dst(&[])));
+    support::wait_until_eq("destination-side requests", 218.0, || both(&dst(&[])));
     assert_eq!(
         both(&dst(&[
             ("method", "GET"),
