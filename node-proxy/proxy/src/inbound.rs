@@ -6,11 +6,12 @@
 //! proxy-marked socket to podIP:port: `sk_lookup` lets a connection whose
 //! source is the pod's own address through, so it does not loop).
 
+use crate::authz::{self, Inbound};
 use crate::hbone::{HboneRequest, serve_connection};
 use crate::metrics::{Reporter, SecurityPolicy, TcpLabels};
 use crate::outbound::connect_from_pod;
 use crate::pods::{Context, LocalPod};
-use crate::splice::splice;
+use crate::splice::splice_until;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -35,6 +36,21 @@ async fn handle_plaintext(
     let Ok(target) = client.local_addr() else {
         return;
     };
+    let conn = Inbound {
+        pod: pod.clone(),
+        port: target.port(),
+        client: None,
+        client_ip: peer.ip().to_canonical(),
+    };
+    let admitted = {
+        let view = cx.mesh.as_ref().map(|m| m.view.borrow());
+        cx.authz.admit(view.as_deref(), conn)
+    };
+    let Ok(mut admission) = admitted else {
+        // Refused: nothing reaches the application.
+        authz::reset(client);
+        return;
+    };
     // The source is whatever the view knows of the peer address (a pod of
     // this node, or nothing); it has no verified identity.
     let labels = destination_labels(
@@ -54,7 +70,12 @@ async fn handle_plaintext(
             return;
         }
     };
-    let (moved, err) = splice(&mut client, &mut app).await;
+    let mut revoked = false;
+    let (moved, err) = splice_until(&mut client, &mut app, async {
+        admission.revoked().await;
+        revoked = true;
+    })
+    .await;
     tracing::info!(
         target: "access",
         direction = "inbound",
@@ -68,6 +89,9 @@ async fn handle_plaintext(
         "connection closed"
     );
     open.close(&moved);
+    if revoked {
+        authz::reset(client);
+    }
 }
 
 /// 15008 on the pod's IP: HBONE. TLS 1.3 with the pod's own certificate; a
@@ -181,6 +205,22 @@ async fn handle_stream(
         request.reject(http::StatusCode::FORBIDDEN);
         return;
     }
+    let conn = Inbound {
+        pod: pod.clone(),
+        port: target.port(),
+        client: Some(principal.clone()),
+        client_ip: peer.ip().to_canonical(),
+    };
+    let admitted = {
+        let view = cx.mesh.as_ref().map(|m| m.view.borrow());
+        cx.authz.admit(view.as_deref(), conn)
+    };
+    let Ok(mut admission) = admitted else {
+        // Refused before anything reaches the application; the source proxy
+        // resets its client's connection on a refused CONNECT.
+        request.reject(http::StatusCode::FORBIDDEN);
+        return;
+    };
     let labels = destination_labels(
         &cx,
         &pod,
@@ -207,7 +247,12 @@ async fn handle_stream(
             return;
         }
     };
-    let (moved, err) = splice(&mut stream, &mut app).await;
+    // On revocation the stream is dropped unfinished: an RST_STREAM, which
+    // the source proxy turns into a reset of its client's connection.
+    let (moved, err) = splice_until(&mut stream, &mut app, async {
+        admission.revoked().await;
+    })
+    .await;
     tracing::info!(
         target: "access",
         direction = "inbound",

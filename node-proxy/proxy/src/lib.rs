@@ -7,9 +7,11 @@
 //! - [`metrics`]: the Prometheus metrics;
 //! - [`admin`]: metrics, health and admin HTTP endpoints;
 //! - [`pods`]: the pods this proxy serves (registration, in-pod listeners);
-//! - [`outbound`], [`inbound`]: the pods' connections.
+//! - [`outbound`], [`inbound`]: the pods' connections;
+//! - [`authz`]: who may connect to a local pod (inbound policy).
 
 pub mod admin;
+pub mod authz;
 pub mod balancer;
 pub mod hbone;
 pub mod inbound;

@@ -88,6 +88,10 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<LocalPod>, cx:
         Err(e) => {
             tracing::info!(target: "access", pod = %pod.key(), dst = %dst, via = %target, error = %e, "outbound connect failed");
             open.close(&Default::default());
+            // As the pod would have seen it without the mesh (refused, or
+            // the destination's policy denied it): a reset, not an orderly
+            // end that looks like an empty answer.
+            crate::authz::reset(client);
             return;
         }
     };
@@ -112,6 +116,11 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<LocalPod>, cx:
         "connection closed"
     );
     open.close(&moved);
+    if err.is_some() {
+        // The far side failed or was reset (a policy change there revoked
+        // the connection): pass the reset on rather than a clean close.
+        crate::authz::reset(client);
+    }
 }
 
 enum Upstream {

@@ -115,6 +115,9 @@ pub struct Context {
     /// Set to true at shutdown: HBONE connections send GOAWAY and finish
     /// their open streams.
     pub draining: Arc<tokio::sync::watch::Sender<bool>>,
+    /// Inbound authorization: decisions, and the admitted connections a
+    /// policy change may revoke.
+    pub authz: Arc<crate::authz::InboundAuthz>,
 }
 
 impl Context {
@@ -131,6 +134,7 @@ impl Context {
             balancer: Arc::new(Balancer::new(BalancerConfig::default())),
             pool,
             draining: Arc::new(tokio::sync::watch::Sender::new(false)),
+            authz: Arc::default(),
         }
     }
 }
