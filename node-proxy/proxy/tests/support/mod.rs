@@ -106,7 +106,7 @@ impl MeshCluster {
     /// Brings up the cluster of `files` (manifests and scripts) with the mesh.
     pub fn up(files: &[(&str, &str)]) -> Self {
         let mesh = Arc::new(Mesh::new(binaries()));
-        let cluster = TestCluster::up_with(&files, |o| o.node_agents = Some(mesh.clone()))
+        let cluster = TestCluster::up_with(files, |o| o.node_agents = Some(mesh.clone()))
             .expect("cluster with the mesh");
         Self {
             cluster: Some(cluster),
