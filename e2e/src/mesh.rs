@@ -247,6 +247,11 @@ impl Mesh {
             &path_arg(&state.state_dir.join("credentials")),
             "--trust-domain",
             TRUST_DOMAIN,
+            // The cluster networks are the pod networks, as an operator
+            // would set them: the nodes' fabric addresses (and the host) are
+            // then outside, which the cluster-* policies can tell apart.
+            "--cluster-networks",
+            &cluster_networks(state),
         ]
         .map(String::from)
         .to_vec();
@@ -394,6 +399,16 @@ impl NodeAgents for Mesh {
 }
 
 /// The cgroup of the control plane processes, inside the cluster's.
+/// Every node's pod CIDRs (IPv4 and IPv6), comma-separated.
+fn cluster_networks(state: &State) -> String {
+    state
+        .nodes
+        .iter()
+        .flat_map(|n| [n.pod_cidr.as_str(), n.pod_cidr_v6.as_str()])
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 pub fn control_plane_cgroup(state: &State) -> PathBuf {
     let cluster = state
         .nodes

@@ -81,7 +81,10 @@ pub fn node_script(state: &State, node: &NodeState) -> String {
         // IPv6 neighbour discovery is per link: the gateway fe80::1 must be
         // on each pod's veth.
         let _ = writeln!(s, "addr add fe80::1/64 dev p{k} nodad");
-        let _ = writeln!(s, "route add {}/32 dev p{k} src {}", pod.ip, gateway(node));
+        // The node's own connections to its pods (kubelet probes) leave from
+        // the node's address, as on a real node: policy recognises probes by
+        // that source (docs/policy.md, "Kubelet probes").
+        let _ = writeln!(s, "route add {}/32 dev p{k} src {}", pod.ip, node.ip);
         let _ = writeln!(s, "route add {}/128 dev p{k}", pod.ipv6);
     }
     s
@@ -255,7 +258,7 @@ spec: {clusterIP: 10.96.0.21, selector: {app: none}, ports: [{port: 80}]}
             "{a}"
         );
         assert!(
-            a.contains("route add 10.244.0.2/32 dev p0 src 10.244.0.1\n"),
+            a.contains("route add 10.244.0.2/32 dev p0 src 10.240.1.10\n"),
             "{a}"
         );
         assert!(!a.contains("via 10.240.1.10"), "no route to itself: {a}");

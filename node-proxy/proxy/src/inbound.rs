@@ -6,6 +6,7 @@
 //! proxy-marked socket to podIP:port: `sk_lookup` lets a connection whose
 //! source is the pod's own address through, so it does not loop).
 
+use crate::authz::{self, Inbound};
 use crate::hbone::{HboneRequest, serve_connection};
 use crate::metrics::{Reporter, SecurityPolicy, TcpLabels};
 use crate::outbound::connect_from_pod;
@@ -29,6 +30,21 @@ async fn handle_plaintext(client: TcpStream, peer: SocketAddr, pod: Arc<LocalPod
     let Ok(target) = client.local_addr() else {
         return;
     };
+    let conn = Inbound {
+        pod: pod.clone(),
+        port: target.port(),
+        client: None,
+        client_ip: peer.ip().to_canonical(),
+    };
+    let admitted = {
+        let view = cx.mesh.as_ref().map(|m| m.view.borrow());
+        cx.authz.admit(view.as_deref(), conn)
+    };
+    let Ok(mut admission) = admitted else {
+        // Refused: nothing reaches the application.
+        authz::reset(client);
+        return;
+    };
     // The source is whatever the view knows of the peer address (a pod of
     // this node, or nothing); it has no verified identity.
     let labels = destination_labels(
@@ -48,7 +64,11 @@ async fn handle_plaintext(client: TcpStream, peer: SocketAddr, pod: Arc<LocalPod
             return;
         }
     };
-    let (moved, err) = crate::l7::inbound::deliver(client, app, open.labels(), &pod, &cx).await;
+    // Revoked by a policy change: the client gets a reset (deliver arms it).
+    let (moved, err) = crate::l7::inbound::deliver(client, app, open.labels(), &pod, &cx, async {
+        admission.revoked().await;
+    })
+    .await;
     tracing::info!(
         target: "access",
         direction = "inbound",
@@ -175,6 +195,22 @@ async fn handle_stream(
         request.reject(http::StatusCode::FORBIDDEN);
         return;
     }
+    let conn = Inbound {
+        pod: pod.clone(),
+        port: target.port(),
+        client: Some(principal.clone()),
+        client_ip: peer.ip().to_canonical(),
+    };
+    let admitted = {
+        let view = cx.mesh.as_ref().map(|m| m.view.borrow());
+        cx.authz.admit(view.as_deref(), conn)
+    };
+    let Ok(mut admission) = admitted else {
+        // Refused before anything reaches the application; the source proxy
+        // resets its client's connection on a refused CONNECT.
+        request.reject(http::StatusCode::FORBIDDEN);
+        return;
+    };
     let labels = destination_labels(
         &cx,
         &pod,
@@ -201,7 +237,12 @@ async fn handle_stream(
             return;
         }
     };
-    let (moved, err) = crate::l7::inbound::deliver(stream, app, open.labels(), &pod, &cx).await;
+    // On revocation the stream is dropped unfinished: an RST_STREAM, which
+    // the source proxy turns into a reset of its client's connection.
+    let (moved, err) = crate::l7::inbound::deliver(stream, app, open.labels(), &pod, &cx, async {
+        admission.revoked().await;
+    })
+    .await;
     tracing::info!(
         target: "access",
         direction = "inbound",

@@ -8,10 +8,12 @@
 //! - [`admin`]: metrics, health and admin HTTP endpoints;
 //! - [`pods`]: the pods this proxy serves (registration, in-pod listeners);
 //! - [`outbound`], [`inbound`]: the pods' connections;
+//! - [`authz`]: who may connect to a local pod (inbound policy);
 //! - [`protocol`]: detecting HTTP/1, HTTP/2 or opaque TCP on a connection;
 //! - [`l7`]: request-level proxying and metrics for HTTP and gRPC.
 
 pub mod admin;
+pub mod authz;
 pub mod balancer;
 pub mod hbone;
 pub mod inbound;

@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use weft_cni::protocol::PodEvent;
 use weft_node_proxy::admin;
+use weft_node_proxy::authz::InboundAuthz;
 use weft_node_proxy::mesh::Mesh;
 use weft_node_proxy::metrics::{ProcessCollector, TcpMetrics};
 use weft_node_proxy::pods::{Context, PodRegistry};
@@ -126,6 +127,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let context = Context::new(tcp_metrics.clone(), mesh.clone());
     context.request_metrics.register(&mut registry);
+    context.authz.metrics().register(&mut registry);
+    let authz = context.authz.clone();
     let pods = Arc::new(PodRegistry::new(redirector.clone(), context));
 
     let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
@@ -172,7 +175,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         // Ready once the proxy has a view and a certificate for every pod
         // it captured; pods move in and out of the mesh as the view changes.
         Some(mesh) => {
-            tokio::spawn(follow_view(mesh.clone(), pods.clone(), ready_tx.clone()));
+            tokio::spawn(follow_view(
+                mesh.clone(),
+                pods.clone(),
+                authz.clone(),
+                ready_tx.clone(),
+            ));
         }
         // Standalone: ready as soon as it can take pods.
         None => {
@@ -309,7 +317,12 @@ fn connect_control_plane(
 
 /// Applies every new view to the registered pods and keeps `/ready` true
 /// only while the proxy has a view and the certificates of its pods.
-async fn follow_view(mesh: Mesh, pods: Arc<PodRegistry>, ready: tokio::sync::watch::Sender<bool>) {
+async fn follow_view(
+    mesh: Mesh,
+    pods: Arc<PodRegistry>,
+    authz: Arc<InboundAuthz>,
+    ready: tokio::sync::watch::Sender<bool>,
+) {
     let mut view = mesh.view.clone();
     let mut last_version = None;
     loop {
@@ -319,6 +332,11 @@ async fn follow_view(mesh: Mesh, pods: Arc<PodRegistry>, ready: tokio::sync::wat
         };
         if last_version.as_ref() != Some(&version) {
             pods.reconcile();
+            // Policies change with the view: close what is no longer allowed.
+            let revoked = authz.revalidate(Some(&*view.borrow()));
+            if revoked > 0 {
+                tracing::info!(revoked, "policy change closed connections");
+            }
             last_version = Some(version);
         }
         let now_ready = mesh.has_view() && pods.certificates_ready();

@@ -100,6 +100,10 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<LocalPod>, cx:
         Err(e) => {
             tracing::info!(target: "access", pod = %pod.key(), dst = %dst, via = %target, error = %e, "outbound connect failed");
             open.close(&Default::default());
+            // As the pod would have seen it without the mesh (refused, or
+            // the destination's policy denied it): a reset, not an orderly
+            // end that looks like an empty answer.
+            crate::authz::reset(client.into_inner());
             return;
         }
     };
@@ -121,6 +125,11 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<LocalPod>, cx:
         "connection closed"
     );
     open.close(&moved);
+    if err.is_some() {
+        // The far side failed or was reset (a policy change there revoked
+        // the connection): pass the reset on rather than a clean close.
+        crate::authz::reset(client.into_inner());
+    }
 }
 
 /// Where a pod's connection (or, with L7, one HTTP connection) goes.

@@ -115,6 +115,9 @@ pub struct Context {
     /// Set to true at shutdown: HBONE connections send GOAWAY and finish
     /// their open streams.
     pub draining: Arc<tokio::sync::watch::Sender<bool>>,
+    /// Inbound authorization: decisions, and the admitted connections a
+    /// policy change may revoke.
+    pub authz: Arc<crate::authz::InboundAuthz>,
     /// Golden request metrics of the HTTP connections the proxy terminates
     /// (registered by the caller, next to the TCP metrics).
     pub request_metrics: crate::l7::RequestMetrics,
@@ -138,6 +141,7 @@ impl Context {
             balancer: Arc::new(Balancer::new(BalancerConfig::default())),
             pool,
             draining: Arc::new(tokio::sync::watch::Sender::new(false)),
+            authz: Arc::default(),
             request_metrics: crate::l7::RequestMetrics::default(),
             upstreams: crate::l7::UpstreamPool::new(),
             detect_timeout: crate::protocol::DETECT_TIMEOUT,

@@ -30,6 +30,21 @@ where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
+    splice_until(a, b, std::future::pending()).await
+}
+
+/// [`splice`], cut short when `stop` completes (a policy change revoked the
+/// connection): then the error is `ConnectionAborted` and the caller closes
+/// both sides. The bytes moved until then are still counted.
+pub async fn splice_until<A, B>(
+    a: &mut A,
+    b: &mut B,
+    stop: impl std::future::Future<Output = ()>,
+) -> (Transferred, Option<io::Error>)
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
     let (from_a, from_b) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let mut a = Counted {
         inner: a,
@@ -39,12 +54,18 @@ where
         inner: b,
         read: from_b.clone(),
     };
-    let result = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+    let error = tokio::select! {
+        result = tokio::io::copy_bidirectional(&mut a, &mut b) => result.err(),
+        () = stop => Some(io::Error::new(
+            io::ErrorKind::ConnectionAborted,
+            "closed by the proxy: no longer allowed by policy",
+        )),
+    };
     let moved = Transferred {
         a_to_b: from_a.load(Ordering::Relaxed),
         b_to_a: from_b.load(Ordering::Relaxed),
     };
-    (moved, result.err())
+    (moved, error)
 }
 
 struct Counted<'a, T: ?Sized> {

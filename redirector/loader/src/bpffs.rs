@@ -9,6 +9,9 @@ use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
 use std::fs::{File, OpenOptions};
 use std::path::Path;
 
+/// Where hosts mount bpffs.
+const CONVENTIONAL: &str = "/sys/fs/bpf";
+
 /// Makes `pin_dir` exist on a bpffs, mounting bpffs on its parent if needed.
 pub fn ensure_pin_dir(pin_dir: &Path) -> Result<(), Error> {
     let parent = pin_dir.parent().unwrap_or(Path::new("/"));
@@ -18,17 +21,25 @@ pub fn ensure_pin_dir(pin_dir: &Path) -> Result<(), Error> {
         // mounting another bpffs on it would make a separate instance whose
         // pins nobody else sees, and leave a mount behind.
         let existing = parent.ancestors().find(|a| a.exists());
-        if existing.is_some_and(is_bpffs) {
-            std::fs::create_dir_all(parent).map_err(|source| Error::Pin {
-                path: parent.into(),
-                source,
-            })?;
-        } else {
-            mount_bpffs(parent).map_err(|source| Error::Bpffs {
+        if !existing.is_some_and(is_bpffs) {
+            // Nothing mounted yet (a host booted without bpffs). Under the
+            // conventional /sys/fs/bpf, mount it there, as systemd would:
+            // sysfs cannot hold the nested directories of a pin dir such
+            // as a simulated node's (`/sys/fs/bpf/weft-sim/<sim>/<node>`).
+            let at = if parent.starts_with(CONVENTIONAL) {
+                Path::new(CONVENTIONAL)
+            } else {
+                parent
+            };
+            mount_bpffs(at).map_err(|source| Error::Bpffs {
                 path: pin_dir.into(),
                 source,
             })?;
         }
+        std::fs::create_dir_all(parent).map_err(|source| Error::Pin {
+            path: parent.into(),
+            source,
+        })?;
     }
     for sub in ["", "maps", "links", "pods"] {
         let dir = pin_dir.join(sub);

@@ -23,7 +23,7 @@ use crate::hbone::H2Stream;
 use crate::metrics::{Reporter, TcpLabels};
 use crate::pods::{Context, LocalPod};
 use crate::protocol::{self, Prefixed, Protocol};
-use crate::splice::{Transferred, splice};
+use crate::splice::{Transferred, splice_until};
 use bytes::BytesMut;
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
@@ -33,6 +33,7 @@ use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::convert::Infallible;
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -44,24 +45,33 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 /// Carries `inbound` to `app` (a connection to the application at `app`'s
-/// peer address) until both are done; returns what crossed, like
-/// [`crate::splice::splice`] (`a_to_b`: from the client).
-pub async fn deliver<S>(
+/// peer address) until both are done, or until `stop` completes (a policy
+/// change revoked the connection: both sides are closed at once, the client
+/// with a reset). Returns what crossed, like [`crate::splice::splice_until`]
+/// (`a_to_b`: from the client).
+pub async fn deliver<S: InboundStream>(
     mut inbound: S,
     mut app: TcpStream,
     labels: &TcpLabels,
     pod: &Arc<LocalPod>,
     cx: &Context,
-) -> (Transferred, Option<io::Error>)
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + DeclaredProtocol + 'static,
-{
+    stop: impl Future<Output = ()>,
+) -> (Transferred, Option<io::Error>) {
     let target = match app.peer_addr() {
         Ok(a) => a,
         Err(e) => return (Transferred::default(), Some(e)),
     };
+    // On revocation the client must see a reset, not an orderly end; the
+    // stream itself may be inside hyper by then, so arm it from a handle.
+    let reset = inbound.reset_handle();
+    let stop = async move {
+        stop.await;
+        if let Some(fd) = &reset {
+            let _ = socket2::SockRef::from(fd).set_linger(Some(std::time::Duration::ZERO));
+        }
+    };
     if cx.mesh.is_none() || local_port_is_opaque(pod, cx, target.port()) {
-        return splice(&mut inbound, &mut app).await;
+        return splice_until(&mut inbound, &mut app, stop).await;
     }
     // The source proxy already detected (and said so in the tunnel): trust
     // it, an authenticated peer; otherwise (plaintext, older proxies) look.
@@ -76,19 +86,58 @@ where
     // are read again below.
     let mut inbound = Prefixed::new(prefix, inbound);
     match found {
-        Protocol::Opaque => splice(&mut inbound, &mut app).await,
+        Protocol::Opaque => splice_until(&mut inbound, &mut app, stop).await,
         http => {
             let from_client = Arc::new(AtomicU64::new(0));
             let to_client = Arc::new(AtomicU64::new(0));
             let inbound = Counted::new(inbound, from_client.clone());
             let app = Counted::new(app, to_client.clone());
-            let err = serve(inbound, app, http, target, Peers::from(labels), cx).await;
+            // Dropping the server connection closes both sides.
+            let err = tokio::select! {
+                err = serve(inbound, app, http, target, Peers::from(labels), cx) => err,
+                () = stop => Some(io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    "closed by the proxy: no longer allowed by policy",
+                )),
+            };
             let moved = Transferred {
                 a_to_b: from_client.load(Ordering::Relaxed),
                 b_to_a: to_client.load(Ordering::Relaxed),
             };
             (moved, err)
         }
+    }
+}
+
+/// What [`deliver`] needs of an inbound connection besides its bytes.
+pub trait InboundStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// What the peer says the stream carries, before any byte is read.
+    fn declared_protocol(&self) -> Option<Protocol>;
+    /// A second handle on the socket, to make its close a reset (TCP); none
+    /// where dropping the stream unfinished already resets it (HBONE).
+    fn reset_handle(&self) -> Option<std::os::fd::OwnedFd>;
+}
+
+impl InboundStream for TcpStream {
+    /// A plaintext client says nothing.
+    fn declared_protocol(&self) -> Option<Protocol> {
+        None
+    }
+
+    fn reset_handle(&self) -> Option<std::os::fd::OwnedFd> {
+        use std::os::fd::AsFd;
+        self.as_fd().try_clone_to_owned().ok()
+    }
+}
+
+impl InboundStream for H2Stream {
+    fn declared_protocol(&self) -> Option<Protocol> {
+        self.protocol().and_then(Protocol::from_token)
+    }
+
+    /// An unfinished stream that is dropped sends RST_STREAM.
+    fn reset_handle(&self) -> Option<std::os::fd::OwnedFd> {
+        None
     }
 }
 
@@ -103,24 +152,6 @@ fn local_port_is_opaque(pod: &LocalPod, cx: &Context, port: u16) -> bool {
             port,
         ),
         None => true,
-    }
-}
-
-/// What an inbound connection says it carries, before any byte is read.
-pub trait DeclaredProtocol {
-    fn declared_protocol(&self) -> Option<Protocol>;
-}
-
-impl DeclaredProtocol for TcpStream {
-    /// A plaintext client says nothing.
-    fn declared_protocol(&self) -> Option<Protocol> {
-        None
-    }
-}
-
-impl DeclaredProtocol for H2Stream {
-    fn declared_protocol(&self) -> Option<Protocol> {
-        self.protocol().and_then(Protocol::from_token)
     }
 }
 

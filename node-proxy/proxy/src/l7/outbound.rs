@@ -9,10 +9,11 @@
 //! a pooled connection to the chosen endpoint ([`super::upstream`]).
 //!
 //! Failures the proxy sees itself become responses: 503 when the endpoint
-//! cannot be reached, 502 when it failed mid-request; for a gRPC request,
-//! a trailers-only response with `grpc-status: 14` (UNAVAILABLE), which
-//! gRPC clients understand and may retry, instead of an HTTP error they
-//! would report as an internal error.
+//! cannot be reached, 502 when it failed mid-request, 403 when the
+//! destination's inbound policy refused this client; for a gRPC request,
+//! a trailers-only response with `grpc-status` 14 (UNAVAILABLE) or 7
+//! (PERMISSION_DENIED), which gRPC clients understand (and may retry),
+//! instead of an HTTP error they would report as an internal error.
 
 use super::body::{ProxyBody, Recorded, Recorder};
 use super::classify::{MethodClass, grpc_status, is_grpc};
@@ -218,20 +219,24 @@ pub(super) fn error_response(e: &UpstreamError, grpc: bool) -> Response<ProxyBod
             .boxed()
     };
     if grpc {
-        // Trailers-only: HTTP 200, the status in the headers.
+        // Trailers-only: HTTP 200, the status in the headers:
+        // PERMISSION_DENIED for a policy refusal, else UNAVAILABLE.
+        let code = if e.is_forbidden() { "7" } else { "14" };
         let mut r = Response::new(empty());
         let h = r.headers_mut();
         h.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/grpc"),
         );
-        h.insert("grpc-status", HeaderValue::from_static("14"));
+        h.insert("grpc-status", HeaderValue::from_static(code));
         if let Ok(v) = HeaderValue::from_str(&percent_encode(&e.to_string())) {
             h.insert("grpc-message", v);
         }
         return r;
     }
-    let status = if e.is_connect() {
+    let status = if e.is_forbidden() {
+        StatusCode::FORBIDDEN
+    } else if e.is_connect() {
         StatusCode::SERVICE_UNAVAILABLE
     } else {
         StatusCode::BAD_GATEWAY
@@ -354,5 +359,18 @@ mod tests {
         );
         let r = error_response(&e, false);
         assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    #[test]
+    fn a_policy_refusal_is_403_or_permission_denied_and_not_the_endpoints_fault() {
+        let e = UpstreamError::Connect(crate::outbound::ConnectError::Hbone(
+            crate::hbone::HboneError::Refused {
+                target: "10.244.1.2:8080".parse().unwrap(),
+                status: StatusCode::FORBIDDEN,
+            },
+        ));
+        assert!(e.is_forbidden() && !e.is_connect());
+        assert_eq!(error_response(&e, false).status(), StatusCode::FORBIDDEN);
+        assert_eq!(error_response(&e, true).headers()["grpc-status"], "7");
     }
 }

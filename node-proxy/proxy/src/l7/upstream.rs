@@ -70,9 +70,22 @@ impl UpstreamError {
     /// Nothing reached the endpoint (it may be dead): the balancer should
     /// back it off. A failed request on a working connection is not that.
     pub fn is_connect(&self) -> bool {
+        !self.is_forbidden()
+            && matches!(
+                self,
+                UpstreamError::Connect(_) | UpstreamError::Handshake { .. }
+            )
+    }
+
+    /// The destination proxy refused the tunnel with 403: its inbound
+    /// policy does not allow this client. Not the endpoint's failure.
+    pub fn is_forbidden(&self) -> bool {
         matches!(
             self,
-            UpstreamError::Connect(_) | UpstreamError::Handshake { .. }
+            UpstreamError::Connect(ConnectError::Hbone(crate::hbone::HboneError::Refused {
+                status: http::StatusCode::FORBIDDEN,
+                ..
+            }))
         )
     }
 }

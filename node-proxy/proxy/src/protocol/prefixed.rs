@@ -23,6 +23,11 @@ impl<IO> Prefixed<IO> {
     pub fn get_ref(&self) -> &IO {
         &self.inner
     }
+
+    /// The inner stream; replayed bytes not read yet are dropped.
+    pub fn into_inner(self) -> IO {
+        self.inner
+    }
 }
 
 impl<IO: AsyncRead + Unpin> AsyncRead for Prefixed<IO> {

@@ -137,6 +137,12 @@ pub fn build<'a>(
             None => any_labels.entry(ns).or_default().push(server),
         }
     }
+    // Invalid Servers fail closed on what they may have selected.
+    let fenced: Vec<ValidServer<'_>> = servers
+        .iter()
+        .filter(|(_, r)| r.is_err())
+        .filter_map(|(key, _)| objects.servers.get(*key).and_then(resolve::fenced_server))
+        .collect();
     let cluster_networks: Vec<_> = config
         .cluster_networks
         .iter()
@@ -160,14 +166,20 @@ pub fn build<'a>(
             if !server.selector.matches(&pod.labels) {
                 continue;
             }
-            let port = match &server.port {
-                ServerPort::Number(n) => Some(*n),
-                ServerPort::Name(name) => {
-                    pod.ports.iter().find(|p| &p.name == name).map(|p| p.port)
-                }
-            };
+            let port = port_of(server, pod);
             if let Some(port) = port {
                 selected.entry(port).or_default().push(server);
+            }
+        }
+        let mut fenced_ports: BTreeMap<u16, &ValidServer<'_>> = BTreeMap::new();
+        for server in fenced.iter().filter(|f| f.object.key.namespace == ns) {
+            if !server.selector.matches(&pod.labels) {
+                continue;
+            }
+            let port = port_of(server, pod);
+            // A valid Server on the same port decides there.
+            if let Some(port) = port.filter(|p| !selected.contains_key(p)) {
+                fenced_ports.entry(port).or_insert(server);
             }
         }
         let mut policy_servers = Vec::new();
@@ -213,6 +225,16 @@ pub fn build<'a>(
                 authorizations,
             });
         }
+        for (port, server) in fenced_ports {
+            policy_servers.push(PolicyServer {
+                name: server.object.key.name.clone(),
+                port: port.into(),
+                access_policy: DefaultPolicy::Deny as i32,
+                proxy_protocol: String::new(),
+                authorizations: Vec::new(),
+            });
+        }
+        policy_servers.sort_by_key(|s| s.port);
         out.insert(
             &pod.key,
             Arc::new(Policy {
@@ -230,6 +252,15 @@ pub fn build<'a>(
     PolicyIndex {
         pods: out,
         statuses,
+    }
+}
+
+/// The port a Server selects on `pod`: its number, or the pod's container
+/// port of that name (none: the Server does not select this pod).
+fn port_of(server: &ValidServer<'_>, pod: &PodInfo) -> Option<u16> {
+    match &server.port {
+        ServerPort::Number(n) => Some(*n),
+        ServerPort::Name(name) => pod.ports.iter().find(|p| &p.name == name).map(|p| p.port),
     }
 }
 

@@ -32,7 +32,30 @@ pub enum ServerPort {
 pub fn server(object: &ServerObject) -> Result<ValidServer<'_>, Failure> {
     let selector =
         Selector::parse(&object.spec.pod_selector).map_err(|e| (Ineffective::Invalid, e))?;
-    let port = match &object.spec.port {
+    let port = server_port(object)?;
+    Ok(ValidServer {
+        object,
+        selector,
+        port,
+    })
+}
+
+/// What an invalid Server still fences off: when only its selector is
+/// wrong, the pods it may have meant (a superset) on its port. The index
+/// applies `deny` there with no authorizations, so a typo in a Server
+/// refuses more rather than falling back to a (wider) default policy. A
+/// Server whose port is invalid names no port a client can reach, so it
+/// fences nothing.
+pub fn fenced_server(object: &ServerObject) -> Option<ValidServer<'_>> {
+    Some(ValidServer {
+        object,
+        selector: Selector::parse_superset(&object.spec.pod_selector),
+        port: server_port(object).ok()?,
+    })
+}
+
+fn server_port(object: &ServerObject) -> Result<ServerPort, Failure> {
+    Ok(match &object.spec.port {
         IntOrString::Int(n) => {
             ServerPort::Number(u16::try_from(*n).ok().filter(|n| *n != 0).ok_or_else(|| {
                 (
@@ -58,11 +81,6 @@ pub fn server(object: &ServerObject) -> Result<ValidServer<'_>, Failure> {
             }
             Err(_) => ServerPort::Name(s.clone()),
         },
-    };
-    Ok(ValidServer {
-        object,
-        selector,
-        port,
     })
 }
 

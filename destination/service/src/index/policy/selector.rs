@@ -49,6 +49,32 @@ impl Selector {
         })
     }
 
+    /// For a selector [`Selector::parse`] refuses: `matchLabels` and the
+    /// expressions that make sense, the others dropped. It selects at least
+    /// every pod the operator can have meant (and maybe more), which is what
+    /// failing closed needs: an invalid Server denies on those pods' port.
+    pub fn parse_superset(selector: &LabelSelector) -> Self {
+        let expressions = selector
+            .match_expressions
+            .iter()
+            .flatten()
+            .filter_map(|e| {
+                let values = e.values.clone().unwrap_or_default();
+                match e.operator.as_str() {
+                    "In" if !values.is_empty() => Some(Expression::In(e.key.clone(), values)),
+                    "NotIn" if !values.is_empty() => Some(Expression::NotIn(e.key.clone(), values)),
+                    "Exists" => Some(Expression::Exists(e.key.clone())),
+                    "DoesNotExist" => Some(Expression::DoesNotExist(e.key.clone())),
+                    _ => None,
+                }
+            })
+            .collect();
+        Self {
+            labels: selector.match_labels.clone().unwrap_or_default(),
+            expressions,
+        }
+    }
+
     /// One `matchLabels` pair every selected pod has: lets the index look
     /// Servers up by a pod's labels instead of trying each one.
     pub fn required_label(&self) -> Option<(&str, &str)> {

@@ -237,7 +237,12 @@ fn empty_requirements_authorize_everyone_as_in_linkerd() {
 }
 
 #[test]
-fn an_invalid_server_selects_nothing_and_is_reported() {
+fn an_invalid_server_is_reported_and_fences_its_port_with_deny() {
+    // An operator typo (`Equals`) must not leave 9090 to the default
+    // policy (here all-unauthenticated): the pods the Server may have meant
+    // are denied on its port until it is fixed. Where a valid Server
+    // already decides (8080), it keeps deciding; a Server with no valid
+    // port fences nothing.
     let (policy, statuses) = build(
         "apiVersion: policy.weft.io/v1alpha1
 kind: Server
@@ -245,15 +250,46 @@ metadata: {name: odd, namespace: shop}
 spec:
   podSelector: {matchExpressions: [{key: app, operator: Equals, values: [web]}]}
   port: 9090
+---
+apiVersion: policy.weft.io/v1alpha1
+kind: Server
+metadata: {name: odd-on-http, namespace: shop}
+spec:
+  podSelector: {matchExpressions: [{key: app, operator: In}]}
+  port: http
+---
+apiVersion: policy.weft.io/v1alpha1
+kind: Server
+metadata: {name: no-port, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: web}, matchExpressions: [{key: x, operator: Nope}]}
+  port: 0
 ",
     );
-    assert_eq!(
-        why(&statuses, Kind::Server, "odd"),
-        Some(Ineffective::Invalid)
-    );
+    for name in ["odd", "odd-on-http", "no-port"] {
+        assert_eq!(
+            why(&statuses, Kind::Server, name),
+            Some(Ineffective::Invalid),
+            "{name}"
+        );
+    }
     assert_eq!(why(&statuses, Kind::Server, "web-http"), None);
-    assert_eq!(policy.servers.len(), 1);
-    assert_eq!(policy.servers[0].name, "web-http");
+    let servers: Vec<(&str, u32, usize)> = policy
+        .servers
+        .iter()
+        .map(|s| (s.name.as_str(), s.port, s.authorizations.len()))
+        .collect();
+    assert_eq!(servers, [("web-http", 8080, 0), ("odd", 9090, 0)]);
+    assert_eq!(
+        policy.servers[1].access_policy,
+        weft_destination_api::DefaultPolicy::Deny as i32
+    );
+    let from: IpAddr = "10.244.1.5".parse().unwrap();
+    let d = authorize(&policy, 9090, None, from);
+    assert!(!d.allowed, "{d:?}");
+    assert_eq!(d.server.as_deref(), Some("odd"));
+    // Other ports still follow the default.
+    assert!(authorize(&policy, 9091, None, from).allowed);
 }
 
 #[test]

@@ -1,0 +1,260 @@
+//! Inbound authorization: who may connect to a local pod, decided for every
+//! connection the proxy accepts on the pod's behalf, and decided *again* for
+//! every open connection whenever the policy changes.
+//!
+//! The decision itself is `weft_destination_api::authorize`, a pure function
+//! of the pod's `Policy` in the destination view; this module is what the
+//! proxy does with it: count it, log it, refuse with a TCP reset, and keep a
+//! table of admitted connections so that a policy change closes those that
+//! are no longer allowed. Linkerd's proxy does the same re-check per
+//! connection when a Server's authorizations change; Istio's ztunnel (since
+//! 1.20) also closes connections that a changed policy no longer allows.
+//! Without it, revoking access would only take effect when clients
+//! reconnect, which long-lived connections (database pools, gRPC channels)
+//! may never do.
+//!
+//! Failing closed: with a control plane, a pod whose Policy is not in the
+//! view refuses every inbound connection (`no_policy`). The destination
+//! service sends a pod's Policy in the same update as the pod, so this only
+//! happens with a control plane that does not know the pod at all.
+
+mod metrics;
+
+pub use metrics::{AuthzLabels, AuthzMetrics};
+
+use crate::pods::LocalPod;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::sync::oneshot;
+use weft_cert_manager::SpiffeId;
+use weft_destination_api::policy::policy_name;
+use weft_destination_api::{Reason, View, authorize};
+
+/// One inbound connection, as the decision needs it.
+#[derive(Clone, Debug)]
+pub struct Inbound {
+    pub pod: Arc<LocalPod>,
+    /// The destination port on the pod (the port the client dialled).
+    pub port: u16,
+    /// The client's verified identity: `Some` only through the mTLS tunnel.
+    pub client: Option<Arc<SpiffeId>>,
+    pub client_ip: IpAddr,
+}
+
+/// What was decided, in the words the metrics and the access log use.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verdict {
+    pub allowed: bool,
+    /// `probe`, `authorized`, `default_allow`, `default_deny`, `audit`, or
+    /// the proxy's own `no_policy` (fail closed) and `no_control_plane`
+    /// (standalone proxy: nothing to enforce).
+    pub reason: &'static str,
+    /// The Server selecting the port (empty: none, the default applied).
+    pub server: String,
+    /// The AuthorizationPolicy (`namespace/name`) that allowed it, or the
+    /// default policy's name (`deny`, `all-authenticated`, …) that decided.
+    pub policy: String,
+}
+
+impl Verdict {
+    fn labels(&self, pod: &LocalPod) -> AuthzLabels {
+        AuthzLabels {
+            destination_workload: pod.name.clone(),
+            destination_namespace: pod.namespace.clone(),
+            server: self.server.clone(),
+            policy: self.policy.clone(),
+            reason: self.reason.to_string(),
+        }
+    }
+}
+
+/// Decides `conn` against the view (`None`: the proxy runs without a
+/// control plane, and there is no policy to enforce).
+pub fn decide(view: Option<&View>, conn: &Inbound) -> Verdict {
+    let Some(view) = view else {
+        return Verdict {
+            allowed: true,
+            reason: "no_control_plane",
+            server: String::new(),
+            policy: String::new(),
+        };
+    };
+    let policy = conn
+        .pod
+        .workload_uid
+        .as_ref()
+        .and_then(|uid| view.workloads.get(uid))
+        .and_then(|w| view.policy_of(w));
+    let Some(policy) = policy else {
+        return Verdict {
+            allowed: false,
+            reason: "no_policy",
+            server: String::new(),
+            policy: String::new(),
+        };
+    };
+    let d = authorize(policy, conn.port, conn.client.as_deref(), conn.client_ip);
+    let policy = match (d.policy, d.reason) {
+        (Some(p), _) => p,
+        (None, Reason::DefaultAllows(p) | Reason::DefaultDenies(p)) => policy_name(p).into(),
+        (None, Reason::Audit) => "audit".into(),
+        (None, Reason::Probe | Reason::Authorized) => String::new(),
+    };
+    Verdict {
+        allowed: d.allowed,
+        reason: d.reason.as_label(),
+        server: d.server.unwrap_or_default(),
+        policy,
+    }
+}
+
+/// The node's inbound authorization: decisions, their metrics, and the
+/// admitted connections still open.
+#[derive(Default)]
+pub struct InboundAuthz {
+    metrics: AuthzMetrics,
+    open: Mutex<HashMap<u64, Admitted>>,
+    next_id: AtomicU64,
+}
+
+struct Admitted {
+    conn: Inbound,
+    /// Fired with the new verdict when a policy change refuses the
+    /// connection.
+    revoke: Option<oneshot::Sender<Verdict>>,
+}
+
+impl InboundAuthz {
+    pub fn metrics(&self) -> &AuthzMetrics {
+        &self.metrics
+    }
+
+    /// Decides a new connection, counts and logs the decision, and on
+    /// allow keeps it in the table until the returned [`Admission`] drops.
+    /// On deny the caller must reset the connection.
+    pub fn admit(
+        self: &Arc<Self>,
+        view: Option<&View>,
+        conn: Inbound,
+    ) -> Result<Admission, Verdict> {
+        let verdict = decide(view, &conn);
+        let labels = verdict.labels(&conn.pod);
+        let client = conn.client.as_ref().map(|c| c.to_string());
+        if !verdict.allowed {
+            self.metrics.denied.get_or_create(&labels).inc();
+            tracing::info!(
+                target: "access",
+                pod = %conn.pod.key(), port = conn.port, src = %conn.client_ip,
+                src_identity = client, server = %verdict.server, policy = %verdict.policy,
+                reason = verdict.reason, "inbound connection denied"
+            );
+            return Err(verdict);
+        }
+        self.metrics.allowed.get_or_create(&labels).inc();
+        if verdict.reason == "audit" {
+            // Every connection that reaches an `audit` default is one that
+            // `deny` would refuse: that is what the operator wants to see
+            // before switching to `deny`.
+            tracing::warn!(
+                target: "access",
+                pod = %conn.pod.key(), port = conn.port, src = %conn.client_ip,
+                src_identity = client, server = %verdict.server,
+                "audit: allowed, but the deny policy would refuse this connection"
+            );
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.open.lock().expect("authz lock").insert(
+            id,
+            Admitted {
+                conn,
+                revoke: Some(tx),
+            },
+        );
+        Ok(Admission {
+            authz: self.clone(),
+            id,
+            revoked: rx,
+        })
+    }
+
+    /// Re-decides every admitted connection against a new view and revokes
+    /// those no longer allowed (their [`Admission::revoked`] completes).
+    /// Returns how many were revoked.
+    pub fn revalidate(&self, view: Option<&View>) -> usize {
+        let mut open = self.open.lock().expect("authz lock");
+        let mut revoked = 0;
+        for admitted in open.values_mut() {
+            if admitted.revoke.is_none() {
+                continue;
+            }
+            let verdict = decide(view, &admitted.conn);
+            if verdict.allowed {
+                continue;
+            }
+            let conn = &admitted.conn;
+            self.metrics
+                .revoked
+                .get_or_create(&verdict.labels(&conn.pod))
+                .inc();
+            tracing::info!(
+                target: "access",
+                pod = %conn.pod.key(), port = conn.port, src = %conn.client_ip,
+                src_identity = conn.client.as_ref().map(|c| c.to_string()),
+                server = %verdict.server, policy = %verdict.policy, reason = verdict.reason,
+                "policy changed: closing a connection that is no longer allowed"
+            );
+            if let Some(tx) = admitted.revoke.take() {
+                let _ = tx.send(verdict);
+                revoked += 1;
+            }
+        }
+        revoked
+    }
+
+    /// Admitted connections still open.
+    pub fn open_connections(&self) -> usize {
+        self.open.lock().expect("authz lock").len()
+    }
+}
+
+/// An admitted connection's place in the table; dropping it (the
+/// connection ended) removes it.
+pub struct Admission {
+    authz: Arc<InboundAuthz>,
+    id: u64,
+    revoked: oneshot::Receiver<Verdict>,
+}
+
+impl Admission {
+    /// Completes when a policy change refuses this connection; never
+    /// otherwise.
+    pub async fn revoked(&mut self) -> Verdict {
+        match (&mut self.revoked).await {
+            Ok(v) => v,
+            Err(_) => std::future::pending().await,
+        }
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        if let Ok(mut open) = self.authz.open.lock() {
+            open.remove(&self.id);
+        }
+    }
+}
+
+/// Refuses an accepted TCP connection the way a closed port would: a reset
+/// (SO_LINGER 0 makes close() send RST instead of FIN), so the client sees
+/// "connection reset" at once rather than an orderly end it might mistake
+/// for an empty answer.
+pub fn reset(stream: tokio::net::TcpStream) {
+    let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
+    drop(stream);
+}
+
+#[cfg(test)]
+mod tests;
