@@ -11,6 +11,7 @@
 //! - [`inbound`]: delivering an inbound connection to the application,
 //!   request by request when it is HTTP (destination-side metrics);
 //! - [`upstream`]: pooled HTTP client connections per endpoint;
+//! - [`upgrade`]: HTTP/1.1 upgrades spliced after a 101, tracked;
 //! - [`body`]: the response body that records metrics when it ends;
 //! - [`classify`], [`metrics`]: label values and the metric families.
 
@@ -19,6 +20,7 @@ pub mod classify;
 pub mod inbound;
 pub mod metrics;
 pub mod outbound;
+pub mod upgrade;
 pub mod upstream;
 
 pub use metrics::RequestMetrics;

@@ -17,7 +17,8 @@
 use super::body::{ProxyBody, Recorded, Recorder};
 use super::classify::{MethodClass, grpc_status, is_grpc};
 use super::metrics::Peers;
-use super::outbound::{error_response, splice_upgraded, wants_upgrade};
+use super::outbound::error_response;
+use super::upgrade::{Upgrades, wants_upgrade};
 use super::upstream::UpstreamError;
 use crate::hbone::H2Stream;
 use crate::metrics::{Reporter, TcpLabels};
@@ -181,6 +182,9 @@ struct Delivery {
     peers: Peers,
     cx: Context,
     protocol: Protocol,
+    /// Connections handed over after a 101: delivery lasts until they end
+    /// (and a revocation ends them too: dropping this aborts them).
+    upgrades: Upgrades,
 }
 
 async fn serve<S, A>(
@@ -234,9 +238,11 @@ where
         peers,
         cx: cx.clone(),
         protocol,
+        upgrades: Upgrades::default(),
     });
+    let serving = delivery.clone();
     let service = service_fn(move |request| {
-        let delivery = delivery.clone();
+        let delivery = serving.clone();
         async move { Ok::<_, Infallible>(delivery.forward(request).await) }
     });
     let io = TokioIo::new(inbound);
@@ -253,6 +259,7 @@ where
             super::serve_until_drained(conn, &cx.draining, |c| c.graceful_shutdown()).await
         }
     };
+    delivery.upgrades.finish().await;
     result.err().map(io::Error::other)
 }
 
@@ -281,7 +288,7 @@ impl Delivery {
                     && response.status() == StatusCode::SWITCHING_PROTOCOLS
                 {
                     let app_upgrade = hyper::upgrade::on(&mut response);
-                    tokio::spawn(splice_upgraded(client_upgrade, app_upgrade, target));
+                    self.upgrades.spawn(client_upgrade, app_upgrade, target);
                 }
                 response.map(|b| b.boxed())
             }

@@ -18,6 +18,7 @@
 use super::body::{ProxyBody, Recorded, Recorder};
 use super::classify::{MethodClass, grpc_status, is_grpc};
 use super::metrics::Peers;
+use super::upgrade::{Upgrades, wants_upgrade};
 use super::upstream::{UpstreamError, UpstreamKey};
 use crate::balancer::Balancer;
 use crate::mesh::{self, Route};
@@ -44,6 +45,8 @@ struct Connection {
     pod: Arc<LocalPod>,
     cx: Context,
     protocol: Protocol,
+    /// Connections handed over after a 101: they outlive the HTTP one.
+    upgrades: Upgrades,
 }
 
 /// Serves the client connection `io` (its first bytes already replayed by
@@ -61,9 +64,11 @@ where
         pod,
         cx,
         protocol,
+        upgrades: Upgrades::default(),
     });
+    let serving = conn.clone();
     let service = service_fn(move |request| {
-        let conn = conn.clone();
+        let conn = serving.clone();
         async move { Ok::<_, Infallible>(conn.forward(request).await) }
     });
     let io = TokioIo::new(io);
@@ -83,6 +88,8 @@ where
     if let Err(e) = result {
         tracing::debug!(pod = %key, %dst, error = %e, "client HTTP connection ended with an error");
     }
+    // Still open (and counted for the drain) while an upgraded connection is.
+    conn.upgrades.finish().await;
 }
 
 impl Connection {
@@ -145,7 +152,8 @@ impl Connection {
                     && response.status() == StatusCode::SWITCHING_PROTOCOLS
                 {
                     let upstream_upgrade = hyper::upgrade::on(&mut response);
-                    tokio::spawn(splice_upgraded(client_upgrade, upstream_upgrade, target));
+                    self.upgrades
+                        .spawn(client_upgrade, upstream_upgrade, target);
                 }
                 response.map(|b| b.boxed())
             }
@@ -173,41 +181,6 @@ impl Connection {
             "request"
         );
         response.map(|b| Recorded::new(b, recorder).boxed())
-    }
-}
-
-/// An HTTP/1 request asking to switch protocols (WebSocket and the like).
-pub(super) fn wants_upgrade<B>(request: &Request<B>) -> bool {
-    request.headers().contains_key(header::UPGRADE)
-        && request
-            .headers()
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .any(|v| {
-                v.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-            })
-}
-
-/// After a 101, both sides hand over their connections: bytes flow as for
-/// opaque TCP until either side closes.
-pub(super) async fn splice_upgraded(
-    client: hyper::upgrade::OnUpgrade,
-    upstream: hyper::upgrade::OnUpgrade,
-    target: SocketAddr,
-) {
-    let (client, upstream) = match tokio::try_join!(client, upstream) {
-        Ok(both) => both,
-        Err(e) => {
-            tracing::debug!(%target, error = %e, "protocol upgrade did not complete");
-            return;
-        }
-    };
-    let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
-    let (_, err) = crate::splice::splice(&mut client, &mut upstream).await;
-    if let Some(e) = err {
-        tracing::debug!(%target, error = %e, "upgraded connection ended with an error");
     }
 }
 
@@ -327,21 +300,6 @@ impl Drop for Pick {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn upgrade_requests_are_recognised() {
-        let r = Request::builder()
-            .header("connection", "keep-alive, Upgrade")
-            .header("upgrade", "websocket")
-            .body(())
-            .unwrap();
-        assert!(wants_upgrade(&r));
-        let r = Request::builder()
-            .header("upgrade", "websocket")
-            .body(())
-            .unwrap();
-        assert!(!wants_upgrade(&r), "Upgrade without Connection: upgrade");
-    }
 
     #[test]
     fn grpc_failures_are_trailers_only_unavailable() {
