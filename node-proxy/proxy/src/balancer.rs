@@ -166,6 +166,24 @@ impl<K: Hash + Eq + Clone> Balancer<K> {
             .retain(|k, _| keep(k));
     }
 
+    /// Every endpoint's state (for `/config_dump`).
+    pub fn snapshot(&self) -> Vec<(K, EndpointState)> {
+        let now = Instant::now();
+        let stats = self.stats.lock().expect("balancer lock");
+        stats
+            .iter()
+            .map(|(k, s)| {
+                let state = EndpointState {
+                    latency_ewma: Duration::from_secs_f64(s.ewma),
+                    in_flight: s.in_flight,
+                    consecutive_failures: s.consecutive_failures,
+                    backed_off: s.backoff_until.is_some_and(|u| u > now),
+                };
+                (k.clone(), state)
+            })
+            .collect()
+    }
+
     pub fn state(&self, k: &K) -> Option<EndpointState> {
         let now = Instant::now();
         let stats = self.stats.lock().expect("balancer lock");
@@ -285,6 +303,20 @@ mod tests {
         assert!(!b.state(&"bad").unwrap().backed_off);
         b.connected(&"bad", Duration::from_millis(1));
         assert_eq!(b.state(&"bad").unwrap().consecutive_failures, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_snapshot_lists_every_endpoint_seen() {
+        let b = Balancer::new(BalancerConfig::default());
+        let mut rng = StdRng::seed_from_u64(2);
+        let k = b.pick(&["a"], &mut rng).unwrap();
+        b.connected(&k, Duration::from_millis(7));
+        b.failed(&"b");
+        let mut snap = b.snapshot();
+        snap.sort_by_key(|(k, _)| *k);
+        assert_eq!(snap.len(), 2);
+        assert_eq!(snap[0].1.latency_ewma, Duration::from_millis(7));
+        assert!(snap[1].1.backed_off && snap[1].1.consecutive_failures == 1);
     }
 
     #[tokio::test(start_paused = true)]

@@ -487,6 +487,11 @@ impl PodRegistry {
     }
 
     /// Pods currently served, for `/config_dump`.
+    /// The per-endpoint balancer state (for `/config_dump`).
+    pub fn balancer(&self) -> Arc<Balancer<SocketAddr>> {
+        self.context.balancer.clone()
+    }
+
     pub fn pods(&self) -> Vec<Arc<LocalPod>> {
         self.pods
             .lock()

@@ -516,6 +516,20 @@ fn grpc_and_http2_are_proxied_per_request_and_server_first_protocols_do_not_stal
         );
         assert!(n >= 1.0, "{endpoint} got no request");
     }
+    // /config_dump shows the balancer's view of both endpoints: measured,
+    // and nothing left in flight (every pick was reported back).
+    let dump = support::config_dump(&mc, "node-a");
+    for pod in ["demo/grpc-1", "demo/grpc-2"] {
+        let addr = format!("{}:50051", cluster.pod(pod).ip);
+        let ep = dump["balancer"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["address"] == addr.as_str())
+            .unwrap_or_else(|| panic!("{addr} not in {}", dump["balancer"]));
+        assert_eq!(ep["in_flight"], 0, "{ep}");
+        assert!(ep["latency_ewma_ms"].as_f64().unwrap() > 0.0, "{ep}");
+    }
     // The destination side counted the same calls (grpc-1 on node B,
     // grpc-2 on node A), failures included.
     let node_b = mc.node_ip("node-b");
