@@ -22,8 +22,10 @@ pub mod proto {
 
 pub use policy::{Decision, Reason, authorize};
 pub use proto::{
-    Authorization, DefaultPolicy, Endpoint, NamedPort, Network, Policy, PolicyServer, Requirement,
-    Service, ServicePort, TunnelProtocol, WatchRequest, WatchResponse, Workload,
+    Authorization, DefaultPolicy, Endpoint, HeaderMatch, InboundRoute, NamedPort, Network,
+    PathMatch, PathMatchKind, Policy, PolicyServer, Requirement, Route, RouteBackend, RouteMatch,
+    RouteRetry, RouteRule, Service, ServicePort, TunnelProtocol, WatchRequest, WatchResponse,
+    Workload,
 };
 
 /// The trust domain identities use when none is configured.
