@@ -11,6 +11,7 @@
 pub mod address;
 pub mod client;
 pub mod policy;
+pub mod routing;
 mod view;
 
 pub use view::{ApplyError, View};
