@@ -8,7 +8,8 @@
 //! - [`admin`]: metrics, health and admin HTTP endpoints;
 //! - [`pods`]: the pods this proxy serves (registration, in-pod listeners);
 //! - [`outbound`], [`inbound`]: the pods' connections;
-//! - [`authz`]: who may connect to a local pod (inbound policy).
+//! - [`authz`]: who may connect to a local pod (inbound policy);
+//! - [`retry`]: which failed requests are retried, within a retry budget.
 
 pub mod admin;
 pub mod authz;
@@ -19,4 +20,5 @@ pub mod mesh;
 pub mod metrics;
 pub mod outbound;
 pub mod pods;
+pub mod retry;
 pub mod splice;
