@@ -133,7 +133,10 @@ fn show(sim: &str) -> Result<()> {
     for (node, metrics) in &proxies {
         println!("-- {node} {metrics}");
         let body = output(Command::new("curl").args(["-sS", "--max-time", "5", metrics]))?;
-        for line in body.lines().filter(|l| l.starts_with("weft_tcp_")) {
+        // The connections, and the inbound authorization decisions (the
+        // demo's default policy, all-unauthenticated, admits both clients).
+        let shown = |l: &&str| l.starts_with("weft_tcp_") || l.starts_with("weft_inbound_authz_");
+        for line in body.lines().filter(shown) {
             println!("  {line}");
         }
     }

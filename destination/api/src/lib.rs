@@ -11,6 +11,7 @@
 pub mod address;
 pub mod client;
 pub mod policy;
+pub mod routing;
 mod view;
 
 pub use view::{ApplyError, View};
@@ -22,8 +23,10 @@ pub mod proto {
 
 pub use policy::{Decision, Reason, authorize};
 pub use proto::{
-    Authorization, DefaultPolicy, Endpoint, NamedPort, Network, Policy, PolicyServer, PortRange,
-    Requirement, Service, ServicePort, TunnelProtocol, WatchRequest, WatchResponse, Workload,
+    Authorization, DefaultPolicy, Endpoint, HeaderMatch, InboundRoute, NamedPort, Network,
+    PathMatch, PathMatchKind, Policy, PolicyServer, PortRange, Requirement, Route, RouteBackend,
+    RouteMatch, RouteRetry, RouteRule, Service, ServicePort, TunnelProtocol, WatchRequest,
+    WatchResponse, Workload,
 };
 
 /// The trust domain identities use when none is configured.

@@ -116,9 +116,9 @@ pub fn authorize(
     }
 }
 
-struct Client<'a> {
-    identity: Option<&'a str>,
-    ip: IpAddr,
+pub(crate) struct Client<'a> {
+    pub(crate) identity: Option<&'a str>,
+    pub(crate) ip: IpAddr,
 }
 
 fn decide_server(policy: &Policy, server: &PolicyServer, client: &Client<'_>) -> Decision {
@@ -179,7 +179,7 @@ fn decide_default(
     }
 }
 
-fn satisfied(authz: &Authorization, client: &Client<'_>) -> bool {
+pub(crate) fn satisfied(authz: &Authorization, client: &Client<'_>) -> bool {
     authz
         .requirements
         .iter()

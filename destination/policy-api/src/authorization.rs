@@ -17,8 +17,9 @@ use serde::{Deserialize, Serialize};
 )]
 #[serde(rename_all = "camelCase")]
 pub struct AuthorizationPolicySpec {
-    /// What the policy authorizes traffic to: a `Server` or a `Namespace`
-    /// (every Server in it) in the policy's namespace. (`HTTPRoute`: later.)
+    /// What the policy authorizes traffic to, in the policy's namespace: a
+    /// `Server`, a `Namespace` (every Server in it), or an `HTTPRoute`
+    /// whose parent is a Server (requests matching that route).
     pub target_ref: TargetRef,
     /// All of them must be satisfied. Kinds: `MeshTLSAuthentication`,
     /// `NetworkAuthentication`, `ServiceAccount`.

@@ -1,6 +1,6 @@
 //! The CustomResourceDefinitions, rendered as the YAML files of `crds/`.
 
-use crate::{AuthorizationPolicy, MeshTLSAuthentication, NetworkAuthentication, Server};
+use crate::{AuthorizationPolicy, HTTPRoute, MeshTLSAuthentication, NetworkAuthentication, Server};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
 
@@ -8,6 +8,7 @@ use kube::CustomResourceExt;
 pub fn definitions() -> Vec<CustomResourceDefinition> {
     vec![
         AuthorizationPolicy::crd(),
+        HTTPRoute::crd(),
         MeshTLSAuthentication::crd(),
         NetworkAuthentication::crd(),
         Server::crd(),

@@ -13,6 +13,7 @@ pub mod authentication;
 pub mod authorization;
 pub mod crd;
 pub mod examples;
+pub mod route;
 pub mod server;
 mod status;
 
@@ -22,6 +23,10 @@ pub use authentication::{
 };
 pub use authorization::{
     AuthenticationRef, AuthorizationPolicy, AuthorizationPolicySpec, TargetRef,
+};
+pub use route::{
+    HTTPBackendRef, HTTPHeaderMatch, HTTPPathMatch, HTTPRoute, HTTPRouteMatch, HTTPRouteRetry,
+    HTTPRouteRule, HTTPRouteSpec, HTTPRouteTimeouts, ParentRef,
 };
 pub use server::{DefaultPolicy, ProxyProtocol, Server, ServerSpec};
 pub use status::PolicyStatus;

@@ -59,6 +59,7 @@ fn crds_have_the_expected_group_names_scope_and_version() {
             "authorizationpolicies",
             "authorizationpolicy",
         ),
+        ("HTTPRoute", "httproutes", "httproute"),
         (
             "MeshTLSAuthentication",
             "meshtlsauthentications",

@@ -4,7 +4,7 @@
 //! logged with its name and the reason, counted, and never reaches the index.
 
 use crate::policy_model::{
-    self, AuthorizationObject, MeshTlsObject, NetworkAuthnObject, ServerObject,
+    self, AuthorizationObject, HttpRouteObject, MeshTlsObject, NetworkAuthnObject, ServerObject,
 };
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::discovery::v1 as discovery;
@@ -34,10 +34,11 @@ pub enum Kind {
     AuthorizationPolicy,
     MeshTLSAuthentication,
     NetworkAuthentication,
+    HTTPRoute,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 10] = [
+    pub const ALL: [Kind; 11] = [
         Kind::Namespace,
         Kind::Pod,
         Kind::Service,
@@ -48,6 +49,7 @@ impl Kind {
         Kind::AuthorizationPolicy,
         Kind::MeshTLSAuthentication,
         Kind::NetworkAuthentication,
+        Kind::HTTPRoute,
     ];
 
     /// The kinds of the policy API group (`policy.weft.io`).
@@ -58,6 +60,7 @@ impl Kind {
                 | Kind::AuthorizationPolicy
                 | Kind::MeshTLSAuthentication
                 | Kind::NetworkAuthentication
+                | Kind::HTTPRoute
         )
     }
 
@@ -73,6 +76,7 @@ impl Kind {
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
             Kind::MeshTLSAuthentication => "MeshTLSAuthentication",
             Kind::NetworkAuthentication => "NetworkAuthentication",
+            Kind::HTTPRoute => "HTTPRoute",
         }
     }
 
@@ -244,6 +248,7 @@ pub enum Object {
     AuthorizationPolicy(AuthorizationObject),
     MeshTLSAuthentication(MeshTlsObject),
     NetworkAuthentication(NetworkAuthnObject),
+    HTTPRoute(HttpRouteObject),
 }
 
 impl Object {
@@ -259,6 +264,7 @@ impl Object {
             Object::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
             Object::MeshTLSAuthentication(_) => Kind::MeshTLSAuthentication,
             Object::NetworkAuthentication(_) => Kind::NetworkAuthentication,
+            Object::HTTPRoute(_) => Kind::HTTPRoute,
         }
     }
 
@@ -274,6 +280,7 @@ impl Object {
             Object::AuthorizationPolicy(o) => o.key.clone(),
             Object::MeshTLSAuthentication(o) => o.key.clone(),
             Object::NetworkAuthentication(o) => o.key.clone(),
+            Object::HTTPRoute(o) => o.key.clone(),
         }
     }
 }
@@ -580,6 +587,7 @@ pub fn from_value(value: serde_json::Value) -> Result<Option<Object>, Rejection>
         Kind::NetworkAuthentication => {
             Object::NetworkAuthentication(policy_model::parse(kind, &value, &meta)?)
         }
+        Kind::HTTPRoute => Object::HTTPRoute(policy_model::parse(kind, &value, &meta)?),
     }))
 }
 

@@ -14,7 +14,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::de::DeserializeOwned;
 use weft_policy_api::{
-    AuthorizationPolicySpec, MeshTLSAuthenticationSpec, NetworkAuthenticationSpec, ServerSpec,
+    AuthorizationPolicySpec, HTTPRouteSpec, MeshTLSAuthenticationSpec, NetworkAuthenticationSpec,
+    ServerSpec,
 };
 
 /// The annotation that overrides the cluster's default inbound policy, on
@@ -37,6 +38,7 @@ pub type ServerObject = PolicyObject<ServerSpec>;
 pub type AuthorizationObject = PolicyObject<AuthorizationPolicySpec>;
 pub type MeshTlsObject = PolicyObject<MeshTLSAuthenticationSpec>;
 pub type NetworkAuthnObject = PolicyObject<NetworkAuthenticationSpec>;
+pub type HttpRouteObject = PolicyObject<HTTPRouteSpec>;
 
 /// Whether a document of `kind` with this `apiVersion` is ours. `Ok(false)`:
 /// another group's kind with the same name (Linkerd's `Server`), not ours

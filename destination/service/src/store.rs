@@ -3,7 +3,9 @@
 //! [`StoreUpdate`]s; the index reads it.
 
 use crate::model::{Kind, NamespaceInfo, Object, ObjectKey, PodInfo, ServiceInfo, SliceInfo};
-use crate::policy_model::{AuthorizationObject, MeshTlsObject, NetworkAuthnObject, ServerObject};
+use crate::policy_model::{
+    AuthorizationObject, HttpRouteObject, MeshTlsObject, NetworkAuthnObject, ServerObject,
+};
 use std::collections::{BTreeMap, BTreeSet};
 
 // Moved once from a source to the store: a box per object would cost an
@@ -35,6 +37,7 @@ pub struct ClusterObjects {
     pub authorization_policies: BTreeMap<ObjectKey, AuthorizationObject>,
     pub mesh_tls_authentications: BTreeMap<ObjectKey, MeshTlsObject>,
     pub network_authentications: BTreeMap<ObjectKey, NetworkAuthnObject>,
+    pub http_routes: BTreeMap<ObjectKey, HttpRouteObject>,
     /// Whether ServiceAccounts are known at all: the local source reads
     /// them from the manifests; the kube source does not watch them (the
     /// API server refuses a pod whose ServiceAccount does not exist).
@@ -69,6 +72,7 @@ impl ClusterObjects {
             Kind::AuthorizationPolicy => self.authorization_policies.len(),
             Kind::MeshTLSAuthentication => self.mesh_tls_authentications.len(),
             Kind::NetworkAuthentication => self.network_authentications.len(),
+            Kind::HTTPRoute => self.http_routes.len(),
         }
     }
 
@@ -103,6 +107,9 @@ impl ClusterObjects {
             }
             Object::NetworkAuthentication(o) => {
                 self.network_authentications.insert(o.key.clone(), o);
+            }
+            Object::HTTPRoute(o) => {
+                self.http_routes.insert(o.key.clone(), o);
             }
         }
     }
@@ -139,6 +146,9 @@ impl ClusterObjects {
             Kind::NetworkAuthentication => {
                 self.network_authentications.remove(key);
             }
+            Kind::HTTPRoute => {
+                self.http_routes.remove(key);
+            }
         }
     }
 
@@ -154,6 +164,7 @@ impl ClusterObjects {
             Kind::AuthorizationPolicy => self.authorization_policies.clear(),
             Kind::MeshTLSAuthentication => self.mesh_tls_authentications.clear(),
             Kind::NetworkAuthentication => self.network_authentications.clear(),
+            Kind::HTTPRoute => self.http_routes.clear(),
         }
     }
 }

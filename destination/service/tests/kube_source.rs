@@ -166,6 +166,12 @@ async fn api_server(
                 "83",
                 vec![],
             )),
+            ("/apis/policy.weft.io/v1alpha1/httproutes", false, _) => Some(list(
+                "HTTPRouteList",
+                "policy.weft.io/v1alpha1",
+                "84",
+                vec![],
+            )),
             (_, true, _) => None,
             other => panic!("unexpected request {other:?} {query}"),
         };

@@ -60,6 +60,7 @@ fn cluster_role_grants_list_and_watch_of_watched_kinds() {
             Kind::AuthorizationPolicy => ("policy.weft.io", "authorizationpolicies"),
             Kind::MeshTLSAuthentication => ("policy.weft.io", "meshtlsauthentications"),
             Kind::NetworkAuthentication => ("policy.weft.io", "networkauthentications"),
+            Kind::HTTPRoute => ("policy.weft.io", "httproutes"),
             other => panic!("no RBAC mapping for {other}"),
         })
         .map(|(g, r)| (g.to_string(), r.to_string()))

@@ -10,7 +10,8 @@
 //! - [`outbound`], [`inbound`]: the pods' connections;
 //! - [`authz`]: who may connect to a local pod (inbound policy);
 //! - [`protocol`]: detecting HTTP/1, HTTP/2 or opaque TCP on a connection;
-//! - [`l7`]: request-level proxying and metrics for HTTP and gRPC.
+//! - [`l7`]: request-level proxying and metrics for HTTP and gRPC;
+//! - [`retry`]: which failed requests are retried, within a retry budget.
 
 pub mod admin;
 pub mod authz;
@@ -23,4 +24,5 @@ pub mod metrics;
 pub mod outbound;
 pub mod pods;
 pub mod protocol;
+pub mod retry;
 pub mod splice;

@@ -229,6 +229,7 @@ mod tests {
                 ..Default::default()
             }],
             endpoints,
+            ..Default::default()
         }
     }
 

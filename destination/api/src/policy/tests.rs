@@ -106,6 +106,7 @@ fn server(access: DefaultPolicy, authorizations: Vec<Authorization>) -> PolicySe
         access_policy: access as i32,
         proxy_protocol: String::new(),
         authorizations,
+        routes: Vec::new(),
     }
 }
 

@@ -75,13 +75,20 @@ pub fn build(objects: &ClusterObjects, config: &IndexConfig) -> Index {
     let mut problems = Vec::new();
     let owners = addresses::assign(objects, &mut problems);
     let workloads = workloads::build(objects, config, &owners, &mut problems);
-    let services = services::build(objects, config, &workloads, &mut problems);
+    let routes = policy::routes::resolve(objects);
+    let services = services::build(
+        objects,
+        config,
+        &workloads,
+        policy::routes::by_service(&routes),
+        &mut problems,
+    );
 
     let placed_pods = workloads
         .placed
         .keys()
         .filter_map(|key| objects.pods.get(*key));
-    let policies = policy::build(objects, config, placed_pods, &mut problems);
+    let policies = policy::build(objects, config, placed_pods, &routes, &mut problems);
 
     let mut nodes: BTreeMap<String, LocalView> = BTreeMap::new();
     let mut mesh = MeshView {

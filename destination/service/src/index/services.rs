@@ -18,6 +18,7 @@ pub fn build(
     objects: &ClusterObjects,
     config: &IndexConfig,
     workloads: &Workloads<'_>,
+    mut routes: BTreeMap<ObjectKey, Vec<weft_destination_api::Route>>,
     problems: &mut Vec<Problem>,
 ) -> BTreeMap<String, Arc<weft_destination_api::Service>> {
     let vip_owners = assign_vips(objects, problems);
@@ -93,6 +94,7 @@ pub fn build(
                 })
                 .collect(),
             endpoints: endpoints.into_values().collect(),
+            routes: routes.remove(&svc.key).unwrap_or_default(),
         };
         out.insert(service.key(), Arc::new(service));
     }

@@ -32,7 +32,7 @@ use weft_policy_api as policy;
 /// Views are served only once every kind has been listed, the policy CRDs
 /// included: serving before policies are known would apply the defaults to
 /// ports a Server closes. So the CRDs (crds/) must be installed first.
-pub const KINDS: [Kind; 8] = [
+pub const KINDS: [Kind; 9] = [
     Kind::Namespace,
     Kind::Pod,
     Kind::Service,
@@ -41,6 +41,7 @@ pub const KINDS: [Kind; 8] = [
     Kind::AuthorizationPolicy,
     Kind::MeshTLSAuthentication,
     Kind::NetworkAuthentication,
+    Kind::HTTPRoute,
 ];
 
 /// Runs every watcher until `tx` closes. Sends `Synced` once each kind has
@@ -118,11 +119,22 @@ pub async fn run(client: Client, tx: mpsc::Sender<SourceEvent>, metrics: Arc<Met
             synced.clone(),
         )),
         tokio::spawn(watch_kind(
-            Api::<policy::NetworkAuthentication>::all(client),
+            Api::<policy::NetworkAuthentication>::all(client.clone()),
             Kind::NetworkAuthentication,
             |o| {
                 policy_model::from_resource(Kind::NetworkAuthentication, &o.metadata, &o.spec)
                     .map(|p| Some(Object::NetworkAuthentication(p)))
+            },
+            tx.clone(),
+            metrics.clone(),
+            synced.clone(),
+        )),
+        tokio::spawn(watch_kind(
+            Api::<policy::HTTPRoute>::all(client),
+            Kind::HTTPRoute,
+            |o| {
+                policy_model::from_resource(Kind::HTTPRoute, &o.metadata, &o.spec)
+                    .map(|p| Some(Object::HTTPRoute(p)))
             },
             tx,
             metrics,

@@ -78,6 +78,7 @@ async fn write(client: &Client, status: &PolicyStatus) -> Result<(), kube::Error
         Kind::NetworkAuthentication => {
             patch::<policy::NetworkAuthentication>(client, ns, name, &body).await
         }
+        Kind::HTTPRoute => patch::<policy::HTTPRoute>(client, ns, name, &body).await,
         _ => Ok(()),
     }
 }

@@ -150,6 +150,7 @@ mod tests {
                 ports: [(80, 9000)].into(),
                 ..Default::default()
             }],
+            ..Default::default()
         }
     }
 

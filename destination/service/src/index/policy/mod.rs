@@ -9,6 +9,7 @@
 
 pub mod networks;
 mod resolve;
+pub mod routes;
 mod selector;
 pub mod status;
 #[cfg(test)]
@@ -18,11 +19,14 @@ use super::{IndexConfig, Problem, ProblemKind};
 use crate::model::{Kind, ObjectKey, PodInfo};
 use crate::store::ClusterObjects;
 use networks::Cidr;
-use resolve::{ServerPort, Target, ValidServer};
+use resolve::{Failure, ServerPort, Target, Targets, ValidServer};
+use routes::ResolvedRoute;
 use status::PolicyStatus;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use weft_destination_api::{Authorization, DefaultPolicy, Policy, PolicyServer, address};
+use weft_destination_api::{
+    Authorization, DefaultPolicy, InboundRoute, Policy, PolicyServer, address,
+};
 use weft_policy_api::DefaultPolicy as CrdPolicy;
 
 /// What the policy index computes.
@@ -49,6 +53,7 @@ pub fn build<'a>(
     objects: &'a ClusterObjects,
     config: &IndexConfig,
     pods: impl Iterator<Item = &'a PodInfo>,
+    routes: &BTreeMap<ObjectKey, Result<ResolvedRoute, Failure>>,
     problems: &mut Vec<Problem>,
 ) -> PolicyIndex<'a> {
     let td = &config.trust_domain;
@@ -102,15 +107,35 @@ pub fn build<'a>(
             resolve::network_authn(object).err(),
         );
     }
+    for (key, route) in routes {
+        let generation = objects.http_routes.get(key).and_then(|o| o.generation);
+        report(
+            Kind::HTTPRoute,
+            key,
+            generation,
+            route.as_ref().err().cloned(),
+        );
+    }
     // AuthorizationPolicies, grouped by what they target.
     let server_state = |key: &ObjectKey| {
         servers
             .get(key)
             .map(|r| r.as_ref().map(|_| ()).map_err(Clone::clone))
     };
+    let route_state = |key: &ObjectKey| {
+        routes.get(key).map(|r| {
+            r.as_ref()
+                .map(|r| !r.servers.is_empty())
+                .map_err(|(_, why)| why.clone())
+        })
+    };
+    let targets = Targets {
+        servers: &server_state,
+        routes: &route_state,
+    };
     let mut by_target: BTreeMap<Target, Vec<Authorization>> = BTreeMap::new();
     for (key, object) in &objects.authorization_policies {
-        match resolve::authorization(object, objects, &server_state, td) {
+        match resolve::authorization(object, objects, &targets, td) {
             Ok((target, authz)) => {
                 report(Kind::AuthorizationPolicy, key, object.generation, None);
                 by_target.entry(target).or_default().push(authz);
@@ -207,6 +232,7 @@ pub fn build<'a>(
                 authorizations.extend(by_target.get(&target).into_iter().flatten().cloned());
             }
             authorizations.sort_by(|a, b| a.policy.cmp(&b.policy));
+            let routes = inbound_routes(routes, &winner.object.key, &by_target);
             policy_servers.push(PolicyServer {
                 name: winner.object.key.name.clone(),
                 port: port.into(),
@@ -223,6 +249,7 @@ pub fn build<'a>(
                     })
                     .unwrap_or_default(),
                 authorizations,
+                routes,
             });
         }
         for (port, server) in fenced_ports {
@@ -232,6 +259,7 @@ pub fn build<'a>(
                 access_policy: DefaultPolicy::Deny as i32,
                 proxy_protocol: String::new(),
                 authorizations: Vec::new(),
+                routes: Vec::new(),
             });
         }
         policy_servers.sort_by_key(|s| s.port);
@@ -253,6 +281,36 @@ pub fn build<'a>(
         pods: out,
         statuses,
     }
+}
+
+/// The valid HTTPRoutes whose parent is `server`, each with the
+/// AuthorizationPolicies targeting it.
+fn inbound_routes(
+    routes: &BTreeMap<ObjectKey, Result<ResolvedRoute, Failure>>,
+    server: &ObjectKey,
+    by_target: &BTreeMap<Target, Vec<Authorization>>,
+) -> Vec<InboundRoute> {
+    routes
+        .iter()
+        .filter_map(|(key, r)| Some((key, r.as_ref().ok()?)))
+        .filter(|(_, r)| r.servers.contains(server))
+        .map(|(key, r)| {
+            let mut authorizations: Vec<Authorization> = by_target
+                .get(&Target::Route(key.clone()))
+                .cloned()
+                .unwrap_or_default();
+            authorizations.sort_by(|a, b| a.policy.cmp(&b.policy));
+            InboundRoute {
+                name: key.to_string(),
+                matches: r
+                    .rules
+                    .iter()
+                    .flat_map(|rule| rule.matches.clone())
+                    .collect(),
+                authorizations,
+            }
+        })
+        .collect()
 }
 
 /// The port a Server selects on `pod`: its number, or the pod's container

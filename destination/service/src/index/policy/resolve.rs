@@ -85,12 +85,12 @@ fn server_port(object: &ServerObject) -> Result<ServerPort, Failure> {
 }
 
 /// A group an operator may leave out or spell as ours.
-fn ours(group: &Option<String>) -> bool {
+pub(super) fn ours(group: &Option<String>) -> bool {
     matches!(group.as_deref(), None | Some("") | Some(GROUP))
 }
 
 /// The core group (ServiceAccount, Namespace).
-fn core(group: &Option<String>) -> bool {
+pub(super) fn core(group: &Option<String>) -> bool {
     matches!(group.as_deref(), None | Some("") | Some("core"))
 }
 
@@ -181,6 +181,16 @@ pub enum Target {
     Server(ObjectKey),
     /// Every Server of this namespace.
     Namespace(String),
+    /// Requests matching one HTTPRoute whose parent is a Server.
+    Route(ObjectKey),
+}
+
+/// What an AuthorizationPolicy may target, as the index resolved it:
+/// `None` when it does not exist, else whether it is valid (`Err`: why not).
+pub struct Targets<'a> {
+    pub servers: &'a dyn Fn(&ObjectKey) -> Option<Result<(), String>>,
+    /// `Ok(true)`: a valid route with a Server parent.
+    pub routes: &'a dyn Fn(&ObjectKey) -> Option<Result<bool, String>>,
 }
 
 /// Resolves an AuthorizationPolicy: its target and every requirement. The
@@ -188,7 +198,7 @@ pub enum Target {
 pub fn authorization(
     object: &AuthorizationObject,
     objects: &ClusterObjects,
-    servers_ok: &dyn Fn(&ObjectKey) -> Option<Result<(), String>>,
+    targets: &Targets<'_>,
     trust_domain: &str,
 ) -> Result<(Target, Authorization), Failure> {
     let ns = &object.key.namespace;
@@ -196,7 +206,7 @@ pub fn authorization(
     let target = match t.kind.as_str() {
         "Server" if ours(&t.group) => {
             let key = ObjectKey::new(ns, &t.name);
-            match servers_ok(&key) {
+            match (targets.servers)(&key) {
                 None => {
                     return Err((
                         Ineffective::DanglingReference,
@@ -224,17 +234,38 @@ pub fn authorization(
             }
             Target::Namespace(ns.clone())
         }
-        "HTTPRoute" => {
-            return Err((
-                Ineffective::UnsupportedKind,
-                "targetRef: HTTPRoute targets are not supported yet; target a Server".into(),
-            ));
+        "HTTPRoute" if ours(&t.group) => {
+            let key = ObjectKey::new(ns, &t.name);
+            match (targets.routes)(&key) {
+                None => {
+                    return Err((
+                        Ineffective::DanglingReference,
+                        format!("targetRef: HTTPRoute {key} does not exist"),
+                    ));
+                }
+                Some(Err(why)) => {
+                    return Err((
+                        Ineffective::Invalid,
+                        format!("targetRef: HTTPRoute {key} is invalid: {why}"),
+                    ));
+                }
+                Some(Ok(false)) => {
+                    return Err((
+                        Ineffective::Invalid,
+                        format!(
+                            "targetRef: HTTPRoute {key} has no Server parent; route-level \
+                             authorization needs a route whose parentRef is a Server"
+                        ),
+                    ));
+                }
+                Some(Ok(true)) => Target::Route(key),
+            }
         }
         kind => {
             return Err((
                 Ineffective::UnsupportedKind,
                 format!(
-                    "targetRef: kind {kind:?} (group {:?}) is not supported; use Server or Namespace",
+                    "targetRef: kind {kind:?} (group {:?}) is not supported; use Server, Namespace or HTTPRoute",
                     t.group.as_deref().unwrap_or("")
                 ),
             ));
