@@ -32,6 +32,9 @@ pub const APPS: &[(&str, &str)] = &[
     ("tcp_echo.py", include_str!("../apps/tcp_echo.py")),
     ("tcp_client.py", include_str!("../apps/tcp_client.py")),
     ("tcp_probe.py", include_str!("../apps/tcp_probe.py")),
+    ("http_server.py", include_str!("../apps/http_server.py")),
+    ("grpc_echo.py", include_str!("../apps/grpc_echo.py")),
+    ("banner.py", include_str!("../apps/banner.py")),
 ];
 
 impl TestCluster {

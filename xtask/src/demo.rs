@@ -133,9 +133,16 @@ fn show(sim: &str) -> Result<()> {
     for (node, metrics) in &proxies {
         println!("-- {node} {metrics}");
         let body = output(Command::new("curl").args(["-sS", "--max-time", "5", metrics]))?;
-        // The connections, and the inbound authorization decisions (the
-        // demo's default policy, all-unauthenticated, admits both clients).
-        let shown = |l: &&str| l.starts_with("weft_tcp_") || l.starts_with("weft_inbound_authz_");
+        // The connections, the inbound authorization decisions (the demo's
+        // default policy, all-unauthenticated, admits both clients), and the
+        // golden request metrics (curl speaks HTTP: the proxies see each
+        // request; an HTTP connection is a request series on the client's
+        // side, not a TCP one).
+        let shown = |l: &&str| {
+            l.starts_with("weft_tcp_")
+                || l.starts_with("weft_inbound_authz_")
+                || l.starts_with("weft_requests_total{")
+        };
         for line in body.lines().filter(shown) {
             println!("  {line}");
         }

@@ -18,6 +18,8 @@ struct Need {
 enum Probe {
     Command(&'static str),
     File(&'static str),
+    /// `python3 -c "import NAME"` succeeds.
+    PythonModule(&'static str),
 }
 
 const DEBIAN: &[Need] = &[
@@ -86,9 +88,88 @@ const DEBIAN: &[Need] = &[
         present: Probe::Command("python3"),
         why: "test workloads in pods",
     },
+    Need {
+        package: "python3-pip",
+        present: Probe::PythonModule("pip"),
+        why: "installing the Python packages below",
+    },
+    Need {
+        package: "nghttp2-client",
+        present: Probe::Command("h2load"),
+        why: "HTTP/2 load through the mesh (L7 tests)",
+    },
 ];
 
+/// PyPI packages the test workloads import, and the module that proves each.
+struct PythonNeed {
+    package: &'static str,
+    module: &'static str,
+    why: &'static str,
+}
+
+const PYPI: &[PythonNeed] = &[PythonNeed {
+    package: "grpcio",
+    module: "grpc",
+    why: "gRPC client and server in pods (L7 tests)",
+}];
+
 pub fn run() -> Result<()> {
+    debian()?;
+    python()
+}
+
+/// Installs the PyPI packages with the `python3` on PATH (the one the pods
+/// run), so `import` works for the test workloads.
+fn python() -> Result<()> {
+    let missing: Vec<&PythonNeed> = PYPI.iter().filter(|n| !python_has(n.module)).collect();
+    if missing.is_empty() {
+        eprintln!("setup: all Python packages present");
+        return Ok(());
+    }
+    for n in &missing {
+        eprintln!("setup: pip installing {} ({})", n.package, n.why);
+    }
+    let mut args = vec!["-m", "pip", "install", "--quiet"];
+    // Debian's python refuses system-wide pip installs (PEP 668) unless told.
+    if python_is_externally_managed() {
+        args.push("--break-system-packages");
+    }
+    args.extend(missing.iter().map(|n| n.package));
+    cmd::run("python3", &args)?;
+    let still: Vec<&str> = missing
+        .iter()
+        .filter(|n| !python_has(n.module))
+        .map(|n| n.package)
+        .collect();
+    if !still.is_empty() {
+        bail!(
+            "setup: pip installed but python3 still cannot import: {}",
+            still.join(", ")
+        );
+    }
+    Ok(())
+}
+
+fn python_has(module: &str) -> bool {
+    std::process::Command::new("python3")
+        .args(["-c", &format!("import {module}")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn python_is_externally_managed() -> bool {
+    std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sysconfig, os, sys; sys.exit(0 if os.path.exists(os.path.join(sysconfig.get_path('stdlib'), 'EXTERNALLY-MANAGED')) else 1)",
+        ])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn debian() -> Result<()> {
     let missing: Vec<&Need> = DEBIAN.iter().filter(|n| !is_present(&n.present)).collect();
     if missing.is_empty() {
         eprintln!("setup: all system packages present");
@@ -123,6 +204,7 @@ fn is_present(p: &Probe) -> bool {
     match p {
         Probe::Command(c) => cmd::have(c),
         Probe::File(f) => Path::new(f).exists(),
+        Probe::PythonModule(m) => python_has(m),
     }
 }
 

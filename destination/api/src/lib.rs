@@ -24,9 +24,9 @@ pub mod proto {
 pub use policy::{Decision, Reason, authorize};
 pub use proto::{
     Authorization, DefaultPolicy, Endpoint, HeaderMatch, InboundRoute, NamedPort, Network,
-    PathMatch, PathMatchKind, Policy, PolicyServer, Requirement, Route, RouteBackend, RouteMatch,
-    RouteRetry, RouteRule, Service, ServicePort, TunnelProtocol, WatchRequest, WatchResponse,
-    Workload,
+    PathMatch, PathMatchKind, Policy, PolicyServer, PortRange, Requirement, Route, RouteBackend,
+    RouteMatch, RouteRetry, RouteRule, Service, ServicePort, TunnelProtocol, WatchRequest,
+    WatchResponse, Workload,
 };
 
 /// The trust domain identities use when none is configured.

@@ -16,6 +16,8 @@ use std::net::IpAddr;
 
 /// The label that enrolls a namespace (`enabled`) or opts a pod out (`disabled`).
 pub const MESH_LABEL: &str = "weft.io/mesh";
+/// Pod annotation: ports carried as TCP without protocol detection.
+pub const OPAQUE_PORTS_ANNOTATION: &str = "weft.io/opaque-ports";
 /// The label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
@@ -175,6 +177,8 @@ pub struct PodInfo {
     pub default_policy: Option<String>,
     /// Ports kubelet probes (policy lets the node reach them).
     pub probe_ports: Vec<u16>,
+    /// `weft.io/opaque-ports`, as written (parsed by the index).
+    pub opaque_ports: Option<String>,
     /// The node's addresses (`status.hostIPs`): where kubelet probes come
     /// from. The local source fills them from the simulator's state.
     pub host_ips: Vec<IpAddr>,
@@ -397,6 +401,11 @@ pub fn pod_info(pod: &core::Pod) -> Result<PodInfo, Rejection> {
         created: created(meta),
         default_policy: policy_model::default_policy_annotation(meta),
         probe_ports: policy_model::probe_ports(spec),
+        opaque_ports: meta
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(OPAQUE_PORTS_ANNOTATION))
+            .cloned(),
         host_ips,
     })
 }

@@ -148,6 +148,7 @@ pub fn pod(shape: Shape, i: usize) -> PodInfo {
         created: String::new(),
         default_policy: None,
         probe_ports: vec![8080],
+        opaque_ports: None,
         host_ips: vec![IpAddr::V4(Ipv4Addr::new(
             10,
             240,

@@ -149,12 +149,39 @@ impl<K: Hash + Eq + Clone> Balancer<K> {
         s.backoff_until = Some(now + backoff);
     }
 
+    /// A pick that ended with no outcome to learn from (the request was
+    /// abandoned by its client): it is only no longer in flight.
+    pub fn cancelled(&self, k: &K) {
+        let mut stats = self.stats.lock().expect("balancer lock");
+        if let Some(s) = stats.get_mut(k) {
+            s.in_flight = s.in_flight.saturating_sub(1);
+        }
+    }
+
     /// Forgets endpoints that are no longer in any Service.
     pub fn retain(&self, keep: impl Fn(&K) -> bool) {
         self.stats
             .lock()
             .expect("balancer lock")
             .retain(|k, _| keep(k));
+    }
+
+    /// Every endpoint's state (for `/config_dump`).
+    pub fn snapshot(&self) -> Vec<(K, EndpointState)> {
+        let now = Instant::now();
+        let stats = self.stats.lock().expect("balancer lock");
+        stats
+            .iter()
+            .map(|(k, s)| {
+                let state = EndpointState {
+                    latency_ewma: Duration::from_secs_f64(s.ewma),
+                    in_flight: s.in_flight,
+                    consecutive_failures: s.consecutive_failures,
+                    backed_off: s.backoff_until.is_some_and(|u| u > now),
+                };
+                (k.clone(), state)
+            })
+            .collect()
     }
 
     pub fn state(&self, k: &K) -> Option<EndpointState> {
@@ -276,6 +303,32 @@ mod tests {
         assert!(!b.state(&"bad").unwrap().backed_off);
         b.connected(&"bad", Duration::from_millis(1));
         assert_eq!(b.state(&"bad").unwrap().consecutive_failures, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_snapshot_lists_every_endpoint_seen() {
+        let b = Balancer::new(BalancerConfig::default());
+        let mut rng = StdRng::seed_from_u64(2);
+        let k = b.pick(&["a"], &mut rng).unwrap();
+        b.connected(&k, Duration::from_millis(7));
+        b.failed(&"b");
+        let mut snap = b.snapshot();
+        snap.sort_by_key(|(k, _)| *k);
+        assert_eq!(snap.len(), 2);
+        assert_eq!(snap[0].1.latency_ewma, Duration::from_millis(7));
+        assert!(snap[1].1.backed_off && snap[1].1.consecutive_failures == 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cancelled_pick_is_no_longer_in_flight_and_teaches_nothing() {
+        let b = Balancer::new(BalancerConfig::default());
+        let mut rng = StdRng::seed_from_u64(11);
+        let k = b.pick(&["x"], &mut rng).unwrap();
+        assert_eq!(b.state(&k).unwrap().in_flight, 1);
+        b.cancelled(&k);
+        let s = b.state(&k).unwrap();
+        assert_eq!((s.in_flight, s.consecutive_failures), (0, 0));
+        assert_eq!(s.latency_ewma, BalancerConfig::default().default_latency);
     }
 
     #[tokio::test(start_paused = true)]

@@ -21,6 +21,13 @@ pub use stream::H2Stream;
 /// The port every enrolled pod's HBONE listener is on.
 pub const HBONE_PORT: u16 = 15008;
 
+/// CONNECT request header in which the source node proxy tells the
+/// destination what the stream carries (`http/1.1`, `h2` or `opaque`, as
+/// its protocol detection found), so the destination does not detect again
+/// (a server-speaks-first protocol would otherwise wait out the detection
+/// timeout twice). Absent from older proxies: the destination detects.
+pub const PROTOCOL_HEADER: &str = "weft-protocol";
+
 #[derive(Debug, thiserror::Error)]
 pub enum HboneError {
     #[error(

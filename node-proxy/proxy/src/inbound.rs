@@ -11,7 +11,6 @@ use crate::hbone::{HboneRequest, serve_connection};
 use crate::metrics::{Reporter, SecurityPolicy, TcpLabels};
 use crate::outbound::connect_from_pod;
 use crate::pods::{Context, LocalPod};
-use crate::splice::splice_until;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -26,12 +25,7 @@ pub async fn serve_plaintext(listener: TcpListener, pod: Arc<LocalPod>, cx: Cont
     .await
 }
 
-async fn handle_plaintext(
-    mut client: TcpStream,
-    peer: SocketAddr,
-    pod: Arc<LocalPod>,
-    cx: Context,
-) {
+async fn handle_plaintext(client: TcpStream, peer: SocketAddr, pod: Arc<LocalPod>, cx: Context) {
     let started = Instant::now();
     let Ok(target) = client.local_addr() else {
         return;
@@ -62,7 +56,7 @@ async fn handle_plaintext(
         SecurityPolicy::None,
     );
     let open = cx.tcp_metrics.open(labels);
-    let mut app = match connect_from_pod(&pod, target).await {
+    let app = match connect_from_pod(&pod, target).await {
         Ok(s) => s,
         Err(e) => {
             tracing::info!(target: "access", pod = %pod.key(), %peer, dst = %target, error = %e, "inbound delivery failed");
@@ -70,10 +64,9 @@ async fn handle_plaintext(
             return;
         }
     };
-    let mut revoked = false;
-    let (moved, err) = splice_until(&mut client, &mut app, async {
+    // Revoked by a policy change: the client gets a reset (deliver arms it).
+    let (moved, err) = crate::l7::inbound::deliver(client, app, open.labels(), &pod, &cx, async {
         admission.revoked().await;
-        revoked = true;
     })
     .await;
     tracing::info!(
@@ -89,9 +82,6 @@ async fn handle_plaintext(
         "connection closed"
     );
     open.close(&moved);
-    if revoked {
-        authz::reset(client);
-    }
 }
 
 /// 15008 on the pod's IP: HBONE. TLS 1.3 with the pod's own certificate; a
@@ -230,7 +220,7 @@ async fn handle_stream(
         SecurityPolicy::MutualTls,
     );
     let open = cx.tcp_metrics.open(labels);
-    let mut app = match connect_from_pod(&pod, target).await {
+    let app = match connect_from_pod(&pod, target).await {
         Ok(s) => s,
         Err(e) => {
             tracing::info!(target: "access", pod = %pod.key(), %peer, dst = %target, error = %e, "inbound delivery failed");
@@ -239,7 +229,7 @@ async fn handle_stream(
             return;
         }
     };
-    let mut stream = match request.accept() {
+    let stream = match request.accept() {
         Ok(s) => s,
         Err(e) => {
             tracing::info!(target: "access", pod = %pod.key(), %peer, error = %e, "HBONE stream gone");
@@ -249,7 +239,7 @@ async fn handle_stream(
     };
     // On revocation the stream is dropped unfinished: an RST_STREAM, which
     // the source proxy turns into a reset of its client's connection.
-    let (moved, err) = splice_until(&mut stream, &mut app, async {
+    let (moved, err) = crate::l7::inbound::deliver(stream, app, open.labels(), &pod, &cx, async {
         admission.revoked().await;
     })
     .await;

@@ -9,6 +9,8 @@
 //! - [`pods`]: the pods this proxy serves (registration, in-pod listeners);
 //! - [`outbound`], [`inbound`]: the pods' connections;
 //! - [`authz`]: who may connect to a local pod (inbound policy);
+//! - [`protocol`]: detecting HTTP/1, HTTP/2 or opaque TCP on a connection;
+//! - [`l7`]: request-level proxying and metrics for HTTP and gRPC;
 //! - [`retry`]: which failed requests are retried, within a retry budget.
 
 pub mod admin;
@@ -16,9 +18,11 @@ pub mod authz;
 pub mod balancer;
 pub mod hbone;
 pub mod inbound;
+pub mod l7;
 pub mod mesh;
 pub mod metrics;
 pub mod outbound;
 pub mod pods;
+pub mod protocol;
 pub mod retry;
 pub mod splice;

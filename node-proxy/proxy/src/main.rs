@@ -126,6 +126,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         None => None,
     };
     let context = Context::new(tcp_metrics.clone(), mesh.clone());
+    context.request_metrics.register(&mut registry);
     context.authz.metrics().register(&mut registry);
     let authz = context.authz.clone();
     let pods = Arc::new(PodRegistry::new(redirector.clone(), context));
@@ -350,6 +351,7 @@ async fn follow_view(
 
 fn config_dump(node: &str, pods: &PodRegistry, mesh: Option<&Mesh>) -> serde_json::Value {
     use serde_json::json;
+    let balancer = pods.balancer();
     let now = std::time::SystemTime::now();
     let pods: Vec<_> = pods
         .pods()
@@ -396,9 +398,24 @@ fn config_dump(node: &str, pods: &PodRegistry, mesh: Option<&Mesh>) -> serde_jso
         .map(|s| json!({"hostname": s.hostname, "endpoints": s.endpoints.len()}))
         .collect();
     let state = format!("{:?}", *mesh.view_state.borrow());
+    // What the balancer knows of each endpoint it has picked (per-request
+    // latency for HTTP, connect latency for TCP), sorted for stable output.
+    let mut endpoints = balancer.snapshot();
+    endpoints.sort_by_key(|(addr, _)| *addr);
+    let endpoints: Vec<_> = endpoints
+        .into_iter()
+        .map(|(addr, s)| {
+            json!({
+                "address": addr, "latency_ewma_ms": s.latency_ewma.as_secs_f64() * 1e3,
+                "in_flight": s.in_flight, "consecutive_failures": s.consecutive_failures,
+                "backed_off": s.backed_off,
+            })
+        })
+        .collect();
     json!({
         "node": node,
         "mesh": true,
+        "balancer": endpoints,
         "pods": pods,
         "certificates": certificates,
         "destination": { "state": state, "epoch": view.epoch, "version": view.version,

@@ -106,6 +106,15 @@ impl TcpMetrics {
         );
     }
 
+    /// Counts a connection as in flight (for the drain at shutdown) without
+    /// a TCP series: an HTTP connection the proxy terminates is measured by
+    /// the request metrics instead, as Istio does.
+    pub fn track(&self) -> InFlight {
+        self.in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        InFlight(self.in_flight.clone())
+    }
+
     /// Counts a connection as opened; the returned handle counts it closed.
     pub fn open(&self, labels: TcpLabels) -> OpenConnection {
         self.opened.get_or_create(&labels).inc();
@@ -118,6 +127,15 @@ impl TcpMetrics {
     }
 }
 
+/// A connection counted in flight until dropped.
+pub struct InFlight(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// An open connection's entry in the metrics. Closing it records the bytes;
 /// dropping it without `close` (a task that panicked) still counts the
 /// close, so opened − closed is always the number really open.
@@ -127,6 +145,14 @@ pub struct OpenConnection {
 }
 
 impl OpenConnection {
+    /// The connection's labels (the request metrics of an HTTP connection
+    /// carry the same peers).
+    pub fn labels(&self) -> &TcpLabels {
+        self.labels
+            .as_ref()
+            .expect("labels are taken only when the connection closes")
+    }
+
     /// Records a closed connection; `moved.a_to_b` is what the client sent.
     pub fn close(mut self, moved: &crate::splice::Transferred) {
         if let Some(labels) = self.labels.take() {
@@ -332,6 +358,10 @@ mod tests {
         a.close(&Default::default());
         assert_eq!(m.in_flight(), 1);
         drop(b);
+        assert_eq!(m.in_flight(), 0);
+        let http = m.track();
+        assert_eq!(m.in_flight(), 1);
+        drop(http);
         assert_eq!(m.in_flight(), 0);
     }
 

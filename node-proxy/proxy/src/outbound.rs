@@ -8,16 +8,26 @@
 //! certificate and requiring the destination workload's identity. Anything
 //! else is connected directly from the pod's own namespace (a proxy-marked
 //! socket, so it is not redirected again): it still leaves from the pod's IP.
+//!
+//! Before that, the first bytes decide how ([`crate::protocol`]): HTTP/1
+//! and HTTP/2 are served request by request ([`crate::l7::outbound`]);
+//! anything else, and ports declared opaque, are spliced as TCP here, the
+//! bytes detection read replayed first.
 
-use crate::hbone::H2Stream;
+use crate::hbone::{H2Stream, HboneError};
 use crate::mesh::{self, Route};
 use crate::metrics::{Reporter, SecurityPolicy, TcpLabels};
 use crate::pods::{Context, LocalPod, PoolKey};
+use crate::protocol::{self, Prefixed, Protocol};
 use crate::splice::splice;
+use bytes::BytesMut;
 use socket2::{Domain, SockAddr};
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Instant;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
 pub async fn serve(listener: TcpListener, pod: Arc<LocalPod>, cx: Context) {
@@ -37,6 +47,30 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<LocalPod>, cx:
             return;
         }
     };
+    // With a control plane, HTTP is proxied request by request; standalone
+    // (redirection only) every connection is opaque.
+    let opaque = match &cx.mesh {
+        Some(mesh) => protocol::opaque::is_opaque(&mesh.view.borrow(), dst),
+        None => true,
+    };
+    let mut client = if opaque {
+        Prefixed::new(BytesMut::new(), client)
+    } else {
+        let detected = protocol::detect(&mut client, cx.detect_timeout).await;
+        match detected.protocol {
+            Protocol::Http1 | Protocol::Http2 => {
+                let client = Prefixed::new(detected.prefix, client);
+                crate::l7::outbound::serve(client, detected.protocol, dst, pod, cx).await;
+                return;
+            }
+            Protocol::Opaque => {
+                if detected.timed_out {
+                    tracing::debug!(pod = %pod.key(), %dst, "the client sent nothing within the detection timeout: opaque TCP");
+                }
+                Prefixed::new(detected.prefix, client)
+            }
+        }
+    };
     let (route, balanced) = match &cx.mesh {
         Some(mesh) => {
             let view = mesh.view.borrow();
@@ -54,29 +88,7 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<LocalPod>, cx:
     let labels = labels(&pod, &route);
     let open = cx.tcp_metrics.open(labels);
     let target = route.target();
-    let connected = match &route {
-        Route::Hbone {
-            tunnel, identity, ..
-        } => match (&cx.pool, &pod.identity) {
-            (Some(pool), Some(source)) => {
-                let key = PoolKey {
-                    pod: pod.clone(),
-                    source: source.clone(),
-                    destination: identity.clone(),
-                    tunnel: *tunnel,
-                };
-                pool.open(key, *tunnel, target)
-                    .await
-                    .map(Upstream::Hbone)
-                    .map_err(|e| e.to_string())
-            }
-            _ => Err("no identity for the source pod".to_string()),
-        },
-        Route::Plain { .. } => connect_from_pod(&pod, target)
-            .await
-            .map(Upstream::Plain)
-            .map_err(|e| e.to_string()),
-    };
+    let connected = open_upstream(&route, &pod, &cx, Protocol::Opaque).await;
     if balanced {
         match &connected {
             Ok(_) => cx.balancer.connected(&target, started.elapsed()),
@@ -91,14 +103,11 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<LocalPod>, cx:
             // As the pod would have seen it without the mesh (refused, or
             // the destination's policy denied it): a reset, not an orderly
             // end that looks like an empty answer.
-            crate::authz::reset(client);
+            crate::authz::reset(client.into_inner());
             return;
         }
     };
-    let (moved, err) = match &mut upstream {
-        Upstream::Hbone(s) => splice(&mut client, s).await,
-        Upstream::Plain(s) => splice(&mut client, s).await,
-    };
+    let (moved, err) = splice(&mut client, &mut upstream).await;
     tracing::info!(
         target: "access",
         direction = "outbound",
@@ -119,13 +128,110 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<LocalPod>, cx:
     if err.is_some() {
         // The far side failed or was reset (a policy change there revoked
         // the connection): pass the reset on rather than a clean close.
-        crate::authz::reset(client);
+        crate::authz::reset(client.into_inner());
     }
 }
 
-enum Upstream {
+/// Where a pod's connection (or, with L7, one HTTP connection) goes.
+pub enum Upstream {
     Hbone(H2Stream),
     Plain(TcpStream),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error(transparent)]
+    Hbone(#[from] HboneError),
+    #[error("cannot connect to {target} from the pod: {source}")]
+    Tcp {
+        target: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(
+        "pod {pod} has no certificate identity: an mTLS tunnel needs one (is the node proxy connected to the control plane?)"
+    )]
+    NoIdentity { pod: String },
+}
+
+/// Opens the transport for `route`: an HBONE stream (pooled TLS connection)
+/// from the pod to an enrolled workload, telling the destination that it
+/// carries `protocol`; else TCP from the pod's namespace.
+pub async fn open_upstream(
+    route: &Route,
+    pod: &Arc<LocalPod>,
+    cx: &Context,
+    protocol: Protocol,
+) -> Result<Upstream, ConnectError> {
+    let target = route.target();
+    match route {
+        Route::Hbone {
+            tunnel, identity, ..
+        } => match (&cx.pool, &pod.identity) {
+            (Some(pool), Some(source)) => {
+                let key = PoolKey {
+                    pod: pod.clone(),
+                    source: source.clone(),
+                    destination: identity.clone(),
+                    tunnel: *tunnel,
+                };
+                let stream = pool
+                    .open_with(key, *tunnel, target, Some(protocol.token()))
+                    .await?;
+                Ok(Upstream::Hbone(stream))
+            }
+            _ => Err(ConnectError::NoIdentity { pod: pod.key() }),
+        },
+        Route::Plain { .. } => connect_from_pod(pod, target)
+            .await
+            .map(Upstream::Plain)
+            .map_err(|source| ConnectError::Tcp { target, source }),
+    }
+}
+
+impl AsyncRead for Upstream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Hbone(s) => Pin::new(s).poll_read(cx, buf),
+            Upstream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Upstream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Upstream::Hbone(s) => Pin::new(s).poll_write(cx, buf),
+            Upstream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Hbone(s) => Pin::new(s).poll_flush(cx),
+            Upstream::Plain(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Hbone(s) => Pin::new(s).poll_shutdown(cx),
+            Upstream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
 }
 
 /// Source-side labels: this pod, and what the view says of the destination.

@@ -118,6 +118,13 @@ pub struct Context {
     /// Inbound authorization: decisions, and the admitted connections a
     /// policy change may revoke.
     pub authz: Arc<crate::authz::InboundAuthz>,
+    /// Golden request metrics of the HTTP connections the proxy terminates
+    /// (registered by the caller, next to the TCP metrics).
+    pub request_metrics: crate::l7::RequestMetrics,
+    /// HTTP client connections to endpoints, for request-level proxying.
+    pub upstreams: crate::l7::UpstreamPool,
+    /// How long protocol detection waits for a client's first bytes.
+    pub detect_timeout: Duration,
 }
 
 impl Context {
@@ -135,6 +142,9 @@ impl Context {
             pool,
             draining: Arc::new(tokio::sync::watch::Sender::new(false)),
             authz: Arc::default(),
+            request_metrics: crate::l7::RequestMetrics::default(),
+            upstreams: crate::l7::UpstreamPool::new(),
+            detect_timeout: crate::protocol::DETECT_TIMEOUT,
         }
     }
 }
@@ -477,6 +487,11 @@ impl PodRegistry {
     }
 
     /// Pods currently served, for `/config_dump`.
+    /// The per-endpoint balancer state (for `/config_dump`).
+    pub fn balancer(&self) -> Arc<Balancer<SocketAddr>> {
+        self.context.balancer.clone()
+    }
+
     pub fn pods(&self) -> Vec<Arc<LocalPod>> {
         self.pods
             .lock()

@@ -27,10 +27,12 @@ pub enum ProblemKind {
     ServerConflict,
     /// A `weft.io/default-inbound-policy` annotation is not a policy: `deny`.
     InvalidDefaultPolicy,
+    /// A `weft.io/opaque-ports` entry is not a port or range: ignored.
+    InvalidOpaquePorts,
 }
 
 impl ProblemKind {
-    pub const ALL: [ProblemKind; 10] = [
+    pub const ALL: [ProblemKind; 11] = [
         ProblemKind::DuplicateAddress,
         ProblemKind::DuplicateClusterIp,
         ProblemKind::NoEndpoints,
@@ -41,6 +43,7 @@ impl ProblemKind {
         ProblemKind::PolicyInvalid,
         ProblemKind::ServerConflict,
         ProblemKind::InvalidDefaultPolicy,
+        ProblemKind::InvalidOpaquePorts,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -55,6 +58,7 @@ impl ProblemKind {
             ProblemKind::PolicyInvalid => "policy_invalid",
             ProblemKind::ServerConflict => "server_conflict",
             ProblemKind::InvalidDefaultPolicy => "invalid_default_policy",
+            ProblemKind::InvalidOpaquePorts => "invalid_opaque_ports",
         }
     }
 }

@@ -403,3 +403,24 @@ fn same_objects_give_equal_views() {
     assert_eq!(*a.mesh, *b.mesh);
     assert_eq!(a.nodes, b.nodes);
 }
+
+#[test]
+fn opaque_ports_annotation_reaches_the_workload_and_bad_entries_are_reported() {
+    let mut c = Cluster::kube();
+    let mut p = fixture("pod");
+    p["metadata"]["annotations"] = json!({"weft.io/opaque-ports": "3306, 8000-8010, mysql"});
+    c.apply(p);
+    let view = c.node("node-a");
+    let w = workload(&view, WEB_UID).expect("the pod is in its node's view");
+    assert_eq!(
+        w.opaque_ports
+            .iter()
+            .map(|r| (r.first, r.last))
+            .collect::<Vec<_>>(),
+        [(3306, 3306), (8000, 8010)]
+    );
+    let problems = c.index().problems;
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert_eq!(problems[0].kind, ProblemKind::InvalidOpaquePorts);
+    assert!(problems[0].detail.contains("\"mysql\""), "{problems:?}");
+}

@@ -6,7 +6,7 @@ use crate::model::{MESH_LABEL, ObjectKey, PodInfo};
 use crate::store::ClusterObjects;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
-use weft_destination_api::{NamedPort, TunnelProtocol, Workload, address, spiffe_id};
+use weft_destination_api::{NamedPort, PortRange, TunnelProtocol, Workload, address, spiffe_id};
 
 pub struct Workloads<'a> {
     /// Pods on a node, not finished, by key.
@@ -66,6 +66,23 @@ pub fn build<'a>(
         } else {
             Vec::new()
         };
+        let opaque_ports = match &pod.opaque_ports {
+            Some(annotation) => {
+                let (ranges, bad) = parse_port_ranges(annotation);
+                if !bad.is_empty() {
+                    problems.push(Problem {
+                        kind: ProblemKind::InvalidOpaquePorts,
+                        object: format!("Pod {}", pod.key),
+                        detail: format!(
+                            "weft.io/opaque-ports has entries that are not a port or a range                              of ports (1-65535, e.g. \"3306,8000-8010\"): {}; they are ignored                              and those ports get protocol detection",
+                            bad.join(", ")
+                        ),
+                    });
+                }
+                ranges
+            }
+            None => Vec::new(),
+        };
         let workload = Workload {
             uid: pod.uid.clone(),
             name: pod.key.name.clone(),
@@ -94,8 +111,56 @@ pub fn build<'a>(
             } else {
                 TunnelProtocol::None
             } as i32,
+            opaque_ports,
         };
         placed.insert(&pod.key, Arc::new(workload));
     }
     Workloads { placed }
+}
+
+/// Parses a comma-separated list of ports and inclusive ranges
+/// (`"25, 3306,8000-8010"`). Returns the valid ranges and the entries that
+/// are not (empty entries, as in a trailing comma, are ignored).
+pub fn parse_port_ranges(list: &str) -> (Vec<PortRange>, Vec<String>) {
+    let port = |s: &str| s.trim().parse::<u16>().ok().filter(|p| *p != 0);
+    let mut ranges = Vec::new();
+    let mut bad = Vec::new();
+    for entry in list.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let parsed = match entry.split_once('-') {
+            Some((a, b)) => port(a).zip(port(b)).filter(|(a, b)| a <= b),
+            None => port(entry).map(|p| (p, p)),
+        };
+        match parsed {
+            Some((first, last)) => ranges.push(PortRange {
+                first: first.into(),
+                last: last.into(),
+            }),
+            None => bad.push(format!("{entry:?}")),
+        }
+    }
+    (ranges, bad)
+}
+
+#[cfg(test)]
+mod opaque_ports_tests {
+    use super::*;
+
+    fn r(first: u32, last: u32) -> PortRange {
+        PortRange { first, last }
+    }
+
+    #[test]
+    fn ports_and_ranges_parse_and_bad_entries_are_reported() {
+        assert_eq!(
+            parse_port_ranges("3306, 8000-8010,25,"),
+            (vec![r(3306, 3306), r(8000, 8010), r(25, 25)], vec![])
+        );
+        let (ok, bad) = parse_port_ranges("80,http,0,9-3,70000,1-2-3, 443");
+        assert_eq!(ok, vec![r(80, 80), r(443, 443)]);
+        assert_eq!(
+            bad,
+            ["\"http\"", "\"0\"", "\"9-3\"", "\"70000\"", "\"1-2-3\""]
+        );
+        assert_eq!(parse_port_ranges(""), (vec![], vec![]));
+    }
 }

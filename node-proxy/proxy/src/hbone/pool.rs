@@ -99,16 +99,32 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> HbonePool<K> {
         addr: SocketAddr,
         target: SocketAddr,
     ) -> Result<H2Stream, HboneError> {
+        self.open_with(key, addr, target, None).await
+    }
+
+    /// Like [`HbonePool::open`], telling the destination what the stream
+    /// carries ([`super::PROTOCOL_HEADER`]).
+    pub async fn open_with(
+        &self,
+        key: K,
+        addr: SocketAddr,
+        target: SocketAddr,
+        protocol: Option<&'static str>,
+    ) -> Result<H2Stream, HboneError> {
         let conn = match self.inner.lease(&key) {
             Some(conn) => conn,
             None => self.connect(key, addr).await?,
         };
         let lease = Lease(conn.clone());
-        let request = Request::builder()
+        let mut request = Request::builder()
             .method(Method::CONNECT)
-            .uri(target.to_string())
+            .uri(target.to_string());
+        if let Some(protocol) = protocol {
+            request = request.header(super::PROTOCOL_HEADER, protocol);
+        }
+        let request = request
             .body(())
-            .expect("CONNECT to ip:port is a valid request");
+            .expect("CONNECT to ip:port with a token header is a valid request");
         let h2_err = |source| HboneError::H2 {
             addr: conn.addr,
             source,
@@ -228,5 +244,41 @@ async fn reap_idle<K: Hash + Eq>(pool: Weak<Inner<K>>) {
             });
         }
         conns.retain(|_, list| !list.is_empty());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hbone::{HboneRequest, serve_connection};
+
+    #[tokio::test]
+    async fn the_protocol_header_reaches_the_destination_stream() {
+        // One in-memory "TLS connection": the pool's side and a server.
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let client_io = Arc::new(Mutex::new(Some(client_io)));
+        let connector: Connector<&'static str> = Arc::new(move |_key| {
+            let io = client_io.lock().unwrap().take();
+            Box::pin(async move { Ok(Box::new(io.expect("one connection")) as Box<dyn Transport>) })
+        });
+        let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(serve_connection(
+            server_io,
+            move |request: HboneRequest| {
+                let seen = seen_tx.clone();
+                async move {
+                    let stream = request.accept().unwrap();
+                    seen.send(stream.protocol().map(str::to_string)).unwrap();
+                }
+            },
+            std::future::pending(),
+        ));
+        let pool = HbonePool::new(PoolConfig::default(), connector);
+        let addr: SocketAddr = "127.0.0.1:15008".parse().unwrap();
+        let target: SocketAddr = "127.0.0.1:9000".parse().unwrap();
+        let _a = pool.open_with("k", addr, target, Some("h2")).await.unwrap();
+        assert_eq!(seen_rx.recv().await.unwrap().as_deref(), Some("h2"));
+        let _b = pool.open("k", addr, target).await.unwrap();
+        assert_eq!(seen_rx.recv().await.unwrap(), None, "no header: no claim");
     }
 }

@@ -24,6 +24,9 @@ pub const MAX_CONCURRENT_STREAMS: u32 = 100;
 /// One CONNECT stream waiting for the proxy's decision.
 pub struct HboneRequest {
     pub target: SocketAddr,
+    /// What the source proxy says the stream carries
+    /// ([`super::PROTOCOL_HEADER`]), if it said.
+    pub protocol: Option<String>,
     respond: SendResponse<Bytes>,
     body: RecvStream,
 }
@@ -32,7 +35,7 @@ impl HboneRequest {
     /// Answers 200 and returns the stream to splice with the application.
     pub fn accept(mut self) -> Result<H2Stream, h2::Error> {
         let send = self.respond.send_response(Response::new(()), false)?;
-        Ok(H2Stream::new(send, self.body))
+        Ok(H2Stream::new(send, self.body).with_protocol(self.protocol))
     }
 
     /// Answers with an error status and ends the stream.
@@ -95,9 +98,15 @@ where
             let _ = respond.send_response(status(StatusCode::BAD_REQUEST), true);
             continue;
         };
+        let protocol = request
+            .headers()
+            .get(super::PROTOCOL_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         let body = request.into_body();
         tokio::spawn(handle(HboneRequest {
             target,
+            protocol,
             respond,
             body,
         }));

@@ -22,6 +22,8 @@ pub struct H2Stream {
     /// this buffer.
     pending: Bytes,
     eof: bool,
+    /// What the source proxy said the stream carries (server side).
+    protocol: Option<String>,
     /// Released when the stream is dropped (a pool's stream slot).
     _lease: Option<Box<dyn Send + Sync>>,
 }
@@ -33,8 +35,19 @@ impl H2Stream {
             recv,
             pending: Bytes::new(),
             eof: false,
+            protocol: None,
             _lease: None,
         }
+    }
+
+    pub(crate) fn with_protocol(mut self, protocol: Option<String>) -> Self {
+        self.protocol = protocol;
+        self
+    }
+
+    /// The source proxy's [`super::PROTOCOL_HEADER`] for this stream.
+    pub fn protocol(&self) -> Option<&str> {
+        self.protocol.as_deref()
     }
 
     pub(crate) fn with_lease(mut self, lease: Box<dyn Send + Sync>) -> Self {

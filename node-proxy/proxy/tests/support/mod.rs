@@ -25,6 +25,51 @@ pub fn metric(node_ip: Ipv4Addr, metric: &str, labels: &[(&str, &str)]) -> Optio
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
+/// The sum of every series of `metric` whose labels include all of
+/// `labels` (e.g. over the endpoints of a Service); 0 when there is none.
+pub fn metric_sum(node_ip: Ipv4Addr, metric: &str, labels: &[(&str, &str)]) -> f64 {
+    let Some((_, body)) = http_get(SocketAddr::new(node_ip.into(), 15020), "/metrics") else {
+        return f64::NAN;
+    };
+    body.lines()
+        .filter(|l| l.starts_with(&format!("{metric}{{")))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Polls until the sum of `metric`'s matching series reaches `want`.
+pub fn wait_metric_sum(node_ip: Ipv4Addr, name: &str, labels: &[(&str, &str)], want: f64) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut last = f64::NAN;
+    while Instant::now() < deadline {
+        last = metric_sum(node_ip, name, labels);
+        if last == want {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("sum of {name}{labels:?} on {node_ip}: want {want}, last seen {last}");
+}
+
+/// Polls `value` until it equals `want` (values counted as responses end).
+pub fn wait_until_eq(what: &str, want: f64, mut value: impl FnMut() -> f64) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut last = f64::NAN;
+    while Instant::now() < deadline {
+        last = value();
+        if last == want {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{what}: want {want}, last seen {last}");
+}
+
 /// Polls until `metric` reaches `want` (connections are counted as they close).
 pub fn wait_metric(node_ip: Ipv4Addr, name: &str, labels: &[(&str, &str)], want: f64) {
     let deadline = Instant::now() + Duration::from_secs(15);

@@ -1,0 +1,120 @@
+#!/usr/bin/env python3
+"""HTTP/1.1 test server (keep-alive, dual-stack, one thread per connection).
+
+usage: http_server.py PORT NAME
+
+  GET  /hello            200, body "hello from NAME"
+  GET  /status/CODE      that status, body "status CODE from NAME"
+  GET  /delay/MS         200 after sleeping MS milliseconds
+  GET  /chunked/N        200, N chunks "chunk-i\\n" (Transfer-Encoding: chunked)
+  POST /delay/MS         200 after sleeping MS milliseconds (its own method,
+                         so a test can find its latency in its own series)
+  PUT  /echo             200, the request body (Content-Length or chunked)
+  GET  /upgrade          with "Upgrade: weft-echo": 101, then echoes raw bytes
+Every response names the server in the header "x-served-by: NAME".
+"""
+import socket
+import sys
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+NAME = sys.argv[2] if len(sys.argv) > 2 else "server"
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def reply(self, code, body=b""):
+        self.send_response(code)
+        self.send_header("x-served-by", NAME)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def read_body(self):
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            body = b""
+            while True:
+                size = int(self.rfile.readline().strip().split(b";")[0], 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    return body
+                body += self.rfile.read(size)
+                self.rfile.readline()
+        return self.rfile.read(int(self.headers.get("Content-Length", "0")))
+
+    def do_GET(self):
+        parts = self.path.strip("/").split("/")
+        if parts[0] == "hello":
+            self.reply(200, f"hello from {NAME}".encode())
+        elif parts[0] == "status":
+            code = int(parts[1])
+            self.reply(code, f"status {code} from {NAME}".encode())
+        elif parts[0] == "delay":
+            time.sleep(int(parts[1]) / 1000)
+            self.reply(200, f"delayed {parts[1]} ms by {NAME}".encode())
+        elif parts[0] == "chunked":
+            self.send_response(200)
+            self.send_header("x-served-by", NAME)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for i in range(int(parts[1])):
+                chunk = f"chunk-{i}\n".encode()
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                self.wfile.flush()
+            self.wfile.write(b"0\r\n\r\n")
+        elif parts[0] == "upgrade" and self.headers.get("Upgrade") == "weft-echo":
+            self.send_response(101)
+            self.send_header("Connection", "Upgrade")
+            self.send_header("Upgrade", "weft-echo")
+            self.end_headers()
+            self.wfile.flush()
+            while True:
+                data = self.connection.recv(65536)
+                if not data:
+                    break
+                self.connection.sendall(data)
+            self.close_connection = True
+        else:
+            self.reply(404, b"not found")
+
+    def do_POST(self):
+        self.read_body()
+        parts = self.path.strip("/").split("/")
+        if parts[0] == "delay":
+            time.sleep(int(parts[1]) / 1000)
+            self.reply(200, f"delayed {parts[1]} ms by {NAME}".encode())
+        else:
+            self.reply(404, b"not found")
+
+    def do_PUT(self):
+        body = self.read_body()
+        if self.path == "/echo":
+            self.reply(200, body)
+        else:
+            self.reply(404, b"not found")
+
+
+class Server(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+    daemon_threads = True
+
+    def server_bind(self):
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+
+def main():
+    port = int(sys.argv[1])
+    srv = Server(("::", port), Handler)
+    print(f"listening on [::]:{port}", flush=True)
+    srv.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+//! Request-level (L7) proxying of HTTP/1.1, HTTP/2 and gRPC.
+//!
+//! When [`crate::protocol`] detection says a pod's outbound connection
+//! speaks HTTP, the node proxy terminates it with hyper and forwards each
+//! request on its own: routed per request (a Service's endpoints are
+//! balanced per request, not per connection), carried in the client's
+//! protocol over pooled upstream connections (HBONE to enrolled endpoints,
+//! plain otherwise), and measured with the golden metrics.
+//!
+//! - [`outbound`]: serving a pod's HTTP connection, forwarding requests;
+//! - [`inbound`]: delivering an inbound connection to the application,
+//!   request by request when it is HTTP (destination-side metrics);
+//! - [`upstream`]: pooled HTTP client connections per endpoint;
+//! - [`upgrade`]: HTTP/1.1 upgrades spliced after a 101, tracked;
+//! - [`body`]: the response body that records metrics when it ends;
+//! - [`classify`], [`metrics`]: label values and the metric families.
+
+pub mod body;
+pub mod classify;
+pub mod inbound;
+pub mod metrics;
+pub mod outbound;
+pub mod upgrade;
+pub mod upstream;
+
+pub use metrics::RequestMetrics;
+pub use upstream::UpstreamPool;
+
+use std::future::Future;
+use std::pin::Pin;
+
+/// Drives an HTTP server connection; when the proxy starts draining
+/// (SIGTERM), asks it to finish gracefully (`shutdown`: hyper's
+/// `graceful_shutdown`, i.e. GOAWAY for HTTP/2, `Connection: close` after
+/// the request in flight for HTTP/1.1) and waits for that.
+pub(crate) async fn serve_until_drained<C: Future>(
+    conn: C,
+    draining: &tokio::sync::watch::Sender<bool>,
+    shutdown: impl FnOnce(Pin<&mut C>),
+) -> C::Output {
+    let mut draining = draining.subscribe();
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        out = conn.as_mut() => return out,
+        _ = draining.wait_for(|d| *d) => {}
+    }
+    shutdown(conn.as_mut());
+    conn.await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use hyper_util::rt::TokioIo;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn draining_ends_an_idle_keep_alive_connection() {
+        let (mut client, server_io) = tokio::io::duplex(4096);
+        let draining = tokio::sync::watch::Sender::new(false);
+        let service = hyper::service::service_fn(|_req| async {
+            Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
+                Bytes::from_static(b"ok"),
+            )))
+        });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(server_io), service);
+        let server = serve_until_drained(conn, &draining, |c| c.graceful_shutdown());
+        let client = async {
+            client
+                .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .unwrap();
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !seen.ends_with(b"ok") {
+                let n = client.read(&mut buf).await.unwrap();
+                assert!(n > 0, "connection closed before the response");
+                seen.extend_from_slice(&buf[..n]);
+            }
+            // Kept alive until the proxy drains; then closed.
+            draining.send_replace(true);
+            let n = client.read(&mut buf).await.unwrap();
+            assert_eq!(n, 0, "EOF after the drain");
+        };
+        let (served, ()) = tokio::time::timeout(Duration::from_secs(5), async {
+            tokio::join!(server, client)
+        })
+        .await
+        .expect("the connection ended after the drain");
+        served.unwrap();
+    }
+}

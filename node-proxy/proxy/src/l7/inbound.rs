@@ -1,0 +1,357 @@
+//! Delivering an inbound connection (an HBONE stream on 15008, or a
+//! plaintext connection on 15006) to the application, request by request
+//! when it speaks HTTP, so the destination side reports the golden metrics
+//! too (`reporter="destination"`).
+//!
+//! The connection to the application is already open (the caller made it
+//! to decide 200/503 on the tunnel); this module decides how to use it:
+//! - opaque (ports declared so, detection says so): spliced as before;
+//! - HTTP/1.1 or HTTP/2: the inbound stream is served with hyper and every
+//!   request goes to the application over that one connection, in the same
+//!   protocol (HTTP/1.1 requests arrive one after another on a connection;
+//!   HTTP/2 ones are multiplexed on it).
+//!
+//! Bytes are counted on both sides either way, so `weft_tcp_*` on the
+//! destination side keep their meaning for the stream.
+
+use super::body::{ProxyBody, Recorded, Recorder};
+use super::classify::{MethodClass, grpc_status, is_grpc};
+use super::metrics::Peers;
+use super::outbound::error_response;
+use super::upgrade::{Upgrades, wants_upgrade};
+use super::upstream::UpstreamError;
+use crate::hbone::H2Stream;
+use crate::metrics::{Reporter, TcpLabels};
+use crate::pods::{Context, LocalPod};
+use crate::protocol::{self, Prefixed, Protocol};
+use crate::splice::{Transferred, splice_until};
+use bytes::BytesMut;
+use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::client::conn::{http1 as client1, http2 as client2};
+use hyper::server::conn::{http1, http2};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context as TaskContext, Poll};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+/// Carries `inbound` to `app` (a connection to the application at `app`'s
+/// peer address) until both are done, or until `stop` completes (a policy
+/// change revoked the connection: both sides are closed at once, the client
+/// with a reset). Returns what crossed, like [`crate::splice::splice_until`]
+/// (`a_to_b`: from the client).
+pub async fn deliver<S: InboundStream>(
+    mut inbound: S,
+    mut app: TcpStream,
+    labels: &TcpLabels,
+    pod: &Arc<LocalPod>,
+    cx: &Context,
+    stop: impl Future<Output = ()>,
+) -> (Transferred, Option<io::Error>) {
+    let target = match app.peer_addr() {
+        Ok(a) => a,
+        Err(e) => return (Transferred::default(), Some(e)),
+    };
+    // On revocation the client must see a reset, not an orderly end; the
+    // stream itself may be inside hyper by then, so arm it from a handle.
+    let reset = inbound.reset_handle();
+    let stop = async move {
+        stop.await;
+        if let Some(fd) = &reset {
+            let _ = socket2::SockRef::from(fd).set_linger(Some(std::time::Duration::ZERO));
+        }
+    };
+    if cx.mesh.is_none() || local_port_is_opaque(pod, cx, target.port()) {
+        return splice_until(&mut inbound, &mut app, stop).await;
+    }
+    // The source proxy already detected (and said so in the tunnel): trust
+    // it, an authenticated peer; otherwise (plaintext, older proxies) look.
+    let (found, prefix) = match inbound.declared_protocol() {
+        Some(p) => (p, BytesMut::new()),
+        None => {
+            let detected = protocol::detect(&mut inbound, cx.detect_timeout).await;
+            (detected.protocol, detected.prefix)
+        }
+    };
+    // The detection bytes are replayed by the prefix, and counted as they
+    // are read again below.
+    let mut inbound = Prefixed::new(prefix, inbound);
+    match found {
+        Protocol::Opaque => splice_until(&mut inbound, &mut app, stop).await,
+        http => {
+            let from_client = Arc::new(AtomicU64::new(0));
+            let to_client = Arc::new(AtomicU64::new(0));
+            let inbound = Counted::new(inbound, from_client.clone());
+            let app = Counted::new(app, to_client.clone());
+            // Dropping the server connection closes both sides.
+            let err = tokio::select! {
+                err = serve(inbound, app, http, target, Peers::from(labels), cx) => err,
+                () = stop => Some(io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    "closed by the proxy: no longer allowed by policy",
+                )),
+            };
+            let moved = Transferred {
+                a_to_b: from_client.load(Ordering::Relaxed),
+                b_to_a: to_client.load(Ordering::Relaxed),
+            };
+            (moved, err)
+        }
+    }
+}
+
+/// What [`deliver`] needs of an inbound connection besides its bytes.
+pub trait InboundStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// What the peer says the stream carries, before any byte is read.
+    fn declared_protocol(&self) -> Option<Protocol>;
+    /// A second handle on the socket, to make its close a reset (TCP); none
+    /// where dropping the stream unfinished already resets it (HBONE).
+    fn reset_handle(&self) -> Option<std::os::fd::OwnedFd>;
+}
+
+impl InboundStream for TcpStream {
+    /// A plaintext client says nothing.
+    fn declared_protocol(&self) -> Option<Protocol> {
+        None
+    }
+
+    fn reset_handle(&self) -> Option<std::os::fd::OwnedFd> {
+        use std::os::fd::AsFd;
+        self.as_fd().try_clone_to_owned().ok()
+    }
+}
+
+impl InboundStream for H2Stream {
+    fn declared_protocol(&self) -> Option<Protocol> {
+        self.protocol().and_then(Protocol::from_token)
+    }
+
+    /// An unfinished stream that is dropped sends RST_STREAM.
+    fn reset_handle(&self) -> Option<std::os::fd::OwnedFd> {
+        None
+    }
+}
+
+/// Whether the local pod's port skips detection, as on the source side
+/// (plus its Server's `proxyProtocol`).
+fn local_port_is_opaque(pod: &LocalPod, cx: &Context, port: u16) -> bool {
+    match &cx.mesh {
+        Some(mesh) => protocol::opaque::is_local_opaque(
+            &mesh.view.borrow(),
+            &pod.key(),
+            pod.workload_uid.as_deref(),
+            port,
+        ),
+        None => true,
+    }
+}
+
+impl From<&TcpLabels> for Peers {
+    fn from(l: &TcpLabels) -> Self {
+        Peers {
+            source_workload: l.source_workload.clone(),
+            source_namespace: l.source_namespace.clone(),
+            source_principal: l.source_principal.clone(),
+            destination_workload: l.destination_workload.clone(),
+            destination_namespace: l.destination_namespace.clone(),
+            destination_principal: l.destination_principal.clone(),
+            destination_service: l.destination_service.clone(),
+        }
+    }
+}
+
+/// The application connection as hyper's client sees it.
+enum AppSender {
+    Http1(tokio::sync::Mutex<client1::SendRequest<ProxyBody>>),
+    Http2(client2::SendRequest<ProxyBody>),
+}
+
+struct Delivery {
+    app: AppSender,
+    target: SocketAddr,
+    peers: Peers,
+    cx: Context,
+    protocol: Protocol,
+    /// Connections handed over after a 101: delivery lasts until they end
+    /// (and a revocation ends them too: dropping this aborts them).
+    upgrades: Upgrades,
+}
+
+async fn serve<S, A>(
+    inbound: S,
+    app: A,
+    protocol: Protocol,
+    target: SocketAddr,
+    peers: Peers,
+    cx: &Context,
+) -> Option<io::Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    A: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let app = match protocol {
+        Protocol::Http2 => {
+            let (send, conn) = match client2::Builder::new(TokioExecutor::new())
+                .handshake(TokioIo::new(app))
+                .await
+            {
+                Ok(c) => c,
+                Err(e) => return Some(io::Error::other(e)),
+            };
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(%target, error = %e, "application HTTP/2 connection ended");
+                }
+            });
+            AppSender::Http2(send)
+        }
+        _ => {
+            let (send, conn) = match client1::Builder::new()
+                .preserve_header_case(true)
+                .handshake(TokioIo::new(app))
+                .await
+            {
+                Ok(c) => c,
+                Err(e) => return Some(io::Error::other(e)),
+            };
+            tokio::spawn(async move {
+                if let Err(e) = conn.with_upgrades().await {
+                    tracing::debug!(%target, error = %e, "application HTTP/1 connection ended");
+                }
+            });
+            AppSender::Http1(tokio::sync::Mutex::new(send))
+        }
+    };
+    let delivery = Arc::new(Delivery {
+        app,
+        target,
+        peers,
+        cx: cx.clone(),
+        protocol,
+        upgrades: Upgrades::default(),
+    });
+    let serving = delivery.clone();
+    let service = service_fn(move |request| {
+        let delivery = serving.clone();
+        async move { Ok::<_, Infallible>(delivery.forward(request).await) }
+    });
+    let io = TokioIo::new(inbound);
+    let result = match protocol {
+        Protocol::Http2 => {
+            let conn = http2::Builder::new(TokioExecutor::new()).serve_connection(io, service);
+            super::serve_until_drained(conn, &cx.draining, |c| c.graceful_shutdown()).await
+        }
+        _ => {
+            let conn = http1::Builder::new()
+                .preserve_header_case(true)
+                .serve_connection(io, service)
+                .with_upgrades();
+            super::serve_until_drained(conn, &cx.draining, |c| c.graceful_shutdown()).await
+        }
+    };
+    delivery.upgrades.finish().await;
+    result.err().map(io::Error::other)
+}
+
+impl Delivery {
+    async fn forward(&self, mut request: Request<Incoming>) -> Response<ProxyBody> {
+        let started = Instant::now();
+        let method = MethodClass::of(request.method());
+        let grpc = is_grpc(request.headers());
+        let target = self.target;
+        let client_upgrade = (self.protocol == Protocol::Http1 && wants_upgrade(&request))
+            .then(|| hyper::upgrade::on(&mut request));
+        let request = request.map(|b| b.boxed());
+        let result = match &self.app {
+            AppSender::Http2(send) => send.clone().send_request(request).await,
+            AppSender::Http1(send) => {
+                let mut send = send.lock().await;
+                match send.ready().await {
+                    Ok(()) => send.send_request(request).await,
+                    Err(e) => Err(e),
+                }
+            }
+        };
+        let response = match result {
+            Ok(mut response) => {
+                if let Some(client_upgrade) = client_upgrade
+                    && response.status() == StatusCode::SWITCHING_PROTOCOLS
+                {
+                    let app_upgrade = hyper::upgrade::on(&mut response);
+                    self.upgrades.spawn(client_upgrade, app_upgrade, target);
+                }
+                response.map(|b| b.boxed())
+            }
+            Err(source) => {
+                let e = UpstreamError::Request { target, source };
+                tracing::info!(target: "access", direction = "inbound", dst = %target, error = %e, "request failed");
+                error_response(&e, grpc)
+            }
+        };
+        let recorder = Recorder {
+            metrics: self.cx.request_metrics.clone(),
+            reporter: Reporter::Destination,
+            peers: self.peers.clone(),
+            method,
+            started,
+            grpc,
+            status: response.status().as_u16(),
+            header_grpc_status: grpc_status(response.headers()),
+        };
+        response.map(|b| Recorded::new(b, recorder).boxed())
+    }
+}
+
+/// Owns a stream and counts the bytes read from it into a shared counter.
+struct Counted<T> {
+    inner: T,
+    read: Arc<AtomicU64>,
+}
+
+impl<T> Counted<T> {
+    fn new(inner: T, read: Arc<AtomicU64>) -> Self {
+        Self { inner, read }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = &poll {
+            self.read
+                .fetch_add((buf.filled().len() - before) as u64, Ordering::Relaxed);
+        }
+        poll
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

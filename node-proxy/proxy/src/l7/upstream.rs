@@ -1,0 +1,470 @@
+//! HTTP client connections to endpoints, reused across requests.
+//!
+//! Requests leave in the protocol the client used (HTTP/1.1 stays HTTP/1.1,
+//! HTTP/2 and gRPC stay HTTP/2), each over its own transport: an HBONE
+//! stream for an enrolled endpoint, a plain TCP connection from the pod's
+//! namespace otherwise. The pool is keyed by (source pod, endpoint,
+//! protocol, tunnel): connections leave from the source pod's address and
+//! present its identity, so two pods never share one.
+//!
+//! - HTTP/2: one connection per key, multiplexing every request.
+//! - HTTP/1.1: a stack of idle keep-alive connections per key (bounded); a
+//!   connection is put back after the response headers arrive and is taken
+//!   again only once hyper says it is ready (its previous response body
+//!   finished). A request that finds its pooled connection closed under it
+//!   (the server timed out the idle connection at that very moment) is
+//!   retried once on a new connection: hyper hands back a request it did
+//!   not start to send, so nothing is sent twice.
+//!
+//! A reaper drops connections idle for [`IDLE_TIMEOUT`], which also frees
+//! their HBONE stream slots.
+
+use super::body::ProxyBody;
+use crate::outbound::{ConnectError, Upstream};
+use crate::protocol::Protocol;
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// How long an unused upstream connection is kept.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Idle HTTP/1.1 connections kept per key: enough for a burst's worth of
+/// concurrency to be reused, bounded so one burst does not pin hundreds of
+/// connections (and HBONE streams).
+const MAX_IDLE_HTTP1: usize = 32;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct UpstreamKey {
+    /// The source pod's uid.
+    pub pod: String,
+    pub target: SocketAddr,
+    pub protocol: Protocol,
+    /// Through an HBONE tunnel (true) or plain.
+    pub mtls: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("HTTP handshake with {target} failed: {source}")]
+    Handshake {
+        target: SocketAddr,
+        source: hyper::Error,
+    },
+    #[error("request to {target} failed: {source}")]
+    Request {
+        target: SocketAddr,
+        source: hyper::Error,
+    },
+}
+
+impl UpstreamError {
+    /// Nothing reached the endpoint (it may be dead): the balancer should
+    /// back it off. A failed request on a working connection is not that.
+    pub fn is_connect(&self) -> bool {
+        !self.is_forbidden()
+            && matches!(
+                self,
+                UpstreamError::Connect(_) | UpstreamError::Handshake { .. }
+            )
+    }
+
+    /// The destination proxy refused the tunnel with 403: its inbound
+    /// policy does not allow this client. Not the endpoint's failure.
+    pub fn is_forbidden(&self) -> bool {
+        matches!(
+            self,
+            UpstreamError::Connect(ConnectError::Hbone(crate::hbone::HboneError::Refused {
+                status: http::StatusCode::FORBIDDEN,
+                ..
+            }))
+        )
+    }
+}
+
+struct IdleH1 {
+    send: http1::SendRequest<ProxyBody>,
+    since: Instant,
+}
+
+struct SharedH2 {
+    send: http2::SendRequest<ProxyBody>,
+    last_used: Instant,
+}
+
+#[derive(Default)]
+struct Inner {
+    h1: Mutex<HashMap<UpstreamKey, Vec<IdleH1>>>,
+    h2: Mutex<HashMap<UpstreamKey, SharedH2>>,
+    /// One HTTP/2 connection attempt per key at a time: a burst of gRPC
+    /// calls to a cold endpoint shares one connection.
+    h2_connecting: Mutex<HashMap<UpstreamKey, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+#[derive(Clone)]
+pub struct UpstreamPool {
+    inner: Arc<Inner>,
+}
+
+impl Default for UpstreamPool {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl UpstreamPool {
+    /// Creates the pool and its idle reaper (needs a Tokio runtime).
+    pub fn new() -> Self {
+        let inner = Arc::new(Inner::default());
+        tokio::spawn(reap_idle(Arc::downgrade(&inner)));
+        Self { inner }
+    }
+
+    /// Sends `request` to the endpoint of `key`, reusing a pooled
+    /// connection or making one with `connect`. `reusable`: false for a
+    /// request that takes the connection over (an HTTP/1 upgrade).
+    pub async fn send<C, F>(
+        &self,
+        key: &UpstreamKey,
+        connect: C,
+        request: Request<ProxyBody>,
+        reusable: bool,
+    ) -> Result<Response<Incoming>, UpstreamError>
+    where
+        C: Fn() -> F,
+        F: Future<Output = Result<Upstream, ConnectError>>,
+    {
+        match key.protocol {
+            Protocol::Http2 => self.send_h2(key, connect, request).await,
+            _ => self.send_h1(key, connect, request, reusable).await,
+        }
+    }
+
+    async fn send_h1<C, F>(
+        &self,
+        key: &UpstreamKey,
+        connect: C,
+        request: Request<ProxyBody>,
+        reusable: bool,
+    ) -> Result<Response<Incoming>, UpstreamError>
+    where
+        C: Fn() -> F,
+        F: Future<Output = Result<Upstream, ConnectError>>,
+    {
+        let target = key.target;
+        let mut request = request;
+        if let Some(mut send) = self.checkout_h1(key) {
+            match send.try_send_request(request).await {
+                Ok(response) => {
+                    if reusable {
+                        self.checkin_h1(key, send);
+                    }
+                    return Ok(response);
+                }
+                Err(mut e) => match e.take_message() {
+                    // Not sent at all: the connection was gone. Try a new one.
+                    Some(unsent) => request = unsent,
+                    None => {
+                        return Err(UpstreamError::Request {
+                            target,
+                            source: e.into_error(),
+                        });
+                    }
+                },
+            }
+        }
+        let io = connect().await?;
+        let (mut send, conn) = http1::Builder::new()
+            .preserve_header_case(true)
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(|source| UpstreamError::Handshake { target, source })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(%target, error = %e, "upstream HTTP/1 connection ended");
+            }
+        });
+        let response = send
+            .send_request(request)
+            .await
+            .map_err(|source| UpstreamError::Request { target, source })?;
+        if reusable {
+            self.checkin_h1(key, send);
+        }
+        Ok(response)
+    }
+
+    fn checkout_h1(&self, key: &UpstreamKey) -> Option<http1::SendRequest<ProxyBody>> {
+        let mut idle = self.inner.h1.lock().expect("pool lock");
+        let list = idle.get_mut(key)?;
+        list.retain(|c| !c.send.is_closed());
+        // Most recently returned first: the warmest connection, and the one
+        // least likely to have been timed out by the server.
+        let i = list.iter().rposition(|c| c.send.is_ready())?;
+        Some(list.remove(i).send)
+    }
+
+    fn checkin_h1(&self, key: &UpstreamKey, send: http1::SendRequest<ProxyBody>) {
+        let mut idle = self.inner.h1.lock().expect("pool lock");
+        let list = idle.entry(key.clone()).or_default();
+        if list.len() < MAX_IDLE_HTTP1 {
+            list.push(IdleH1 {
+                send,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    async fn send_h2<C, F>(
+        &self,
+        key: &UpstreamKey,
+        connect: C,
+        request: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, UpstreamError>
+    where
+        C: Fn() -> F,
+        F: Future<Output = Result<Upstream, ConnectError>>,
+    {
+        let target = key.target;
+        let mut send = match self.shared_h2(key) {
+            Some(send) => send,
+            None => self.connect_h2(key, &connect).await?,
+        };
+        let request = match send.try_send_request(request).await {
+            Ok(response) => return Ok(response),
+            Err(mut e) => match e.take_message() {
+                Some(unsent) => unsent,
+                None => {
+                    return Err(UpstreamError::Request {
+                        target,
+                        source: e.into_error(),
+                    });
+                }
+            },
+        };
+        // The shared connection closed before taking the request: once
+        // more on a fresh one.
+        self.inner.h2.lock().expect("pool lock").remove(key);
+        let mut send = self.connect_h2(key, &connect).await?;
+        send.send_request(request)
+            .await
+            .map_err(|source| UpstreamError::Request { target, source })
+    }
+
+    fn shared_h2(&self, key: &UpstreamKey) -> Option<http2::SendRequest<ProxyBody>> {
+        let mut shared = self.inner.h2.lock().expect("pool lock");
+        let entry = shared.get_mut(key)?;
+        if entry.send.is_closed() {
+            shared.remove(key);
+            return None;
+        }
+        entry.last_used = Instant::now();
+        Some(entry.send.clone())
+    }
+
+    async fn connect_h2<C, F>(
+        &self,
+        key: &UpstreamKey,
+        connect: &C,
+    ) -> Result<http2::SendRequest<ProxyBody>, UpstreamError>
+    where
+        C: Fn() -> F,
+        F: Future<Output = Result<Upstream, ConnectError>>,
+    {
+        let gate = self
+            .inner
+            .h2_connecting
+            .lock()
+            .expect("pool lock")
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let _one_at_a_time = gate.lock().await;
+        if let Some(send) = self.shared_h2(key) {
+            return Ok(send);
+        }
+        let target = key.target;
+        let io = connect().await?;
+        let (send, conn) = http2::Builder::new(TokioExecutor::new())
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(|source| UpstreamError::Handshake { target, source })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%target, error = %e, "upstream HTTP/2 connection ended");
+            }
+        });
+        self.inner.h2.lock().expect("pool lock").insert(
+            key.clone(),
+            SharedH2 {
+                send: send.clone(),
+                last_used: Instant::now(),
+            },
+        );
+        Ok(send)
+    }
+
+    /// Pooled connections (idle HTTP/1.1 ones and shared HTTP/2 ones).
+    pub fn connections(&self) -> usize {
+        let h1: usize = self
+            .inner
+            .h1
+            .lock()
+            .expect("pool lock")
+            .values()
+            .map(Vec::len)
+            .sum();
+        h1 + self.inner.h2.lock().expect("pool lock").len()
+    }
+}
+
+async fn reap_idle(pool: Weak<Inner>) {
+    let period = IDLE_TIMEOUT / 3;
+    loop {
+        tokio::time::sleep(period).await;
+        let Some(pool) = pool.upgrade() else { return };
+        let now = Instant::now();
+        {
+            let mut idle = pool.h1.lock().expect("pool lock");
+            for list in idle.values_mut() {
+                list.retain(|c| !c.send.is_closed() && now.duration_since(c.since) < IDLE_TIMEOUT);
+            }
+            idle.retain(|_, list| !list.is_empty());
+        }
+        // Dropping the pool's handle to an HTTP/2 connection closes it once
+        // the requests still running on it (holding clones) finish.
+        pool.h2
+            .lock()
+            .expect("pool lock")
+            .retain(|_, c| !c.send.is_closed() && now.duration_since(c.last_used) < IDLE_TIMEOUT);
+        pool.h2_connecting
+            .lock()
+            .expect("pool lock")
+            .retain(|_, gate| Arc::strong_count(gate) > 1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Empty};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// A loopback HTTP server (HTTP/1.1 or h2c) that counts its connections;
+    /// `keep_alive: false` closes each HTTP/1.1 connection after a response.
+    async fn server(protocol: Protocol, keep_alive: bool) -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, Ordering::SeqCst);
+                let service = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
+                        Bytes::from_static(b"ok"),
+                    )))
+                });
+                let io = TokioIo::new(tcp);
+                tokio::spawn(async move {
+                    let _ = match protocol {
+                        Protocol::Http2 => {
+                            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                                .serve_connection(io, service)
+                                .await
+                        }
+                        _ => {
+                            hyper::server::conn::http1::Builder::new()
+                                .keep_alive(keep_alive)
+                                .serve_connection(io, service)
+                                .await
+                        }
+                    };
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    fn key(target: SocketAddr, protocol: Protocol) -> UpstreamKey {
+        UpstreamKey {
+            pod: "uid".into(),
+            target,
+            protocol,
+            mtls: false,
+        }
+    }
+
+    fn request(target: SocketAddr) -> Request<ProxyBody> {
+        Request::builder()
+            .uri(format!("http://{target}/"))
+            .body(Empty::<Bytes>::new().map_err(|n| match n {}).boxed())
+            .unwrap()
+    }
+
+    async fn get(pool: &UpstreamPool, k: &UpstreamKey) -> Bytes {
+        let target = k.target;
+        let connect = move || async move {
+            TcpStream::connect(target)
+                .await
+                .map(Upstream::Plain)
+                .map_err(|source| ConnectError::Tcp { target, source })
+        };
+        let response = pool.send(k, connect, request(target), true).await.unwrap();
+        response.into_body().collect().await.unwrap().to_bytes()
+    }
+
+    #[tokio::test]
+    async fn sequential_http1_requests_reuse_one_keep_alive_connection() {
+        let (addr, accepted) = server(Protocol::Http1, true).await;
+        let pool = UpstreamPool::new();
+        let k = key(addr, Protocol::Http1);
+        for _ in 0..5 {
+            assert_eq!(get(&pool, &k).await, "ok");
+            // hyper marks the connection ready again once its dispatcher
+            // task has seen the end of the body; give it its turns (the
+            // test runtime is single-threaded: this is deterministic).
+            for _ in 0..3 {
+                tokio::task::yield_now().await;
+            }
+        }
+        assert!(
+            accepted.load(Ordering::SeqCst) == 1,
+            "{} connections for 5 sequential requests",
+            accepted.load(Ordering::SeqCst)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_server_closed_is_replaced_without_failing_a_request() {
+        let (addr, accepted) = server(Protocol::Http1, false).await;
+        let pool = UpstreamPool::new();
+        let k = key(addr, Protocol::Http1);
+        for _ in 0..5 {
+            assert_eq!(get(&pool, &k).await, "ok");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 5);
+    }
+
+    #[tokio::test]
+    async fn concurrent_http2_requests_share_one_connection() {
+        let (addr, accepted) = server(Protocol::Http2, true).await;
+        let pool = UpstreamPool::new();
+        let k = key(addr, Protocol::Http2);
+        let all = futures::future::join_all((0..10).map(|_| get(&pool, &k))).await;
+        assert!(all.iter().all(|b| b == "ok"));
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(pool.connections(), 1);
+    }
+}
