@@ -9,6 +9,8 @@ use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
 use std::fs::{File, OpenOptions};
 use std::path::Path;
 
+const SYS_FS_BPF: &str = "/sys/fs/bpf";
+
 /// Makes `pin_dir` exist on a bpffs, mounting bpffs on its parent if needed.
 pub fn ensure_pin_dir(pin_dir: &Path) -> Result<(), Error> {
     let parent = pin_dir.parent().unwrap_or(Path::new("/"));
@@ -24,8 +26,20 @@ pub fn ensure_pin_dir(pin_dir: &Path) -> Result<(), Error> {
                 source,
             })?;
         } else {
-            mount_bpffs(parent).map_err(|source| Error::Bpffs {
+            // The conventional mount point when the pins live under it (a
+            // fresh boot without bpffs: nested directories cannot be
+            // created in the sysfs directory underneath), else the parent.
+            let mount_point = if parent.starts_with(SYS_FS_BPF) {
+                Path::new(SYS_FS_BPF)
+            } else {
+                parent
+            };
+            mount_bpffs(mount_point).map_err(|source| Error::Bpffs {
                 path: pin_dir.into(),
+                source,
+            })?;
+            std::fs::create_dir_all(parent).map_err(|source| Error::Pin {
+                path: parent.into(),
                 source,
             })?;
         }

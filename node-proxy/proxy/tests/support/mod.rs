@@ -60,3 +60,6 @@ pub fn echo_through(
     assert_eq!(r["match"], true, "{pod} -> {host}:{port}: {r}");
     r
 }
+
+pub mod mesh_cluster;
+pub mod stream;
