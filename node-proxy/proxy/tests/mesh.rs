@@ -4,44 +4,11 @@
 
 mod support;
 
-use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
+use support::mesh_cluster::MeshCluster;
 use support::{echo_through, http_get, metric, wait_metric};
-use weft_sim::TestCluster;
-use weft_sim::mesh::{Mesh, MeshBinaries};
-
-/// The mesh programs: the node proxy Cargo built for this test, the control
-/// plane next to it. A workspace build (`cargo nextest run --workspace`,
-/// `cargo build --bins`) has them; a run of this package alone builds them.
-fn binaries() -> MeshBinaries {
-    let proxy = Path::new(env!("CARGO_BIN_EXE_weft-node-proxy"));
-    let dir = proxy.parent().unwrap();
-    if let Ok(b) = MeshBinaries::in_dir(dir) {
-        return b;
-    }
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let target_dir = dir.parent().unwrap();
-    let status = Command::new(cargo)
-        .current_dir(&workspace)
-        .args([
-            "build",
-            "-p",
-            "weft-identity",
-            "-p",
-            "weft-destination",
-            "--bins",
-        ])
-        .arg("--target-dir")
-        .arg(target_dir)
-        .status()
-        .expect("running cargo build for the control plane binaries");
-    assert!(status.success(), "cargo build --bins failed");
-    MeshBinaries::in_dir(dir).expect("control plane binaries after cargo build")
-}
 
 const CLIENT: &str = "spiffe://cluster.local/ns/demo/sa/client";
 const ECHO: &str = "spiffe://cluster.local/ns/demo/sa/echo";
@@ -104,50 +71,11 @@ metadata: {name: echo, namespace: demo}
 spec: {selector: {app: echo}, ports: [{port: 80, targetPort: 9000}]}
 "#;
 
-/// Brings the cluster and the mesh up; the guard tears both down.
-struct MeshCluster {
-    cluster: Option<TestCluster>,
-    mesh: Arc<Mesh>,
-}
-
-impl MeshCluster {
-    fn up(extra: &[(&str, &str)]) -> Self {
-        let mesh = Arc::new(Mesh::new(binaries()));
-        let mut files = vec![("c.yaml", CLUSTER)];
-        files.extend_from_slice(extra);
-        let cluster = TestCluster::up_with(&files, |o| o.node_agents = Some(mesh.clone()))
-            .expect("cluster with the mesh");
-        Self {
-            cluster: Some(cluster),
-            mesh,
-        }
-    }
-
-    fn cluster(&self) -> &TestCluster {
-        self.cluster.as_ref().unwrap()
-    }
-
-    fn node_ip(&self, node: &str) -> Ipv4Addr {
-        self.cluster().state().node(node).unwrap().ip
-    }
-
-    /// Tears down and checks nothing is left behind.
-    fn down(mut self) {
-        let state = self.cluster().state().clone();
-        drop(self.cluster.take());
-        self.mesh.reap();
-        assert_eq!(
-            weft_sim::testing::leftovers(&state.name, Some(state.slot)),
-            Vec::<String>::new()
-        );
-    }
-}
-
-impl Drop for MeshCluster {
-    fn drop(&mut self) {
-        drop(self.cluster.take());
-        self.mesh.reap();
-    }
+/// The cluster above with the mesh, plus `extra` files.
+fn up(extra: &[(&str, &str)]) -> MeshCluster {
+    let mut files = vec![("c.yaml", CLUSTER)];
+    files.extend_from_slice(extra);
+    MeshCluster::up(&files, |_| {})
 }
 
 /// tcpdump on the fabric bridge, inside the fabric namespace.
@@ -261,7 +189,7 @@ const VISIBLE: &str = "WEFT-OUTSIDE-THE-MESH-PAYLOAD";
 
 #[test]
 fn enrolled_pods_talk_over_mutual_tls_with_their_own_identities() {
-    let mc = MeshCluster::up(&[]);
+    let mc = up(&[]);
     let cluster = mc.cluster();
     let state = cluster.state().clone();
     let echo_ip = cluster.pod("demo/echo").ip.to_string();
@@ -417,7 +345,7 @@ except (ssl.SSLError, OSError) as e:
 #[test]
 fn mesh_boundaries_and_foreign_certificates() {
     let (cert, key) = foreign_client_certificate();
-    let mc = MeshCluster::up(&[
+    let mc = up(&[
         ("tls_probe.py", TLS_PROBE),
         ("foreign.crt", &cert),
         ("foreign.key", &key),
@@ -522,7 +450,7 @@ fn mesh_boundaries_and_foreign_certificates() {
 
     // The config dump of node B shows the echo pod with its identity and a
     // certificate for it.
-    let dump = config_dump(&mc, "node-b");
+    let dump = mc.config_dump("node-b");
     let pods = dump["pods"].as_array().unwrap();
     assert!(
         pods.iter()
@@ -551,49 +479,14 @@ fn mesh_boundaries_and_foreign_certificates() {
     mc.down();
 }
 
-/// `/config_dump` is on 127.0.0.1:15000 inside the node's namespace.
-fn config_dump(mc: &MeshCluster, node: &str) -> serde_json::Value {
-    let state = mc.cluster().state();
-    let node = state.node(node).unwrap();
-    let out = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &node.netns,
-            "curl",
-            "-s",
-            "--max-time",
-            "5",
-            "http://127.0.0.1:15000/config_dump",
-        ])
-        .output()
-        .unwrap();
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("config_dump: {e}: {}", String::from_utf8_lossy(&out.stdout)))
-}
-
-/// Whether `node`'s proxy currently captures pod `name`.
-fn captures(mc: &MeshCluster, node: &str, name: &str) -> bool {
-    config_dump(mc, node)["pods"]
-        .as_array()
-        .is_some_and(|pods| pods.iter().any(|p| p["name"] == name))
-}
-
-fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+fn wait_until(what: &str, done: impl FnMut() -> bool) {
     // Generous: CI runs many clusters in parallel on two cores.
-    let deadline = Instant::now() + Duration::from_secs(45);
-    while Instant::now() < deadline {
-        if done() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("{what}: not within 45s");
+    support::mesh_cluster::wait_until(what, Duration::from_secs(45), done)
 }
 
 #[test]
 fn editing_the_namespace_label_moves_running_pods_in_and_out_of_the_mesh() {
-    let mc = MeshCluster::up(&[]);
+    let mc = up(&[]);
     let cluster = mc.cluster();
     let echo_ip = cluster.pod("demo/echo").ip.to_string();
     let node_b = mc.node_ip("node-b");
@@ -614,7 +507,7 @@ fn editing_the_namespace_label_moves_running_pods_in_and_out_of_the_mesh() {
     assert!(enrolled.contains(label));
     std::fs::write(&manifest, enrolled.replace(label, "metadata: {name: demo}")).unwrap();
     wait_until("node proxies release the demo pods", || {
-        !captures(&mc, "node-a", "client") && !captures(&mc, "node-b", "echo")
+        !mc.captures("node-a", "client") && !mc.captures("node-b", "echo")
     });
     echo_through(cluster, "demo/client", &echo_ip, 9000, 1 << 20, None);
     assert_eq!(
@@ -638,8 +531,8 @@ fn editing_the_namespace_label_moves_running_pods_in_and_out_of_the_mesh() {
     // Put it back: the same running pods are captured again, with mTLS.
     std::fs::write(&manifest, &enrolled).unwrap();
     wait_until("node proxies capture the demo pods again", || {
-        captures(&mc, "node-a", "client")
-            && captures(&mc, "node-b", "echo")
+        mc.captures("node-a", "client")
+            && mc.captures("node-b", "echo")
             && [mc.node_ip("node-a"), node_b].iter().all(|ip| {
                 http_get(std::net::SocketAddr::new((*ip).into(), 15021), "/ready")
                     .is_some_and(|r| r.0 == 200)
@@ -706,7 +599,7 @@ impl Drop for Prometheus {
 
 #[test]
 fn prometheus_scrapes_every_node_proxy_and_promtool_accepts_the_metrics() {
-    let mc = MeshCluster::up(&[]);
+    let mc = up(&[]);
     let cluster = mc.cluster();
     let echo_ip = cluster.pod("demo/echo").ip.to_string();
     echo_through(cluster, "demo/client", &echo_ip, 9000, 1 << 20, None);
