@@ -29,9 +29,13 @@ pub fn server(port: u16) -> ! {
         .build()
         .expect("tokio runtime");
     rt.block_on(async move {
-        let listener = TcpListener::bind(("0.0.0.0", port))
-            .await
-            .unwrap_or_else(|e| panic!("http-server: cannot listen on port {port}: {e}"));
+        let listener = match TcpListener::bind(("0.0.0.0", port)).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("http-server: cannot listen on port {port}: {e}");
+                std::process::exit(1)
+            }
+        };
         println!("listening on 0.0.0.0:{port}");
         loop {
             let Ok((stream, _)) = listener.accept().await else {
@@ -128,11 +132,17 @@ async fn run_load(target: String, rate: f64, seconds: f64, connections: usize) -
     }
     drop(done_tx);
     let start = Instant::now() + Duration::from_millis(50);
-    tokio::spawn(async move {
+    // The schedule runs on a thread of its own: tokio's timer has a 1 ms
+    // resolution, and every request released late would carry that
+    // lateness in its latency (measured from the due time).
+    let schedule_start = start.into_std();
+    std::thread::spawn(move || {
         for i in 0..total {
-            let due = start + period * i as u32;
-            tokio::time::sleep_until(due).await;
-            if due_tx.send(due).is_err() {
+            let due = schedule_start + period * i as u32;
+            if let Some(wait) = due.checked_duration_since(std::time::Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            if due_tx.send(Instant::from_std(due)).is_err() {
                 return;
             }
         }
