@@ -26,15 +26,7 @@ pub fn ensure_pin_dir(pin_dir: &Path) -> Result<(), Error> {
                 source,
             })?;
         } else {
-            // The conventional mount point when the pins live under it (a
-            // fresh boot without bpffs: nested directories cannot be
-            // created in the sysfs directory underneath), else the parent.
-            let mount_point = if parent.starts_with(SYS_FS_BPF) {
-                Path::new(SYS_FS_BPF)
-            } else {
-                parent
-            };
-            mount_bpffs(mount_point).map_err(|source| Error::Bpffs {
+            mount_bpffs(mount_point(parent)).map_err(|source| Error::Bpffs {
                 path: pin_dir.into(),
                 source,
             })?;
@@ -53,6 +45,18 @@ pub fn ensure_pin_dir(pin_dir: &Path) -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+/// Where to mount bpffs for pins under `parent`: the conventional
+/// `/sys/fs/bpf` when they live under it (after a boot without bpffs, the
+/// nested directories of a simulated node cannot be created in the sysfs
+/// directory underneath), else `parent` itself.
+fn mount_point(parent: &Path) -> &Path {
+    if parent.starts_with(SYS_FS_BPF) {
+        Path::new(SYS_FS_BPF)
+    } else {
+        parent
+    }
 }
 
 pub fn is_bpffs(path: &Path) -> bool {
@@ -102,5 +106,19 @@ impl Drop for Locked {
         use std::os::fd::AsRawFd;
         // SAFETY: as above; closing the file would release it too.
         unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pins_under_sys_fs_bpf_mount_it_there_others_mount_their_parent() {
+        for parent in ["/sys/fs/bpf", "/sys/fs/bpf/weft-sim/c1/node-a"] {
+            assert_eq!(mount_point(Path::new(parent)), Path::new("/sys/fs/bpf"));
+        }
+        let other = Path::new("/run/weft-test/bpf");
+        assert_eq!(mount_point(other), other);
     }
 }
