@@ -262,8 +262,8 @@ impl Mesh {
         let p = processes
             .get(component)
             .ok_or_else(|| MeshError::NotStarted(component.clone()))?;
-        // Checked under the exit lock: the reaper has not collected the
-        // process, so its pid cannot have been reused.
+        // Checked under the exit lock: the reaper only reaps while holding
+        // it, so the pid is still this child's.
         let exited = p.exit.status.lock().expect("exit lock");
         if exited.is_none() {
             // SAFETY: kill(2) on a child of ours that has not been reaped.
@@ -568,8 +568,27 @@ impl Mesh {
 
     fn adopt(&self, mut child: Child, exit: Arc<Exit>) {
         let reaper = std::thread::spawn(move || {
-            let status = child.wait().ok();
-            *exit.status.lock().expect("exit lock") = status;
+            // Wait for the exit without reaping, then reap under the exit
+            // lock: while `terminate` holds that lock and sees no status,
+            // the pid is still this child's (a reaped pid may be reused).
+            let pid = child.id() as libc::id_t;
+            loop {
+                // SAFETY: a zeroed siginfo_t is valid (plain data); waitid
+                // writes only into it.
+                let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+                // SAFETY: as above; `pid` is our unreaped child.
+                let rc = unsafe {
+                    libc::waitid(libc::P_PID, pid, &mut info, libc::WEXITED | libc::WNOWAIT)
+                };
+                if rc == 0
+                    || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted
+                {
+                    break;
+                }
+            }
+            let mut status = exit.status.lock().expect("exit lock");
+            *status = child.wait().ok();
+            drop(status);
             exit.changed.notify_all();
         });
         self.children.lock().expect("mesh lock").push(reaper);
