@@ -81,9 +81,11 @@ impl Stream {
 
     /// The client's next output line (waits at most 20 s).
     pub fn next_line(&mut self) -> String {
-        self.lines
-            .recv_timeout(Duration::from_secs(20))
-            .unwrap_or_else(|_| "(no answer within 20s)".into())
+        match self.lines.recv_timeout(Duration::from_secs(20)) {
+            Ok(line) => line,
+            Err(mpsc::RecvTimeoutError::Timeout) => "(no answer within 20s)".into(),
+            Err(mpsc::RecvTimeoutError::Disconnected) => "(the client has exited)".into(),
+        }
     }
 
     /// Sends `line` over the connection; returns what the client printed:
