@@ -17,11 +17,12 @@ use crate::cluster::NodeAgents;
 use crate::state::State;
 use crate::sys::{self, CgroupHandle};
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 pub const IDENTITY_PORT: u16 = 15012;
@@ -46,6 +47,14 @@ pub enum MeshError {
     Sys(#[from] sys::SysError),
     #[error("creating the destination service's TLS certificate: {0}")]
     Certificate(String),
+    #[error("{0} was not started by this mesh (is the mesh up?)")]
+    NotStarted(Component),
+    #[error("{0} can only be stopped, not restarted, through the mesh (restart the cluster)")]
+    NotRestartable(Component),
+    #[error("{component} is still running; stop it before restarting it")]
+    StillRunning { component: Component },
+    #[error("{component} did not exit within {seconds}s of SIGTERM")]
+    DidNotExit { component: Component, seconds: u64 },
     #[error("{component} did not become ready within {seconds}s: {problem}; log {log}:\n{tail}")]
     NotReady {
         component: String,
@@ -144,6 +153,70 @@ impl MeshState {
     }
 }
 
+/// One process the mesh runs.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Component {
+    Identity,
+    Destination,
+    /// The node proxy of the named node.
+    NodeProxy(String),
+}
+
+impl std::fmt::Display for Component {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Identity => f.write_str("weft-identity"),
+            Self::Destination => f.write_str("weft-destination"),
+            Self::NodeProxy(node) => write!(f, "the node proxy of {node}"),
+        }
+    }
+}
+
+/// How a control plane process was started, to start it again the same way.
+#[derive(Clone, Debug)]
+struct Launch {
+    cgroup: PathBuf,
+    program: PathBuf,
+    args: Vec<String>,
+    log: PathBuf,
+    /// When it serves (checked after a restart).
+    ready: Readiness,
+}
+
+#[derive(Clone, Debug)]
+enum Readiness {
+    /// A line starting with `ready ` appears in the log.
+    LogLine,
+    /// `GET /ready` answers 200.
+    Http(SocketAddr),
+}
+
+/// The exit status of a process, set by its reaper thread.
+#[derive(Debug, Default)]
+struct Exit {
+    status: Mutex<Option<ExitStatus>>,
+    changed: Condvar,
+}
+
+impl Exit {
+    fn wait(&self, timeout: Duration) -> Option<ExitStatus> {
+        let guard = self.status.lock().expect("exit lock");
+        let (guard, _) = self
+            .changed
+            .wait_timeout_while(guard, timeout, |s| s.is_none())
+            .expect("exit lock");
+        *guard
+    }
+}
+
+#[derive(Debug)]
+struct Process {
+    pid: u32,
+    exit: Arc<Exit>,
+    /// `None` for node proxies (they are started with the node's namespace).
+    launch: Option<Launch>,
+}
+
 /// Starts the control plane and the node proxies when the simulator asks
 /// (`Options::node_agents`). Keeps the children to reap them; `down` stops
 /// them (they live in the cluster's cgroups).
@@ -152,9 +225,13 @@ pub struct Mesh {
     binaries: MeshBinaries,
     /// Extra flags for every node proxy (e.g. `--log-json`).
     pub proxy_args: Vec<String>,
+    /// The node proxies' `--drain-seconds` (short by default: `down` waits
+    /// for them).
+    pub drain_seconds: u64,
     /// One thread per child waits for it, so a process `down` killed is
     /// reaped at once (an unreaped one pins its cgroup).
     children: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    processes: Mutex<HashMap<Component, Process>>,
     state: Mutex<Option<MeshState>>,
 }
 
@@ -163,9 +240,88 @@ impl Mesh {
         Self {
             binaries,
             proxy_args: Vec::new(),
+            drain_seconds: 1,
             children: Mutex::default(),
+            processes: Mutex::default(),
             state: Mutex::default(),
         }
+    }
+
+    /// The process id of a running component (`None` if it was not started
+    /// or has exited).
+    pub fn pid(&self, component: &Component) -> Option<u32> {
+        let processes = self.processes.lock().expect("mesh lock");
+        let p = processes.get(component)?;
+        let running = p.exit.status.lock().expect("exit lock").is_none();
+        running.then_some(p.pid)
+    }
+
+    /// Sends SIGTERM to a component, and returns at once.
+    pub fn terminate(&self, component: &Component) -> Result<(), MeshError> {
+        let processes = self.processes.lock().expect("mesh lock");
+        let p = processes
+            .get(component)
+            .ok_or_else(|| MeshError::NotStarted(component.clone()))?;
+        // Checked under the exit lock: the reaper only reaps while holding
+        // it, so the pid is still this child's.
+        let exited = p.exit.status.lock().expect("exit lock");
+        if exited.is_none() {
+            // SAFETY: kill(2) on a child of ours that has not been reaped.
+            unsafe { libc::kill(p.pid as libc::pid_t, libc::SIGTERM) };
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for a component to exit; its status if it did.
+    pub fn wait_exit(
+        &self,
+        component: &Component,
+        timeout: Duration,
+    ) -> Result<Option<ExitStatus>, MeshError> {
+        let exit = self
+            .processes
+            .lock()
+            .expect("mesh lock")
+            .get(component)
+            .map(|p| p.exit.clone())
+            .ok_or_else(|| MeshError::NotStarted(component.clone()))?;
+        Ok(exit.wait(timeout))
+    }
+
+    /// SIGTERM, then waits up to `timeout` for the exit.
+    pub fn stop(&self, component: &Component, timeout: Duration) -> Result<ExitStatus, MeshError> {
+        self.terminate(component)?;
+        self.wait_exit(component, timeout)?
+            .ok_or_else(|| MeshError::DidNotExit {
+                component: component.clone(),
+                seconds: timeout.as_secs(),
+            })
+    }
+
+    /// Starts a stopped control plane component again, exactly as before
+    /// (same addresses, CA directory and certificates; its log is appended
+    /// to), and waits until it serves.
+    pub fn restart(&self, component: &Component) -> Result<(), MeshError> {
+        let launch = {
+            let processes = self.processes.lock().expect("mesh lock");
+            let p = processes
+                .get(component)
+                .ok_or_else(|| MeshError::NotStarted(component.clone()))?;
+            if p.exit.status.lock().expect("exit lock").is_none() {
+                return Err(MeshError::StillRunning {
+                    component: component.clone(),
+                });
+            }
+            p.launch
+                .clone()
+                .ok_or_else(|| MeshError::NotRestartable(component.clone()))?
+        };
+        // A restart appends to the log: readiness is read from what this
+        // start writes.
+        let log_offset = std::fs::metadata(&launch.log).map_or(0, |m| m.len());
+        self.spawn(component.clone(), launch.clone(), true)?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        wait_ready(component, &launch, log_offset, deadline)
     }
 
     /// The addresses, once started.
@@ -220,7 +376,14 @@ impl Mesh {
             ]
             .map(String::from),
         );
-        self.spawn(&cgroup, &self.binaries.identity, &args, &identity_log)?;
+        let identity_launch = Launch {
+            cgroup: cgroup.clone(),
+            program: self.binaries.identity.clone(),
+            args,
+            log: identity_log,
+            ready: Readiness::LogLine,
+        };
+        self.spawn(Component::Identity, identity_launch.clone(), false)?;
 
         // Destination: its own serving certificate, from a CA of its own.
         let dest_dir = state.state_dir.join("destination");
@@ -255,16 +418,18 @@ impl Mesh {
         ]
         .map(String::from)
         .to_vec();
-        self.spawn(&cgroup, &self.binaries.destination, &args, &destination_log)?;
+        let destination_launch = Launch {
+            cgroup,
+            program: self.binaries.destination.clone(),
+            args,
+            log: destination_log,
+            ready: Readiness::Http(destination_admin),
+        };
+        self.spawn(Component::Destination, destination_launch.clone(), false)?;
 
         let deadline = Instant::now() + Duration::from_secs(30);
-        wait_for("weft-identity", &identity_log, deadline, || {
-            std::fs::read_to_string(&identity_log)
-                .is_ok_and(|l| l.lines().any(|l| l.starts_with("ready ")))
-        })?;
-        wait_for("weft-destination", &destination_log, deadline, || {
-            http_get(destination_admin, "/ready").is_some_and(|(s, _)| s == 200)
-        })?;
+        wait_ready(&Component::Identity, &identity_launch, 0, deadline)?;
+        wait_ready(&Component::Destination, &destination_launch, 0, deadline)?;
 
         // Node proxies.
         let trust_anchors = ca_dir.join("ca.crt");
@@ -286,7 +451,7 @@ impl Mesh {
                 &health.to_string(),
                 "--uninstall-on-exit",
                 "--drain-seconds",
-                "1",
+                &self.drain_seconds.to_string(),
                 "--destination-address",
                 &format!("https://{destination}"),
                 "--destination-server-name",
@@ -315,7 +480,13 @@ impl Mesh {
                 what: format!("preparing the node proxy of {}", node.name),
                 source: std::io::Error::other(e.to_string()),
             })?;
-            self.start_logged(&mut cmd, &log, &format!("the node proxy of {}", node.name))?;
+            self.start_logged(
+                &mut cmd,
+                &log,
+                Component::NodeProxy(node.name.clone()),
+                None,
+                false,
+            )?;
             proxies.push(NodeProxyState {
                 node: node.name.clone(),
                 metrics,
@@ -351,40 +522,79 @@ impl Mesh {
         Ok(mesh)
     }
 
-    fn spawn(
-        &self,
-        cgroup: &Path,
-        program: &Path,
-        args: &[String],
-        log: &Path,
-    ) -> Result<(), MeshError> {
-        let cg = CgroupHandle::open(cgroup)?;
-        let mut cmd = Command::new(program);
-        cmd.args(args);
+    /// Starts a control plane process in its cgroup.
+    fn spawn(&self, component: Component, launch: Launch, append: bool) -> Result<(), MeshError> {
+        let cg = CgroupHandle::open(&launch.cgroup)?;
+        let mut cmd = Command::new(&launch.program);
+        cmd.args(&launch.args);
         sys::join_cgroup_before_exec(&mut cmd, &cg);
-        self.start_logged(&mut cmd, log, &program.display().to_string())?;
+        let log = launch.log.clone();
+        self.start_logged(&mut cmd, &log, component, Some(launch), append)?;
         drop(cg); // only after spawn: the child writes to it before exec
         Ok(())
     }
 
     /// Starts `cmd` with both output streams going to `log`, and keeps it
     /// to be stopped with the mesh.
-    fn start_logged(&self, cmd: &mut Command, log: &Path, what: &str) -> Result<(), MeshError> {
-        let out = std::fs::File::create(log).map_err(io(format!("creating {}", log.display())))?;
+    fn start_logged(
+        &self,
+        cmd: &mut Command,
+        log: &Path,
+        component: Component,
+        launch: Option<Launch>,
+        append: bool,
+    ) -> Result<(), MeshError> {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .append(append)
+            .truncate(!append)
+            .open(log)
+            .map_err(io(format!("creating {}", log.display())))?;
         let err = out.try_clone().map_err(io("log file"))?;
         let child = cmd
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
             .spawn()
-            .map_err(io(format!("starting {what}")))?;
-        self.adopt(child);
+            .map_err(io(format!("starting {component}")))?;
+        let exit = Arc::new(Exit::default());
+        self.processes.lock().expect("mesh lock").insert(
+            component,
+            Process {
+                pid: child.id(),
+                exit: exit.clone(),
+                launch,
+            },
+        );
+        self.adopt(child, exit);
         Ok(())
     }
 
-    fn adopt(&self, mut child: Child) {
+    fn adopt(&self, mut child: Child, exit: Arc<Exit>) {
         let reaper = std::thread::spawn(move || {
-            let _ = child.wait();
+            // Wait for the exit without reaping, then reap under the exit
+            // lock: while `terminate` holds that lock and sees no status,
+            // the pid is still this child's (a reaped pid may be reused).
+            let pid = child.id() as libc::id_t;
+            loop {
+                // SAFETY: a zeroed siginfo_t is valid (plain data); waitid
+                // writes only into it.
+                let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+                // SAFETY: as above; `pid` is our unreaped child.
+                let rc = unsafe {
+                    libc::waitid(libc::P_PID, pid, &mut info, libc::WEXITED | libc::WNOWAIT)
+                };
+                if rc == 0
+                    || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted
+                {
+                    break;
+                }
+            }
+            let mut status = exit.status.lock().expect("exit lock");
+            *status = child.wait().ok();
+            drop(status);
+            exit.changed.notify_all();
         });
         self.children.lock().expect("mesh lock").push(reaper);
     }
@@ -425,6 +635,30 @@ fn path_arg(p: &Path) -> String {
 
 fn path_str(p: &Path) -> &str {
     p.to_str().unwrap_or_default()
+}
+
+/// Waits until a (re)started control plane process serves; `log_offset`:
+/// where this start's output begins in its log.
+fn wait_ready(
+    component: &Component,
+    launch: &Launch,
+    log_offset: u64,
+    deadline: Instant,
+) -> Result<(), MeshError> {
+    let name = component.to_string();
+    match launch.ready {
+        Readiness::LogLine => wait_for(&name, &launch.log, deadline, || {
+            std::fs::read(&launch.log).is_ok_and(|l| {
+                let new = l.get(log_offset as usize..).unwrap_or_default();
+                String::from_utf8_lossy(new)
+                    .lines()
+                    .any(|l| l.starts_with("ready "))
+            })
+        }),
+        Readiness::Http(addr) => wait_for(&name, &launch.log, deadline, || {
+            http_get(addr, "/ready").is_some_and(|(s, _)| s == 200)
+        }),
+    }
 }
 
 fn wait_for(

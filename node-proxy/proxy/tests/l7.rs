@@ -114,11 +114,14 @@ print(json.dumps({"status": status, "echo": echo}))
 "#;
 
 fn up() -> MeshCluster {
-    MeshCluster::up(&[
-        ("c.yaml", CLUSTER),
-        ("hello.grpc", GRPC_HELLO_FRAME),
-        ("upgrade_client.py", UPGRADE_CLIENT),
-    ])
+    MeshCluster::up(
+        &[
+            ("c.yaml", CLUSTER),
+            ("hello.grpc", GRPC_HELLO_FRAME),
+            ("upgrade_client.py", UPGRADE_CLIENT),
+        ],
+        |_| {},
+    )
 }
 
 /// Source-side request series of the client towards `service`, plus `more`.
@@ -518,7 +521,7 @@ fn grpc_and_http2_are_proxied_per_request_and_server_first_protocols_do_not_stal
     }
     // /config_dump shows the balancer's view of both endpoints: measured,
     // and nothing left in flight (every pick was reported back).
-    let dump = support::config_dump(&mc, "node-a");
+    let dump = mc.config_dump("node-a");
     for pod in ["demo/grpc-1", "demo/grpc-2"] {
         let addr = format!("{}:50051", cluster.pod(pod).ip);
         let ep = dump["balancer"]

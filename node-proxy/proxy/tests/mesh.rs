@@ -7,9 +7,8 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use support::{
-    MeshCluster, captures, config_dump, echo_through, http_get, metric, wait_metric, wait_until,
-};
+use support::mesh_cluster::MeshCluster;
+use support::{echo_through, http_get, metric, wait_metric};
 
 const CLIENT: &str = "spiffe://cluster.local/ns/demo/sa/client";
 const ECHO: &str = "spiffe://cluster.local/ns/demo/sa/echo";
@@ -72,11 +71,11 @@ metadata: {name: echo, namespace: demo}
 spec: {selector: {app: echo}, ports: [{port: 80, targetPort: 9000}]}
 "#;
 
-/// The cluster above plus `extra` files, with the mesh.
+/// The cluster above with the mesh, plus `extra` files.
 fn up(extra: &[(&str, &str)]) -> MeshCluster {
     let mut files = vec![("c.yaml", CLUSTER)];
     files.extend_from_slice(extra);
-    MeshCluster::up(&files)
+    MeshCluster::up(&files, |_| {})
 }
 
 /// tcpdump on the fabric bridge, inside the fabric namespace.
@@ -451,7 +450,7 @@ fn mesh_boundaries_and_foreign_certificates() {
 
     // The config dump of node B shows the echo pod with its identity and a
     // certificate for it.
-    let dump = config_dump(&mc, "node-b");
+    let dump = mc.config_dump("node-b");
     let pods = dump["pods"].as_array().unwrap();
     assert!(
         pods.iter()
@@ -480,6 +479,11 @@ fn mesh_boundaries_and_foreign_certificates() {
     mc.down();
 }
 
+fn wait_until(what: &str, done: impl FnMut() -> bool) {
+    // Generous: CI runs many clusters in parallel on two cores.
+    support::mesh_cluster::wait_until(what, Duration::from_secs(45), done)
+}
+
 #[test]
 fn editing_the_namespace_label_moves_running_pods_in_and_out_of_the_mesh() {
     let mc = up(&[]);
@@ -503,7 +507,7 @@ fn editing_the_namespace_label_moves_running_pods_in_and_out_of_the_mesh() {
     assert!(enrolled.contains(label));
     std::fs::write(&manifest, enrolled.replace(label, "metadata: {name: demo}")).unwrap();
     wait_until("node proxies release the demo pods", || {
-        !captures(&mc, "node-a", "client") && !captures(&mc, "node-b", "echo")
+        !mc.captures("node-a", "client") && !mc.captures("node-b", "echo")
     });
     echo_through(cluster, "demo/client", &echo_ip, 9000, 1 << 20, None);
     assert_eq!(
@@ -527,8 +531,8 @@ fn editing_the_namespace_label_moves_running_pods_in_and_out_of_the_mesh() {
     // Put it back: the same running pods are captured again, with mTLS.
     std::fs::write(&manifest, &enrolled).unwrap();
     wait_until("node proxies capture the demo pods again", || {
-        captures(&mc, "node-a", "client")
-            && captures(&mc, "node-b", "echo")
+        mc.captures("node-a", "client")
+            && mc.captures("node-b", "echo")
             && [mc.node_ip("node-a"), node_b].iter().all(|ip| {
                 http_get(std::net::SocketAddr::new((*ip).into(), 15021), "/ready")
                     .is_some_and(|r| r.0 == 200)

@@ -11,7 +11,8 @@ use std::io::{BufRead, BufReader};
 use std::net::Ipv4Addr;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
-use support::{MeshCluster, http_get, metric, wait_until};
+use support::mesh_cluster::wait_until as wait_within;
+use support::{MeshCluster, http_get, metric};
 use weft_sim::cluster::{node_command, pod_command};
 
 /// Six servers on node-a, one per default policy; three kinds of client on
@@ -132,7 +133,7 @@ fn each_default_policy_against_each_kind_of_client() {
             probe,
         );
     }
-    let mc = MeshCluster::up(&[("c.yaml", &manifests)]);
+    let mc = MeshCluster::up(&[("c.yaml", &manifests)], |_| {});
     let node_b = mc.node_ip("node-b");
 
     // (client kind, expected outcome per policy in POLICIES order)
@@ -379,6 +380,12 @@ impl Drop for HeldConnection {
     }
 }
 
+/// Polls `done` for up to 45 s (generous: CI runs many clusters at once on
+/// two cores).
+fn wait_until(what: &str, done: impl FnMut() -> bool) {
+    wait_within(what, Duration::from_secs(45), done)
+}
+
 fn write(mc: &MeshCluster, file: &str, text: &str) {
     std::fs::write(mc.cluster().manifest_dir().join(file), text).unwrap();
 }
@@ -386,10 +393,13 @@ fn write(mc: &MeshCluster, file: &str, text: &str) {
 #[test]
 fn servers_authorization_policies_and_live_changes() {
     let manifests = SHOP.to_string() + &echo_pod("shop", "web", "", "");
-    let mc = MeshCluster::up(&[
-        ("c.yaml", &manifests),
-        ("authz.yaml", &web_authorized_for("client")),
-    ]);
+    let mc = MeshCluster::up(
+        &[
+            ("c.yaml", &manifests),
+            ("authz.yaml", &web_authorized_for("client")),
+        ],
+        |_| {},
+    );
     let web = pod_ip(&mc, "shop/web");
     let result = |pod: &str, port: u16| from_pod(&mc, pod, web, port)["result"].clone();
 

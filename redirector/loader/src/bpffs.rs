@@ -9,8 +9,7 @@ use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
 use std::fs::{File, OpenOptions};
 use std::path::Path;
 
-/// Where hosts mount bpffs.
-const CONVENTIONAL: &str = "/sys/fs/bpf";
+const SYS_FS_BPF: &str = "/sys/fs/bpf";
 
 /// Makes `pin_dir` exist on a bpffs, mounting bpffs on its parent if needed.
 pub fn ensure_pin_dir(pin_dir: &Path) -> Result<(), Error> {
@@ -21,25 +20,21 @@ pub fn ensure_pin_dir(pin_dir: &Path) -> Result<(), Error> {
         // mounting another bpffs on it would make a separate instance whose
         // pins nobody else sees, and leave a mount behind.
         let existing = parent.ancestors().find(|a| a.exists());
-        if !existing.is_some_and(is_bpffs) {
-            // Nothing mounted yet (a host booted without bpffs). Under the
-            // conventional /sys/fs/bpf, mount it there, as systemd would:
-            // sysfs cannot hold the nested directories of a pin dir such
-            // as a simulated node's (`/sys/fs/bpf/weft-sim/<sim>/<node>`).
-            let at = if parent.starts_with(CONVENTIONAL) {
-                Path::new(CONVENTIONAL)
-            } else {
-                parent
-            };
-            mount_bpffs(at).map_err(|source| Error::Bpffs {
+        if existing.is_some_and(is_bpffs) {
+            std::fs::create_dir_all(parent).map_err(|source| Error::Pin {
+                path: parent.into(),
+                source,
+            })?;
+        } else {
+            mount_bpffs(mount_point(parent)).map_err(|source| Error::Bpffs {
                 path: pin_dir.into(),
                 source,
             })?;
+            std::fs::create_dir_all(parent).map_err(|source| Error::Pin {
+                path: parent.into(),
+                source,
+            })?;
         }
-        std::fs::create_dir_all(parent).map_err(|source| Error::Pin {
-            path: parent.into(),
-            source,
-        })?;
     }
     for sub in ["", "maps", "links", "pods"] {
         let dir = pin_dir.join(sub);
@@ -50,6 +45,18 @@ pub fn ensure_pin_dir(pin_dir: &Path) -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+/// Where to mount bpffs for pins under `parent`: the conventional
+/// `/sys/fs/bpf` when they live under it (after a boot without bpffs, the
+/// nested directories of a simulated node cannot be created in the sysfs
+/// directory underneath), else `parent` itself.
+fn mount_point(parent: &Path) -> &Path {
+    if parent.starts_with(SYS_FS_BPF) {
+        Path::new(SYS_FS_BPF)
+    } else {
+        parent
+    }
 }
 
 pub fn is_bpffs(path: &Path) -> bool {
@@ -99,5 +106,19 @@ impl Drop for Locked {
         use std::os::fd::AsRawFd;
         // SAFETY: as above; closing the file would release it too.
         unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pins_under_sys_fs_bpf_mount_it_there_others_mount_their_parent() {
+        for parent in ["/sys/fs/bpf", "/sys/fs/bpf/weft-sim/c1/node-a"] {
+            assert_eq!(mount_point(Path::new(parent)), Path::new("/sys/fs/bpf"));
+        }
+        let other = Path::new("/run/weft-test/bpf");
+        assert_eq!(mount_point(other), other);
     }
 }

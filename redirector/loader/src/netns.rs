@@ -86,6 +86,12 @@ impl Netns {
     /// A TCP listener inside this namespace (SO_REUSEADDR; IPv6 sockets are
     /// IPv6-only so 0.0.0.0 and :: can both be bound). Non-blocking, ready
     /// for `tokio::net::TcpListener::from_std`.
+    ///
+    /// SO_REUSEPORT: a new node proxy (a rollout) can bind the same in-pod
+    /// addresses while the old one still holds them, so the pod is never
+    /// without a listener during the hand-over (docs/node-proxy.md). The
+    /// kernel only groups sockets of the same effective uid, and only the
+    /// pod's own traffic reaches these addresses.
     pub fn listen_tcp(&self, addr: SocketAddr) -> Result<std::net::TcpListener, Error> {
         self.run(|| {
             let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
@@ -93,6 +99,7 @@ impl Netns {
                 sock.set_only_v6(true)?;
             }
             sock.set_reuse_address(true)?;
+            sock.set_reuse_port(true)?;
             sock.set_nonblocking(true)?;
             sock.bind(&addr.into())?;
             sock.listen(1024)?;
@@ -146,6 +153,55 @@ mod tests {
         let a = ns.cookie().unwrap();
         assert_ne!(a, 0);
         assert_eq!(a, Netns::current().unwrap().cookie().unwrap());
+    }
+
+    /// The rollout hand-over: a second listener binds the address a first
+    /// one holds, both accept, and once the first closes the second takes
+    /// every new connection.
+    #[test]
+    fn a_second_listener_binds_the_same_address_and_takes_over() {
+        use std::io::{Read, Write};
+        let ns = Netns::current().unwrap();
+        let old = ns.listen_tcp("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = old.local_addr().unwrap();
+        let new = ns
+            .listen_tcp(addr)
+            .expect("a second listener on the same address");
+        // Control: a socket without SO_REUSEPORT cannot join them.
+        assert!(std::net::TcpListener::bind(addr).is_err());
+        for l in [&old, &new] {
+            l.set_nonblocking(false).unwrap();
+        }
+        // The kernel spreads new connections over the group: connect until
+        // each listener has accepted one (bounded).
+        let accepted = |l: &std::net::TcpListener| {
+            l.set_nonblocking(true).unwrap();
+            let got = l.accept().is_ok();
+            l.set_nonblocking(false).unwrap();
+            got
+        };
+        let (mut old_got, mut new_got) = (false, false);
+        let mut clients = Vec::new();
+        for _ in 0..200 {
+            clients.push(std::net::TcpStream::connect(addr).unwrap());
+            // The handshake completed in connect: the connection is queued.
+            old_got |= accepted(&old);
+            new_got |= accepted(&new);
+            if old_got && new_got {
+                break;
+            }
+        }
+        assert!(old_got && new_got, "both listeners accept");
+        // The old one closes: every new connection reaches the new one.
+        drop(old);
+        for i in 0..20u8 {
+            let mut c = std::net::TcpStream::connect(addr).unwrap();
+            c.write_all(&[i]).unwrap();
+            let (mut s, _) = new.accept().unwrap();
+            let mut b = [0u8; 1];
+            s.read_exact(&mut b).unwrap();
+            assert_eq!(b[0], i);
+        }
     }
 
     #[test]

@@ -811,3 +811,67 @@ fn mptcp_connects_are_captured_too() {
         Err(e) => panic!("MPTCP connect failed: {e}"),
     }
 }
+
+/// Accepts, without waiting, whatever is queued on `l`.
+fn drain_queue(l: &TcpListener) -> Vec<TcpStream> {
+    std::iter::from_fn(|| accept_within(l, Duration::ZERO)).collect()
+}
+
+/// The rollout hand-over at the kernel level (docs/node-proxy.md): a second
+/// proxy's 15006 listener joins the first's address (SO_REUSEPORT) and
+/// replaces it in the steering map; the first then closes. No inbound
+/// connection is refused at any step, and a connection the first accepted
+/// keeps working after its listener is gone.
+#[test]
+fn inbound_steering_hands_over_between_two_listeners() {
+    let pods = PodPair::new();
+    let installed = Installed::new();
+    let old = listen(&pods.client, "0.0.0.0:15006");
+    installed
+        .get()
+        .register_inbound_listener(&pods.client.netns, &old)
+        .unwrap();
+    installed.enroll(&pods.client, "enrolled-uid", &[]);
+    let mut peer = connect_from(&pods.server, "10.99.0.1:8080").expect("inbound connect");
+    let mut kept = accept_within(&old, TIMEOUT).expect("the old listener got it");
+
+    // The new listener binds the same address and takes the map entry.
+    let new = listen(&pods.client, "0.0.0.0:15006");
+    installed
+        .get()
+        .register_inbound_listener(&pods.client.netns, &new)
+        .unwrap();
+    // While both listen: every connection is accepted by one of them. The
+    // socket in the map heads a reuseport group, and `bpf_sk_assign`
+    // without BPF_SK_LOOKUP_F_NO_REUSEPORT lets the kernel pick in it.
+    let (mut to_old, mut to_new) = (0, 0);
+    let mut peers = Vec::new();
+    for _ in 0..20 {
+        peers.push(
+            connect_from(&pods.server, "10.99.0.1:8080").expect("not refused while both listen"),
+        );
+        to_old += drain_queue(&old).len();
+        to_new += drain_queue(&new).len();
+    }
+    let deadline = Instant::now() + TIMEOUT;
+    while to_old + to_new < 20 && Instant::now() < deadline {
+        to_old += drain_queue(&old).len();
+        to_new += drain_queue(&new).len();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(to_old + to_new, 20, "old {to_old}, new {to_new}");
+    assert!(
+        to_old > 0 && to_new > 0,
+        "spread over the group: old {to_old}, new {to_new}"
+    );
+
+    // The old one closes: the new one takes everything.
+    drop(old);
+    for _ in 0..20 {
+        connect_from(&pods.server, "10.99.0.1:8080").expect("not refused after the old closed");
+        accept_within(&new, TIMEOUT).expect("the new listener got it");
+    }
+    // And the connection accepted before the hand-over still carries bytes.
+    assert_bytes_flow(&mut peer, &mut kept, b"still here");
+    assert_bytes_flow(&mut kept, &mut peer, b"and back");
+}

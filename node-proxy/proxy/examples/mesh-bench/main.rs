@@ -1,0 +1,406 @@
+//! `cargo xtask bench mesh`: the mesh against a direct path, in one run, on
+//! the simulator (two nodes, the real control plane and node proxies).
+//!
+//! The same pair of pods exists twice: in an enrolled namespace (through
+//! both node proxies, HBONE over mTLS) and in a namespace outside the mesh
+//! (direct). For each path:
+//! - single-connection throughput: `iperf3 -t 4`, 3 runs, median;
+//! - connection set-up: 300 sequential new connections, each a 64-byte
+//!   round trip (`conn_rtt.py`): connections/s and latency p50/p99;
+//! - HTTP/1.1 latency at a fixed request rate, open loop (`http.rs`):
+//!   p50/p99 per round, rounds alternating direct and mesh;
+//! - the node proxies' RSS idle, after the runs, and (a second cluster)
+//!   with 100 enrolled pods on one node against a node with none.
+//!
+//! Needs root, the release binaries next to this example's directory
+//! (`cargo build --release --bins`), and iperf3.
+
+mod http;
+
+use std::time::{Duration, Instant};
+use weft_sim::TestCluster;
+use weft_sim::mesh::{Component, Mesh, MeshBinaries};
+
+/// HTTP latency: requests per second, seconds per round, connections, rounds
+/// per path.
+const HTTP_RATE: f64 = 500.0;
+const HTTP_SECONDS: f64 = 5.0;
+const HTTP_CONNECTIONS: usize = 4;
+const HTTP_ROUNDS: usize = 5;
+/// Enrolled pods on one node for the RSS measurement.
+const MANY_PODS: usize = 100;
+
+const CLUSTER: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: mesh, labels: {weft.io/mesh: enabled}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: direct}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: mesh}
+spec: {nodeName: node-a, containers: [{name: main, command: [sleep, infinity]}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: server, namespace: mesh}
+spec:
+  nodeName: node-b
+  containers:
+  - {name: iperf, command: [iperf3, -s, -p, "5201"], ports: [{containerPort: 5201}]}
+  - {name: echo, command: [./tcp_echo.py, "9000"], ports: [{containerPort: 9000}]}
+  - {name: http, command: [BENCH_EXE, http-server, "8080"], ports: [{containerPort: 8080}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: direct}
+spec: {nodeName: node-a, containers: [{name: main, command: [sleep, infinity]}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: server, namespace: direct}
+spec:
+  nodeName: node-b
+  containers:
+  - {name: iperf, command: [iperf3, -s, -p, "5201"], ports: [{containerPort: 5201}]}
+  - {name: echo, command: [./tcp_echo.py, "9000"], ports: [{containerPort: 9000}]}
+  - {name: http, command: [BENCH_EXE, http-server, "8080"], ports: [{containerPort: 8080}]}
+"#;
+
+/// N sequential connections, each: connect, send 64 bytes, read them back,
+/// close. Prints JSON: total seconds and every round trip in microseconds.
+const CONN_RTT: &str = r#"#!/usr/bin/env python3
+import json, socket, sys, time
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+msg = b"x" * 64
+lat = []
+start = time.perf_counter()
+for _ in range(n):
+    t = time.perf_counter()
+    with socket.create_connection((host, port), timeout=10) as s:
+        s.sendall(msg)
+        s.shutdown(socket.SHUT_WR)
+        got = b""
+        while len(got) < len(msg):
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            got += chunk
+        assert got == msg
+    lat.append((time.perf_counter() - t) * 1e6)
+print(json.dumps({"seconds": time.perf_counter() - start, "lat_us": lat}))
+"#;
+
+struct PathResult {
+    gbps: Vec<f64>,
+    conn_per_s: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn measure(cluster: &TestCluster, ns: &str) -> PathResult {
+    let server = cluster.pod(&format!("{ns}/server")).ip.to_string();
+    let client = format!("{ns}/client");
+    let mut gbps = Vec::new();
+    for _ in 0..3 {
+        let out = cluster.exec_ok(
+            &client,
+            &["iperf3", "-c", &server, "-p", "5201", "-t", "4", "-J"],
+        );
+        let v: serde_json::Value = serde_json::from_str(&out).expect("iperf3 JSON");
+        gbps.push(
+            v["end"]["sum_received"]["bits_per_second"]
+                .as_f64()
+                .unwrap()
+                / 1e9,
+        );
+    }
+    let out = cluster.exec_ok(&client, &["./conn_rtt.py", &server, "9000", "300"]);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("conn_rtt JSON");
+    let mut lat: Vec<f64> = v["lat_us"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    PathResult {
+        gbps,
+        conn_per_s: lat.len() as f64 / v["seconds"].as_f64().unwrap(),
+        p50_us: percentile(&mut lat, 0.5),
+        p99_us: percentile(&mut lat, 0.99),
+    }
+}
+
+/// One open-loop HTTP run from `ns/client` to `ns/server:8080`, this
+/// program re-executed inside the client pod.
+fn http_round(cluster: &TestCluster, ns: &str) -> http::LoadResult {
+    let server = cluster.pod(&format!("{ns}/server")).ip.to_string();
+    let exe = exe();
+    let out = cluster.exec_ok(
+        &format!("{ns}/client"),
+        &[
+            &exe,
+            "http-load",
+            &format!("{server}:8080"),
+            &HTTP_RATE.to_string(),
+            &HTTP_SECONDS.to_string(),
+            &HTTP_CONNECTIONS.to_string(),
+        ],
+    );
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("http-load JSON");
+    http::LoadResult::from_json(&v).expect("http-load JSON fields")
+}
+
+fn exe() -> String {
+    std::env::current_exe()
+        .expect("the benchmark's own path")
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// VmRSS of one process, MiB.
+fn rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kib / 1024.0)
+}
+
+fn proxy_rss(mesh: &Mesh, node: &str) -> f64 {
+    mesh.pid(&Component::NodeProxy(node.into()))
+        .and_then(rss_mib)
+        .unwrap_or(f64::NAN)
+}
+
+/// A second cluster: `MANY_PODS` enrolled pods on node-a, none on node-b.
+/// Returns (seconds to bring it up, RSS node-a, RSS node-b, pods captured).
+fn many_pods(binaries: MeshBinaries) -> (f64, f64, f64, usize) {
+    let mut manifest = String::from(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: many, labels: {weft.io/mesh: enabled}}\n",
+    );
+    for i in 0..MANY_PODS {
+        manifest.push_str(&format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: p{i:03}, namespace: many}}\nspec: {{nodeName: node-a, containers: [{{name: main, command: [sleep, infinity]}}]}}\n"
+        ));
+    }
+    // node-b exists only through a pod outside the mesh.
+    manifest.push_str("---\napiVersion: v1\nkind: Pod\nmetadata: {name: idle, namespace: default}\nspec: {nodeName: node-b, containers: [{name: main, command: [sleep, infinity]}]}\n");
+    let mesh = std::sync::Arc::new(Mesh::new(binaries));
+    let started = Instant::now();
+    let cluster = TestCluster::up_with(&[("many.yaml", manifest.as_str())], |o| {
+        o.node_agents = Some(mesh.clone());
+        o.ready_timeout = Duration::from_secs(300);
+    })
+    .expect("cluster with 100 enrolled pods");
+    let up = started.elapsed().as_secs_f64();
+    // Captured = listeners open and certificate fetched: wait (bounded)
+    // until node-a's proxy serves all of them and is ready.
+    let dump_pods = || -> usize {
+        let node = cluster.state().node("node-a").unwrap();
+        let out = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &node.netns,
+                "curl",
+                "-s",
+                "--max-time",
+                "5",
+            ])
+            .arg("http://127.0.0.1:15000/config_dump")
+            .output()
+            .ok();
+        out.and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok())
+            .and_then(|v| v["pods"].as_array().map(|p| p.len()))
+            .unwrap_or(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut captured = dump_pods();
+    while captured < MANY_PODS && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+        captured = dump_pods();
+    }
+    let ready = weft_sim::mesh::http_get(
+        std::net::SocketAddr::new(cluster.state().node("node-a").unwrap().ip.into(), 15021),
+        "/ready",
+    )
+    .map(|r| r.0);
+    eprintln!("many pods: cluster up in {up:.1}s, {captured} captured on node-a, /ready {ready:?}");
+    let (a, b) = (proxy_rss(&mesh, "node-a"), proxy_rss(&mesh, "node-b"));
+    drop(cluster);
+    mesh.reap();
+    (up, a, b, captured)
+}
+
+fn spread(v: &[f64]) -> String {
+    let min = v.iter().cloned().fold(f64::MAX, f64::min);
+    let max = v.iter().cloned().fold(f64::MIN, f64::max);
+    format!("{min:.0}-{max:.0}")
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some("http-server") => {
+            let port = args.get(2).and_then(|p| p.parse().ok()).unwrap_or(8080);
+            http::server(port)
+        }
+        Some("http-load") => {
+            let usage = "usage: mesh-bench http-load HOST:PORT RATE SECONDS CONNECTIONS";
+            let (Some(target), Some(rate), Some(seconds), Some(conns)) = (
+                args.get(2),
+                args.get(3).and_then(|a| a.parse().ok()),
+                args.get(4).and_then(|a| a.parse().ok()),
+                args.get(5).and_then(|a| a.parse().ok()),
+            ) else {
+                eprintln!("{usage}");
+                std::process::exit(2)
+            };
+            println!("{}", http::load(target, rate, seconds, conns).to_json());
+            return;
+        }
+        _ => {}
+    }
+    let binaries = MeshBinaries::next_to_current_exe().unwrap_or_else(|e| {
+        eprintln!("mesh-bench: {e}");
+        std::process::exit(2)
+    });
+    let mesh = std::sync::Arc::new(Mesh::new(binaries.clone()));
+    let manifest = CLUSTER.replace("BENCH_EXE", &exe());
+    let cluster = TestCluster::up_with(
+        &[("c.yaml", manifest.as_str()), ("conn_rtt.py", CONN_RTT)],
+        |o| {
+            o.node_agents = Some(mesh.clone());
+            o.ready_timeout = Duration::from_secs(60);
+        },
+    )
+    .expect("cluster with the mesh");
+    let idle: Vec<f64> = ["node-a", "node-b"]
+        .iter()
+        .map(|n| proxy_rss(&mesh, n))
+        .collect();
+    let mut direct = measure(&cluster, "direct");
+    let mut meshed = measure(&cluster, "mesh");
+    // HTTP at a fixed rate: rounds alternate the paths so that the
+    // machine's load drifts over both alike.
+    let (mut http_direct, mut http_mesh) = (Vec::new(), Vec::new());
+    for round in 0..HTTP_ROUNDS {
+        for ns in ["direct", "mesh"] {
+            let r = http_round(&cluster, ns);
+            eprintln!("http round {round} {ns}: {r:?}");
+            if ns == "direct" {
+                http_direct.push(r);
+            } else {
+                http_mesh.push(r);
+            }
+        }
+    }
+    let busy: Vec<f64> = ["node-a", "node-b"]
+        .iter()
+        .map(|n| proxy_rss(&mesh, n))
+        .collect();
+    drop(cluster);
+    mesh.reap();
+    let (many_up, many_rss, none_rss, captured) = many_pods(binaries);
+
+    let (dg, mg) = (median(&mut direct.gbps), median(&mut meshed.gbps));
+    println!(
+        "mesh benchmark (simulator, 2 nodes, cross-node, {} cores)",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    );
+    println!(
+        "{:<28} {:>14} {:>14} {:>8}",
+        "", "direct", "mesh (mTLS)", "ratio"
+    );
+    println!(
+        "{:<28} {:>14} {:>14} {:>8.2}",
+        "iperf3 Gbit/s (median of 3)",
+        format!("{dg:.2} [{}]", spread2(&direct.gbps)),
+        format!("{mg:.2} [{}]", spread2(&meshed.gbps)),
+        mg / dg
+    );
+    println!(
+        "{:<28} {:>14.0} {:>14.0} {:>8.2}",
+        "new connections/s (seq.)",
+        direct.conn_per_s,
+        meshed.conn_per_s,
+        meshed.conn_per_s / direct.conn_per_s
+    );
+    println!(
+        "{:<28} {:>14.0} {:>14.0} {:>8.2}",
+        "conn+64B RTT p50 (us)",
+        direct.p50_us,
+        meshed.p50_us,
+        meshed.p50_us / direct.p50_us
+    );
+    println!(
+        "{:<28} {:>14.0} {:>14.0} {:>8.2}",
+        "conn+64B RTT p99 (us)",
+        direct.p99_us,
+        meshed.p99_us,
+        meshed.p99_us / direct.p99_us
+    );
+    let http_row = |what: &str, pick: fn(&http::LoadResult) -> f64| {
+        let mut d: Vec<f64> = http_direct.iter().map(pick).collect();
+        let mut m: Vec<f64> = http_mesh.iter().map(pick).collect();
+        let (dm, mm) = (median(&mut d), median(&mut m));
+        println!(
+            "{:<28} {:>14} {:>14} {:>8.2}",
+            what,
+            format!("{dm:.0} [{}]", spread(&d)),
+            format!("{mm:.0} [{}]", spread(&m)),
+            mm / dm
+        );
+    };
+    println!(
+        "HTTP/1.1 GET, open loop, {HTTP_RATE} req/s for {HTTP_SECONDS}s over {HTTP_CONNECTIONS} connections, {HTTP_ROUNDS} rounds per path (median of the rounds [min-max]):"
+    );
+    http_row("HTTP p50 (us)", |r| r.p50_us);
+    http_row("HTTP p90 (us)", |r| r.p90_us);
+    http_row("HTTP p99 (us)", |r| r.p99_us);
+    http_row("HTTP max (us)", |r| r.max_us);
+    http_row("HTTP achieved req/s", |r| r.achieved_rps);
+    let errors = |v: &[http::LoadResult]| v.iter().map(|r| r.errors).sum::<usize>();
+    let sent = |v: &[http::LoadResult]| v.iter().map(|r| r.sent).sum::<usize>();
+    println!(
+        "HTTP errors: direct {}/{}, mesh {}/{}",
+        errors(&http_direct),
+        sent(&http_direct),
+        errors(&http_mesh),
+        sent(&http_mesh)
+    );
+    for ((node, i), b) in ["node-a", "node-b"].iter().zip(&idle).zip(&busy) {
+        println!(
+            "node proxy {node} RSS: {i:.1} MiB idle (1 enrolled pod), {b:.1} MiB after the runs"
+        );
+    }
+    println!(
+        "node proxy RSS with {captured} of {MANY_PODS} enrolled pods captured: {many_rss:.1} MiB (a node proxy with no enrolled pod in the same cluster: {none_rss:.1} MiB); that cluster came up in {many_up:.0}s"
+    );
+}
+
+fn spread2(v: &[f64]) -> String {
+    let min = v.iter().cloned().fold(f64::MAX, f64::min);
+    let max = v.iter().cloned().fold(f64::MIN, f64::max);
+    format!("{min:.2}-{max:.2}")
+}

@@ -1,0 +1,134 @@
+//! A simulator cluster with the real mesh (control plane on the host, a node
+//! proxy per node), torn down on drop.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use weft_sim::TestCluster;
+use weft_sim::mesh::{Mesh, MeshBinaries};
+
+/// The mesh programs: the node proxy Cargo built for this test, the control
+/// plane next to it. A workspace build (`cargo nextest run --workspace`,
+/// `cargo build --bins`) has them; a run of this package alone builds them.
+pub fn binaries() -> MeshBinaries {
+    let proxy = Path::new(env!("CARGO_BIN_EXE_weft-node-proxy"));
+    let dir = proxy.parent().unwrap();
+    if let Ok(b) = MeshBinaries::in_dir(dir) {
+        return b;
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let target_dir = dir.parent().unwrap();
+    let status = Command::new(cargo)
+        .current_dir(&workspace)
+        .args([
+            "build",
+            "-p",
+            "weft-identity",
+            "-p",
+            "weft-destination",
+            "--bins",
+        ])
+        .arg("--target-dir")
+        .arg(target_dir)
+        .status()
+        .expect("running cargo build for the control plane binaries");
+    assert!(status.success(), "cargo build --bins failed");
+    MeshBinaries::in_dir(dir).expect("control plane binaries after cargo build")
+}
+
+/// Brings the cluster and the mesh up; the guard tears both down.
+pub struct MeshCluster {
+    cluster: Option<TestCluster>,
+    pub mesh: Arc<Mesh>,
+}
+
+impl MeshCluster {
+    /// `files`: manifests and scripts; `configure` adjusts the mesh
+    /// (e.g. the node proxies' drain deadline) before it starts.
+    pub fn up(files: &[(&str, &str)], configure: impl FnOnce(&mut Mesh)) -> Self {
+        let mut mesh = Mesh::new(binaries());
+        configure(&mut mesh);
+        let mesh = Arc::new(mesh);
+        let cluster = TestCluster::up_with(files, |o| o.node_agents = Some(mesh.clone()))
+            .expect("cluster with the mesh");
+        Self {
+            cluster: Some(cluster),
+            mesh,
+        }
+    }
+
+    pub fn cluster(&self) -> &TestCluster {
+        self.cluster.as_ref().unwrap()
+    }
+
+    pub fn node_ip(&self, node: &str) -> Ipv4Addr {
+        self.cluster().state().node(node).unwrap().ip
+    }
+
+    /// `/ready` of a node's proxy: its HTTP status, `None` if nothing answers.
+    pub fn ready_status(&self, node: &str) -> Option<u16> {
+        super::http_get(SocketAddr::new(self.node_ip(node).into(), 15021), "/ready").map(|r| r.0)
+    }
+
+    /// `/config_dump` is on 127.0.0.1:15000 inside the node's namespace.
+    pub fn config_dump(&self, node: &str) -> serde_json::Value {
+        let state = self.cluster().state();
+        let node = state.node(node).unwrap();
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &node.netns,
+                "curl",
+                "-s",
+                "--max-time",
+                "5",
+                "http://127.0.0.1:15000/config_dump",
+            ])
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!("config_dump: {e}: {}", String::from_utf8_lossy(&out.stdout))
+        })
+    }
+
+    /// Whether `node`'s proxy currently captures pod `name`.
+    pub fn captures(&self, node: &str, name: &str) -> bool {
+        self.config_dump(node)["pods"]
+            .as_array()
+            .is_some_and(|pods| pods.iter().any(|p| p["name"] == name))
+    }
+
+    /// Tears down and checks nothing is left behind.
+    pub fn down(mut self) {
+        let state = self.cluster().state().clone();
+        drop(self.cluster.take());
+        self.mesh.reap();
+        assert_eq!(
+            weft_sim::testing::leftovers(&state.name, Some(state.slot)),
+            Vec::<String>::new()
+        );
+    }
+}
+
+impl Drop for MeshCluster {
+    fn drop(&mut self) {
+        drop(self.cluster.take());
+        self.mesh.reap();
+    }
+}
+
+/// Polls `done` every 100 ms until it holds; panics after `within`.
+pub fn wait_until(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if done() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("{what}: not within {within:?}");
+}
