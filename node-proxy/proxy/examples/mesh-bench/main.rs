@@ -7,8 +7,11 @@
 //! - single-connection throughput: `iperf3 -t 4`, 3 runs, median;
 //! - connection set-up: 300 sequential new connections, each a 64-byte
 //!   round trip (`conn_rtt.py`): connections/s and latency p50/p99;
-//! - HTTP/1.1 latency at a fixed request rate, open loop (`http.rs`):
-//!   p50/p99 per round, rounds alternating direct and mesh;
+//! - HTTP/1.1 and gRPC latency at a fixed request rate, open loop
+//!   (`http.rs`): p50/p99 per round, rounds alternating direct, the mesh
+//!   with L7 (HTTP detected: request-level proxying and metrics) and the
+//!   mesh at L4 only (the same server on a port the pod declares opaque);
+//! - requests per CPU second of the node proxies, closed loop, L7 and L4;
 //! - the node proxies' RSS idle, after the runs, and (a second cluster)
 //!   with 100 enrolled pods on one node against a node with none.
 //!
@@ -46,13 +49,13 @@ spec: {nodeName: node-a, containers: [{name: main, command: [sleep, infinity]}]}
 ---
 apiVersion: v1
 kind: Pod
-metadata: {name: server, namespace: mesh}
+metadata: {name: server, namespace: mesh, annotations: {weft.io/opaque-ports: "8090"}}
 spec:
   nodeName: node-b
   containers:
   - {name: iperf, command: [iperf3, -s, -p, "5201"], ports: [{containerPort: 5201}]}
   - {name: echo, command: [./tcp_echo.py, "9000"], ports: [{containerPort: 9000}]}
-  - {name: http, command: [BENCH_EXE, http-server, "8080"], ports: [{containerPort: 8080}]}
+  - {name: http, command: [BENCH_EXE, http-server, "8080", "8090"], ports: [{containerPort: 8080}, {containerPort: 8090}]}
 ---
 apiVersion: v1
 kind: Pod
@@ -67,7 +70,7 @@ spec:
   containers:
   - {name: iperf, command: [iperf3, -s, -p, "5201"], ports: [{containerPort: 5201}]}
   - {name: echo, command: [./tcp_echo.py, "9000"], ports: [{containerPort: 9000}]}
-  - {name: http, command: [BENCH_EXE, http-server, "8080"], ports: [{containerPort: 8080}]}
+  - {name: http, command: [BENCH_EXE, http-server, "8080", "8090"], ports: [{containerPort: 8080}, {containerPort: 8090}]}
 "#;
 
 /// N sequential connections, each: connect, send 64 bytes, read them back,
@@ -144,9 +147,18 @@ fn measure(cluster: &TestCluster, ns: &str) -> PathResult {
     }
 }
 
-/// One open-loop HTTP run from `ns/client` to `ns/server:8080`, this
-/// program re-executed inside the client pod.
-fn http_round(cluster: &TestCluster, ns: &str) -> http::LoadResult {
+/// The HTTP paths compared: (label, namespace, server port). The mesh's
+/// server declares 8090 opaque (`weft.io/opaque-ports`), so the proxies
+/// carry it as TCP: the same hop without L7.
+const HTTP_PATHS: [(&str, &str, u16); 3] = [
+    ("direct", "direct", 8080),
+    ("mesh L7", "mesh", 8080),
+    ("mesh L4 only", "mesh", 8090),
+];
+
+/// One open-loop run from `ns/client` to `ns/server:port`, this program
+/// re-executed inside the client pod.
+fn http_round(cluster: &TestCluster, ns: &str, port: u16, proto: http::Proto) -> http::LoadResult {
     let server = cluster.pod(&format!("{ns}/server")).ip.to_string();
     let exe = exe();
     let out = cluster.exec_ok(
@@ -154,7 +166,8 @@ fn http_round(cluster: &TestCluster, ns: &str) -> http::LoadResult {
         &[
             &exe,
             "http-load",
-            &format!("{server}:8080"),
+            &format!("{server}:{port}"),
+            proto.arg(),
             &HTTP_RATE.to_string(),
             &HTTP_SECONDS.to_string(),
             &HTTP_CONNECTIONS.to_string(),
@@ -162,6 +175,52 @@ fn http_round(cluster: &TestCluster, ns: &str) -> http::LoadResult {
     );
     let v: serde_json::Value = serde_json::from_str(out.trim()).expect("http-load JSON");
     http::LoadResult::from_json(&v).expect("http-load JSON fields")
+}
+
+/// Requests per CPU second of the two node proxies (client's and
+/// server's), closed loop through `mesh/server:port` for a few seconds.
+/// Every request crosses both proxies, so this is requests per second one
+/// core could carry through a source and a destination proxy together.
+fn per_cpu_second(cluster: &TestCluster, mesh: &Mesh, port: u16, proto: http::Proto) -> (f64, f64) {
+    let server = cluster.pod("mesh/server").ip.to_string();
+    let cpu = || -> f64 {
+        ["node-a", "node-b"]
+            .iter()
+            .filter_map(|n| mesh.pid(&Component::NodeProxy(n.to_string())))
+            .filter_map(cpu_seconds)
+            .sum()
+    };
+    let before = cpu();
+    let out = cluster.exec_ok(
+        "mesh/client",
+        &[
+            &exe(),
+            "http-max",
+            &format!("{server}:{port}"),
+            proto.arg(),
+            &MAX_SECONDS.to_string(),
+            &MAX_CONCURRENCY.to_string(),
+        ],
+    );
+    let used = cpu() - before;
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("http-max JSON");
+    let completed = v["completed"].as_f64().unwrap_or(0.0);
+    let seconds = v["seconds"].as_f64().unwrap_or(f64::NAN);
+    (completed / used, completed / seconds)
+}
+
+/// Closed-loop throughput run: seconds and concurrent callers.
+const MAX_SECONDS: f64 = 4.0;
+const MAX_CONCURRENCY: usize = 16;
+
+/// User + system CPU seconds of a process so far.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf reads a constant of the system; no memory is shared.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some(ticks / hz)
 }
 
 fn exe() -> String {
@@ -260,21 +319,43 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
         Some("http-server") => {
-            let port = args.get(2).and_then(|p| p.parse().ok()).unwrap_or(8080);
-            http::server(port)
+            let ports: Vec<u16> = args[2..].iter().filter_map(|p| p.parse().ok()).collect();
+            if ports.is_empty() {
+                eprintln!("usage: mesh-bench http-server PORT...");
+                std::process::exit(2)
+            }
+            http::server(&ports)
         }
         Some("http-load") => {
-            let usage = "usage: mesh-bench http-load HOST:PORT RATE SECONDS CONNECTIONS";
-            let (Some(target), Some(rate), Some(seconds), Some(conns)) = (
+            let usage = "usage: mesh-bench http-load HOST:PORT h1|grpc RATE SECONDS CONNECTIONS";
+            let (Some(target), Some(proto), Some(rate), Some(seconds), Some(conns)) = (
                 args.get(2),
-                args.get(3).and_then(|a| a.parse().ok()),
+                args.get(3).and_then(|a| http::Proto::parse(a)),
+                args.get(4).and_then(|a| a.parse().ok()),
+                args.get(5).and_then(|a| a.parse().ok()),
+                args.get(6).and_then(|a| a.parse().ok()),
+            ) else {
+                eprintln!("{usage}");
+                std::process::exit(2)
+            };
+            println!(
+                "{}",
+                http::load(target, proto, rate, seconds, conns).to_json()
+            );
+            return;
+        }
+        Some("http-max") => {
+            let usage = "usage: mesh-bench http-max HOST:PORT h1|grpc SECONDS CONCURRENCY";
+            let (Some(target), Some(proto), Some(seconds), Some(concurrency)) = (
+                args.get(2),
+                args.get(3).and_then(|a| http::Proto::parse(a)),
                 args.get(4).and_then(|a| a.parse().ok()),
                 args.get(5).and_then(|a| a.parse().ok()),
             ) else {
                 eprintln!("{usage}");
                 std::process::exit(2)
             };
-            println!("{}", http::load(target, rate, seconds, conns).to_json());
+            println!("{}", http::max(target, proto, seconds, concurrency));
             return;
         }
         _ => {}
@@ -299,18 +380,29 @@ fn main() {
         .collect();
     let mut direct = measure(&cluster, "direct");
     let mut meshed = measure(&cluster, "mesh");
-    // HTTP at a fixed rate: rounds alternate the paths so that the
-    // machine's load drifts over both alike.
-    let (mut http_direct, mut http_mesh) = (Vec::new(), Vec::new());
+    // HTTP and gRPC at a fixed rate: rounds alternate the paths so that
+    // the machine's load drifts over all of them alike.
+    let protos = [http::Proto::Http1, http::Proto::Grpc];
+    let mut latency: Vec<Vec<Vec<http::LoadResult>>> =
+        vec![vec![Vec::new(); HTTP_PATHS.len()]; protos.len()];
     for round in 0..HTTP_ROUNDS {
-        for ns in ["direct", "mesh"] {
-            let r = http_round(&cluster, ns);
-            eprintln!("http round {round} {ns}: {r:?}");
-            if ns == "direct" {
-                http_direct.push(r);
-            } else {
-                http_mesh.push(r);
+        for (pi, proto) in protos.iter().enumerate() {
+            for (i, (label, ns, port)) in HTTP_PATHS.iter().enumerate() {
+                let r = http_round(&cluster, ns, *port, *proto);
+                eprintln!("round {round} {proto:?} {label}: {r:?}");
+                latency[pi][i].push(r);
             }
+        }
+    }
+    // Requests per CPU second of the proxies, L7 and L4.
+    let mut per_cpu = Vec::new();
+    for proto in protos {
+        for (label, port) in [("L7", 8080), ("L4 only", 8090)] {
+            let (per_cpu_s, rps) = per_cpu_second(&cluster, &mesh, port, proto);
+            eprintln!(
+                "closed loop {proto:?} {label}: {per_cpu_s:.0} req per proxy CPU second, {rps:.0} req/s"
+            );
+            per_cpu.push((proto, label, per_cpu_s, rps));
         }
     }
     let busy: Vec<f64> = ["node-a", "node-b"]
@@ -360,35 +452,56 @@ fn main() {
         meshed.p99_us,
         meshed.p99_us / direct.p99_us
     );
-    let http_row = |what: &str, pick: fn(&http::LoadResult) -> f64| {
-        let mut d: Vec<f64> = http_direct.iter().map(pick).collect();
-        let mut m: Vec<f64> = http_mesh.iter().map(pick).collect();
-        let (dm, mm) = (median(&mut d), median(&mut m));
+    for (pi, proto) in protos.iter().enumerate() {
+        let name = match proto {
+            http::Proto::Http1 => "HTTP/1.1 GET",
+            http::Proto::Grpc => "gRPC unary (HTTP/2)",
+        };
         println!(
-            "{:<28} {:>14} {:>14} {:>8.2}",
-            what,
-            format!("{dm:.0} [{}]", spread(&d)),
-            format!("{mm:.0} [{}]", spread(&m)),
-            mm / dm
+            "{name}, open loop, {HTTP_RATE} req/s for {HTTP_SECONDS}s over {HTTP_CONNECTIONS} connections, {HTTP_ROUNDS} rounds per path (median of the rounds [min-max]; ratio to direct):"
         );
-    };
+        println!(
+            "{:<14} {:>20} {:>20} {:>20}",
+            "", HTTP_PATHS[0].0, HTTP_PATHS[1].0, HTTP_PATHS[2].0
+        );
+        let row = |what: &str, pick: fn(&http::LoadResult) -> f64| {
+            let mut cells = Vec::new();
+            let mut base = f64::NAN;
+            for (i, runs) in latency[pi].iter().enumerate() {
+                let mut v: Vec<f64> = runs.iter().map(pick).collect();
+                let m = median(&mut v);
+                if i == 0 {
+                    base = m;
+                    cells.push(format!("{m:.0} [{}]", spread(&v)));
+                } else {
+                    cells.push(format!("{m:.0} [{}] {:.2}x", spread(&v), m / base));
+                }
+            }
+            println!(
+                "{what:<14} {:>20} {:>20} {:>20}",
+                cells[0], cells[1], cells[2]
+            );
+        };
+        row("p50 (us)", |r| r.p50_us);
+        row("p99 (us)", |r| r.p99_us);
+        row("achieved/s", |r| r.achieved_rps);
+        let errors: Vec<String> = latency[pi]
+            .iter()
+            .zip(HTTP_PATHS)
+            .map(|(runs, (label, _, _))| {
+                let e: usize = runs.iter().map(|r| r.errors).sum();
+                let n: usize = runs.iter().map(|r| r.sent).sum();
+                format!("{label} {e}/{n}")
+            })
+            .collect();
+        println!("errors: {}", errors.join(", "));
+    }
     println!(
-        "HTTP/1.1 GET, open loop, {HTTP_RATE} req/s for {HTTP_SECONDS}s over {HTTP_CONNECTIONS} connections, {HTTP_ROUNDS} rounds per path (median of the rounds [min-max]):"
+        "requests per CPU second of the two node proxies together (closed loop, {MAX_CONCURRENCY} callers, {MAX_SECONDS}s; each request crosses both):"
     );
-    http_row("HTTP p50 (us)", |r| r.p50_us);
-    http_row("HTTP p90 (us)", |r| r.p90_us);
-    http_row("HTTP p99 (us)", |r| r.p99_us);
-    http_row("HTTP max (us)", |r| r.max_us);
-    http_row("HTTP achieved req/s", |r| r.achieved_rps);
-    let errors = |v: &[http::LoadResult]| v.iter().map(|r| r.errors).sum::<usize>();
-    let sent = |v: &[http::LoadResult]| v.iter().map(|r| r.sent).sum::<usize>();
-    println!(
-        "HTTP errors: direct {}/{}, mesh {}/{}",
-        errors(&http_direct),
-        sent(&http_direct),
-        errors(&http_mesh),
-        sent(&http_mesh)
-    );
+    for (proto, label, per_cpu_s, rps) in &per_cpu {
+        println!("  {proto:?} {label:<8} {per_cpu_s:>8.0} req/CPU-s   ({rps:.0} req/s)");
+    }
     for ((node, i), b) in ["node-a", "node-b"].iter().zip(&idle).zip(&busy) {
         println!(
             "node proxy {node} RSS: {i:.1} MiB idle (1 enrolled pod), {b:.1} MiB after the runs"
