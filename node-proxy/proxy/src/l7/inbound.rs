@@ -166,6 +166,7 @@ impl From<&TcpLabels> for Peers {
             destination_namespace: l.destination_namespace.clone(),
             destination_principal: l.destination_principal.clone(),
             destination_service: l.destination_service.clone(),
+            route: String::new(),
         }
     }
 }
