@@ -125,6 +125,8 @@ pub struct Context {
     pub upstreams: crate::l7::UpstreamPool,
     /// Compiled HTTPRoutes of the view, retry budgets per Service.
     pub routing: Arc<crate::l7::routing::OutboundRouting>,
+    /// Compiled inbound routes (route-level authorization).
+    pub inbound_routing: Arc<crate::l7::route_authz::InboundRouting>,
     /// How long protocol detection waits for a client's first bytes.
     pub detect_timeout: Duration,
 }
@@ -147,6 +149,7 @@ impl Context {
             request_metrics: crate::l7::RequestMetrics::default(),
             upstreams: crate::l7::UpstreamPool::new(),
             routing: Arc::default(),
+            inbound_routing: Arc::default(),
             detect_timeout: crate::protocol::DETECT_TIMEOUT,
         }
     }

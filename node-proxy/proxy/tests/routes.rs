@@ -376,3 +376,190 @@ fn a_slow_endpoint_gets_a_smaller_share() {
     assert!(slow * 100 < N * 30, "slow endpoint got {slow} of {N}");
     mc.down();
 }
+
+/// A Server on the `vault` pods (deny by default) with two HTTPRoutes:
+/// `status` (paths /status/…) for the `admin` account only, `hello` for
+/// any meshed client. Clients on node-a, the server on node-b (HBONE: the
+/// identity is verified).
+const ROUTE_AUTHZ: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: demo, labels: {weft.io/mesh: enabled}}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: client, namespace: demo}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: admin, namespace: demo}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: vault, namespace: demo}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: demo}
+spec: {nodeName: node-a, serviceAccountName: client, containers: [{name: main, command: [sleep, infinity]}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: admin, namespace: demo}
+spec: {nodeName: node-a, serviceAccountName: admin, containers: [{name: main, command: [sleep, infinity]}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: vault-1, namespace: demo, labels: {app: vault}}
+spec:
+  nodeName: node-b
+  serviceAccountName: vault
+  containers: [{name: main, command: [./http_server.py, "8080", vault-1], ports: [{containerPort: 8080}]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: vault, namespace: demo}
+spec: {selector: {app: vault}, ports: [{port: 80, targetPort: 8080}]}
+---
+apiVersion: policy.weft.io/v1alpha1
+kind: Server
+metadata: {name: vault-http, namespace: demo}
+spec:
+  podSelector: {matchLabels: {app: vault}}
+  port: 8080
+  accessPolicy: deny
+---
+apiVersion: policy.weft.io/v1alpha1
+kind: HTTPRoute
+metadata: {name: status, namespace: demo}
+spec:
+  parentRefs: [{group: policy.weft.io, kind: Server, name: vault-http}]
+  rules: [{matches: [{path: {type: PathPrefix, value: /status}}]}]
+---
+apiVersion: policy.weft.io/v1alpha1
+kind: HTTPRoute
+metadata: {name: hello, namespace: demo}
+spec:
+  parentRefs: [{group: policy.weft.io, kind: Server, name: vault-http}]
+  rules: [{matches: [{path: {type: PathPrefix, value: /hello}}]}]
+---
+apiVersion: policy.weft.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: status-for-admin, namespace: demo}
+spec:
+  targetRef: {group: policy.weft.io, kind: HTTPRoute, name: status}
+  requiredAuthenticationRefs: [{kind: ServiceAccount, name: admin}]
+---
+apiVersion: policy.weft.io/v1alpha1
+kind: MeshTLSAuthentication
+metadata: {name: any-mesh-client, namespace: demo}
+spec: {identities: ["*"]}
+---
+apiVersion: policy.weft.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: hello-for-all, namespace: demo}
+spec:
+  targetRef: {group: policy.weft.io, kind: HTTPRoute, name: hello}
+  requiredAuthenticationRefs:
+    - {group: policy.weft.io, kind: MeshTLSAuthentication, name: any-mesh-client}
+"#;
+
+/// (status, body) of one curl from `pod`.
+fn curl_from(mc: &MeshCluster, pod: &str, url: &str) -> (u16, String) {
+    let out = mc.cluster().exec(
+        pod,
+        &[
+            "curl",
+            "-sS",
+            "--noproxy",
+            "*",
+            "--max-time",
+            "20",
+            "-w",
+            "\n=%{http_code}",
+            url,
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = stdout.rsplit_once("\n=").unwrap_or_else(|| {
+        panic!(
+            "{pod} {url}: {stdout} {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (code.trim().parse().unwrap(), body.to_string())
+}
+
+#[test]
+fn route_level_authorization_decides_each_request() {
+    let mc = MeshCluster::up(&[("c.yaml", ROUTE_AUTHZ)]);
+    let node_b = mc.node_ip("node-b");
+
+    // admin: authorized on `status` (by its policy) and on `hello`.
+    let (code, body) = curl_from(&mc, "demo/admin", "http://vault.demo/status/200");
+    assert_eq!((code, body.as_str()), (200, "status 200 from vault-1"));
+    let (code, body) = curl_from(&mc, "demo/admin", "http://vault.demo/hello");
+    assert_eq!((code, body.as_str()), (200, "hello from vault-1"));
+    // client: nothing on the Server authorizes it (accessPolicy deny), but
+    // the `hello` route does: the connection is admitted, `hello` answers,
+    // and `status` is refused per request by the destination proxy.
+    let (code, body) = curl_from(&mc, "demo/client", "http://vault.demo/hello");
+    assert_eq!((code, body.as_str()), (200, "hello from vault-1"));
+    let (code, body) = curl_from(&mc, "demo/client", "http://vault.demo/status/200");
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("demo/status"), "refused by the route: {body}");
+    // A path no route of the Server matches: 404 (the application would
+    // have answered 200).
+    let (code, body) = curl_from(&mc, "demo/admin", "http://vault.demo/delay/1");
+    assert_eq!(code, 404, "{body}");
+
+    // Counted per request with the route's policy (allowed) or the route
+    // that refused (denied).
+    let authz = |which: &str, labels: &[(&str, &str)]| {
+        metric_sum(node_b, &format!("weft_inbound_authz_{which}_total"), labels)
+    };
+    wait_metric_sum(
+        node_b,
+        "weft_inbound_authz_denied_total",
+        &[
+            ("reason", "route_denied"),
+            ("policy", "demo/status"),
+            ("server", "vault-http"),
+        ],
+        1.0,
+    );
+    assert_eq!(
+        authz(
+            "allowed",
+            &[
+                ("reason", "route_authorized"),
+                ("policy", "demo/status-for-admin")
+            ]
+        ),
+        1.0
+    );
+    assert_eq!(
+        authz(
+            "allowed",
+            &[
+                ("reason", "route_authorized"),
+                ("policy", "demo/hello-for-all")
+            ]
+        ),
+        2.0
+    );
+    // The client's connection was admitted at L4 for routes only.
+    assert!(authz("allowed", &[("reason", "routes_only")]) >= 1.0);
+    // The destination side's request metrics carry the route.
+    wait_metric_sum(
+        node_b,
+        "weft_requests_total",
+        &[
+            ("reporter", "destination"),
+            ("route", "demo/status"),
+            ("status_code", "403"),
+        ],
+        1.0,
+    );
+    mc.down();
+}
