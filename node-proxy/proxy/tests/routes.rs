@@ -462,7 +462,65 @@ spec:
   targetRef: {group: policy.weft.io, kind: HTTPRoute, name: hello}
   requiredAuthenticationRefs:
     - {group: policy.weft.io, kind: MeshTLSAuthentication, name: any-mesh-client}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: vault-grpc-1, namespace: demo, labels: {app: vault-grpc}}
+spec:
+  nodeName: node-b
+  serviceAccountName: vault
+  containers: [{name: main, command: [./grpc_echo.py, serve, "50051", vault-grpc-1], ports: [{containerPort: 50051}]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: vault-grpc, namespace: demo}
+spec: {selector: {app: vault-grpc}, ports: [{port: 50051, targetPort: 50051, appProtocol: kubernetes.io/h2c}]}
+---
+apiVersion: policy.weft.io/v1alpha1
+kind: Server
+metadata: {name: vault-grpc, namespace: demo}
+spec:
+  podSelector: {matchLabels: {app: vault-grpc}}
+  port: 50051
+  accessPolicy: deny
+---
+apiVersion: policy.weft.io/v1alpha1
+kind: HTTPRoute
+metadata: {name: echo, namespace: demo}
+spec:
+  parentRefs: [{group: policy.weft.io, kind: Server, name: vault-grpc}]
+  rules: [{matches: [{path: {type: Exact, value: /weft.test.Echo/Echo}}]}]
+---
+apiVersion: policy.weft.io/v1alpha1
+kind: HTTPRoute
+metadata: {name: stream, namespace: demo}
+spec:
+  parentRefs: [{group: policy.weft.io, kind: Server, name: vault-grpc}]
+  rules: [{matches: [{path: {type: Exact, value: /weft.test.Echo/Stream}}]}]
+---
+apiVersion: policy.weft.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: echo-for-admin, namespace: demo}
+spec:
+  targetRef: {group: policy.weft.io, kind: HTTPRoute, name: echo}
+  requiredAuthenticationRefs: [{kind: ServiceAccount, name: admin}]
+---
+apiVersion: policy.weft.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: stream-for-all, namespace: demo}
+spec:
+  targetRef: {group: policy.weft.io, kind: HTTPRoute, name: stream}
+  requiredAuthenticationRefs:
+    - {group: policy.weft.io, kind: MeshTLSAuthentication, name: any-mesh-client}
 "#;
+
+/// Runs the gRPC client in `pod`; returns its JSON results.
+fn grpc(mc: &MeshCluster, pod: &str, args: &[&str]) -> serde_json::Value {
+    let mut argv = vec!["./grpc_echo.py"];
+    argv.extend_from_slice(args);
+    let out = mc.cluster().exec_ok(pod, &argv);
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
 
 /// (status, body) of one curl from `pod`.
 fn curl_from(mc: &MeshCluster, pod: &str, url: &str) -> (u16, String) {
@@ -512,6 +570,30 @@ fn route_level_authorization_decides_each_request() {
     // have answered 200).
     let (code, body) = curl_from(&mc, "demo/admin", "http://vault.demo/delay/1");
     assert_eq!(code, 404, "{body}");
+
+    // gRPC, per method: the client may stream (every mesh client may) but
+    // not call Echo (admin only): PERMISSION_DENIED, from the destination
+    // proxy; admin may.
+    let r = grpc(&mc, "demo/client", &["call", "vault-grpc.demo:50051", "hi"]);
+    assert_eq!(r[0]["code"], "PERMISSION_DENIED", "{r}");
+    let r = grpc(
+        &mc,
+        "demo/client",
+        &["stream", "vault-grpc.demo:50051", "3"],
+    );
+    assert_eq!(r[2]["ok"], "vault-grpc-1:2", "{r}");
+    let r = grpc(&mc, "demo/admin", &["call", "vault-grpc.demo:50051", "hi"]);
+    assert_eq!(r[0]["ok"], "vault-grpc-1:hi", "{r}");
+    wait_metric_sum(
+        node_b,
+        "weft_inbound_authz_denied_total",
+        &[
+            ("reason", "route_denied"),
+            ("policy", "demo/echo"),
+            ("server", "vault-grpc"),
+        ],
+        1.0,
+    );
 
     // Counted per request with the route's policy (allowed) or the route
     // that refused (denied).
