@@ -41,6 +41,10 @@ def flaky_fails(percent):
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body are separate writes: without TCP_NODELAY the body
+    # waits for the peer's delayed ACK of the headers (~40 ms), which would
+    # swamp the latencies the tests measure.
+    disable_nagle_algorithm = True
 
     def log_message(self, *args):
         pass

@@ -253,9 +253,9 @@ impl Connection {
                 return result;
             }
             metrics.retried(destination, label);
-            // The failed response is dropped unread: its connection is not
-            // reused (hyper closes an HTTP/1 connection with an unread body).
-            drop(result);
+            if let Ok(response) = result {
+                drain(response).await;
+            }
             retries += 1;
             tokio::time::sleep(backoff(policy.backoff_ms, retries)).await;
         }
@@ -418,6 +418,22 @@ fn backoff(base_ms: u64, retries: u32) -> Duration {
     let base = if base_ms == 0 { 25 } else { base_ms };
     let factor = 1u64 << retries.saturating_sub(1).min(3);
     Duration::from_millis(base.saturating_mul(factor).min(base.saturating_mul(10)))
+}
+
+/// Reads a failed attempt's response to its end when it is small, so its
+/// connection can serve the retry: hyper closes an HTTP/1 connection whose
+/// response is dropped unread, and the retry would pay a new connection
+/// (a new HBONE stream and TLS-protected handshake) for it.
+async fn drain(response: Response<Incoming>) {
+    let small = response
+        .body()
+        .size_hint()
+        .upper()
+        .is_some_and(|n| n <= MAX_REPLAY_BODY as u64);
+    if small {
+        let body = response.into_body().collect();
+        let _ = tokio::time::timeout(Duration::from_secs(1), body).await;
+    }
 }
 
 /// A new request with the buffered body, for an attempt.
