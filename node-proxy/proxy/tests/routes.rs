@@ -571,6 +571,24 @@ fn route_level_authorization_decides_each_request() {
     let (code, body) = curl_from(&mc, "demo/admin", "http://vault.demo/delay/1");
     assert_eq!(code, 404, "{body}");
 
+    // The client is admitted for routes only: a connection that is not
+    // HTTP (random bytes) could not be checked request by request, so the
+    // destination proxy refuses it instead of splicing it to the server.
+    let out = mc.cluster().exec(
+        "demo/client",
+        &["./tcp_client.py", "vault.demo", "80", "1000"],
+    );
+    assert!(!out.status.success(), "{out:?}");
+    wait_metric_sum(
+        node_b,
+        "weft_inbound_authz_denied_total",
+        &[
+            ("reason", "routes_only_opaque"),
+            ("destination_workload", "vault-1"),
+        ],
+        1.0,
+    );
+
     // gRPC, per method: the client may stream (every mesh client may) but
     // not call Echo (admin only): PERMISSION_DENIED, from the destination
     // proxy; admin may.
