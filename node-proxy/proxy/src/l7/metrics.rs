@@ -5,8 +5,9 @@
 //! have dashboards for that shape) with Linkerd's `classification`. Every
 //! label value comes from a bounded set: workload names and identities from
 //! the view, a method *class* (the standard methods, else `other`), the
-//! status code, the gRPC status, and a route name (`default` until HTTPRoute
-//! exists). Paths, hosts and header values never become labels.
+//! status code, the gRPC status, and a route name (the HTTPRoute rule from
+//! the view, `default` without routes, `unmatched` for the proxy's 404).
+//! Paths, hosts and header values never become labels.
 
 use super::classify::{Classification, MethodClass};
 use crate::metrics::Reporter;
