@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """HTTP/1.1 test server (keep-alive, dual-stack, one thread per connection).
 
-usage: http_server.py PORT NAME
+usage: http_server.py PORT NAME [WORK_MS]
 
   GET  /hello            200, body "hello from NAME"
   GET  /status/CODE      that status, body "status CODE from NAME"
@@ -11,18 +11,40 @@ usage: http_server.py PORT NAME
                          so a test can find its latency in its own series)
   PUT  /echo             200, the request body (Content-Length or chunked)
   GET  /upgrade          with "Upgrade: weft-echo": 101, then echoes raw bytes
+  GET  /flaky/PERCENT    500 for PERCENT % of the requests to /flaky, spread
+                         evenly and deterministically (50: every other one)
+  GET  /work             200 after WORK_MS milliseconds (0 unless given), so
+                         two servers of one Service can differ in latency
 Every response names the server in the header "x-served-by: NAME".
 """
 import socket
 import sys
+import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 NAME = sys.argv[2] if len(sys.argv) > 2 else "server"
+WORK_MS = int(sys.argv[3]) if len(sys.argv) > 3 else 0
+
+# /flaky requests seen; request n fails when floor((n+1)p/100) > floor(np/100).
+flaky_lock = threading.Lock()
+flaky_seen = 0
+
+
+def flaky_fails(percent):
+    global flaky_seen
+    with flaky_lock:
+        n = flaky_seen
+        flaky_seen += 1
+    return (n + 1) * percent // 100 > n * percent // 100
 
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body are separate writes: without TCP_NODELAY the body
+    # waits for the peer's delayed ACK of the headers (~40 ms), which would
+    # swamp the latencies the tests measure.
+    disable_nagle_algorithm = True
 
     def log_message(self, *args):
         pass
@@ -58,6 +80,14 @@ class Handler(BaseHTTPRequestHandler):
         elif parts[0] == "delay":
             time.sleep(int(parts[1]) / 1000)
             self.reply(200, f"delayed {parts[1]} ms by {NAME}".encode())
+        elif parts[0] == "flaky":
+            if flaky_fails(int(parts[1])):
+                self.reply(500, f"flaky failure from {NAME}".encode())
+            else:
+                self.reply(200, f"flaky success from {NAME}".encode())
+        elif parts[0] == "work":
+            time.sleep(WORK_MS / 1000)
+            self.reply(200, f"worked {WORK_MS} ms at {NAME}".encode())
         elif parts[0] == "chunked":
             self.send_response(200)
             self.send_header("x-served-by", NAME)

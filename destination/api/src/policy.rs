@@ -7,6 +7,11 @@
 //!    is allowed;
 //! 2. when a Server selects the port, an authorization that the client
 //!    satisfies allows it; otherwise the Server's `accessPolicy` decides;
+//!    when that refuses and the client satisfies an authorization of one
+//!    of the Server's routes, the connection is admitted *for those
+//!    routes only* ([`Decision::routes_only`]): the proxy must then decide
+//!    each request ([`crate::routing::InboundRoutes`]) and refuse the
+//!    connection if it cannot (not HTTP);
 //! 3. otherwise the workload's default policy decides.
 //!
 //! Anything the proxy cannot make sense of (an unknown enum value, a
@@ -32,11 +37,14 @@ pub enum Reason {
     DefaultDenies(DefaultPolicy),
     /// `audit`: allowed, but `deny` would have refused it (log and count).
     Audit,
+    /// An AuthorizationPolicy of one of the Server's routes is satisfied:
+    /// admitted for its requests only, each decided by route.
+    RoutesOnly,
 }
 
 impl Reason {
     /// For metric labels: `probe`, `authorized`, `default_allow`,
-    /// `default_deny`, `audit`.
+    /// `default_deny`, `audit`, `routes_only`.
     pub fn as_label(self) -> &'static str {
         match self {
             Reason::Probe => "probe",
@@ -44,6 +52,7 @@ impl Reason {
             Reason::DefaultAllows(_) => "default_allow",
             Reason::DefaultDenies(_) => "default_deny",
             Reason::Audit => "audit",
+            Reason::RoutesOnly => "routes_only",
         }
     }
 }
@@ -67,6 +76,10 @@ pub struct Decision {
     pub server: Option<String>,
     /// The AuthorizationPolicy (`namespace/name`) that allowed it, if any.
     pub policy: Option<String>,
+    /// Allowed only because a route-level policy admits the client: every
+    /// request must be authorized by route, and a connection that is not
+    /// HTTP refused.
+    pub routes_only: bool,
 }
 
 /// The name operators write (`all-authenticated`, …).
@@ -103,6 +116,7 @@ pub fn authorize(
             reason: Reason::Probe,
             server: None,
             policy: None,
+            routes_only: false,
         };
     }
     let client_uri = client.map(|id| id.to_string());
@@ -128,14 +142,36 @@ fn decide_server(policy: &Policy, server: &PolicyServer, client: &Client<'_>) ->
             reason: Reason::Authorized,
             server: Some(server.name.clone()),
             policy: Some(authz.policy.clone()),
+            routes_only: false,
         };
     }
-    decide_default(
+    let decision = decide_default(
         policy,
         known(server.access_policy),
         client,
         Some(server.name.clone()),
-    )
+    );
+    if decision.allowed {
+        return decision;
+    }
+    // A client authorized on some route only: admitted, each request then
+    // decided by route (the others get 403). Without this a route-level
+    // AuthorizationPolicy could never let anyone in.
+    let on_route = server
+        .routes
+        .iter()
+        .flat_map(|r| &r.authorizations)
+        .find(|a| satisfied(a, client));
+    match on_route {
+        Some(authz) => Decision {
+            allowed: true,
+            reason: Reason::RoutesOnly,
+            server: Some(server.name.clone()),
+            policy: Some(authz.policy.clone()),
+            routes_only: true,
+        },
+        None => decision,
+    }
 }
 
 /// Unknown values (a newer control plane's, or garbage) count as `deny`.
@@ -176,6 +212,7 @@ fn decide_default(
         reason,
         server,
         policy: None,
+        routes_only: false,
     }
 }
 

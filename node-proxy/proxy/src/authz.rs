@@ -56,6 +56,10 @@ pub struct Verdict {
     /// The AuthorizationPolicy (`namespace/name`) that allowed it, or the
     /// default policy's name (`deny`, `all-authenticated`, …) that decided.
     pub policy: String,
+    /// Admitted only for the Server's routes a route-level policy opens to
+    /// this client: each request must be authorized by route, and a
+    /// connection that is not HTTP refused.
+    pub routes_only: bool,
 }
 
 impl Verdict {
@@ -79,6 +83,7 @@ pub fn decide(view: Option<&View>, conn: &Inbound) -> Verdict {
             reason: "no_control_plane",
             server: String::new(),
             policy: String::new(),
+            routes_only: false,
         };
     };
     let policy = conn
@@ -93,6 +98,7 @@ pub fn decide(view: Option<&View>, conn: &Inbound) -> Verdict {
             reason: "no_policy",
             server: String::new(),
             policy: String::new(),
+            routes_only: false,
         };
     };
     let d = authorize(policy, conn.port, conn.client.as_deref(), conn.client_ip);
@@ -100,13 +106,14 @@ pub fn decide(view: Option<&View>, conn: &Inbound) -> Verdict {
         (Some(p), _) => p,
         (None, Reason::DefaultAllows(p) | Reason::DefaultDenies(p)) => policy_name(p).into(),
         (None, Reason::Audit) => "audit".into(),
-        (None, Reason::Probe | Reason::Authorized) => String::new(),
+        (None, Reason::Probe | Reason::Authorized | Reason::RoutesOnly) => String::new(),
     };
     Verdict {
         allowed: d.allowed,
         reason: d.reason.as_label(),
         server: d.server.unwrap_or_default(),
         policy,
+        routes_only: d.routes_only,
     }
 }
 
@@ -177,6 +184,7 @@ impl InboundAuthz {
             authz: self.clone(),
             id,
             revoked: rx,
+            routes_only: verdict.routes_only,
         })
     }
 
@@ -226,6 +234,8 @@ pub struct Admission {
     authz: Arc<InboundAuthz>,
     id: u64,
     revoked: oneshot::Receiver<Verdict>,
+    /// See [`Verdict::routes_only`].
+    pub routes_only: bool,
 }
 
 impl Admission {

@@ -1,17 +1,30 @@
-//! Picking a Service endpoint for a new connection.
+//! Picking a Service endpoint for a new connection or request.
 //!
-//! Power of two choices over a peak-sensitive EWMA of connect latency, as
-//! Linkerd and Finagle do: pick two endpoints at random, take the one with
-//! the lower cost, where cost is the latency estimate times one more than
-//! the connections in flight. Two random candidates avoid the herding that "always the best"
+//! Power of two choices over a peak-sensitive EWMA of latency (connect
+//! latency at L4, response latency at L7), as Linkerd and Finagle do: pick
+//! two endpoints at random, take the one with the lower cost, where cost is
+//! the latency estimate times one more than the connections or requests in
+//! flight. Two random candidates avoid the herding that "always the best"
 //! causes when every proxy sees the same best endpoint; the in-flight factor
 //! spreads load before the latency estimate catches up. kube-proxy, by
 //! contrast, picks uniformly and keeps sending to a slow or dead endpoint.
 //!
-//! An endpoint whose connect just failed is skipped for a backoff that
-//! doubles with each consecutive failure (1 s … 30 s) and resets on success.
-//! When every endpoint is backed off, the one whose backoff ends first is
-//! tried anyway: refusing outright would turn a blip into an outage.
+//! Circuit breaking: an endpoint is *ejected* (skipped) for a backoff that
+//! doubles with each ejection in a row (1 s … 30 s)
+//! - at once when connecting to it fails ([`Balancer::failed`]): nothing
+//!   reached it, it is most likely gone, and at L4 every attempt costs a
+//!   client a failed connection;
+//! - after `failures_to_eject` (5) failed responses in a row (5xx, a reset
+//!   mid-request: [`Balancer::request_failed`]): one error is often the
+//!   request's fault, not the endpoint's, so a single one must not shift a
+//!   whole Service's load.
+//!
+//! When the ejection ends, one request (or connection) is let through as a
+//! probe while the others still avoid the endpoint; its success re-admits
+//! the endpoint (and resets the backoff), its failure ejects it again for
+//! twice as long. When every endpoint is ejected, the one whose ejection
+//! ends first is tried anyway: refusing outright would turn a blip into an
+//! outage.
 
 use rand::Rng;
 use std::collections::HashMap;
@@ -29,6 +42,8 @@ pub struct BalancerConfig {
     pub default_latency: Duration,
     pub failure_backoff: Duration,
     pub max_failure_backoff: Duration,
+    /// Failed responses in a row that eject an endpoint.
+    pub failures_to_eject: u32,
 }
 
 impl Default for BalancerConfig {
@@ -38,6 +53,7 @@ impl Default for BalancerConfig {
             default_latency: Duration::from_millis(1),
             failure_backoff: Duration::from_secs(1),
             max_failure_backoff: Duration::from_secs(30),
+            failures_to_eject: 5,
         }
     }
 }
@@ -49,7 +65,12 @@ struct Stats {
     updated: Instant,
     in_flight: usize,
     consecutive_failures: u32,
+    /// Ejections in a row (the backoff doubles with each).
+    ejections: u32,
     backoff_until: Option<Instant>,
+    /// The ejection ended and one probe is in flight: the others keep
+    /// avoiding the endpoint until it answers.
+    probing: bool,
 }
 
 /// Per-endpoint state, shared by every connection of the node proxy.
@@ -83,10 +104,10 @@ impl<K: Hash + Eq + Clone> Balancer<K> {
         let usable: Vec<&K> = candidates
             .iter()
             .filter(|k| {
-                stats
-                    .get(*k)
-                    .and_then(|s| s.backoff_until)
-                    .is_none_or(|until| until <= now)
+                stats.get(*k).is_none_or(|s| match s.backoff_until {
+                    None => true,
+                    Some(until) => until <= now && !s.probing,
+                })
             })
             .collect();
         let chosen = match usable.len() {
@@ -109,12 +130,25 @@ impl<K: Hash + Eq + Clone> Balancer<K> {
             }
         }
         .clone();
-        self.entry(&mut stats, &chosen, now).in_flight += 1;
+        let s = self.entry(&mut stats, &chosen, now);
+        s.in_flight += 1;
+        if s.backoff_until.is_some() {
+            // Ejected until now (or every endpoint is): this one is the probe.
+            s.probing = true;
+        }
         Some(chosen)
     }
 
-    /// The connection to `k` was established after `latency`.
+    /// The connection to `k` was established, or its response arrived,
+    /// after `latency`: a success.
     pub fn connected(&self, k: &K, latency: Duration) {
+        self.responded(k, latency, true);
+    }
+
+    /// A response from `k` arrived after `latency`; `ok`: not a failure
+    /// (a 5xx is one: it counts towards ejection, its latency is still
+    /// measured).
+    pub fn responded(&self, k: &K, latency: Duration, ok: bool) {
         let now = Instant::now();
         let mut stats = self.stats.lock().expect("balancer lock");
         let decay = self.config.decay.as_secs_f64();
@@ -131,22 +165,48 @@ impl<K: Hash + Eq + Clone> Balancer<K> {
             s.ewma = s.ewma * w + observed * (1.0 - w);
         }
         s.updated = now;
-        s.consecutive_failures = 0;
-        s.backoff_until = None;
+        if ok {
+            s.consecutive_failures = 0;
+            s.ejections = 0;
+            s.backoff_until = None;
+            s.probing = false;
+        } else {
+            self.count_failure(s, now, false);
+        }
     }
 
-    /// Connecting to `k` failed.
+    /// Connecting to `k` failed: ejected at once.
     pub fn failed(&self, k: &K) {
         let now = Instant::now();
         let mut stats = self.stats.lock().expect("balancer lock");
-        let (base, max) = (self.config.failure_backoff, self.config.max_failure_backoff);
         let s = self.entry(&mut stats, k, now);
         s.in_flight = s.in_flight.saturating_sub(1);
+        self.count_failure(s, now, true);
+    }
+
+    /// A request to `k` failed without a response (reset, timed out):
+    /// counts towards ejection.
+    pub fn request_failed(&self, k: &K) {
+        let now = Instant::now();
+        let mut stats = self.stats.lock().expect("balancer lock");
+        let s = self.entry(&mut stats, k, now);
+        s.in_flight = s.in_flight.saturating_sub(1);
+        self.count_failure(s, now, false);
+    }
+
+    fn count_failure(&self, s: &mut Stats, now: Instant, eject_now: bool) {
         s.consecutive_failures = s.consecutive_failures.saturating_add(1);
-        let backoff = base
-            .saturating_mul(1u32 << (s.consecutive_failures - 1).min(16))
-            .min(max);
-        s.backoff_until = Some(now + backoff);
+        // A failed probe ejects again whatever the count.
+        if eject_now || s.probing || s.consecutive_failures >= self.config.failures_to_eject {
+            s.ejections = s.ejections.saturating_add(1);
+            let backoff = self
+                .config
+                .failure_backoff
+                .saturating_mul(1u32 << (s.ejections - 1).min(16))
+                .min(self.config.max_failure_backoff);
+            s.backoff_until = Some(now + backoff);
+            s.probing = false;
+        }
     }
 
     /// A pick that ended with no outcome to learn from (the request was
@@ -155,6 +215,8 @@ impl<K: Hash + Eq + Clone> Balancer<K> {
         let mut stats = self.stats.lock().expect("balancer lock");
         if let Some(s) = stats.get_mut(k) {
             s.in_flight = s.in_flight.saturating_sub(1);
+            // An abandoned probe tells nothing: the next pick probes.
+            s.probing = false;
         }
     }
 
@@ -216,7 +278,9 @@ impl<K: Hash + Eq + Clone> Balancer<K> {
             updated: now,
             in_flight: 0,
             consecutive_failures: 0,
+            ejections: 0,
             backoff_until: None,
+            probing: false,
         })
     }
 }
@@ -303,6 +367,82 @@ mod tests {
         assert!(!b.state(&"bad").unwrap().backed_off);
         b.connected(&"bad", Duration::from_millis(1));
         assert_eq!(b.state(&"bad").unwrap().consecutive_failures, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failed_responses_eject_after_five_in_a_row_and_a_probe_readmits() {
+        let b = Balancer::new(BalancerConfig::default());
+        let mut rng = StdRng::seed_from_u64(4);
+        let eps = ["good", "bad"];
+        let ms = Duration::from_millis(1);
+        // Four 5xx, a success, four more: never five in a row, never ejected.
+        for ok in [false, false, false, false, true, false, false, false, false] {
+            b.responded(&"bad", ms, ok);
+            assert!(!b.state(&"bad").unwrap().backed_off);
+        }
+        b.request_failed(&"bad");
+        let s = b.state(&"bad").unwrap();
+        assert!(s.backed_off && s.consecutive_failures == 5, "{s:?}");
+        for _ in 0..50 {
+            let k = b.pick(&eps, &mut rng).unwrap();
+            assert_eq!(k, "good", "ejected for 1 s");
+            b.connected(&k, ms);
+        }
+        // The ejection ends: exactly one pick goes to "bad" (the probe), the
+        // others avoid it while the probe is in flight.
+        tokio::time::advance(Duration::from_millis(1001)).await;
+        let picks: Vec<_> = (0..50).map(|_| b.pick(&eps, &mut rng).unwrap()).collect();
+        assert_eq!(
+            picks.iter().filter(|k| **k == "bad").count(),
+            1,
+            "{picks:?}"
+        );
+        for k in picks.iter().filter(|k| **k == "good") {
+            b.connected(k, ms);
+        }
+        // The probe fails: ejected again, twice as long.
+        b.responded(&"bad", ms, false);
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        assert!(b.state(&"bad").unwrap().backed_off, "second ejection: 2 s");
+        tokio::time::advance(Duration::from_millis(600)).await;
+        let picks: Vec<_> = (0..20).map(|_| b.pick(&eps, &mut rng).unwrap()).collect();
+        assert_eq!(
+            picks.iter().filter(|k| **k == "bad").count(),
+            1,
+            "{picks:?}"
+        );
+        // This probe succeeds: re-admitted, counts reset.
+        b.responded(&"bad", ms, true);
+        let s = b.state(&"bad").unwrap();
+        assert!(!s.backed_off && s.consecutive_failures == 0, "{s:?}");
+        let picks: Vec<_> = (0..50).map(|_| b.pick(&eps, &mut rng).unwrap()).collect();
+        assert!(picks.iter().filter(|k| **k == "bad").count() > 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_abandoned_probe_lets_the_next_pick_probe() {
+        let b = Balancer::new(BalancerConfig::default());
+        let mut rng = StdRng::seed_from_u64(6);
+        let ms = Duration::from_millis(1);
+        b.failed(&"x");
+        tokio::time::advance(Duration::from_millis(1001)).await;
+        assert_eq!(b.pick(&["x"], &mut rng), Some("x"), "the probe");
+        for _ in 0..10 {
+            assert_eq!(b.pick(&["x", "y"], &mut rng), Some("y"), "probe in flight");
+            b.connected(&"y", ms);
+        }
+        // The client went away: no verdict, and the next pick may probe.
+        b.cancelled(&"x");
+        let probes = (0..20)
+            .filter(|_| {
+                let k = b.pick(&["x", "y"], &mut rng).unwrap();
+                if k == "y" {
+                    b.connected(&"y", ms);
+                }
+                k == "x"
+            })
+            .count();
+        assert_eq!(probes, 1, "one new probe after the abandoned one");
     }
 
     #[tokio::test(start_paused = true)]

@@ -8,6 +8,7 @@
 
 use crate::authz::{self, Inbound};
 use crate::hbone::{HboneRequest, serve_connection};
+use crate::l7::route_authz::RouteAccess;
 use crate::metrics::{Reporter, SecurityPolicy, TcpLabels};
 use crate::outbound::connect_from_pod;
 use crate::pods::{Context, LocalPod};
@@ -65,10 +66,17 @@ async fn handle_plaintext(client: TcpStream, peer: SocketAddr, pod: Arc<LocalPod
         }
     };
     // Revoked by a policy change: the client gets a reset (deliver arms it).
-    let (moved, err) = crate::l7::inbound::deliver(client, app, open.labels(), &pod, &cx, async {
-        admission.revoked().await;
-    })
-    .await;
+    let access = RouteAccess {
+        client: None,
+        client_ip: peer.ip().to_canonical(),
+        port: target.port(),
+        routes_only: admission.routes_only,
+    };
+    let (moved, err) =
+        crate::l7::inbound::deliver(client, app, open.labels(), &pod, &cx, access, async {
+            admission.revoked().await;
+        })
+        .await;
     tracing::info!(
         target: "access",
         direction = "inbound",
@@ -239,10 +247,17 @@ async fn handle_stream(
     };
     // On revocation the stream is dropped unfinished: an RST_STREAM, which
     // the source proxy turns into a reset of its client's connection.
-    let (moved, err) = crate::l7::inbound::deliver(stream, app, open.labels(), &pod, &cx, async {
-        admission.revoked().await;
-    })
-    .await;
+    let access = RouteAccess {
+        client: Some(principal.clone()),
+        client_ip: peer.ip().to_canonical(),
+        port: target.port(),
+        routes_only: admission.routes_only,
+    };
+    let (moved, err) =
+        crate::l7::inbound::deliver(stream, app, open.labels(), &pod, &cx, access, async {
+            admission.revoked().await;
+        })
+        .await;
     tracing::info!(
         target: "access",
         direction = "inbound",

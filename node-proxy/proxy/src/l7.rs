@@ -10,6 +10,8 @@
 //! - [`outbound`]: serving a pod's HTTP connection, forwarding requests;
 //! - [`inbound`]: delivering an inbound connection to the application,
 //!   request by request when it is HTTP (destination-side metrics);
+//! - [`route_authz`]: route-level authorization of inbound requests;
+//! - [`routing`]: HTTPRoute rules, weighted backends, retry budgets;
 //! - [`upstream`]: pooled HTTP client connections per endpoint;
 //! - [`upgrade`]: HTTP/1.1 upgrades spliced after a 101, tracked;
 //! - [`body`]: the response body that records metrics when it ends;
@@ -20,6 +22,8 @@ pub mod classify;
 pub mod inbound;
 pub mod metrics;
 pub mod outbound;
+pub mod route_authz;
+pub mod routing;
 pub mod upgrade;
 pub mod upstream;
 

@@ -141,8 +141,24 @@ pub fn route(
     let Some(svc) = view.service_by_vip(dst.ip()) else {
         return (to_address(view, dst, None), false);
     };
+    route_to_service(view, svc, dst.port(), dst, balancer, rng)
+}
+
+/// Picks an endpoint of `svc` for its port `port` (as [`route`] does for a
+/// VIP). `dialled`: the address the client dialled, for the address family
+/// and for the plain fallback when the Service has no ready endpoint (an
+/// HTTPRoute backend is another Service than the one dialled).
+pub fn route_to_service(
+    view: &View,
+    svc: &weft_destination_api::Service,
+    port: u16,
+    dialled: SocketAddr,
+    balancer: &Balancer<SocketAddr>,
+    rng: &mut impl Rng,
+) -> (Route, bool) {
+    let dst = dialled;
     let hostname = Some(svc.hostname.clone());
-    let Some(port) = svc.ports.iter().find(|p| p.port == u32::from(dst.port())) else {
+    let Some(port) = svc.ports.iter().find(|p| p.port == u32::from(port)) else {
         // A port the Service does not declare: the VIP answers nothing there
         // either; let the connection fail the same way it would without us.
         let plain = Route::Plain {

@@ -123,6 +123,10 @@ pub struct Context {
     pub request_metrics: crate::l7::RequestMetrics,
     /// HTTP client connections to endpoints, for request-level proxying.
     pub upstreams: crate::l7::UpstreamPool,
+    /// Compiled HTTPRoutes of the view, retry budgets per Service.
+    pub routing: Arc<crate::l7::routing::OutboundRouting>,
+    /// Compiled inbound routes (route-level authorization).
+    pub inbound_routing: Arc<crate::l7::route_authz::InboundRouting>,
     /// How long protocol detection waits for a client's first bytes.
     pub detect_timeout: Duration,
 }
@@ -144,6 +148,8 @@ impl Context {
             authz: Arc::default(),
             request_metrics: crate::l7::RequestMetrics::default(),
             upstreams: crate::l7::UpstreamPool::new(),
+            routing: Arc::default(),
+            inbound_routing: Arc::default(),
             detect_timeout: crate::protocol::DETECT_TIMEOUT,
         }
     }

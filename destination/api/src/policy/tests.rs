@@ -1,5 +1,5 @@
 use super::*;
-use crate::proto::{Authorization, PolicyServer, Requirement};
+use crate::proto::{Authorization, InboundRoute, PolicyServer, Requirement};
 
 const CLIENT: &str = "spiffe://cluster.local/ns/demo/sa/client";
 const OTHER: &str = "spiffe://cluster.local/ns/demo/sa/other";
@@ -150,6 +150,7 @@ fn server_with_one_service_account_allowed() {
             reason: Reason::Authorized,
             server: Some("web".into()),
             policy: Some("demo/client-only".into()),
+            routes_only: false,
         }
     );
     let d = authorize(&p, 8080, Some(&id(OTHER)), ip(MESH_IP));
@@ -358,4 +359,49 @@ fn the_first_satisfied_authorization_is_reported() {
     )];
     let d = authorize(&p, 8080, Some(&id(CLIENT)), ip(MESH_IP));
     assert_eq!(d.policy.as_deref(), Some("demo/clients"));
+}
+
+#[test]
+fn a_client_authorized_on_a_route_only_is_admitted_for_routes_only() {
+    let mut p = policy(DefaultPolicy::AllUnauthenticated);
+    let mut web = server(
+        DefaultPolicy::Deny,
+        vec![authz("client-everywhere", vec![identities(&[CLIENT])])],
+    );
+    web.routes = vec![InboundRoute {
+        name: "demo/admin".into(),
+        matches: vec![],
+        authorizations: vec![authz("admin-for-other", vec![identities(&[OTHER])])],
+    }];
+    p.servers = vec![web];
+    // Authorized on the Server: every route, nothing to enforce per request
+    // beyond the routes' matching.
+    let d = authorize(&p, 8080, Some(&id(CLIENT)), ip(MESH_IP));
+    assert_eq!(
+        (d.allowed, d.reason, d.routes_only),
+        (true, Reason::Authorized, false)
+    );
+    // Authorized on a route only: admitted, each request decided by route.
+    let d = authorize(&p, 8080, Some(&id(OTHER)), ip(MESH_IP));
+    assert_eq!(
+        d,
+        Decision {
+            allowed: true,
+            reason: Reason::RoutesOnly,
+            server: Some("web".into()),
+            policy: Some("demo/admin-for-other".into()),
+            routes_only: true,
+        }
+    );
+    assert_eq!(d.reason.as_label(), "routes_only");
+    // Authorized nowhere: the Server's accessPolicy (deny) refuses.
+    let d = authorize(&p, 8080, None, ip(MESH_IP));
+    assert_eq!(
+        (d.allowed, d.reason),
+        (false, Reason::DefaultDenies(DefaultPolicy::Deny))
+    );
+    // An accessPolicy that allows already: not "routes only".
+    p.servers[0].access_policy = DefaultPolicy::AllAuthenticated as i32;
+    let d = authorize(&p, 8080, Some(&id(OTHER)), ip(MESH_IP));
+    assert!(d.allowed && !d.routes_only, "{d:?}");
 }

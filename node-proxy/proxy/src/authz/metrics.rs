@@ -32,12 +32,12 @@ impl AuthzMetrics {
         // prometheus-client appends `_total` to counters.
         registry.register(
             "weft_inbound_authz_allowed",
-            "Inbound connections allowed by policy (reason=audit: allowed, but deny would refuse them)",
+            "Inbound connections allowed by policy (reason=audit: allowed, but deny would refuse them; reason=route_authorized: requests allowed by a route-level policy)",
             self.allowed.clone(),
         );
         registry.register(
             "weft_inbound_authz_denied",
-            "Inbound connections refused by policy (reset before anything reached the application)",
+            "Inbound connections refused by policy (reset before anything reached the application; reason=route_denied: requests refused with 403 by route-level authorization)",
             self.denied.clone(),
         );
         registry.register(
@@ -45,6 +45,13 @@ impl AuthzMetrics {
             "Open inbound connections closed because a policy change no longer allows them",
             self.revoked.clone(),
         );
+    }
+
+    /// Counts one request decided by route-level authorization (the
+    /// connection was counted when it was admitted).
+    pub fn count_request(&self, labels: &AuthzLabels, allowed: bool) {
+        let family = if allowed { &self.allowed } else { &self.denied };
+        family.get_or_create(labels).inc();
     }
 
     /// The allowed count for one label set (tests).

@@ -17,7 +17,9 @@
 use super::body::{ProxyBody, Recorded, Recorder};
 use super::classify::{MethodClass, grpc_status, is_grpc};
 use super::metrics::Peers;
-use super::outbound::error_response;
+use super::outbound::{error_response, synthetic};
+use super::route_authz::{RouteAccess, RouteGuard, Verdict};
+use super::routing::path_of;
 use super::upgrade::{Upgrades, wants_upgrade};
 use super::upstream::UpstreamError;
 use crate::hbone::H2Stream;
@@ -44,6 +46,7 @@ use std::task::{Context as TaskContext, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+use weft_destination_api::routing::Request as RouteRequest;
 
 /// Carries `inbound` to `app` (a connection to the application at `app`'s
 /// peer address) until both are done, or until `stop` completes (a policy
@@ -56,6 +59,7 @@ pub async fn deliver<S: InboundStream>(
     labels: &TcpLabels,
     pod: &Arc<LocalPod>,
     cx: &Context,
+    access: RouteAccess,
     stop: impl Future<Output = ()>,
 ) -> (Transferred, Option<io::Error>) {
     let target = match app.peer_addr() {
@@ -71,7 +75,31 @@ pub async fn deliver<S: InboundStream>(
             let _ = socket2::SockRef::from(fd).set_linger(Some(std::time::Duration::ZERO));
         }
     };
+    // Admitted only for some HTTP routes: a connection whose requests
+    // cannot be checked one by one is refused (reset), never spliced.
+    let refuse_opaque = |reset: Option<std::os::fd::OwnedFd>| {
+        if let Some(fd) = &reset {
+            let _ = socket2::SockRef::from(fd).set_linger(Some(std::time::Duration::ZERO));
+        }
+        tracing::info!(target: "access", pod = %pod.key(), port = access.port, src = %access.client_ip, "inbound connection refused: authorized for HTTP routes only, and it is not HTTP");
+        let labels = crate::authz::AuthzLabels {
+            destination_workload: pod.name.clone(),
+            destination_namespace: pod.namespace.clone(),
+            server: String::new(),
+            policy: String::new(),
+            reason: "routes_only_opaque".into(),
+        };
+        cx.authz.metrics().count_request(&labels, false);
+        let e = io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "authorized for HTTP routes only, and the connection is not HTTP",
+        );
+        (Transferred::default(), Some(e))
+    };
     if cx.mesh.is_none() || local_port_is_opaque(pod, cx, target.port()) {
+        if access.routes_only {
+            return refuse_opaque(inbound.reset_handle());
+        }
         return splice_until(&mut inbound, &mut app, stop).await;
     }
     // The source proxy already detected (and said so in the tunnel): trust
@@ -85,6 +113,9 @@ pub async fn deliver<S: InboundStream>(
     };
     // The detection bytes are replayed by the prefix, and counted as they
     // are read again below.
+    if found == Protocol::Opaque && access.routes_only {
+        return refuse_opaque(inbound.reset_handle());
+    }
     let mut inbound = Prefixed::new(prefix, inbound);
     match found {
         Protocol::Opaque => splice_until(&mut inbound, &mut app, stop).await,
@@ -95,7 +126,7 @@ pub async fn deliver<S: InboundStream>(
             let app = Counted::new(app, to_client.clone());
             // Dropping the server connection closes both sides.
             let err = tokio::select! {
-                err = serve(inbound, app, http, target, Peers::from(labels), cx) => err,
+                err = serve(inbound, app, http, target, Peers::from(labels), cx, RouteGuard { pod: pod.clone(), access }) => err,
                 () = stop => Some(io::Error::new(
                     io::ErrorKind::ConnectionAborted,
                     "closed by the proxy: no longer allowed by policy",
@@ -166,6 +197,7 @@ impl From<&TcpLabels> for Peers {
             destination_namespace: l.destination_namespace.clone(),
             destination_principal: l.destination_principal.clone(),
             destination_service: l.destination_service.clone(),
+            route: String::new(),
         }
     }
 }
@@ -182,6 +214,8 @@ struct Delivery {
     peers: Peers,
     cx: Context,
     protocol: Protocol,
+    /// Route-level authorization of each request.
+    guard: RouteGuard,
     /// Connections handed over after a 101: delivery lasts until they end
     /// (and a revocation ends them too: dropping this aborts them).
     upgrades: Upgrades,
@@ -194,6 +228,7 @@ async fn serve<S, A>(
     target: SocketAddr,
     peers: Peers,
     cx: &Context,
+    guard: RouteGuard,
 ) -> Option<io::Error>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -238,6 +273,7 @@ where
         peers,
         cx: cx.clone(),
         protocol,
+        guard,
         upgrades: Upgrades::default(),
     });
     let serving = delivery.clone();
@@ -269,6 +305,45 @@ impl Delivery {
         let method = MethodClass::of(request.method());
         let grpc = is_grpc(request.headers());
         let target = self.target;
+        let req = RouteRequest {
+            method: request.method(),
+            path: path_of(request.uri()),
+            headers: request.headers(),
+        };
+        let verdict = self.guard.decide(&self.cx, &req);
+        let mut peers = self.peers.clone();
+        let refusal = match verdict {
+            Verdict::Pass => None,
+            Verdict::Allowed { route } => {
+                peers.route = route;
+                None
+            }
+            Verdict::Denied { route } => {
+                let message = format!("route {route:?} does not authorize this client");
+                peers.route = route;
+                Some((StatusCode::FORBIDDEN, "7", message))
+            }
+            Verdict::NotFound => {
+                peers.route = super::metrics::UNMATCHED_ROUTE.to_string();
+                let message = "no HTTPRoute of the Server matches this request".to_string();
+                Some((StatusCode::NOT_FOUND, "5", message))
+            }
+        };
+        if let Some((status, code, message)) = refusal {
+            tracing::info!(target: "access", direction = "inbound", dst = %target, src = %self.guard.access.client_ip, route = %peers.route, status = status.as_u16(), "request refused by route-level authorization");
+            let response = synthetic(status, code, &message, grpc);
+            let recorder = Recorder {
+                metrics: self.cx.request_metrics.clone(),
+                reporter: Reporter::Destination,
+                peers,
+                method,
+                started,
+                grpc,
+                status: response.status().as_u16(),
+                header_grpc_status: grpc_status(response.headers()),
+            };
+            return response.map(|b| Recorded::new(b, recorder).boxed());
+        }
         let client_upgrade = (self.protocol == Protocol::Http1 && wants_upgrade(&request))
             .then(|| hyper::upgrade::on(&mut request));
         let request = request.map(|b| b.boxed());
@@ -301,7 +376,7 @@ impl Delivery {
         let recorder = Recorder {
             metrics: self.cx.request_metrics.clone(),
             reporter: Reporter::Destination,
-            peers: self.peers.clone(),
+            peers,
             method,
             started,
             grpc,

@@ -5,8 +5,9 @@
 //! have dashboards for that shape) with Linkerd's `classification`. Every
 //! label value comes from a bounded set: workload names and identities from
 //! the view, a method *class* (the standard methods, else `other`), the
-//! status code, the gRPC status, and a route name (`default` until HTTPRoute
-//! exists). Paths, hosts and header values never become labels.
+//! status code, the gRPC status, and a route name (the HTTPRoute rule from
+//! the view, `default` without routes, `unmatched` for the proxy's 404).
+//! Paths, hosts and header values never become labels.
 
 use super::classify::{Classification, MethodClass};
 use crate::metrics::Reporter;
@@ -23,8 +24,27 @@ pub const DURATION_BUCKETS: [f64; 13] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
-/// The route every request takes until HTTPRoute exists.
+/// The route of a request to a destination without HTTPRoutes.
 pub const DEFAULT_ROUTE: &str = "default";
+
+/// The route of a request no HTTPRoute rule matched (answered 404).
+pub const UNMATCHED_ROUTE: &str = "unmatched";
+
+fn route_label(route: &str) -> &str {
+    if route.is_empty() {
+        DEFAULT_ROUTE
+    } else {
+        route
+    }
+}
+
+/// Labels of the retry counters: per destination Service and route rule,
+/// both bounded (from the view).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RetryLabels {
+    pub destination_service: String,
+    pub route: String,
+}
 
 /// Who talked to whom (known when the request is routed).
 #[derive(Clone, Debug, Default, Hash, PartialEq, Eq)]
@@ -36,6 +56,8 @@ pub struct Peers {
     pub destination_namespace: String,
     pub destination_principal: String,
     pub destination_service: String,
+    /// The HTTPRoute rule (`<route>/<rule>`); empty: [`DEFAULT_ROUTE`].
+    pub route: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -74,6 +96,8 @@ fn duration_histogram() -> Histogram {
 pub struct RequestMetrics {
     requests: Family<RequestLabels, Counter>,
     durations: HistogramFamily,
+    retries: Family<RetryLabels, Counter>,
+    budget_exhausted: Family<RetryLabels, Counter>,
 }
 
 impl Default for RequestMetrics {
@@ -81,6 +105,8 @@ impl Default for RequestMetrics {
         Self {
             requests: Family::default(),
             durations: Family::new_with_constructor(duration_histogram),
+            retries: Family::default(),
+            budget_exhausted: Family::default(),
         }
     }
 }
@@ -98,6 +124,28 @@ impl RequestMetrics {
             "Time from the request's arrival to the end of its response (the last byte or trailers)",
             self.durations.clone(),
         );
+        registry.register(
+            "weft_request_retries",
+            "Retries of failed requests (each request is counted once in weft_requests_total, with its final status)",
+            self.retries.clone(),
+        );
+        registry.register(
+            "weft_retry_budget_exhausted",
+            "Failed requests that a route would have retried but the destination's retry budget did not allow",
+            self.budget_exhausted.clone(),
+        );
+    }
+
+    pub fn retried(&self, destination_service: &str, route: &str) {
+        self.retries
+            .get_or_create(&retry_labels(destination_service, route))
+            .inc();
+    }
+
+    pub fn budget_exhausted(&self, destination_service: &str, route: &str) {
+        self.budget_exhausted
+            .get_or_create(&retry_labels(destination_service, route))
+            .inc();
     }
 
     pub fn record(
@@ -117,7 +165,7 @@ impl RequestMetrics {
             destination_namespace: peers.destination_namespace.clone(),
             destination_principal: peers.destination_principal.clone(),
             destination_service: peers.destination_service.clone(),
-            route: DEFAULT_ROUTE.to_string(),
+            route: route_label(&peers.route).to_string(),
             method,
             status_code: outcome.status.to_string(),
             grpc_status: outcome
@@ -130,6 +178,13 @@ impl RequestMetrics {
         self.durations
             .get_or_create(&labels)
             .observe(duration.as_secs_f64());
+    }
+}
+
+fn retry_labels(destination_service: &str, route: &str) -> RetryLabels {
+    RetryLabels {
+        destination_service: destination_service.to_string(),
+        route: route_label(route).to_string(),
     }
 }
 

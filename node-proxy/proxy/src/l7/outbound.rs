@@ -18,6 +18,7 @@
 use super::body::{ProxyBody, Recorded, Recorder};
 use super::classify::{MethodClass, grpc_status, is_grpc};
 use super::metrics::Peers;
+use super::routing::{Plan, path_of, pick_backend, vip_of};
 use super::upgrade::{Upgrades, wants_upgrade};
 use super::upstream::{UpstreamError, UpstreamKey};
 use crate::balancer::Balancer;
@@ -26,18 +27,21 @@ use crate::metrics::Reporter;
 use crate::outbound::open_upstream;
 use crate::pods::{Context, LocalPod};
 use crate::protocol::Protocol;
+use crate::retry::{MAX_REPLAY_BODY, Outcome as RetryOutcome, should_retry};
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Empty};
-use hyper::body::Incoming;
+use hyper::body::{Body, Incoming};
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
+use weft_destination_api::routing::Request as RouteRequest;
 
 /// One client connection's fixed facts.
 struct Connection {
@@ -98,45 +102,57 @@ impl Connection {
         let cx = &self.cx;
         let method = MethodClass::of(request.method());
         let grpc = is_grpc(request.headers());
-        let (route, balanced) = match &cx.mesh {
+        let (plan, hostname) = match &cx.mesh {
             Some(mesh) => {
                 let view = mesh.view.borrow();
-                mesh::route(&view, self.dst, &cx.balancer, &mut rand::rng())
+                let req = RouteRequest {
+                    method: request.method(),
+                    path: path_of(request.uri()),
+                    headers: request.headers(),
+                };
+                let hostname = view
+                    .service_by_vip(self.dst.ip())
+                    .map(|s| s.hostname.clone());
+                (cx.routing.plan(&view, self.dst, &req), hostname)
             }
-            None => (
-                Route::Plain {
-                    target: self.dst,
-                    workload: None,
-                    service: None,
-                },
-                false,
-            ),
+            None => (Plan::Default, None),
         };
-        let target = route.target();
-        let mut pick = balanced.then(|| Pick::new(cx.balancer.clone(), target));
         let client_upgrade = (self.protocol == Protocol::Http1 && wants_upgrade(&request))
             .then(|| hyper::upgrade::on(&mut request));
-        let key = UpstreamKey {
-            pod: self.pod.uid.clone(),
-            target,
-            protocol: self.protocol,
-            mtls: matches!(route, Route::Hbone { .. }),
+        let reusable = client_upgrade.is_none();
+        // The route taken by the last attempt (for the metrics' peers).
+        let mut last: Option<Route> = None;
+        let request_timeout = plan
+            .rule()
+            .map(|r| r.request_timeout_ms)
+            .filter(|ms| *ms > 0);
+        let result = if plan == Plan::NotFound {
+            Err(Failure::NotFound)
+        } else if let Some(ms) = request_timeout {
+            // Gateway API `timeouts.request`: the whole request, retries
+            // and backoff included, until the response headers.
+            let deadline = started + Duration::from_millis(ms);
+            let attempts = self.attempts(&plan, hostname.as_deref(), request, reusable, &mut last);
+            match tokio::time::timeout_at(deadline, attempts).await {
+                Ok(result) => result,
+                Err(_) => Err(Failure::Timeout(ms)),
+            }
+        } else {
+            self.attempts(&plan, hostname.as_deref(), request, reusable, &mut last)
+                .await
         };
-        let request = request.map(|b| b.boxed());
-        let (pod, route_ref) = (&self.pod, &route);
-        let result = cx
-            .upstreams
-            .send(
-                &key,
-                || open_upstream(route_ref, pod, cx, self.protocol),
-                request,
-                client_upgrade.is_none(),
-            )
-            .await;
+        let route = last.unwrap_or(Route::Plain {
+            target: self.dst,
+            workload: None,
+            service: hostname,
+        });
+        let target = route.target();
+        let mut peers = peers(&self.pod, &route);
+        peers.route = plan.label().to_string();
         let mut recorder = Recorder {
             metrics: cx.request_metrics.clone(),
             reporter: Reporter::Source,
-            peers: peers(&self.pod, &route),
+            peers,
             method,
             started,
             grpc,
@@ -145,9 +161,6 @@ impl Connection {
         };
         let response = match result {
             Ok(mut response) => {
-                if let Some(p) = pick.as_mut() {
-                    p.responded(started.elapsed());
-                }
                 if let Some(client_upgrade) = client_upgrade
                     && response.status() == StatusCode::SWITCHING_PROTOCOLS
                 {
@@ -158,13 +171,8 @@ impl Connection {
                 response.map(|b| b.boxed())
             }
             Err(e) => {
-                if let Some(p) = pick.as_mut()
-                    && e.is_connect()
-                {
-                    p.failed();
-                }
                 tracing::info!(target: "access", direction = "outbound", src = %self.pod.key(), dst = %self.dst, via = %target, error = %e, "request failed");
-                error_response(&e, grpc)
+                e.response(grpc)
             }
         };
         recorder.status = response.status().as_u16();
@@ -175,6 +183,7 @@ impl Connection {
             src = %self.pod.key(),
             dst = %self.dst,
             via = %target,
+            route = plan.label(),
             method = method.as_str(),
             status = recorder.status,
             headers_ms = started.elapsed().as_millis() as u64,
@@ -182,39 +191,304 @@ impl Connection {
         );
         response.map(|b| Recorded::new(b, recorder).boxed())
     }
+
+    /// Sends the request, retrying per the rule's `retry` when its body is
+    /// small enough to replay. `hostname`: the dialled Service's, for the
+    /// retry counters.
+    async fn attempts(
+        &self,
+        plan: &Plan,
+        hostname: Option<&str>,
+        request: Request<Incoming>,
+        reusable: bool,
+        last: &mut Option<Route>,
+    ) -> Result<Response<Incoming>, Failure> {
+        let rule = plan.rule();
+        let backend_timeout = rule
+            .map(|r| r.backend_request_timeout_ms)
+            .filter(|ms| *ms > 0);
+        // An upgrade takes the connection over: never replayed.
+        let policy = rule.and_then(|r| r.retry.as_ref()).filter(|_| reusable);
+        let (Some(policy), Plan::Rule { service, label, .. }) = (policy, plan) else {
+            let request = request.map(|b| b.boxed());
+            return self
+                .attempt(plan, request, reusable, backend_timeout, last)
+                .await
+                .0;
+        };
+        // Only a body whose whole length is known and small is buffered
+        // (Content-Length, or an empty body); a streamed one of unknown
+        // length is sent as it comes and not retried.
+        let (parts, body) = request.into_parts();
+        let replayable = body
+            .size_hint()
+            .upper()
+            .is_some_and(|n| n <= MAX_REPLAY_BODY as u64);
+        if !replayable {
+            let request = Request::from_parts(parts, body.boxed());
+            return self
+                .attempt(plan, request, reusable, backend_timeout, last)
+                .await
+                .0;
+        }
+        let body = body.collect().await.map_err(Failure::Body)?.to_bytes();
+        let budget = self.cx.routing.budget(service);
+        budget.request();
+        let metrics = &self.cx.request_metrics;
+        let destination = hostname.unwrap_or(service);
+        let mut retries = 0u32;
+        loop {
+            let request = replay(&parts, &body);
+            let (result, outcome) = self
+                .attempt(plan, request, reusable, backend_timeout, last)
+                .await;
+            let Some(outcome) = outcome else {
+                return result;
+            };
+            if !should_retry(policy, &parts.method, true, retries, outcome) {
+                return result;
+            }
+            if !budget.try_retry() {
+                metrics.budget_exhausted(destination, label);
+                return result;
+            }
+            metrics.retried(destination, label);
+            if let Ok(response) = result {
+                drain(response).await;
+            }
+            retries += 1;
+            tokio::time::sleep(backoff(policy.backoff_ms, retries)).await;
+        }
+    }
+
+    /// One attempt: picks the endpoint and sends. The outcome is what a
+    /// retry decision looks at (`None`: nothing to retry, e.g. a refusal
+    /// by the destination's policy).
+    async fn attempt(
+        &self,
+        plan: &Plan,
+        request: Request<ProxyBody>,
+        reusable: bool,
+        timeout_ms: Option<u64>,
+        last: &mut Option<Route>,
+    ) -> (Result<Response<Incoming>, Failure>, Option<RetryOutcome>) {
+        let cx = &self.cx;
+        let (route, balanced) = match self.resolve(plan) {
+            Ok(r) => r,
+            Err(e) => return (Err(e), None),
+        };
+        let route = &*last.insert(route);
+        let target = route.target();
+        let mut pick = balanced.then(|| Pick::new(cx.balancer.clone(), target));
+        let key = UpstreamKey {
+            pod: self.pod.uid.clone(),
+            target,
+            protocol: self.protocol,
+            mtls: matches!(route, Route::Hbone { .. }),
+        };
+        let pod = &self.pod;
+        let sent = Instant::now();
+        let send = cx.upstreams.send(
+            &key,
+            || open_upstream(route, pod, cx, self.protocol),
+            request,
+            reusable,
+        );
+        let result = match timeout_ms {
+            // Gateway API `timeouts.backendRequest`: each attempt.
+            Some(ms) => match tokio::time::timeout(Duration::from_millis(ms), send).await {
+                Ok(r) => r.map_err(Failure::from),
+                Err(_) => Err(Failure::BackendTimeout(ms)),
+            },
+            None => send.await.map_err(Failure::from),
+        };
+        let outcome = match &result {
+            Ok(response) => {
+                let status = response.status().as_u16();
+                if let Some(p) = pick.as_mut() {
+                    p.responded(sent.elapsed(), status < 500);
+                }
+                Some(RetryOutcome::Status(status))
+            }
+            Err(Failure::Upstream(e)) if e.is_forbidden() => None,
+            Err(Failure::Upstream(e)) if e.is_connect() => {
+                if let Some(p) = pick.as_mut() {
+                    p.failed();
+                }
+                Some(RetryOutcome::ConnectFailed)
+            }
+            Err(Failure::Upstream(_) | Failure::BackendTimeout(_)) => {
+                if let Some(p) = pick.as_mut() {
+                    p.request_failed();
+                }
+                Some(RetryOutcome::ResponseFailed)
+            }
+            Err(_) => None,
+        };
+        (result, outcome)
+    }
+
+    /// Where this attempt goes: a backend of the rule by weight (else the
+    /// dialled Service), then one of its endpoints by the balancer.
+    fn resolve(&self, plan: &Plan) -> Result<(Route, bool), Failure> {
+        let cx = &self.cx;
+        let Some(mesh) = &cx.mesh else {
+            let plain = Route::Plain {
+                target: self.dst,
+                workload: None,
+                service: None,
+            };
+            return Ok((plain, false));
+        };
+        let view = mesh.view.borrow();
+        let mut rng = rand::rng();
+        let Plan::Rule { rule, service, .. } = plan else {
+            return Ok(mesh::route(&view, self.dst, &cx.balancer, &mut rng));
+        };
+        let dialled_port = self.dst.port();
+        let (key, port) = match pick_backend(rule, &mut rng) {
+            Some(b) => (
+                b.service.as_str(),
+                u16::try_from(b.port)
+                    .ok()
+                    .filter(|p| *p != 0)
+                    .unwrap_or(dialled_port),
+            ),
+            None => (service.as_str(), dialled_port),
+        };
+        let Some(svc) = view.services.get(key) else {
+            return Err(Failure::UnknownBackend(key.to_string()));
+        };
+        let dialled = if key == service {
+            self.dst
+        } else {
+            vip_of(svc, port, self.dst).unwrap_or(self.dst)
+        };
+        Ok(mesh::route_to_service(
+            &view,
+            svc,
+            port,
+            dialled,
+            &cx.balancer,
+            &mut rng,
+        ))
+    }
+}
+
+/// Why the proxy answers a request itself.
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    #[error("no HTTPRoute rule of the Service matches this request")]
+    NotFound,
+    #[error("no response within the HTTPRoute's request timeout ({0} ms)")]
+    Timeout(u64),
+    #[error("no response within the HTTPRoute's backend request timeout ({0} ms)")]
+    BackendTimeout(u64),
+    #[error(
+        "the HTTPRoute's backend Service {0} is not in the view (deleted? check the route's backendRefs)"
+    )]
+    UnknownBackend(String),
+    #[error("reading the request body failed: {0}")]
+    Body(hyper::Error),
+}
+
+impl Failure {
+    /// HTTP status and gRPC status code of the proxy's own answer.
+    fn response(&self, grpc: bool) -> Response<ProxyBody> {
+        let (status, code) = match self {
+            Failure::Upstream(e) => return error_response(e, grpc),
+            // Linkerd answers an unmatched route the same way (404 and
+            // gRPC NOT_FOUND): the request names something that does not
+            // exist, which is neither the server's fault nor retryable.
+            Failure::NotFound => (StatusCode::NOT_FOUND, "5"),
+            Failure::Timeout(_) | Failure::BackendTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "4"),
+            // The Gateway API asks for a 500 when a backend is invalid.
+            Failure::UnknownBackend(_) => (StatusCode::INTERNAL_SERVER_ERROR, "13"),
+            Failure::Body(_) => (StatusCode::BAD_REQUEST, "13"),
+        };
+        synthetic(status, code, &self.to_string(), grpc)
+    }
+}
+
+/// Exponential backoff from the route's base (`backoff_ms`, 0: 25 ms), at
+/// most ten times the base.
+fn backoff(base_ms: u64, retries: u32) -> Duration {
+    let base = if base_ms == 0 { 25 } else { base_ms };
+    let factor = 1u64 << retries.saturating_sub(1).min(3);
+    Duration::from_millis(base.saturating_mul(factor).min(base.saturating_mul(10)))
+}
+
+/// Reads a failed attempt's response to its end when it is small, so its
+/// connection can serve the retry: hyper closes an HTTP/1 connection whose
+/// response is dropped unread, and the retry would pay a new connection
+/// (a new HBONE stream and TLS-protected handshake) for it.
+async fn drain(response: Response<Incoming>) {
+    let small = response
+        .body()
+        .size_hint()
+        .upper()
+        .is_some_and(|n| n <= MAX_REPLAY_BODY as u64);
+    if small {
+        let body = response.into_body().collect();
+        let _ = tokio::time::timeout(Duration::from_secs(1), body).await;
+    }
+}
+
+/// A new request with the buffered body, for an attempt.
+fn replay(parts: &http::request::Parts, body: &Bytes) -> Request<ProxyBody> {
+    let mut request = Request::new(
+        http_body_util::Full::new(body.clone())
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *request.method_mut() = parts.method.clone();
+    *request.uri_mut() = parts.uri.clone();
+    *request.version_mut() = parts.version;
+    *request.headers_mut() = parts.headers.clone();
+    request
 }
 
 /// The response the proxy gives itself when the endpoint failed.
 pub(super) fn error_response(e: &UpstreamError, grpc: bool) -> Response<ProxyBody> {
-    let empty = || {
-        Empty::<Bytes>::new()
-            .map_err(|never| match never {})
-            .boxed()
+    // gRPC: PERMISSION_DENIED for a policy refusal, else UNAVAILABLE.
+    let (status, code) = if e.is_forbidden() {
+        (StatusCode::FORBIDDEN, "7")
+    } else if e.is_connect() {
+        (StatusCode::SERVICE_UNAVAILABLE, "14")
+    } else {
+        (StatusCode::BAD_GATEWAY, "14")
     };
+    synthetic(status, code, &e.to_string(), grpc)
+}
+
+/// The proxy's own answer: `status` with the message as body, or for a
+/// gRPC request a trailers-only response (HTTP 200, `grpc-status` `code`
+/// in the headers).
+pub(super) fn synthetic(
+    status: StatusCode,
+    code: &'static str,
+    message: &str,
+    grpc: bool,
+) -> Response<ProxyBody> {
     if grpc {
-        // Trailers-only: HTTP 200, the status in the headers:
-        // PERMISSION_DENIED for a policy refusal, else UNAVAILABLE.
-        let code = if e.is_forbidden() { "7" } else { "14" };
-        let mut r = Response::new(empty());
+        let empty = Empty::<Bytes>::new()
+            .map_err(|never| match never {})
+            .boxed();
+        let mut r = Response::new(empty);
         let h = r.headers_mut();
         h.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/grpc"),
         );
         h.insert("grpc-status", HeaderValue::from_static(code));
-        if let Ok(v) = HeaderValue::from_str(&percent_encode(&e.to_string())) {
+        if let Ok(v) = HeaderValue::from_str(&percent_encode(message)) {
             h.insert("grpc-message", v);
         }
         return r;
     }
-    let status = if e.is_forbidden() {
-        StatusCode::FORBIDDEN
-    } else if e.is_connect() {
-        StatusCode::SERVICE_UNAVAILABLE
-    } else {
-        StatusCode::BAD_GATEWAY
-    };
-    let body = http_body_util::Full::new(Bytes::from(format!("weft: {e}\n")))
+    let body = http_body_util::Full::new(Bytes::from(format!("weft: {message}\n")))
         .map_err(|never| match never {})
         .boxed();
     let mut r = Response::new(body);
@@ -256,6 +530,7 @@ fn peers(pod: &LocalPod, route: &Route) -> Peers {
         destination_namespace: workload.map(|w| w.namespace.clone()).unwrap_or_default(),
         destination_principal: principal,
         destination_service: route.service().unwrap_or_default().to_string(),
+        route: String::new(),
     }
 }
 
@@ -277,14 +552,22 @@ impl Pick {
         }
     }
 
-    /// Response headers arrived after `latency` (the balancer's signal).
-    fn responded(&mut self, latency: std::time::Duration) {
-        self.balancer.connected(&self.target, latency);
+    /// Response headers arrived after `latency` (the balancer's signal);
+    /// `ok`: not a 5xx.
+    fn responded(&mut self, latency: std::time::Duration, ok: bool) {
+        self.balancer.responded(&self.target, latency, ok);
         self.reported = true;
     }
 
+    /// Nothing reached the endpoint.
     fn failed(&mut self) {
         self.balancer.failed(&self.target);
+        self.reported = true;
+    }
+
+    /// The request failed after reaching the endpoint (reset, timeout).
+    fn request_failed(&mut self) {
+        self.balancer.request_failed(&self.target);
         self.reported = true;
     }
 }

@@ -1,0 +1,170 @@
+//! Route-level authorization on the inbound side: when the Server of a
+//! local pod's port has HTTPRoutes, every request is decided by
+//! [`InboundRoutes::authorize`] (403 / PERMISSION_DENIED when no policy of
+//! the matched route admits the client, 404 / NOT_FOUND when no route
+//! matches), and counted in `weft_inbound_authz_*` with the reasons
+//! `route_authorized` and `route_denied`.
+//!
+//! The connection itself was admitted at L4 ([`crate::authz`]), possibly
+//! only because a route-level policy admits the client
+//! (`routes_only`): such a connection must be HTTP, else it is refused,
+//! since no request could be checked.
+
+use crate::authz::AuthzLabels;
+use crate::pods::{Context, LocalPod};
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use weft_cert_manager::SpiffeId;
+use weft_destination_api::View;
+use weft_destination_api::routing::{InboundRoutes, Request, RouteDecision};
+
+/// What an inbound connection's requests are decided with.
+#[derive(Clone, Debug)]
+pub struct RouteAccess {
+    /// The verified identity (HBONE), `None` on 15006.
+    pub client: Option<Arc<SpiffeId>>,
+    pub client_ip: IpAddr,
+    /// The pod's port the client dialled.
+    pub port: u16,
+    /// Admitted at L4 for routes only: requests the routes do not decide
+    /// (no Server routes any more) are refused.
+    pub routes_only: bool,
+}
+
+/// The compiled inbound routes of the current view, per workload and port.
+#[derive(Default)]
+pub struct InboundRouting {
+    compiled: Mutex<Compiled>,
+}
+
+#[derive(Default)]
+struct Compiled {
+    epoch: String,
+    version: u64,
+    by_port: HashMap<(String, u16), ServerRoutes>,
+}
+
+/// The Server's name and its compiled routes; `None`: no Server with
+/// routes on that port.
+type ServerRoutes = Option<(String, Arc<InboundRoutes>)>;
+
+/// The local pod a connection is delivered to, and who connected: what each
+/// of its requests is decided with.
+#[derive(Clone, Debug)]
+pub struct RouteGuard {
+    pub pod: Arc<LocalPod>,
+    pub access: RouteAccess,
+}
+
+impl RouteGuard {
+    pub fn decide(&self, cx: &Context, req: &Request<'_>) -> Verdict {
+        cx.inbound_routing.decide(cx, &self.pod, &self.access, req)
+    }
+}
+
+/// One request's verdict.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// No routes: the connection's admission stands.
+    Pass,
+    /// Allowed on this route (the `route` metric label).
+    Allowed { route: String },
+    /// 403 on this route (empty: refused because the connection was
+    /// admitted for routes only and the Server has none now).
+    Denied { route: String },
+    /// 404.
+    NotFound,
+}
+
+impl InboundRouting {
+    /// The Server (name) and its compiled routes for `pod`'s `port`.
+    fn routes(
+        &self,
+        view: &View,
+        pod: &LocalPod,
+        port: u16,
+    ) -> Option<(String, Arc<InboundRoutes>)> {
+        let uid = pod.workload_uid.as_ref()?;
+        let mut compiled = self.compiled.lock().expect("inbound route cache lock");
+        if compiled.epoch != view.epoch || compiled.version != view.version {
+            *compiled = Compiled {
+                epoch: view.epoch.clone(),
+                version: view.version,
+                by_port: HashMap::new(),
+            };
+        }
+        compiled
+            .by_port
+            .entry((uid.clone(), port))
+            .or_insert_with(|| {
+                let workload = view.workloads.get(uid)?;
+                let policy = view.policy_of(workload)?;
+                let server = policy.servers.iter().find(|s| s.port == u32::from(port))?;
+                (!server.routes.is_empty()).then(|| {
+                    (
+                        server.name.clone(),
+                        Arc::new(InboundRoutes::compile(server)),
+                    )
+                })
+            })
+            .clone()
+    }
+
+    /// Decides one request, and counts the decision.
+    pub fn decide(
+        &self,
+        cx: &Context,
+        pod: &LocalPod,
+        access: &RouteAccess,
+        req: &Request<'_>,
+    ) -> Verdict {
+        let Some(mesh) = &cx.mesh else {
+            return Verdict::Pass;
+        };
+        let found = self.routes(&mesh.view.borrow(), pod, access.port);
+        let Some((server, routes)) = found else {
+            if access.routes_only {
+                // Fail closed: admitted for routes that are gone.
+                self.count(cx, pod, "", "", "route_denied", false);
+                return Verdict::Denied {
+                    route: String::new(),
+                };
+            }
+            return Verdict::Pass;
+        };
+        match routes.authorize(req, access.client.as_deref(), access.client_ip) {
+            // Not reached with routes (compiled only when there are some).
+            RouteDecision::NoRoutes => Verdict::Pass,
+            RouteDecision::Allowed { route, policy } => {
+                self.count(cx, pod, &server, &policy, "route_authorized", true);
+                Verdict::Allowed { route }
+            }
+            RouteDecision::Denied { route } => {
+                // No policy admitted it: the route that refused is named.
+                self.count(cx, pod, &server, &route, "route_denied", false);
+                Verdict::Denied { route }
+            }
+            RouteDecision::NotFound => Verdict::NotFound,
+        }
+    }
+
+    fn count(
+        &self,
+        cx: &Context,
+        pod: &LocalPod,
+        server: &str,
+        policy: &str,
+        reason: &str,
+        allowed: bool,
+    ) {
+        let labels = AuthzLabels {
+            destination_workload: pod.name.clone(),
+            destination_namespace: pod.namespace.clone(),
+            server: server.to_string(),
+            policy: policy.to_string(),
+            reason: reason.to_string(),
+        };
+        cx.authz.metrics().count_request(&labels, allowed);
+    }
+}

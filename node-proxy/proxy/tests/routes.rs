@@ -1,0 +1,665 @@
+//! HTTPRoutes in the node proxy (#8) on the simulator: a weighted canary
+//! split, retries within the retry budget, request timeouts, 404 for a
+//! request no rule matches, and the balancer's latency-aware choice; all
+//! with curl in a meshed pod, real eBPF and mTLS.
+
+mod support;
+
+use std::time::{Duration, Instant};
+use support::{MeshCluster, metric_sum, wait_metric_sum};
+
+const WEB: &str = "web.demo.svc.cluster.local";
+const CANARY: &str = "web-canary.demo.svc.cluster.local";
+const FLAKY: &str = "flaky.demo.svc.cluster.local";
+const BROKEN: &str = "broken.demo.svc.cluster.local";
+
+/// `web` (two pods, one per node) with a canary Service of one pod; `flaky`
+/// fails every other request; `broken` fails every request; `ewma` has a
+/// fast and a slow pod.
+const CLUSTER: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: demo, labels: {weft.io/mesh: enabled}}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: client, namespace: demo}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: web, namespace: demo}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: demo}
+spec: {nodeName: node-a, serviceAccountName: client, containers: [{name: main, command: [sleep, infinity]}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: demo, labels: {app: web}}
+spec:
+  nodeName: node-b
+  serviceAccountName: web
+  containers: [{name: main, command: [./http_server.py, "8080", web-1], ports: [{containerPort: 8080}]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-2, namespace: demo, labels: {app: web}}
+spec:
+  nodeName: node-a
+  serviceAccountName: web
+  containers: [{name: main, command: [./http_server.py, "8080", web-2], ports: [{containerPort: 8080}]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: demo}
+spec: {selector: {app: web}, ports: [{port: 80, targetPort: 8080}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: canary-1, namespace: demo, labels: {app: web-canary}}
+spec:
+  nodeName: node-b
+  serviceAccountName: web
+  containers: [{name: main, command: [./http_server.py, "8080", canary-1], ports: [{containerPort: 8080}]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web-canary, namespace: demo}
+spec: {selector: {app: web-canary}, ports: [{port: 80, targetPort: 8080}]}
+---
+apiVersion: policy.weft.io/v1alpha1
+kind: HTTPRoute
+metadata: {name: web-split, namespace: demo}
+spec:
+  parentRefs: [{kind: Service, name: web, port: 80}]
+  rules:
+    - name: hello
+      matches: [{path: {type: PathPrefix, value: /hello}}]
+      backendRefs:
+        - {name: web, port: 80, weight: 90}
+        - {name: web-canary, port: 80, weight: 10}
+    - name: slow
+      matches: [{path: {type: PathPrefix, value: /delay}}]
+      timeouts: {request: 300ms}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: flaky-1, namespace: demo, labels: {app: flaky}}
+spec:
+  nodeName: node-b
+  serviceAccountName: web
+  containers: [{name: main, command: [./http_server.py, "8080", flaky-1], ports: [{containerPort: 8080}]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: flaky, namespace: demo}
+spec: {selector: {app: flaky}, ports: [{port: 80, targetPort: 8080}]}
+---
+apiVersion: policy.weft.io/v1alpha1
+kind: HTTPRoute
+metadata: {name: flaky-retry, namespace: demo}
+spec:
+  parentRefs: [{kind: Service, name: flaky, port: 80}]
+  rules:
+    - retry: {attempts: 2, backoff: 5ms}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: broken-1, namespace: demo, labels: {app: broken}}
+spec:
+  nodeName: node-b
+  serviceAccountName: web
+  containers: [{name: main, command: [./http_server.py, "8080", broken-1], ports: [{containerPort: 8080}]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: broken, namespace: demo}
+spec: {selector: {app: broken}, ports: [{port: 80, targetPort: 8080}]}
+---
+apiVersion: policy.weft.io/v1alpha1
+kind: HTTPRoute
+metadata: {name: broken-retry, namespace: demo}
+spec:
+  parentRefs: [{kind: Service, name: broken, port: 80}]
+  rules:
+    - retry: {attempts: 2, backoff: 1ms}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: ewma-fast, namespace: demo, labels: {app: ewma}}
+spec:
+  nodeName: node-b
+  serviceAccountName: web
+  containers: [{name: main, command: [./http_server.py, "8080", ewma-fast, "0"], ports: [{containerPort: 8080}]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: ewma-slow, namespace: demo, labels: {app: ewma}}
+spec:
+  nodeName: node-b
+  serviceAccountName: web
+  containers: [{name: main, command: [./http_server.py, "8080", ewma-slow, "50"], ports: [{containerPort: 8080}]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: ewma, namespace: demo}
+spec: {selector: {app: ewma}, ports: [{port: 80, targetPort: 8080}]}
+"#;
+
+fn up() -> MeshCluster {
+    MeshCluster::up(&[("c.yaml", CLUSTER)])
+}
+
+/// One curl in the client pod, one keep-alive connection, `urls` in order:
+/// each response's (status, body).
+fn curl_many(mc: &MeshCluster, urls: &[String]) -> Vec<(u16, String)> {
+    let mut argv = vec![
+        "curl",
+        "-sS",
+        "--noproxy",
+        "*",
+        "--max-time",
+        "120",
+        "-w",
+        "\n=%{http_code}\n",
+    ];
+    argv.extend(urls.iter().map(String::as_str));
+    let out = mc.cluster().exec("demo/client", &argv);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let mut responses = Vec::new();
+    let mut body = String::new();
+    for line in stdout.lines() {
+        if let Some(code) = line.strip_prefix('=') {
+            body.pop();
+            responses.push((code.parse().unwrap(), std::mem::take(&mut body)));
+        } else {
+            body.push_str(line);
+            body.push('\n');
+        }
+    }
+    assert_eq!(
+        responses.len(),
+        urls.len(),
+        "one response per URL: {stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    responses
+}
+
+fn repeat(url: &str, n: usize) -> Vec<String> {
+    vec![url.to_string(); n]
+}
+
+/// Source-side requests of the client to `service` on `route`.
+fn requests(mc: &MeshCluster, service: &str, route: &str, more: &[(&str, &str)]) -> f64 {
+    let mut labels = vec![
+        ("reporter", "source"),
+        ("source_workload", "client"),
+        ("destination_service", service),
+        ("route", route),
+    ];
+    labels.extend_from_slice(more);
+    metric_sum(mc.node_ip("node-a"), "weft_requests_total", &labels)
+}
+
+#[test]
+fn a_weighted_split_a_timeout_and_an_unmatched_path() {
+    let mc = up();
+    let node_a = mc.node_ip("node-a");
+
+    // 90/10 over 400 requests: the canary's count is Binomial(400, 0.1),
+    // mean 40, sd 6; 40 ± 20 (10 % ± 5 %) is more than three sd, so a
+    // correct split fails this less than once in a thousand runs, while a
+    // route that is ignored (0 to the canary) or a 50/50 split cannot pass.
+    const N: usize = 400;
+    let responses = curl_many(&mc, &repeat("http://web.demo/hello", N));
+    let mut canary = 0;
+    for (status, body) in &responses {
+        assert_eq!(*status, 200, "{body}");
+        match body.as_str() {
+            "hello from canary-1" => canary += 1,
+            "hello from web-1" | "hello from web-2" => {}
+            other => panic!("unexpected body {other:?}"),
+        }
+    }
+    eprintln!("canary served {canary} of {N}");
+    assert!(
+        (20..=60).contains(&canary),
+        "canary served {canary} of {N}, want 10 % ± 5 %"
+    );
+    // Counted once each under the rule's name, and under the Service that
+    // served it (Istio's `destination_service`: the canary's own).
+    wait_metric_sum(
+        node_a,
+        "weft_requests_total",
+        &[
+            ("reporter", "source"),
+            ("route", "web-split/hello"),
+            ("status_code", "200"),
+        ],
+        N as f64,
+    );
+    assert_eq!(requests(&mc, CANARY, "web-split/hello", &[]), canary as f64);
+
+    // The `slow` rule's request timeout (300 ms) ends a 3 s request: 504,
+    // well before the server would have answered.
+    let started = Instant::now();
+    let r = curl_many(&mc, &["http://web.demo/delay/3000".to_string()]);
+    let took = started.elapsed();
+    assert_eq!(r[0].0, 504, "{:?}", r[0]);
+    assert!(r[0].1.contains("request timeout"), "{:?}", r[0]);
+    assert!(took < Duration::from_millis(2500), "took {took:?}");
+    // Within the limit, the same rule answers normally.
+    let r = curl_many(&mc, &["http://web.demo/delay/10".to_string()]);
+    assert_eq!(r[0].0, 200, "{:?}", r[0]);
+    wait_metric_sum(
+        node_a,
+        "weft_requests_total",
+        &[
+            ("destination_service", WEB),
+            ("route", "web-split/slow"),
+            ("status_code", "504"),
+            ("classification", "failure"),
+        ],
+        1.0,
+    );
+
+    // The Service has routes and none matches /status: 404 from the proxy
+    // (the servers would have answered 500), counted as unmatched.
+    let r = curl_many(&mc, &["http://web.demo/status/500".to_string()]);
+    assert_eq!(r[0].0, 404, "{:?}", r[0]);
+    assert!(r[0].1.contains("no HTTPRoute rule"), "{:?}", r[0]);
+    wait_metric_sum(
+        node_a,
+        "weft_requests_total",
+        &[
+            ("destination_service", WEB),
+            ("route", "unmatched"),
+            ("status_code", "404"),
+        ],
+        1.0,
+    );
+    mc.down();
+}
+
+#[test]
+fn retries_hide_a_flaky_endpoint_and_stop_at_the_budget() {
+    let mc = up();
+    let node_a = mc.node_ip("node-a");
+
+    // flaky-1 fails every other request it receives. With one client, that
+    // is every first attempt but the very first (the retry took the
+    // success in between): 99 retries for 100 requests, each succeeding.
+    // Within the budget thanks to its floor: 10/s over 10 s plus 20 % of
+    // the requests is 120 here (a 50 % failure rate needs 0.5-1 retry per
+    // request, which the 20 % alone never allows: the floor is what lets a
+    // small service ride out a flaky endpoint).
+    const N: usize = 100;
+    let responses = curl_many(&mc, &repeat("http://flaky.demo/flaky/50", N));
+    let ok = responses.iter().filter(|(s, _)| *s == 200).count();
+    eprintln!("flaky: {ok} of {N} succeeded");
+    assert!(ok >= N * 95 / 100, "{ok} of {N} succeeded with retries");
+    let labels = [("destination_service", FLAKY), ("route", "flaky-retry/0")];
+    let retries = metric_sum(node_a, "weft_request_retries_total", &labels);
+    eprintln!("flaky: {retries} retries");
+    // Without retries the server's failures (half of what it saw) would
+    // reach the client: the retries made are what it failed.
+    assert!((90.0..=100.0).contains(&retries), "{retries} retries");
+    // The golden metrics count each request once, with its final status.
+    wait_metric_sum(
+        node_a,
+        "weft_requests_total",
+        &[
+            ("reporter", "source"),
+            ("destination_service", FLAKY),
+            ("route", "flaky-retry/0"),
+        ],
+        N as f64,
+    );
+    assert_eq!(
+        requests(&mc, FLAKY, "flaky-retry/0", &[("status_code", "200")]),
+        ok as f64
+    );
+
+    // broken-1 fails everything: each request would take 2 retries (800),
+    // the budget allows 100 (floor) + 20 % of the requests in the window.
+    const M: usize = 400;
+    let started = Instant::now();
+    let responses = curl_many(&mc, &repeat("http://broken.demo/status/503", M));
+    let took = started.elapsed();
+    assert!(responses.iter().all(|(s, _)| *s == 503));
+    let labels = [("destination_service", BROKEN), ("route", "broken-retry/0")];
+    let retries = metric_sum(node_a, "weft_request_retries_total", &labels);
+    let exhausted = metric_sum(node_a, "weft_retry_budget_exhausted_total", &labels);
+    // The window is 10 s: a slower run may see the floor more than once.
+    let windows = 1.0 + (took.as_secs_f64() / 10.0).floor();
+    let bound = windows * (100.0 + 0.2 * M as f64);
+    eprintln!("broken: {retries} retries (bound {bound}), {exhausted} exhausted, {took:?}");
+    assert!(retries >= 100.0, "the floor allows 100 retries: {retries}");
+    assert!(retries <= bound, "{retries} retries > budget {bound}");
+    assert!(exhausted >= 1.0, "budget exhaustion counted: {exhausted}");
+    wait_metric_sum(
+        node_a,
+        "weft_requests_total",
+        &[
+            ("destination_service", BROKEN),
+            ("route", "broken-retry/0"),
+            ("status_code", "503"),
+        ],
+        M as f64,
+    );
+    mc.down();
+}
+
+#[test]
+fn a_slow_endpoint_gets_a_smaller_share() {
+    let mc = up();
+    // ewma-slow answers /work after 50 ms, ewma-fast at once. P2C over two
+    // endpoints compares both every time; once each latency is measured
+    // (one request each), the slow one costs ~50 ms against a few ms and
+    // loses while the requests are sequential (none in flight), except
+    // when its estimate has decayed enough to be tried again. A uniform
+    // pick (kube-proxy) would give it 50 %; < 30 % is far from both.
+    const N: usize = 300;
+    let responses = curl_many(&mc, &repeat("http://ewma.demo/work", N));
+    let slow = responses
+        .iter()
+        .filter(|(s, b)| *s == 200 && b.ends_with("ewma-slow"))
+        .count();
+    let fast = responses
+        .iter()
+        .filter(|(s, b)| *s == 200 && b.ends_with("ewma-fast"))
+        .count();
+    eprintln!("ewma: slow {slow}, fast {fast} of {N}");
+    assert_eq!(slow + fast, N);
+    assert!(slow * 100 < N * 30, "slow endpoint got {slow} of {N}");
+    mc.down();
+}
+
+/// A Server on the `vault` pods (deny by default) with two HTTPRoutes:
+/// `status` (paths /status/…) for the `admin` account only, `hello` for
+/// any meshed client. Clients on node-a, the server on node-b (HBONE: the
+/// identity is verified).
+const ROUTE_AUTHZ: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: demo, labels: {weft.io/mesh: enabled}}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: client, namespace: demo}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: admin, namespace: demo}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: vault, namespace: demo}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: demo}
+spec: {nodeName: node-a, serviceAccountName: client, containers: [{name: main, command: [sleep, infinity]}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: admin, namespace: demo}
+spec: {nodeName: node-a, serviceAccountName: admin, containers: [{name: main, command: [sleep, infinity]}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: vault-1, namespace: demo, labels: {app: vault}}
+spec:
+  nodeName: node-b
+  serviceAccountName: vault
+  containers: [{name: main, command: [./http_server.py, "8080", vault-1], ports: [{containerPort: 8080}]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: vault, namespace: demo}
+spec: {selector: {app: vault}, ports: [{port: 80, targetPort: 8080}]}
+---
+apiVersion: policy.weft.io/v1alpha1
+kind: Server
+metadata: {name: vault-http, namespace: demo}
+spec:
+  podSelector: {matchLabels: {app: vault}}
+  port: 8080
+  accessPolicy: deny
+---
+apiVersion: policy.weft.io/v1alpha1
+kind: HTTPRoute
+metadata: {name: status, namespace: demo}
+spec:
+  parentRefs: [{group: policy.weft.io, kind: Server, name: vault-http}]
+  rules: [{matches: [{path: {type: PathPrefix, value: /status}}]}]
+---
+apiVersion: policy.weft.io/v1alpha1
+kind: HTTPRoute
+metadata: {name: hello, namespace: demo}
+spec:
+  parentRefs: [{group: policy.weft.io, kind: Server, name: vault-http}]
+  rules: [{matches: [{path: {type: PathPrefix, value: /hello}}]}]
+---
+apiVersion: policy.weft.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: status-for-admin, namespace: demo}
+spec:
+  targetRef: {group: policy.weft.io, kind: HTTPRoute, name: status}
+  requiredAuthenticationRefs: [{kind: ServiceAccount, name: admin}]
+---
+apiVersion: policy.weft.io/v1alpha1
+kind: MeshTLSAuthentication
+metadata: {name: any-mesh-client, namespace: demo}
+spec: {identities: ["*"]}
+---
+apiVersion: policy.weft.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: hello-for-all, namespace: demo}
+spec:
+  targetRef: {group: policy.weft.io, kind: HTTPRoute, name: hello}
+  requiredAuthenticationRefs:
+    - {group: policy.weft.io, kind: MeshTLSAuthentication, name: any-mesh-client}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: vault-grpc-1, namespace: demo, labels: {app: vault-grpc}}
+spec:
+  nodeName: node-b
+  serviceAccountName: vault
+  containers: [{name: main, command: [./grpc_echo.py, serve, "50051", vault-grpc-1], ports: [{containerPort: 50051}]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: vault-grpc, namespace: demo}
+spec: {selector: {app: vault-grpc}, ports: [{port: 50051, targetPort: 50051, appProtocol: kubernetes.io/h2c}]}
+---
+apiVersion: policy.weft.io/v1alpha1
+kind: Server
+metadata: {name: vault-grpc, namespace: demo}
+spec:
+  podSelector: {matchLabels: {app: vault-grpc}}
+  port: 50051
+  accessPolicy: deny
+---
+apiVersion: policy.weft.io/v1alpha1
+kind: HTTPRoute
+metadata: {name: echo, namespace: demo}
+spec:
+  parentRefs: [{group: policy.weft.io, kind: Server, name: vault-grpc}]
+  rules: [{matches: [{path: {type: Exact, value: /weft.test.Echo/Echo}}]}]
+---
+apiVersion: policy.weft.io/v1alpha1
+kind: HTTPRoute
+metadata: {name: stream, namespace: demo}
+spec:
+  parentRefs: [{group: policy.weft.io, kind: Server, name: vault-grpc}]
+  rules: [{matches: [{path: {type: Exact, value: /weft.test.Echo/Stream}}]}]
+---
+apiVersion: policy.weft.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: echo-for-admin, namespace: demo}
+spec:
+  targetRef: {group: policy.weft.io, kind: HTTPRoute, name: echo}
+  requiredAuthenticationRefs: [{kind: ServiceAccount, name: admin}]
+---
+apiVersion: policy.weft.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: stream-for-all, namespace: demo}
+spec:
+  targetRef: {group: policy.weft.io, kind: HTTPRoute, name: stream}
+  requiredAuthenticationRefs:
+    - {group: policy.weft.io, kind: MeshTLSAuthentication, name: any-mesh-client}
+"#;
+
+/// Runs the gRPC client in `pod`; returns its JSON results.
+fn grpc(mc: &MeshCluster, pod: &str, args: &[&str]) -> serde_json::Value {
+    let mut argv = vec!["./grpc_echo.py"];
+    argv.extend_from_slice(args);
+    let out = mc.cluster().exec_ok(pod, &argv);
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+/// (status, body) of one curl from `pod`.
+fn curl_from(mc: &MeshCluster, pod: &str, url: &str) -> (u16, String) {
+    let out = mc.cluster().exec(
+        pod,
+        &[
+            "curl",
+            "-sS",
+            "--noproxy",
+            "*",
+            "--max-time",
+            "20",
+            "-w",
+            "\n=%{http_code}",
+            url,
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = stdout.rsplit_once("\n=").unwrap_or_else(|| {
+        panic!(
+            "{pod} {url}: {stdout} {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (code.trim().parse().unwrap(), body.to_string())
+}
+
+#[test]
+fn route_level_authorization_decides_each_request() {
+    let mc = MeshCluster::up(&[("c.yaml", ROUTE_AUTHZ)]);
+    let node_b = mc.node_ip("node-b");
+
+    // admin: authorized on `status` (by its policy) and on `hello`.
+    let (code, body) = curl_from(&mc, "demo/admin", "http://vault.demo/status/200");
+    assert_eq!((code, body.as_str()), (200, "status 200 from vault-1"));
+    let (code, body) = curl_from(&mc, "demo/admin", "http://vault.demo/hello");
+    assert_eq!((code, body.as_str()), (200, "hello from vault-1"));
+    // client: nothing on the Server authorizes it (accessPolicy deny), but
+    // the `hello` route does: the connection is admitted, `hello` answers,
+    // and `status` is refused per request by the destination proxy.
+    let (code, body) = curl_from(&mc, "demo/client", "http://vault.demo/hello");
+    assert_eq!((code, body.as_str()), (200, "hello from vault-1"));
+    let (code, body) = curl_from(&mc, "demo/client", "http://vault.demo/status/200");
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("demo/status"), "refused by the route: {body}");
+    // A path no route of the Server matches: 404 (the application would
+    // have answered 200).
+    let (code, body) = curl_from(&mc, "demo/admin", "http://vault.demo/delay/1");
+    assert_eq!(code, 404, "{body}");
+
+    // The client is admitted for routes only: a connection that is not
+    // HTTP (random bytes) could not be checked request by request, so the
+    // destination proxy refuses it instead of splicing it to the server.
+    let out = mc.cluster().exec(
+        "demo/client",
+        &["./tcp_client.py", "vault.demo", "80", "1000"],
+    );
+    assert!(!out.status.success(), "{out:?}");
+    wait_metric_sum(
+        node_b,
+        "weft_inbound_authz_denied_total",
+        &[
+            ("reason", "routes_only_opaque"),
+            ("destination_workload", "vault-1"),
+        ],
+        1.0,
+    );
+
+    // gRPC, per method: the client may stream (every mesh client may) but
+    // not call Echo (admin only): PERMISSION_DENIED, from the destination
+    // proxy; admin may.
+    let r = grpc(&mc, "demo/client", &["call", "vault-grpc.demo:50051", "hi"]);
+    assert_eq!(r[0]["code"], "PERMISSION_DENIED", "{r}");
+    let r = grpc(
+        &mc,
+        "demo/client",
+        &["stream", "vault-grpc.demo:50051", "3"],
+    );
+    assert_eq!(r[2]["ok"], "vault-grpc-1:2", "{r}");
+    let r = grpc(&mc, "demo/admin", &["call", "vault-grpc.demo:50051", "hi"]);
+    assert_eq!(r[0]["ok"], "vault-grpc-1:hi", "{r}");
+    wait_metric_sum(
+        node_b,
+        "weft_inbound_authz_denied_total",
+        &[
+            ("reason", "route_denied"),
+            ("policy", "demo/echo"),
+            ("server", "vault-grpc"),
+        ],
+        1.0,
+    );
+
+    // Counted per request with the route's policy (allowed) or the route
+    // that refused (denied).
+    let authz = |which: &str, labels: &[(&str, &str)]| {
+        metric_sum(node_b, &format!("weft_inbound_authz_{which}_total"), labels)
+    };
+    wait_metric_sum(
+        node_b,
+        "weft_inbound_authz_denied_total",
+        &[
+            ("reason", "route_denied"),
+            ("policy", "demo/status"),
+            ("server", "vault-http"),
+        ],
+        1.0,
+    );
+    assert_eq!(
+        authz(
+            "allowed",
+            &[
+                ("reason", "route_authorized"),
+                ("policy", "demo/status-for-admin")
+            ]
+        ),
+        1.0
+    );
+    assert_eq!(
+        authz(
+            "allowed",
+            &[
+                ("reason", "route_authorized"),
+                ("policy", "demo/hello-for-all")
+            ]
+        ),
+        2.0
+    );
+    // The client's connection was admitted at L4 for routes only.
+    assert!(authz("allowed", &[("reason", "routes_only")]) >= 1.0);
+    // The destination side's request metrics carry the route.
+    wait_metric_sum(
+        node_b,
+        "weft_requests_total",
+        &[
+            ("reporter", "destination"),
+            ("route", "demo/status"),
+            ("status_code", "403"),
+        ],
+        1.0,
+    );
+    mc.down();
+}
