@@ -234,19 +234,29 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     A: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    // Set when the application closes its connection (an HTTP/2 GOAWAY, an
+    // HTTP/1.1 close): every later request on this inbound connection would
+    // fail, so it is then finished gracefully, and the client side (the
+    // source proxy's pool, or a plaintext client) opens a new one, and with
+    // it a new connection to the application.
+    let app_closed = Arc::new(tokio::sync::watch::Sender::new(false));
     let app = match protocol {
         Protocol::Http2 => {
+            // The peer is the local application.
             let (send, conn) = match client2::Builder::new(TokioExecutor::new())
+                .max_local_error_reset_streams(super::local_error_reset_limit(true))
                 .handshake(TokioIo::new(app))
                 .await
             {
                 Ok(c) => c,
                 Err(e) => return Some(io::Error::other(e)),
             };
+            let closed = app_closed.clone();
             tokio::spawn(async move {
                 if let Err(e) = conn.await {
                     tracing::debug!(%target, error = %e, "application HTTP/2 connection ended");
                 }
+                closed.send_replace(true);
             });
             AppSender::Http2(send)
         }
@@ -259,14 +269,17 @@ where
                 Ok(c) => c,
                 Err(e) => return Some(io::Error::other(e)),
             };
+            let closed = app_closed.clone();
             tokio::spawn(async move {
                 if let Err(e) = conn.with_upgrades().await {
                     tracing::debug!(%target, error = %e, "application HTTP/1 connection ended");
                 }
+                closed.send_replace(true);
             });
             AppSender::Http1(tokio::sync::Mutex::new(send))
         }
     };
+    let source_principal = peers.source_principal.clone();
     let delivery = Arc::new(Delivery {
         app,
         target,
@@ -282,17 +295,32 @@ where
         async move { Ok::<_, Infallible>(delivery.forward(request).await) }
     });
     let io = TokioIo::new(inbound);
+    // Finish gracefully when the proxy drains or the application left.
+    let ending = || {
+        let (mut draining, mut closed) = (cx.draining.subscribe(), app_closed.subscribe());
+        async move {
+            tokio::select! {
+                _ = draining.wait_for(|d| *d) => {}
+                _ = closed.wait_for(|c| *c) => {}
+            }
+        }
+    };
     let result = match protocol {
         Protocol::Http2 => {
-            let conn = http2::Builder::new(TokioExecutor::new()).serve_connection(io, service);
-            super::serve_until_drained(conn, &cx.draining, |c| c.graceful_shutdown()).await
+            // Trusted when the client came through the mTLS tunnel: it is
+            // another node proxy.
+            let trusted = !source_principal.is_empty();
+            let conn = http2::Builder::new(TokioExecutor::new())
+                .max_local_error_reset_streams(super::local_error_reset_limit(trusted))
+                .serve_connection(io, service);
+            super::serve_until(conn, ending(), |c| c.graceful_shutdown()).await
         }
         _ => {
             let conn = http1::Builder::new()
                 .preserve_header_case(true)
                 .serve_connection(io, service)
                 .with_upgrades();
-            super::serve_until_drained(conn, &cx.draining, |c| c.graceful_shutdown()).await
+            super::serve_until(conn, ending(), |c| c.graceful_shutdown()).await
         }
     };
     delivery.upgrades.finish().await;

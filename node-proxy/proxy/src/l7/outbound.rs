@@ -78,7 +78,10 @@ where
     let io = TokioIo::new(io);
     let result = match protocol {
         Protocol::Http2 => {
-            let conn = http2::Builder::new(TokioExecutor::new()).serve_connection(io, service);
+            // The client is a pod this proxy serves.
+            let conn = http2::Builder::new(TokioExecutor::new())
+                .max_local_error_reset_streams(super::local_error_reset_limit(true))
+                .serve_connection(io, service);
             super::serve_until_drained(conn, &draining, |c| c.graceful_shutdown()).await
         }
         _ => {

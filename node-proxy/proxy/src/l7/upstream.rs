@@ -293,7 +293,9 @@ impl UpstreamPool {
         }
         let target = key.target;
         let io = connect().await?;
+        // The peer is another node proxy (HBONE) or a workload's server.
         let (send, conn) = http2::Builder::new(TokioExecutor::new())
+            .max_local_error_reset_streams(super::local_error_reset_limit(true))
             .handshake(TokioIo::new(io))
             .await
             .map_err(|source| UpstreamError::Handshake { target, source })?;
