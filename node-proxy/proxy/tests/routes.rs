@@ -148,7 +148,7 @@ spec: {selector: {app: ewma}, ports: [{port: 80, targetPort: 8080}]}
 "#;
 
 fn up() -> MeshCluster {
-    MeshCluster::up(&[("c.yaml", CLUSTER)])
+    MeshCluster::up(&[("c.yaml", CLUSTER)], |_| {})
 }
 
 /// One curl in the client pod, one keep-alive connection, `urls` in order:
@@ -550,7 +550,7 @@ fn curl_from(mc: &MeshCluster, pod: &str, url: &str) -> (u16, String) {
 
 #[test]
 fn route_level_authorization_decides_each_request() {
-    let mc = MeshCluster::up(&[("c.yaml", ROUTE_AUTHZ)]);
+    let mc = MeshCluster::up(&[("c.yaml", ROUTE_AUTHZ)], |_| {});
     let node_b = mc.node_ip("node-b");
 
     // admin: authorized on `status` (by its policy) and on `hello`.
