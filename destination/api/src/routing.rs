@@ -16,6 +16,7 @@ use crate::proto::{
     Authorization, HeaderMatch, PathMatchKind, PolicyServer, RouteMatch, RouteRule, Service,
 };
 use std::net::IpAddr;
+use std::sync::Arc;
 use weft_identity_api::SpiffeId;
 
 /// The parts of a request routes look at.
@@ -121,6 +122,25 @@ impl Matcher {
     }
 }
 
+/// Adds the compiled `matches` of entry `index`; no match at all takes every
+/// request (as a `/` prefix would).
+fn push_matchers(out: &mut Vec<(Matcher, usize)>, matches: &[RouteMatch], index: usize) {
+    if matches.is_empty() {
+        let any = Matcher {
+            path: PathMatcher::Prefix(String::new()),
+            method: None,
+            headers: Vec::new(),
+        };
+        out.push((any, index));
+    }
+    out.extend(
+        matches
+            .iter()
+            .filter_map(Matcher::compile)
+            .map(|m| (m, index)),
+    );
+}
+
 /// Gateway API regular expressions match the whole value.
 fn anchored(pattern: &str) -> Option<regex::Regex> {
     regex::Regex::new(&format!("^(?:{pattern})$")).ok()
@@ -154,8 +174,12 @@ fn best<'a, T>(entries: impl Iterator<Item = (&'a Matcher, T)>, req: &Request<'_
 pub enum Selected<'a> {
     /// The Service has no route (for this port): balance it as usual.
     NoRoutes,
-    /// This rule of this route applies.
-    Rule { route: &'a str, rule: &'a RouteRule },
+    /// This rule of this route applies (shared, so that a request's plan
+    /// can hold it without copying it).
+    Rule {
+        route: &'a str,
+        rule: &'a Arc<RouteRule>,
+    },
     /// The Service has routes and none matches: answer 404, as the Gateway
     /// API requires.
     NotFound,
@@ -165,7 +189,7 @@ pub enum Selected<'a> {
 #[derive(Clone, Debug, Default)]
 pub struct OutboundRoutes {
     /// (route name, rule) by index.
-    rules: Vec<(String, RouteRule)>,
+    rules: Vec<(String, Arc<RouteRule>)>,
     /// Every match of every rule, in route then rule order.
     matchers: Vec<(Matcher, usize)>,
 }
@@ -179,21 +203,8 @@ impl OutboundRoutes {
             }
             for rule in &route.rules {
                 let index = out.rules.len();
-                out.rules.push((route.name.clone(), rule.clone()));
-                if rule.matches.is_empty() {
-                    // No match: every request (as a `/` prefix would).
-                    let any = Matcher {
-                        path: PathMatcher::Prefix(String::new()),
-                        method: None,
-                        headers: Vec::new(),
-                    };
-                    out.matchers.push((any, index));
-                }
-                for m in &rule.matches {
-                    if let Some(matcher) = Matcher::compile(m) {
-                        out.matchers.push((matcher, index));
-                    }
-                }
+                out.rules.push((route.name.clone(), Arc::new(rule.clone())));
+                push_matchers(&mut out.matchers, &rule.matches, index);
             }
         }
         out
@@ -252,19 +263,7 @@ impl InboundRoutes {
             let index = out.routes.len();
             out.routes
                 .push((route.name.clone(), route.authorizations.clone()));
-            if route.matches.is_empty() {
-                let any = Matcher {
-                    path: PathMatcher::Prefix(String::new()),
-                    method: None,
-                    headers: Vec::new(),
-                };
-                out.matchers.push((any, index));
-            }
-            for m in &route.matches {
-                if let Some(matcher) = Matcher::compile(m) {
-                    out.matchers.push((matcher, index));
-                }
-            }
+            push_matchers(&mut out.matchers, &route.matches, index);
         }
         out
     }

@@ -3,7 +3,7 @@
 //! when a pod connects somewhere).
 
 use crate::{Policy, Service, WatchResponse, Workload, address};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 #[derive(Clone, Debug, Default)]
@@ -16,6 +16,9 @@ pub struct View {
     pub policies: BTreeMap<String, Policy>,
     by_address: HashMap<IpAddr, String>,
     by_vip: HashMap<IpAddr, String>,
+    /// Workload uid → keys of the Services it is an endpoint of (asked per
+    /// inbound connection: which Service a client reached).
+    by_endpoint: HashMap<String, BTreeSet<String>>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -55,6 +58,7 @@ impl View {
             self.policies.clear();
             self.by_address.clear();
             self.by_vip.clear();
+            self.by_endpoint.clear();
         } else if response.epoch != self.epoch || response.base_version != self.version {
             return Err(ApplyError::BaseMismatch {
                 epoch: response.epoch,
@@ -89,6 +93,16 @@ impl View {
             {
                 self.by_vip.insert(ip, key.clone());
             }
+            for ep in service
+                .endpoints
+                .iter()
+                .filter(|e| !e.workload_uid.is_empty())
+            {
+                self.by_endpoint
+                    .entry(ep.workload_uid.clone())
+                    .or_default()
+                    .insert(key.clone());
+            }
             self.services.insert(key, service);
         }
         for policy in response.policies {
@@ -120,6 +134,15 @@ impl View {
         self.by_vip.get(&ip).and_then(|key| self.services.get(key))
     }
 
+    /// The Services (in key order) with `uid` among their endpoints.
+    pub fn services_of_workload<'a>(&'a self, uid: &str) -> impl Iterator<Item = &'a Service> {
+        self.by_endpoint
+            .get(uid)
+            .into_iter()
+            .flatten()
+            .filter_map(|key| self.services.get(key))
+    }
+
     fn remove_workload(&mut self, uid: &str) {
         if let Some(old) = self.workloads.remove(uid) {
             for ip in old.addresses.iter().filter_map(|a| address::decode(a)) {
@@ -137,6 +160,14 @@ impl View {
             for ip in old.cluster_ips.iter().filter_map(|a| address::decode(a)) {
                 if self.by_vip.get(&ip).is_some_and(|owner| owner == key) {
                     self.by_vip.remove(&ip);
+                }
+            }
+            for ep in &old.endpoints {
+                if let Some(keys) = self.by_endpoint.get_mut(&ep.workload_uid) {
+                    keys.remove(key);
+                    if keys.is_empty() {
+                        self.by_endpoint.remove(&ep.workload_uid);
+                    }
                 }
             }
         }
@@ -214,6 +245,47 @@ mod tests {
             }
         ));
         assert_eq!(view, before);
+    }
+
+    #[test]
+    fn services_are_found_by_their_endpoint_workloads() {
+        let service = |name: &str, uids: &[&str]| Service {
+            name: name.into(),
+            namespace: "ns".into(),
+            endpoints: uids
+                .iter()
+                .map(|u| crate::Endpoint {
+                    workload_uid: u.to_string(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let names = |view: &View, uid: &str| -> Vec<String> {
+            view.services_of_workload(uid)
+                .map(|s| s.name.clone())
+                .collect()
+        };
+        let mut view = View::default();
+        let mut response = snapshot(1, vec![workload("a", "10.0.0.1")]);
+        response.services = vec![service("web", &["a", "b"]), service("api", &["a"])];
+        view.apply(response).unwrap();
+        assert_eq!(names(&view, "a"), ["api", "web"]);
+        assert_eq!(names(&view, "b"), ["web"]);
+        // An updated Service drops a workload; a removed one drops all.
+        view.apply(WatchResponse {
+            epoch: "e1".into(),
+            version: 2,
+            base_version: 1,
+            services: vec![service("web", &["b"])],
+            removed_services: vec!["ns/api".into()],
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(names(&view, "a").is_empty());
+        assert_eq!(names(&view, "b"), ["web"]);
+        view.apply(snapshot(3, vec![])).unwrap();
+        assert!(names(&view, "b").is_empty());
     }
 
     #[test]

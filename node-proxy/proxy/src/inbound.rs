@@ -278,8 +278,7 @@ async fn handle_stream(
 /// The first Service (in name order) that sends `port` to this workload.
 fn service_of(view: &View, workload_uid: Option<&str>, port: u16) -> Option<String> {
     let uid = workload_uid?;
-    view.services
-        .values()
+    view.services_of_workload(uid)
         .find(|s| {
             s.endpoints
                 .iter()

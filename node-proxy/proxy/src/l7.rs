@@ -26,6 +26,7 @@ pub mod route_authz;
 pub mod routing;
 pub mod upgrade;
 pub mod upstream;
+mod view_cache;
 
 pub use metrics::RequestMetrics;
 pub use upstream::UpstreamPool;

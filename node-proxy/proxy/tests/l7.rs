@@ -6,8 +6,7 @@
 mod support;
 
 use std::net::Ipv4Addr;
-use std::process::{Command, Stdio};
-use support::{MeshCluster, http_get, metric_sum, wait_metric, wait_metric_sum};
+use support::{MeshCluster, metric_sum, promtool_accepts, wait_metric, wait_metric_sum};
 
 const CLIENT: &str = "spiffe://cluster.local/ns/demo/sa/client";
 const WEB: &str = "web.demo.svc.cluster.local";
@@ -136,31 +135,6 @@ fn requests<'a>(service: &'a str, more: &[(&'a str, &'a str)]) -> Vec<(&'a str, 
     ];
     labels.extend_from_slice(more);
     labels
-}
-
-fn promtool_accepts(node: Ipv4Addr) {
-    let (_, body) = http_get(std::net::SocketAddr::new(node.into(), 15020), "/metrics").unwrap();
-    let mut check = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool (cargo xtask setup installs prometheus)");
-    use std::io::Write;
-    check
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(body.as_bytes())
-        .unwrap();
-    let out = check.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 #[test]

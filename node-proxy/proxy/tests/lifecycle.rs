@@ -6,68 +6,17 @@
 mod support;
 
 use std::time::{Duration, Instant};
-use support::mesh_cluster::{MeshCluster, wait_until};
+use support::mesh_cluster::{MeshCluster, PATIENCE, wait_until};
 use support::stream::{STREAM_CLIENT, Stream};
-use support::{echo_through, metric, wait_metric};
+use support::{DEMO_CLUSTER, echo_through, metric, wait_metric};
 use weft_sim::mesh::Component;
 
 const CLIENT: &str = "spiffe://cluster.local/ns/demo/sa/client";
 
-const CLUSTER: &str = r#"
-apiVersion: v1
-kind: Namespace
-metadata: {name: demo, labels: {weft.io/mesh: enabled}}
----
-apiVersion: v1
-kind: Namespace
-metadata: {name: plain}
----
-apiVersion: v1
-kind: ServiceAccount
-metadata: {name: client, namespace: demo}
----
-apiVersion: v1
-kind: ServiceAccount
-metadata: {name: echo, namespace: demo}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: client, namespace: demo}
-spec: {nodeName: node-a, serviceAccountName: client, containers: [{name: main, command: [sleep, infinity]}]}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: echo, namespace: demo, labels: {app: echo}}
-spec:
-  nodeName: node-b
-  serviceAccountName: echo
-  containers: [{name: main, command: [./tcp_echo.py, "9000"], ports: [{containerPort: 9000}]}]
----
-apiVersion: v1
-kind: Pod
-metadata: {name: echo-local, namespace: demo}
-spec:
-  nodeName: node-a
-  serviceAccountName: echo
-  containers: [{name: main, command: [./tcp_echo.py, "9000"], ports: [{containerPort: 9000}]}]
----
-apiVersion: v1
-kind: Pod
-metadata: {name: outsider, namespace: plain}
-spec:
-  nodeName: node-b
-  containers: [{name: main, command: [./tcp_echo.py, "9000"], ports: [{containerPort: 9000}]}]
----
-apiVersion: v1
-kind: Service
-metadata: {name: echo, namespace: demo}
-spec: {selector: {app: echo}, ports: [{port: 80, targetPort: 9000}]}
-"#;
-
-const FILES: &[(&str, &str)] = &[("c.yaml", CLUSTER), ("stream_client.py", STREAM_CLIENT)];
-
-/// Generous: CI runs several clusters at once on two cores.
-const PATIENCE: Duration = Duration::from_secs(45);
+const FILES: &[(&str, &str)] = &[
+    ("c.yaml", DEMO_CLUSTER),
+    ("stream_client.py", STREAM_CLIENT),
+];
 
 /// How late after the drain deadline the proxy may exit (scheduling on a
 /// loaded machine; the deadline itself is what is checked).

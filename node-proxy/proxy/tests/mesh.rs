@@ -7,73 +7,15 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use support::mesh_cluster::MeshCluster;
-use support::{echo_through, http_get, metric, wait_metric};
+use support::mesh_cluster::{MeshCluster, PATIENCE, wait_until};
+use support::{DEMO_CLUSTER, echo_through, http_get, metric, promtool_accepts, wait_metric};
 
 const CLIENT: &str = "spiffe://cluster.local/ns/demo/sa/client";
 const ECHO: &str = "spiffe://cluster.local/ns/demo/sa/echo";
 
-const CLUSTER: &str = r#"
-apiVersion: v1
-kind: Namespace
-metadata: {name: demo, labels: {weft.io/mesh: enabled}}
----
-apiVersion: v1
-kind: Namespace
-metadata: {name: plain}
----
-apiVersion: v1
-kind: ServiceAccount
-metadata: {name: client, namespace: demo}
----
-apiVersion: v1
-kind: ServiceAccount
-metadata: {name: echo, namespace: demo}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: client, namespace: demo}
-spec: {nodeName: node-a, serviceAccountName: client, containers: [{name: main, command: [sleep, infinity]}]}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: echo, namespace: demo, labels: {app: echo}}
-spec:
-  nodeName: node-b
-  serviceAccountName: echo
-  containers: [{name: main, command: [./tcp_echo.py, "9000"], ports: [{containerPort: 9000}]}]
----
-apiVersion: v1
-kind: Pod
-metadata: {name: echo-local, namespace: demo}
-spec:
-  nodeName: node-a
-  serviceAccountName: echo
-  containers: [{name: main, command: [./tcp_echo.py, "9000"], ports: [{containerPort: 9000}]}]
----
-apiVersion: v1
-kind: Pod
-metadata: {name: opted-out, namespace: demo, labels: {weft.io/mesh: disabled}}
-spec:
-  nodeName: node-b
-  containers: [{name: main, command: [./tcp_echo.py, "9000"], ports: [{containerPort: 9000}]}]
----
-apiVersion: v1
-kind: Pod
-metadata: {name: outsider, namespace: plain}
-spec:
-  nodeName: node-b
-  containers: [{name: main, command: [./tcp_echo.py, "9000"], ports: [{containerPort: 9000}]}]
----
-apiVersion: v1
-kind: Service
-metadata: {name: echo, namespace: demo}
-spec: {selector: {app: echo}, ports: [{port: 80, targetPort: 9000}]}
-"#;
-
 /// The cluster above with the mesh, plus `extra` files.
 fn up(extra: &[(&str, &str)]) -> MeshCluster {
-    let mut files = vec![("c.yaml", CLUSTER)];
+    let mut files = vec![("c.yaml", DEMO_CLUSTER)];
     files.extend_from_slice(extra);
     MeshCluster::up(&files, |_| {})
 }
@@ -479,11 +421,6 @@ fn mesh_boundaries_and_foreign_certificates() {
     mc.down();
 }
 
-fn wait_until(what: &str, done: impl FnMut() -> bool) {
-    // Generous: CI runs many clusters in parallel on two cores.
-    support::mesh_cluster::wait_until(what, Duration::from_secs(45), done)
-}
-
 #[test]
 fn editing_the_namespace_label_moves_running_pods_in_and_out_of_the_mesh() {
     let mc = up(&[]);
@@ -506,7 +443,7 @@ fn editing_the_namespace_label_moves_running_pods_in_and_out_of_the_mesh() {
     let label = "metadata: {name: demo, labels: {weft.io/mesh: enabled}}";
     assert!(enrolled.contains(label));
     std::fs::write(&manifest, enrolled.replace(label, "metadata: {name: demo}")).unwrap();
-    wait_until("node proxies release the demo pods", || {
+    wait_until("node proxies release the demo pods", PATIENCE, || {
         !mc.captures("node-a", "client") && !mc.captures("node-b", "echo")
     });
     echo_through(cluster, "demo/client", &echo_ip, 9000, 1 << 20, None);
@@ -530,7 +467,7 @@ fn editing_the_namespace_label_moves_running_pods_in_and_out_of_the_mesh() {
 
     // Put it back: the same running pods are captured again, with mTLS.
     std::fs::write(&manifest, &enrolled).unwrap();
-    wait_until("node proxies capture the demo pods again", || {
+    wait_until("node proxies capture the demo pods again", PATIENCE, || {
         mc.captures("node-a", "client")
             && mc.captures("node-b", "echo")
             && [mc.node_ip("node-a"), node_b].iter().all(|ip| {
@@ -613,40 +550,18 @@ fn prometheus_scrapes_every_node_proxy_and_promtool_accepts_the_metrics() {
 
     // The exposition passes promtool's lint on every node.
     for node in ["node-a", "node-b"] {
-        let addr = std::net::SocketAddr::new(mc.node_ip(node).into(), 15020);
-        let (_, body) = http_get(addr, "/metrics").unwrap();
-        let mut check = Command::new("promtool")
-            .args(["check", "metrics"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("promtool (cargo xtask setup installs prometheus)");
-        use std::io::Write;
-        check
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(body.as_bytes())
-            .unwrap();
-        let out = check.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "promtool check metrics on {node}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        promtool_accepts(mc.node_ip(node));
     }
 
     // Prometheus finds both node proxies through the simulator's file-SD
     // configuration, scrapes them, and answers a query about the traffic.
     let config = mc.mesh.state().unwrap().prometheus_config;
     let prometheus = Prometheus::start(&config);
-    wait_until("Prometheus scrapes both node proxies", || {
+    wait_until("Prometheus scrapes both node proxies", PATIENCE, || {
         let up = prometheus.query("up{job=\"weft-node-proxy\"}");
         up.len() == 2 && up.iter().all(|s| s["value"][1] == "1")
     });
-    wait_until("Prometheus has the mTLS connection", || {
+    wait_until("Prometheus has the mTLS connection", PATIENCE, || {
         prometheus
             .query(&format!(
                 "sum(weft_tcp_connections_closed_total{{reporter=\"destination\",source_principal=\"{CLIENT}\",connection_security_policy=\"mutual_tls\",node=\"node-b\"}})"

@@ -11,7 +11,7 @@ use std::io::{BufRead, BufReader};
 use std::net::Ipv4Addr;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
-use support::mesh_cluster::wait_until as wait_within;
+use support::mesh_cluster::{PATIENCE, wait_until};
 use support::{MeshCluster, http_get, metric};
 use weft_sim::cluster::{node_command, pod_command};
 
@@ -380,12 +380,6 @@ impl Drop for HeldConnection {
     }
 }
 
-/// Polls `done` for up to 45 s (generous: CI runs many clusters at once on
-/// two cores).
-fn wait_until(what: &str, done: impl FnMut() -> bool) {
-    wait_within(what, Duration::from_secs(45), done)
-}
-
 fn write(mc: &MeshCluster, file: &str, text: &str) {
     std::fs::write(mc.cluster().manifest_dir().join(file), text).unwrap();
 }
@@ -427,7 +421,7 @@ fn servers_authorization_policies_and_live_changes() {
     assert_eq!(result("plain/outsider", 9001), "reset");
     let batch = pod_ip(&mc, "plain/batch");
     write(&mc, "network.yaml", &network_but(batch));
-    wait_until("the NetworkAuthentication applies", || {
+    wait_until("the NetworkAuthentication applies", PATIENCE, || {
         result("plain/outsider", 9001) == "echo"
     });
     assert_eq!(result("plain/batch", 9001), "reset");
@@ -440,6 +434,7 @@ fn servers_authorization_policies_and_live_changes() {
     let admin = mc.mesh.state().unwrap().destination_admin;
     wait_until(
         "the destination service reports the malformed policies",
+        PATIENCE,
         || {
             http_get(admin, "/metrics").is_some_and(|(_, body)| {
                 body.lines()

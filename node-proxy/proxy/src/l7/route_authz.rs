@@ -10,11 +10,11 @@
 //! (`routes_only`): such a connection must be HTTP, else it is refused,
 //! since no request could be checked.
 
+use super::view_cache::PerView;
 use crate::authz::AuthzLabels;
 use crate::pods::{Context, LocalPod};
-use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use weft_cert_manager::SpiffeId;
 use weft_destination_api::View;
 use weft_destination_api::routing::{InboundRoutes, Request, RouteDecision};
@@ -35,14 +35,7 @@ pub struct RouteAccess {
 /// The compiled inbound routes of the current view, per workload and port.
 #[derive(Default)]
 pub struct InboundRouting {
-    compiled: Mutex<Compiled>,
-}
-
-#[derive(Default)]
-struct Compiled {
-    epoch: String,
-    version: u64,
-    by_port: HashMap<(String, u16), ServerRoutes>,
+    compiled: PerView<(String, u16), ServerRoutes>,
 }
 
 /// The Server's name and its compiled routes; `None`: no Server with
@@ -86,29 +79,17 @@ impl InboundRouting {
         port: u16,
     ) -> Option<(String, Arc<InboundRoutes>)> {
         let uid = pod.workload_uid.as_ref()?;
-        let mut compiled = self.compiled.lock().expect("inbound route cache lock");
-        if compiled.epoch != view.epoch || compiled.version != view.version {
-            *compiled = Compiled {
-                epoch: view.epoch.clone(),
-                version: view.version,
-                by_port: HashMap::new(),
-            };
-        }
-        compiled
-            .by_port
-            .entry((uid.clone(), port))
-            .or_insert_with(|| {
-                let workload = view.workloads.get(uid)?;
-                let policy = view.policy_of(workload)?;
-                let server = policy.servers.iter().find(|s| s.port == u32::from(port))?;
-                (!server.routes.is_empty()).then(|| {
-                    (
-                        server.name.clone(),
-                        Arc::new(InboundRoutes::compile(server)),
-                    )
-                })
+        self.compiled.get(view, (uid.clone(), port), || {
+            let workload = view.workloads.get(uid)?;
+            let policy = view.policy_of(workload)?;
+            let server = policy.servers.iter().find(|s| s.port == u32::from(port))?;
+            (!server.routes.is_empty()).then(|| {
+                (
+                    server.name.clone(),
+                    Arc::new(InboundRoutes::compile(server)),
+                )
             })
-            .clone()
+        })
     }
 
     /// Decides one request, and counts the decision.

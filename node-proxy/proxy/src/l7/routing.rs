@@ -6,6 +6,7 @@
 //! the compiled routes per view (compiling builds regular expressions, which
 //! must not happen per request) and does the weighted backend choice.
 
+use super::view_cache::PerView;
 use crate::retry::{BudgetConfig, RetryBudget};
 use rand::Rng;
 use std::collections::HashMap;
@@ -23,7 +24,8 @@ pub enum Plan {
     Rule {
         /// The `route` metric label: `<route>/<rule>`.
         label: String,
-        rule: RouteRule,
+        /// Shared with the compiled routes: not copied per request.
+        rule: Arc<RouteRule>,
         service: String,
     },
     /// The Service has routes and none matches: 404.
@@ -48,20 +50,12 @@ impl Plan {
     }
 }
 
-/// Compiled routes of the current view, and the retry budgets.
+/// Compiled routes of the current view (per Service and port), and the
+/// retry budgets.
 #[derive(Default)]
 pub struct OutboundRouting {
-    compiled: Mutex<Compiled>,
+    compiled: PerView<(String, u16), Arc<OutboundRoutes>>,
     budgets: Mutex<HashMap<String, Arc<RetryBudget>>>,
-}
-
-/// The routes compiled for one view (epoch and version): dropped whole when
-/// the view changes, so a changed route is never served stale.
-#[derive(Default)]
-struct Compiled {
-    epoch: String,
-    version: u64,
-    by_port: HashMap<(String, u16), Arc<OutboundRoutes>>,
 }
 
 impl OutboundRouting {
@@ -74,7 +68,10 @@ impl OutboundRouting {
             return Plan::Default;
         }
         let key = service_key(&svc.namespace, &svc.name);
-        let routes = self.compiled(view, &key, svc, dst.port());
+        let port = dst.port();
+        let routes = self.compiled.get(view, (key.clone(), port), || {
+            Arc::new(OutboundRoutes::compile(svc, port))
+        });
         match routes.select(req) {
             Selected::NoRoutes => Plan::Default,
             Selected::NotFound => Plan::NotFound,
@@ -88,22 +85,6 @@ impl OutboundRouting {
                 service: key,
             },
         }
-    }
-
-    fn compiled(&self, view: &View, key: &str, svc: &Service, port: u16) -> Arc<OutboundRoutes> {
-        let mut compiled = self.compiled.lock().expect("route cache lock");
-        if compiled.epoch != view.epoch || compiled.version != view.version {
-            *compiled = Compiled {
-                epoch: view.epoch.clone(),
-                version: view.version,
-                by_port: HashMap::new(),
-            };
-        }
-        compiled
-            .by_port
-            .entry((key.to_string(), port))
-            .or_insert_with(|| Arc::new(OutboundRoutes::compile(svc, port)))
-            .clone()
     }
 
     /// The retry budget of a destination Service (by key), shared by every

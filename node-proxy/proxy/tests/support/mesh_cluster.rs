@@ -121,6 +121,10 @@ impl Drop for MeshCluster {
     }
 }
 
+/// How long the mesh tests wait for something to happen: generous, because
+/// CI runs several clusters at once on two cores.
+pub const PATIENCE: Duration = Duration::from_secs(45);
+
 /// Polls `done` every 100 ms until it holds; panics after `within`.
 pub fn wait_until(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + within;

@@ -106,6 +106,94 @@ pub fn echo_through(
     r
 }
 
+/// The mesh tests' cluster: an enrolled namespace `demo` (a client on
+/// node-a; echo servers on node-b and on node-a, behind the Service `echo`;
+/// a pod that opts out), and a namespace `plain` outside the mesh.
+pub const DEMO_CLUSTER: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: demo, labels: {weft.io/mesh: enabled}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: plain}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: client, namespace: demo}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: echo, namespace: demo}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: demo}
+spec: {nodeName: node-a, serviceAccountName: client, containers: [{name: main, command: [sleep, infinity]}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: echo, namespace: demo, labels: {app: echo}}
+spec:
+  nodeName: node-b
+  serviceAccountName: echo
+  containers: [{name: main, command: [./tcp_echo.py, "9000"], ports: [{containerPort: 9000}]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: echo-local, namespace: demo}
+spec:
+  nodeName: node-a
+  serviceAccountName: echo
+  containers: [{name: main, command: [./tcp_echo.py, "9000"], ports: [{containerPort: 9000}]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: opted-out, namespace: demo, labels: {weft.io/mesh: disabled}}
+spec:
+  nodeName: node-b
+  containers: [{name: main, command: [./tcp_echo.py, "9000"], ports: [{containerPort: 9000}]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: outsider, namespace: plain}
+spec:
+  nodeName: node-b
+  containers: [{name: main, command: [./tcp_echo.py, "9000"], ports: [{containerPort: 9000}]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo, namespace: demo}
+spec: {selector: {app: echo}, ports: [{port: 80, targetPort: 9000}]}
+"#;
+
+/// `promtool check metrics` accepts the node proxy's `/metrics` on `node`.
+pub fn promtool_accepts(node: Ipv4Addr) {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let (_, body) = http_get(SocketAddr::new(node.into(), 15020), "/metrics").unwrap();
+    let mut check = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (cargo xtask setup installs prometheus)");
+    check
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
+    let out = check.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics on {node}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 pub mod mesh_cluster;
 #[allow(unused_imports)]
 pub use mesh_cluster::MeshCluster;
