@@ -14,7 +14,7 @@
 //! Bytes are counted on both sides either way, so `weft_tcp_*` on the
 //! destination side keep their meaning for the stream.
 
-use super::body::{ProxyBody, Recorded, Recorder};
+use super::body::{ProxyBody, Recorded, Recorder, proxy_body};
 use super::classify::{MethodClass, grpc_status, is_grpc};
 use super::metrics::Peers;
 use super::outbound::{error_response, synthetic};
@@ -374,7 +374,7 @@ impl Delivery {
         }
         let client_upgrade = (self.protocol == Protocol::Http1 && wants_upgrade(&request))
             .then(|| hyper::upgrade::on(&mut request));
-        let request = request.map(|b| b.boxed());
+        let request = request.map(proxy_body);
         let result = match &self.app {
             AppSender::Http2(send) => send.clone().send_request(request).await,
             AppSender::Http1(send) => {
@@ -393,7 +393,7 @@ impl Delivery {
                     let app_upgrade = hyper::upgrade::on(&mut response);
                     self.upgrades.spawn(client_upgrade, app_upgrade, target);
                 }
-                response.map(|b| b.boxed())
+                response.map(proxy_body)
             }
             Err(source) => {
                 let e = UpstreamError::Request { target, source };
