@@ -11,7 +11,7 @@ Service weft.test.Echo:
                    "N@MS" waits MS milliseconds before each.
 
 usage:
-  grpc_echo.py serve PORT NAME
+  grpc_echo.py serve PORT NAME [CODE]      CODE: every Echo fails with it
   grpc_echo.py call HOST:PORT MESSAGE...   one unary call per message
   grpc_echo.py stream HOST:PORT N          one server-streaming call
 The client prints one JSON line: the results, each {"ok": reply} or
@@ -30,11 +30,13 @@ SERVICE = "weft.test.Echo"
 CHANNEL_OPTIONS = [("grpc.enable_http_proxy", 0)]
 
 
-def serve(port, name):
+def serve(port, name, always_fail=None):
     flaky = {"seen": 0, "lock": threading.Lock()}
 
     def echo(request, context):
         text = request.decode()
+        if always_fail is not None:
+            context.abort(grpc.StatusCode(_code(always_fail)), f"{name} always fails")
         if text.startswith("flaky:"):
             with flaky["lock"]:
                 n = flaky["seen"]
@@ -104,7 +106,7 @@ def stream(target, n):
 def main():
     mode = sys.argv[1]
     if mode == "serve":
-        serve(int(sys.argv[2]), sys.argv[3])
+        serve(int(sys.argv[2]), sys.argv[3], int(sys.argv[4]) if len(sys.argv) > 4 else None)
     elif mode == "call":
         call(sys.argv[2], sys.argv[3:])
     elif mode == "stream":

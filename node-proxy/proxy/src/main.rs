@@ -110,9 +110,7 @@ fn main() -> std::process::ExitCode {
         tracing_subscriber::fmt().with_env_filter(filter).init();
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let workers = args
-        .worker_threads
-        .map_or(cores.min(2), usize::from);
+    let workers = args.worker_threads.map_or(cores.min(2), usize::from);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
         .enable_all()

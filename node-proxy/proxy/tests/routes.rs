@@ -16,7 +16,8 @@ const GRPC_FLAKY: &str = "grpc-flaky.demo.svc.cluster.local";
 
 /// `web` (two pods, one per node) with a canary Service of one pod; `flaky`
 /// fails every other request; `broken` fails every request; `ewma` has a
-/// fast and a slow pod; `grpc-flaky` fails every other `flaky:` call.
+/// fast and a slow pod; `grpc-flaky` fails every other `flaky:` call;
+/// `grpc-pair` has a good pod and one answering UNAVAILABLE to every call.
 const CLUSTER: &str = r#"
 apiVersion: v1
 kind: Namespace
@@ -175,6 +176,27 @@ spec:
     - name: stream
       matches: [{path: {type: Exact, value: /weft.test.Echo/Stream}}]
       timeouts: {request: 1s}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: grpc-good, namespace: demo, labels: {app: grpc-pair}}
+spec:
+  nodeName: node-b
+  serviceAccountName: web
+  containers: [{name: main, command: [./grpc_echo.py, serve, "50051", grpc-good], ports: [{containerPort: 50051}]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: grpc-down, namespace: demo, labels: {app: grpc-pair}}
+spec:
+  nodeName: node-b
+  serviceAccountName: web
+  containers: [{name: main, command: [./grpc_echo.py, serve, "50051", grpc-down, "14"], ports: [{containerPort: 50051}]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: grpc-pair, namespace: demo}
+spec: {selector: {app: grpc-pair}, ports: [{port: 50051, targetPort: 50051, appProtocol: kubernetes.io/h2c}]}
 "#;
 
 fn up() -> MeshCluster {
@@ -582,6 +604,44 @@ fn the_request_timeout_covers_the_response_body() {
         ],
         1.0,
     );
+    mc.down();
+}
+
+#[test]
+fn an_endpoint_failing_every_grpc_call_is_ejected() {
+    let mc = up();
+    // grpc-down answers every call with UNAVAILABLE, in an HTTP 200. Its
+    // gRPC status counts as a failure: after 5 in a row it is ejected for
+    // 1 s, which 40 sequential calls (a few ms each) do not outlast, and
+    // the calls go to grpc-good. Were the status ignored, the balancer
+    // would see only successes (and /config_dump no failures).
+    const CALLS: usize = 40;
+    let calls = vec!["hi"; CALLS];
+    let mut args = vec!["call", "grpc-pair.demo:50051"];
+    args.extend(&calls);
+    let results = grpc(&mc, "demo/client", &args);
+    let results = results.as_array().unwrap();
+    let good = results.iter().filter(|r| r["ok"] == "grpc-good:hi").count();
+    let unavailable = results
+        .iter()
+        .filter(|r| r["code"] == "UNAVAILABLE")
+        .count();
+    eprintln!("grpc-pair: {good} served by grpc-good, {unavailable} UNAVAILABLE");
+    assert_eq!(good + unavailable, CALLS, "{results:?}");
+    assert!(
+        unavailable <= 6,
+        "{unavailable} calls reached the failing endpoint"
+    );
+    // /config_dump shows why: the failing endpoint's failures in a row.
+    let dump = mc.config_dump("node-a");
+    let down = format!("{}:50051", mc.cluster().pod("demo/grpc-down").ip);
+    let ep = dump["balancer"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["address"] == down.as_str())
+        .unwrap_or_else(|| panic!("{down} not in {}", dump["balancer"]));
+    assert!(ep["consecutive_failures"].as_u64().unwrap() >= 5, "{ep}");
     mc.down();
 }
 

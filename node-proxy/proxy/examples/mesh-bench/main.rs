@@ -228,7 +228,9 @@ fn profile(cluster: &TestCluster, mesh: &Mesh, proto: http::Proto) {
     eprintln!("node proxy pids: {}", pids.join(","));
     for _ in 0..8 {
         let (per_cpu_s, rps) = per_cpu_second(cluster, mesh, port, proto);
-        eprintln!("closed loop {proto:?} port {port}: {per_cpu_s:.0} req per proxy CPU second, {rps:.0} req/s");
+        eprintln!(
+            "closed loop {proto:?} port {port}: {per_cpu_s:.0} req per proxy CPU second, {rps:.0} req/s"
+        );
     }
 }
 

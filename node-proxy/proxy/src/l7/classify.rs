@@ -92,6 +92,16 @@ pub fn grpc_status(headers: &http::HeaderMap) -> Option<u32> {
         .map(u32::from)
 }
 
+/// Whether a gRPC status says the server failed, as a 5xx does (gRPC's own
+/// HTTP mapping: UNKNOWN, INTERNAL and DATA_LOSS are 500, UNAVAILABLE 503,
+/// DEADLINE_EXCEEDED 504). What the balancer's failure accrual counts
+/// against an endpoint; a caller's mistake (NOT_FOUND, INVALID_ARGUMENT,
+/// PERMISSION_DENIED) or a rate limit (RESOURCE_EXHAUSTED, 429) is not the
+/// endpoint being unhealthy.
+pub fn grpc_server_failed(code: u32) -> bool {
+    matches!(code, 2 | 4 | 13 | 14 | 15)
+}
+
 /// Success unless the server failed: 5xx, a gRPC status other than OK, or
 /// (for a gRPC request) a response that ended without any status. 4xx is
 /// the client's error and counts as a success of the server, as Linkerd and
@@ -126,6 +136,12 @@ mod tests {
         assert_eq!(classify(200, true, Some(0)), Classification::Success);
         assert_eq!(classify(200, true, Some(13)), Classification::Failure);
         assert_eq!(classify(200, true, None), Classification::Failure);
+    }
+
+    #[test]
+    fn only_server_side_grpc_statuses_count_against_an_endpoint() {
+        let failed: Vec<u32> = (0..=16).filter(|c| grpc_server_failed(*c)).collect();
+        assert_eq!(failed, [2, 4, 13, 14, 15]);
     }
 
     #[test]

@@ -16,7 +16,7 @@
 //! instead of an HTTP error they would report as an internal error.
 
 use super::body::{ProxyBody, Recorded, Recorder, proxy_body};
-use super::classify::{MethodClass, grpc_status, is_grpc};
+use super::classify::{MethodClass, grpc_server_failed, grpc_status, is_grpc};
 use super::deadline::Deadline;
 use super::grpc_peek::{self, Peeked};
 use super::metrics::Peers;
@@ -365,8 +365,15 @@ impl Connection {
         let outcome = match &result {
             Ok(response) => {
                 let status = response.status().as_u16();
+                // A gRPC failure is an HTTP 200: its status, when known
+                // by now (trailers-only, or peeked), counts too.
+                let grpc_code = match peeked {
+                    Some(Peeked::Status(code)) => Some(code),
+                    _ => grpc_status(response.headers()),
+                };
+                let server_failed = status >= 500 || grpc_code.is_some_and(grpc_server_failed);
                 if let Some(p) = pick.as_mut() {
-                    p.responded(latency, status < 500);
+                    p.responded(latency, !server_failed);
                 }
                 match peeked {
                     Some(Peeked::Status(code)) if code != 0 => Some(RetryOutcome::Grpc(code)),
