@@ -87,7 +87,7 @@ pub async fn deliver<S: InboundStream>(
             destination_namespace: pod.namespace.clone(),
             server: String::new(),
             policy: String::new(),
-            reason: "routes_only_opaque".into(),
+            reason: crate::authz::ROUTES_ONLY_OPAQUE.into(),
         };
         cx.authz.metrics().count_request(&labels, false);
         let e = io::Error::new(
@@ -96,8 +96,11 @@ pub async fn deliver<S: InboundStream>(
         );
         (Transferred::default(), Some(e))
     };
+    // Recording "spliced" is what lets a later policy change that makes
+    // the client routes-only close the connection (see
+    // `authz::ConnectionAccess`).
     if cx.mesh.is_none() || local_port_is_opaque(pod, cx, target.port()) {
-        if access.routes_only {
+        if !access.connection.serve_opaque() {
             return refuse_opaque(inbound.reset_handle());
         }
         return splice_until(&mut inbound, &mut app, stop).await;
@@ -113,13 +116,14 @@ pub async fn deliver<S: InboundStream>(
     };
     // The detection bytes are replayed by the prefix, and counted as they
     // are read again below.
-    if found == Protocol::Opaque && access.routes_only {
+    if found == Protocol::Opaque && !access.connection.serve_opaque() {
         return refuse_opaque(inbound.reset_handle());
     }
     let mut inbound = Prefixed::new(prefix, inbound);
     match found {
         Protocol::Opaque => splice_until(&mut inbound, &mut app, stop).await,
         http => {
+            access.connection.serve_http();
             let from_client = Arc::new(AtomicU64::new(0));
             let to_client = Arc::new(AtomicU64::new(0));
             let inbound = Counted::new(inbound, from_client.clone());
