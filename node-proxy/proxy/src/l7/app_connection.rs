@@ -17,7 +17,7 @@ use super::upstream::UpstreamError;
 use crate::outbound::{ConnectError, connect_from_pod};
 use crate::pods::LocalPod;
 use crate::protocol::Protocol;
-use http::{Request, Response};
+use http::{Method, Request, Response};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::{Body, Incoming};
 use hyper::client::conn::{http1 as client1, http2 as client2};
@@ -108,10 +108,13 @@ impl AppConnection {
     }
 
     /// Sends `request` to the application (see the module's comment).
-    pub(super) async fn send(
+    pub(super) async fn send<B>(
         &self,
-        request: Request<Incoming>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+        request: Request<B>,
+    ) -> Result<Response<Incoming>, UpstreamError>
+    where
+        B: Body<Data = bytes::Bytes, Error = hyper::Error> + Send + Sync + 'static,
+    {
         let target = self.target;
         // Without a body, a refused request can be sent again as it was.
         let replay = request.body().is_end_stream().then(|| {
@@ -120,15 +123,23 @@ impl AppConnection {
             *again.uri_mut() = request.uri().clone();
             *again.version_mut() = request.version();
             *again.headers_mut() = request.headers().clone();
+            *again.extensions_mut() = request.extensions().clone();
             again
         });
         let request = request.map(|b| b.boxed());
-        let (generation, sender) = self.current();
-        let sender = if sender.is_closed() {
-            self.replace(generation).await?.1
-        } else {
-            sender
-        };
+        let (mut generation, mut sender) = self.current();
+        if sender.is_closed() {
+            (generation, sender) = self.replace(generation).await?;
+        }
+        let idempotent = matches!(
+            *request.method(),
+            Method::GET
+                | Method::HEAD
+                | Method::OPTIONS
+                | Method::TRACE
+                | Method::PUT
+                | Method::DELETE
+        );
         let result = match sender.send(request).await {
             Ok(response) => return Ok(response),
             Err((_, Some(request))) => {
@@ -136,7 +147,7 @@ impl AppConnection {
                 let (_, sender) = self.replace(generation).await?;
                 sender.send(request).await
             }
-            Err((source, None)) if replay.is_some() && unprocessed(&source) => {
+            Err((source, None)) if replay.is_some() && unprocessed(&source, idempotent) => {
                 let again = replay
                     .expect("checked")
                     .map(|()| Empty::new().map_err(|never| match never {}).boxed());
@@ -186,11 +197,13 @@ fn split(mut e: hyper::client::conn::TrySendError<Request<ProxyBody>>) -> SendEr
 
 /// Whether the application refused the request without processing it: its
 /// connection was closing (HTTP/2 GOAWAY: streams it did not take are
-/// unprocessed, RFC 9113 §6.8; REFUSED_STREAM, §8.7), or ended before a
-/// byte of the response (an HTTP/1.1 keep-alive connection closed while
-/// the request was sent).
-fn unprocessed(e: &hyper::Error) -> bool {
-    if e.is_canceled() || e.is_incomplete_message() {
+/// unprocessed, RFC 9113 §6.8; REFUSED_STREAM, §8.7), or the request never
+/// left (canceled). An HTTP/1.1 connection that ended before a byte of the
+/// response (a keep-alive connection closed while the request was sent)
+/// may also have been processed: only an `idempotent` request is taken as
+/// unprocessed then (RFC 9110 §9.2.2).
+fn unprocessed(e: &hyper::Error, idempotent: bool) -> bool {
+    if e.is_canceled() || (idempotent && e.is_incomplete_message()) {
         return true;
     }
     let h2 = std::error::Error::source(e).and_then(|s| s.downcast_ref::<h2::Error>());
@@ -235,6 +248,103 @@ async fn handshake(
                 }
             });
             Ok(Sender::Http1(Arc::new(Mutex::new(send))))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use http_body_util::Full;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::net::TcpListener;
+
+    fn pod() -> Arc<LocalPod> {
+        Arc::new(LocalPod {
+            namespace: "demo".into(),
+            name: "web".into(),
+            uid: "u1".into(),
+            netns: Arc::new(weft_redirector::Netns::open("/proc/self/ns/net").unwrap()),
+            identity: None,
+            ip: Some("127.0.0.1".parse().unwrap()),
+            workload_uid: None,
+        })
+    }
+
+    /// A loopback application that closes every connection after two
+    /// requests (HTTP/2: GOAWAY; HTTP/1.1: `Connection: close` on the
+    /// second response). Counts its connections.
+    async fn closing_app(protocol: Protocol) -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let served = Arc::new(AtomicUsize::new(0));
+                    let enough = Arc::new(tokio::sync::Notify::new());
+                    let (n, notify) = (served.clone(), enough.clone());
+                    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        if n.fetch_add(1, Ordering::SeqCst) == 1 {
+                            notify.notify_one();
+                        }
+                        let body = Full::new(Bytes::from(req.uri().path().to_string()));
+                        let mut response = Response::new(body);
+                        if n.load(Ordering::SeqCst) >= 2 {
+                            response
+                                .headers_mut()
+                                .insert(http::header::CONNECTION, "close".parse().unwrap());
+                        }
+                        async move { Ok::<_, std::convert::Infallible>(response) }
+                    });
+                    let io = TokioIo::new(tcp);
+                    if protocol == Protocol::Http2 {
+                        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                            .serve_connection(io, service);
+                        let mut conn = std::pin::pin!(conn);
+                        tokio::select! {
+                            _ = conn.as_mut() => return,
+                            () = enough.notified() => {}
+                        }
+                        conn.as_mut().graceful_shutdown();
+                        let _ = conn.await;
+                    } else {
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(io, service)
+                            .await;
+                    }
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    #[tokio::test]
+    async fn requests_go_on_after_the_application_closes_its_connection() {
+        for protocol in [Protocol::Http2, Protocol::Http1] {
+            let (addr, accepted) = closing_app(protocol).await;
+            let first = TcpStream::connect(addr).await.unwrap();
+            let app = AppConnection::open(first, pod(), protocol, Arc::default())
+                .await
+                .unwrap();
+            for i in 0..10 {
+                let path = format!("/{i}");
+                let request = Request::get(format!("http://{addr}{path}"))
+                    .body(Empty::<Bytes>::new().map_err(|never| match never {}))
+                    .unwrap();
+                let response = app
+                    .send(request)
+                    .await
+                    .unwrap_or_else(|e| panic!("{protocol:?} request {i}: {e}"));
+                let body = response.into_body().collect().await.unwrap().to_bytes();
+                assert_eq!(body, path, "{protocol:?}");
+            }
+            // The application did close them: 10 requests, 2 per connection.
+            assert_eq!(accepted.load(Ordering::SeqCst), 5, "{protocol:?}");
         }
     }
 }
