@@ -317,10 +317,12 @@ fn an_application_closing_its_http2_connections_fails_no_request() {
         failures
     });
     assert!(failures.is_empty(), "{failures:#?}");
-    // The application did close its connections: the proxy opened new ones.
+    // The application did close its connections: the proxy opened new ones
+    // (each took 3 requests, or 4 when one was sent before the proxy saw
+    // the GOAWAY: HTTP/2's graceful close still takes it).
     let opened = connections.load(Ordering::Relaxed);
     assert!(
-        opened >= REQUESTS / PER_APP_CONNECTION,
+        opened >= REQUESTS / (PER_APP_CONNECTION + 1),
         "the application saw {opened} connections"
     );
     drop(runtime);

@@ -343,8 +343,10 @@ mod tests {
                 let body = response.into_body().collect().await.unwrap().to_bytes();
                 assert_eq!(body, path, "{protocol:?}");
             }
-            // The application did close them: 10 requests, 2 per connection.
-            assert_eq!(accepted.load(Ordering::SeqCst), 5, "{protocol:?}");
+            // The application did close them: 10 requests, 2 per connection
+            // (HTTP/2 may take a third, sent before the client saw GOAWAY).
+            let accepted = accepted.load(Ordering::SeqCst);
+            assert!((4..=5).contains(&accepted), "{protocol:?}: {accepted}");
         }
     }
 }
