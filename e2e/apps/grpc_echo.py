@@ -4,8 +4,11 @@
 Service weft.test.Echo:
   Unary  "Echo":   returns "NAME:" + the request; a request "fail:CODE"
                    fails with that status code (e.g. fail:13 = INTERNAL),
-                   "sleep:MS" answers after MS milliseconds.
-  Server streaming "Stream": request "N" streams N messages "NAME:i".
+                   "sleep:MS" answers after MS milliseconds,
+                   "flaky:CODE" fails every other flaky call (per
+                   server) with that status code.
+  Server streaming "Stream": request "N" streams N messages "NAME:i";
+                   "N@MS" waits MS milliseconds before each.
 
 usage:
   grpc_echo.py serve PORT NAME
@@ -16,6 +19,7 @@ The client prints one JSON line: the results, each {"ok": reply} or
 """
 import json
 import sys
+import threading
 import time
 from concurrent import futures
 
@@ -27,8 +31,16 @@ CHANNEL_OPTIONS = [("grpc.enable_http_proxy", 0)]
 
 
 def serve(port, name):
+    flaky = {"seen": 0, "lock": threading.Lock()}
+
     def echo(request, context):
         text = request.decode()
+        if text.startswith("flaky:"):
+            with flaky["lock"]:
+                n = flaky["seen"]
+                flaky["seen"] += 1
+            if n % 2 == 0:
+                context.abort(grpc.StatusCode(_code(int(text[6:]))), f"flaky failure from {name}")
         if text.startswith("fail:"):
             context.abort(grpc.StatusCode(_code(int(text[5:]))), f"failed on purpose by {name}")
         if text.startswith("sleep:"):
@@ -36,7 +48,10 @@ def serve(port, name):
         return f"{name}:{text}".encode()
 
     def stream(request, context):
-        for i in range(int(request.decode())):
+        count, _, pause_ms = request.decode().partition("@")
+        for i in range(int(count)):
+            if pause_ms:
+                time.sleep(int(pause_ms) / 1000)
             yield f"{name}:{i}".encode()
 
     handler = grpc.method_handlers_generic_handler(
@@ -74,13 +89,16 @@ def call(target, messages):
 
 
 def stream(target, n):
+    """The messages received, then the error if the call failed."""
+    results = []
     with grpc.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
         rpc = channel.unary_stream(f"/{SERVICE}/Stream")
         try:
-            replies = [r.decode() for r in rpc(str(n).encode(), timeout=20)]
-            print(json.dumps([{"ok": r} for r in replies]), flush=True)
+            for r in rpc(n.encode(), timeout=20):
+                results.append({"ok": r.decode()})
         except grpc.RpcError as e:
-            print(json.dumps([{"code": e.code().name}]), flush=True)
+            results.append({"code": e.code().name})
+    print(json.dumps(results), flush=True)
 
 
 def main():
@@ -90,7 +108,7 @@ def main():
     elif mode == "call":
         call(sys.argv[2], sys.argv[3:])
     elif mode == "stream":
-        stream(sys.argv[2], int(sys.argv[3]))
+        stream(sys.argv[2], sys.argv[3])
     else:
         sys.exit(f"unknown mode {mode}")
 

@@ -13,6 +13,10 @@ usage: http_server.py PORT NAME [WORK_MS]
   GET  /upgrade          with "Upgrade: weft-echo": 101, then echoes raw bytes
   GET  /flaky/PERCENT    500 for PERCENT % of the requests to /flaky, spread
                          evenly and deterministically (50: every other one)
+  POST /flaky/PERCENT    the same (one count for both methods); a success
+                         echoes the request body (Content-Length or chunked)
+  GET  /stall/MS         200, chunked: "start\n", then after MS milliseconds
+                         "end\n" (a body that stalls after its headers)
   GET  /work             200 after WORK_MS milliseconds (0 unless given), so
                          two servers of one Service can differ in latency
 Every response names the server in the header "x-served-by: NAME".
@@ -108,6 +112,18 @@ class Handler(BaseHTTPRequestHandler):
                 self.reply(500, f"flaky failure from {NAME}".encode())
             else:
                 self.reply(200, f"flaky success from {NAME}".encode())
+        elif parts[0] == "stall":
+            self.send_response(200)
+            self.send_header("x-served-by", NAME)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.write(b"6\r\nstart\n\r\n")
+            self.wfile.flush()
+            time.sleep(int(parts[1]) / 1000)
+            try:
+                self.wfile.write(b"4\r\nend\n\r\n0\r\n\r\n")
+            except OSError:
+                pass
         elif parts[0] == "work":
             time.sleep(WORK_MS / 1000)
             self.reply(200, f"worked {WORK_MS} ms at {NAME}".encode())
@@ -137,9 +153,14 @@ class Handler(BaseHTTPRequestHandler):
             self.reply(404, b"not found")
 
     def do_POST(self):
-        self.read_body()
+        body = self.read_body()
         parts = self.path.strip("/").split("/")
-        if parts[0] == "delay":
+        if parts[0] == "flaky":
+            if flaky_fails(int(parts[1])):
+                self.reply(500, f"flaky failure from {NAME}".encode())
+            else:
+                self.reply(200, body)
+        elif parts[0] == "delay":
             time.sleep(int(parts[1]) / 1000)
             self.reply(200, f"delayed {parts[1]} ms by {NAME}".encode())
         else:

@@ -150,6 +150,14 @@ pub struct HTTPRouteRetry {
     /// HTTP statuses that are retried (e.g. 500, 502, 503); empty: 5xx.
     #[serde(default)]
     pub codes: Vec<u16>,
+    /// gRPC statuses that are retried, for gRPC requests, by name as in
+    /// the gRPC spec (`UNAVAILABLE`, `RESOURCE_EXHAUSTED`; kebab-case as
+    /// Linkerd and Envoy write them is accepted too); empty:
+    /// `CANCELLED`, `DEADLINE_EXCEEDED`, `RESOURCE_EXHAUSTED` and
+    /// `UNAVAILABLE`. Not a Gateway API field yet (GEP-3440 proposes one
+    /// for GRPCRoute).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub grpc_codes: Vec<String>,
     /// Retries after the first attempt (default 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempts: Option<u32>,

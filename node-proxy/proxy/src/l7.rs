@@ -14,6 +14,10 @@
 //!   when the application closed it;
 //! - [`route_authz`]: route-level authorization of inbound requests;
 //! - [`routing`]: HTTPRoute rules, weighted backends, retry budgets;
+//! - [`replay`]: request bodies kept (up to 64 KiB) so a retry can resend
+//!   them, streamed ones and trailers included;
+//! - [`grpc_peek`]: a gRPC call's status learnt before a retry decision;
+//! - [`deadline`]: the request timeout applied to the response body;
 //! - [`upstream`]: pooled HTTP client connections per endpoint;
 //! - [`upgrade`]: HTTP/1.1 upgrades spliced after a 101, tracked;
 //! - [`body`]: the response body that records metrics when it ends;
@@ -22,9 +26,12 @@
 mod app_connection;
 pub mod body;
 pub mod classify;
+mod deadline;
+mod grpc_peek;
 pub mod inbound;
 pub mod metrics;
 pub mod outbound;
+mod replay;
 pub mod route_authz;
 pub mod routing;
 pub mod upgrade;

@@ -121,6 +121,9 @@ impl RetryBudget {
 pub enum Outcome {
     /// The backend answered with this status.
     Status(u16),
+    /// A gRPC request ended with this `grpc-status` (known from a
+    /// trailers-only response, or trailers that came with the first frame).
+    Grpc(u32),
     /// No connection (refused, reset before a response, timed out
     /// connecting): the request was never processed, so any method may be
     /// retried.
@@ -135,6 +138,12 @@ pub enum Outcome {
 /// too): buffering big uploads per request would cost memory on every
 /// request to save a few.
 pub const MAX_REPLAY_BODY: usize = 64 * 1024;
+
+/// gRPC statuses retried when a route lists none: CANCELLED (1),
+/// DEADLINE_EXCEEDED (4), RESOURCE_EXHAUSTED (8) and UNAVAILABLE (14), the
+/// transient ones (Envoy's and App Mesh's set). INTERNAL (13) is left out:
+/// it usually means a bug that the next attempt hits again.
+pub const DEFAULT_GRPC_CODES: [u32; 4] = [1, 4, 8, 14];
 
 /// Whether a failed attempt is retried (before asking the budget), after
 /// `retries_made` retries of this request. `body_replayable`: the whole
@@ -161,6 +170,15 @@ pub fn should_retry(
                 (500..600).contains(&code)
             } else {
                 policy.codes.contains(&u32::from(code))
+            }
+        }
+        // Like a listed HTTP status: the route declared it retryable,
+        // whatever the method (gRPC calls are all POSTs).
+        Outcome::Grpc(code) => {
+            if policy.grpc_codes.is_empty() {
+                DEFAULT_GRPC_CODES.contains(&code)
+            } else {
+                policy.grpc_codes.contains(&code)
             }
         }
     }

@@ -12,10 +12,11 @@ const WEB: &str = "web.demo.svc.cluster.local";
 const CANARY: &str = "web-canary.demo.svc.cluster.local";
 const FLAKY: &str = "flaky.demo.svc.cluster.local";
 const BROKEN: &str = "broken.demo.svc.cluster.local";
+const GRPC_FLAKY: &str = "grpc-flaky.demo.svc.cluster.local";
 
 /// `web` (two pods, one per node) with a canary Service of one pod; `flaky`
 /// fails every other request; `broken` fails every request; `ewma` has a
-/// fast and a slow pod.
+/// fast and a slow pod; `grpc-flaky` fails every other `flaky:` call.
 const CLUSTER: &str = r#"
 apiVersion: v1
 kind: Namespace
@@ -82,6 +83,9 @@ spec:
     - name: slow
       matches: [{path: {type: PathPrefix, value: /delay}}]
       timeouts: {request: 300ms}
+    - name: stall
+      matches: [{path: {type: PathPrefix, value: /stall}}]
+      timeouts: {request: 300ms}
 ---
 apiVersion: v1
 kind: Pod
@@ -145,6 +149,32 @@ apiVersion: v1
 kind: Service
 metadata: {name: ewma, namespace: demo}
 spec: {selector: {app: ewma}, ports: [{port: 80, targetPort: 8080}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: grpc-flaky-1, namespace: demo, labels: {app: grpc-flaky}}
+spec:
+  nodeName: node-b
+  serviceAccountName: web
+  containers: [{name: main, command: [./grpc_echo.py, serve, "50051", grpc-flaky-1], ports: [{containerPort: 50051}]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: grpc-flaky, namespace: demo}
+spec: {selector: {app: grpc-flaky}, ports: [{port: 50051, targetPort: 50051, appProtocol: kubernetes.io/h2c}]}
+---
+apiVersion: policy.weft.io/v1alpha1
+kind: HTTPRoute
+metadata: {name: grpc-flaky, namespace: demo}
+spec:
+  parentRefs: [{kind: Service, name: grpc-flaky, port: 50051}]
+  rules:
+    - name: echo
+      matches: [{path: {type: Exact, value: /weft.test.Echo/Echo}}]
+      retry: {attempts: 2, backoff: 5ms}
+    - name: stream
+      matches: [{path: {type: Exact, value: /weft.test.Echo/Stream}}]
+      timeouts: {request: 1s}
 "#;
 
 fn up() -> MeshCluster {
@@ -348,6 +378,209 @@ fn retries_hide_a_flaky_endpoint_and_stop_at_the_budget() {
             ("status_code", "503"),
         ],
         M as f64,
+    );
+    mc.down();
+}
+
+#[test]
+fn retries_replay_streamed_bodies_and_follow_the_grpc_status() {
+    let mc = up();
+    let node_a = mc.node_ip("node-a");
+    let flaky = [("destination_service", FLAKY), ("route", "flaky-retry/0")];
+
+    // Chunked POSTs (no Content-Length: the body is streamed through the
+    // proxy) to an endpoint failing every other request. Each failure is
+    // retried with the body kept by the first attempt, which the server
+    // echoes: every client gets its own bytes back.
+    const N: usize = 20;
+    let payload = "weft-replay-0123456789/".repeat(100);
+    let mut argv = vec![
+        "curl",
+        "-sS",
+        "--noproxy",
+        "*",
+        "--max-time",
+        "60",
+        "-X",
+        "POST",
+        "-H",
+        "Transfer-Encoding: chunked",
+        "--data-binary",
+        &payload,
+        "-w",
+        "\n=%{http_code}\n",
+    ];
+    let urls = repeat("http://flaky.demo/flaky/50", N);
+    argv.extend(urls.iter().map(String::as_str));
+    let out = mc.cluster().exec("demo/client", &argv);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let echoed = stdout.matches(&format!("{payload}\n=200\n")).count();
+    assert_eq!(echoed, N, "each POST answered 200 with its body: {stdout}");
+    let retries = metric_sum(node_a, "weft_request_retries_total", &flaky);
+    eprintln!("chunked POSTs: {retries} retries for {N}");
+    // The first request finds the server's success turn; every later one
+    // fails once, then succeeds.
+    assert_eq!(retries, (N - 1) as f64);
+
+    // A body over the 64 KiB replay cap is forwarded but not kept: its
+    // failures reach the client, with no retry made.
+    const BIG: usize = 6;
+    let big = "x".repeat(80 * 1024);
+    let mut argv = vec![
+        "curl",
+        "-sS",
+        "--noproxy",
+        "*",
+        "--max-time",
+        "60",
+        "-X",
+        "POST",
+        "-H",
+        "Transfer-Encoding: chunked",
+        "--data-binary",
+        &big,
+        "-o",
+        "/dev/null",
+        "-w",
+        "=%{http_code}\n",
+    ];
+    let urls = repeat("http://flaky.demo/flaky/50", BIG);
+    argv.extend(urls.iter().map(String::as_str));
+    let out = mc.cluster().exec("demo/client", &argv);
+    let codes = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(codes.matches("=500").count(), BIG / 2, "{codes}");
+    assert_eq!(codes.matches("=200").count(), BIG / 2, "{codes}");
+    assert_eq!(
+        metric_sum(node_a, "weft_request_retries_total", &flaky),
+        retries,
+        "no retry of a body that was not kept"
+    );
+
+    // gRPC: the status is in the trailers (a trailers-only response here)
+    // of an HTTP 200. UNAVAILABLE is retried by default: every call of
+    // this client fails once at the server (calls 0, 2, 4, ...) and succeeds
+    // on its retry. grpcio sends no Content-Length: streamed bodies again.
+    let grpc_labels = [
+        ("destination_service", GRPC_FLAKY),
+        ("route", "grpc-flaky/echo"),
+    ];
+    const CALLS: usize = 10;
+    let calls = vec!["flaky:14"; CALLS];
+    let mut args = vec!["call", "grpc-flaky.demo:50051"];
+    args.extend(&calls);
+    let results = grpc(&mc, "demo/client", &args);
+    let ok = results
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["ok"] == "grpc-flaky-1:flaky:14")
+        .count();
+    assert_eq!(ok, CALLS, "{results}");
+    let retries = metric_sum(node_a, "weft_request_retries_total", &grpc_labels);
+    assert_eq!(retries, CALLS as f64, "one retry per call");
+    wait_metric_sum(
+        node_a,
+        "weft_requests_total",
+        &[
+            ("reporter", "source"),
+            ("destination_service", GRPC_FLAKY),
+            ("route", "grpc-flaky/echo"),
+            ("grpc_status", "0"),
+            ("classification", "success"),
+        ],
+        CALLS as f64,
+    );
+    // INTERNAL is not in the default set: half of these fail, unretried.
+    let calls = vec!["flaky:13"; CALLS];
+    let mut args = vec!["call", "grpc-flaky.demo:50051"];
+    args.extend(&calls);
+    let results = grpc(&mc, "demo/client", &args);
+    let internal = results
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["code"] == "INTERNAL")
+        .count();
+    assert_eq!(internal, CALLS / 2, "{results}");
+    assert_eq!(
+        metric_sum(node_a, "weft_request_retries_total", &grpc_labels),
+        retries
+    );
+    mc.down();
+}
+
+#[test]
+fn the_request_timeout_covers_the_response_body() {
+    let mc = up();
+    let node_a = mc.node_ip("node-a");
+
+    // The server sends its headers and a first chunk at once, then stalls
+    // for 3 s. The rule's 300 ms bound the whole response: the client gets
+    // "start" and then an error (the response is cut, never made to look
+    // complete), well before the server would have finished.
+    let started = Instant::now();
+    let out = mc.cluster().exec(
+        "demo/client",
+        &[
+            "curl",
+            "-sS",
+            "--noproxy",
+            "*",
+            "--max-time",
+            "20",
+            "http://web.demo/stall/3000",
+        ],
+    );
+    let took = started.elapsed();
+    let body = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("stalled body: {body:?}, curl: {stderr} after {took:?}");
+    assert!(
+        !out.status.success(),
+        "curl must see an incomplete response"
+    );
+    assert_eq!(body, "start\n");
+    assert!(took < Duration::from_millis(2500), "took {took:?}");
+    wait_metric_sum(
+        node_a,
+        "weft_requests_total",
+        &[
+            ("reporter", "source"),
+            ("destination_service", WEB),
+            ("route", "web-split/stall"),
+            ("classification", "failure"),
+        ],
+        1.0,
+    );
+
+    // A gRPC stream of 4 messages, one every 400 ms, under a 1 s request
+    // timeout: the client keeps the messages that came in time and gets
+    // DEADLINE_EXCEEDED as the call's status.
+    let results = grpc(
+        &mc,
+        "demo/client",
+        &["stream", "grpc-flaky.demo:50051", "4@400"],
+    );
+    let results = results.as_array().unwrap();
+    eprintln!("stream under a 1 s timeout: {results:?}");
+    let messages = results.iter().filter(|r| r.get("ok").is_some()).count();
+    assert!((1..4).contains(&messages), "{results:?}");
+    assert_eq!(
+        results.last().unwrap()["code"],
+        "DEADLINE_EXCEEDED",
+        "{results:?}"
+    );
+    wait_metric_sum(
+        node_a,
+        "weft_requests_total",
+        &[
+            ("reporter", "source"),
+            ("destination_service", GRPC_FLAKY),
+            ("route", "grpc-flaky/stream"),
+            ("grpc_status", "4"),
+            ("classification", "failure"),
+        ],
+        1.0,
     );
     mc.down();
 }

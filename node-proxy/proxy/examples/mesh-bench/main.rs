@@ -17,6 +17,11 @@
 //!
 //! Needs root, the release binaries next to this example's directory
 //! (`cargo build --release --bins`), and iperf3.
+//!
+//! Profiling: with `WEFT_BENCH_PROFILE=h1|grpc` (and `WEFT_BENCH_PORT=8090`
+//! for the L4 path), the program only brings the cluster up, prints the
+//! node proxies' pids and runs the closed loop for about 30 s, e.g. while
+//! `perf record -g -p PID,PID` looks at where their CPU goes.
 
 mod http;
 
@@ -209,6 +214,24 @@ fn per_cpu_second(cluster: &TestCluster, mesh: &Mesh, port: u16, proto: http::Pr
     (completed / used, completed / seconds)
 }
 
+/// The closed loop alone, for a profiler (see the module's doc).
+fn profile(cluster: &TestCluster, mesh: &Mesh, proto: http::Proto) {
+    let port = std::env::var("WEFT_BENCH_PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(8080);
+    let pids: Vec<String> = ["node-a", "node-b"]
+        .iter()
+        .filter_map(|n| mesh.pid(&Component::NodeProxy(n.to_string())))
+        .map(|p| p.to_string())
+        .collect();
+    eprintln!("node proxy pids: {}", pids.join(","));
+    for _ in 0..8 {
+        let (per_cpu_s, rps) = per_cpu_second(cluster, mesh, port, proto);
+        eprintln!("closed loop {proto:?} port {port}: {per_cpu_s:.0} req per proxy CPU second, {rps:.0} req/s");
+    }
+}
+
 /// Closed-loop throughput run: seconds and concurrent callers.
 const MAX_SECONDS: f64 = 4.0;
 const MAX_CONCURRENCY: usize = 16;
@@ -374,6 +397,15 @@ fn main() {
         },
     )
     .expect("cluster with the mesh");
+    if let Some(proto) = std::env::var("WEFT_BENCH_PROFILE")
+        .ok()
+        .and_then(|p| http::Proto::parse(&p))
+    {
+        profile(&cluster, &mesh, proto);
+        drop(cluster);
+        mesh.reap();
+        return;
+    }
     let idle: Vec<f64> = ["node-a", "node-b"]
         .iter()
         .map(|n| proxy_rss(&mesh, n))

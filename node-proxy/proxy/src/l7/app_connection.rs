@@ -11,14 +11,14 @@
 //! to replay (a GET, a HEAD, …). One that was refused with a body fails, as
 //! it would for a client talking to the application directly.
 
-use super::body::ProxyBody;
+use super::body::{BoxError, ProxyBody, proxy_body};
 use super::inbound::Counted;
 use super::upstream::UpstreamError;
 use crate::outbound::{ConnectError, connect_from_pod};
 use crate::pods::LocalPod;
 use crate::protocol::Protocol;
 use http::{Method, Request, Response};
-use http_body_util::{BodyExt, Empty};
+use http_body_util::Empty;
 use hyper::body::{Body, Incoming};
 use hyper::client::conn::{http1 as client1, http2 as client2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -113,7 +113,8 @@ impl AppConnection {
         request: Request<B>,
     ) -> Result<Response<Incoming>, UpstreamError>
     where
-        B: Body<Data = bytes::Bytes, Error = hyper::Error> + Send + Sync + 'static,
+        B: Body<Data = bytes::Bytes> + Send + Sync + 'static,
+        B::Error: Into<BoxError>,
     {
         let target = self.target;
         // Without a body, a refused request can be sent again as it was.
@@ -126,7 +127,7 @@ impl AppConnection {
             *again.extensions_mut() = request.extensions().clone();
             again
         });
-        let request = request.map(|b| b.boxed());
+        let request = request.map(proxy_body);
         let (mut generation, mut sender) = self.current();
         if sender.is_closed() {
             (generation, sender) = self.replace(generation).await?;
@@ -150,7 +151,7 @@ impl AppConnection {
             Err((source, None)) if replay.is_some() && unprocessed(&source, idempotent) => {
                 let again = replay
                     .expect("checked")
-                    .map(|()| Empty::new().map_err(|never| match never {}).boxed());
+                    .map(|()| proxy_body(Empty::<bytes::Bytes>::new()));
                 let (_, sender) = self.replace(generation).await?;
                 sender.send(again).await
             }
@@ -256,7 +257,7 @@ async fn handshake(
 mod tests {
     use super::*;
     use bytes::Bytes;
-    use http_body_util::Full;
+    use http_body_util::{BodyExt, Full};
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::net::TcpListener;
 
@@ -334,7 +335,7 @@ mod tests {
             for i in 0..10 {
                 let path = format!("/{i}");
                 let request = Request::get(format!("http://{addr}{path}"))
-                    .body(Empty::<Bytes>::new().map_err(|never| match never {}))
+                    .body(Empty::<Bytes>::new())
                     .unwrap();
                 let response = app
                     .send(request)

@@ -9,15 +9,45 @@ use super::classify::{MethodClass, classify, grpc_status};
 use super::metrics::{Outcome, Peers, RequestMetrics};
 use crate::metrics::Reporter;
 use bytes::Bytes;
+use http_body_util::BodyExt;
 use http_body_util::combinators::BoxBody;
 use hyper::body::{Body, Frame, SizeHint};
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use tokio::time::Instant;
 
-pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+/// What a body in the proxy fails with: hyper's errors, and the proxy's
+/// own (a request timeout ending a response, a replayed request body
+/// superseded by a retry).
+///
+/// A type of its own rather than `Box<dyn Error + Send + Sync>` itself:
+/// with the bare box, hyper's `Into<Box<dyn Error>>` bound is the identity
+/// conversion, whose higher-ranked obligations rustc fails to prove in the
+/// `Send` check of the async fns that serve connections ("implementation
+/// of `From` is not general enough", rust-lang/rust#102211).
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct BodyError(BoxError);
 
-/// Everything needed to record one request once its response has ended.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl BodyError {
+    pub fn new(e: impl Into<BoxError>) -> Self {
+        Self(e.into())
+    }
+}
+
+pub type ProxyBody = BoxBody<Bytes, BodyError>;
+
+/// Any body of bytes as a [`ProxyBody`].
+pub fn proxy_body<B>(body: B) -> ProxyBody
+where
+    B: Body<Data = Bytes> + Send + Sync + 'static,
+    B::Error: Into<BoxError>,
+{
+    body.map_err(BodyError::new).boxed()
+}
+
 pub struct Recorder {
     pub metrics: RequestMetrics,
     pub reporter: Reporter,
@@ -80,12 +110,12 @@ impl Recorded {
 
 impl Body for Recorded {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
         let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
         match &frame {
@@ -152,7 +182,7 @@ mod tests {
         let m = RequestMetrics::default();
         let mut trailers = http::HeaderMap::new();
         trailers.insert("grpc-status", "5".parse().unwrap());
-        let frames: Vec<Result<Frame<Bytes>, hyper::Error>> = vec![
+        let frames: Vec<Result<Frame<Bytes>, BodyError>> = vec![
             Ok(Frame::data(Bytes::from_static(b"\0\0\0\0\x01a"))),
             Ok(Frame::trailers(trailers)),
         ];

@@ -15,7 +15,7 @@
 //! destination side keep their meaning for the stream.
 
 use super::app_connection::AppConnection;
-use super::body::{ProxyBody, Recorded, Recorder};
+use super::body::{ProxyBody, Recorded, Recorder, proxy_body};
 use super::classify::{MethodClass, grpc_status, is_grpc};
 use super::metrics::Peers;
 use super::outbound::{error_response, synthetic};
@@ -334,7 +334,7 @@ impl Delivery {
                     let app_upgrade = hyper::upgrade::on(&mut response);
                     self.upgrades.spawn(client_upgrade, app_upgrade, target);
                 }
-                response.map(|b| b.boxed())
+                response.map(proxy_body)
             }
             Err(e) => {
                 tracing::info!(target: "access", direction = "inbound", dst = %target, error = %e, "request failed");

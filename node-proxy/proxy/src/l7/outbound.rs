@@ -15,9 +15,12 @@
 //! (PERMISSION_DENIED), which gRPC clients understand (and may retry),
 //! instead of an HTTP error they would report as an internal error.
 
-use super::body::{ProxyBody, Recorded, Recorder};
+use super::body::{ProxyBody, Recorded, Recorder, proxy_body};
 use super::classify::{MethodClass, grpc_status, is_grpc};
+use super::deadline::Deadline;
+use super::grpc_peek::{self, Peeked};
 use super::metrics::Peers;
+use super::replay::ReplayBody;
 use super::routing::{Plan, path_of, pick_backend, vip_of};
 use super::upgrade::{Upgrades, wants_upgrade};
 use super::upstream::{UpstreamError, UpstreamKey};
@@ -42,6 +45,15 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 use weft_destination_api::routing::Request as RouteRequest;
+
+/// What the last attempt of a request leaves for its response.
+#[derive(Default)]
+struct LastAttempt {
+    /// The route taken (for the metrics' peers).
+    route: Option<Route>,
+    /// When its backend request timeout ends, and the timeout.
+    backend_deadline: Option<(Instant, Duration)>,
+}
 
 /// One client connection's fixed facts.
 struct Connection {
@@ -123,28 +135,42 @@ impl Connection {
         let client_upgrade = (self.protocol == Protocol::Http1 && wants_upgrade(&request))
             .then(|| hyper::upgrade::on(&mut request));
         let reusable = client_upgrade.is_none();
-        // The route taken by the last attempt (for the metrics' peers).
-        let mut last: Option<Route> = None;
+        let mut last = LastAttempt::default();
         let request_timeout = plan
             .rule()
-            .map(|r| r.request_timeout_ms)
-            .filter(|ms| *ms > 0);
+            .map(|r| Duration::from_millis(r.request_timeout_ms))
+            .filter(|t| !t.is_zero())
+            .map(|t| (started + t, t));
         let result = if plan == Plan::NotFound {
             Err(Failure::NotFound)
-        } else if let Some(ms) = request_timeout {
+        } else if let Some((deadline, timeout)) = request_timeout {
             // Gateway API `timeouts.request`: the whole request, retries
-            // and backoff included, until the response headers.
-            let deadline = started + Duration::from_millis(ms);
-            let attempts = self.attempts(&plan, hostname.as_deref(), request, reusable, &mut last);
+            // and backoff included; the response body is held to the same
+            // deadline below.
+            let attempts = self.attempts(
+                &plan,
+                hostname.as_deref(),
+                request,
+                reusable,
+                grpc,
+                &mut last,
+            );
             match tokio::time::timeout_at(deadline, attempts).await {
                 Ok(result) => result,
-                Err(_) => Err(Failure::Timeout(ms)),
+                Err(_) => Err(Failure::Timeout(timeout.as_millis() as u64)),
             }
         } else {
-            self.attempts(&plan, hostname.as_deref(), request, reusable, &mut last)
-                .await
+            self.attempts(
+                &plan,
+                hostname.as_deref(),
+                request,
+                reusable,
+                grpc,
+                &mut last,
+            )
+            .await
         };
-        let route = last.unwrap_or(Route::Plain {
+        let route = last.route.unwrap_or(Route::Plain {
             target: self.dst,
             workload: None,
             service: hostname,
@@ -170,8 +196,21 @@ impl Connection {
                     let upstream_upgrade = hyper::upgrade::on(&mut response);
                     self.upgrades
                         .spawn(client_upgrade, upstream_upgrade, target);
+                    response
+                } else {
+                    // The body ends by the request's deadline, or by the
+                    // last attempt's backend deadline if that comes first.
+                    let deadline = [request_timeout, last.backend_deadline]
+                        .into_iter()
+                        .flatten()
+                        .min_by_key(|(at, _)| *at);
+                    match deadline {
+                        Some((at, timeout)) => {
+                            response.map(|b| Deadline::new(b, at, timeout, grpc).boxed())
+                        }
+                        None => response,
+                    }
                 }
-                response.map(|b| b.boxed())
             }
             Err(e) => {
                 tracing::info!(target: "access", direction = "outbound", src = %self.pod.key(), dst = %self.dst, via = %target, error = %e, "request failed");
@@ -195,70 +234,65 @@ impl Connection {
         response.map(|b| Recorded::new(b, recorder).boxed())
     }
 
-    /// Sends the request, retrying per the rule's `retry` when its body is
-    /// small enough to replay. `hostname`: the dialled Service's, for the
-    /// retry counters.
+    /// Sends the request, retrying per the rule's `retry` while its body
+    /// can be replayed. `hostname`: the dialled Service's, for the retry
+    /// counters; `grpc`: a gRPC request, whose status decides a retry.
     async fn attempts(
         &self,
         plan: &Plan,
         hostname: Option<&str>,
         request: Request<Incoming>,
         reusable: bool,
-        last: &mut Option<Route>,
-    ) -> Result<Response<Incoming>, Failure> {
+        grpc: bool,
+        last: &mut LastAttempt,
+    ) -> Result<Response<ProxyBody>, Failure> {
         let rule = plan.rule();
         let backend_timeout = rule
-            .map(|r| r.backend_request_timeout_ms)
-            .filter(|ms| *ms > 0);
+            .map(|r| Duration::from_millis(r.backend_request_timeout_ms))
+            .filter(|t| !t.is_zero());
         // An upgrade takes the connection over: never replayed.
         let policy = rule.and_then(|r| r.retry.as_ref()).filter(|_| reusable);
         let (Some(policy), Plan::Rule { service, label, .. }) = (policy, plan) else {
-            let request = request.map(|b| b.boxed());
+            let request = request.map(proxy_body);
             return self
-                .attempt(plan, request, reusable, backend_timeout, last)
+                .attempt(plan, request, reusable, backend_timeout, false, last)
                 .await
                 .0;
         };
-        // Only a body whose whole length is known and small is buffered
-        // (Content-Length, or an empty body); a streamed one of unknown
-        // length is sent as it comes and not retried.
+        // The body is kept as the first attempt forwards it (up to 64 KiB,
+        // trailers included), streamed or not, so a retry can send it again
+        // without holding the request back until its end.
         let (parts, body) = request.into_parts();
-        let replayable = body
-            .size_hint()
-            .upper()
-            .is_some_and(|n| n <= MAX_REPLAY_BODY as u64);
-        if !replayable {
-            let request = Request::from_parts(parts, body.boxed());
-            return self
-                .attempt(plan, request, reusable, backend_timeout, last)
-                .await
-                .0;
-        }
-        let body = body.collect().await.map_err(Failure::Body)?.to_bytes();
+        let (mut body, replay) = ReplayBody::new(body);
         let budget = self.cx.routing.budget(service);
         budget.request();
         let metrics = &self.cx.request_metrics;
         let destination = hostname.unwrap_or(service);
         let mut retries = 0u32;
         loop {
-            let request = replay(&parts, &body);
+            let request = with_body(&parts, proxy_body(body));
             let (result, outcome) = self
-                .attempt(plan, request, reusable, backend_timeout, last)
+                .attempt(plan, request, reusable, backend_timeout, grpc, last)
                 .await;
             let Some(outcome) = outcome else {
                 return result;
             };
-            if !should_retry(policy, &parts.method, true, retries, outcome) {
+            let replayable = replay.is_replayable();
+            if !should_retry(policy, &parts.method, replayable, retries, outcome) {
                 return result;
             }
             if !budget.try_retry() {
                 metrics.budget_exhausted(destination, label);
                 return result;
             }
+            let Some(next) = replay.next() else {
+                return result;
+            };
             metrics.retried(destination, label);
             if let Ok(response) = result {
                 drain(response).await;
             }
+            body = next;
             retries += 1;
             tokio::time::sleep(backoff(policy.backoff_ms, retries)).await;
         }
@@ -266,21 +300,23 @@ impl Connection {
 
     /// One attempt: picks the endpoint and sends. The outcome is what a
     /// retry decision looks at (`None`: nothing to retry, e.g. a refusal
-    /// by the destination's policy).
+    /// by the destination's policy). `peek_grpc`: learn a gRPC call's
+    /// status before returning (only when it may be retried).
     async fn attempt(
         &self,
         plan: &Plan,
         request: Request<ProxyBody>,
         reusable: bool,
-        timeout_ms: Option<u64>,
-        last: &mut Option<Route>,
-    ) -> (Result<Response<Incoming>, Failure>, Option<RetryOutcome>) {
+        timeout: Option<Duration>,
+        peek_grpc: bool,
+        last: &mut LastAttempt,
+    ) -> (Result<Response<ProxyBody>, Failure>, Option<RetryOutcome>) {
         let cx = &self.cx;
         let (route, balanced) = match self.resolve(plan) {
             Ok(r) => r,
             Err(e) => return (Err(e), None),
         };
-        let route = &*last.insert(route);
+        let route = &*last.route.insert(route);
         let target = route.target();
         let mut pick = balanced.then(|| Pick::new(cx.balancer.clone(), target));
         let key = UpstreamKey {
@@ -291,27 +327,52 @@ impl Connection {
         };
         let pod = &self.pod;
         let sent = Instant::now();
-        let send = cx.upstreams.send(
-            &key,
-            || open_upstream(route, pod, cx, self.protocol),
-            request,
-            reusable,
-        );
-        let result = match timeout_ms {
-            // Gateway API `timeouts.backendRequest`: each attempt.
-            Some(ms) => match tokio::time::timeout(Duration::from_millis(ms), send).await {
-                Ok(r) => r.map_err(Failure::from),
-                Err(_) => Err(Failure::BackendTimeout(ms)),
+        // The balancer's latency is the time to the response headers, not
+        // to the end of a peek.
+        let mut latency = Duration::ZERO;
+        let send = async {
+            let response = cx
+                .upstreams
+                .send(
+                    &key,
+                    || open_upstream(route, pod, cx, self.protocol),
+                    request,
+                    reusable,
+                )
+                .await?;
+            latency = sent.elapsed();
+            Ok::<_, Failure>(if peek_grpc {
+                let (response, peeked) = grpc_peek::peek(response).await;
+                (response, Some(peeked))
+            } else {
+                (response.map(proxy_body), None)
+            })
+        };
+        // Gateway API `timeouts.backendRequest`: each attempt, its
+        // response body included (see `forward`).
+        last.backend_deadline = timeout.map(|t| (sent + t, t));
+        let result = match timeout {
+            Some(t) => match tokio::time::timeout(t, send).await {
+                Ok(r) => r,
+                Err(_) => Err(Failure::BackendTimeout(t.as_millis() as u64)),
             },
-            None => send.await.map_err(Failure::from),
+            None => send.await,
+        };
+        let (result, peeked) = match result {
+            Ok((response, peeked)) => (Ok(response), peeked),
+            Err(e) => (Err(e), None),
         };
         let outcome = match &result {
             Ok(response) => {
                 let status = response.status().as_u16();
                 if let Some(p) = pick.as_mut() {
-                    p.responded(sent.elapsed(), status < 500);
+                    p.responded(latency, status < 500);
                 }
-                Some(RetryOutcome::Status(status))
+                match peeked {
+                    Some(Peeked::Status(code)) if code != 0 => Some(RetryOutcome::Grpc(code)),
+                    Some(Peeked::Failed) => Some(RetryOutcome::ResponseFailed),
+                    _ => Some(RetryOutcome::Status(status)),
+                }
             }
             Err(Failure::Upstream(e)) if e.is_forbidden() => None,
             Err(Failure::Upstream(e)) if e.is_connect() => {
@@ -393,8 +454,6 @@ enum Failure {
         "the HTTPRoute's backend Service {0} is not in the view (deleted? check the route's backendRefs)"
     )]
     UnknownBackend(String),
-    #[error("reading the request body failed: {0}")]
-    Body(hyper::Error),
 }
 
 impl Failure {
@@ -409,7 +468,6 @@ impl Failure {
             Failure::Timeout(_) | Failure::BackendTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "4"),
             // The Gateway API asks for a 500 when a backend is invalid.
             Failure::UnknownBackend(_) => (StatusCode::INTERNAL_SERVER_ERROR, "13"),
-            Failure::Body(_) => (StatusCode::BAD_REQUEST, "13"),
         };
         synthetic(status, code, &self.to_string(), grpc)
     }
@@ -427,7 +485,7 @@ fn backoff(base_ms: u64, retries: u32) -> Duration {
 /// connection can serve the retry: hyper closes an HTTP/1 connection whose
 /// response is dropped unread, and the retry would pay a new connection
 /// (a new HBONE stream and TLS-protected handshake) for it.
-async fn drain(response: Response<Incoming>) {
+async fn drain(response: Response<ProxyBody>) {
     let small = response
         .body()
         .size_hint()
@@ -439,13 +497,10 @@ async fn drain(response: Response<Incoming>) {
     }
 }
 
-/// A new request with the buffered body, for an attempt.
-fn replay(parts: &http::request::Parts, body: &Bytes) -> Request<ProxyBody> {
-    let mut request = Request::new(
-        http_body_util::Full::new(body.clone())
-            .map_err(|never| match never {})
-            .boxed(),
-    );
+/// The request of one attempt: the client's request line and headers
+/// with this attempt's body.
+fn with_body(parts: &http::request::Parts, body: ProxyBody) -> Request<ProxyBody> {
+    let mut request = Request::new(body);
     *request.method_mut() = parts.method.clone();
     *request.uri_mut() = parts.uri.clone();
     *request.version_mut() = parts.version;
@@ -476,10 +531,7 @@ pub(super) fn synthetic(
     grpc: bool,
 ) -> Response<ProxyBody> {
     if grpc {
-        let empty = Empty::<Bytes>::new()
-            .map_err(|never| match never {})
-            .boxed();
-        let mut r = Response::new(empty);
+        let mut r = Response::new(proxy_body(Empty::<Bytes>::new()));
         let h = r.headers_mut();
         h.insert(
             header::CONTENT_TYPE,
@@ -491,9 +543,9 @@ pub(super) fn synthetic(
         }
         return r;
     }
-    let body = http_body_util::Full::new(Bytes::from(format!("weft: {message}\n")))
-        .map_err(|never| match never {})
-        .boxed();
+    let body = proxy_body(http_body_util::Full::new(Bytes::from(format!(
+        "weft: {message}\n"
+    ))));
     let mut r = Response::new(body);
     *r.status_mut() = status;
     r.headers_mut().insert(
@@ -504,7 +556,7 @@ pub(super) fn synthetic(
 }
 
 /// grpc-message is percent-encoded (gRPC over HTTP/2 spec).
-fn percent_encode(s: &str) -> String {
+pub(super) fn percent_encode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
             0x20..=0x7e if b != b'%' => (b as char).to_string(),

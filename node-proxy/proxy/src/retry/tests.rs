@@ -59,7 +59,57 @@ fn policy(codes: &[u32], attempts: u32) -> RouteRetry {
         codes: codes.to_vec(),
         attempts,
         backoff_ms: 0,
+        grpc_codes: Vec::new(),
     }
+}
+
+#[test]
+fn grpc_statuses_are_retried_by_the_default_set_or_the_listed_ones() {
+    use http::Method;
+    let default = policy(&[], 1);
+    for (code, retried) in [
+        (14, true),
+        (8, true),
+        (4, true),
+        (1, true),
+        (13, false),
+        (5, false),
+    ] {
+        assert_eq!(
+            should_retry(&default, &Method::POST, true, 0, Outcome::Grpc(code)),
+            retried,
+            "grpc-status {code} with the default set"
+        );
+    }
+    let listed = RouteRetry {
+        grpc_codes: vec![13],
+        ..policy(&[], 1)
+    };
+    assert!(should_retry(
+        &listed,
+        &Method::POST,
+        true,
+        0,
+        Outcome::Grpc(13)
+    ));
+    assert!(!should_retry(
+        &listed,
+        &Method::POST,
+        true,
+        0,
+        Outcome::Grpc(14)
+    ));
+    assert!(
+        !should_retry(&listed, &Method::POST, false, 0, Outcome::Grpc(13)),
+        "body too large to replay"
+    );
+    assert!(!should_retry(
+        &listed,
+        &Method::POST,
+        true,
+        1,
+        Outcome::Grpc(13)
+    ));
 }
 
 #[test]

@@ -215,10 +215,22 @@ fn route_rule(
                     "rule {name}: retry.attempts {attempts} is more than {MAX_ATTEMPTS}"
                 )));
             }
+            let grpc_codes = r
+                .grpc_codes
+                .iter()
+                .map(|c| {
+                    grpc_code(c).ok_or_else(|| {
+                        invalid(format!(
+                            "rule {name}: retry.grpcCodes: {c:?} is not a gRPC status (e.g. UNAVAILABLE, RESOURCE_EXHAUSTED)"
+                        ))
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
             Some(RouteRetry {
                 codes: r.codes.iter().map(|c| u32::from(*c)).collect(),
                 attempts,
                 backoff_ms: millis("retry.backoff", &r.backoff)?,
+                grpc_codes,
             })
         }
     };
@@ -230,6 +242,34 @@ fn route_rule(
         backend_request_timeout_ms: backend_request,
         retry,
     })
+}
+
+/// The gRPC status named `name` (`UNAVAILABLE`, or `unavailable` as
+/// Linkerd's and Envoy's retry settings write it); `OK` is not a failure,
+/// so it is not a retryable status either.
+fn grpc_code(name: &str) -> Option<u32> {
+    const CODES: [&str; 17] = [
+        "OK",
+        "CANCELLED",
+        "UNKNOWN",
+        "INVALID_ARGUMENT",
+        "DEADLINE_EXCEEDED",
+        "NOT_FOUND",
+        "ALREADY_EXISTS",
+        "PERMISSION_DENIED",
+        "RESOURCE_EXHAUSTED",
+        "FAILED_PRECONDITION",
+        "ABORTED",
+        "OUT_OF_RANGE",
+        "UNIMPLEMENTED",
+        "INTERNAL",
+        "UNAVAILABLE",
+        "DATA_LOSS",
+        "UNAUTHENTICATED",
+    ];
+    let canonical = name.trim().to_ascii_uppercase().replace('-', "_");
+    let code = CODES.iter().position(|c| *c == canonical)?;
+    (code != 0).then_some(code as u32)
 }
 
 fn route_match(m: &HTTPRouteMatch) -> Result<RouteMatch, Failure> {

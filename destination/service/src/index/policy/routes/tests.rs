@@ -90,7 +90,7 @@ spec:
         - {name: web, port: 80, weight: 90}
         - {name: web-canary, port: 80, weight: 10}
       timeouts: {request: 10s, backendRequest: 1500ms}
-      retry: {codes: [502, 503], attempts: 2, backoff: 100ms}
+      retry: {codes: [502, 503], attempts: 2, backoff: 100ms, grpcCodes: [UNAVAILABLE, resource-exhausted]}
     - backendRefs: [{name: web}]
 ",
     );
@@ -137,6 +137,8 @@ spec:
         (retry.codes.clone(), retry.attempts, retry.backoff_ms),
         (vec![502, 503], 2, 100)
     );
+    // gRPC statuses by name, in either spelling.
+    assert_eq!(retry.grpc_codes, [14, 8]);
     // The default weight is 1; no retry block means no retries.
     assert_eq!(route.rules[1].backends[0].weight, 1);
     assert!(route.rules[1].retry.is_none());
@@ -205,6 +207,16 @@ fn routes_that_do_not_resolve_are_reported_and_left_out() {
         (
             "bad-code",
             "parentRefs: [{name: web}]\n  rules: [{retry: {codes: [700]}}]",
+            Ineffective::Invalid,
+        ),
+        (
+            "bad-grpc-code",
+            "parentRefs: [{name: web}]\n  rules: [{retry: {grpcCodes: [UNAVAILABLE, SOMETIMES]}}]",
+            Ineffective::Invalid,
+        ),
+        (
+            "grpc-ok-is-not-a-failure",
+            "parentRefs: [{name: web}]\n  rules: [{retry: {grpcCodes: [OK]}}]",
             Ineffective::Invalid,
         ),
         (
