@@ -20,6 +20,11 @@ usage: http_server.py PORT NAME [WORK_MS]
   GET  /work             200 after WORK_MS milliseconds (0 unless given), so
                          two servers of one Service can differ in latency
 Every response names the server in the header "x-served-by: NAME".
+
+A connection whose first byte cannot begin an HTTP request (methods are
+upper-case tokens; e.g. tcp_probe.py's "ping\n") is echoed raw until EOF
+instead of answered with a 400: one port then carries both HTTP and an
+opaque byte stream, as the route-authorization tests need.
 """
 import socket
 import sys
@@ -52,6 +57,24 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_message(self, *args):
         pass
+
+    def handle(self):
+        first = self.connection.recv(1, socket.MSG_PEEK)
+        if first and not first.isupper():
+            self.echo_raw()
+            return
+        super().handle()
+
+    def echo_raw(self):
+        try:
+            while True:
+                data = self.connection.recv(65536)
+                if not data:
+                    break
+                self.connection.sendall(data)
+            self.connection.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # reset by the peer: nothing left to echo
 
     def reply(self, code, body=b""):
         self.send_response(code)

@@ -25,7 +25,7 @@ pub use metrics::{AuthzLabels, AuthzMetrics};
 use crate::pods::LocalPod;
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
 use weft_cert_manager::SpiffeId;
@@ -131,6 +131,104 @@ struct Admitted {
     /// Fired with the new verdict when a policy change refuses the
     /// connection.
     revoke: Option<oneshot::Sender<Verdict>>,
+    /// How it is served, and whether it is admitted for routes only now.
+    access: ConnectionAccess,
+}
+
+/// The reason (in `weft_inbound_authz_*`) for an opaque connection refused
+/// or closed because its client is authorized for HTTP routes only.
+pub const ROUTES_ONLY_OPAQUE: &str = "routes_only_opaque";
+
+/// An admitted connection's access as the policy has it *now*, and how the
+/// connection is served: shared between the connection, which reads it for
+/// every request (one atomic load), and the table, which updates it when
+/// the policy changes.
+///
+/// Why shared rather than a copy taken at admission: the verdict can stay
+/// `allowed` while it moves between full access and routes only (a
+/// Server-wide AuthorizationPolicy replaced by one on an HTTPRoute, or the
+/// reverse). An HTTP connection must follow that for its next requests, and
+/// an opaque one, whose bytes no route can check, must be closed.
+///
+/// One word, so that recording "served opaque" and a revalidation turning
+/// the connection routes-only cannot interleave: whichever comes second
+/// sees the first (the splice is refused, or the connection revoked).
+#[derive(Clone, Debug, Default)]
+pub struct ConnectionAccess(Arc<AtomicU8>);
+
+/// How an admitted connection is being served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Served {
+    /// Not decided yet (protocol detection under way).
+    Undecided,
+    /// Spliced: bytes the proxy does not look into.
+    Opaque,
+    /// Served request by request (each one decided by route when the
+    /// Server has routes).
+    Http,
+}
+
+impl ConnectionAccess {
+    const ROUTES_ONLY: u8 = 1;
+    const OPAQUE: u8 = 2;
+    const HTTP: u8 = 4;
+
+    /// A connection admitted with `routes_only`, not served yet.
+    pub fn new(routes_only: bool) -> Self {
+        let bits = if routes_only { Self::ROUTES_ONLY } else { 0 };
+        Self(Arc::new(AtomicU8::new(bits)))
+    }
+
+    /// Admitted at L4 only for the Server's routes: each request must be
+    /// authorized by a route, and a request no route decides is refused.
+    pub fn routes_only(&self) -> bool {
+        self.0.load(Ordering::Acquire) & Self::ROUTES_ONLY != 0
+    }
+
+    /// Records that the connection is about to be spliced as opaque bytes.
+    /// `false` (and nothing recorded) when it is admitted for routes only:
+    /// the caller must refuse it.
+    #[must_use]
+    pub fn serve_opaque(&self) -> bool {
+        self.0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |bits| {
+                (bits & Self::ROUTES_ONLY == 0).then_some(bits | Self::OPAQUE)
+            })
+            .is_ok()
+    }
+
+    /// Records that the connection is served request by request.
+    pub fn serve_http(&self) {
+        self.0.fetch_or(Self::HTTP, Ordering::AcqRel);
+    }
+
+    pub fn served(&self) -> Served {
+        let bits = self.0.load(Ordering::Acquire);
+        if bits & Self::OPAQUE != 0 {
+            Served::Opaque
+        } else if bits & Self::HTTP != 0 {
+            Served::Http
+        } else {
+            Served::Undecided
+        }
+    }
+
+    /// Follows a new (allowed) verdict. `false`: the connection is spliced
+    /// and the verdict is routes only, so it can no longer be served and
+    /// must be closed (nothing is changed then).
+    fn follow(&self, routes_only: bool) -> bool {
+        self.0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |bits| {
+                if !routes_only {
+                    Some(bits & !Self::ROUTES_ONLY)
+                } else if bits & Self::OPAQUE == 0 {
+                    Some(bits | Self::ROUTES_ONLY)
+                } else {
+                    None
+                }
+            })
+            .is_ok()
+    }
 }
 
 impl InboundAuthz {
@@ -173,23 +271,28 @@ impl InboundAuthz {
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
+        let access = ConnectionAccess::new(verdict.routes_only);
         self.open.lock().expect("authz lock").insert(
             id,
             Admitted {
                 conn,
                 revoke: Some(tx),
+                access: access.clone(),
             },
         );
         Ok(Admission {
             authz: self.clone(),
             id,
             revoked: rx,
-            routes_only: verdict.routes_only,
+            access,
         })
     }
 
     /// Re-decides every admitted connection against a new view and revokes
-    /// those no longer allowed (their [`Admission::revoked`] completes).
+    /// those no longer allowed (their [`Admission::revoked`] completes):
+    /// refused outright, or spliced as opaque while the client is now
+    /// authorized for HTTP routes only (reason `routes_only_opaque`). The
+    /// others follow the new verdict (see [`ConnectionAccess`]).
     /// Returns how many were revoked.
     pub fn revalidate(&self, view: Option<&View>) -> usize {
         let mut open = self.open.lock().expect("authz lock");
@@ -198,9 +301,15 @@ impl InboundAuthz {
             if admitted.revoke.is_none() {
                 continue;
             }
-            let verdict = decide(view, &admitted.conn);
+            let mut verdict = decide(view, &admitted.conn);
             if verdict.allowed {
-                continue;
+                if admitted.access.follow(verdict.routes_only) {
+                    continue;
+                }
+                // Allowed for HTTP routes, but this connection's bytes are
+                // spliced unchecked: as it is served, it is not allowed.
+                verdict.allowed = false;
+                verdict.reason = ROUTES_ONLY_OPAQUE;
             }
             let conn = &admitted.conn;
             self.metrics
@@ -234,8 +343,8 @@ pub struct Admission {
     authz: Arc<InboundAuthz>,
     id: u64,
     revoked: oneshot::Receiver<Verdict>,
-    /// See [`Verdict::routes_only`].
-    pub routes_only: bool,
+    /// Updated by [`InboundAuthz::revalidate`]; see [`ConnectionAccess`].
+    pub access: ConnectionAccess,
 }
 
 impl Admission {

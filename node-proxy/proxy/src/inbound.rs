@@ -70,7 +70,7 @@ async fn handle_plaintext(client: TcpStream, peer: SocketAddr, pod: Arc<LocalPod
         client: None,
         client_ip: peer.ip().to_canonical(),
         port: target.port(),
-        routes_only: admission.routes_only,
+        connection: admission.access.clone(),
     };
     let (moved, err) =
         crate::l7::inbound::deliver(client, app, open.labels(), &pod, &cx, access, async {
@@ -251,7 +251,7 @@ async fn handle_stream(
         client: Some(principal.clone()),
         client_ip: peer.ip().to_canonical(),
         port: target.port(),
-        routes_only: admission.routes_only,
+        connection: admission.access.clone(),
     };
     let (moved, err) =
         crate::l7::inbound::deliver(stream, app, open.labels(), &pod, &cx, access, async {

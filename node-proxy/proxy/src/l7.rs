@@ -10,6 +10,8 @@
 //! - [`outbound`]: serving a pod's HTTP connection, forwarding requests;
 //! - [`inbound`]: delivering an inbound connection to the application,
 //!   request by request when it is HTTP (destination-side metrics);
+//! - `app_connection`: its connection to the application, opened again
+//!   when the application closed it;
 //! - [`route_authz`]: route-level authorization of inbound requests;
 //! - [`routing`]: HTTPRoute rules, weighted backends, retry budgets;
 //! - [`replay`]: request bodies kept (up to 64 KiB) so a retry can resend
@@ -21,6 +23,7 @@
 //! - [`body`]: the response body that records metrics when it ends;
 //! - [`classify`], [`metrics`]: label values and the metric families.
 
+mod app_connection;
 pub mod body;
 pub mod classify;
 mod deadline;

@@ -479,3 +479,176 @@ fn servers_authorization_policies_and_live_changes() {
 
     mc.down();
 }
+
+/// A Server on the `web` pod (HTTP on 8080, deny by default) with two
+/// HTTPRoutes, `hello` and `status`; the client on node-b. Who may call it
+/// is in `authz.yaml`: [`WEB_FOR_CLIENT`] or [`HELLO_FOR_CLIENT`].
+const ROUTED: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {weft.io/mesh: enabled}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: shop}
+spec: {nodeName: node-b, serviceAccountName: client, containers: [{name: main, command: [sleep, infinity]}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: shop, labels: {app: web}}
+spec:
+  nodeName: node-a
+  serviceAccountName: web
+  containers: [{name: main, command: [./http_server.py, "8080", web], ports: [{containerPort: 8080}]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {selector: {app: web}, ports: [{port: 80, targetPort: 8080}]}
+---
+apiVersion: policy.weft.io/v1alpha1
+kind: Server
+metadata: {name: web-http, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  port: 8080
+  accessPolicy: deny
+---
+apiVersion: policy.weft.io/v1alpha1
+kind: HTTPRoute
+metadata: {name: hello, namespace: shop}
+spec:
+  parentRefs: [{group: policy.weft.io, kind: Server, name: web-http}]
+  rules: [{matches: [{path: {type: PathPrefix, value: /hello}}]}]
+---
+apiVersion: policy.weft.io/v1alpha1
+kind: HTTPRoute
+metadata: {name: status, namespace: shop}
+spec:
+  parentRefs: [{group: policy.weft.io, kind: Server, name: web-http}]
+  rules: [{matches: [{path: {type: PathPrefix, value: /status}}]}]
+"#;
+
+/// The client may use the whole Server: every route, and any bytes.
+const WEB_FOR_CLIENT: &str = r#"
+apiVersion: policy.weft.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: web-for-client, namespace: shop}
+spec:
+  targetRef: {group: policy.weft.io, kind: Server, name: web-http}
+  requiredAuthenticationRefs: [{kind: ServiceAccount, name: client}]
+"#;
+
+/// The client may use the `hello` route only: routes-only at L4.
+const HELLO_FOR_CLIENT: &str = r#"
+apiVersion: policy.weft.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: hello-for-client, namespace: shop}
+spec:
+  targetRef: {group: policy.weft.io, kind: HTTPRoute, name: hello}
+  requiredAuthenticationRefs: [{kind: ServiceAccount, name: client}]
+"#;
+
+/// (status, body) of one curl from `pod`.
+fn curl_from(mc: &MeshCluster, pod: &str, url: &str) -> (u16, String) {
+    let out = mc.cluster().exec(
+        pod,
+        &[
+            "curl",
+            "-sS",
+            "--noproxy",
+            "*",
+            "--max-time",
+            "20",
+            "-w",
+            "\n=%{http_code}",
+            url,
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = stdout.rsplit_once("\n=").unwrap_or_else(|| {
+        panic!(
+            "{pod} {url}: {stdout} {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (code.trim().parse().unwrap(), body.to_string())
+}
+
+/// The policy hole a routes-only verdict used to leave: the Server-wide
+/// authorization is replaced by one on an HTTPRoute; the verdict stays
+/// "allowed", but an open connection spliced as opaque bytes can no longer
+/// be checked and must be closed, while HTTP requests are now decided per
+/// route.
+#[test]
+fn an_opaque_connection_is_closed_when_its_client_becomes_routes_only() {
+    let mc = MeshCluster::up(
+        &[("c.yaml", ROUTED), ("authz.yaml", WEB_FOR_CLIENT)],
+        |_| {},
+    );
+    let web = pod_ip(&mc, "shop/web");
+
+    // Authorized on the whole Server: both routes, and a byte stream that
+    // is not HTTP (pings the server echoes), spliced.
+    let (code, body) = curl_from(&mc, "shop/client", "http://web.shop/status/200");
+    assert_eq!((code, body.as_str()), (200, "status 200 from web"));
+    let held = HeldConnection::open(&mc, "shop/client", web, 8080);
+
+    let changed = Instant::now();
+    write(&mc, "authz.yaml", HELLO_FOR_CLIENT);
+    let ended = held.end();
+    assert_eq!(ended["result"], "reset", "the opaque connection: {ended}");
+    let took = changed.elapsed();
+    eprintln!("the opaque connection was closed {took:?} after the edit");
+    assert!(
+        took < Duration::from_secs(10),
+        "closed {took:?} after the edit"
+    );
+
+    // HTTP goes on, decided per route now.
+    let (code, body) = curl_from(&mc, "shop/client", "http://web.shop/hello");
+    assert_eq!((code, body.as_str()), (200, "hello from web"));
+    let (code, body) = curl_from(&mc, "shop/client", "http://web.shop/status/200");
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("shop/status"), "refused by the route: {body}");
+    // A new opaque connection is refused outright.
+    let refused = from_pod(&mc, "shop/client", web, 8080);
+    assert_eq!(refused["result"], "reset", "{refused}");
+
+    // Revoked: exactly the held connection, for that reason; the HTTP
+    // connections (pooled by the source proxy) were not.
+    let web_authz = |which: &str, reason: &str| {
+        authz_metric(
+            &mc,
+            which,
+            &[
+                ("destination_workload", "web"),
+                ("destination_namespace", "shop"),
+                ("reason", reason),
+            ],
+        )
+    };
+    let revoked_total = support::metric_sum(
+        mc.node_ip("node-a"),
+        "weft_inbound_authz_revoked_total",
+        &[("destination_workload", "web")],
+    );
+    assert_eq!(revoked_total, 1.0);
+    assert_eq!(
+        authz_metric(
+            &mc,
+            "revoked",
+            &[
+                ("destination_workload", "web"),
+                ("server", "web-http"),
+                ("policy", "shop/hello-for-client"),
+                ("reason", "routes_only_opaque"),
+            ]
+        ),
+        1.0
+    );
+    assert_eq!(web_authz("denied", "routes_only_opaque"), 1.0);
+    assert_eq!(web_authz("denied", "route_denied"), 1.0);
+
+    mc.down();
+}

@@ -1,8 +1,8 @@
 use super::*;
 use weft_destination_api::policy::network;
 use weft_destination_api::{
-    Authorization, DefaultPolicy, Policy, PolicyServer, Requirement, WatchResponse, Workload,
-    address,
+    Authorization, DefaultPolicy, InboundRoute, Policy, PolicyServer, Requirement, WatchResponse,
+    Workload, address,
 };
 
 const CLIENT: &str = "spiffe://cluster.local/ns/demo/sa/client";
@@ -189,4 +189,137 @@ fn a_refused_connection_is_counted_and_not_kept() {
         reason: "default_deny".into(),
     };
     assert_eq!(authz.metrics().denied(&labels), 1);
+}
+
+/// The Server on 8080 with one HTTPRoute; the client is authorized on the
+/// whole Server (`server_wide`) or only on the route.
+fn server_with_a_route(server_wide: bool) -> PolicyServer {
+    let client_only = |policy: &str| Authorization {
+        policy: policy.into(),
+        requirements: vec![Requirement {
+            source: "ServiceAccount demo/client".into(),
+            identities: vec![CLIENT.into()],
+            ..Default::default()
+        }],
+    };
+    let mut server = server_for_client();
+    if !server_wide {
+        server.authorizations.clear();
+    }
+    server.routes = vec![InboundRoute {
+        name: "demo/hello".into(),
+        matches: vec![],
+        authorizations: vec![client_only("demo/hello-for-client")],
+    }];
+    server
+}
+
+fn routes_view(version: u64, server_wide: bool) -> View {
+    view(
+        version,
+        Some(policy(
+            DefaultPolicy::Deny,
+            vec![server_with_a_route(server_wide)],
+        )),
+    )
+}
+
+async fn not_revoked(admission: &mut Admission) -> bool {
+    tokio::time::timeout(std::time::Duration::from_millis(50), admission.revoked())
+        .await
+        .is_err()
+}
+
+#[tokio::test]
+async fn an_opaque_connection_is_revoked_when_its_client_becomes_routes_only() {
+    let authz = Arc::new(InboundAuthz::default());
+    let full = routes_view(1, true);
+    let mut opaque = authz
+        .admit(Some(&full), conn(8080, Some(CLIENT), "10.244.1.2"))
+        .expect("authorized on the Server");
+    let mut http = authz
+        .admit(Some(&full), conn(8080, Some(CLIENT), "10.244.1.2"))
+        .expect("authorized on the Server");
+    assert!(!opaque.access.routes_only());
+    assert!(opaque.access.serve_opaque(), "full access may be spliced");
+    http.access.serve_http();
+    assert_eq!(
+        (opaque.access.served(), http.access.served()),
+        (Served::Opaque, Served::Http)
+    );
+
+    // The Server-wide authorization is replaced by one on the route: still
+    // allowed at L4, but for routes only. The spliced connection goes; the
+    // HTTP one stays, and its next requests are decided by route.
+    let routes_only = routes_view(2, false);
+    assert!(decide(Some(&routes_only), &client_on_8080()).routes_only);
+    assert_eq!(authz.revalidate(Some(&routes_only)), 1);
+    let verdict = opaque.revoked().await;
+    assert_eq!(
+        (
+            verdict.allowed,
+            verdict.reason,
+            verdict.server.as_str(),
+            verdict.policy.as_str()
+        ),
+        (
+            false,
+            ROUTES_ONLY_OPAQUE,
+            "web-http",
+            "demo/hello-for-client"
+        )
+    );
+    assert!(not_revoked(&mut http).await, "the HTTP connection stays");
+    assert!(http.access.routes_only(), "and follows the change");
+    // Once only: a second look revokes nothing more.
+    assert_eq!(authz.revalidate(Some(&routes_only)), 0);
+
+    let revoked = AuthzLabels {
+        destination_workload: "web".into(),
+        destination_namespace: "demo".into(),
+        server: "web-http".into(),
+        policy: "demo/hello-for-client".into(),
+        reason: ROUTES_ONLY_OPAQUE.into(),
+    };
+    assert_eq!(authz.metrics().revoked.get_or_create(&revoked).get(), 1);
+}
+
+fn client_on_8080() -> Inbound {
+    conn(8080, Some(CLIENT), "10.244.1.2")
+}
+
+#[tokio::test]
+async fn an_http_connection_follows_routes_only_and_back() {
+    let authz = Arc::new(InboundAuthz::default());
+    // Admitted for routes only: it may not be spliced.
+    let mut http = authz
+        .admit(Some(&routes_view(1, false)), client_on_8080())
+        .expect("authorized on the route");
+    assert!(http.access.routes_only());
+    assert!(!http.access.serve_opaque(), "routes only: no splice");
+    assert_eq!(http.access.served(), Served::Undecided);
+    http.access.serve_http();
+
+    // Authorized on the whole Server: its next requests are no longer
+    // refused when no route decides them.
+    assert_eq!(authz.revalidate(Some(&routes_view(2, true))), 0);
+    assert!(!http.access.routes_only());
+    // And back to routes only.
+    assert_eq!(authz.revalidate(Some(&routes_view(3, false))), 0);
+    assert!(http.access.routes_only());
+    assert!(not_revoked(&mut http).await);
+    assert_eq!(http.access.served(), Served::Http);
+}
+
+#[tokio::test]
+async fn a_connection_being_detected_becomes_routes_only_and_cannot_be_spliced() {
+    let authz = Arc::new(InboundAuthz::default());
+    let admission = authz
+        .admit(Some(&routes_view(1, true)), client_on_8080())
+        .expect("authorized on the Server");
+    // The policy changes while the protocol is being detected: nothing is
+    // spliced yet, so nothing to revoke; the splice is refused afterwards.
+    assert_eq!(authz.revalidate(Some(&routes_view(2, false))), 0);
+    assert!(!admission.access.serve_opaque());
+    assert_eq!(admission.access.served(), Served::Undecided);
 }

@@ -14,6 +14,7 @@
 //! Bytes are counted on both sides either way, so `weft_tcp_*` on the
 //! destination side keep their meaning for the stream.
 
+use super::app_connection::AppConnection;
 use super::body::{ProxyBody, Recorded, Recorder, proxy_body};
 use super::classify::{MethodClass, grpc_status, is_grpc};
 use super::metrics::Peers;
@@ -21,7 +22,6 @@ use super::outbound::{error_response, synthetic};
 use super::route_authz::{RouteAccess, RouteGuard, Verdict};
 use super::routing::path_of;
 use super::upgrade::{Upgrades, wants_upgrade};
-use super::upstream::UpstreamError;
 use crate::hbone::H2Stream;
 use crate::metrics::{Reporter, TcpLabels};
 use crate::pods::{Context, LocalPod};
@@ -31,7 +31,6 @@ use bytes::BytesMut;
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::client::conn::{http1 as client1, http2 as client2};
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -87,7 +86,7 @@ pub async fn deliver<S: InboundStream>(
             destination_namespace: pod.namespace.clone(),
             server: String::new(),
             policy: String::new(),
-            reason: "routes_only_opaque".into(),
+            reason: crate::authz::ROUTES_ONLY_OPAQUE.into(),
         };
         cx.authz.metrics().count_request(&labels, false);
         let e = io::Error::new(
@@ -96,8 +95,11 @@ pub async fn deliver<S: InboundStream>(
         );
         (Transferred::default(), Some(e))
     };
+    // Recording "spliced" is what lets a later policy change that makes
+    // the client routes-only close the connection (see
+    // `authz::ConnectionAccess`).
     if cx.mesh.is_none() || local_port_is_opaque(pod, cx, target.port()) {
-        if access.routes_only {
+        if !access.connection.serve_opaque() {
             return refuse_opaque(inbound.reset_handle());
         }
         return splice_until(&mut inbound, &mut app, stop).await;
@@ -113,20 +115,20 @@ pub async fn deliver<S: InboundStream>(
     };
     // The detection bytes are replayed by the prefix, and counted as they
     // are read again below.
-    if found == Protocol::Opaque && access.routes_only {
+    if found == Protocol::Opaque && !access.connection.serve_opaque() {
         return refuse_opaque(inbound.reset_handle());
     }
     let mut inbound = Prefixed::new(prefix, inbound);
     match found {
         Protocol::Opaque => splice_until(&mut inbound, &mut app, stop).await,
         http => {
+            access.connection.serve_http();
             let from_client = Arc::new(AtomicU64::new(0));
             let to_client = Arc::new(AtomicU64::new(0));
             let inbound = Counted::new(inbound, from_client.clone());
-            let app = Counted::new(app, to_client.clone());
             // Dropping the server connection closes both sides.
             let err = tokio::select! {
-                err = serve(inbound, app, http, target, Peers::from(labels), cx, RouteGuard { pod: pod.clone(), access }) => err,
+                err = serve(inbound, app, to_client.clone(), http, target, Peers::from(labels), cx, RouteGuard { pod: pod.clone(), access }) => err,
                 () = stop => Some(io::Error::new(
                     io::ErrorKind::ConnectionAborted,
                     "closed by the proxy: no longer allowed by policy",
@@ -202,14 +204,8 @@ impl From<&TcpLabels> for Peers {
     }
 }
 
-/// The application connection as hyper's client sees it.
-enum AppSender {
-    Http1(tokio::sync::Mutex<client1::SendRequest<ProxyBody>>),
-    Http2(client2::SendRequest<ProxyBody>),
-}
-
 struct Delivery {
-    app: AppSender,
+    app: AppConnection,
     target: SocketAddr,
     peers: Peers,
     cx: Context,
@@ -221,9 +217,11 @@ struct Delivery {
     upgrades: Upgrades,
 }
 
-async fn serve<S, A>(
+#[allow(clippy::too_many_arguments)]
+async fn serve<S>(
     inbound: S,
-    app: A,
+    app: TcpStream,
+    to_client: Arc<AtomicU64>,
     protocol: Protocol,
     target: SocketAddr,
     peers: Peers,
@@ -232,52 +230,16 @@ async fn serve<S, A>(
 ) -> Option<io::Error>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    A: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    // Set when the application closes its connection (an HTTP/2 GOAWAY, an
-    // HTTP/1.1 close): every later request on this inbound connection would
-    // fail, so it is then finished gracefully, and the client side (the
-    // source proxy's pool, or a plaintext client) opens a new one, and with
-    // it a new connection to the application.
-    let app_closed = Arc::new(tokio::sync::watch::Sender::new(false));
-    let app = match protocol {
-        Protocol::Http2 => {
-            // The peer is the local application.
-            let (send, conn) = match client2::Builder::new(TokioExecutor::new())
-                .max_local_error_reset_streams(super::local_error_reset_limit(true))
-                .handshake(TokioIo::new(app))
-                .await
-            {
-                Ok(c) => c,
-                Err(e) => return Some(io::Error::other(e)),
-            };
-            let closed = app_closed.clone();
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(%target, error = %e, "application HTTP/2 connection ended");
-                }
-                closed.send_replace(true);
-            });
-            AppSender::Http2(send)
-        }
-        _ => {
-            let (send, conn) = match client1::Builder::new()
-                .preserve_header_case(true)
-                .handshake(TokioIo::new(app))
-                .await
-            {
-                Ok(c) => c,
-                Err(e) => return Some(io::Error::other(e)),
-            };
-            let closed = app_closed.clone();
-            tokio::spawn(async move {
-                if let Err(e) = conn.with_upgrades().await {
-                    tracing::debug!(%target, error = %e, "application HTTP/1 connection ended");
-                }
-                closed.send_replace(true);
-            });
-            AppSender::Http1(tokio::sync::Mutex::new(send))
-        }
+    // When the application closes its connection (an HTTP/2 GOAWAY, an
+    // HTTP/1.1 close), the next request opens a new one: this inbound
+    // connection goes on. (Finishing it instead, so that the client side
+    // opens a new one, raced with the requests the source proxy had sent
+    // meanwhile: they failed with a 502.)
+    let pod = guard.pod.clone();
+    let app = match AppConnection::open(app, pod, protocol, to_client).await {
+        Ok(app) => app,
+        Err(e) => return Some(io::Error::other(e)),
     };
     let source_principal = peers.source_principal.clone();
     let delivery = Arc::new(Delivery {
@@ -295,16 +257,6 @@ where
         async move { Ok::<_, Infallible>(delivery.forward(request).await) }
     });
     let io = TokioIo::new(inbound);
-    // Finish gracefully when the proxy drains or the application left.
-    let ending = || {
-        let (mut draining, mut closed) = (cx.draining.subscribe(), app_closed.subscribe());
-        async move {
-            tokio::select! {
-                _ = draining.wait_for(|d| *d) => {}
-                _ = closed.wait_for(|c| *c) => {}
-            }
-        }
-    };
     let result = match protocol {
         Protocol::Http2 => {
             // Trusted when the client came through the mTLS tunnel: it is
@@ -313,14 +265,14 @@ where
             let conn = http2::Builder::new(TokioExecutor::new())
                 .max_local_error_reset_streams(super::local_error_reset_limit(trusted))
                 .serve_connection(io, service);
-            super::serve_until(conn, ending(), |c| c.graceful_shutdown()).await
+            super::serve_until_drained(conn, &cx.draining, |c| c.graceful_shutdown()).await
         }
         _ => {
             let conn = http1::Builder::new()
                 .preserve_header_case(true)
                 .serve_connection(io, service)
                 .with_upgrades();
-            super::serve_until(conn, ending(), |c| c.graceful_shutdown()).await
+            super::serve_until_drained(conn, &cx.draining, |c| c.graceful_shutdown()).await
         }
     };
     delivery.upgrades.finish().await;
@@ -374,18 +326,7 @@ impl Delivery {
         }
         let client_upgrade = (self.protocol == Protocol::Http1 && wants_upgrade(&request))
             .then(|| hyper::upgrade::on(&mut request));
-        let request = request.map(proxy_body);
-        let result = match &self.app {
-            AppSender::Http2(send) => send.clone().send_request(request).await,
-            AppSender::Http1(send) => {
-                let mut send = send.lock().await;
-                match send.ready().await {
-                    Ok(()) => send.send_request(request).await,
-                    Err(e) => Err(e),
-                }
-            }
-        };
-        let response = match result {
+        let response = match self.app.send(request).await {
             Ok(mut response) => {
                 if let Some(client_upgrade) = client_upgrade
                     && response.status() == StatusCode::SWITCHING_PROTOCOLS
@@ -395,8 +336,7 @@ impl Delivery {
                 }
                 response.map(proxy_body)
             }
-            Err(source) => {
-                let e = UpstreamError::Request { target, source };
+            Err(e) => {
                 tracing::info!(target: "access", direction = "inbound", dst = %target, error = %e, "request failed");
                 error_response(&e, grpc)
             }
@@ -416,13 +356,13 @@ impl Delivery {
 }
 
 /// Owns a stream and counts the bytes read from it into a shared counter.
-struct Counted<T> {
+pub(super) struct Counted<T> {
     inner: T,
     read: Arc<AtomicU64>,
 }
 
 impl<T> Counted<T> {
-    fn new(inner: T, read: Arc<AtomicU64>) -> Self {
+    pub(super) fn new(inner: T, read: Arc<AtomicU64>) -> Self {
         Self { inner, read }
     }
 }

@@ -11,7 +11,7 @@
 //! since no request could be checked.
 
 use super::view_cache::PerView;
-use crate::authz::AuthzLabels;
+use crate::authz::{AuthzLabels, ConnectionAccess};
 use crate::pods::{Context, LocalPod};
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -27,9 +27,12 @@ pub struct RouteAccess {
     pub client_ip: IpAddr,
     /// The pod's port the client dialled.
     pub port: u16,
-    /// Admitted at L4 for routes only: requests the routes do not decide
-    /// (no Server routes any more) are refused.
-    pub routes_only: bool,
+    /// Whether the connection is admitted at L4 for routes only *now*
+    /// (requests the routes do not decide, when the Server has no routes
+    /// any more, are then refused), and how it is served. Kept current by
+    /// policy changes: a copy taken at admission would refuse requests the
+    /// policy has since allowed, or pass ones it no longer allows.
+    pub connection: ConnectionAccess,
 }
 
 /// The compiled inbound routes of the current view, per workload and port.
@@ -105,7 +108,7 @@ impl InboundRouting {
         };
         let found = self.routes(&mesh.view.borrow(), pod, access.port);
         let Some((server, routes)) = found else {
-            if access.routes_only {
+            if access.connection.routes_only() {
                 // Fail closed: admitted for routes that are gone.
                 self.count(cx, pod, "", "", "route_denied", false);
                 return Verdict::Denied {
