@@ -184,7 +184,8 @@ pub fn should_retry(
     }
 }
 
-fn method_is_idempotent(method: &http::Method) -> bool {
+/// RFC 9110 §9.2.2: a request that may be sent again with the same effect.
+pub fn method_is_idempotent(method: &http::Method) -> bool {
     use http::Method;
     [
         Method::GET,

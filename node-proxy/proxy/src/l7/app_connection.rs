@@ -17,7 +17,7 @@ use super::upstream::UpstreamError;
 use crate::outbound::{ConnectError, connect_from_pod};
 use crate::pods::LocalPod;
 use crate::protocol::Protocol;
-use http::{Method, Request, Response};
+use http::{Request, Response};
 use http_body_util::Empty;
 use hyper::body::{Body, Incoming};
 use hyper::client::conn::{http1 as client1, http2 as client2};
@@ -132,15 +132,7 @@ impl AppConnection {
         if sender.is_closed() {
             (generation, sender) = self.replace(generation).await?;
         }
-        let idempotent = matches!(
-            *request.method(),
-            Method::GET
-                | Method::HEAD
-                | Method::OPTIONS
-                | Method::TRACE
-                | Method::PUT
-                | Method::DELETE
-        );
+        let idempotent = crate::retry::method_is_idempotent(request.method());
         let result = match sender.send(request).await {
             Ok(response) => return Ok(response),
             Err((_, Some(request))) => {
