@@ -102,12 +102,22 @@ for _ in range(n):
 print(json.dumps({"seconds": time.perf_counter() - start, "lat_us": lat}))
 "#;
 
+/// One path's throughput runs and connection rounds (one value per run).
+#[derive(Default)]
 struct PathResult {
     gbps: Vec<f64>,
-    conn_per_s: f64,
-    p50_us: f64,
-    p99_us: f64,
+    conn_per_s: Vec<f64>,
+    p50_us: Vec<f64>,
+    p99_us: Vec<f64>,
 }
+
+/// Connection rounds per path: one round of 300 was at the mercy of
+/// whatever else the machine did in that second (0.14× direct in one run,
+/// 0.80× in the next).
+const CONN_ROUNDS: usize = 3;
+
+/// One measured column of a [`PathResult`], for a table row.
+type Column = fn(&PathResult) -> &[f64];
 
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -119,23 +129,29 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
     v[((v.len() as f64 - 1.0) * p).round() as usize]
 }
 
-fn measure(cluster: &TestCluster, ns: &str) -> PathResult {
+/// iperf3 runs into `r.gbps`.
+fn measure_throughput(cluster: &TestCluster, ns: &str, r: &mut PathResult) {
     let server = cluster.pod(&format!("{ns}/server")).ip.to_string();
     let client = format!("{ns}/client");
-    let mut gbps = Vec::new();
     for _ in 0..3 {
         let out = cluster.exec_ok(
             &client,
             &["iperf3", "-c", &server, "-p", "5201", "-t", "4", "-J"],
         );
         let v: serde_json::Value = serde_json::from_str(&out).expect("iperf3 JSON");
-        gbps.push(
+        r.gbps.push(
             v["end"]["sum_received"]["bits_per_second"]
                 .as_f64()
                 .unwrap()
                 / 1e9,
         );
     }
+}
+
+/// One round of 300 sequential connections into `r`.
+fn measure_connections(cluster: &TestCluster, ns: &str, r: &mut PathResult) {
+    let server = cluster.pod(&format!("{ns}/server")).ip.to_string();
+    let client = format!("{ns}/client");
     let out = cluster.exec_ok(&client, &["./conn_rtt.py", &server, "9000", "300"]);
     let v: serde_json::Value = serde_json::from_str(&out).expect("conn_rtt JSON");
     let mut lat: Vec<f64> = v["lat_us"]
@@ -144,12 +160,10 @@ fn measure(cluster: &TestCluster, ns: &str) -> PathResult {
         .iter()
         .map(|x| x.as_f64().unwrap())
         .collect();
-    PathResult {
-        gbps,
-        conn_per_s: lat.len() as f64 / v["seconds"].as_f64().unwrap(),
-        p50_us: percentile(&mut lat, 0.5),
-        p99_us: percentile(&mut lat, 0.99),
-    }
+    r.conn_per_s
+        .push(lat.len() as f64 / v["seconds"].as_f64().unwrap());
+    r.p50_us.push(percentile(&mut lat, 0.5));
+    r.p99_us.push(percentile(&mut lat, 0.99));
 }
 
 /// The HTTP paths compared: (label, namespace, server port). The mesh's
@@ -412,8 +426,15 @@ fn main() {
         .iter()
         .map(|n| proxy_rss(&mesh, n))
         .collect();
-    let mut direct = measure(&cluster, "direct");
-    let mut meshed = measure(&cluster, "mesh");
+    let mut direct = PathResult::default();
+    let mut meshed = PathResult::default();
+    measure_throughput(&cluster, "direct", &mut direct);
+    measure_throughput(&cluster, "mesh", &mut meshed);
+    // Alternating, so that the machine's load drifts over both alike.
+    for _ in 0..CONN_ROUNDS {
+        measure_connections(&cluster, "direct", &mut direct);
+        measure_connections(&cluster, "mesh", &mut meshed);
+    }
     // HTTP and gRPC at a fixed rate: rounds alternate the paths so that
     // the machine's load drifts over all of them alike.
     let protos = [http::Proto::Http1, http::Proto::Grpc];
@@ -466,26 +487,24 @@ fn main() {
         mg / dg
     );
     println!(
-        "{:<28} {:>14.0} {:>14.0} {:>8.2}",
-        "new connections/s (seq.)",
-        direct.conn_per_s,
-        meshed.conn_per_s,
-        meshed.conn_per_s / direct.conn_per_s
+        "connections: {CONN_ROUNDS} rounds of 300 per path, alternating (median of the rounds [min-max]):"
     );
-    println!(
-        "{:<28} {:>14.0} {:>14.0} {:>8.2}",
-        "conn+64B RTT p50 (us)",
-        direct.p50_us,
-        meshed.p50_us,
-        meshed.p50_us / direct.p50_us
-    );
-    println!(
-        "{:<28} {:>14.0} {:>14.0} {:>8.2}",
-        "conn+64B RTT p99 (us)",
-        direct.p99_us,
-        meshed.p99_us,
-        meshed.p99_us / direct.p99_us
-    );
+    let conn_rows: [(&str, Column); 3] = [
+        ("new connections/s (seq.)", |r| &r.conn_per_s),
+        ("conn+64B RTT p50 (us)", |r| &r.p50_us),
+        ("conn+64B RTT p99 (us)", |r| &r.p99_us),
+    ];
+    for (label, values) in conn_rows {
+        let (d, m) = (values(&direct), values(&meshed));
+        let (dm, mm) = (median(&mut d.to_vec()), median(&mut m.to_vec()));
+        println!(
+            "{:<28} {:>14} {:>14} {:>8.2}",
+            label,
+            format!("{dm:.0} [{}]", spread(d)),
+            format!("{mm:.0} [{}]", spread(m)),
+            mm / dm
+        );
+    }
     for (pi, proto) in protos.iter().enumerate() {
         let name = match proto {
             http::Proto::Http1 => "HTTP/1.1 GET",
