@@ -187,7 +187,7 @@ spec:
 ---
 apiVersion: v1
 kind: Pod
-metadata: {name: grpc-down, namespace: demo, labels: {app: grpc-pair}}
+metadata: {name: grpc-down, namespace: demo, labels: {app: grpc-pair, role: down}}
 spec:
   nodeName: node-b
   serviceAccountName: web
@@ -197,6 +197,11 @@ apiVersion: v1
 kind: Service
 metadata: {name: grpc-pair, namespace: demo}
 spec: {selector: {app: grpc-pair}, ports: [{port: 50051, targetPort: 50051, appProtocol: kubernetes.io/h2c}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: grpc-down, namespace: demo}
+spec: {selector: {role: down}, ports: [{port: 50051, targetPort: 50051, appProtocol: kubernetes.io/h2c}]}
 "#;
 
 fn up() -> MeshCluster {
@@ -610,38 +615,57 @@ fn the_request_timeout_covers_the_response_body() {
 #[test]
 fn an_endpoint_failing_every_grpc_call_is_ejected() {
     let mc = up();
-    // grpc-down answers every call with UNAVAILABLE, in an HTTP 200. Its
-    // gRPC status counts as a failure: after 5 in a row it is ejected for
-    // 1 s, which 40 sequential calls (a few ms each) do not outlast, and
-    // the calls go to grpc-good. Were the status ignored, the balancer
-    // would see only successes (and /config_dump no failures).
-    const CALLS: usize = 40;
-    let calls = vec!["hi"; CALLS];
-    let mut args = vec!["call", "grpc-pair.demo:50051"];
-    args.extend(&calls);
-    let results = grpc(&mc, "demo/client", &args);
-    let results = results.as_array().unwrap();
-    let good = results.iter().filter(|r| r["ok"] == "grpc-good:hi").count();
+    let calls = |service: &str, message: &str, n: usize| {
+        let messages = vec![message; n];
+        let target = format!("{service}.demo:50051");
+        let mut args = vec!["call", target.as_str()];
+        args.extend(&messages);
+        grpc(&mc, "demo/client", &args).as_array().unwrap().clone()
+    };
+    let down = format!("{}:50051", mc.cluster().pod("demo/grpc-down").ip);
+    let failures_of_down = || {
+        let dump = mc.config_dump("node-a");
+        let ep = dump["balancer"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["address"] == down.as_str())
+            .cloned()
+            .unwrap_or_else(|| panic!("{down} not in {}", dump["balancer"]));
+        ep["consecutive_failures"].as_u64().unwrap()
+    };
+
+    // grpc-down answers every call with UNAVAILABLE, in an HTTP 200. As
+    // the only endpoint of its Service it gets every call, and the
+    // balancer counts each as a failure (were the gRPC status ignored:
+    // none, since every HTTP status was 200).
+    const ALONE: usize = 10;
+    let results = calls("grpc-down", "hi", ALONE);
+    assert!(
+        results.iter().all(|r| r["code"] == "UNAVAILABLE"),
+        "{results:?}"
+    );
+    assert_eq!(failures_of_down(), ALONE as u64);
+
+    // Next to grpc-good, whose calls take 100 ms (`sleep:100`), the fast
+    // failures would win every latency comparison and draw nearly all the
+    // calls. Counted as failures, they got grpc-down ejected: from the 5th
+    // failure in a row each one ejected it again for twice as long, so
+    // after 10 it is out for the 30 s cap, and every call goes to
+    // grpc-good.
+    const CALLS: usize = 30;
+    let results = calls("grpc-pair", "sleep:100", CALLS);
+    let good = results
+        .iter()
+        .filter(|r| r["ok"] == "grpc-good:sleep:100")
+        .count();
     let unavailable = results
         .iter()
         .filter(|r| r["code"] == "UNAVAILABLE")
         .count();
     eprintln!("grpc-pair: {good} served by grpc-good, {unavailable} UNAVAILABLE");
     assert_eq!(good + unavailable, CALLS, "{results:?}");
-    assert!(
-        unavailable <= 6,
-        "{unavailable} calls reached the failing endpoint"
-    );
-    // /config_dump shows why: the failing endpoint's failures in a row.
-    let dump = mc.config_dump("node-a");
-    let down = format!("{}:50051", mc.cluster().pod("demo/grpc-down").ip);
-    let ep = dump["balancer"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["address"] == down.as_str())
-        .unwrap_or_else(|| panic!("{down} not in {}", dump["balancer"]));
-    assert!(ep["consecutive_failures"].as_u64().unwrap() >= 5, "{ep}");
+    assert_eq!(unavailable, 0, "calls reached the ejected endpoint");
     mc.down();
 }
 
