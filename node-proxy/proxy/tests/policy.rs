@@ -549,32 +549,6 @@ spec:
   requiredAuthenticationRefs: [{kind: ServiceAccount, name: client}]
 "#;
 
-/// (status, body) of one curl from `pod`.
-fn curl_from(mc: &MeshCluster, pod: &str, url: &str) -> (u16, String) {
-    let out = mc.cluster().exec(
-        pod,
-        &[
-            "curl",
-            "-sS",
-            "--noproxy",
-            "*",
-            "--max-time",
-            "20",
-            "-w",
-            "\n=%{http_code}",
-            url,
-        ],
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    let (body, code) = stdout.rsplit_once("\n=").unwrap_or_else(|| {
-        panic!(
-            "{pod} {url}: {stdout} {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    (code.trim().parse().unwrap(), body.to_string())
-}
-
 /// The policy hole a routes-only verdict used to leave: the Server-wide
 /// authorization is replaced by one on an HTTPRoute; the verdict stays
 /// "allowed", but an open connection spliced as opaque bytes can no longer
@@ -590,7 +564,7 @@ fn an_opaque_connection_is_closed_when_its_client_becomes_routes_only() {
 
     // Authorized on the whole Server: both routes, and a byte stream that
     // is not HTTP (pings the server echoes), spliced.
-    let (code, body) = curl_from(&mc, "shop/client", "http://web.shop/status/200");
+    let (code, body) = mc.curl("shop/client", "http://web.shop/status/200");
     assert_eq!((code, body.as_str()), (200, "status 200 from web"));
     let held = HeldConnection::open(&mc, "shop/client", web, 8080);
 
@@ -606,9 +580,9 @@ fn an_opaque_connection_is_closed_when_its_client_becomes_routes_only() {
     );
 
     // HTTP goes on, decided per route now.
-    let (code, body) = curl_from(&mc, "shop/client", "http://web.shop/hello");
+    let (code, body) = mc.curl("shop/client", "http://web.shop/hello");
     assert_eq!((code, body.as_str()), (200, "hello from web"));
-    let (code, body) = curl_from(&mc, "shop/client", "http://web.shop/status/200");
+    let (code, body) = mc.curl("shop/client", "http://web.shop/status/200");
     assert_eq!(code, 403, "{body}");
     assert!(body.contains("shop/status"), "refused by the route: {body}");
     // A new opaque connection is refused outright.

@@ -839,53 +839,27 @@ fn grpc(mc: &MeshCluster, pod: &str, args: &[&str]) -> serde_json::Value {
     serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"))
 }
 
-/// (status, body) of one curl from `pod`.
-fn curl_from(mc: &MeshCluster, pod: &str, url: &str) -> (u16, String) {
-    let out = mc.cluster().exec(
-        pod,
-        &[
-            "curl",
-            "-sS",
-            "--noproxy",
-            "*",
-            "--max-time",
-            "20",
-            "-w",
-            "\n=%{http_code}",
-            url,
-        ],
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    let (body, code) = stdout.rsplit_once("\n=").unwrap_or_else(|| {
-        panic!(
-            "{pod} {url}: {stdout} {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    (code.trim().parse().unwrap(), body.to_string())
-}
-
 #[test]
 fn route_level_authorization_decides_each_request() {
     let mc = MeshCluster::up(&[("c.yaml", ROUTE_AUTHZ)], |_| {});
     let node_b = mc.node_ip("node-b");
 
     // admin: authorized on `status` (by its policy) and on `hello`.
-    let (code, body) = curl_from(&mc, "demo/admin", "http://vault.demo/status/200");
+    let (code, body) = mc.curl("demo/admin", "http://vault.demo/status/200");
     assert_eq!((code, body.as_str()), (200, "status 200 from vault-1"));
-    let (code, body) = curl_from(&mc, "demo/admin", "http://vault.demo/hello");
+    let (code, body) = mc.curl("demo/admin", "http://vault.demo/hello");
     assert_eq!((code, body.as_str()), (200, "hello from vault-1"));
     // client: nothing on the Server authorizes it (accessPolicy deny), but
     // the `hello` route does: the connection is admitted, `hello` answers,
     // and `status` is refused per request by the destination proxy.
-    let (code, body) = curl_from(&mc, "demo/client", "http://vault.demo/hello");
+    let (code, body) = mc.curl("demo/client", "http://vault.demo/hello");
     assert_eq!((code, body.as_str()), (200, "hello from vault-1"));
-    let (code, body) = curl_from(&mc, "demo/client", "http://vault.demo/status/200");
+    let (code, body) = mc.curl("demo/client", "http://vault.demo/status/200");
     assert_eq!(code, 403, "{body}");
     assert!(body.contains("demo/status"), "refused by the route: {body}");
     // A path no route of the Server matches: 404 (the application would
     // have answered 200).
-    let (code, body) = curl_from(&mc, "demo/admin", "http://vault.demo/delay/1");
+    let (code, body) = mc.curl("demo/admin", "http://vault.demo/delay/1");
     assert_eq!(code, 404, "{body}");
 
     // The client is admitted for routes only: a connection that is not

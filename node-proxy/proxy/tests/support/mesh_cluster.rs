@@ -73,6 +73,32 @@ impl MeshCluster {
         super::http_get(SocketAddr::new(self.node_ip(node).into(), 15021), "/ready").map(|r| r.0)
     }
 
+    /// One curl from `pod` (20 s at most): the status and the body.
+    pub fn curl(&self, pod: &str, url: &str) -> (u16, String) {
+        let out = self.cluster().exec(
+            pod,
+            &[
+                "curl",
+                "-sS",
+                "--noproxy",
+                "*",
+                "--max-time",
+                "20",
+                "-w",
+                "\n=%{http_code}",
+                url,
+            ],
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        let (body, code) = stdout.rsplit_once("\n=").unwrap_or_else(|| {
+            panic!(
+                "{pod} {url}: {stdout} {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        (code.trim().parse().unwrap(), body.to_string())
+    }
+
     /// `/config_dump` is on 127.0.0.1:15000 inside the node's namespace.
     pub fn config_dump(&self, node: &str) -> serde_json::Value {
         let state = self.cluster().state();
