@@ -76,27 +76,10 @@ pub(crate) async fn serve_until_drained<C: Future>(
     shutdown: impl FnOnce(Pin<&mut C>),
 ) -> C::Output {
     let mut draining = draining.subscribe();
-    serve_until(
-        conn,
-        async move {
-            let _ = draining.wait_for(|d| *d).await;
-        },
-        shutdown,
-    )
-    .await
-}
-
-/// Drives an HTTP server connection until `trigger` completes, then asks
-/// it to finish gracefully (`shutdown`) and waits for that.
-pub(crate) async fn serve_until<C: Future>(
-    conn: C,
-    trigger: impl Future<Output = ()>,
-    shutdown: impl FnOnce(Pin<&mut C>),
-) -> C::Output {
     let mut conn = std::pin::pin!(conn);
     tokio::select! {
         out = conn.as_mut() => return out,
-        () = trigger => {}
+        _ = draining.wait_for(|d| *d) => {}
     }
     shutdown(conn.as_mut());
     conn.await

@@ -13,7 +13,7 @@
 
 use super::body::{BoxError, ProxyBody, proxy_body};
 use super::inbound::Counted;
-use super::upstream::UpstreamError;
+use super::upstream::{UpstreamError, handshake_h1, handshake_h2};
 use crate::outbound::{ConnectError, connect_from_pod};
 use crate::pods::LocalPod;
 use crate::protocol::Protocol;
@@ -21,7 +21,6 @@ use http::{Request, Response};
 use http_body_util::Empty;
 use hyper::body::{Body, Incoming};
 use hyper::client::conn::{http1 as client1, http2 as client2};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -206,43 +205,19 @@ fn unprocessed(e: &hyper::Error, idempotent: bool) -> bool {
     })
 }
 
-/// A hyper client on `app`, in `protocol`, driven by a task of its own.
+/// A hyper client on `app`, in `protocol`, counting what the application
+/// sends.
 async fn handshake(
     app: TcpStream,
     target: SocketAddr,
     protocol: Protocol,
     to_client: &Arc<AtomicU64>,
 ) -> Result<Sender, UpstreamError> {
-    let io = TokioIo::new(Counted::new(app, to_client.clone()));
-    match protocol {
-        Protocol::Http2 => {
-            // The peer is the local application.
-            let (send, conn) = client2::Builder::new(TokioExecutor::new())
-                .max_local_error_reset_streams(super::local_error_reset_limit(true))
-                .handshake(io)
-                .await
-                .map_err(|source| UpstreamError::Handshake { target, source })?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(%target, error = %e, "application HTTP/2 connection ended");
-                }
-            });
-            Ok(Sender::Http2(send))
-        }
-        _ => {
-            let (send, conn) = client1::Builder::new()
-                .preserve_header_case(true)
-                .handshake(io)
-                .await
-                .map_err(|source| UpstreamError::Handshake { target, source })?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.with_upgrades().await {
-                    tracing::debug!(%target, error = %e, "application HTTP/1 connection ended");
-                }
-            });
-            Ok(Sender::Http1(Arc::new(Mutex::new(send))))
-        }
-    }
+    let io = Counted::new(app, to_client.clone());
+    Ok(match protocol {
+        Protocol::Http2 => Sender::Http2(handshake_h2(io, target).await?),
+        _ => Sender::Http1(Arc::new(Mutex::new(handshake_h1(io, target).await?))),
+    })
 }
 
 #[cfg(test)]
@@ -250,6 +225,7 @@ mod tests {
     use super::*;
     use bytes::Bytes;
     use http_body_util::{BodyExt, Full};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::net::TcpListener;
 

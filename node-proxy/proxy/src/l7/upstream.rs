@@ -31,6 +31,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 
 /// How long an unused upstream connection is kept.
@@ -181,17 +182,7 @@ impl UpstreamPool {
                 },
             }
         }
-        let io = connect().await?;
-        let (mut send, conn) = http1::Builder::new()
-            .preserve_header_case(true)
-            .handshake(TokioIo::new(io))
-            .await
-            .map_err(|source| UpstreamError::Handshake { target, source })?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!(%target, error = %e, "upstream HTTP/1 connection ended");
-            }
-        });
+        let mut send = handshake_h1(connect().await?, target).await?;
         let response = send
             .send_request(request)
             .await
@@ -291,19 +282,7 @@ impl UpstreamPool {
         if let Some(send) = self.shared_h2(key) {
             return Ok(send);
         }
-        let target = key.target;
-        let io = connect().await?;
-        // The peer is another node proxy (HBONE) or a workload's server.
-        let (send, conn) = http2::Builder::new(TokioExecutor::new())
-            .max_local_error_reset_streams(super::local_error_reset_limit(true))
-            .handshake(TokioIo::new(io))
-            .await
-            .map_err(|source| UpstreamError::Handshake { target, source })?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%target, error = %e, "upstream HTTP/2 connection ended");
-            }
-        });
+        let send = handshake_h2(connect().await?, key.target).await?;
         self.inner.h2.lock().expect("pool lock").insert(
             key.clone(),
             SharedH2 {
@@ -326,6 +305,53 @@ impl UpstreamPool {
             .sum();
         h1 + self.inner.h2.lock().expect("pool lock").len()
     }
+}
+
+/// An HTTP/1.1 client connection on `io` to `target` (an endpoint, or the
+/// local application on the destination side), driven by a task of its
+/// own; upgrades after a 101 are handed over.
+pub(super) async fn handshake_h1<IO>(
+    io: IO,
+    target: SocketAddr,
+) -> Result<http1::SendRequest<ProxyBody>, UpstreamError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (send, conn) = http1::Builder::new()
+        .preserve_header_case(true)
+        .handshake(TokioIo::new(io))
+        .await
+        .map_err(|source| UpstreamError::Handshake { target, source })?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(%target, error = %e, "HTTP/1 client connection ended");
+        }
+    });
+    Ok(send)
+}
+
+/// An HTTP/2 client connection on `io` to `target`, driven by a task of
+/// its own. Its peer is another node proxy (HBONE), a workload's server or
+/// the local application: none of them is to be held to h2's lifetime cap
+/// on locally caused resets.
+pub(super) async fn handshake_h2<IO>(
+    io: IO,
+    target: SocketAddr,
+) -> Result<http2::SendRequest<ProxyBody>, UpstreamError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (send, conn) = http2::Builder::new(TokioExecutor::new())
+        .max_local_error_reset_streams(super::local_error_reset_limit(true))
+        .handshake(TokioIo::new(io))
+        .await
+        .map_err(|source| UpstreamError::Handshake { target, source })?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(%target, error = %e, "HTTP/2 client connection ended");
+        }
+    });
+    Ok(send)
 }
 
 async fn reap_idle(pool: Weak<Inner>) {
