@@ -217,10 +217,10 @@ mod tests {
     #[tokio::test]
     async fn metrics_and_config_dump_are_served() {
         let mut registry = Registry::default();
-        let tcp = crate::metrics::TcpMetrics::default();
+        let tcp = crate::telemetry::TcpMetrics::default();
         tcp.register(&mut registry);
-        let _open = tcp.open(crate::metrics::TcpLabels {
-            reporter: crate::metrics::Reporter::Destination,
+        let _open = tcp.open(crate::telemetry::TcpLabels {
+            reporter: crate::telemetry::Reporter::Destination,
             source_workload: String::new(),
             source_namespace: String::new(),
             source_principal: String::new(),
@@ -228,7 +228,7 @@ mod tests {
             destination_namespace: "demo".into(),
             destination_principal: String::new(),
             destination_service: String::new(),
-            connection_security_policy: crate::metrics::SecurityPolicy::None,
+            connection_security_policy: crate::telemetry::SecurityPolicy::None,
         });
         let addr = start(metrics_handler(Arc::new(registry))).await;
         let (status, body) = get(addr, "/metrics").await;

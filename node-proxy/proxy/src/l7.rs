@@ -1,44 +1,34 @@
-//! Request-level (L7) proxying of HTTP/1.1, HTTP/2 and gRPC.
+//! HTTP machinery shared by both directions of request-level (L7)
+//! proxying of HTTP/1.1, HTTP/2 and gRPC: bodies that record metrics, keep
+//! a copy for retries or enforce deadlines, pooled client connections to
+//! endpoints and to the local application, upgrades, and the proxy's own
+//! error responses.
 //!
-//! When [`crate::protocol`] detection says a pod's outbound connection
-//! speaks HTTP, the node proxy terminates it with hyper and forwards each
-//! request on its own: routed per request (a Service's endpoints are
-//! balanced per request, not per connection), carried in the client's
-//! protocol over pooled upstream connections (HBONE to enrolled endpoints,
-//! plain otherwise), and measured with the golden metrics.
-//!
-//! - [`outbound`]: serving a pod's HTTP connection, forwarding requests;
-//! - [`inbound`]: delivering an inbound connection to the application,
-//!   request by request when it is HTTP (destination-side metrics);
-//! - `app_connection`: its connection to the application, opened again
-//!   when the application closed it;
-//! - [`route_authz`]: route-level authorization of inbound requests;
-//! - [`routing`]: HTTPRoute rules, weighted backends, retry budgets;
+//! - [`upstream`]: pooled HTTP client connections per endpoint;
+//! - [`app_connection`]: the connection to the local application, opened
+//!   again when the application closed it;
+//! - [`respond`]: the one mapping from a proxy error to the HTTP or gRPC
+//!   response the client gets;
 //! - [`replay`]: request bodies kept (up to 64 KiB) so a retry can resend
 //!   them, streamed ones and trailers included;
 //! - [`grpc_peek`]: a gRPC call's status learnt before a retry decision;
 //! - [`deadline`]: the request timeout applied to the response body;
-//! - [`upstream`]: pooled HTTP client connections per endpoint;
 //! - [`upgrade`]: HTTP/1.1 upgrades spliced after a 101, tracked;
-//! - [`body`]: the response body that records metrics when it ends;
-//! - [`classify`], [`metrics`]: label values and the metric families.
+//! - [`body`]: the response body that records metrics when it ends.
+//!
+//! Layering: above `transport`, `policy`, `telemetry` and `state`; below
+//! `proxy`. Serving a pod's connection (what is routed where, who may send
+//! what) is `proxy::inbound` and `proxy::outbound`.
 
-mod app_connection;
+pub mod app_connection;
 pub mod body;
-pub mod classify;
-mod deadline;
-mod grpc_peek;
-pub mod inbound;
-pub mod metrics;
-pub mod outbound;
-mod replay;
-pub mod route_authz;
-pub mod routing;
+pub mod deadline;
+pub mod grpc_peek;
+pub mod replay;
+pub mod respond;
 pub mod upgrade;
 pub mod upstream;
-mod view_cache;
 
-pub use metrics::RequestMetrics;
 pub use upstream::UpstreamPool;
 
 use std::future::Future;
@@ -62,7 +52,7 @@ use std::pin::Pin;
 /// mTLS), the local application, or a local pod the proxy serves; h2's
 /// default for plaintext clients from outside the mesh (15006), the only
 /// untrusted peers.
-pub(crate) fn local_error_reset_limit(trusted_peer: bool) -> Option<usize> {
+pub fn local_error_reset_limit(trusted_peer: bool) -> Option<usize> {
     (!trusted_peer).then_some(1024)
 }
 
@@ -70,7 +60,7 @@ pub(crate) fn local_error_reset_limit(trusted_peer: bool) -> Option<usize> {
 /// (SIGTERM), asks it to finish gracefully (`shutdown`: hyper's
 /// `graceful_shutdown`, i.e. GOAWAY for HTTP/2, `Connection: close` after
 /// the request in flight for HTTP/1.1) and waits for that.
-pub(crate) async fn serve_until_drained<C: Future>(
+pub async fn serve_until_drained<C: Future>(
     conn: C,
     draining: &tokio::sync::watch::Sender<bool>,
     shutdown: impl FnOnce(Pin<&mut C>),

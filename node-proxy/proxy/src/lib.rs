@@ -1,28 +1,37 @@
 //! The Weft node proxy. One per node; carries every enrolled pod's TCP
 //! connections over mutual TLS, each end presenting its own pod's identity.
 //!
-//! - [`hbone`]: the tunnel between node proxies (HTTP/2 CONNECT over mTLS);
-//! - [`balancer`]: choosing a Service endpoint per connection;
-//! - [`splice`]: joining two streams with half-close and byte counts;
-//! - [`metrics`]: the Prometheus metrics;
-//! - [`admin`]: metrics, health and admin HTTP endpoints;
-//! - [`pods`]: the pods this proxy serves (registration, in-pod listeners);
-//! - [`outbound`], [`inbound`]: the pods' connections;
-//! - [`authz`]: who may connect to a local pod (inbound policy);
-//! - [`protocol`]: detecting HTTP/1, HTTP/2 or opaque TCP on a connection;
-//! - [`l7`]: request-level proxying and metrics for HTTP and gRPC;
-//! - [`retry`]: which failed requests are retried, within a retry budget.
+//! # Layering
+//!
+//! Each module is a layer; a layer imports only the layers below it, and
+//! `tests/layering.rs` fails the build's tests when an import breaks that:
+//!
+//! ```text
+//! pods, admin        the pods this proxy serves (registration, namespaces,
+//!                    listeners); the admin HTTP endpoints
+//!   proxy            serving connections: proxy::inbound, proxy::outbound
+//!                    (never importing each other), ProxyInputs
+//!     http           hyper/h2 machinery: bodies, replay, deadlines,
+//!                    upstream and application connections, error responses
+//!       transport    sockets from a SocketFactory, HBONE tunnels, upstreams
+//!         policy     authorization, route authorization, retry decisions
+//!           telemetry  metrics and their labels
+//!             state  the control plane's view and pure decisions over it
+//! ```
+//!
+//! Below them are the stand-alone crates: `weft-hbone` (the tunnel),
+//! `weft-stream` (splice, protocol detection, reset) and `weft-balance`
+//! (P2C peak-EWMA, retry budget). `state` and `policy` touch no socket;
+//! only `pods` touches network namespaces and talks to the redirector.
 
 pub mod admin;
-pub mod authz;
-pub mod balancer;
-pub mod hbone;
-pub mod inbound;
 pub mod l7;
-pub mod mesh;
-pub mod metrics;
-pub mod outbound;
 pub mod pods;
-pub mod protocol;
-pub mod retry;
-pub mod splice;
+pub mod policy;
+pub mod proxy;
+pub mod state;
+pub mod telemetry;
+pub mod transport;
+
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;

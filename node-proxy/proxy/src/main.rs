@@ -11,10 +11,11 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use weft_cni::protocol::PodEvent;
 use weft_node_proxy::admin;
-use weft_node_proxy::authz::InboundAuthz;
-use weft_node_proxy::mesh::Mesh;
-use weft_node_proxy::metrics::{ProcessCollector, TcpMetrics};
-use weft_node_proxy::pods::{Context, PodRegistry};
+use weft_node_proxy::pods::PodRegistry;
+use weft_node_proxy::policy::InboundAuthz;
+use weft_node_proxy::proxy::ProxyInputs;
+use weft_node_proxy::state::ControlPlane;
+use weft_node_proxy::telemetry::{ProcessCollector, TcpMetrics};
 use weft_redirector::{PodRegistrationListener, Redirector, RedirectorConfig};
 
 /// How long a registration waits for the pod to appear in the view.
@@ -62,14 +63,14 @@ struct Args {
     #[arg(long, env = "WEFT_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=256))]
     worker_threads: Option<u16>,
     #[command(flatten)]
-    control_plane: ControlPlane,
+    control_plane: ControlPlaneFlags,
 }
 
 /// Where the control plane is. Without `--destination-address` the proxy
 /// runs standalone: every registered pod is captured and all traffic is
 /// plaintext passthrough (for tests of the redirection alone).
 #[derive(clap::Args, Debug)]
-struct ControlPlane {
+struct ControlPlaneFlags {
     /// The destination service, `https://host:port`.
     #[arg(long, requires_all = ["ca_address", "trust_anchors", "token_file"])]
     destination_address: Option<String>,
@@ -149,11 +150,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         )?),
         None => None,
     };
-    let context = Context::new(tcp_metrics.clone(), mesh.clone());
-    context.request_metrics.register(&mut registry);
-    context.authz.metrics().register(&mut registry);
-    let authz = context.authz.clone();
-    let pods = Arc::new(PodRegistry::new(redirector.clone(), context));
+    let inputs = ProxyInputs::new(tcp_metrics.clone(), mesh.clone());
+    inputs.request_metrics.register(&mut registry);
+    inputs.authz.metrics().register(&mut registry);
+    let authz = inputs.authz.clone();
+    let pods = Arc::new(PodRegistry::new(redirector.clone(), inputs));
 
     let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -228,7 +229,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 tokio::spawn(async move {
                     if let (Some(mesh), PodEvent::Add { pod, .. }) = (&mesh, &request.event) {
                         let known = |v: &weft_destination_api::View| {
-                            weft_node_proxy::mesh::local_workload(v, &pod.uid, &pod.namespace, &pod.name)
+                            weft_node_proxy::state::local_workload(v, &pod.uid, &pod.namespace, &pod.name)
                                 .is_some()
                         };
                         let mut view = mesh.view.clone();
@@ -278,11 +279,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
 }
 
 fn connect_control_plane(
-    cp: &ControlPlane,
+    cp: &ControlPlaneFlags,
     destination: &str,
     node: &str,
     registry: &mut Registry,
-) -> anyhow::Result<Mesh> {
+) -> anyhow::Result<ControlPlane> {
     use anyhow::Context as _;
     use weft_cert_manager::{
         CertManager, CertManagerConfig, CertManagerMetrics, GrpcCaClient, GrpcCaConfig,
@@ -331,7 +332,7 @@ fn connect_control_plane(
         token: TokenSource::File(token_file.clone()),
         backoff: Backoff::default(),
     });
-    Ok(Mesh {
+    Ok(ControlPlane {
         view: handle.view.clone(),
         view_state: handle.state.clone(),
         certs,
@@ -342,7 +343,7 @@ fn connect_control_plane(
 /// Applies every new view to the registered pods and keeps `/ready` true
 /// only while the proxy has a view and the certificates of its pods.
 async fn follow_view(
-    mesh: Mesh,
+    mesh: ControlPlane,
     pods: Arc<PodRegistry>,
     authz: Arc<InboundAuthz>,
     ready: tokio::sync::watch::Sender<bool>,
@@ -373,7 +374,7 @@ async fn follow_view(
     }
 }
 
-fn config_dump(node: &str, pods: &PodRegistry, mesh: Option<&Mesh>) -> serde_json::Value {
+fn config_dump(node: &str, pods: &PodRegistry, mesh: Option<&ControlPlane>) -> serde_json::Value {
     use serde_json::json;
     let balancer = pods.balancer();
     let now = std::time::SystemTime::now();
@@ -383,7 +384,7 @@ fn config_dump(node: &str, pods: &PodRegistry, mesh: Option<&Mesh>) -> serde_jso
         .map(|p| {
             json!({
                 "namespace": p.namespace, "name": p.name, "uid": p.uid,
-                "netns": p.netns.path(), "ip": p.ip, "identity": p.identity.as_ref().map(|i| i.to_string()),
+                "netns": p.sockets.describe(), "ip": p.ip, "identity": p.identity.as_ref().map(|i| i.to_string()),
             })
         })
         .collect();

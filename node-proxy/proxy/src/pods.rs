@@ -9,22 +9,21 @@
 //! order. The listener a connection arrives on says which pod it belongs to:
 //! no guessing from source addresses.
 
-use crate::balancer::{Balancer, BalancerConfig};
-use crate::hbone::pool::{Connector, Transport};
-use crate::hbone::{HBONE_PORT, HboneError, HbonePool, PoolConfig};
-use crate::inbound;
-use crate::mesh::{self, Mesh};
-use crate::metrics::TcpMetrics;
-use crate::outbound;
-use rustls_pki_types::ServerName;
+mod netns_sockets;
+
+pub use netns_sockets::NetnsSockets;
+
+use crate::proxy::{ProxyInputs, inbound, outbound};
+use crate::state::{self, PodInfo};
+use crate::transport::LocalPod;
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 use tokio::task::JoinHandle;
-use weft_cert_manager::{CertManager, SpiffeId};
+use weft_cert_manager::SpiffeId;
 use weft_cni::protocol::{PodEvent, PodRef};
 use weft_destination_api::address;
+use weft_hbone::HBONE_PORT;
 use weft_redirector::{INBOUND_PORT, Netns, OUTBOUND_PORT, PodEnrollment, Redirector};
 
 /// What a registered pod should be captured as.
@@ -41,27 +40,6 @@ struct Guard(Vec<JoinHandle<()>>);
 impl Drop for Guard {
     fn drop(&mut self) {
         self.0.drain(..).for_each(|h| h.abort());
-    }
-}
-
-/// A pod on this node, as far as the data plane is concerned.
-#[derive(Debug)]
-pub struct LocalPod {
-    pub namespace: String,
-    pub name: String,
-    pub uid: String,
-    pub netns: Arc<Netns>,
-    /// The pod's SPIFFE identity (with a control plane; `None` standalone).
-    pub identity: Option<SpiffeId>,
-    /// The pod's primary address, from the destination view.
-    pub ip: Option<IpAddr>,
-    /// The destination view's key (uid) of the pod's workload.
-    pub workload_uid: Option<String>,
-}
-
-impl LocalPod {
-    pub fn key(&self) -> String {
-        format!("{}/{}", self.namespace, self.name)
     }
 }
 
@@ -94,7 +72,7 @@ pub enum RegistrationError {
     Listen {
         pod: String,
         addr: SocketAddr,
-        source: Box<weft_redirector::Error>,
+        source: std::io::Error,
     },
     #[error("cannot enroll {pod}: {source}")]
     Enroll {
@@ -103,133 +81,17 @@ pub enum RegistrationError {
     },
 }
 
-/// Shared context of every connection handler.
-#[derive(Clone)]
-pub struct Context {
-    pub tcp_metrics: TcpMetrics,
-    /// The control plane's view and the certificates; `None` when the proxy
-    /// runs without a control plane (every pod captured, all plaintext).
-    pub mesh: Option<Mesh>,
-    pub balancer: Arc<Balancer<SocketAddr>>,
-    pub pool: Option<Arc<HbonePool<PoolKey>>>,
-    /// Set to true at shutdown: HBONE connections send GOAWAY and finish
-    /// their open streams.
-    pub draining: Arc<tokio::sync::watch::Sender<bool>>,
-    /// Inbound authorization: decisions, and the admitted connections a
-    /// policy change may revoke.
-    pub authz: Arc<crate::authz::InboundAuthz>,
-    /// Golden request metrics of the HTTP connections the proxy terminates
-    /// (registered by the caller, next to the TCP metrics).
-    pub request_metrics: crate::l7::RequestMetrics,
-    /// HTTP client connections to endpoints, for request-level proxying.
-    pub upstreams: crate::l7::UpstreamPool,
-    /// Compiled HTTPRoutes of the view, retry budgets per Service.
-    pub routing: Arc<crate::l7::routing::OutboundRouting>,
-    /// Compiled inbound routes (route-level authorization).
-    pub inbound_routing: Arc<crate::l7::route_authz::InboundRouting>,
-    /// How long protocol detection waits for a client's first bytes.
-    pub detect_timeout: Duration,
-}
-
-impl Context {
-    pub fn new(tcp_metrics: TcpMetrics, mesh: Option<Mesh>) -> Self {
-        let pool = mesh.as_ref().map(|m| {
-            Arc::new(HbonePool::new(
-                PoolConfig::default(),
-                connector(m.certs.clone()),
-            ))
-        });
-        Self {
-            tcp_metrics,
-            mesh,
-            balancer: Arc::new(Balancer::new(BalancerConfig::default())),
-            pool,
-            draining: Arc::new(tokio::sync::watch::Sender::new(false)),
-            authz: Arc::default(),
-            request_metrics: crate::l7::RequestMetrics::default(),
-            upstreams: crate::l7::UpstreamPool::new(),
-            routing: Arc::default(),
-            inbound_routing: Arc::default(),
-            detect_timeout: crate::protocol::DETECT_TIMEOUT,
-        }
-    }
-}
-
-/// HBONE connections are pooled per source pod (connections leave from the
-/// pod's own IP), source identity, destination identity and address.
-#[derive(Clone, Debug)]
-pub struct PoolKey {
-    pub pod: Arc<LocalPod>,
-    pub source: SpiffeId,
-    pub destination: SpiffeId,
-    pub tunnel: SocketAddr,
-}
-
-impl PoolKey {
-    fn parts(&self) -> (&str, &SpiffeId, &SpiffeId, SocketAddr) {
-        (&self.pod.uid, &self.source, &self.destination, self.tunnel)
-    }
-}
-
-impl PartialEq for PoolKey {
-    fn eq(&self, other: &Self) -> bool {
-        self.parts() == other.parts()
-    }
-}
-
-impl Eq for PoolKey {}
-
-impl std::hash::Hash for PoolKey {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.parts().hash(state)
-    }
-}
-
-/// How long an HBONE connection waits for the source pod's first
-/// certificate before failing (the CA is slow or unreachable).
-const CERT_WAIT: Duration = Duration::from_secs(10);
-
-/// TCP from inside the source pod's namespace, then TLS 1.3 with the source
-/// pod's certificate, requiring the destination workload's exact identity.
-fn connector(certs: CertManager) -> Connector<PoolKey> {
-    Arc::new(move |key: PoolKey| {
-        let certs = certs.clone();
-        Box::pin(async move {
-            let addr = key.tunnel;
-            let tls_err = |e: String| HboneError::Tls {
-                addr,
-                source: std::io::Error::other(e),
-            };
-            let config = tokio::time::timeout(
-                CERT_WAIT,
-                certs.client_config(&key.source, key.destination.clone()),
-            )
-            .await
-            .map_err(|_| tls_err(format!("no certificate for {} yet", key.source)))?
-            .map_err(|e| tls_err(e.to_string()))?;
-            let tcp = outbound::connect_from_pod(&key.pod, addr)
-                .await
-                .map_err(|source| HboneError::Connect { addr, source })?;
-            let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-                .connect(ServerName::IpAddress(addr.ip().into()), tcp)
-                .await
-                .map_err(|source| HboneError::Tls { addr, source })?;
-            Ok(Box::new(tls) as Box<dyn Transport>)
-        })
-    })
-}
-
 pub struct PodRegistry {
     redirector: Arc<Redirector>,
-    context: Context,
+    inputs: ProxyInputs,
     pods: Mutex<HashMap<String, Registered>>,
 }
 
 impl PodRegistry {
-    pub fn new(redirector: Arc<Redirector>, context: Context) -> Self {
+    pub fn new(redirector: Arc<Redirector>, inputs: ProxyInputs) -> Self {
         Self {
             redirector,
-            context,
+            inputs,
             pods: Mutex::default(),
         }
     }
@@ -289,15 +151,15 @@ impl PodRegistry {
     /// Whether a pod should be captured and as what: standalone, always;
     /// with a control plane, when the view has its workload enrolled.
     fn wanted(&self, pod: &PodRef) -> Option<Wanted> {
-        let Some(mesh) = &self.context.mesh else {
+        let Some(control_plane) = &self.inputs.control_plane else {
             return Some(Wanted::default());
         };
-        let view = mesh.view.borrow();
-        let w = mesh::local_workload(&view, &pod.uid, &pod.namespace, &pod.name)?;
+        let view = control_plane.view.borrow();
+        let w = state::local_workload(&view, &pod.uid, &pod.namespace, &pod.name)?;
         if !w.enrolled {
             return None;
         }
-        let identity = mesh::identity_of(&w)?;
+        let identity = state::identity_of(&w)?;
         let ip = w.addresses.iter().find_map(|a| address::decode(a))?;
         Some(Wanted {
             identity: Some(identity),
@@ -311,24 +173,25 @@ impl PodRegistry {
         let key = format!("{}/{}", r.pod.namespace, r.pod.name);
         let netns = &r.netns;
         let local = Arc::new(LocalPod {
-            namespace: r.pod.namespace.clone(),
-            name: r.pod.name.clone(),
-            uid: r.pod.uid.clone(),
-            netns: netns.clone(),
-            identity: wanted.identity.clone(),
-            ip: wanted.ip,
-            workload_uid: wanted.workload_uid.clone(),
+            info: Arc::new(PodInfo {
+                namespace: r.pod.namespace.clone(),
+                name: r.pod.name.clone(),
+                uid: r.pod.uid.clone(),
+                identity: wanted.identity.clone(),
+                ip: wanted.ip,
+                workload_uid: wanted.workload_uid.clone(),
+            }),
+            sockets: Arc::new(NetnsSockets::new(netns.clone())),
         });
         let listen = |addr: SocketAddr| {
-            netns
-                .listen_tcp(addr)
-                .and_then(|l| {
-                    tokio::net::TcpListener::from_std(l).map_err(weft_redirector::Error::from)
-                })
+            local
+                .sockets
+                .listen(addr)
+                .and_then(tokio::net::TcpListener::from_std)
                 .map_err(|source| RegistrationError::Listen {
                     pod: key.clone(),
                     addr,
-                    source: Box::new(source),
+                    source,
                 })
         };
         let mut listeners = Guard(Vec::new());
@@ -340,7 +203,7 @@ impl PodRegistry {
             listeners.0.push(tokio::spawn(outbound::serve(
                 l,
                 local.clone(),
-                self.context.clone(),
+                self.inputs.clone(),
             )));
         }
         for ip in [
@@ -357,25 +220,25 @@ impl PodRegistry {
             listeners.0.push(tokio::spawn(inbound::serve_plaintext(
                 l,
                 local.clone(),
-                self.context.clone(),
+                self.inputs.clone(),
             )));
         }
-        if let (Some(mesh), Some(identity), Some(ip)) =
-            (&self.context.mesh, &local.identity, local.ip)
+        if let (Some(control_plane), Some(identity), Some(ip)) =
+            (&self.inputs.control_plane, &local.identity, local.ip)
         {
             // Fetch the certificate now, not on the first connection.
-            mesh.certs.register_pod(identity);
+            control_plane.certs.register_pod(identity);
             let l = match listen(SocketAddr::new(ip, HBONE_PORT)) {
                 Ok(l) => l,
                 Err(e) => {
-                    mesh.certs.unregister_pod(identity);
+                    control_plane.certs.unregister_pod(identity);
                     return Err(e);
                 }
             };
             listeners.0.push(tokio::spawn(inbound::serve_hbone(
                 l,
                 local.clone(),
-                self.context.clone(),
+                self.inputs.clone(),
             )));
         }
         let enrollment = PodEnrollment {
@@ -398,8 +261,8 @@ impl PodRegistry {
     }
 
     fn release_certificate(&self, pod: &LocalPod) {
-        if let (Some(mesh), Some(identity)) = (&self.context.mesh, &pod.identity) {
-            mesh.certs.unregister_pod(identity);
+        if let (Some(control_plane), Some(identity)) = (&self.inputs.control_plane, &pod.identity) {
+            control_plane.certs.unregister_pod(identity);
         }
     }
 
@@ -473,7 +336,7 @@ impl PodRegistry {
     /// pods are refused: they fail closed) and tells HBONE connections to
     /// drain; connections in flight go on.
     pub fn stop_accepting(&self) {
-        let _ = self.context.draining.send(true);
+        let _ = self.inputs.draining.send(true);
         for r in self.pods.lock().expect("pods lock").values_mut() {
             for h in r.captured.iter_mut().flat_map(|c| c.listeners.drain(..)) {
                 h.abort();
@@ -483,19 +346,19 @@ impl PodRegistry {
 
     /// Whether every captured pod has a certificate.
     pub fn certificates_ready(&self) -> bool {
-        let Some(mesh) = &self.context.mesh else {
+        let Some(control_plane) = &self.inputs.control_plane else {
             return true;
         };
         self.pods()
             .iter()
             .filter_map(|p| p.identity.as_ref())
-            .all(|id| mesh.certs.current_certificate(id).is_some())
+            .all(|id| control_plane.certs.current_certificate(id).is_some())
     }
 
     /// Pods currently served, for `/config_dump`.
     /// The per-endpoint balancer state (for `/config_dump`).
-    pub fn balancer(&self) -> Arc<Balancer<SocketAddr>> {
-        self.context.balancer.clone()
+    pub fn balancer(&self) -> Arc<weft_balance::Balancer<SocketAddr>> {
+        self.inputs.balancer.clone()
     }
 
     pub fn pods(&self) -> Vec<Arc<LocalPod>> {
@@ -513,35 +376,6 @@ impl Drop for PodRegistry {
         for (_, r) in self.pods.lock().expect("pods lock").drain() {
             for h in r.captured.into_iter().flat_map(|c| c.listeners) {
                 h.abort();
-            }
-        }
-    }
-}
-
-/// Accepts on one of a pod's listeners until its task is aborted (the pod
-/// leaves), handing each connection to `handle` on a task of its own. An
-/// accept error (file descriptors exhausted, say) is logged and retried after
-/// a pause rather than ending the listener: the pod would lose its traffic.
-pub(crate) async fn accept_loop<F, Fut>(
-    listener: tokio::net::TcpListener,
-    pod: &LocalPod,
-    what: &'static str,
-    mut handle: F,
-) where
-    F: FnMut(tokio::net::TcpStream, SocketAddr) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                // Forward what arrives at once: with Nagle on, small writes
-                // and HTTP/2 frames wait for the peer's delayed ACK (40 ms).
-                let _ = stream.set_nodelay(true);
-                tokio::spawn(handle(stream, peer));
-            }
-            Err(e) => {
-                tracing::warn!(pod = %pod.key(), listener = what, error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
         }
     }

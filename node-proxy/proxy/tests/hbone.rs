@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use weft_node_proxy::hbone::pool::{Connector, Transport};
-use weft_node_proxy::hbone::{HboneError, HbonePool, HboneRequest, PoolConfig, serve_connection};
+use weft_hbone::pool::{Connector, Transport};
+use weft_hbone::{HboneError, HbonePool, HboneRequest, PoolConfig, serve_connection};
 
 struct Pki {
     ca: CertifiedIssuer<'static, KeyPair>,
@@ -247,7 +247,7 @@ async fn open_and_hold(
     app: SocketAddr,
     addr: SocketAddr,
     n: usize,
-) -> Vec<weft_node_proxy::hbone::H2Stream> {
+) -> Vec<weft_hbone::H2Stream> {
     let mut out = Vec::new();
     for _ in 0..n {
         out.push(pool.open("client", addr, app).await.unwrap());

@@ -12,11 +12,9 @@
 //! it would for a client talking to the application directly.
 
 use super::body::{BoxError, ProxyBody, proxy_body};
-use super::inbound::Counted;
 use super::upstream::{UpstreamError, handshake_h1, handshake_h2};
-use crate::outbound::{ConnectError, connect_from_pod};
-use crate::pods::LocalPod;
-use crate::protocol::Protocol;
+use crate::transport::ConnectError;
+use crate::transport::LocalPod;
 use http::{Request, Response};
 use http_body_util::Empty;
 use hyper::body::{Body, Incoming};
@@ -26,6 +24,8 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
+use weft_stream::Counted;
+use weft_stream::Protocol;
 
 /// hyper's handle on one application connection.
 #[derive(Clone)]
@@ -42,7 +42,7 @@ struct Current {
     sender: Sender,
 }
 
-pub(super) struct AppConnection {
+pub struct AppConnection {
     pod: Arc<LocalPod>,
     target: SocketAddr,
     protocol: Protocol,
@@ -55,7 +55,7 @@ pub(super) struct AppConnection {
 
 impl AppConnection {
     /// Handshakes on `app` (already connected to `target` from the pod).
-    pub(super) async fn open(
+    pub async fn open(
         app: TcpStream,
         pod: Arc<LocalPod>,
         protocol: Protocol,
@@ -95,7 +95,9 @@ impl AppConnection {
             return Ok((generation, sender));
         }
         let target = self.target;
-        let app = connect_from_pod(&self.pod, target)
+        let app = self
+            .pod
+            .connect(target)
             .await
             .map_err(|source| UpstreamError::Connect(ConnectError::Tcp { target, source }))?;
         let sender = handshake(app, target, self.protocol, &self.to_client).await?;
@@ -107,10 +109,7 @@ impl AppConnection {
     }
 
     /// Sends `request` to the application (see the module's comment).
-    pub(super) async fn send<B>(
-        &self,
-        request: Request<B>,
-    ) -> Result<Response<Incoming>, UpstreamError>
+    pub async fn send<B>(&self, request: Request<B>) -> Result<Response<Incoming>, UpstreamError>
     where
         B: Body<Data = bytes::Bytes> + Send + Sync + 'static,
         B::Error: Into<BoxError>,
@@ -131,7 +130,7 @@ impl AppConnection {
         if sender.is_closed() {
             (generation, sender) = self.replace(generation).await?;
         }
-        let idempotent = crate::retry::method_is_idempotent(request.method());
+        let idempotent = crate::policy::retry::method_is_idempotent(request.method());
         let result = match sender.send(request).await {
             Ok(response) => return Ok(response),
             Err((_, Some(request))) => {
@@ -230,15 +229,14 @@ mod tests {
     use tokio::net::TcpListener;
 
     fn pod() -> Arc<LocalPod> {
-        Arc::new(LocalPod {
+        crate::testing::loopback_pod(crate::state::PodInfo {
             namespace: "demo".into(),
             name: "web".into(),
             uid: "u1".into(),
-            netns: Arc::new(weft_redirector::Netns::open("/proc/self/ns/net").unwrap()),
-            identity: None,
             ip: Some("127.0.0.1".parse().unwrap()),
-            workload_uid: None,
+            ..Default::default()
         })
+        .0
     }
 
     /// A loopback application that closes every connection after two

@@ -5,9 +5,9 @@
 //! are recorded by the body as its last frame passes (or when it is dropped
 //! early: the client went away), never when the headers arrive.
 
-use super::classify::{MethodClass, classify, grpc_status};
-use super::metrics::{Outcome, Peers, RequestMetrics};
-use crate::metrics::Reporter;
+use crate::telemetry::Reporter;
+use crate::telemetry::classify::{MethodClass, classify, grpc_status};
+use crate::telemetry::requests::{Outcome, Peers, RequestMetrics};
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use http_body_util::combinators::BoxBody;
@@ -69,7 +69,7 @@ impl Recorder {
         let grpc_status = trailer_grpc_status.or(self.header_grpc_status);
         let mut classification = classify(self.status, self.grpc, grpc_status);
         if broken {
-            classification = super::classify::Classification::Failure;
+            classification = crate::telemetry::classify::Classification::Failure;
         }
         let outcome = Outcome {
             status: self.status,

@@ -72,7 +72,7 @@ impl Body for Deadline {
         }
         let mut trailers = http::HeaderMap::new();
         trailers.insert("grpc-status", HeaderValue::from_static("4"));
-        if let Ok(v) = HeaderValue::from_str(&super::outbound::percent_encode(&e.to_string())) {
+        if let Ok(v) = HeaderValue::from_str(&super::respond::percent_encode(&e.to_string())) {
             trailers.insert("grpc-message", v);
         }
         Poll::Ready(Some(Ok(Frame::trailers(trailers))))

@@ -16,7 +16,7 @@
 //! arrives, which a streaming client would otherwise see earlier.
 
 use super::body::{BodyError, BoxError, ProxyBody};
-use super::classify::grpc_status;
+use crate::telemetry::classify::grpc_status;
 use bytes::Bytes;
 use futures::FutureExt;
 use http::Response;

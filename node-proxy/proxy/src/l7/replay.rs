@@ -17,7 +17,7 @@
 //! never compete for the client's bytes.
 
 use super::body::{BodyError, BoxError};
-use crate::retry::MAX_REPLAY_BODY;
+use crate::policy::retry::MAX_REPLAY_BODY;
 use bytes::Bytes;
 use http::HeaderMap;
 use hyper::body::{Body, Frame, SizeHint};
@@ -235,4 +235,5 @@ where
 }
 
 #[cfg(test)]
+#[path = "replay_tests.rs"]
 mod tests;

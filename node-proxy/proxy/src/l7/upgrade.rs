@@ -95,7 +95,7 @@ async fn splice_upgraded(
     };
     let mut client = hyper_util::rt::TokioIo::new(client);
     let mut upstream = hyper_util::rt::TokioIo::new(upstream);
-    let (_, err) = crate::splice::splice(&mut client, &mut upstream).await;
+    let (_, err) = weft_stream::splice(&mut client, &mut upstream).await;
     if let Some(e) = err {
         tracing::debug!(%target, error = %e, "upgraded connection ended with an error");
     }

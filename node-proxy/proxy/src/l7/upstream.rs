@@ -20,8 +20,7 @@
 //! their HBONE stream slots.
 
 use super::body::ProxyBody;
-use crate::outbound::{ConnectError, Upstream};
-use crate::protocol::Protocol;
+use crate::transport::{ConnectError, Upstream};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper::{Request, Response};
@@ -33,6 +32,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
+use weft_stream::Protocol;
 
 /// How long an unused upstream connection is kept.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -83,7 +83,7 @@ impl UpstreamError {
     pub fn is_forbidden(&self) -> bool {
         matches!(
             self,
-            UpstreamError::Connect(ConnectError::Hbone(crate::hbone::HboneError::Refused {
+            UpstreamError::Connect(ConnectError::Hbone(weft_hbone::HboneError::Refused {
                 status: http::StatusCode::FORBIDDEN,
                 ..
             }))
@@ -310,7 +310,7 @@ impl UpstreamPool {
 /// An HTTP/1.1 client connection on `io` to `target` (an endpoint, or the
 /// local application on the destination side), driven by a task of its
 /// own; upgrades after a 101 are handed over.
-pub(super) async fn handshake_h1<IO>(
+pub async fn handshake_h1<IO>(
     io: IO,
     target: SocketAddr,
 ) -> Result<http1::SendRequest<ProxyBody>, UpstreamError>
@@ -334,7 +334,7 @@ where
 /// its own. Its peer is another node proxy (HBONE), a workload's server or
 /// the local application: none of them is to be held to h2's lifetime cap
 /// on locally caused resets.
-pub(super) async fn handshake_h2<IO>(
+pub async fn handshake_h2<IO>(
     io: IO,
     target: SocketAddr,
 ) -> Result<http2::SendRequest<ProxyBody>, UpstreamError>

@@ -1,0 +1,284 @@
+//! Client side: HBONE connections to other node proxies, reused.
+//!
+//! A TLS handshake costs far more than an HTTP/2 stream, so connections are
+//! kept and multiplexed: one per key until it carries `max_streams` streams,
+//! then another. The key is chosen by the caller; the node proxy uses
+//! (source pod, destination identity, destination address). It is per
+//! source *pod* rather than per source identity because connections are
+//! made from inside the source pod's network namespace so that traffic
+//! leaves from the pod's own IP: sharing one between two pods of the same
+//! service account would put one pod's address on the other's traffic.
+//!
+//! Idle connections (no stream for `idle_timeout`) are closed by a reaper;
+//! a connection whose peer went away is dropped on the next lookup.
+
+use crate::HboneError;
+use crate::server::{CONNECTION_WINDOW, MAX_CONCURRENT_STREAMS, STREAM_WINDOW};
+use crate::stream::H2Stream;
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use http::{Method, Request, StatusCode};
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::Instant;
+
+/// A byte stream an HBONE connection runs over (in production, TLS over TCP).
+pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Transport for T {}
+
+/// Opens the transport for a key (TCP connect from the right namespace, TLS
+/// handshake with the right certificates and peer identity check).
+pub type Connector<K> =
+    Arc<dyn Fn(K) -> BoxFuture<'static, Result<Box<dyn Transport>, HboneError>> + Send + Sync>;
+
+#[derive(Clone, Debug)]
+pub struct PoolConfig {
+    pub max_streams_per_connection: usize,
+    pub idle_timeout: Duration,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            max_streams_per_connection: MAX_CONCURRENT_STREAMS as usize,
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+struct Conn {
+    send: h2::client::SendRequest<Bytes>,
+    streams: AtomicUsize,
+    idle_since: Mutex<Instant>,
+    /// Cleared by the connection's driver task when it ends. That task must
+    /// hold only this flag: a handle to the `Conn` would keep its
+    /// `SendRequest` alive, and h2 closes a connection only once every
+    /// `SendRequest` is gone.
+    alive: Arc<AtomicBool>,
+    addr: SocketAddr,
+}
+
+type Slots<K> = HashMap<K, Vec<Arc<Conn>>>;
+
+pub struct HbonePool<K> {
+    inner: Arc<Inner<K>>,
+}
+
+struct Inner<K> {
+    config: PoolConfig,
+    connector: Connector<K>,
+    conns: Mutex<Slots<K>>,
+    /// One connection attempt per key at a time, so a burst of new
+    /// connections to a cold destination makes one handshake, not fifty.
+    connecting: Mutex<HashMap<K, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl<K: Hash + Eq + Clone + Send + Sync + 'static> HbonePool<K> {
+    /// Creates the pool and its idle reaper (needs a Tokio runtime).
+    pub fn new(config: PoolConfig, connector: Connector<K>) -> Self {
+        let inner = Arc::new(Inner {
+            config,
+            connector,
+            conns: Mutex::default(),
+            connecting: Mutex::default(),
+        });
+        tokio::spawn(reap_idle(Arc::downgrade(&inner)));
+        Self { inner }
+    }
+
+    /// Opens a stream to `target` over a pooled connection for `key`,
+    /// connecting to `addr` (the destination's `podIP:15008`) if needed.
+    pub async fn open(
+        &self,
+        key: K,
+        addr: SocketAddr,
+        target: SocketAddr,
+    ) -> Result<H2Stream, HboneError> {
+        self.open_with(key, addr, target, None).await
+    }
+
+    /// Like [`HbonePool::open`], telling the destination what the stream
+    /// carries ([`super::PROTOCOL_HEADER`]).
+    pub async fn open_with(
+        &self,
+        key: K,
+        addr: SocketAddr,
+        target: SocketAddr,
+        protocol: Option<&'static str>,
+    ) -> Result<H2Stream, HboneError> {
+        let conn = match self.inner.lease(&key) {
+            Some(conn) => conn,
+            None => self.connect(key, addr).await?,
+        };
+        let lease = Lease(conn.clone());
+        let mut request = Request::builder()
+            .method(Method::CONNECT)
+            .uri(target.to_string());
+        if let Some(protocol) = protocol {
+            request = request.header(super::PROTOCOL_HEADER, protocol);
+        }
+        let request = request
+            .body(())
+            .expect("CONNECT to ip:port with a token header is a valid request");
+        let h2_err = |source| HboneError::H2 {
+            addr: conn.addr,
+            source,
+        };
+        let mut send = conn.send.clone().ready().await.map_err(h2_err)?;
+        let (response, stream) = send.send_request(request, false).map_err(h2_err)?;
+        let response = response.await.map_err(h2_err)?;
+        if response.status() != StatusCode::OK {
+            return Err(HboneError::Refused {
+                target,
+                status: response.status(),
+            });
+        }
+        Ok(H2Stream::new(stream, response.into_body()).with_lease(Box::new(lease)))
+    }
+
+    /// Connections currently pooled (for `/config_dump` and tests).
+    pub fn connections(&self) -> usize {
+        self.inner
+            .conns
+            .lock()
+            .expect("pool lock")
+            .values()
+            .map(|v| v.iter().filter(|c| c.alive.load(Ordering::Relaxed)).count())
+            .sum()
+    }
+
+    async fn connect(&self, key: K, addr: SocketAddr) -> Result<Arc<Conn>, HboneError> {
+        let gate = self
+            .inner
+            .connecting
+            .lock()
+            .expect("pool lock")
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let _one_at_a_time = gate.lock().await;
+        // Someone else may have connected while we waited.
+        if let Some(conn) = self.inner.lease(&key) {
+            return Ok(conn);
+        }
+        let io = (self.inner.connector)(key.clone()).await?;
+        let (send, connection) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .handshake::<_, Bytes>(io)
+            .await
+            .map_err(|source| HboneError::H2 { addr, source })?;
+        let conn = Arc::new(Conn {
+            send,
+            streams: AtomicUsize::new(1),
+            idle_since: Mutex::new(Instant::now()),
+            alive: Arc::new(AtomicBool::new(true)),
+            addr,
+        });
+        let alive = conn.alive.clone();
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(%addr, error = %e, "HBONE connection ended");
+            }
+            alive.store(false, Ordering::Relaxed);
+        });
+        self.inner
+            .conns
+            .lock()
+            .expect("pool lock")
+            .entry(key)
+            .or_default()
+            .push(conn.clone());
+        Ok(conn)
+    }
+}
+
+impl<K: Hash + Eq> Inner<K> {
+    /// A live connection for `key` with a free stream slot, already counted.
+    fn lease(&self, key: &K) -> Option<Arc<Conn>> {
+        let mut conns = self.conns.lock().expect("pool lock");
+        let list = conns.get_mut(key)?;
+        list.retain(|c| c.alive.load(Ordering::Relaxed));
+        let max = self.config.max_streams_per_connection;
+        let conn = list
+            .iter()
+            .find(|c| c.streams.load(Ordering::Relaxed) < max)?;
+        conn.streams.fetch_add(1, Ordering::Relaxed);
+        Some(conn.clone())
+    }
+}
+
+/// Holds a stream slot on a connection until the stream is dropped.
+struct Lease(Arc<Conn>);
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if self.0.streams.fetch_sub(1, Ordering::Relaxed) == 1 {
+            *self.0.idle_since.lock().expect("conn lock") = Instant::now();
+        }
+    }
+}
+
+async fn reap_idle<K: Hash + Eq>(pool: Weak<Inner<K>>) {
+    let period = match pool.upgrade() {
+        Some(p) => (p.config.idle_timeout / 2).max(Duration::from_millis(10)),
+        None => return,
+    };
+    loop {
+        tokio::time::sleep(period).await;
+        let Some(pool) = pool.upgrade() else { return };
+        let timeout = pool.config.idle_timeout;
+        let mut conns = pool.conns.lock().expect("pool lock");
+        for list in conns.values_mut() {
+            // Dropping the last handle to an idle connection closes it
+            // cleanly (GOAWAY, then the TLS close).
+            list.retain(|c| {
+                let idle = c.streams.load(Ordering::Relaxed) == 0
+                    && c.idle_since.lock().expect("conn lock").elapsed() >= timeout;
+                c.alive.load(Ordering::Relaxed) && !idle
+            });
+        }
+        conns.retain(|_, list| !list.is_empty());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{HboneRequest, serve_connection};
+
+    #[tokio::test]
+    async fn the_protocol_header_reaches_the_destination_stream() {
+        // One in-memory "TLS connection": the pool's side and a server.
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let client_io = Arc::new(Mutex::new(Some(client_io)));
+        let connector: Connector<&'static str> = Arc::new(move |_key| {
+            let io = client_io.lock().unwrap().take();
+            Box::pin(async move { Ok(Box::new(io.expect("one connection")) as Box<dyn Transport>) })
+        });
+        let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(serve_connection(
+            server_io,
+            move |request: HboneRequest| {
+                let seen = seen_tx.clone();
+                async move {
+                    let stream = request.accept().unwrap();
+                    seen.send(stream.protocol().map(str::to_string)).unwrap();
+                }
+            },
+            std::future::pending(),
+        ));
+        let pool = HbonePool::new(PoolConfig::default(), connector);
+        let addr: SocketAddr = "127.0.0.1:15008".parse().unwrap();
+        let target: SocketAddr = "127.0.0.1:9000".parse().unwrap();
+        let _a = pool.open_with("k", addr, target, Some("h2")).await.unwrap();
+        assert_eq!(seen_rx.recv().await.unwrap().as_deref(), Some("h2"));
+        let _b = pool.open("k", addr, target).await.unwrap();
+        assert_eq!(seen_rx.recv().await.unwrap(), None, "no header: no claim");
+    }
+}

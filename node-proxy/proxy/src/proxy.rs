@@ -1,0 +1,82 @@
+//! Serving a pod's connections, one direction per module:
+//!
+//! - [`outbound`]: 15001, what a pod connects to (original destination →
+//!   one look at the control plane's state → opaque or detected → TCP or
+//!   HTTP);
+//! - [`inbound`]: 15006 and 15008, what reaches a pod (context → every
+//!   check that can fail → delivery).
+//!
+//! The two never import each other; what both use lives in the layers
+//! below (`http`, `transport`, `policy`, `telemetry`, `state`) or here, in
+//! [`ProxyInputs`].
+//!
+//! Layering: above `http`; below `pods` and `admin`.
+
+pub mod inbound;
+pub mod outbound;
+
+use crate::l7::UpstreamPool;
+use crate::policy::InboundAuthz;
+use crate::policy::route_authz::InboundRouting;
+use crate::state::ControlPlane;
+use crate::state::routes::OutboundRouting;
+use crate::telemetry::{RequestMetrics, TcpMetrics};
+use crate::transport::{TunnelKey, tunnel_connector};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use weft_balance::{Balancer, BalancerConfig};
+use weft_hbone::{HbonePool, PoolConfig};
+
+/// What every connection handler of the proxy shares.
+#[derive(Clone)]
+pub struct ProxyInputs {
+    pub tcp_metrics: TcpMetrics,
+    /// The control plane's view and the certificates; `None` when the proxy
+    /// runs without a control plane (every pod captured, all plaintext).
+    pub control_plane: Option<ControlPlane>,
+    pub balancer: Arc<Balancer<SocketAddr>>,
+    /// HBONE connections to other node proxies (with a control plane).
+    pub tunnels: Option<Arc<HbonePool<TunnelKey>>>,
+    /// Set to true at shutdown: HBONE connections send GOAWAY and finish
+    /// their open streams.
+    pub draining: Arc<tokio::sync::watch::Sender<bool>>,
+    /// Inbound authorization: decisions, and the admitted connections a
+    /// policy change may revoke.
+    pub authz: Arc<InboundAuthz>,
+    /// Golden request metrics of the HTTP connections the proxy terminates
+    /// (registered by the caller, next to the TCP metrics).
+    pub request_metrics: RequestMetrics,
+    /// HTTP client connections to endpoints, for request-level proxying.
+    pub upstreams: UpstreamPool,
+    /// Compiled HTTPRoutes of the view, retry budgets per Service.
+    pub routing: Arc<OutboundRouting>,
+    /// Compiled inbound routes (route-level authorization).
+    pub inbound_routing: Arc<InboundRouting>,
+    /// How long protocol detection waits for a client's first bytes.
+    pub detect_timeout: Duration,
+}
+
+impl ProxyInputs {
+    pub fn new(tcp_metrics: TcpMetrics, control_plane: Option<ControlPlane>) -> Self {
+        let tunnels = control_plane.as_ref().map(|c| {
+            Arc::new(HbonePool::new(
+                PoolConfig::default(),
+                tunnel_connector(c.certs.clone()),
+            ))
+        });
+        Self {
+            tcp_metrics,
+            control_plane,
+            balancer: Arc::new(Balancer::new(BalancerConfig::default())),
+            tunnels,
+            draining: Arc::new(tokio::sync::watch::Sender::new(false)),
+            authz: Arc::default(),
+            request_metrics: RequestMetrics::default(),
+            upstreams: UpstreamPool::new(),
+            routing: Arc::default(),
+            inbound_routing: Arc::default(),
+            detect_timeout: weft_stream::DETECT_TIMEOUT,
+        }
+    }
+}

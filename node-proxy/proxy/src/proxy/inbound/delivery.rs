@@ -1,0 +1,377 @@
+//! Delivering an inbound connection (an HBONE stream on 15008, or a
+//! plaintext connection on 15006) to the application, request by request
+//! when it speaks HTTP, so the destination side reports the golden metrics
+//! too (`reporter="destination"`).
+//!
+//! The connection to the application is already open (the caller made it
+//! to decide 200/503 on the tunnel); this module decides how to use it:
+//! - opaque (ports declared so, detection says so): spliced as before;
+//! - HTTP/1.1 or HTTP/2: the inbound stream is served with hyper and every
+//!   request goes to the application over that one connection, in the same
+//!   protocol (HTTP/1.1 requests arrive one after another on a connection;
+//!   HTTP/2 ones are multiplexed on it).
+//!
+//! Bytes are counted on both sides either way, so `weft_tcp_*` on the
+//! destination side keep their meaning for the stream.
+
+use crate::l7::app_connection::AppConnection;
+use crate::l7::body::{ProxyBody, Recorded, Recorder, proxy_body};
+use crate::l7::respond::{error_response, synthetic};
+use crate::l7::upgrade::{Upgrades, wants_upgrade};
+use crate::policy::route_authz::{RouteAccess, Verdict};
+use crate::proxy::ProxyInputs;
+use crate::state::opaque;
+use crate::state::routes::path_of;
+use crate::telemetry::classify::{MethodClass, grpc_status, is_grpc};
+use crate::telemetry::requests::Peers;
+use crate::telemetry::{Reporter, TcpLabels};
+use crate::transport::LocalPod;
+use bytes::BytesMut;
+use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use weft_destination_api::routing::Request as RouteRequest;
+use weft_hbone::H2Stream;
+use weft_stream::{Counted, Prefixed, Protocol};
+use weft_stream::{Transferred, splice_until};
+
+/// Carries `inbound` to `app` (a connection to the application at `app`'s
+/// peer address) until both are done, or until `stop` completes (a policy
+/// change revoked the connection: both sides are closed at once, the client
+/// with a reset). Returns what crossed, like [`weft_stream::splice_until`]
+/// (`a_to_b`: from the client).
+pub async fn deliver<S: InboundStream>(
+    mut inbound: S,
+    mut app: TcpStream,
+    labels: &TcpLabels,
+    pod: &Arc<LocalPod>,
+    cx: &ProxyInputs,
+    access: RouteAccess,
+    stop: impl Future<Output = ()>,
+) -> (Transferred, Option<io::Error>) {
+    let target = match app.peer_addr() {
+        Ok(a) => a,
+        Err(e) => return (Transferred::default(), Some(e)),
+    };
+    // On revocation the client must see a reset, not an orderly end; the
+    // stream itself may be inside hyper by then, so arm it from a handle.
+    let reset = inbound.reset_handle();
+    let stop = async move {
+        stop.await;
+        if let Some(fd) = &reset {
+            let _ = socket2::SockRef::from(fd).set_linger(Some(std::time::Duration::ZERO));
+        }
+    };
+    // Admitted only for some HTTP routes: a connection whose requests
+    // cannot be checked one by one is refused (reset), never spliced.
+    let refuse_opaque = |reset: Option<std::os::fd::OwnedFd>| {
+        if let Some(fd) = &reset {
+            let _ = socket2::SockRef::from(fd).set_linger(Some(std::time::Duration::ZERO));
+        }
+        tracing::info!(target: "access", pod = %pod.key(), port = access.port, src = %access.client_ip, "inbound connection refused: authorized for HTTP routes only, and it is not HTTP");
+        let labels = crate::telemetry::AuthzLabels {
+            destination_workload: pod.name.clone(),
+            destination_namespace: pod.namespace.clone(),
+            server: String::new(),
+            policy: String::new(),
+            reason: crate::policy::authz::ROUTES_ONLY_OPAQUE.into(),
+        };
+        cx.authz.metrics().count_request(&labels, false);
+        let e = io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "authorized for HTTP routes only, and the connection is not HTTP",
+        );
+        (Transferred::default(), Some(e))
+    };
+    // Recording "spliced" is what lets a later policy change that makes
+    // the client routes-only close the connection (see
+    // `authz::ConnectionAccess`).
+    if cx.control_plane.is_none() || local_port_is_opaque(pod, cx, target.port()) {
+        if !access.connection.serve_opaque() {
+            return refuse_opaque(inbound.reset_handle());
+        }
+        return splice_until(&mut inbound, &mut app, stop).await;
+    }
+    // The source proxy already detected (and said so in the tunnel): trust
+    // it, an authenticated peer; otherwise (plaintext, older proxies) look.
+    let (found, prefix) = match inbound.declared_protocol() {
+        Some(p) => (p, BytesMut::new()),
+        None => {
+            let detected = weft_stream::detect(&mut inbound, cx.detect_timeout).await;
+            (detected.protocol, detected.prefix)
+        }
+    };
+    // The detection bytes are replayed by the prefix, and counted as they
+    // are read again below.
+    if found == Protocol::Opaque && !access.connection.serve_opaque() {
+        return refuse_opaque(inbound.reset_handle());
+    }
+    let mut inbound = Prefixed::new(prefix, inbound);
+    match found {
+        Protocol::Opaque => splice_until(&mut inbound, &mut app, stop).await,
+        http => {
+            access.connection.serve_http();
+            let from_client = Arc::new(AtomicU64::new(0));
+            let to_client = Arc::new(AtomicU64::new(0));
+            let inbound = Counted::new(inbound, from_client.clone());
+            // Dropping the server connection closes both sides.
+            let err = tokio::select! {
+                err = serve(inbound, app, to_client.clone(), http, target, Peers::from(labels), cx, RouteGuard { pod: pod.clone(), access }) => err,
+                () = stop => Some(io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    "closed by the proxy: no longer allowed by policy",
+                )),
+            };
+            let moved = Transferred {
+                a_to_b: from_client.load(Ordering::Relaxed),
+                b_to_a: to_client.load(Ordering::Relaxed),
+            };
+            (moved, err)
+        }
+    }
+}
+
+/// What [`deliver`] needs of an inbound connection besides its bytes.
+pub trait InboundStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// What the peer says the stream carries, before any byte is read.
+    fn declared_protocol(&self) -> Option<Protocol>;
+    /// A second handle on the socket, to make its close a reset (TCP); none
+    /// where dropping the stream unfinished already resets it (HBONE).
+    fn reset_handle(&self) -> Option<std::os::fd::OwnedFd>;
+}
+
+impl InboundStream for TcpStream {
+    /// A plaintext client says nothing.
+    fn declared_protocol(&self) -> Option<Protocol> {
+        None
+    }
+
+    fn reset_handle(&self) -> Option<std::os::fd::OwnedFd> {
+        use std::os::fd::AsFd;
+        self.as_fd().try_clone_to_owned().ok()
+    }
+}
+
+impl InboundStream for H2Stream {
+    fn declared_protocol(&self) -> Option<Protocol> {
+        self.protocol().and_then(Protocol::from_token)
+    }
+
+    /// An unfinished stream that is dropped sends RST_STREAM.
+    fn reset_handle(&self) -> Option<std::os::fd::OwnedFd> {
+        None
+    }
+}
+
+/// Whether the local pod's port skips detection, as on the source side
+/// (plus its Server's `proxyProtocol`).
+fn local_port_is_opaque(pod: &LocalPod, cx: &ProxyInputs, port: u16) -> bool {
+    match &cx.control_plane {
+        Some(mesh) => opaque::is_local_opaque(
+            &mesh.view.borrow(),
+            &pod.key(),
+            pod.workload_uid.as_deref(),
+            port,
+        ),
+        None => true,
+    }
+}
+
+/// The local pod a connection is delivered to, and who connected: what each
+/// of its requests is decided with.
+#[derive(Clone, Debug)]
+struct RouteGuard {
+    pod: Arc<LocalPod>,
+    access: RouteAccess,
+}
+
+impl RouteGuard {
+    fn decide(&self, cx: &ProxyInputs, req: &RouteRequest<'_>) -> Verdict {
+        let view = cx.control_plane.as_ref().map(|c| c.view.borrow());
+        cx.inbound_routing.decide(
+            view.as_deref(),
+            cx.authz.metrics(),
+            &self.pod,
+            &self.access,
+            req,
+        )
+    }
+}
+
+impl From<&TcpLabels> for Peers {
+    fn from(l: &TcpLabels) -> Self {
+        Peers {
+            source_workload: l.source_workload.clone(),
+            source_namespace: l.source_namespace.clone(),
+            source_principal: l.source_principal.clone(),
+            destination_workload: l.destination_workload.clone(),
+            destination_namespace: l.destination_namespace.clone(),
+            destination_principal: l.destination_principal.clone(),
+            destination_service: l.destination_service.clone(),
+            route: String::new(),
+        }
+    }
+}
+
+struct Delivery {
+    app: AppConnection,
+    target: SocketAddr,
+    peers: Peers,
+    cx: ProxyInputs,
+    protocol: Protocol,
+    /// Route-level authorization of each request.
+    guard: RouteGuard,
+    /// Connections handed over after a 101: delivery lasts until they end
+    /// (and a revocation ends them too: dropping this aborts them).
+    upgrades: Upgrades,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn serve<S>(
+    inbound: S,
+    app: TcpStream,
+    to_client: Arc<AtomicU64>,
+    protocol: Protocol,
+    target: SocketAddr,
+    peers: Peers,
+    cx: &ProxyInputs,
+    guard: RouteGuard,
+) -> Option<io::Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    // When the application closes its connection (an HTTP/2 GOAWAY, an
+    // HTTP/1.1 close), the next request opens a new one: this inbound
+    // connection goes on. (Finishing it instead, so that the client side
+    // opens a new one, raced with the requests the source proxy had sent
+    // meanwhile: they failed with a 502.)
+    let pod = guard.pod.clone();
+    let app = match AppConnection::open(app, pod, protocol, to_client).await {
+        Ok(app) => app,
+        Err(e) => return Some(io::Error::other(e)),
+    };
+    let source_principal = peers.source_principal.clone();
+    let delivery = Arc::new(Delivery {
+        app,
+        target,
+        peers,
+        cx: cx.clone(),
+        protocol,
+        guard,
+        upgrades: Upgrades::default(),
+    });
+    let serving = delivery.clone();
+    let service = service_fn(move |request| {
+        let delivery = serving.clone();
+        async move { Ok::<_, Infallible>(delivery.forward(request).await) }
+    });
+    let io = TokioIo::new(inbound);
+    let result = match protocol {
+        Protocol::Http2 => {
+            // Trusted when the client came through the mTLS tunnel: it is
+            // another node proxy.
+            let trusted = !source_principal.is_empty();
+            let conn = http2::Builder::new(TokioExecutor::new())
+                .max_local_error_reset_streams(crate::l7::local_error_reset_limit(trusted))
+                .serve_connection(io, service);
+            crate::l7::serve_until_drained(conn, &cx.draining, |c| c.graceful_shutdown()).await
+        }
+        _ => {
+            let conn = http1::Builder::new()
+                .preserve_header_case(true)
+                .serve_connection(io, service)
+                .with_upgrades();
+            crate::l7::serve_until_drained(conn, &cx.draining, |c| c.graceful_shutdown()).await
+        }
+    };
+    delivery.upgrades.finish().await;
+    result.err().map(io::Error::other)
+}
+
+impl Delivery {
+    async fn forward(&self, mut request: Request<Incoming>) -> Response<ProxyBody> {
+        let started = Instant::now();
+        let method = MethodClass::of(request.method());
+        let grpc = is_grpc(request.headers());
+        let target = self.target;
+        let req = RouteRequest {
+            method: request.method(),
+            path: path_of(request.uri()),
+            headers: request.headers(),
+        };
+        let verdict = self.guard.decide(&self.cx, &req);
+        let mut peers = self.peers.clone();
+        let refusal = match verdict {
+            Verdict::Pass => None,
+            Verdict::Allowed { route } => {
+                peers.route = route;
+                None
+            }
+            Verdict::Denied { route } => {
+                let message = format!("route {route:?} does not authorize this client");
+                peers.route = route;
+                Some((StatusCode::FORBIDDEN, "7", message))
+            }
+            Verdict::NotFound => {
+                peers.route = crate::telemetry::requests::UNMATCHED_ROUTE.to_string();
+                let message = "no HTTPRoute of the Server matches this request".to_string();
+                Some((StatusCode::NOT_FOUND, "5", message))
+            }
+        };
+        if let Some((status, code, message)) = refusal {
+            tracing::info!(target: "access", direction = "inbound", dst = %target, src = %self.guard.access.client_ip, route = %peers.route, status = status.as_u16(), "request refused by route-level authorization");
+            let response = synthetic(status, code, &message, grpc);
+            let recorder = Recorder {
+                metrics: self.cx.request_metrics.clone(),
+                reporter: Reporter::Destination,
+                peers,
+                method,
+                started,
+                grpc,
+                status: response.status().as_u16(),
+                header_grpc_status: grpc_status(response.headers()),
+            };
+            return response.map(|b| Recorded::new(b, recorder).boxed());
+        }
+        let client_upgrade = (self.protocol == Protocol::Http1 && wants_upgrade(&request))
+            .then(|| hyper::upgrade::on(&mut request));
+        let response = match self.app.send(request).await {
+            Ok(mut response) => {
+                if let Some(client_upgrade) = client_upgrade
+                    && response.status() == StatusCode::SWITCHING_PROTOCOLS
+                {
+                    let app_upgrade = hyper::upgrade::on(&mut response);
+                    self.upgrades.spawn(client_upgrade, app_upgrade, target);
+                }
+                response.map(proxy_body)
+            }
+            Err(e) => {
+                tracing::info!(target: "access", direction = "inbound", dst = %target, error = %e, "request failed");
+                error_response(&e, grpc)
+            }
+        };
+        let recorder = Recorder {
+            metrics: self.cx.request_metrics.clone(),
+            reporter: Reporter::Destination,
+            peers,
+            method,
+            started,
+            grpc,
+            status: response.status().as_u16(),
+            header_grpc_status: grpc_status(response.headers()),
+        };
+        response.map(|b| Recorded::new(b, recorder).boxed())
+    }
+}

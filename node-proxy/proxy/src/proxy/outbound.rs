@@ -1,0 +1,161 @@
+//! 15001: connections an enrolled pod makes, redirected here by the
+//! `cgroup/connect` program. The original destination comes from
+//! `SO_ORIGINAL_DST` on the accepted socket.
+//!
+//! The destination view decides where it goes ([`crate::state::route`]): an
+//! enrolled workload (directly or behind a Service VIP) gets an HBONE
+//! stream, from the source pod's namespace, presenting the source pod's
+//! certificate and requiring the destination workload's identity. Anything
+//! else is connected directly from the pod's own namespace (a proxy-marked
+//! socket, so it is not redirected again): it still leaves from the pod's IP.
+//!
+//! Before that, the first bytes decide how ([`crate::protocol`]): HTTP/1
+//! and HTTP/2 are served request by request ([`requests`]);
+//! anything else, and ports declared opaque, are spliced as TCP here, the
+//! bytes detection read replayed first.
+
+mod requests;
+
+use crate::proxy::ProxyInputs;
+use crate::state::opaque;
+use crate::state::{self, Route};
+use crate::telemetry::{Reporter, SecurityPolicy, TcpLabels};
+use crate::transport::{LocalPod, open_upstream};
+use bytes::BytesMut;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::net::{TcpListener, TcpStream};
+use weft_stream::splice;
+use weft_stream::{Prefixed, Protocol};
+
+pub async fn serve(listener: TcpListener, pod: Arc<LocalPod>, cx: ProxyInputs) {
+    crate::transport::accept_loop(listener, &pod, "outbound", |stream, peer| {
+        handle(stream, peer, pod.clone(), cx.clone())
+    })
+    .await
+}
+
+async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<LocalPod>, cx: ProxyInputs) {
+    let started = Instant::now();
+    let dst = match pod.sockets.original_dst(&client) {
+        Ok(t) => t,
+        Err(e) => {
+            // Someone connected to 15001 directly: there is nowhere to go.
+            tracing::warn!(pod = %pod.key(), %peer, error = %e, "no original destination");
+            return;
+        }
+    };
+    // With a control plane, HTTP is proxied request by request; standalone
+    // (redirection only) every connection is opaque.
+    let opaque = match &cx.control_plane {
+        Some(mesh) => opaque::is_opaque(&mesh.view.borrow(), dst),
+        None => true,
+    };
+    let mut client = if opaque {
+        Prefixed::new(BytesMut::new(), client)
+    } else {
+        let detected = weft_stream::detect(&mut client, cx.detect_timeout).await;
+        match detected.protocol {
+            Protocol::Http1 | Protocol::Http2 => {
+                let client = Prefixed::new(detected.prefix, client);
+                requests::serve(client, detected.protocol, dst, pod, cx).await;
+                return;
+            }
+            Protocol::Opaque => {
+                if detected.timed_out {
+                    tracing::debug!(pod = %pod.key(), %dst, "the client sent nothing within the detection timeout: opaque TCP");
+                }
+                Prefixed::new(detected.prefix, client)
+            }
+        }
+    };
+    let (route, balanced) = match &cx.control_plane {
+        Some(mesh) => {
+            let view = mesh.view.borrow();
+            state::route(&view, dst, &cx.balancer, &mut rand::rng())
+        }
+        None => (
+            Route::Plain {
+                target: dst,
+                workload: None,
+                service: None,
+            },
+            false,
+        ),
+    };
+    let labels = labels(&pod, &route);
+    let open = cx.tcp_metrics.open(labels);
+    let target = route.target();
+    let connected = open_upstream(&route, &pod, cx.tunnels.as_deref(), Protocol::Opaque).await;
+    if balanced {
+        match &connected {
+            Ok(_) => cx.balancer.connected(&target, started.elapsed()),
+            Err(_) => cx.balancer.failed(&target),
+        }
+    }
+    let mut upstream = match connected {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::info!(target: "access", pod = %pod.key(), dst = %dst, via = %target, error = %e, "outbound connect failed");
+            open.close(&Default::default());
+            // As the pod would have seen it without the mesh (refused, or
+            // the destination's policy denied it): a reset, not an orderly
+            // end that looks like an empty answer.
+            weft_stream::reset(client.into_inner());
+            return;
+        }
+    };
+    let (moved, err) = splice(&mut client, &mut upstream).await;
+    tracing::info!(
+        target: "access",
+        direction = "outbound",
+        src = %pod.key(),
+        src_identity = pod.identity.as_ref().map(|i| i.to_string()),
+        dst = %dst,
+        via = %target,
+        dst_identity = match &route { Route::Hbone { identity, .. } => Some(identity.to_string()), _ => None },
+        service = route.service(),
+        mtls = matches!(route, Route::Hbone { .. }),
+        from_client = moved.a_to_b,
+        to_client = moved.b_to_a,
+        duration_ms = started.elapsed().as_millis() as u64,
+        error = err.as_ref().map(|e| e.to_string()),
+        "connection closed"
+    );
+    open.close(&moved);
+    if err.is_some() {
+        // The far side failed or was reset (a policy change there revoked
+        // the connection): pass the reset on rather than a clean close.
+        weft_stream::reset(client.into_inner());
+    }
+}
+
+/// Source-side labels: this pod, and what the view says of the destination.
+fn labels(pod: &LocalPod, route: &Route) -> TcpLabels {
+    let (workload, principal, policy) = match route {
+        Route::Hbone {
+            workload, identity, ..
+        } => (
+            Some(workload),
+            identity.to_string(),
+            SecurityPolicy::MutualTls,
+        ),
+        Route::Plain { workload, .. } => (workload.as_ref(), String::new(), SecurityPolicy::None),
+    };
+    TcpLabels {
+        reporter: Reporter::Source,
+        source_workload: pod.name.clone(),
+        source_namespace: pod.namespace.clone(),
+        source_principal: pod
+            .identity
+            .as_ref()
+            .map(|i| i.to_string())
+            .unwrap_or_default(),
+        destination_workload: workload.map(|w| w.name.clone()).unwrap_or_default(),
+        destination_namespace: workload.map(|w| w.namespace.clone()).unwrap_or_default(),
+        destination_principal: principal,
+        destination_service: route.service().unwrap_or_default().to_string(),
+        connection_security_policy: policy,
+    }
+}

@@ -1,0 +1,45 @@
+//! What the control plane tells this proxy, and the pure decisions made
+//! from it: no socket, no namespace, no task. Tested with plain values.
+//!
+//! - [`control_plane`]: the destination view and the certificates
+//!   ([`ControlPlane`]), and [`route`]: where a pod's original destination
+//!   really goes;
+//! - [`PodInfo`]: a local pod as the control plane knows it;
+//! - [`opaque`]: which ports skip protocol detection;
+//! - [`routes`]: the compiled HTTPRoutes of the view, retry budgets;
+//! - `view_cache`: values computed once per view.
+//!
+//! Layering: the bottom layer of the crate; imports no other module of it.
+
+pub mod control_plane;
+pub mod opaque;
+pub mod routes;
+pub(crate) mod view_cache;
+
+pub use control_plane::{
+    ControlPlane, Route, identity_of, local_workload, route, route_to_service,
+};
+
+use std::net::IpAddr;
+use weft_cert_manager::SpiffeId;
+
+/// A pod on this node, as far as the control plane knows it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PodInfo {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    /// The pod's SPIFFE identity (with a control plane; `None` standalone).
+    pub identity: Option<SpiffeId>,
+    /// The pod's primary address, from the destination view.
+    pub ip: Option<IpAddr>,
+    /// The destination view's key (uid) of the pod's workload.
+    pub workload_uid: Option<String>,
+}
+
+impl PodInfo {
+    /// `namespace/name`, for logs.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}

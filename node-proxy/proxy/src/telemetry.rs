@@ -1,0 +1,20 @@
+//! What the proxy counts and how it labels it: TCP connections
+//! (`weft_tcp_*`), requests (`weft_requests_total`,
+//! `weft_request_duration_seconds`), inbound authorization
+//! (`weft_inbound_authz_*`), and the process.
+//!
+//! - [`tcp`]: connection metrics and the process collector;
+//! - [`requests`]: the golden request metrics;
+//! - [`authz`]: authorization decisions;
+//! - [`classify`]: label values (method class, success or failure).
+//!
+//! Layering: above `state` only; no socket.
+
+pub mod authz;
+pub mod classify;
+pub mod requests;
+pub mod tcp;
+
+pub use authz::{AuthzLabels, AuthzMetrics};
+pub use requests::RequestMetrics;
+pub use tcp::{OpenConnection, ProcessCollector, Reporter, SecurityPolicy, TcpLabels, TcpMetrics};

@@ -1,0 +1,81 @@
+//! `weft_inbound_authz_*`: every inbound decision, by destination workload,
+//! the Server and policy that decided, and the reason. Like the TCP
+//! metrics, no client address or pod name becomes a label: the series count
+//! grows with workloads and policies, not with clients.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthzLabels {
+    pub destination_workload: String,
+    pub destination_namespace: String,
+    /// The Server selecting the port; empty when the default policy applied.
+    pub server: String,
+    /// The AuthorizationPolicy that allowed it, or the name of the default
+    /// (`deny`, `cluster-authenticated`, …) that decided.
+    pub policy: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Default)]
+pub struct AuthzMetrics {
+    pub(super) allowed: Family<AuthzLabels, Counter>,
+    pub(super) denied: Family<AuthzLabels, Counter>,
+    pub(super) revoked: Family<AuthzLabels, Counter>,
+}
+
+impl AuthzMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        // prometheus-client appends `_total` to counters.
+        registry.register(
+            "weft_inbound_authz_allowed",
+            "Inbound connections allowed by policy (reason=audit: allowed, but deny would refuse them; reason=route_authorized: requests allowed by a route-level policy)",
+            self.allowed.clone(),
+        );
+        registry.register(
+            "weft_inbound_authz_denied",
+            "Inbound connections refused by policy (reset before anything reached the application; reason=route_denied: requests refused with 403 by route-level authorization)",
+            self.denied.clone(),
+        );
+        registry.register(
+            "weft_inbound_authz_revoked",
+            "Open inbound connections closed because a policy change no longer allows them",
+            self.revoked.clone(),
+        );
+    }
+
+    /// Counts one connection admitted or refused.
+    pub fn count_connection(&self, labels: &AuthzLabels, allowed: bool) {
+        self.count_request(labels, allowed)
+    }
+
+    /// Counts one open connection closed by a policy change.
+    pub fn count_revoked(&self, labels: &AuthzLabels) {
+        self.revoked.get_or_create(labels).inc();
+    }
+
+    /// Counts one request decided by route-level authorization (the
+    /// connection was counted when it was admitted).
+    pub fn count_request(&self, labels: &AuthzLabels, allowed: bool) {
+        let family = if allowed { &self.allowed } else { &self.denied };
+        family.get_or_create(labels).inc();
+    }
+
+    /// The allowed count for one label set (tests).
+    pub fn allowed(&self, labels: &AuthzLabels) -> u64 {
+        self.allowed.get_or_create(labels).get()
+    }
+
+    /// The revoked count for one label set (tests).
+    pub fn revoked(&self, labels: &AuthzLabels) -> u64 {
+        self.revoked.get_or_create(labels).get()
+    }
+
+    /// The denied count for one label set (tests).
+    pub fn denied(&self, labels: &AuthzLabels) -> u64 {
+        self.denied.get_or_create(labels).get()
+    }
+}

@@ -1,0 +1,240 @@
+//! Golden request metrics: `weft_requests_total` and
+//! `weft_request_duration_seconds`.
+//!
+//! The label set follows Istio's `istio_requests_total` (operators already
+//! have dashboards for that shape) with Linkerd's `classification`. Every
+//! label value comes from a bounded set: workload names and identities from
+//! the view, a method *class* (the standard methods, else `other`), the
+//! status code, the gRPC status, and a route name (the HTTPRoute rule from
+//! the view, `default` without routes, `unmatched` for the proxy's 404).
+//! Paths, hosts and header values never become labels.
+
+use super::classify::{Classification, MethodClass};
+use super::tcp::Reporter;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use std::time::Duration;
+
+/// Bucket bounds in seconds: 1 ms to 10 s in 1-2.5-5 steps, enough to tell a
+/// cache hit from a database query from a timeout.
+pub const DURATION_BUCKETS: [f64; 13] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+pub use crate::state::routes::{DEFAULT_ROUTE, UNMATCHED_ROUTE};
+
+fn route_label(route: &str) -> &str {
+    if route.is_empty() {
+        DEFAULT_ROUTE
+    } else {
+        route
+    }
+}
+
+/// Labels of the retry counters: per destination Service and route rule,
+/// both bounded (from the view).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RetryLabels {
+    pub destination_service: String,
+    pub route: String,
+}
+
+/// Who talked to whom (known when the request is routed).
+#[derive(Clone, Debug, Default, Hash, PartialEq, Eq)]
+pub struct Peers {
+    pub source_workload: String,
+    pub source_namespace: String,
+    pub source_principal: String,
+    pub destination_workload: String,
+    pub destination_namespace: String,
+    pub destination_principal: String,
+    pub destination_service: String,
+    /// The HTTPRoute rule (`<route>/<rule>`); empty: [`DEFAULT_ROUTE`].
+    pub route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub reporter: Reporter,
+    pub source_workload: String,
+    pub source_namespace: String,
+    pub source_principal: String,
+    pub destination_workload: String,
+    pub destination_namespace: String,
+    pub destination_principal: String,
+    pub destination_service: String,
+    pub route: String,
+    pub method: MethodClass,
+    pub status_code: String,
+    /// The gRPC status code as a number, empty for plain HTTP.
+    pub grpc_status: String,
+    pub classification: Classification,
+}
+
+/// The outcome of one request, as the metrics see it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Outcome {
+    pub status: u16,
+    pub grpc_status: Option<u32>,
+    pub classification: Classification,
+}
+
+type HistogramFamily = Family<RequestLabels, Histogram, fn() -> Histogram>;
+
+fn duration_histogram() -> Histogram {
+    Histogram::new(DURATION_BUCKETS)
+}
+
+#[derive(Clone)]
+pub struct RequestMetrics {
+    requests: Family<RequestLabels, Counter>,
+    durations: HistogramFamily,
+    retries: Family<RetryLabels, Counter>,
+    budget_exhausted: Family<RetryLabels, Counter>,
+}
+
+impl Default for RequestMetrics {
+    fn default() -> Self {
+        Self {
+            requests: Family::default(),
+            durations: Family::new_with_constructor(duration_histogram),
+            retries: Family::default(),
+            budget_exhausted: Family::default(),
+        }
+    }
+}
+
+impl RequestMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        // prometheus-client appends `_total` to counters.
+        registry.register(
+            "weft_requests",
+            "HTTP and gRPC requests, counted when the response ends",
+            self.requests.clone(),
+        );
+        registry.register(
+            "weft_request_duration_seconds",
+            "Time from the request's arrival to the end of its response (the last byte or trailers)",
+            self.durations.clone(),
+        );
+        registry.register(
+            "weft_request_retries",
+            "Retries of failed requests (each request is counted once in weft_requests_total, with its final status)",
+            self.retries.clone(),
+        );
+        registry.register(
+            "weft_retry_budget_exhausted",
+            "Failed requests that a route would have retried but the destination's retry budget did not allow",
+            self.budget_exhausted.clone(),
+        );
+    }
+
+    pub fn retried(&self, destination_service: &str, route: &str) {
+        self.retries
+            .get_or_create(&retry_labels(destination_service, route))
+            .inc();
+    }
+
+    pub fn budget_exhausted(&self, destination_service: &str, route: &str) {
+        self.budget_exhausted
+            .get_or_create(&retry_labels(destination_service, route))
+            .inc();
+    }
+
+    pub fn record(
+        &self,
+        reporter: Reporter,
+        peers: &Peers,
+        method: MethodClass,
+        outcome: &Outcome,
+        duration: Duration,
+    ) {
+        let labels = RequestLabels {
+            reporter,
+            source_workload: peers.source_workload.clone(),
+            source_namespace: peers.source_namespace.clone(),
+            source_principal: peers.source_principal.clone(),
+            destination_workload: peers.destination_workload.clone(),
+            destination_namespace: peers.destination_namespace.clone(),
+            destination_principal: peers.destination_principal.clone(),
+            destination_service: peers.destination_service.clone(),
+            route: route_label(&peers.route).to_string(),
+            method,
+            status_code: outcome.status.to_string(),
+            grpc_status: outcome
+                .grpc_status
+                .map(|s| s.to_string())
+                .unwrap_or_default(),
+            classification: outcome.classification,
+        };
+        self.requests.get_or_create(&labels).inc();
+        self.durations
+            .get_or_create(&labels)
+            .observe(duration.as_secs_f64());
+    }
+}
+
+fn retry_labels(destination_service: &str, route: &str) -> RetryLabels {
+    RetryLabels {
+        destination_service: destination_service.to_string(),
+        route: route_label(route).to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn render(registry: &Registry) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, registry).unwrap();
+        out
+    }
+
+    #[test]
+    fn a_request_is_counted_and_its_duration_lands_in_the_right_bucket() {
+        let mut registry = Registry::default();
+        let m = RequestMetrics::default();
+        m.register(&mut registry);
+        let peers = Peers {
+            source_workload: "client".into(),
+            destination_service: "echo.demo.svc.cluster.local".into(),
+            ..Default::default()
+        };
+        let ok = Outcome {
+            status: 200,
+            grpc_status: None,
+            classification: Classification::Success,
+        };
+        m.record(
+            Reporter::Source,
+            &peers,
+            MethodClass::Get,
+            &ok,
+            Duration::from_millis(30),
+        );
+        let text = render(&registry);
+        let series = "reporter=\"source\",source_workload=\"client\",source_namespace=\"\",source_principal=\"\",destination_workload=\"\",destination_namespace=\"\",destination_principal=\"\",destination_service=\"echo.demo.svc.cluster.local\",route=\"default\",method=\"GET\",status_code=\"200\",grpc_status=\"\",classification=\"success\"";
+        assert!(
+            text.contains(&format!("weft_requests_total{{{series}}} 1")),
+            "{text}"
+        );
+        // 30 ms: not under 25 ms, under 50 ms.
+        assert!(
+            text.contains(&format!(
+                "weft_request_duration_seconds_bucket{{le=\"0.025\",{series}}} 0"
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "weft_request_duration_seconds_bucket{{le=\"0.05\",{series}}} 1"
+            )),
+            "{text}"
+        );
+        assert!(text.contains("le=\"10.0\""), "{text}");
+    }
+}

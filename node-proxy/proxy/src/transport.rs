@@ -1,0 +1,51 @@
+//! How the proxy gets its connections: a pod's sockets (asked of a
+//! [`SocketFactory`], so that connection code runs on loopback in tests),
+//! HBONE tunnels to other node proxies, and the upstream a pod's connection
+//! (or one HTTP connection) is carried on.
+//!
+//! - [`pod`]: [`LocalPod`] (a local pod and its sockets) and [`SocketFactory`];
+//! - [`upstream`]: [`Upstream`], [`open_upstream`], [`ConnectError`];
+//! - [`tunnel`]: the HBONE pool's key and connector (TLS with the source
+//!   pod's certificate, requiring the destination's identity);
+//! - [`accept_loop`]: serving a pod's listener.
+//!
+//! Layering: below `http` and `proxy`; imports `state` only.
+
+pub mod pod;
+pub mod tunnel;
+pub mod upstream;
+
+pub use pod::{LocalPod, SocketFactory};
+pub use tunnel::{TunnelKey, tunnel_connector};
+pub use upstream::{ConnectError, Upstream, open_upstream};
+
+use std::net::SocketAddr;
+
+/// Accepts on one of a pod's listeners until its task is aborted (the pod
+/// leaves), handing each connection to `handle` on a task of its own. An
+/// accept error (file descriptors exhausted, say) is logged and retried after
+/// a pause rather than ending the listener: the pod would lose its traffic.
+pub async fn accept_loop<F, Fut>(
+    listener: tokio::net::TcpListener,
+    pod: &LocalPod,
+    what: &'static str,
+    mut handle: F,
+) where
+    F: FnMut(tokio::net::TcpStream, SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                // Forward what arrives at once: with Nagle on, small writes
+                // and HTTP/2 frames wait for the peer's delayed ACK (40 ms).
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(handle(stream, peer));
+            }
+            Err(e) => {
+                tracing::warn!(pod = %pod.key(), listener = what, error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,117 @@
+//! The upstream of a pod's connection (or of one HTTP connection): an
+//! HBONE stream to an enrolled workload, or TCP from the pod.
+
+use super::pod::LocalPod;
+use super::tunnel::TunnelKey;
+use crate::state::Route;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::Poll;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use weft_hbone::{H2Stream, HboneError, HbonePool};
+use weft_stream::Protocol;
+
+/// Where a pod's connection (or, with L7, one HTTP connection) goes.
+pub enum Upstream {
+    Hbone(H2Stream),
+    Plain(TcpStream),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error(transparent)]
+    Hbone(#[from] HboneError),
+    #[error("cannot connect to {target} from the pod: {source}")]
+    Tcp {
+        target: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(
+        "pod {pod} has no certificate identity: an mTLS tunnel needs one (is the node proxy connected to the control plane?)"
+    )]
+    NoIdentity { pod: String },
+}
+
+/// Opens the transport for `route`: an HBONE stream (pooled TLS connection)
+/// from the pod to an enrolled workload, telling the destination that it
+/// carries `protocol`; else TCP from the pod's namespace.
+pub async fn open_upstream(
+    route: &Route,
+    pod: &Arc<LocalPod>,
+    tunnels: Option<&HbonePool<TunnelKey>>,
+    protocol: Protocol,
+) -> Result<Upstream, ConnectError> {
+    let target = route.target();
+    match route {
+        Route::Hbone {
+            tunnel, identity, ..
+        } => match (tunnels, &pod.identity) {
+            (Some(pool), Some(source)) => {
+                let key = TunnelKey {
+                    pod: pod.clone(),
+                    source: source.clone(),
+                    destination: identity.clone(),
+                    tunnel: *tunnel,
+                };
+                let stream = pool
+                    .open_with(key, *tunnel, target, Some(protocol.token()))
+                    .await?;
+                Ok(Upstream::Hbone(stream))
+            }
+            _ => Err(ConnectError::NoIdentity { pod: pod.key() }),
+        },
+        Route::Plain { .. } => pod
+            .connect(target)
+            .await
+            .map(Upstream::Plain)
+            .map_err(|source| ConnectError::Tcp { target, source }),
+    }
+}
+
+impl AsyncRead for Upstream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Hbone(s) => Pin::new(s).poll_read(cx, buf),
+            Upstream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Upstream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Upstream::Hbone(s) => Pin::new(s).poll_write(cx, buf),
+            Upstream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Hbone(s) => Pin::new(s).poll_flush(cx),
+            Upstream::Plain(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Hbone(s) => Pin::new(s).poll_shutdown(cx),
+            Upstream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}

@@ -1,0 +1,32 @@
+//! Byte-stream helpers of the node proxy, with no knowledge of the mesh:
+//!
+//! - [`splice`]: joining two streams with half-close and byte counts;
+//! - [`detect`]: what an application speaks on a connection, from the first
+//!   bytes the client sends (HTTP/1, HTTP/2, or opaque TCP);
+//! - [`Prefixed`]: a stream that replays the bytes detection consumed;
+//! - [`reset`]: refusing a TCP connection the way a closed port does.
+//!
+//! The proxy *reads* (rather than `MSG_PEEK`s) the first bytes: a peek
+//! cannot wait for "more than what is there already" without spinning, and a
+//! request line often arrives in pieces. What was read is replayed to the
+//! upstream by [`Prefixed`], so an opaque connection gets exactly the bytes
+//! the client sent.
+//!
+//! Layering: a leaf. It imports nothing of Weft's.
+
+pub mod detect;
+mod prefixed;
+pub mod splice;
+
+pub use detect::{DETECT_TIMEOUT, Detected, Protocol, detect};
+pub use prefixed::Prefixed;
+pub use splice::{Counted, Transferred, splice, splice_until};
+
+/// Refuses an accepted TCP connection the way a closed port would: a reset
+/// (SO_LINGER 0 makes close() send RST instead of FIN), so the client sees
+/// "connection reset" at once rather than an orderly end it might mistake
+/// for an empty answer.
+pub fn reset(stream: tokio::net::TcpStream) {
+    let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
+    drop(stream);
+}
