@@ -12,6 +12,7 @@ pub mod index;
 pub mod indexer;
 pub mod metrics;
 pub mod model;
+pub mod object;
 pub mod policy_model;
 pub mod publisher;
 pub mod server;

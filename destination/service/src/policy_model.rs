@@ -8,7 +8,7 @@
 //! object is *ineffective*, reported with a status condition, rather than
 //! rejected, so that an operator sees why on the object itself.
 
-use crate::model::{Kind, ObjectKey, Rejection};
+use crate::object::{Kind, ObjectKey, Rejection};
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
