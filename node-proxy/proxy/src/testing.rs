@@ -6,24 +6,29 @@
 use crate::state::PodInfo;
 use crate::transport::{LocalPod, SocketFactory};
 use futures::future::BoxFuture;
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use tokio::net::TcpStream;
 
 /// Sockets of the test process. What a redirected connection was meant for
-/// cannot be read from a loopback socket, so the test says it: every
-/// connection accepted on the pod's outbound listener goes to the address
-/// last set with [`LoopbackSockets::set_original_dst`] (by default, the
-/// address the connection was accepted on, as for inbound).
+/// cannot be read from a loopback socket, so the test says it: connections
+/// accepted on a listener registered with [`LoopbackSockets::redirect`] were
+/// meant for its destination; any other connection for the address it was
+/// accepted on (as inbound connections are).
 #[derive(Debug, Default)]
 pub struct LoopbackSockets {
-    original_dst: Mutex<Option<SocketAddr>>,
+    redirects: Mutex<HashMap<SocketAddr, SocketAddr>>,
 }
 
 impl LoopbackSockets {
-    pub fn set_original_dst(&self, dst: SocketAddr) {
-        *self.original_dst.lock().expect("original_dst lock") = Some(dst);
+    /// Connections accepted on `listener` were meant for `dst`.
+    pub fn redirect(&self, listener: SocketAddr, dst: SocketAddr) {
+        self.redirects
+            .lock()
+            .expect("redirects lock")
+            .insert(listener, dst);
     }
 }
 
@@ -39,10 +44,9 @@ impl SocketFactory for LoopbackSockets {
     }
 
     fn original_dst(&self, accepted: &TcpStream) -> io::Result<SocketAddr> {
-        match *self.original_dst.lock().expect("original_dst lock") {
-            Some(dst) => Ok(dst),
-            None => accepted.local_addr(),
-        }
+        let local = accepted.local_addr()?;
+        let redirects = self.redirects.lock().expect("redirects lock");
+        Ok(redirects.get(&local).copied().unwrap_or(local))
     }
 
     fn describe(&self) -> String {

@@ -1,0 +1,331 @@
+//! HTTPRoutes in the node proxy, in process (no root, no simulator): a
+//! weighted split, a request timeout, 404 for a request no rule matches,
+//! retries hiding a flaky endpoint, and the retry budget; through two
+//! in-process node proxies joined by real HBONE over mutual TLS, with the
+//! views the destination service's index builds from these manifests.
+//! `tests/routes.rs` keeps what needs the simulator (curl in a captured
+//! pod, gRPC from a real client, the balancer on the wire).
+
+mod in_process;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use in_process::{Mesh, get, metric, serve_app, text};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+const CLUSTER: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: demo, labels: {weft.io/mesh: enabled}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: demo, uid: u-client}
+spec: {nodeName: node-a, serviceAccountName: client, containers: [{name: main, image: app}]}
+status: {phase: Running, podIP: 127.31.1.2, podIPs: [{ip: 127.31.1.2}], conditions: [{type: Ready, status: "True"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: demo, uid: u-web-1, labels: {app: web}}
+spec: {nodeName: node-b, serviceAccountName: web, containers: [{name: main, image: app, ports: [{containerPort: 8080}]}]}
+status: {phase: Running, podIP: 127.31.1.3, podIPs: [{ip: 127.31.1.3}], conditions: [{type: Ready, status: "True"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-2, namespace: demo, uid: u-web-2, labels: {app: web}}
+spec: {nodeName: node-a, serviceAccountName: web, containers: [{name: main, image: app, ports: [{containerPort: 8080}]}]}
+status: {phase: Running, podIP: 127.31.1.4, podIPs: [{ip: 127.31.1.4}], conditions: [{type: Ready, status: "True"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: canary-1, namespace: demo, uid: u-canary-1, labels: {app: web-canary}}
+spec: {nodeName: node-b, serviceAccountName: web, containers: [{name: main, image: app, ports: [{containerPort: 8080}]}]}
+status: {phase: Running, podIP: 127.31.1.5, podIPs: [{ip: 127.31.1.5}], conditions: [{type: Ready, status: "True"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: flaky-1, namespace: demo, uid: u-flaky-1, labels: {app: flaky}}
+spec: {nodeName: node-b, serviceAccountName: web, containers: [{name: main, image: app, ports: [{containerPort: 8080}]}]}
+status: {phase: Running, podIP: 127.31.1.6, podIPs: [{ip: 127.31.1.6}], conditions: [{type: Ready, status: "True"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: broken-1, namespace: demo, uid: u-broken-1, labels: {app: broken}}
+spec: {nodeName: node-b, serviceAccountName: web, containers: [{name: main, image: app, ports: [{containerPort: 8080}]}]}
+status: {phase: Running, podIP: 127.31.1.7, podIPs: [{ip: 127.31.1.7}], conditions: [{type: Ready, status: "True"}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: demo}
+spec: {clusterIP: 10.96.31.1, selector: {app: web}, ports: [{port: 80, targetPort: 8080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web-canary, namespace: demo}
+spec: {clusterIP: 10.96.31.2, selector: {app: web-canary}, ports: [{port: 80, targetPort: 8080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: flaky, namespace: demo}
+spec: {clusterIP: 10.96.31.3, selector: {app: flaky}, ports: [{port: 80, targetPort: 8080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: broken, namespace: demo}
+spec: {clusterIP: 10.96.31.4, selector: {app: broken}, ports: [{port: 80, targetPort: 8080}]}
+---
+apiVersion: policy.weft.io/v1alpha1
+kind: HTTPRoute
+metadata: {name: web-split, namespace: demo}
+spec:
+  parentRefs: [{kind: Service, name: web, port: 80}]
+  rules:
+    - name: hello
+      matches: [{path: {type: PathPrefix, value: /hello}}]
+      backendRefs:
+        - {name: web, port: 80, weight: 90}
+        - {name: web-canary, port: 80, weight: 10}
+    - name: slow
+      matches: [{path: {type: PathPrefix, value: /delay}}]
+      timeouts: {request: 300ms}
+---
+apiVersion: policy.weft.io/v1alpha1
+kind: HTTPRoute
+metadata: {name: flaky-retry, namespace: demo}
+spec:
+  parentRefs: [{kind: Service, name: flaky, port: 80}]
+  rules:
+    - retry: {attempts: 2, backoff: 5ms}
+---
+apiVersion: policy.weft.io/v1alpha1
+kind: HTTPRoute
+metadata: {name: broken-retry, namespace: demo}
+spec:
+  parentRefs: [{kind: Service, name: broken, port: 80}]
+  rules:
+    - retry: {attempts: 2, backoff: 1ms}
+"#;
+
+const WEB: &str = "web.demo.svc.cluster.local";
+const CANARY: &str = "web-canary.demo.svc.cluster.local";
+const FLAKY: &str = "flaky.demo.svc.cluster.local";
+const BROKEN: &str = "broken.demo.svc.cluster.local";
+
+/// An application like the simulator's `http_server.py`: `/hello`,
+/// `/delay/<ms>`, `/status/<code>`, and `/flaky` failing every second
+/// request it receives. Counts what it answered.
+async fn app(ip: &str, name: &'static str) -> Arc<AtomicUsize> {
+    let served = Arc::new(AtomicUsize::new(0));
+    let counter = served.clone();
+    let addr: SocketAddr = format!("{ip}:8080").parse().unwrap();
+    serve_app(addr, move |req: http::Request<hyper::body::Incoming>| {
+        let counter = counter.clone();
+        async move {
+            let n = counter.fetch_add(1, Ordering::SeqCst);
+            let parts: Vec<&str> = req.uri().path().trim_matches('/').split('/').collect();
+            match parts.as_slice() {
+                ["hello"] => text(200, format!("hello from {name}")),
+                ["delay", ms] => {
+                    let ms: u64 = ms.parse().unwrap_or(0);
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    text(200, format!("{name} waited {ms} ms"))
+                }
+                ["status", code] => text(code.parse().unwrap_or(400), Bytes::new()),
+                ["flaky"] if n % 2 == 1 => text(500, "flaky failed"),
+                ["flaky"] => text(200, "flaky ok"),
+                _ => http::Response::builder()
+                    .status(404)
+                    .body(Full::new(Bytes::new()))
+                    .unwrap(),
+            }
+        }
+    })
+    .await;
+    served
+}
+
+/// Source-side requests of the client to `service` on `route`.
+fn requests(mesh: &Mesh, service: &str, route: &str, more: &[(&str, &str)]) -> f64 {
+    let mut labels = vec![
+        ("reporter", "source"),
+        ("source_workload", "client"),
+        ("destination_service", service),
+        ("route", route),
+    ];
+    labels.extend_from_slice(more);
+    metric(
+        &mesh.node("node-a").metrics(),
+        "weft_requests_total",
+        &labels,
+    )
+    .unwrap_or(0.0)
+}
+
+/// Generous: what must happen happens long before (in-process, loopback).
+const PATIENCE: Duration = Duration::from_secs(30);
+
+/// The cluster, with its pods on `127.31.<subnet>.0/24` (one subnet per
+/// test: tests of one binary run at once), the applications running and
+/// every pod served by its node's proxy; returns the client pod.
+async fn start(subnet: u8) -> (Mesh, in_process::MeshPod) {
+    let cluster = CLUSTER.replace("127.31.1.", &format!("127.31.{subnet}."));
+    let mut mesh = Mesh::start(&cluster).await;
+    for (host, name) in [
+        (3, "web-1"),
+        (4, "web-2"),
+        (5, "canary-1"),
+        (6, "flaky-1"),
+        (7, "broken-1"),
+    ] {
+        app(&format!("127.31.{subnet}.{host}"), name).await;
+    }
+    for (node, pod) in [
+        ("node-b", "web-1"),
+        ("node-a", "web-2"),
+        ("node-b", "canary-1"),
+        ("node-b", "flaky-1"),
+        ("node-b", "broken-1"),
+    ] {
+        mesh.pod(node, "demo", pod);
+    }
+    let client = mesh.pod("node-a", "demo", "client");
+    (mesh, client)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_weighted_split_a_timeout_and_an_unmatched_path() {
+    let (mesh, client) = start(1).await;
+    // One outbound listener per Service VIP the client calls.
+    let (via, _) = client.outbound_to("10.96.31.1:80".parse().unwrap());
+    // 90/10 over 400 requests: the canary's count is Binomial(400, 0.1),
+    // mean 40, sd 6; 40 ± 20 is more than three sd.
+    const N: usize = 400;
+    let mut canary = 0;
+    for _ in 0..N {
+        let (status, body) = tokio::time::timeout(PATIENCE, get(via, "web.demo", "/hello"))
+            .await
+            .expect("answered");
+        assert_eq!(status, 200, "{body}");
+        match body.as_str() {
+            "hello from canary-1" => canary += 1,
+            "hello from web-1" | "hello from web-2" => {}
+            other => panic!("unexpected body {other:?}"),
+        }
+    }
+    assert!(
+        (20..=60).contains(&canary),
+        "canary served {canary} of {N}, want 10 % ± 5 %"
+    );
+    // Counted once each under the rule's name, and under the Service that
+    // served it.
+    assert_eq!(
+        requests(&mesh, WEB, "web-split/hello", &[("status_code", "200")])
+            + requests(&mesh, CANARY, "web-split/hello", &[("status_code", "200")]),
+        N as f64
+    );
+    assert_eq!(
+        requests(&mesh, CANARY, "web-split/hello", &[]),
+        canary as f64
+    );
+
+    // The `slow` rule's 300 ms request timeout ends a 60 s request with
+    // 504 (without the timeout the request would outlast PATIENCE).
+    let (status, body) = tokio::time::timeout(PATIENCE, get(via, "web.demo", "/delay/60000"))
+        .await
+        .expect("the proxy answers before the application");
+    assert_eq!(status, 504, "{body}");
+    assert!(body.contains("request timeout"), "{body}");
+    // Within the limit, the same rule answers normally.
+    let (status, body) = get(via, "web.demo", "/delay/10").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        requests(
+            &mesh,
+            WEB,
+            "web-split/slow",
+            &[("status_code", "504"), ("classification", "failure")]
+        ),
+        1.0
+    );
+
+    // The Service has routes and none matches /status: 404 from the proxy
+    // (the application would have answered 500), counted as unmatched.
+    let (status, body) = get(via, "web.demo", "/status/500").await;
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("no HTTPRoute rule"), "{body}");
+    assert_eq!(
+        requests(&mesh, WEB, "unmatched", &[("status_code", "404")]),
+        1.0
+    );
+    // Every request crossed the nodes over mutual TLS: the destination
+    // side saw the client's identity.
+    let b = mesh.node("node-b").metrics();
+    let seen = metric(
+        &b,
+        "weft_requests_total",
+        &[
+            ("reporter", "destination"),
+            (
+                "source_principal",
+                "spiffe://cluster.local/ns/demo/sa/client",
+            ),
+        ],
+    )
+    .unwrap_or(0.0);
+    assert!(seen > 0.0, "no request reached node-b over mTLS:\n{b}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_hide_a_flaky_endpoint_and_stop_at_the_budget() {
+    let (mesh, client) = start(2).await;
+    let (flaky, _) = client.outbound_to("10.96.31.3:80".parse().unwrap());
+    // flaky-1 fails every other request it receives. With one client that
+    // is every first attempt but the very first: 99 retries for 100
+    // requests, each succeeding, within the budget thanks to its floor.
+    const N: usize = 100;
+    for i in 0..N {
+        let (status, body) = tokio::time::timeout(PATIENCE, get(flaky, "flaky.demo", "/flaky"))
+            .await
+            .expect("answered");
+        assert_eq!(status, 200, "request {i}: {body}");
+    }
+    let a = mesh.node("node-a").metrics();
+    let labels = [("destination_service", FLAKY), ("route", "flaky-retry/0")];
+    assert_eq!(
+        metric(&a, "weft_request_retries_total", &labels),
+        Some(99.0)
+    );
+    assert_eq!(
+        requests(&mesh, FLAKY, "flaky-retry/0", &[("status_code", "200")]),
+        N as f64
+    );
+
+    // broken-1 fails everything: each request would take 2 retries (800),
+    // the budget allows its floor (10/s over 10 s) plus 20 % of the
+    // requests in the window.
+    let (broken, _) = client.outbound_to("10.96.31.4:80".parse().unwrap());
+    const M: usize = 400;
+    let started = std::time::Instant::now();
+    for _ in 0..M {
+        let (status, _) = get(broken, "broken.demo", "/status/503").await;
+        assert_eq!(status, 503);
+    }
+    let took = started.elapsed();
+    let a = mesh.node("node-a").metrics();
+    let labels = [("destination_service", BROKEN), ("route", "broken-retry/0")];
+    let retries = metric(&a, "weft_request_retries_total", &labels).unwrap_or(0.0);
+    let exhausted = metric(&a, "weft_retry_budget_exhausted_total", &labels).unwrap_or(0.0);
+    // The window is 10 s: a slower run may see the floor more than once.
+    let windows = 1.0 + (took.as_secs_f64() / 10.0).floor();
+    let bound = windows * (100.0 + 0.2 * M as f64);
+    assert!(retries >= 100.0, "the floor allows 100 retries: {retries}");
+    assert!(retries <= bound, "{retries} retries > budget {bound}");
+    assert!(exhausted >= 1.0, "budget exhaustion counted: {exhausted}");
+    assert_eq!(
+        requests(&mesh, BROKEN, "broken-retry/0", &[("status_code", "503")]),
+        M as f64
+    );
+}
