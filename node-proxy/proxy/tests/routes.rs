@@ -679,46 +679,12 @@ fn grpc(mc: &MeshCluster, pod: &str, args: &[&str]) -> serde_json::Value {
 }
 
 #[test]
-fn route_level_authorization_decides_each_request() {
+fn route_level_authorization_decides_each_grpc_method() {
     let mc = MeshCluster::up(&[("c.yaml", ROUTE_AUTHZ)], |_| {});
     let node_b = mc.node_ip("node-b");
 
-    // admin: authorized on `status` (by its policy) and on `hello`.
-    let (code, body) = mc.curl("demo/admin", "http://vault.demo/status/200");
-    assert_eq!((code, body.as_str()), (200, "status 200 from vault-1"));
-    let (code, body) = mc.curl("demo/admin", "http://vault.demo/hello");
-    assert_eq!((code, body.as_str()), (200, "hello from vault-1"));
-    // client: nothing on the Server authorizes it (accessPolicy deny), but
-    // the `hello` route does: the connection is admitted, `hello` answers,
-    // and `status` is refused per request by the destination proxy.
-    let (code, body) = mc.curl("demo/client", "http://vault.demo/hello");
-    assert_eq!((code, body.as_str()), (200, "hello from vault-1"));
-    let (code, body) = mc.curl("demo/client", "http://vault.demo/status/200");
-    assert_eq!(code, 403, "{body}");
-    assert!(body.contains("demo/status"), "refused by the route: {body}");
-    // A path no route of the Server matches: 404 (the application would
-    // have answered 200).
-    let (code, body) = mc.curl("demo/admin", "http://vault.demo/delay/1");
-    assert_eq!(code, 404, "{body}");
-
-    // The client is admitted for routes only: a connection that is not
-    // HTTP (random bytes) could not be checked request by request, so the
-    // destination proxy refuses it instead of splicing it to the server.
-    let out = mc.cluster().exec(
-        "demo/client",
-        &["./tcp_client.py", "vault.demo", "80", "1000"],
-    );
-    assert!(!out.status.success(), "{out:?}");
-    wait_metric_sum(
-        node_b,
-        "weft_inbound_authz_denied_total",
-        &[
-            ("reason", "routes_only_opaque"),
-            ("destination_workload", "vault-1"),
-        ],
-        1.0,
-    );
-
+    // HTTP requests decided per route, and the routes-only client's
+    // opaque connection, are tested in process (`authz_in_process.rs`).
     // gRPC, per method: the client may stream (every mesh client may) but
     // not call Echo (admin only): PERMISSION_DENIED, from the destination
     // proxy; admin may.
@@ -743,53 +709,5 @@ fn route_level_authorization_decides_each_request() {
         1.0,
     );
 
-    // Counted per request with the route's policy (allowed) or the route
-    // that refused (denied).
-    let authz = |which: &str, labels: &[(&str, &str)]| {
-        metric_sum(node_b, &format!("weft_inbound_authz_{which}_total"), labels)
-    };
-    wait_metric_sum(
-        node_b,
-        "weft_inbound_authz_denied_total",
-        &[
-            ("reason", "route_denied"),
-            ("policy", "demo/status"),
-            ("server", "vault-http"),
-        ],
-        1.0,
-    );
-    assert_eq!(
-        authz(
-            "allowed",
-            &[
-                ("reason", "route_authorized"),
-                ("policy", "demo/status-for-admin")
-            ]
-        ),
-        1.0
-    );
-    assert_eq!(
-        authz(
-            "allowed",
-            &[
-                ("reason", "route_authorized"),
-                ("policy", "demo/hello-for-all")
-            ]
-        ),
-        2.0
-    );
-    // The client's connection was admitted at L4 for routes only.
-    assert!(authz("allowed", &[("reason", "routes_only")]) >= 1.0);
-    // The destination side's request metrics carry the route.
-    wait_metric_sum(
-        node_b,
-        "weft_requests_total",
-        &[
-            ("reporter", "destination"),
-            ("route", "demo/status"),
-            ("status_code", "403"),
-        ],
-        1.0,
-    );
     mc.down();
 }

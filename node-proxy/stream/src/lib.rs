@@ -27,6 +27,13 @@ pub use splice::{Counted, Transferred, splice, splice_until};
 /// "connection reset" at once rather than an orderly end it might mistake
 /// for an empty answer.
 pub fn reset(stream: tokio::net::TcpStream) {
-    let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
+    reset_on_close(&stream);
     drop(stream);
+}
+
+/// Makes the socket's close, whoever closes it later, a reset (SO_LINGER
+/// 0). For a socket already inside a server (hyper) that the caller can
+/// only reach through a second handle.
+pub fn reset_on_close(socket: &impl std::os::fd::AsFd) {
+    let _ = socket2::SockRef::from(socket).set_linger(Some(std::time::Duration::ZERO));
 }

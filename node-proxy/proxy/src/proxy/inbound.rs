@@ -11,7 +11,7 @@ mod delivery;
 use crate::policy::Inbound;
 use crate::policy::route_authz::RouteAccess;
 use crate::proxy::ProxyInputs;
-use crate::telemetry::{Reporter, SecurityPolicy, TcpLabels};
+use crate::telemetry::{OpenConnection, Reporter, SecurityPolicy, TcpLabels};
 use crate::transport::LocalPod;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,6 +20,7 @@ use tokio::net::{TcpListener, TcpStream};
 use weft_cert_manager::{SpiffeId, peer_identity};
 use weft_destination_api::View;
 use weft_hbone::{HboneRequest, serve_connection};
+use weft_stream::Transferred;
 
 pub async fn serve_plaintext(listener: TcpListener, pod: Arc<LocalPod>, cx: ProxyInputs) {
     crate::transport::accept_loop(listener, &pod, "inbound", |stream, peer| {
@@ -34,68 +35,12 @@ async fn handle_plaintext(
     pod: Arc<LocalPod>,
     cx: ProxyInputs,
 ) {
-    let started = Instant::now();
     let Ok(target) = client.local_addr() else {
         return;
     };
-    let conn = Inbound {
-        pod: pod.info.clone(),
-        port: target.port(),
-        client: None,
-        client_ip: peer.ip().to_canonical(),
-    };
-    let admitted = {
-        let view = cx.control_plane.as_ref().map(|m| m.view.borrow());
-        cx.authz.admit(view.as_deref(), conn)
-    };
-    let Ok(mut admission) = admitted else {
-        // Refused: nothing reaches the application.
-        weft_stream::reset(client);
-        return;
-    };
-    // The source is whatever the view knows of the peer address (a pod of
-    // this node, or nothing); it has no verified identity.
-    let labels = destination_labels(
-        &cx,
-        &pod,
-        peer,
-        target.port(),
-        String::new(),
-        SecurityPolicy::None,
-    );
-    let open = cx.tcp_metrics.open(labels);
-    let app = match pod.connect(target).await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::info!(target: "access", pod = %pod.key(), %peer, dst = %target, error = %e, "inbound delivery failed");
-            open.close(&Default::default());
-            return;
-        }
-    };
-    // Revoked by a policy change: the client gets a reset (deliver arms it).
-    let access = RouteAccess {
-        client: None,
-        client_ip: peer.ip().to_canonical(),
-        port: target.port(),
-        connection: admission.access.clone(),
-    };
-    let (moved, err) = delivery::deliver(client, app, open.labels(), &pod, &cx, access, async {
-        admission.revoked().await;
-    })
-    .await;
-    tracing::info!(
-        target: "access",
-        direction = "inbound",
-        src = %peer,
-        dst = %pod.key(),
-        port = target.port(),
-        from_client = moved.a_to_b,
-        to_client = moved.b_to_a,
-        duration_ms = started.elapsed().as_millis() as u64,
-        error = err.as_ref().map(|e| e.to_string()),
-        "connection closed"
-    );
-    open.close(&moved);
+    // No verified identity: the source is whatever the view knows of the
+    // peer's address (a pod of this node, or nothing).
+    serve_inbound(client, target, peer, None, pod, cx).await
 }
 
 /// 15008 on the pod's IP: HBONE. TLS 1.3 with the pod's own certificate; a
@@ -201,83 +146,184 @@ async fn handle_stream(
     pod: Arc<LocalPod>,
     cx: ProxyInputs,
 ) {
-    let started = Instant::now();
     let target = request.target;
-    if Some(target.ip()) != pod.ip {
+    serve_inbound(request, target, peer, Some(principal), pod, cx).await
+}
+
+/// Why an inbound connection gets no delivery; each arrival answers it in
+/// its own way (a TCP reset, or a CONNECT status).
+#[derive(Debug)]
+enum Refusal {
+    /// An HBONE tunnel to this pod's listener for another address.
+    NotThisPod,
+    /// The pod's policy does not admit the client.
+    Denied,
+    /// The application refused the connection (or is not there).
+    Unreachable,
+}
+
+/// How an inbound connection arrived: a plaintext TCP connection (15006)
+/// or an HBONE CONNECT stream (15008). Answered once: refused, or accepted
+/// into the stream that is delivered.
+trait Arrival: Send + 'static {
+    type Stream: delivery::InboundStream;
+    fn refuse(self, why: Refusal);
+    fn accept(self) -> std::io::Result<Self::Stream>;
+}
+
+impl Arrival for TcpStream {
+    type Stream = TcpStream;
+
+    /// As a closed port or a refusing application would: a reset.
+    fn refuse(self, _: Refusal) {
+        weft_stream::reset(self)
+    }
+
+    fn accept(self) -> std::io::Result<TcpStream> {
+        Ok(self)
+    }
+}
+
+impl Arrival for HboneRequest {
+    type Stream = weft_hbone::H2Stream;
+
+    /// The source proxy resets its client's connection on a refused
+    /// CONNECT.
+    fn refuse(self, why: Refusal) {
+        self.reject(match why {
+            Refusal::NotThisPod | Refusal::Denied => http::StatusCode::FORBIDDEN,
+            Refusal::Unreachable => http::StatusCode::SERVICE_UNAVAILABLE,
+        })
+    }
+
+    fn accept(self) -> std::io::Result<weft_hbone::H2Stream> {
+        HboneRequest::accept(self).map_err(std::io::Error::other)
+    }
+}
+
+/// One inbound connection, in phases: its context; every check that can
+/// fail (the target, the policy, the application's connect) before
+/// anything is answered; then delivery. `client` is the verified identity
+/// (HBONE), `None` for plaintext.
+async fn serve_inbound<A: Arrival>(
+    arrival: A,
+    target: SocketAddr,
+    peer: SocketAddr,
+    client: Option<Arc<SpiffeId>>,
+    pod: Arc<LocalPod>,
+    cx: ProxyInputs,
+) {
+    // Context.
+    let started = Instant::now();
+    let client_ip = peer.ip().to_canonical();
+
+    // Checks.
+    if client.is_some() && Some(target.ip()) != pod.ip {
         // A tunnel to this pod's listener may only reach this pod.
         tracing::info!(target: "access", pod = %pod.key(), %peer, %target, "HBONE target is not this pod");
-        request.reject(http::StatusCode::FORBIDDEN);
+        arrival.refuse(Refusal::NotThisPod);
         return;
     }
     let conn = Inbound {
         pod: pod.info.clone(),
         port: target.port(),
-        client: Some(principal.clone()),
-        client_ip: peer.ip().to_canonical(),
+        client: client.clone(),
+        client_ip,
     };
     let admitted = {
-        let view = cx.control_plane.as_ref().map(|m| m.view.borrow());
+        let view = cx.control_plane.as_ref().map(|c| c.view.borrow());
         cx.authz.admit(view.as_deref(), conn)
     };
     let Ok(mut admission) = admitted else {
-        // Refused before anything reaches the application; the source proxy
-        // resets its client's connection on a refused CONNECT.
-        request.reject(http::StatusCode::FORBIDDEN);
+        // Refused (and logged and counted by the policy) before anything
+        // reaches the application.
+        arrival.refuse(Refusal::Denied);
         return;
     };
-    let labels = destination_labels(
-        &cx,
-        &pod,
+    let security = if client.is_some() {
+        SecurityPolicy::MutualTls
+    } else {
+        SecurityPolicy::None
+    };
+    let principal = client.as_ref().map(|c| c.to_string()).unwrap_or_default();
+    let labels = destination_labels(&cx, &pod, peer, target.port(), principal, security);
+    let mut record = ConnectionRecord {
+        open: Some(cx.tcp_metrics.open(labels.clone())),
+        started,
+        pod: pod.clone(),
         peer,
-        target.port(),
-        principal.to_string(),
-        SecurityPolicy::MutualTls,
-    );
-    let open = cx.tcp_metrics.open(labels);
+        port: target.port(),
+        client: client.clone(),
+        moved: Transferred::default(),
+        error: None,
+    };
     let app = match pod.connect(target).await {
         Ok(s) => s,
         Err(e) => {
-            tracing::info!(target: "access", pod = %pod.key(), %peer, dst = %target, error = %e, "inbound delivery failed");
-            request.reject(http::StatusCode::SERVICE_UNAVAILABLE);
-            open.close(&Default::default());
+            arrival.refuse(Refusal::Unreachable);
+            record.error = Some(format!("cannot connect to {target} from the pod: {e}"));
             return;
         }
     };
-    let stream = match request.accept() {
+    let stream = match arrival.accept() {
         Ok(s) => s,
         Err(e) => {
-            tracing::info!(target: "access", pod = %pod.key(), %peer, error = %e, "HBONE stream gone");
-            open.close(&Default::default());
+            record.error = Some(format!("the client went away: {e}"));
             return;
         }
     };
-    // On revocation the stream is dropped unfinished: an RST_STREAM, which
-    // the source proxy turns into a reset of its client's connection.
+
+    // Delivery. A policy change that revokes the connection ends it with a
+    // reset (plaintext) or RST_STREAM, which the source proxy turns into a
+    // reset of its client's connection.
     let access = RouteAccess {
-        client: Some(principal.clone()),
-        client_ip: peer.ip().to_canonical(),
+        client,
+        client_ip,
         port: target.port(),
         connection: admission.access.clone(),
     };
-    let (moved, err) = delivery::deliver(stream, app, open.labels(), &pod, &cx, access, async {
+    let (moved, err) = delivery::deliver(stream, app, &labels, &pod, &cx, access, async {
         admission.revoked().await;
     })
     .await;
-    tracing::info!(
-        target: "access",
-        direction = "inbound",
-        src = %peer,
-        src_identity = %principal,
-        dst = %pod.key(),
-        port = target.port(),
-        mtls = true,
-        from_client = moved.a_to_b,
-        to_client = moved.b_to_a,
-        duration_ms = started.elapsed().as_millis() as u64,
-        error = err.as_ref().map(|e| e.to_string()),
-        "connection closed"
-    );
-    open.close(&moved);
+    record.moved = moved;
+    record.error = err.map(|e| e.to_string());
+}
+
+/// The one record of an admitted inbound connection: its TCP metrics and
+/// its access-log line, written once when it ends, however it ends (also
+/// when its task is dropped half-way).
+struct ConnectionRecord {
+    open: Option<OpenConnection>,
+    started: Instant,
+    pod: Arc<LocalPod>,
+    peer: SocketAddr,
+    port: u16,
+    client: Option<Arc<SpiffeId>>,
+    moved: Transferred,
+    error: Option<String>,
+}
+
+impl Drop for ConnectionRecord {
+    fn drop(&mut self) {
+        tracing::info!(
+            target: "access",
+            direction = "inbound",
+            src = %self.peer,
+            src_identity = self.client.as_ref().map(|c| c.to_string()),
+            dst = %self.pod.key(),
+            port = self.port,
+            mtls = self.client.is_some(),
+            from_client = self.moved.a_to_b,
+            to_client = self.moved.b_to_a,
+            duration_ms = self.started.elapsed().as_millis() as u64,
+            error = self.error.as_deref(),
+            "connection closed"
+        );
+        if let Some(open) = self.open.take() {
+            open.close(&self.moved);
+        }
+    }
 }
 
 /// The first Service (in name order) that sends `port` to this workload.

@@ -71,14 +71,14 @@ pub async fn deliver<S: InboundStream>(
     let stop = async move {
         stop.await;
         if let Some(fd) = &reset {
-            let _ = socket2::SockRef::from(fd).set_linger(Some(std::time::Duration::ZERO));
+            weft_stream::reset_on_close(fd);
         }
     };
     // Admitted only for some HTTP routes: a connection whose requests
     // cannot be checked one by one is refused (reset), never spliced.
     let refuse_opaque = |reset: Option<std::os::fd::OwnedFd>| {
         if let Some(fd) = &reset {
-            let _ = socket2::SockRef::from(fd).set_linger(Some(std::time::Duration::ZERO));
+            weft_stream::reset_on_close(fd);
         }
         tracing::info!(target: "access", pod = %pod.key(), port = access.port, src = %access.client_ip, "inbound connection refused: authorized for HTTP routes only, and it is not HTTP");
         let labels = crate::telemetry::AuthzLabels {

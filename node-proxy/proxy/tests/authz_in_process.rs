@@ -1,0 +1,209 @@
+//! Route-level authorization in the destination node proxy, in process (no
+//! root): each request on an admitted connection is decided by the
+//! Server's routes and their AuthorizationPolicies, with the client's
+//! verified identity from HBONE; a client admitted for routes only cannot
+//! get an opaque splice. The gRPC half (a real grpcio client) stays on the
+//! simulator (`tests/routes.rs`).
+
+mod in_process;
+
+use bytes::Bytes;
+use in_process::{Mesh, get, metric, serve_app, text};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const CLUSTER: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: demo, labels: {weft.io/mesh: enabled}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: demo, uid: u-client}
+spec: {nodeName: node-a, serviceAccountName: client, containers: [{name: main, image: app}]}
+status: {phase: Running, podIP: 127.32.1.2, podIPs: [{ip: 127.32.1.2}], conditions: [{type: Ready, status: "True"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: admin, namespace: demo, uid: u-admin}
+spec: {nodeName: node-a, serviceAccountName: admin, containers: [{name: main, image: app}]}
+status: {phase: Running, podIP: 127.32.1.3, podIPs: [{ip: 127.32.1.3}], conditions: [{type: Ready, status: "True"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: vault-1, namespace: demo, uid: u-vault-1, labels: {app: vault}}
+spec: {nodeName: node-b, serviceAccountName: vault, containers: [{name: main, image: app, ports: [{containerPort: 8080}]}]}
+status: {phase: Running, podIP: 127.32.1.4, podIPs: [{ip: 127.32.1.4}], conditions: [{type: Ready, status: "True"}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: vault, namespace: demo}
+spec: {clusterIP: 10.96.32.1, selector: {app: vault}, ports: [{port: 80, targetPort: 8080}]}
+---
+apiVersion: policy.weft.io/v1alpha1
+kind: Server
+metadata: {name: vault-http, namespace: demo}
+spec:
+  podSelector: {matchLabels: {app: vault}}
+  port: 8080
+  accessPolicy: deny
+---
+apiVersion: policy.weft.io/v1alpha1
+kind: HTTPRoute
+metadata: {name: status, namespace: demo}
+spec:
+  parentRefs: [{group: policy.weft.io, kind: Server, name: vault-http}]
+  rules: [{matches: [{path: {type: PathPrefix, value: /status}}]}]
+---
+apiVersion: policy.weft.io/v1alpha1
+kind: HTTPRoute
+metadata: {name: hello, namespace: demo}
+spec:
+  parentRefs: [{group: policy.weft.io, kind: Server, name: vault-http}]
+  rules: [{matches: [{path: {type: PathPrefix, value: /hello}}]}]
+---
+apiVersion: policy.weft.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: status-for-admin, namespace: demo}
+spec:
+  targetRef: {group: policy.weft.io, kind: HTTPRoute, name: status}
+  requiredAuthenticationRefs: [{kind: ServiceAccount, name: admin}]
+---
+apiVersion: policy.weft.io/v1alpha1
+kind: MeshTLSAuthentication
+metadata: {name: any-mesh-client, namespace: demo}
+spec: {identities: ["*"]}
+---
+apiVersion: policy.weft.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: hello-for-all, namespace: demo}
+spec:
+  targetRef: {group: policy.weft.io, kind: HTTPRoute, name: hello}
+  requiredAuthenticationRefs:
+    - {group: policy.weft.io, kind: MeshTLSAuthentication, name: any-mesh-client}
+"#;
+
+const VAULT: &str = "10.96.32.1:80";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_level_authorization_decides_each_request() {
+    let mut mesh = Mesh::start(CLUSTER).await;
+    serve_app(
+        "127.32.1.4:8080".parse().unwrap(),
+        |req: http::Request<_>| async move {
+            let path = req.uri().path().trim_matches('/').to_string();
+            match path.split('/').collect::<Vec<_>>().as_slice() {
+                ["hello"] => text(200, "hello from vault-1"),
+                ["status", code] => text(
+                    code.parse().unwrap_or(400),
+                    format!("status {code} from vault-1"),
+                ),
+                _ => text(200, Bytes::from_static(b"anything else")),
+            }
+        },
+    )
+    .await;
+    mesh.pod("node-b", "demo", "vault-1");
+    let admin = mesh.pod("node-a", "demo", "admin");
+    let client = mesh.pod("node-a", "demo", "client");
+    let (as_admin, _) = admin.outbound_to(VAULT.parse().unwrap());
+    let (as_client, _) = client.outbound_to(VAULT.parse().unwrap());
+
+    // admin: authorized on `status` (by its policy) and on `hello`.
+    let r = get(as_admin, "vault.demo", "/status/200").await;
+    assert_eq!((r.0, r.1.as_str()), (200, "status 200 from vault-1"));
+    let r = get(as_admin, "vault.demo", "/hello").await;
+    assert_eq!((r.0, r.1.as_str()), (200, "hello from vault-1"));
+    // client: nothing on the Server authorizes it (accessPolicy deny), but
+    // the `hello` route does: the connection is admitted, `hello` answers,
+    // and `status` is refused per request by the destination proxy.
+    let r = get(as_client, "vault.demo", "/hello").await;
+    assert_eq!((r.0, r.1.as_str()), (200, "hello from vault-1"));
+    let (code, body) = get(as_client, "vault.demo", "/status/200").await;
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("demo/status"), "refused by the route: {body}");
+    // A path no route of the Server matches: 404 (the application would
+    // have answered 200).
+    let (code, body) = get(as_admin, "vault.demo", "/delay/1").await;
+    assert_eq!(code, 404, "{body}");
+
+    // The client is admitted for routes only: a connection that is not
+    // HTTP could not be checked request by request, so the destination
+    // proxy refuses it instead of splicing it to the application.
+    let mut opaque = tokio::net::TcpStream::connect(as_client).await.unwrap();
+    opaque
+        .write_all(&[0x16, 0x03, 0x01, 0xff, 0x00])
+        .await
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(30), opaque.read(&mut buf))
+        .await
+        .expect("the proxy ends the connection");
+    assert!(
+        matches!(read, Ok(0) | Err(_)),
+        "no byte of the application comes back: {read:?}"
+    );
+
+    // Counted per request with the route's policy (allowed) or the route
+    // that refused (denied); the opaque connection as routes_only_opaque.
+    let b = mesh.node("node-b").metrics();
+    let authz = |which: &str, labels: &[(&str, &str)]| {
+        metric(&b, &format!("weft_inbound_authz_{which}_total"), labels).unwrap_or(0.0)
+    };
+    assert_eq!(
+        authz(
+            "denied",
+            &[
+                ("reason", "route_denied"),
+                ("policy", "demo/status"),
+                ("server", "vault-http")
+            ]
+        ),
+        1.0
+    );
+    assert_eq!(
+        authz(
+            "allowed",
+            &[
+                ("reason", "route_authorized"),
+                ("policy", "demo/status-for-admin")
+            ]
+        ),
+        1.0
+    );
+    assert_eq!(
+        authz(
+            "allowed",
+            &[
+                ("reason", "route_authorized"),
+                ("policy", "demo/hello-for-all")
+            ]
+        ),
+        2.0
+    );
+    assert_eq!(
+        authz(
+            "denied",
+            &[
+                ("reason", "routes_only_opaque"),
+                ("destination_workload", "vault-1")
+            ]
+        ),
+        1.0
+    );
+    // The client's connections were admitted at L4 for routes only.
+    assert!(authz("allowed", &[("reason", "routes_only")]) >= 1.0, "{b}");
+    // The destination side's request metrics carry the route.
+    assert_eq!(
+        metric(
+            &b,
+            "weft_requests_total",
+            &[
+                ("reporter", "destination"),
+                ("route", "demo/status"),
+                ("status_code", "403")
+            ]
+        ),
+        Some(1.0)
+    );
+}
