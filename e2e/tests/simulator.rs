@@ -193,6 +193,9 @@ fn containers_run_in_their_pod_cgroup_with_downward_env() {
     assert!(own.trim().ends_with(&expected_suffix), "{own}");
 }
 
+/// `weft-sim status --name X | head`: the reader went away. The program
+/// ends quietly, as by SIGPIPE, instead of panicking in `println!`. The
+/// pipe is closed before it starts, so its first write fails every run.
 #[test]
 fn status_into_a_closed_pipe_ends_quietly() {
     let cluster = TestCluster::up(TWO_NODES).expect("cluster up");

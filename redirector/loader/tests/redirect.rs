@@ -566,6 +566,19 @@ fn operator_cli_shows_status_and_uninstalls() {
     };
     let (ok, out) = cli(&["check"]);
     assert!(ok && out.contains("cgroup v2 root"), "{out}");
+    // `weft-redirector check | head -1`: the reader went away (closed
+    // before the program starts, so its first write fails every run). It
+    // ends quietly, as by SIGPIPE, not with a `println!` panic.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_weft-redirector"))
+        .arg("check")
+        .stdout(writer)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(141), "{stderr}");
+    assert_eq!(stderr, "");
     let (ok, out) = cli(&["status"]);
     assert!(ok, "{out}");
     assert!(
