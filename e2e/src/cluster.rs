@@ -136,17 +136,19 @@ pub fn validate_name(name: &str) -> Result<(), SimError> {
 /// Brings up the cluster described by the manifests in `dir`.
 pub fn up(dir: &Path, name: &str, opts: &Options) -> Result<Cluster, SimError> {
     validate_name(name)?;
-    if !sys::is_root() {
-        return Err(SimError::NotRoot);
-    }
     let dir = dir
         .canonicalize()
         .map_err(io(format!("manifest directory {}", dir.display())))?;
     let manifests = Manifests::load_dir(&dir)?;
     // Everything that can be wrong with the input is found before anything
-    // is created: a bad manifest leaves nothing behind.
+    // is created: a bad manifest leaves nothing behind. And before the root
+    // check, so that anyone can check their manifests (and the tests of
+    // this validation need no root).
     let draft = plan::plan(name, 0, &manifests, &opts.layout)?;
     let programs = resolve_programs(&draft)?;
+    if !sys::is_root() {
+        return Err(SimError::NotRoot);
+    }
 
     down(name, opts)?;
     std::fs::create_dir_all(&opts.layout.run_dir).map_err(io("creating /run/weft-sim"))?;

@@ -778,20 +778,71 @@ mod tests {
         assert!(MeshBinaries::in_dir(dir.path()).is_ok());
     }
 
-    /// (The certificate's names are checked end to end: every node proxy
-    /// in the mesh tests verifies them.)
+    /// The destination's serving certificate is what a node proxy will
+    /// accept: it chains to the CA written next to it, for server auth,
+    /// under the service name and the host address (and nothing else), and
+    /// its key is the one in tls.key.
     #[test]
-    fn the_destination_tls_files_are_written() {
+    fn the_destination_certificate_verifies_for_its_names() {
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+        use x509_parser::prelude::FromDer;
         let dir = tempfile::tempdir().unwrap();
-        let ca = write_destination_tls(dir.path(), "10.240.3.1".parse().unwrap()).unwrap();
-        let pem = std::fs::read_to_string(dir.path().join("tls.crt")).unwrap();
-        assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"));
+        let host: IpAddr = "10.240.3.1".parse().unwrap();
+        let ca = write_destination_tls(dir.path(), host).unwrap();
+        let ca = CertificateDer::from_pem_file(ca).unwrap();
+        let leaf = CertificateDer::from_pem_file(dir.path().join("tls.crt")).unwrap();
+        let anchor = webpki::anchor_from_trusted_cert(&ca).unwrap();
+        let cert = webpki::EndEntityCert::try_from(&leaf).unwrap();
+        cert.verify_for_usage(
+            webpki::ALL_VERIFICATION_ALGS,
+            &[anchor],
+            &[],
+            UnixTime::now(),
+            webpki::KeyUsage::server_auth(),
+            None,
+            None,
+        )
+        .expect("chains to ca.crt");
+        for name in [
+            ServerName::try_from(DESTINATION_SERVER_NAME).unwrap(),
+            ServerName::IpAddress(host.into()),
+        ] {
+            cert.verify_is_valid_for_subject_name(&name)
+                .unwrap_or_else(|e| panic!("not valid for {name:?}: {e:?}"));
+        }
+        for other in ["other.weft-system.svc", "10.240.3.2"] {
+            let name = ServerName::try_from(other).unwrap();
+            assert!(
+                cert.verify_is_valid_for_subject_name(&name).is_err(),
+                "valid for {other}"
+            );
+        }
+        // Another CA's certificate does not chain: the check above can fail.
+        let other_dir = tempfile::tempdir().unwrap();
+        let other_ca =
+            CertificateDer::from_pem_file(write_destination_tls(other_dir.path(), host).unwrap())
+                .unwrap();
         assert!(
-            std::fs::read_to_string(ca)
-                .unwrap()
-                .contains("BEGIN CERTIFICATE")
+            cert.verify_for_usage(
+                webpki::ALL_VERIFICATION_ALGS,
+                &[webpki::anchor_from_trusted_cert(&other_ca).unwrap()],
+                &[],
+                UnixTime::now(),
+                webpki::KeyUsage::server_auth(),
+                None,
+                None,
+            )
+            .is_err()
         );
-        let key = std::fs::read_to_string(dir.path().join("tls.key")).unwrap();
-        assert!(key.contains("PRIVATE KEY"));
+        // The private key is the certificate's.
+        let key =
+            rcgen::KeyPair::from_pem(&std::fs::read_to_string(dir.path().join("tls.key")).unwrap())
+                .unwrap();
+        let (_, parsed) = x509_parser::certificate::X509Certificate::from_der(&leaf).unwrap();
+        assert_eq!(
+            parsed.public_key().raw,
+            rcgen::PublicKeyData::subject_public_key_info(&key).as_slice()
+        );
     }
 }

@@ -6,6 +6,7 @@
 
 use crate::{cmd, setup};
 use anyhow::{Context, Result, bail};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -63,29 +64,27 @@ fn show(sim: &str) -> Result<()> {
         bail!("weft-sim status shows no node proxies (was the cluster started with --mesh?)");
     }
 
-    println!("\n== capturing the fabric between the nodes (tcpdump on br0)");
+    out!("\n== capturing the fabric between the nodes (tcpdump on br0)")?;
     let capture_dir = std::env::temp_dir().join(format!("weft-demo-{}", std::process::id()));
     std::fs::create_dir_all(&capture_dir)?;
     let mut capture = Capture::start(&format!("weft.{CLUSTER}.fabric"), &capture_dir)?;
 
-    println!(
+    out!(
         "\n== demo/client -> http://server.demo:8080/ (enrolled pod on node-a to enrolled pod on node-b, through a Service)"
-    );
+    )?;
     let reply = curl(sim, "demo/client")?;
-    println!("{reply}");
+    out!("{reply}")?;
 
     // Let tcpdump write what it has seen, then stop it.
     capture.wait_until(|c| c.count("tcp port 15008") > 0)?;
     let pcap = capture.stop()?;
     let tls_packets = capture.count("tcp port 15008");
     let leaked = pcap.windows(PAYLOAD.len()).any(|w| w == PAYLOAD.as_bytes());
-    println!("\n== on the wire between the nodes");
+    out!("\n== on the wire between the nodes")?;
     for line in capture.lines("tcp port 15008").iter().take(6) {
-        println!("  {line}");
+        out!("  {line}")?;
     }
-    println!(
-        "  {tls_packets} packets to/from port 15008 (HBONE: HTTP/2 CONNECT over mutual TLS 1.3)"
-    );
+    out!("  {tls_packets} packets to/from port 15008 (HBONE: HTTP/2 CONNECT over mutual TLS 1.3)")?;
     let _ = std::fs::remove_dir_all(&capture_dir);
     if leaked {
         bail!("the server's reply {PAYLOAD:?} crossed the fabric in plaintext");
@@ -93,16 +92,16 @@ fn show(sim: &str) -> Result<()> {
     if tls_packets == 0 {
         bail!("no HBONE traffic between the nodes: the mesh did not carry the request");
     }
-    println!(
+    out!(
         "  the reply {PAYLOAD:?} never appears in the capture: the bytes between nodes were encrypted"
-    );
+    )?;
 
-    println!(
+    out!(
         "\n== legacy/client (not enrolled, node-a) -> http://server.demo:8080/ (plaintext into the mesh)"
-    );
-    println!("{}", curl(sim, "legacy/client")?);
+    )?;
+    out!("{}", curl(sim, "legacy/client")?)?;
 
-    println!("\n== identities (from the node proxies' metrics)");
+    out!("\n== identities (from the node proxies' metrics)")?;
     for (node, metrics) in &proxies {
         let body = output(Command::new("curl").args(["-sS", "--max-time", "5", metrics]))?;
         for line in body
@@ -116,7 +115,7 @@ fn show(sim: &str) -> Result<()> {
                     .unwrap_or("")
                     .to_string()
             };
-            println!(
+            out!(
                 "  {node} ({} side): {} -> {}  [{}]",
                 label("reporter"),
                 or_none(label("source_principal"), label("source_workload")),
@@ -125,13 +124,13 @@ fn show(sim: &str) -> Result<()> {
                     label("destination_workload")
                 ),
                 label("connection_security_policy")
-            );
+            )?;
         }
     }
 
-    println!("\n== metrics");
+    out!("\n== metrics")?;
     for (node, metrics) in &proxies {
-        println!("-- {node} {metrics}");
+        out!("-- {node} {metrics}")?;
         let body = output(Command::new("curl").args(["-sS", "--max-time", "5", metrics]))?;
         // The connections, the inbound authorization decisions (the demo's
         // default policy, all-unauthenticated, admits both clients), and the
@@ -144,7 +143,7 @@ fn show(sim: &str) -> Result<()> {
                 || l.starts_with("weft_requests_total{")
         };
         for line in body.lines().filter(shown) {
-            println!("  {line}");
+            out!("  {line}")?;
         }
     }
     Ok(())
@@ -239,7 +238,13 @@ impl Capture {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let _ = self.child.wait();
+        // tcpdump exits 0 on SIGINT, after writing what it captured; any
+        // other end (it died, or needed the kill above) may have cut the
+        // capture short: say so next to the checks that read it.
+        let status = self.child.wait()?;
+        if !status.success() {
+            eprintln!("demo: tcpdump ended with {status}; the capture may be incomplete");
+        }
         Ok(std::fs::read(&self.file)?)
     }
 

@@ -2,6 +2,13 @@
 //! needs first (see `setup`), so the README's two commands work on a fresh
 //! Debian machine with nothing but the Rust toolchain.
 
+/// `println!` panics when stdout is a pipe whose reader has gone
+/// (`cargo xtask demo | head`); this returns the error instead, and `main`
+/// ends quietly on it, as Unix tools do.
+macro_rules! out {
+    ($($arg:tt)*) => { writeln!(std::io::stdout(), $($arg)*) };
+}
+
 mod bench;
 mod cmd;
 mod crds;
@@ -10,6 +17,10 @@ mod setup;
 mod test;
 
 use anyhow::{Result, bail};
+use std::io::Write;
+
+/// The exit status a shell reports for a tool ended by SIGPIPE (128 + 13).
+const CLOSED_PIPE: i32 = 141;
 
 const USAGE: &str = "\
 usage: cargo xtask <command>
@@ -23,6 +34,13 @@ usage: cargo xtask <command>
 
 fn main() {
     if let Err(e) = run() {
+        let closed_pipe = e.chain().any(|c| {
+            c.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+        });
+        if closed_pipe {
+            std::process::exit(CLOSED_PIPE);
+        }
         eprintln!("xtask: {e:#}");
         std::process::exit(1);
     }
@@ -39,7 +57,7 @@ fn run() -> Result<()> {
         "bench" => bench::run(&rest),
         "crds" => crds::run(),
         "" | "help" | "-h" | "--help" => {
-            print!("{USAGE}");
+            write!(std::io::stdout(), "{USAGE}")?;
             Ok(())
         }
         other => bail!("unknown command {other:?}\n{USAGE}"),

@@ -91,6 +91,10 @@ async fn main() {
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
+        // Logs are diagnostics: on stderr, as weft-identity's. On stdout, a
+        // reader that went away (`weft-destination … | head`) turned every
+        // later log line into a "Broken pipe" complaint on stderr.
+        .with_writer(std::io::stderr)
         .init();
     if let Err(e) = run(Args::parse()).await {
         eprintln!("weft-destination: {e:#}");

@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 use weft_destination_api::client::{self, Backoff, ClientConfig, TokenSource};
 
@@ -16,8 +16,17 @@ struct Service(Child);
 
 impl Drop for Service {
     fn drop(&mut self) {
+        // Its status after our kill says nothing; whether it had already
+        // exited on its own does: a service that died mid-test fails the
+        // test.
+        let before = self.0.try_wait();
         let _ = self.0.kill();
-        let _ = self.0.wait();
+        self.0.wait().expect("reaping weft-destination");
+        if let Ok(Some(status)) = before
+            && !std::thread::panicking()
+        {
+            panic!("weft-destination exited during the test ({status})");
+        }
     }
 }
 
@@ -72,8 +81,11 @@ async fn binary_serves_views_ready_and_metrics() {
     std::fs::write(dir.path().join("key.pem"), &pki.key_pem).unwrap();
     let grpc: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let (reader, closed_stdout) = std::io::pipe().unwrap();
+    drop(reader);
+    let log = tempfile::NamedTempFile::new().unwrap();
 
-    let _service = Service(
+    let service = Service(
         Command::new(env!("CARGO_BIN_EXE_weft-destination"))
             .args(["--source", "local", "--manifests"])
             .arg(&manifests)
@@ -89,7 +101,11 @@ async fn binary_serves_views_ready_and_metrics() {
                 "--admin-addr",
                 &admin.to_string(),
             ])
-            .stdout(Stdio::null())
+            // Run as `weft-destination … | head` would leave it: stdout
+            // a pipe nobody reads (closed before it starts). Its logs go to
+            // stderr, kept to be checked at the end.
+            .stdout(closed_stdout)
+            .stderr(log.reopen().unwrap())
             .spawn()
             .unwrap(),
     );
@@ -141,8 +157,10 @@ async fn binary_serves_views_ready_and_metrics() {
         ),
     )
     .unwrap();
+    // Generous: a file event normally brings it in milliseconds; the bound
+    // only decides how long a broken build waits to fail.
     tokio::time::timeout(
-        Duration::from_secs(2),
+        Duration::from_secs(10),
         handle
             .view
             .wait_for(|v| v.workloads.get("uid-client").is_some_and(|w| !w.enrolled)),
@@ -168,6 +186,16 @@ async fn binary_serves_views_ready_and_metrics() {
     assert!(
         metrics.contains("weft_destination_push_lag_seconds_count 1"),
         "{metrics}"
+    );
+
+    // Its stdout was closed all along: it served anyway, logged (to
+    // stderr), and nothing complained about the pipe.
+    drop(service);
+    let log = std::fs::read_to_string(log.path()).unwrap();
+    assert!(log.contains("manifests changed"), "{log}");
+    assert!(
+        !log.contains("Broken pipe") && !log.contains("panicked"),
+        "{log}"
     );
 }
 

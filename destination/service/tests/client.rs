@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio_stream::{Stream, StreamExt};
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status};
@@ -19,6 +19,8 @@ use weft_destination_api::{WatchRequest, WatchResponse, Workload};
 struct Scripted {
     script: Vec<Result<Vec<WatchResponse>, Status>>,
     requests: Arc<Mutex<Vec<WatchRequest>>>,
+    /// When each Watch arrived, to measure the client's backoff.
+    arrivals: Arc<Mutex<Vec<Instant>>>,
 }
 
 #[tonic::async_trait]
@@ -29,6 +31,7 @@ impl Destination for Scripted {
         &self,
         request: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        self.arrivals.lock().unwrap().push(Instant::now());
         let n = {
             let mut requests = self.requests.lock().unwrap();
             requests.push(request.into_inner());
@@ -65,17 +68,21 @@ fn response(version: u64, base: Option<u64>, uids: &[&str]) -> WatchResponse {
     }
 }
 
+type Arrivals = Arc<Mutex<Vec<Instant>>>;
+
 async fn serve(
     pki: &Pki,
     script: Vec<Result<Vec<WatchResponse>, Status>>,
-) -> (u16, Arc<Mutex<Vec<WatchRequest>>>) {
+) -> (u16, Arc<Mutex<Vec<WatchRequest>>>, Arrivals) {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let requests = Arc::new(Mutex::new(Vec::new()));
+    let arrivals = Arrivals::default();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let service = Scripted {
         script,
         requests: requests.clone(),
+        arrivals: arrivals.clone(),
     };
     let identity = Identity::from_pem(&pki.cert_pem, &pki.key_pem);
     tokio::spawn(
@@ -85,7 +92,7 @@ async fn serve(
             .add_service(DestinationServer::new(service))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
-    (port, requests)
+    (port, requests, arrivals)
 }
 
 fn config(pki: &Pki, port: u16) -> ClientConfig {
@@ -105,7 +112,7 @@ fn config(pki: &Pki, port: u16) -> ClientConfig {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delta_that_does_not_apply_leads_to_a_snapshot() {
     let pki = pki();
-    let (port, requests) = serve(
+    let (port, requests, _) = serve(
         &pki,
         vec![
             // Snapshot at 3, then a delta claiming to start from 5.
@@ -142,18 +149,28 @@ async fn a_delta_that_does_not_apply_leads_to_a_snapshot() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_refused_credential_is_retried_and_reported() {
+async fn a_refused_credential_is_retried_with_backoff_and_reported() {
     let pki = pki();
-    let (port, requests) = serve(
+    let refused = || Err(Status::unauthenticated("credential not recognised"));
+    let (port, requests, arrivals) = serve(
         &pki,
         vec![
-            Err(Status::unauthenticated("credential not recognised")),
-            Err(Status::unauthenticated("credential not recognised")),
+            refused(),
+            refused(),
+            refused(),
             Ok(vec![response(1, None, &["a"])]),
         ],
     )
     .await;
-    let mut handle = client::spawn(config(&pki, port));
+    // Delays large enough to tell apart from a reconnect's own cost, and a
+    // cap above them, so that each retry should wait twice the one before.
+    const INITIAL: Duration = Duration::from_millis(200);
+    let mut config = config(&pki, port);
+    config.backoff = Backoff {
+        initial: INITIAL,
+        max: Duration::from_secs(10),
+    };
+    let mut handle = client::spawn(config);
     let state = tokio::time::timeout(
         Duration::from_secs(10),
         handle
@@ -169,11 +186,25 @@ async fn a_refused_credential_is_retried_and_reported() {
     };
     assert!(reason.contains("credential not recognised"), "{reason}");
     tokio::time::timeout(
-        Duration::from_secs(10),
+        Duration::from_secs(20),
         handle.view.wait_for(|v| v.version == 1),
     )
     .await
     .expect("retries until accepted")
     .unwrap();
-    assert_eq!(requests.lock().unwrap().len(), 3);
+    assert_eq!(requests.lock().unwrap().len(), 4);
+    // The backoff: each retry waited at least its delay (initial, doubling;
+    // jitter only adds). Lower bounds only: a loaded machine makes gaps
+    // longer, never shorter, so this cannot fail for want of CPU; a client
+    // that retries at once or at a fixed pace fails it.
+    let arrivals = arrivals.lock().unwrap().clone();
+    let gaps: Vec<Duration> = arrivals.windows(2).map(|w| w[1] - w[0]).collect();
+    for (n, gap) in gaps.iter().enumerate() {
+        let least = INITIAL * 2u32.pow(n as u32);
+        assert!(
+            *gap >= least,
+            "retry {} after {gap:?}, before {least:?}: {gaps:?}",
+            n + 1
+        );
+    }
 }

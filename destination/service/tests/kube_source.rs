@@ -48,26 +48,54 @@ fn with_kind(mut object: Value, kind: &str) -> Value {
     object
 }
 
+/// What the fake API server found wrong in the requests it got. It does
+/// not panic on a wrong request (a panic in its task would only kill the
+/// fake and surface later as an unrelated timeout, or not at all): it
+/// answers 400 with the reason, records it, and the test reports the
+/// record when a wait times out and when it joins the fake at the end.
+type Violations = Arc<Mutex<Vec<String>>>;
+
 /// Plays the API server: answers each request by resource and by how many
 /// times that resource was listed/watched. Watches with nothing scripted
-/// stay open (their responders are kept).
+/// stay open (their responders are kept). Returns when the client is gone
+/// or `stop` fires.
 async fn api_server(
     mut handle: mock::Handle<Request<Body>, Response<Body>>,
     calls: Arc<Mutex<HashMap<String, usize>>>,
+    violations: Violations,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
 ) {
     let mut held: Vec<SendResponse<Response<Body>>> = Vec::new();
-    while let Some((request, send)) = handle.next_request().await {
+    loop {
+        let (request, send) = tokio::select! {
+            next = handle.next_request() => match next {
+                Some(next) => next,
+                None => return,
+            },
+            _ = &mut stop => return,
+        };
         let path = request.uri().path().to_string();
         let query = request.uri().query().unwrap_or("").to_string();
         let is_watch = query.contains("watch=true");
-        if path == "/api/v1/pods" {
-            // Finished pods are filtered out by the API server.
-            assert!(
-                query.contains(
-                    "fieldSelector=status.phase%21%3DSucceeded%2Cstatus.phase%21%3DFailed"
-                ),
-                "{query}"
+        let refuse = |send: SendResponse<Response<Body>>, reason: String| {
+            violations.lock().unwrap().push(reason.clone());
+            send.send_response(
+                Response::builder()
+                    .status(400)
+                    .body(Body::from(reason.into_bytes()))
+                    .unwrap(),
             );
+        };
+        // Finished pods are filtered out by the API server.
+        if path == "/api/v1/pods"
+            && !query
+                .contains("fieldSelector=status.phase%21%3DSucceeded%2Cstatus.phase%21%3DFailed")
+        {
+            refuse(
+                send,
+                format!("pods requested without the phase field selector: {query}"),
+            );
+            continue;
         }
         let call = {
             let mut calls = calls.lock().unwrap();
@@ -107,8 +135,16 @@ async fn api_server(
             )),
             // The watch from 100: one more pod, then the resource version
             // expires (the watch was too slow / etcd compacted).
+            ("/api/v1/pods", true, 1) if !query.contains("resourceVersion=100") => {
+                refuse(
+                    send,
+                    format!(
+                        "the first pod watch must resume from the list's resourceVersion 100: {query}"
+                    ),
+                );
+                continue;
+            }
             ("/api/v1/pods", true, 1) => {
-                assert!(query.contains("resourceVersion=100"), "{query}");
                 let mut body = event(
                     "ADDED",
                     with_kind(pod("web-2", "uid-web-2", "10.244.0.6", "101"), "Pod"),
@@ -173,7 +209,10 @@ async fn api_server(
                 vec![],
             )),
             (_, true, _) => None,
-            other => panic!("unexpected request {other:?} {query}"),
+            other => {
+                refuse(send, format!("unexpected request {other:?} {query}"));
+                continue;
+            }
         };
         match body {
             Some(body) => send.send_response(Response::builder().body(Body::from(body)).unwrap()),
@@ -184,12 +223,18 @@ async fn api_server(
 
 async fn wait(
     rx: &mut watch::Receiver<NodeView>,
+    violations: &Violations,
     what: &str,
     check: impl FnMut(&NodeView) -> bool,
 ) {
     tokio::time::timeout(WAIT, rx.wait_for(check))
         .await
-        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+        .unwrap_or_else(|_| {
+            panic!(
+                "timed out waiting for {what}; the fake API server refused: {:?}",
+                violations.lock().unwrap()
+            )
+        })
         .unwrap();
 }
 
@@ -202,7 +247,9 @@ async fn lists_watches_and_relists_after_410_gone() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
     let calls = Arc::new(Mutex::new(HashMap::new()));
-    let server = tokio::spawn(api_server(handle, calls.clone()));
+    let violations = Violations::default();
+    let (stop_server, stop) = tokio::sync::oneshot::channel();
+    let server = tokio::spawn(api_server(handle, calls.clone(), violations.clone(), stop));
     let client = kube::Client::new(service, "default");
 
     let metrics = Arc::new(Metrics::new());
@@ -220,15 +267,23 @@ async fn lists_watches_and_relists_after_410_gone() {
 
     tokio::time::timeout(WAIT, ready.wait_for(|r| *r))
         .await
-        .expect("ready after every kind is listed")
+        .unwrap_or_else(|_| {
+            panic!(
+                "not ready after every kind is listed; the fake API server refused: {:?}",
+                violations.lock().unwrap()
+            )
+        })
         .unwrap();
     // web-2 arrives on the watch, before the 410: both pods seen together.
-    wait(&mut view, "the watched pod", |v| {
+    wait(&mut view, &violations, "the watched pod", |v| {
         names(v) == ["web-1", "web-2"]
     })
     .await;
     // After 410 Gone the source re-lists: web-1, deleted meanwhile, goes.
-    wait(&mut view, "the re-list", |v| names(v) == ["web-2"]).await;
+    wait(&mut view, &violations, "the re-list", |v| {
+        names(v) == ["web-2"]
+    })
+    .await;
     let v = view.borrow().clone();
     let w = v.workloads().next().unwrap().1;
     assert!(w.enrolled);
@@ -260,7 +315,20 @@ async fn lists_watches_and_relists_after_410_gone() {
         "{text}"
     );
 
-    for t in [source, indexer, server] {
+    for t in [source, indexer] {
         t.abort();
     }
+    // Join the fake: a panic in it (a bug in the script) fails the test,
+    // and so does any request it had to refuse, even one made after the
+    // view above was already right.
+    let _ = stop_server.send(());
+    tokio::time::timeout(WAIT, server)
+        .await
+        .expect("the fake API server stops")
+        .expect("the fake API server did not panic");
+    assert_eq!(
+        *violations.lock().unwrap(),
+        Vec::<String>::new(),
+        "requests the fake API server refused"
+    );
 }

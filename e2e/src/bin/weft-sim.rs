@@ -1,6 +1,8 @@
 //! `weft-sim`: the local cluster simulator's command line.
 
 use clap::{Parser, Subcommand};
+use std::io::Write;
+use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -61,14 +63,45 @@ enum Cmd {
     },
 }
 
+/// `println!` panics when stdout is a pipe whose reader has gone
+/// (`weft-sim status | head`); this returns the error instead, and `main`
+/// ends quietly on it, as Unix tools do.
+macro_rules! out {
+    ($($arg:tt)*) => { writeln!(std::io::stdout(), $($arg)*) };
+}
+
+/// The exit status a shell reports for a tool ended by SIGPIPE (128 + 13),
+/// which is what `weft-sim … | head` looks like for any other tool.
+const CLOSED_PIPE: u8 = 141;
+
 fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(code) => code,
+        Err(e) if is_closed_pipe(&e) => ExitCode::from(CLOSED_PIPE),
         Err(e) => {
             eprintln!("weft-sim: {e:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+fn is_closed_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// The cluster is up whether or not anyone still reads our stdout: `up`
+/// stays in the foreground (and tears down on a signal) even when its
+/// reader went away, so a closed pipe is not an error here.
+fn report_up(state: &State, mesh: Option<&Mesh>) -> std::io::Result<()> {
+    print_summary(state)?;
+    if let Some(m) = mesh.and_then(|m| m.state()) {
+        print_mesh(&m)?;
+    }
+    out!("ready")
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -94,19 +127,26 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let signals =
                 signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM, libc::SIGHUP])?;
             let mut running = cluster::up(&dir, &name, &opts)?;
-            print_summary(&running.state);
-            if let Some(m) = mesh.as_ref().and_then(|m| m.state()) {
-                print_mesh(&m);
+            match report_up(&running.state, mesh.as_deref()) {
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+                other => other?,
             }
-            println!("ready");
             if detach {
                 return Ok(ExitCode::SUCCESS);
             }
             wait_for_signal(signals, &mut running);
             eprintln!("weft-sim: tearing down {name}");
             cluster::down(&name, &opts)?;
-            for (_, _, child) in &mut running.children {
-                let _ = child.wait();
+            for (pod, container, child) in &mut running.children {
+                // `down` killed them; a status other than that signal (or
+                // a wait that fails) is worth a line in the output.
+                match child.wait() {
+                    Ok(status) if status.success() || status.signal().is_some() => {}
+                    Ok(status) => {
+                        eprintln!("weft-sim: pod {pod} container {container} exited ({status})")
+                    }
+                    Err(e) => eprintln!("weft-sim: pod {pod} container {container}: {e}"),
+                }
             }
             if let Some(mesh) = mesh {
                 mesh.reap();
@@ -129,11 +169,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 if let Some(m) = &mesh {
                     value["mesh"] = serde_json::to_value(m)?;
                 }
-                println!("{}", serde_json::to_string_pretty(&value)?);
+                out!("{}", serde_json::to_string_pretty(&value)?)?;
             } else {
-                print_summary(&state);
+                print_summary(&state)?;
                 if let Some(m) = &mesh {
-                    print_mesh(m);
+                    print_mesh(m)?;
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -162,35 +202,37 @@ fn wait_for_signal(mut signals: signal_hook::iterator::Signals, running: &mut we
     }
 }
 
-fn print_summary(s: &State) {
-    println!(
+fn print_summary(s: &State) -> std::io::Result<()> {
+    out!(
         "cluster {}: {} nodes, {} pods, {} services (state {})",
         s.name,
         s.nodes.len(),
         s.pods.len(),
         s.services.len(),
         State::path(&s.state_dir).display()
-    );
-    println!(
+    )?;
+    out!(
         "  host   {} {} (fabric {})",
-        s.fabric.host_interface, s.fabric.host_ip, s.fabric.cidr
-    );
+        s.fabric.host_interface,
+        s.fabric.host_ip,
+        s.fabric.cidr
+    )?;
     for n in &s.nodes {
-        println!(
+        out!(
             "  node   {:<24} {:<15} pods {}",
             n.name,
             n.ip.to_string(),
             n.pod_cidr
-        );
+        )?;
     }
     for p in &s.pods {
-        println!(
+        out!(
             "  pod    {:<24} {:<15} {} on {}",
             p.key(),
             p.ip.to_string(),
             p.ipv6,
             p.node
-        );
+        )?;
     }
     for svc in &s.services {
         let ports: Vec<String> = svc
@@ -208,29 +250,34 @@ fn print_summary(s: &State) {
             .cluster_ip
             .map(|i| i.to_string())
             .unwrap_or_else(|| "None".into());
-        println!(
+        out!(
             "  svc    {:<24} {:<15} {} endpoints {}",
             format!("{}/{}", svc.namespace, svc.name),
             ip,
             ports.join(","),
             svc.endpoints.len()
-        );
+        )?;
     }
+    Ok(())
 }
 
-fn print_mesh(m: &MeshState) {
-    println!(
+fn print_mesh(m: &MeshState) -> std::io::Result<()> {
+    out!(
         "  mesh   identity {} (metrics {}), destination {} (admin {}), trust domain {}",
-        m.identity, m.identity_metrics, m.destination, m.destination_admin, m.trust_domain
-    );
+        m.identity,
+        m.identity_metrics,
+        m.destination,
+        m.destination_admin,
+        m.trust_domain
+    )?;
     for p in &m.node_proxies {
-        println!(
+        out!(
             "  proxy  {:<24} metrics http://{}/metrics ready http://{}/ready log {}",
             p.node,
             p.metrics,
             p.health,
             p.log.display()
-        );
+        )?;
     }
-    println!("  prometheus file-sd {}", m.prometheus_targets.display());
+    out!("  prometheus file-sd {}", m.prometheus_targets.display())
 }

@@ -2,8 +2,10 @@
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 use weft_identity::authority::LeafPolicy;
@@ -70,7 +72,30 @@ enum Command {
     },
 }
 
-fn main() -> Result<()> {
+/// The exit status a shell reports for a tool ended by SIGPIPE (128 + 13):
+/// `weft-identity init … | head` ends quietly, as other tools do, instead
+/// of panicking in `println!`.
+const CLOSED_PIPE: u8 = 141;
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e)
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) =>
+        {
+            ExitCode::from(CLOSED_PIPE)
+        }
+        Err(e) => {
+            eprintln!("Error: {e:?}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -92,7 +117,11 @@ fn main() -> Result<()> {
                 Duration::from_secs(issuer_days * DAY),
             )?;
             init::write_layout(&out, &issuer, &[&anchor])?;
-            println!("wrote tls.crt, tls.key, ca.crt to {}", out.display());
+            writeln!(
+                std::io::stdout(),
+                "wrote tls.crt, tls.key, ca.crt to {}",
+                out.display()
+            )?;
             Ok(())
         }
         Command::Serve {
@@ -145,7 +174,12 @@ fn main() -> Result<()> {
                         }
                     };
                 let ca = server::spawn(config, auth, workloads).await?;
-                println!("ready {} metrics {}", ca.addr, ca.metrics_addr);
+                // Whoever started us may have stopped reading: the CA
+                // serves on regardless, so a closed stdout is no error.
+                match writeln!(std::io::stdout(), "ready {} metrics {}", ca.addr, ca.metrics_addr) {
+                    Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+                    other => other?,
+                }
                 shutdown_signal().await;
                 ca.stop().await;
                 Ok(())

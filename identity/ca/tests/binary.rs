@@ -13,8 +13,16 @@ struct Process(Child);
 
 impl Drop for Process {
     fn drop(&mut self) {
+        // Its status after our kill says nothing; whether it had already
+        // exited on its own does: a CA that died mid-test fails the test.
+        let before = self.0.try_wait();
         let _ = self.0.kill();
-        let _ = self.0.wait();
+        self.0.wait().expect("reaping weft-identity");
+        if let Ok(Some(status)) = before
+            && !std::thread::panicking()
+        {
+            panic!("weft-identity exited during the test ({status})");
+        }
     }
 }
 
@@ -104,4 +112,35 @@ async fn serve_in_local_mode() {
         ),
         Some(1.0)
     );
+}
+
+/// `weft-identity init --out DIR | head -c0`: the reader went away (closed
+/// before the program starts, so its first write fails every run). The
+/// program ends quietly, as by SIGPIPE, not with a `println!` panic, and
+/// the CA it was asked to write is there.
+#[test]
+fn init_with_a_closed_stdout_ends_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let init = |out: &str, stdout: Stdio| {
+        Command::new(env!("CARGO_BIN_EXE_weft-identity"))
+            .args(["init", "--out"])
+            .arg(dir.path().join(out))
+            .stdout(stdout)
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap()
+    };
+    // Control: with a reader, it says what it wrote (so below, it did try
+    // to write to stdout).
+    let out = init("read", Stdio::piped());
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("wrote tls.crt"));
+
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = init("unread", writer.into());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(141), "{stderr}");
+    assert_eq!(stderr, "");
+    assert!(dir.path().join("unread/tls.crt").exists());
 }

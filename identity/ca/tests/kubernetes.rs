@@ -73,20 +73,48 @@ fn all_pods() -> Vec<Value> {
 }
 
 /// Plays the API server; records every request line (method path?query).
+/// A request it must not get is answered 400 with the reason and recorded
+/// in `violations` rather than asserted: a panic here would only kill the
+/// fake, and the test would fail later for an unrelated reason, or pass
+/// when it expected an error anyway. [`Fake::finish`] reports them.
 async fn api_server(
     mut handle: mock::Handle<Request<Body>, Response<Body>>,
     log: Arc<Mutex<Vec<String>>>,
+    violations: Arc<Mutex<Vec<String>>>,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
 ) {
-    while let Some((request, send)) = handle.next_request().await {
+    loop {
+        let (request, send) = tokio::select! {
+            next = handle.next_request() => match next {
+                Some(next) => next,
+                None => return,
+            },
+            _ = &mut stop => return,
+        };
         let method = request.method().clone();
         let path = request.uri().path().to_string();
         let query = request.uri().query().unwrap_or("").to_string();
         log.lock().unwrap().push(format!("{method} {path}?{query}"));
         let body = request.into_body().collect_bytes().await.unwrap();
         let (status, body) = match (method.as_str(), path.as_str()) {
+            ("POST", "/apis/authentication.k8s.io/v1/tokenreviews")
+                if serde_json::from_slice::<Value>(&body)
+                    .ok()
+                    .map(|r| r["spec"]["audiences"].clone())
+                    != Some(json!(["weft-identity"])) =>
+            {
+                let reason = format!(
+                    "TokenReview without audiences [\"weft-identity\"]: {}",
+                    String::from_utf8_lossy(&body)
+                );
+                violations.lock().unwrap().push(reason.clone());
+                (
+                    StatusCode::BAD_REQUEST,
+                    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": reason, "code": 400}),
+                )
+            }
             ("POST", "/apis/authentication.k8s.io/v1/tokenreviews") => {
                 let review: Value = serde_json::from_slice(&body).unwrap();
-                assert_eq!(review["spec"]["audiences"], json!(["weft-identity"]));
                 let token = review["spec"]["token"].as_str().unwrap_or("");
                 if token == "api-down" {
                     (
@@ -142,16 +170,51 @@ fn url_decode(s: &str) -> String {
         .replace("%2C", ",")
 }
 
-fn mock_client() -> (kube::Client, Arc<Mutex<Vec<String>>>) {
+/// The fake API server's task and what it saw.
+struct Fake {
+    log: Arc<Mutex<Vec<String>>>,
+    violations: Arc<Mutex<Vec<String>>>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Fake {
+    /// Joins the fake: a panic in it fails the test, and so does any
+    /// request it had to refuse.
+    async fn finish(self) {
+        let _ = self.stop.send(());
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("the fake API server stops")
+            .expect("the fake API server did not panic");
+        assert_eq!(
+            *self.violations.lock().unwrap(),
+            Vec::<String>::new(),
+            "requests the fake API server refused"
+        );
+    }
+}
+
+fn mock_client() -> (kube::Client, Fake) {
     let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
     let log = Arc::new(Mutex::new(Vec::new()));
-    tokio::spawn(api_server(handle, log.clone()));
-    (kube::Client::new(service, "default"), log)
+    let violations = Arc::new(Mutex::new(Vec::new()));
+    let (stop, stopped) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(api_server(handle, log.clone(), violations.clone(), stopped));
+    (
+        kube::Client::new(service, "default"),
+        Fake {
+            log,
+            violations,
+            stop,
+            task,
+        },
+    )
 }
 
 #[tokio::test]
 async fn token_review_maps_node_proxy_tokens_to_nodes() {
-    let (client, log) = mock_client();
+    let (client, fake) = mock_client();
     let auth = TokenReviewAuthenticator::new(client, kubernetes::DEFAULT_NODE_PROXY_ACCOUNT);
 
     assert_eq!(
@@ -164,7 +227,8 @@ async fn token_review_maps_node_proxy_tokens_to_nodes() {
         "node of the pod the token was issued for"
     );
     assert!(
-        log.lock()
+        fake.log
+            .lock()
             .unwrap()
             .iter()
             .any(|l| l.starts_with("GET /api/v1/namespaces/weft-system/pods/weft-node-proxy-b7"))
@@ -185,11 +249,14 @@ async fn token_review_maps_node_proxy_tokens_to_nodes() {
 
     let err = auth.authenticate("api-down").await.unwrap_err();
     assert!(matches!(err, AuthError::Unavailable(_)), "{err}");
+    // The 500 above must be the scripted one, not the fake refusing.
+    assert!(err.to_string().contains("etcd unavailable"), "{err}");
+    fake.finish().await;
 }
 
 #[tokio::test]
 async fn pods_on_a_node_come_from_the_api() {
-    let (client, log) = mock_client();
+    let (client, fake) = mock_client();
     let workloads = KubeWorkloads::new(client);
     let id = |sa: &str| -> SpiffeId {
         format!("spiffe://cluster.local/ns/demo/sa/{sa}")
@@ -212,7 +279,7 @@ async fn pods_on_a_node_come_from_the_api() {
         workloads.placement("node-a", &id("batch")).await.unwrap(),
         Placement::NotOnNode(_)
     ));
-    let requests = log.lock().unwrap().clone();
+    let requests = fake.log.lock().unwrap().clone();
     assert!(
         requests
             .iter()
@@ -220,6 +287,7 @@ async fn pods_on_a_node_come_from_the_api() {
                 && url_decode(r).contains("fieldSelector=spec.nodeName=node-a")),
         "{requests:?}"
     );
+    fake.finish().await;
 }
 
 /// The CA with both Kubernetes implementations, over real TLS.
@@ -230,7 +298,7 @@ async fn certify_in_kubernetes_mode() {
     let anchor = init::trust_anchor("cluster.local", "1", year).unwrap();
     let issuer = init::issuer(&anchor, "cluster.local", "1", year).unwrap();
     init::write_layout(dir.path(), &issuer, &[&anchor]).unwrap();
-    let (client, _) = mock_client();
+    let (client, fake) = mock_client();
     let ca = server::spawn(
         ServeConfig {
             ca_dir: dir.path().to_path_buf(),
@@ -298,4 +366,5 @@ async fn certify_in_kubernetes_mode() {
     .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
     ca.stop().await;
+    fake.finish().await;
 }

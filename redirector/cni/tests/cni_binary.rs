@@ -126,3 +126,38 @@ fn del_succeeds_even_without_an_agent_and_is_delivered_when_there_is_one() {
     assert_eq!(code, 0);
     assert!(matches!(agent.join().unwrap().event, PodEvent::Del { .. }));
 }
+
+/// A runtime that stops reading (or `weft-cni | head`): the plugin's first
+/// write fails; it must end quietly, not with a `println!` panic. The pipe
+/// is closed before the plugin starts, so every run hits it.
+#[test]
+fn a_closed_stdout_ends_the_plugin_quietly() {
+    let run = |stdout: Stdio| {
+        Command::new(env!("CARGO_BIN_EXE_weft-cni"))
+            .env("CNI_COMMAND", "VERSION")
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap()
+    };
+    // Control: with a reader, VERSION prints something (so below, it did
+    // try to write) and succeeds.
+    let out = run(Stdio::piped());
+    assert!(out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("supportedVersions"),
+        "{out:?}"
+    );
+
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = run(writer.into());
+    assert_eq!(
+        out.status.code(),
+        Some(141),
+        "exit as by SIGPIPE; stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "");
+}

@@ -7,6 +7,14 @@
 //! keeps serving the objects it last held: a half-saved edit must not make
 //! workloads vanish. A deleted file's objects go away.
 //!
+//! Editors and shell redirection (`>`) rewrite a file in place: truncate,
+//! then write. A read between the two sees an empty file, which parses as
+//! "no objects"; taken at face value, every workload in that file would
+//! vanish for a moment and, if the write that follows does not parse, for
+//! good. So a file that held objects and now reads empty keeps them until
+//! it has stayed empty for [`EMPTY_STABLE`]: emptying a file on purpose
+//! still takes effect, on a later re-read.
+//!
 //! Besides filesystem events, the directory is re-read every second: the
 //! state file may appear after we start (the simulator comes up later) in a
 //! directory that did not exist yet, and a missed event must not leave the
@@ -25,11 +33,17 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
+// Tokio's clock, so that tests can pause and advance it.
+use tokio::time::Instant;
 
 /// Editors write in steps (truncate, write, rename): wait this long after
 /// an event for the rest before reading.
 const SETTLE: Duration = Duration::from_millis(30);
 const POLL: Duration = Duration::from_secs(1);
+/// How long a file that held objects must read empty before it is taken
+/// to hold none. Longer than any truncate-then-write gap of an editor, and
+/// shorter than [`POLL`], so the periodic re-read that follows applies it.
+pub const EMPTY_STABLE: Duration = Duration::from_millis(500);
 /// Bounds on what is read, so that pointing at `/` cannot exhaust memory.
 const MAX_FILES: usize = 10_000;
 const MAX_DEPTH: usize = 8;
@@ -54,6 +68,9 @@ struct FileEntry {
     hash: u64,
     /// The objects of the last version of this file that parsed.
     objects: Vec<Object>,
+    /// When the file, which held objects, was first read empty (it keeps
+    /// `hash` and `objects` of its last content meanwhile).
+    empty_since: Option<Instant>,
 }
 
 pub struct LocalSource {
@@ -85,6 +102,7 @@ impl LocalSource {
             source,
         })?;
         paths.sort();
+        let now = Instant::now();
         let mut files = BTreeMap::new();
         for path in paths {
             let bytes = match std::fs::read(&path) {
@@ -94,9 +112,24 @@ impl LocalSource {
             };
             let hash = hash(&bytes);
             let mut previous = self.files.remove(&path);
-            if let Some(entry) = previous.take_if(|e| e.hash == hash) {
+            if let Some(mut entry) = previous.take_if(|e| e.hash == hash) {
+                // Rewritten with the same content: the empty spell is over.
+                entry.empty_since = None;
                 files.insert(path, entry);
                 continue;
+            }
+            if bytes.iter().all(u8::is_ascii_whitespace)
+                && let Some(mut entry) = previous.take_if(|e| !e.objects.is_empty())
+            {
+                let since = *entry.empty_since.get_or_insert(now);
+                if now.duration_since(since) < EMPTY_STABLE {
+                    tracing::debug!(path = %path.display(), objects = entry.objects.len(),
+                        "file reads empty (being rewritten?); still serving its objects");
+                    files.insert(path, entry);
+                    continue;
+                }
+                tracing::info!(path = %path.display(), "file stayed empty; its objects are withdrawn");
+                previous = Some(entry);
             }
             let origin = path.display().to_string();
             let objects = match manifests::parse(&path, &bytes) {
@@ -122,7 +155,14 @@ impl LocalSource {
                     kept
                 }
             };
-            files.insert(path, FileEntry { hash, objects });
+            files.insert(
+                path,
+                FileEntry {
+                    hash,
+                    objects,
+                    empty_since: None,
+                },
+            );
         }
         self.files = files;
         self.load_state();

@@ -99,6 +99,16 @@ spec: {nodeName: node-a, containers: [{name: c}]}
             b"kind: Pod\nmetadata: {name: [unclosed\n",
         )
         .unwrap_err();
-        assert!(!err.is_empty());
+        // The reason a user needs to fix the file: what is wrong, and where
+        // (the flow sequence opened on line 2 is never closed).
+        assert!(err.contains("did not find expected ',' or ']'"), "{err}");
+        assert!(err.contains("line 2"), "{err}");
+        // JSON too, by extension: its own parser's reason and position.
+        let err = parse(
+            Path::new("x.json"),
+            b"{\"kind\": \"Pod\",\n \"metadata\": }",
+        )
+        .unwrap_err();
+        assert!(err.contains("expected value at line 2"), "{err}");
     }
 }

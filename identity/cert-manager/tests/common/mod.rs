@@ -57,6 +57,10 @@ pub struct Node {
 
 impl Node {
     pub fn new(ca: &LocalCa, node: &str) -> Self {
+        Self::with_refresh_window(ca, node, CertManagerConfig::default().refresh_window)
+    }
+
+    pub fn with_refresh_window(ca: &LocalCa, node: &str, refresh_window: (f64, f64)) -> Self {
         let bundle = SharedTrustBundle::new(
             TrustBundle::from_pem("cluster.local", &ca.anchors_pem()).unwrap(),
         );
@@ -73,6 +77,7 @@ impl Node {
         let mut registry = Registry::default();
         let metrics = CertManagerMetrics::register(&mut registry);
         let config = CertManagerConfig {
+            refresh_window,
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_millis(400),
             ..CertManagerConfig::default()
@@ -122,6 +127,10 @@ pub struct Observed {
 }
 
 impl Observed {
+    pub fn ok(&self) -> usize {
+        self.ok.load(Ordering::SeqCst)
+    }
+
     pub fn assert_clean(&self) {
         let errors = self.errors.lock().unwrap();
         assert_eq!(
@@ -258,6 +267,10 @@ pub fn start_client(
     })
 }
 
+/// How long a test waits for something that should happen within seconds:
+/// generous, because a deadline is only hit when the test fails anyway.
+pub const PATIENCE: Duration = Duration::from_secs(60);
+
 /// Waits (bounded) until `cond` holds; panics with `what` otherwise.
 pub async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + limit;
@@ -281,11 +294,20 @@ pub struct Mesh {
     tasks: Vec<JoinHandle<()>>,
 }
 
+/// Leaves for [`Mesh::start`]: long enough that no delay on a loaded
+/// machine lets one expire during a test (an expiry would be a failed
+/// handshake the test did not mean to provoke), ...
+pub const LEAF_TTL: Duration = Duration::from_secs(120);
+/// ... renewed early in their life, so that they roll over every 2.4-4.8 s:
+/// rotation is exercised as often as with short-lived certificates, without
+/// a race against their expiry.
+pub const REFRESH_WINDOW: (f64, f64) = (0.02, 0.04);
+
 impl Mesh {
-    pub async fn start(ttl: Duration) -> Self {
-        let ca = start_ca(ttl).await;
-        let node_a = Node::new(&ca, "node-a");
-        let node_b = Node::new(&ca, "node-b");
+    pub async fn start() -> Self {
+        let ca = start_ca(LEAF_TTL).await;
+        let node_a = Node::with_refresh_window(&ca, "node-a", REFRESH_WINDOW);
+        let node_b = Node::with_refresh_window(&ca, "node-b", REFRESH_WINDOW);
         node_a.manager.register_pod(&client_id());
         node_b.manager.register_pod(&server_id());
         let observed = Arc::new(Observed::default());

@@ -5,6 +5,7 @@
 //! nothing of ours stays attached after Weft is removed).
 
 use clap::{Parser, Subcommand};
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use weft_redirector::{DEFAULT_PIN_DIR, Redirector, RedirectorConfig};
@@ -32,10 +33,31 @@ enum Command {
     Uninstall,
 }
 
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    #[error(transparent)]
+    Redirector(#[from] weft_redirector::Error),
+    #[error("writing to stdout: {0}")]
+    Stdout(#[from] std::io::Error),
+}
+
+/// `println!` panics when stdout is a pipe whose reader has gone
+/// (`weft-redirector status | head`); this returns the error instead, and
+/// `main` ends quietly on it, as Unix tools do.
+macro_rules! out {
+    ($($arg:tt)*) => { writeln!(std::io::stdout(), $($arg)*) };
+}
+
+/// The exit status a shell reports for a tool ended by SIGPIPE (128 + 13).
+const CLOSED_PIPE: u8 = 141;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(CliError::Stdout(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+            ExitCode::from(CLOSED_PIPE)
+        }
         Err(e) => {
             eprintln!("weft-redirector: {e}");
             ExitCode::FAILURE
@@ -43,7 +65,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> Result<(), weft_redirector::Error> {
+fn run(cli: Cli) -> Result<(), CliError> {
     let config = RedirectorConfig {
         pin_dir: cli.pin_dir.clone(),
         cgroup_root: cli.cgroup_root,
@@ -55,30 +77,31 @@ fn run(cli: Cli) -> Result<(), weft_redirector::Error> {
                 Some(r) => r.clone(),
                 None => weft_redirector::find_cgroup2_root()?,
             };
-            println!("kernel: ok ({})", nix_release());
-            println!("cgroup v2 root: {}", root.display());
+            out!("kernel: ok ({})", nix_release())?;
+            out!("cgroup v2 root: {}", root.display())?;
         }
         Command::Status => {
             let r = Redirector::open(config)?;
             let objects = r.installed_objects()?;
-            println!("pin dir: {}", r.pin_dir().display());
-            println!("cgroup root: {}", r.cgroup_root().display());
+            out!("pin dir: {}", r.pin_dir().display())?;
+            out!("cgroup root: {}", r.cgroup_root().display())?;
             for (pin, link, prog) in &objects.links {
-                println!("link {link:>6} prog {prog:>6}  {}", pin.display());
+                out!("link {link:>6} prog {prog:>6}  {}", pin.display())?;
             }
             for (name, id) in &objects.maps {
-                println!("map  {id:>6}              {name}");
+                out!("map  {id:>6}              {name}")?;
             }
             for e in r.enrolled()? {
-                println!(
+                out!(
                     "enrolled pod {} (netns cookie {})",
-                    e.pod_uid, e.netns_cookie
-                );
+                    e.pod_uid,
+                    e.netns_cookie
+                )?;
             }
         }
         Command::Uninstall => {
             weft_redirector::uninstall_at(&cli.pin_dir)?;
-            println!("removed everything under {}", cli.pin_dir.display());
+            out!("removed everything under {}", cli.pin_dir.display())?;
         }
     }
     Ok(())

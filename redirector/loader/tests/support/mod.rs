@@ -274,6 +274,48 @@ pub fn connect_from(ns: &TestNetns, to: &str) -> io::Result<TcpStream> {
         })
 }
 
+/// A TCP connect from inside `ns` that no hook steers: the proxy's own
+/// (marked) socket, which goes direct (`proxy_marked_sockets_go_direct`).
+pub fn direct_connect_from(ns: &TestNetns, to: &str) -> TcpStream {
+    let to: SocketAddr = to.parse().unwrap();
+    let domain = if to.is_ipv4() {
+        socket2::Domain::IPV4
+    } else {
+        socket2::Domain::IPV6
+    };
+    let sock = ns.netns.proxy_tcp_socket(domain).expect("marked socket");
+    sock.connect_timeout(&to.into(), TIMEOUT)
+        .unwrap_or_else(|e| panic!("direct connect to {to}: {e}"));
+    TcpStream::from(sock)
+}
+
+/// "Nothing (else) reached `listener`", checked without guessing a time
+/// window: a sentinel connection that certainly reaches it (direct, from
+/// `ns`, the listener's namespace) is made after the connections under
+/// test. The kernel queues connections for `accept` in the order they were
+/// established, so the sentinel must be the first one accepted; had an
+/// earlier connection reached the listener, it would come first. A
+/// sentinel that does not arrive fails the test too, so the check cannot
+/// pass on a listener that is not reachable at all.
+#[track_caller]
+pub fn assert_nothing_else_reached(listener: &TcpListener, ns: &TestNetns, what: &str) {
+    let mut to = listener.local_addr().unwrap();
+    if to.ip().is_unspecified() {
+        to.set_ip(match to {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let sentinel = direct_connect_from(ns, &to.to_string());
+    let first = accept_within(listener, TIMEOUT)
+        .unwrap_or_else(|| panic!("{what}: the sentinel connection to {to} was not accepted"));
+    assert_eq!(
+        first.peer_addr().unwrap(),
+        sentinel.local_addr().unwrap(),
+        "{what}: a connection reached {to} before the sentinel"
+    );
+}
+
 /// Writes `msg` on `a` and checks it arrives on `b`.
 pub fn assert_bytes_flow(a: &mut TcpStream, b: &mut TcpStream, msg: &[u8]) {
     a.write_all(msg).unwrap();
