@@ -102,13 +102,20 @@ fn main() -> std::process::ExitCode {
     let args = Args::parse();
     let filter =
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    // Logs (the access log included) are diagnostics: on stderr, as the
+    // control plane's, so that a reader of stdout that went away cannot turn
+    // every log line into a "Broken pipe" complaint.
     if args.log_json {
         tracing_subscriber::fmt()
             .json()
             .with_env_filter(filter)
+            .with_writer(std::io::stderr)
             .init();
     } else {
-        tracing_subscriber::fmt().with_env_filter(filter).init();
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let workers = args.worker_threads.map_or(cores.min(2), usize::from);
@@ -229,7 +236,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 tokio::spawn(async move {
                     if let (Some(mesh), PodEvent::Add { pod, .. }) = (&mesh, &request.event) {
                         let known = |v: &weft_destination_api::View| {
-                            weft_node_proxy::state::local_workload(v, &pod.uid, &pod.namespace, &pod.name)
+                            weft_node_proxy::state::local_workload(v, &pod.uid)
                                 .is_some()
                         };
                         let mut view = mesh.view.clone();

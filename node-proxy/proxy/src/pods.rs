@@ -155,7 +155,7 @@ impl PodRegistry {
             return Some(Wanted::default());
         };
         let view = control_plane.view.borrow();
-        let w = state::local_workload(&view, &pod.uid, &pod.namespace, &pod.name)?;
+        let w = state::local_workload(&view, &pod.uid)?;
         if !w.enrolled {
             return None;
         }

@@ -32,15 +32,15 @@ impl ControlPlane {
     }
 }
 
-/// The workload of a local pod: by uid (the CNI plugin knows it), else by
-/// namespace/name (a uid the view spells differently, e.g. the simulator's).
-pub fn local_workload(view: &View, uid: &str, namespace: &str, name: &str) -> Option<Workload> {
-    view.workloads.get(uid).cloned().or_else(|| {
-        view.workloads
-            .values()
-            .find(|w| w.namespace == namespace && w.name == name)
-            .cloned()
-    })
+/// The workload of a local pod, by the pod's uid: the runtime's word for
+/// which pod this is. Never by namespace/name: a pod recreated under the
+/// same name (a StatefulSet's) is another pod, and giving it the old one's
+/// workload would be an identity decision made on a name.
+pub fn local_workload(view: &View, uid: &str) -> Option<Workload> {
+    if uid.is_empty() {
+        return None;
+    }
+    view.workloads.get(uid).cloned()
 }
 
 /// The SPIFFE identity of a workload, if it carries a valid one.
@@ -388,13 +388,11 @@ mod tests {
     }
 
     #[test]
-    fn local_workload_by_uid_then_by_name() {
+    fn local_workload_by_uid_only() {
         let v = view(vec![workload("u1", "echo", "10.244.1.2", true)], vec![]);
-        assert_eq!(local_workload(&v, "u1", "x", "y").unwrap().name, "echo");
-        assert_eq!(
-            local_workload(&v, "other", "demo", "echo").unwrap().uid,
-            "u1"
-        );
-        assert!(local_workload(&v, "other", "demo", "nope").is_none());
+        assert_eq!(local_workload(&v, "u1").unwrap().name, "echo");
+        // Same namespace and name, another pod: not this workload.
+        assert!(local_workload(&v, "other").is_none());
+        assert!(local_workload(&v, "").is_none());
     }
 }
