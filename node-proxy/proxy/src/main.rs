@@ -339,12 +339,12 @@ fn connect_control_plane(
         token: TokenSource::File(token_file.clone()),
         backoff: Backoff::default(),
     });
-    Ok(ControlPlane {
-        view: handle.view.clone(),
-        view_state: handle.state.clone(),
+    Ok(ControlPlane::new(
+        handle.view.clone(),
+        handle.state.clone(),
         certs,
-        destination: Some(Arc::new(handle)),
-    })
+        Some(Arc::new(handle)),
+    ))
 }
 
 /// Applies every new view to the registered pods and keeps `/ready` true

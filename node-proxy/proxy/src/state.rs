@@ -7,18 +7,19 @@
 //! - [`PodInfo`]: a local pod as the control plane knows it;
 //! - [`opaque`]: which ports skip protocol detection;
 //! - [`routes`]: the compiled HTTPRoutes of the view, retry budgets;
-//! - `view_cache`: values computed once per view.
+//! - [`snapshot`]: the view and its compiled routes, built once per view.
 //!
 //! Layering: the bottom layer of the crate; imports no other module of it.
 
 pub mod control_plane;
 pub mod opaque;
 pub mod routes;
-pub(crate) mod view_cache;
+pub mod snapshot;
 
 pub use control_plane::{
     ControlPlane, Route, identity_of, local_workload, route, route_to_service,
 };
+pub use snapshot::Snapshot;
 
 use std::net::IpAddr;
 use weft_cert_manager::SpiffeId;

@@ -12,13 +12,12 @@
 
 use super::authz::ConnectionAccess;
 use crate::state::PodInfo;
-use crate::state::view_cache::PerView;
+use crate::state::Snapshot;
 use crate::telemetry::{AuthzLabels, AuthzMetrics};
 use std::net::IpAddr;
 use std::sync::Arc;
 use weft_cert_manager::SpiffeId;
-use weft_destination_api::View;
-use weft_destination_api::routing::{InboundRoutes, Request, RouteDecision};
+use weft_destination_api::routing::{Request, RouteDecision};
 
 /// What an inbound connection's requests are decided with.
 #[derive(Clone, Debug)]
@@ -36,15 +35,10 @@ pub struct RouteAccess {
     pub connection: ConnectionAccess,
 }
 
-/// The compiled inbound routes of the current view, per workload and port.
+/// Route-level authorization over the current snapshot's compiled inbound
+/// routes.
 #[derive(Default)]
-pub struct InboundRouting {
-    compiled: PerView<(String, u16), ServerRoutes>,
-}
-
-/// The Server's name and its compiled routes; `None`: no Server with
-/// routes on that port.
-type ServerRoutes = Option<(String, Arc<InboundRoutes>)>;
+pub struct InboundRouting;
 
 /// One request's verdict.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -61,41 +55,23 @@ pub enum Verdict {
 }
 
 impl InboundRouting {
-    /// The Server (name) and its compiled routes for `pod`'s `port`.
-    fn routes(
-        &self,
-        view: &View,
-        pod: &PodInfo,
-        port: u16,
-    ) -> Option<(String, Arc<InboundRoutes>)> {
-        let uid = pod.workload_uid.as_ref()?;
-        self.compiled.get(view, (uid.clone(), port), || {
-            let workload = view.workloads.get(uid)?;
-            let policy = view.policy_of(workload)?;
-            let server = policy.servers.iter().find(|s| s.port == u32::from(port))?;
-            (!server.routes.is_empty()).then(|| {
-                (
-                    server.name.clone(),
-                    Arc::new(InboundRoutes::compile(server)),
-                )
-            })
-        })
-    }
-
-    /// Decides one request against `view` (`None`: no control plane, no
-    /// routes), and counts the decision in `metrics`.
+    /// Decides one request against `snapshot` (`None`: no control plane,
+    /// no routes), and counts the decision in `metrics`.
     pub fn decide(
         &self,
-        view: Option<&View>,
+        snapshot: Option<&Snapshot>,
         metrics: &AuthzMetrics,
         pod: &PodInfo,
         access: &RouteAccess,
         req: &Request<'_>,
     ) -> Verdict {
-        let Some(view) = view else {
+        let Some(snapshot) = snapshot else {
             return Verdict::Pass;
         };
-        let found = self.routes(view, pod, access.port);
+        let found = pod
+            .workload_uid
+            .as_deref()
+            .and_then(|uid| snapshot.inbound_routes(uid, access.port));
         let Some((server, routes)) = found else {
             if access.connection.routes_only() {
                 // Fail closed: admitted for routes that are gone.

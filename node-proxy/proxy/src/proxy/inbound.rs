@@ -113,7 +113,8 @@ fn destination_labels(
     source_principal: String,
     security: SecurityPolicy,
 ) -> TcpLabels {
-    let view = cx.control_plane.as_ref().map(|m| m.view.borrow());
+    let snapshot = cx.control_plane.as_ref().map(|m| m.current());
+    let view = snapshot.as_ref().map(|s| &s.view);
     let source = view
         .as_ref()
         .and_then(|v| v.workload_by_address(peer.ip()).cloned());
@@ -231,8 +232,8 @@ async fn serve_inbound<A: Arrival>(
         client_ip,
     };
     let admitted = {
-        let view = cx.control_plane.as_ref().map(|c| c.view.borrow());
-        cx.authz.admit(view.as_deref(), conn)
+        let snapshot = cx.control_plane.as_ref().map(|c| c.current());
+        cx.authz.admit(snapshot.as_ref().map(|s| &s.view), conn)
     };
     let Ok(mut admission) = admitted else {
         // Refused (and logged and counted by the policy) before anything

@@ -46,10 +46,12 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<LocalPod>, cx:
             return;
         }
     };
+    // One look at the control plane's state for the whole connection.
+    let snapshot = cx.control_plane.as_ref().map(|c| c.current());
     // With a control plane, HTTP is proxied request by request; standalone
     // (redirection only) every connection is opaque.
-    let opaque = match &cx.control_plane {
-        Some(mesh) => opaque::is_opaque(&mesh.view.borrow(), dst),
+    let opaque = match &snapshot {
+        Some(s) => opaque::is_opaque(&s.view, dst),
         None => true,
     };
     let mut client = if opaque {
@@ -70,11 +72,8 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<LocalPod>, cx:
             }
         }
     };
-    let (route, balanced) = match &cx.control_plane {
-        Some(mesh) => {
-            let view = mesh.view.borrow();
-            state::route(&view, dst, &cx.balancer, &mut rand::rng())
-        }
+    let (route, balanced) = match &snapshot {
+        Some(s) => state::route(&s.view, dst, &cx.balancer, &mut rand::rng()),
         None => (
             Route::Plain {
                 target: dst,

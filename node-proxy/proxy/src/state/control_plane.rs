@@ -6,6 +6,7 @@
 //! a pod's original destination into where the proxy actually connects:
 //! an HBONE tunnel to an enrolled workload, or a plain connection.
 
+use super::snapshot::Snapshot;
 use rand::Rng;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -19,6 +20,8 @@ use weft_destination_api::{View, Workload, address};
 #[derive(Clone)]
 pub struct ControlPlane {
     pub view: watch::Receiver<View>,
+    /// The view and its compiled routes, rebuilt when the view changes.
+    pub snapshot: watch::Receiver<Arc<Snapshot>>,
     pub view_state: watch::Receiver<ConnectionState>,
     pub certs: CertManager,
     /// Keeps the destination client running (dropping it stops the watch).
@@ -26,6 +29,28 @@ pub struct ControlPlane {
 }
 
 impl ControlPlane {
+    /// Follows `view` with a snapshot per view (a task of its own: call
+    /// from within the runtime).
+    pub fn new(
+        view: watch::Receiver<View>,
+        view_state: watch::Receiver<ConnectionState>,
+        certs: CertManager,
+        destination: Option<Arc<WatchHandle>>,
+    ) -> Self {
+        Self {
+            snapshot: super::snapshot::follow(view.clone()),
+            view,
+            view_state,
+            certs,
+            destination,
+        }
+    }
+
+    /// The current snapshot (an `Arc`: no lock is held while it is used).
+    pub fn current(&self) -> Arc<Snapshot> {
+        self.snapshot.borrow().clone()
+    }
+
     /// Whether at least one view arrived (an empty cluster is a view too).
     pub fn has_view(&self) -> bool {
         !self.view.borrow().epoch.is_empty()

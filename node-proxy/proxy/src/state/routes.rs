@@ -6,14 +6,14 @@
 //! the compiled routes per view (compiling builds regular expressions, which
 //! must not happen per request) and does the weighted backend choice.
 
-use super::view_cache::PerView;
+use super::snapshot::Snapshot;
 use rand::Rng;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use weft_balance::{BudgetConfig, RetryBudget};
-use weft_destination_api::routing::{OutboundRoutes, Request, Selected};
-use weft_destination_api::{RouteBackend, RouteRule, Service, View, address, service_key};
+use weft_destination_api::routing::{Request, Selected};
+use weft_destination_api::{RouteBackend, RouteRule, Service, address, service_key};
 
 /// The route label of a request to a destination without HTTPRoutes.
 pub const DEFAULT_ROUTE: &str = "default";
@@ -56,18 +56,17 @@ impl Plan {
     }
 }
 
-/// Compiled routes of the current view (per Service and port), and the
-/// retry budgets.
+/// Outbound routing over the current snapshot's compiled routes, and the
+/// retry budgets (which outlive views).
 #[derive(Default)]
 pub struct OutboundRouting {
-    compiled: PerView<(String, u16), Arc<OutboundRoutes>>,
     budgets: Mutex<HashMap<String, Arc<RetryBudget>>>,
 }
 
 impl OutboundRouting {
     /// The plan for a request to `dst` (a Service VIP, or anything else).
-    pub fn plan(&self, view: &View, dst: SocketAddr, req: &Request<'_>) -> Plan {
-        let Some(svc) = view.service_by_vip(dst.ip()) else {
+    pub fn plan(&self, snapshot: &Snapshot, dst: SocketAddr, req: &Request<'_>) -> Plan {
+        let Some(svc) = snapshot.view.service_by_vip(dst.ip()) else {
             return Plan::Default;
         };
         if svc.routes.is_empty() {
@@ -75,9 +74,10 @@ impl OutboundRouting {
         }
         let key = service_key(&svc.namespace, &svc.name);
         let port = dst.port();
-        let routes = self.compiled.get(view, (key.clone(), port), || {
-            Arc::new(OutboundRoutes::compile(svc, port))
-        });
+        let Some(routes) = snapshot.outbound_routes(&key, port) else {
+            // Routes, but none for this port of the Service.
+            return Plan::Default;
+        };
         match routes.select(req) {
             Selected::NoRoutes => Plan::Default,
             Selected::NotFound => Plan::NotFound,

@@ -227,12 +227,7 @@ impl Node {
         );
         let (tx, rx) = watch::channel(view);
         let (_state_tx, state) = watch::channel(ConnectionState::Connected);
-        let control_plane = ControlPlane {
-            view: rx,
-            view_state: state,
-            certs,
-            destination: None,
-        };
+        let control_plane = ControlPlane::new(rx, state, certs, None);
         let tcp = TcpMetrics::default();
         tcp.register(&mut registry);
         let inputs = ProxyInputs::new(tcp, Some(control_plane));

@@ -180,7 +180,7 @@ impl InboundStream for H2Stream {
 fn local_port_is_opaque(pod: &LocalPod, cx: &ProxyInputs, port: u16) -> bool {
     match &cx.control_plane {
         Some(mesh) => opaque::is_local_opaque(
-            &mesh.view.borrow(),
+            &mesh.current().view,
             &pod.key(),
             pod.workload_uid.as_deref(),
             port,
@@ -199,9 +199,9 @@ struct RouteGuard {
 
 impl RouteGuard {
     fn decide(&self, cx: &ProxyInputs, req: &RouteRequest<'_>) -> Verdict {
-        let view = cx.control_plane.as_ref().map(|c| c.view.borrow());
+        let snapshot = cx.control_plane.as_ref().map(|c| c.current());
         cx.inbound_routing.decide(
-            view.as_deref(),
+            snapshot.as_deref(),
             cx.authz.metrics(),
             &self.pod,
             &self.access,

@@ -126,16 +126,17 @@ impl Connection {
         let grpc = is_grpc(request.headers());
         let (plan, hostname) = match &cx.control_plane {
             Some(mesh) => {
-                let view = mesh.view.borrow();
+                let snapshot = mesh.current();
                 let req = RouteRequest {
                     method: request.method(),
                     path: path_of(request.uri()),
                     headers: request.headers(),
                 };
-                let hostname = view
+                let hostname = snapshot
+                    .view
                     .service_by_vip(self.dst.ip())
                     .map(|s| s.hostname.clone());
-                (cx.routing.plan(&view, self.dst, &req), hostname)
+                (cx.routing.plan(&snapshot, self.dst, &req), hostname)
             }
             None => (Plan::Default, None),
         };
@@ -418,10 +419,11 @@ impl Connection {
             };
             return Ok((plain, false));
         };
-        let view = mesh.view.borrow();
+        let snapshot = mesh.current();
+        let view = &snapshot.view;
         let mut rng = rand::rng();
         let Plan::Rule { rule, service, .. } = plan else {
-            return Ok(state::route(&view, self.dst, &cx.balancer, &mut rng));
+            return Ok(state::route(view, self.dst, &cx.balancer, &mut rng));
         };
         let dialled_port = self.dst.port();
         let (key, port) = match pick_backend(rule, &mut rng) {
