@@ -86,12 +86,12 @@ impl InboundRouting {
             // Not reached with routes (compiled only when there are some).
             RouteDecision::NoRoutes => Verdict::Pass,
             RouteDecision::Allowed { route, policy } => {
-                self.count(metrics, pod, &server, &policy, "route_authorized", true);
+                self.count(metrics, pod, server, &policy, "route_authorized", true);
                 Verdict::Allowed { route }
             }
             RouteDecision::Denied { route } => {
                 // No policy admitted it: the route that refused is named.
-                self.count(metrics, pod, &server, &route, "route_denied", false);
+                self.count(metrics, pod, server, &route, "route_denied", false);
                 Verdict::Denied { route }
             }
             RouteDecision::NotFound => Verdict::NotFound,

@@ -445,7 +445,7 @@ impl Connection {
             vip_of(svc, port, self.dst).unwrap_or(self.dst)
         };
         Ok(state::route_to_service(
-            &view,
+            view,
             svc,
             port,
             dialled,
