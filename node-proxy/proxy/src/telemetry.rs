@@ -6,15 +6,17 @@
 //! - [`tcp`]: connection metrics and the process collector;
 //! - [`requests`]: the golden request metrics;
 //! - [`authz`]: authorization decisions;
-//! - [`classify`]: label values (method class, success or failure).
+//! - [`classify`]: label values (method class, success or failure);
+//! - [`grpc`]: gRPC status codes as a type.
 //!
 //! Layering: above `state` only; no socket.
 
 pub mod authz;
 pub mod classify;
+pub mod grpc;
 pub mod requests;
 pub mod tcp;
 
-pub use authz::{AuthzLabels, AuthzMetrics};
+pub use authz::{AuthzLabels, AuthzMetrics, AuthzReason};
 pub use requests::RequestMetrics;
 pub use tcp::{OpenConnection, ProcessCollector, Reporter, SecurityPolicy, TcpLabels, TcpMetrics};

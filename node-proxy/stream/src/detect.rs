@@ -71,39 +71,39 @@ impl Protocol {
 
 /// The verdict on a byte prefix.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Verdict {
+pub enum Detection {
     Is(Protocol),
     /// Consistent with HTTP so far; more bytes are needed to decide.
     NeedMore,
 }
 
 /// Decides from the bytes received so far.
-pub fn classify(buf: &[u8]) -> Verdict {
+pub fn classify(buf: &[u8]) -> Detection {
     if buf.is_empty() {
-        return Verdict::NeedMore;
+        return Detection::NeedMore;
     }
     let n = buf.len().min(H2_PREFACE.len());
     if buf[..n] == H2_PREFACE[..n] {
         if buf.len() >= H2_PREFACE.len() {
-            return Verdict::Is(Protocol::Http2);
+            return Detection::Is(Protocol::Http2);
         }
         // "PRI * HTTP/2.0" is also a prefix of a (bogus) HTTP/1 request
         // line only up to "HTTP/"; keep reading to tell.
-        return Verdict::NeedMore;
+        return Detection::NeedMore;
     }
     http1_request_line(buf)
 }
 
 /// `token SP target SP HTTP/1.d CRLF`, judged incrementally.
-fn http1_request_line(buf: &[u8]) -> Verdict {
-    let opaque = Verdict::Is(Protocol::Opaque);
+fn http1_request_line(buf: &[u8]) -> Detection {
+    let opaque = Detection::Is(Protocol::Opaque);
     // Method: 1*tchar.
     let method_len = buf.iter().take_while(|b| is_tchar(**b)).count();
     if method_len > MAX_METHOD {
         return opaque;
     }
     let Some(&after_method) = buf.get(method_len) else {
-        return Verdict::NeedMore;
+        return Detection::NeedMore;
     };
     if method_len == 0 || after_method != b' ' {
         return opaque;
@@ -125,7 +125,7 @@ fn http1_request_line(buf: &[u8]) -> Verdict {
         return opaque;
     }
     if tail.len() <= VERSION.len() {
-        return Verdict::NeedMore;
+        return Detection::NeedMore;
     }
     if !tail[VERSION.len()].is_ascii_digit() {
         return opaque;
@@ -136,16 +136,16 @@ fn http1_request_line(buf: &[u8]) -> Verdict {
         return opaque;
     }
     if eol.len() < 2 {
-        return Verdict::NeedMore;
+        return Detection::NeedMore;
     }
-    Verdict::Is(Protocol::Http1)
+    Detection::Is(Protocol::Http1)
 }
 
-fn within_limit(buf: &[u8]) -> Verdict {
+fn within_limit(buf: &[u8]) -> Detection {
     if buf.len() >= MAX_REQUEST_LINE {
-        Verdict::Is(Protocol::Opaque)
+        Detection::Is(Protocol::Opaque)
     } else {
-        Verdict::NeedMore
+        Detection::NeedMore
     }
 }
 
@@ -177,14 +177,14 @@ pub async fn detect<IO: AsyncRead + Unpin>(io: &mut IO, timeout: Duration) -> De
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         match classify(&prefix) {
-            Verdict::Is(protocol) => {
+            Detection::Is(protocol) => {
                 return Detected {
                     protocol,
                     prefix,
                     timed_out: false,
                 };
             }
-            Verdict::NeedMore => {}
+            Detection::NeedMore => {}
         }
         // Never read past the longest request line: what follows belongs
         // to the protocol handler.
@@ -218,18 +218,18 @@ mod tests {
 
     #[test]
     fn http2_preface_is_http2_and_its_prefixes_wait() {
-        assert_eq!(classify(H2_PREFACE), Verdict::Is(Protocol::Http2));
+        assert_eq!(classify(H2_PREFACE), Detection::Is(Protocol::Http2));
         let mut with_settings = H2_PREFACE.to_vec();
         with_settings.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
-        assert_eq!(classify(&with_settings), Verdict::Is(Protocol::Http2));
+        assert_eq!(classify(&with_settings), Detection::Is(Protocol::Http2));
         for n in 1..H2_PREFACE.len() {
-            assert_eq!(classify(&H2_PREFACE[..n]), Verdict::NeedMore, "{n} bytes");
+            assert_eq!(classify(&H2_PREFACE[..n]), Detection::NeedMore, "{n} bytes");
         }
         // Diverging from the preface after "PRI * HTTP/": not HTTP/2, and
         // "HTTP/2.0" is not an HTTP/1 version either.
         assert_eq!(
             classify(b"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\n"),
-            Verdict::Is(Protocol::Opaque)
+            Detection::Is(Protocol::Opaque)
         );
     }
 
@@ -253,7 +253,7 @@ mod tests {
         ] {
             assert_eq!(
                 classify(line),
-                Verdict::Is(Protocol::Http1),
+                Detection::Is(Protocol::Http1),
                 "{}",
                 String::from_utf8_lossy(line)
             );
@@ -264,7 +264,7 @@ mod tests {
     fn every_prefix_of_a_request_line_waits_for_more() {
         let line = b"GET /index.html HTTP/1.1\r\n";
         for n in 0..line.len() {
-            assert_eq!(classify(&line[..n]), Verdict::NeedMore, "{n} bytes");
+            assert_eq!(classify(&line[..n]), Detection::NeedMore, "{n} bytes");
         }
     }
 
@@ -273,17 +273,17 @@ mod tests {
         // A TLS 1.2/1.3 ClientHello record header.
         assert_eq!(
             classify(&[0x16, 0x03, 0x01, 0x02, 0x00]),
-            Verdict::Is(Protocol::Opaque)
+            Detection::Is(Protocol::Opaque)
         );
-        assert_eq!(classify(&[0x16]), Verdict::Is(Protocol::Opaque));
+        assert_eq!(classify(&[0x16]), Detection::Is(Protocol::Opaque));
         // Redis RESP, a PostgreSQL startup message, random bytes.
         assert_eq!(
             classify(b"*1\r\n$4\r\nPING\r\n"),
-            Verdict::Is(Protocol::Opaque)
+            Detection::Is(Protocol::Opaque)
         );
         assert_eq!(
             classify(&[0, 0, 0, 8, 4, 210, 22, 47]),
-            Verdict::Is(Protocol::Opaque)
+            Detection::Is(Protocol::Opaque)
         );
         for bad in [
             &b" GET / HTTP/1.1\r\n"[..], // no method
@@ -296,7 +296,7 @@ mod tests {
         ] {
             assert_eq!(
                 classify(bad),
-                Verdict::Is(Protocol::Opaque),
+                Detection::Is(Protocol::Opaque),
                 "{}",
                 String::from_utf8_lossy(bad)
             );
@@ -304,7 +304,7 @@ mod tests {
         // A method token longer than any real one.
         assert_eq!(
             classify(&[b'A'; MAX_METHOD + 1]),
-            Verdict::Is(Protocol::Opaque)
+            Detection::Is(Protocol::Opaque)
         );
     }
 
@@ -312,9 +312,9 @@ mod tests {
     fn an_endless_request_line_gives_up_at_the_limit() {
         let mut line = b"GET /".to_vec();
         line.resize(MAX_REQUEST_LINE - 1, b'a');
-        assert_eq!(classify(&line), Verdict::NeedMore);
+        assert_eq!(classify(&line), Detection::NeedMore);
         line.push(b'a');
-        assert_eq!(classify(&line), Verdict::Is(Protocol::Opaque));
+        assert_eq!(classify(&line), Detection::Is(Protocol::Opaque));
     }
 
     #[tokio::test]

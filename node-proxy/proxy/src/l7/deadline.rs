@@ -13,6 +13,7 @@
 //! look complete.
 
 use super::body::{BodyError, ProxyBody};
+use crate::telemetry::grpc::GrpcCode;
 use bytes::Bytes;
 use http::HeaderValue;
 use hyper::body::{Body, Frame, SizeHint};
@@ -71,7 +72,7 @@ impl Body for Deadline {
             return Poll::Ready(Some(Err(BodyError::new(e))));
         }
         let mut trailers = http::HeaderMap::new();
-        trailers.insert("grpc-status", HeaderValue::from_static("4"));
+        trailers.insert("grpc-status", GrpcCode::DeadlineExceeded.header_value());
         if let Ok(v) = HeaderValue::from_str(&super::respond::percent_encode(&e.to_string())) {
             trailers.insert("grpc-message", v);
         }

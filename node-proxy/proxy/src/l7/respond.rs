@@ -3,6 +3,7 @@
 
 use super::body::{ProxyBody, proxy_body};
 use super::upstream::UpstreamError;
+use crate::telemetry::grpc::GrpcCode;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};
@@ -12,11 +13,11 @@ use http_body_util::Empty;
 pub fn error_response(e: &UpstreamError, grpc: bool) -> Response<ProxyBody> {
     // gRPC: PERMISSION_DENIED for a policy refusal, else UNAVAILABLE.
     let (status, code) = if e.is_forbidden() {
-        (StatusCode::FORBIDDEN, "7")
+        (StatusCode::FORBIDDEN, GrpcCode::PermissionDenied)
     } else if e.is_connect() {
-        (StatusCode::SERVICE_UNAVAILABLE, "14")
+        (StatusCode::SERVICE_UNAVAILABLE, GrpcCode::Unavailable)
     } else {
-        (StatusCode::BAD_GATEWAY, "14")
+        (StatusCode::BAD_GATEWAY, GrpcCode::Unavailable)
     };
     synthetic(status, code, &e.to_string(), grpc)
 }
@@ -26,7 +27,7 @@ pub fn error_response(e: &UpstreamError, grpc: bool) -> Response<ProxyBody> {
 /// in the headers).
 pub fn synthetic(
     status: StatusCode,
-    code: &'static str,
+    code: GrpcCode,
     message: &str,
     grpc: bool,
 ) -> Response<ProxyBody> {
@@ -37,7 +38,7 @@ pub fn synthetic(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/grpc"),
         );
-        h.insert("grpc-status", HeaderValue::from_static(code));
+        h.insert("grpc-status", code.header_value());
         if let Ok(v) = HeaderValue::from_str(&percent_encode(message)) {
             h.insert("grpc-message", v);
         }

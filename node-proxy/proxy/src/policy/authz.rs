@@ -19,7 +19,7 @@
 //! happens with a control plane that does not know the pod at all.
 
 use crate::state::PodInfo;
-use crate::telemetry::{AuthzLabels, AuthzMetrics};
+use crate::telemetry::{AuthzLabels, AuthzMetrics, AuthzReason};
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
@@ -44,10 +44,7 @@ pub struct Inbound {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Verdict {
     pub allowed: bool,
-    /// `probe`, `authorized`, `default_allow`, `default_deny`, `audit`, or
-    /// the proxy's own `no_policy` (fail closed) and `no_control_plane`
-    /// (standalone proxy: nothing to enforce).
-    pub reason: &'static str,
+    pub reason: AuthzReason,
     /// The Server selecting the port (empty: none, the default applied).
     pub server: String,
     /// The AuthorizationPolicy (`namespace/name`) that allowed it, or the
@@ -66,7 +63,7 @@ impl Verdict {
             destination_namespace: pod.namespace.clone(),
             server: self.server.clone(),
             policy: self.policy.clone(),
-            reason: self.reason.to_string(),
+            reason: self.reason.as_label().to_string(),
         }
     }
 }
@@ -77,7 +74,7 @@ pub fn decide(view: Option<&View>, conn: &Inbound) -> Verdict {
     let Some(view) = view else {
         return Verdict {
             allowed: true,
-            reason: "no_control_plane",
+            reason: AuthzReason::NoControlPlane,
             server: String::new(),
             policy: String::new(),
             routes_only: false,
@@ -92,7 +89,7 @@ pub fn decide(view: Option<&View>, conn: &Inbound) -> Verdict {
     let Some(policy) = policy else {
         return Verdict {
             allowed: false,
-            reason: "no_policy",
+            reason: AuthzReason::NoPolicy,
             server: String::new(),
             policy: String::new(),
             routes_only: false,
@@ -107,7 +104,14 @@ pub fn decide(view: Option<&View>, conn: &Inbound) -> Verdict {
     };
     Verdict {
         allowed: d.allowed,
-        reason: d.reason.as_label(),
+        reason: match d.reason {
+            Reason::Probe => AuthzReason::Probe,
+            Reason::Authorized => AuthzReason::Authorized,
+            Reason::DefaultAllows(_) => AuthzReason::DefaultAllow,
+            Reason::DefaultDenies(_) => AuthzReason::DefaultDeny,
+            Reason::Audit => AuthzReason::Audit,
+            Reason::RoutesOnly => AuthzReason::RoutesOnly,
+        },
         server: d.server.unwrap_or_default(),
         policy,
         routes_only: d.routes_only,
@@ -131,10 +135,6 @@ struct Admitted {
     /// How it is served, and whether it is admitted for routes only now.
     access: ConnectionAccess,
 }
-
-/// The reason (in `weft_inbound_authz_*`) for an opaque connection refused
-/// or closed because its client is authorized for HTTP routes only.
-pub const ROUTES_ONLY_OPAQUE: &str = "routes_only_opaque";
 
 /// An admitted connection's access as the policy has it *now*, and how the
 /// connection is served: shared between the connection, which reads it for
@@ -250,12 +250,12 @@ impl InboundAuthz {
                 target: "access",
                 pod = %conn.pod.key(), port = conn.port, src = %conn.client_ip,
                 src_identity = client, server = %verdict.server, policy = %verdict.policy,
-                reason = verdict.reason, "inbound connection denied"
+                reason = %verdict.reason, "inbound connection denied"
             );
             return Err(verdict);
         }
         self.metrics.count_connection(&labels, true);
-        if verdict.reason == "audit" {
+        if verdict.reason == AuthzReason::Audit {
             // Every connection that reaches an `audit` default is one that
             // `deny` would refuse: that is what the operator wants to see
             // before switching to `deny`.
@@ -306,7 +306,7 @@ impl InboundAuthz {
                 // Allowed for HTTP routes, but this connection's bytes are
                 // spliced unchecked: as it is served, it is not allowed.
                 verdict.allowed = false;
-                verdict.reason = ROUTES_ONLY_OPAQUE;
+                verdict.reason = AuthzReason::RoutesOnlyOpaque;
             }
             let conn = &admitted.conn;
             self.metrics.count_revoked(&verdict.labels(&conn.pod));
@@ -314,7 +314,7 @@ impl InboundAuthz {
                 target: "access",
                 pod = %conn.pod.key(), port = conn.port, src = %conn.client_ip,
                 src_identity = conn.client.as_ref().map(|c| c.to_string()),
-                server = %verdict.server, policy = %verdict.policy, reason = verdict.reason,
+                server = %verdict.server, policy = %verdict.policy, reason = %verdict.reason,
                 "policy changed: closing a connection that is no longer allowed"
             );
             if let Some(tx) = admitted.revoke.take() {

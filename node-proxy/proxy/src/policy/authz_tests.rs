@@ -82,14 +82,14 @@ fn conn(port: u16, client: Option<&str>, ip: &str) -> Inbound {
 fn without_a_control_plane_nothing_is_enforced() {
     let v = decide(None, &conn(80, None, "192.0.2.1"));
     assert!(v.allowed);
-    assert_eq!(v.reason, "no_control_plane");
+    assert_eq!(v.reason, AuthzReason::NoControlPlane);
 }
 
 #[test]
 fn a_pod_without_a_policy_in_the_view_refuses_everyone() {
     let v = decide(Some(&view(1, None)), &conn(80, Some(CLIENT), "10.244.1.2"));
     assert!(!v.allowed);
-    assert_eq!(v.reason, "no_policy");
+    assert_eq!(v.reason, AuthzReason::NoPolicy);
 }
 
 #[test]
@@ -104,20 +104,25 @@ fn the_verdict_names_the_default_or_the_server_and_policy() {
     let d = decide(Some(&view), &conn(9090, None, "10.244.1.2"));
     assert_eq!(
         (d.allowed, d.reason, d.server.as_str(), d.policy.as_str()),
-        (false, "default_deny", "", "cluster-authenticated")
+        (false, AuthzReason::DefaultDeny, "", "cluster-authenticated")
     );
     let d = decide(Some(&view), &conn(9090, Some(CLIENT), "10.244.1.2"));
-    assert_eq!((d.allowed, d.reason), (true, "default_allow"));
+    assert_eq!((d.allowed, d.reason), (true, AuthzReason::DefaultAllow));
     let d = decide(Some(&view), &conn(8080, Some(CLIENT), "10.244.1.2"));
     assert_eq!(
         (d.allowed, d.reason, d.server.as_str(), d.policy.as_str()),
-        (true, "authorized", "web-http", "demo/web-from-client")
+        (
+            true,
+            AuthzReason::Authorized,
+            "web-http",
+            "demo/web-from-client"
+        )
     );
     let other = "spiffe://cluster.local/ns/demo/sa/other";
     let d = decide(Some(&view), &conn(8080, Some(other), "10.244.1.2"));
     assert_eq!(
         (d.allowed, d.reason, d.server.as_str(), d.policy.as_str()),
-        (false, "default_deny", "web-http", "deny")
+        (false, AuthzReason::DefaultDeny, "web-http", "deny")
     );
 }
 
@@ -127,7 +132,7 @@ fn audit_allows_and_says_so() {
     let d = decide(Some(&view), &conn(80, None, "192.0.2.1"));
     assert_eq!(
         (d.allowed, d.reason, d.policy.as_str()),
-        (true, "audit", "audit")
+        (true, AuthzReason::Audit, "audit")
     );
 }
 
@@ -147,7 +152,10 @@ async fn a_policy_change_revokes_exactly_the_connections_it_no_longer_allows() {
     let after = view(2, Some(policy(DefaultPolicy::AllAuthenticated, vec![])));
     assert_eq!(authz.revalidate(Some(&after)), 1);
     let verdict = plain.revoked().await;
-    assert_eq!((verdict.allowed, verdict.reason), (false, "default_deny"));
+    assert_eq!(
+        (verdict.allowed, verdict.reason),
+        (false, AuthzReason::DefaultDeny)
+    );
     assert!(
         tokio::time::timeout(std::time::Duration::from_millis(50), mesh.revoked())
             .await
@@ -263,7 +271,7 @@ async fn an_opaque_connection_is_revoked_when_its_client_becomes_routes_only() {
         ),
         (
             false,
-            ROUTES_ONLY_OPAQUE,
+            AuthzReason::RoutesOnlyOpaque,
             "web-http",
             "demo/hello-for-client"
         )
@@ -278,7 +286,7 @@ async fn an_opaque_connection_is_revoked_when_its_client_becomes_routes_only() {
         destination_namespace: "demo".into(),
         server: "web-http".into(),
         policy: "demo/hello-for-client".into(),
-        reason: ROUTES_ONLY_OPAQUE.into(),
+        reason: AuthzReason::RoutesOnlyOpaque.as_label().into(),
     };
     assert_eq!(authz.metrics().revoked(&revoked), 1);
 }

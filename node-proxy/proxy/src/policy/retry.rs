@@ -1,6 +1,7 @@
 //! Which failed requests may be tried again. The budget that bounds how
 //! many retries a Service gets is `weft_balance::RetryBudget`.
 
+use crate::telemetry::grpc::GrpcCode;
 use weft_destination_api::RouteRetry;
 
 /// What went wrong with one attempt.
@@ -30,7 +31,12 @@ pub const MAX_REPLAY_BODY: usize = 64 * 1024;
 /// DEADLINE_EXCEEDED (4), RESOURCE_EXHAUSTED (8) and UNAVAILABLE (14), the
 /// transient ones (Envoy's and App Mesh's set). INTERNAL (13) is left out:
 /// it usually means a bug that the next attempt hits again.
-pub const DEFAULT_GRPC_CODES: [u32; 4] = [1, 4, 8, 14];
+pub const DEFAULT_GRPC_CODES: [GrpcCode; 4] = [
+    GrpcCode::Cancelled,
+    GrpcCode::DeadlineExceeded,
+    GrpcCode::ResourceExhausted,
+    GrpcCode::Unavailable,
+];
 
 /// Whether a failed attempt is retried (before asking the budget), after
 /// `retries_made` retries of this request. `body_replayable`: the whole
@@ -63,7 +69,7 @@ pub fn should_retry(
         // whatever the method (gRPC calls are all POSTs).
         Outcome::Grpc(code) => {
             if policy.grpc_codes.is_empty() {
-                DEFAULT_GRPC_CODES.contains(&code)
+                DEFAULT_GRPC_CODES.iter().any(|c| c.is(code))
             } else {
                 policy.grpc_codes.contains(&code)
             }

@@ -13,7 +13,7 @@
 use super::authz::ConnectionAccess;
 use crate::state::PodInfo;
 use crate::state::Snapshot;
-use crate::telemetry::{AuthzLabels, AuthzMetrics};
+use crate::telemetry::{AuthzLabels, AuthzMetrics, AuthzReason};
 use std::net::IpAddr;
 use std::sync::Arc;
 use weft_cert_manager::SpiffeId;
@@ -42,7 +42,7 @@ pub struct InboundRouting;
 
 /// One request's verdict.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Verdict {
+pub enum RequestVerdict {
     /// No routes: the connection's admission stands.
     Pass,
     /// Allowed on this route (the `route` metric label).
@@ -64,9 +64,9 @@ impl InboundRouting {
         pod: &PodInfo,
         access: &RouteAccess,
         req: &Request<'_>,
-    ) -> Verdict {
+    ) -> RequestVerdict {
         let Some(snapshot) = snapshot else {
-            return Verdict::Pass;
+            return RequestVerdict::Pass;
         };
         let found = pod
             .workload_uid
@@ -75,26 +75,40 @@ impl InboundRouting {
         let Some((server, routes)) = found else {
             if access.connection.routes_only() {
                 // Fail closed: admitted for routes that are gone.
-                self.count(metrics, pod, "", "", "route_denied", false);
-                return Verdict::Denied {
+                self.count(metrics, pod, "", "", AuthzReason::RouteDenied, false);
+                return RequestVerdict::Denied {
                     route: String::new(),
                 };
             }
-            return Verdict::Pass;
+            return RequestVerdict::Pass;
         };
         match routes.authorize(req, access.client.as_deref(), access.client_ip) {
             // Not reached with routes (compiled only when there are some).
-            RouteDecision::NoRoutes => Verdict::Pass,
+            RouteDecision::NoRoutes => RequestVerdict::Pass,
             RouteDecision::Allowed { route, policy } => {
-                self.count(metrics, pod, server, &policy, "route_authorized", true);
-                Verdict::Allowed { route }
+                self.count(
+                    metrics,
+                    pod,
+                    server,
+                    &policy,
+                    AuthzReason::RouteAuthorized,
+                    true,
+                );
+                RequestVerdict::Allowed { route }
             }
             RouteDecision::Denied { route } => {
                 // No policy admitted it: the route that refused is named.
-                self.count(metrics, pod, server, &route, "route_denied", false);
-                Verdict::Denied { route }
+                self.count(
+                    metrics,
+                    pod,
+                    server,
+                    &route,
+                    AuthzReason::RouteDenied,
+                    false,
+                );
+                RequestVerdict::Denied { route }
             }
-            RouteDecision::NotFound => Verdict::NotFound,
+            RouteDecision::NotFound => RequestVerdict::NotFound,
         }
     }
 
@@ -104,7 +118,7 @@ impl InboundRouting {
         pod: &PodInfo,
         server: &str,
         policy: &str,
-        reason: &str,
+        reason: AuthzReason,
         allowed: bool,
     ) {
         let labels = AuthzLabels {
@@ -112,7 +126,7 @@ impl InboundRouting {
             destination_namespace: pod.namespace.clone(),
             server: server.to_string(),
             policy: policy.to_string(),
-            reason: reason.to_string(),
+            reason: reason.as_label().to_string(),
         };
         metrics.count_request(&labels, allowed);
     }

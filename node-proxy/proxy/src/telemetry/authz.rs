@@ -20,6 +20,57 @@ pub struct AuthzLabels {
     pub reason: String,
 }
 
+/// Why a connection or request was allowed or refused: the `reason` label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AuthzReason {
+    /// A kubelet probe from the pod's own node to a probe port.
+    Probe,
+    /// An AuthorizationPolicy admitted the client.
+    Authorized,
+    /// The default policy (cluster, namespace or pod) allowed it.
+    DefaultAllow,
+    /// The default policy refused it.
+    DefaultDeny,
+    /// Allowed by an `audit` default, which `deny` would refuse.
+    Audit,
+    /// Admitted only for the Server's routes a route-level policy opens.
+    RoutesOnly,
+    /// Fail closed: the pod's Policy is not in the view.
+    NoPolicy,
+    /// Standalone proxy: nothing to enforce.
+    NoControlPlane,
+    /// A request allowed by a route-level policy.
+    RouteAuthorized,
+    /// A request refused by route-level authorization.
+    RouteDenied,
+    /// A routes-only client's connection that is not HTTP.
+    RoutesOnlyOpaque,
+}
+
+impl AuthzReason {
+    pub fn as_label(self) -> &'static str {
+        match self {
+            AuthzReason::Probe => "probe",
+            AuthzReason::Authorized => "authorized",
+            AuthzReason::DefaultAllow => "default_allow",
+            AuthzReason::DefaultDeny => "default_deny",
+            AuthzReason::Audit => "audit",
+            AuthzReason::RoutesOnly => "routes_only",
+            AuthzReason::NoPolicy => "no_policy",
+            AuthzReason::NoControlPlane => "no_control_plane",
+            AuthzReason::RouteAuthorized => "route_authorized",
+            AuthzReason::RouteDenied => "route_denied",
+            AuthzReason::RoutesOnlyOpaque => "routes_only_opaque",
+        }
+    }
+}
+
+impl std::fmt::Display for AuthzReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_label())
+    }
+}
+
 #[derive(Clone, Default)]
 pub struct AuthzMetrics {
     pub(super) allowed: Family<AuthzLabels, Counter>,

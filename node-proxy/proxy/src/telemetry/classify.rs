@@ -99,7 +99,10 @@ pub fn grpc_status(headers: &http::HeaderMap) -> Option<u32> {
 /// PERMISSION_DENIED) or a rate limit (RESOURCE_EXHAUSTED, 429) is not the
 /// endpoint being unhealthy.
 pub fn grpc_server_failed(code: u32) -> bool {
-    matches!(code, 2 | 4 | 13 | 14 | 15)
+    use super::grpc::GrpcCode::*;
+    [Unknown, DeadlineExceeded, Internal, Unavailable, DataLoss]
+        .iter()
+        .any(|c| c.is(code))
 }
 
 /// Success unless the server failed: 5xx, a gRPC status other than OK, or

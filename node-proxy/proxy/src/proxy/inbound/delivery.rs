@@ -18,11 +18,12 @@ use crate::l7::app_connection::AppConnection;
 use crate::l7::body::{ProxyBody, Recorded, Recorder, proxy_body};
 use crate::l7::respond::{error_response, synthetic};
 use crate::l7::upgrade::{Upgrades, wants_upgrade};
-use crate::policy::route_authz::{RouteAccess, Verdict};
+use crate::policy::route_authz::{RequestVerdict, RouteAccess};
 use crate::proxy::ProxyInputs;
 use crate::state::opaque;
 use crate::state::routes::path_of;
 use crate::telemetry::classify::{MethodClass, grpc_status, is_grpc};
+use crate::telemetry::grpc::GrpcCode;
 use crate::telemetry::requests::Peers;
 use crate::telemetry::{Reporter, TcpLabels};
 use crate::transport::LocalPod;
@@ -86,7 +87,9 @@ pub async fn deliver<S: InboundStream>(
             destination_namespace: pod.namespace.clone(),
             server: String::new(),
             policy: String::new(),
-            reason: crate::policy::authz::ROUTES_ONLY_OPAQUE.into(),
+            reason: crate::telemetry::AuthzReason::RoutesOnlyOpaque
+                .as_label()
+                .into(),
         };
         cx.authz.metrics().count_request(&labels, false);
         let e = io::Error::new(
@@ -198,7 +201,7 @@ struct RouteGuard {
 }
 
 impl RouteGuard {
-    fn decide(&self, cx: &ProxyInputs, req: &RouteRequest<'_>) -> Verdict {
+    fn decide(&self, cx: &ProxyInputs, req: &RouteRequest<'_>) -> RequestVerdict {
         let snapshot = cx.control_plane.as_ref().map(|c| c.current());
         cx.inbound_routing.decide(
             snapshot.as_deref(),
@@ -314,20 +317,20 @@ impl Delivery {
         let verdict = self.guard.decide(&self.cx, &req);
         let mut peers = self.peers.clone();
         let refusal = match verdict {
-            Verdict::Pass => None,
-            Verdict::Allowed { route } => {
+            RequestVerdict::Pass => None,
+            RequestVerdict::Allowed { route } => {
                 peers.route = route;
                 None
             }
-            Verdict::Denied { route } => {
+            RequestVerdict::Denied { route } => {
                 let message = format!("route {route:?} does not authorize this client");
                 peers.route = route;
-                Some((StatusCode::FORBIDDEN, "7", message))
+                Some((StatusCode::FORBIDDEN, GrpcCode::PermissionDenied, message))
             }
-            Verdict::NotFound => {
+            RequestVerdict::NotFound => {
                 peers.route = crate::telemetry::requests::UNMATCHED_ROUTE.to_string();
                 let message = "no HTTPRoute of the Server matches this request".to_string();
-                Some((StatusCode::NOT_FOUND, "5", message))
+                Some((StatusCode::NOT_FOUND, GrpcCode::NotFound, message))
             }
         };
         if let Some((status, code, message)) = refusal {

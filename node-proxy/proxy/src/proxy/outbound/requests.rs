@@ -29,6 +29,7 @@ use crate::state::routes::{Plan, path_of, pick_backend, vip_of};
 use crate::state::{self, Route};
 use crate::telemetry::Reporter;
 use crate::telemetry::classify::{MethodClass, grpc_server_failed, grpc_status, is_grpc};
+use crate::telemetry::grpc::GrpcCode;
 use crate::telemetry::requests::Peers;
 use crate::transport::LocalPod;
 use crate::transport::open_upstream;
@@ -480,10 +481,12 @@ impl Failure {
             // Linkerd answers an unmatched route the same way (404 and
             // gRPC NOT_FOUND): the request names something that does not
             // exist, which is neither the server's fault nor retryable.
-            Failure::NotFound => (StatusCode::NOT_FOUND, "5"),
-            Failure::Timeout(_) | Failure::BackendTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "4"),
+            Failure::NotFound => (StatusCode::NOT_FOUND, GrpcCode::NotFound),
+            Failure::Timeout(_) | Failure::BackendTimeout(_) => {
+                (StatusCode::GATEWAY_TIMEOUT, GrpcCode::DeadlineExceeded)
+            }
             // The Gateway API asks for a 500 when a backend is invalid.
-            Failure::UnknownBackend(_) => (StatusCode::INTERNAL_SERVER_ERROR, "13"),
+            Failure::UnknownBackend(_) => (StatusCode::INTERNAL_SERVER_ERROR, GrpcCode::Internal),
         };
         synthetic(status, code, &self.to_string(), grpc)
     }
