@@ -31,6 +31,7 @@ pub mod upstream;
 
 pub use upstream::UpstreamPool;
 
+use crate::transport::Drain;
 use std::future::Future;
 use std::pin::Pin;
 
@@ -62,14 +63,14 @@ pub fn local_error_reset_limit(trusted_peer: bool) -> Option<usize> {
 /// the request in flight for HTTP/1.1) and waits for that.
 pub async fn serve_until_drained<C: Future>(
     conn: C,
-    draining: &tokio::sync::watch::Sender<bool>,
+    drain: &Drain,
     shutdown: impl FnOnce(Pin<&mut C>),
 ) -> C::Output {
-    let mut draining = draining.subscribe();
+    let mut draining = drain.watch();
     let mut conn = std::pin::pin!(conn);
     tokio::select! {
         out = conn.as_mut() => return out,
-        _ = draining.wait_for(|d| *d) => {}
+        () = draining.signaled() => {}
     }
     shutdown(conn.as_mut());
     conn.await
@@ -86,7 +87,7 @@ mod tests {
     #[tokio::test]
     async fn draining_ends_an_idle_keep_alive_connection() {
         let (mut client, server_io) = tokio::io::duplex(4096);
-        let draining = tokio::sync::watch::Sender::new(false);
+        let drain = Drain::default();
         let service = hyper::service::service_fn(|_req| async {
             Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
                 Bytes::from_static(b"ok"),
@@ -94,7 +95,7 @@ mod tests {
         });
         let conn = hyper::server::conn::http1::Builder::new()
             .serve_connection(TokioIo::new(server_io), service);
-        let server = serve_until_drained(conn, &draining, |c| c.graceful_shutdown());
+        let server = serve_until_drained(conn, &drain, |c| c.graceful_shutdown());
         let client = async {
             client
                 .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -108,7 +109,7 @@ mod tests {
                 seen.extend_from_slice(&buf[..n]);
             }
             // Kept alive until the proxy drains; then closed.
-            draining.send_replace(true);
+            drain.start();
             let n = client.read(&mut buf).await.unwrap();
             assert_eq!(n, 0, "EOF after the drain");
         };

@@ -16,6 +16,7 @@ use weft_node_proxy::policy::InboundAuthz;
 use weft_node_proxy::proxy::ProxyInputs;
 use weft_node_proxy::state::ControlPlane;
 use weft_node_proxy::telemetry::{ProcessCollector, TcpMetrics};
+use weft_node_proxy::transport::DrainWatch;
 use weft_redirector::{PodRegistrationListener, Redirector, RedirectorConfig};
 
 /// How long a registration waits for the pod to appear in the view.
@@ -161,13 +162,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     inputs.request_metrics.register(&mut registry);
     inputs.authz.metrics().register(&mut registry);
     let authz = inputs.authz.clone();
+    // One drain for everything: the admin servers stop when it starts, and
+    // every connection holds a watch until it is done.
+    let drain = inputs.drain.clone();
     let pods = Arc::new(PodRegistry::new(redirector.clone(), inputs));
 
     let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
+    let stopped = |mut watch: DrainWatch| async move { watch.signaled().await };
     let bind = |addr: SocketAddr, what: &'static str| async move {
         TcpListener::bind(addr).await.map_err(|e| {
             anyhow::anyhow!(
@@ -178,12 +179,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     tokio::spawn(admin::serve(
         bind(args.metrics_addr, "metrics").await?,
         admin::metrics_handler(Arc::new(registry)),
-        stopped(stop_rx.clone()),
+        stopped(drain.watch()),
     ));
     tokio::spawn(admin::serve(
         bind(args.health_addr, "health").await?,
         admin::health_handler(ready_rx),
-        stopped(stop_rx.clone()),
+        stopped(drain.watch()),
     ));
     let dump_pods = pods.clone();
     let dump_mesh = mesh.clone();
@@ -191,7 +192,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     tokio::spawn(admin::serve(
         bind(args.admin_addr, "admin").await?,
         admin::admin_handler(move || config_dump(&node, &dump_pods, dump_mesh.as_ref())),
-        stopped(stop_rx.clone()),
+        stopped(drain.watch()),
     ));
 
     if let Some(dir) = args.agent_socket.parent() {
@@ -260,19 +261,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     tracing::info!(seconds = args.drain_seconds, "draining");
     let _ = ready_tx.send(false);
-    let _ = stop_tx.send(true);
     drop(registrations);
+    // No new connection (the pods' listeners close: they fail closed); the
+    // open ones finish, up to the deadline.
     pods.stop_accepting();
-    // Connections in flight run on their own tasks; give them the deadline.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.drain_seconds);
-    while tcp_metrics.in_flight() > 0 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    if tcp_metrics.in_flight() > 0 {
-        tracing::info!(
-            open = tcp_metrics.in_flight(),
-            "drain deadline reached; closing"
-        );
+    let open = drain.finish(Duration::from_secs(args.drain_seconds)).await;
+    if open > 0 {
+        tracing::info!(open, "drain deadline reached; closing");
     }
     drop(pods);
     if args.uninstall_on_exit {

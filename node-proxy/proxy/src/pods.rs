@@ -336,7 +336,7 @@ impl PodRegistry {
     /// pods are refused: they fail closed) and tells HBONE connections to
     /// drain; connections in flight go on.
     pub fn stop_accepting(&self) {
-        let _ = self.inputs.draining.send(true);
+        self.inputs.drain.start();
         for r in self.pods.lock().expect("pods lock").values_mut() {
             for h in r.captured.iter_mut().flat_map(|c| c.listeners.drain(..)) {
                 h.abort();

@@ -21,7 +21,7 @@ use crate::policy::route_authz::InboundRouting;
 use crate::state::ControlPlane;
 use crate::state::routes::OutboundRouting;
 use crate::telemetry::{RequestMetrics, TcpMetrics};
-use crate::transport::{TunnelKey, tunnel_connector};
+use crate::transport::{Drain, TunnelKey, tunnel_connector};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,9 +38,9 @@ pub struct ProxyInputs {
     pub balancer: Arc<Balancer<SocketAddr>>,
     /// HBONE connections to other node proxies (with a control plane).
     pub tunnels: Option<Arc<HbonePool<TunnelKey>>>,
-    /// Set to true at shutdown: HBONE connections send GOAWAY and finish
-    /// their open streams.
-    pub draining: Arc<tokio::sync::watch::Sender<bool>>,
+    /// Shutdown: connections finish (HBONE and HTTP/2 GOAWAY, HTTP/1.1
+    /// `Connection: close`) and are waited for.
+    pub drain: Drain,
     /// Inbound authorization: decisions, and the admitted connections a
     /// policy change may revoke.
     pub authz: Arc<InboundAuthz>,
@@ -70,7 +70,7 @@ impl ProxyInputs {
             control_plane,
             balancer: Arc::new(Balancer::new(BalancerConfig::default())),
             tunnels,
-            draining: Arc::new(tokio::sync::watch::Sender::new(false)),
+            drain: Drain::default(),
             authz: Arc::default(),
             request_metrics: RequestMetrics::default(),
             upstreams: UpstreamPool::new(),

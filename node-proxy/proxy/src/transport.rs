@@ -7,14 +7,17 @@
 //! - [`upstream`]: [`Upstream`], [`open_upstream`], [`ConnectError`];
 //! - [`tunnel`]: the HBONE pool's key and connector (TLS with the source
 //!   pod's certificate, requiring the destination's identity);
+//! - [`drain`]: shutdown, one mechanism for every connection and server;
 //! - [`accept_loop`]: serving a pod's listener.
 //!
 //! Layering: below `http` and `proxy`; imports `state` only.
 
+pub mod drain;
 pub mod pod;
 pub mod tunnel;
 pub mod upstream;
 
+pub use drain::{Drain, DrainWatch};
 pub use pod::{LocalPod, SocketFactory};
 pub use tunnel::{TunnelKey, tunnel_connector};
 pub use upstream::{ConnectError, Upstream, open_upstream};
@@ -25,10 +28,14 @@ use std::net::SocketAddr;
 /// leaves), handing each connection to `handle` on a task of its own. An
 /// accept error (file descriptors exhausted, say) is logged and retried after
 /// a pause rather than ending the listener: the pod would lose its traffic.
+///
+/// Each connection holds a watch of `drain` until its handler is done: the
+/// drain at shutdown waits for it.
 pub async fn accept_loop<F, Fut>(
     listener: tokio::net::TcpListener,
     pod: &LocalPod,
     what: &'static str,
+    drain: &Drain,
     mut handle: F,
 ) where
     F: FnMut(tokio::net::TcpStream, SocketAddr) -> Fut,
@@ -40,7 +47,12 @@ pub async fn accept_loop<F, Fut>(
                 // Forward what arrives at once: with Nagle on, small writes
                 // and HTTP/2 frames wait for the peer's delayed ACK (40 ms).
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(handle(stream, peer));
+                let watch = drain.watch();
+                let connection = handle(stream, peer);
+                tokio::spawn(async move {
+                    connection.await;
+                    drop(watch);
+                });
             }
             Err(e) => {
                 tracing::warn!(pod = %pod.key(), listener = what, error = %e, "accept failed");

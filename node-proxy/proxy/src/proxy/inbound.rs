@@ -23,7 +23,8 @@ use weft_hbone::{HboneRequest, serve_connection};
 use weft_stream::Transferred;
 
 pub async fn serve_plaintext(listener: TcpListener, pod: Arc<LocalPod>, cx: ProxyInputs) {
-    crate::transport::accept_loop(listener, &pod, "inbound", |stream, peer| {
+    let drain = cx.drain.clone();
+    crate::transport::accept_loop(listener, &pod, "inbound", &drain, |stream, peer| {
         handle_plaintext(stream, peer, pod.clone(), cx.clone())
     })
     .await
@@ -64,7 +65,8 @@ pub async fn serve_hbone(listener: TcpListener, pod: Arc<LocalPod>, cx: ProxyInp
     };
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let listening_pod = pod.clone();
-    crate::transport::accept_loop(listener, &listening_pod, "hbone", move |tcp, peer| {
+    let drain = cx.drain.clone();
+    crate::transport::accept_loop(listener, &listening_pod, "hbone", &drain, move |tcp, peer| {
         let (acceptor, pod, cx) = (acceptor.clone(), pod.clone(), cx.clone());
         async move {
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
@@ -83,14 +85,14 @@ pub async fn serve_hbone(listener: TcpListener, pod: Arc<LocalPod>, cx: ProxyInp
                 return;
             };
             let principal = Arc::new(principal);
-            let mut draining = cx.draining.subscribe();
+            let mut draining = cx.drain.watch();
             let result = serve_connection(
                 tls,
                 move |request| {
                     handle_stream(request, peer, principal.clone(), pod.clone(), cx.clone())
                 },
                 async move {
-                    let _ = draining.wait_for(|d| *d).await;
+                    draining.signaled().await;
                 },
             )
             .await;

@@ -30,7 +30,8 @@ use weft_stream::splice;
 use weft_stream::{Prefixed, Protocol};
 
 pub async fn serve(listener: TcpListener, pod: Arc<LocalPod>, cx: ProxyInputs) {
-    crate::transport::accept_loop(listener, &pod, "outbound", |stream, peer| {
+    let drain = cx.drain.clone();
+    crate::transport::accept_loop(listener, &pod, "outbound", &drain, |stream, peer| {
         handle(stream, peer, pod.clone(), cx.clone())
     })
     .await

@@ -106,15 +106,6 @@ impl TcpMetrics {
         );
     }
 
-    /// Counts a connection as in flight (for the drain at shutdown) without
-    /// a TCP series: an HTTP connection the proxy terminates is measured by
-    /// the request metrics instead, as Istio does.
-    pub fn track(&self) -> InFlight {
-        self.in_flight
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        InFlight(self.in_flight.clone())
-    }
-
     /// Counts a connection as opened; the returned handle counts it closed.
     pub fn open(&self, labels: TcpLabels) -> OpenConnection {
         self.opened.get_or_create(&labels).inc();
@@ -124,15 +115,6 @@ impl TcpMetrics {
             metrics: self.clone(),
             labels: Some(labels),
         }
-    }
-}
-
-/// A connection counted in flight until dropped.
-pub struct InFlight(std::sync::Arc<std::sync::atomic::AtomicUsize>);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -358,10 +340,6 @@ mod tests {
         a.close(&Default::default());
         assert_eq!(m.in_flight(), 1);
         drop(b);
-        assert_eq!(m.in_flight(), 0);
-        let http = m.track();
-        assert_eq!(m.in_flight(), 1);
-        drop(http);
         assert_eq!(m.in_flight(), 0);
     }
 

@@ -289,14 +289,14 @@ where
             let conn = http2::Builder::new(TokioExecutor::new())
                 .max_local_error_reset_streams(crate::l7::local_error_reset_limit(trusted))
                 .serve_connection(io, service);
-            crate::l7::serve_until_drained(conn, &cx.draining, |c| c.graceful_shutdown()).await
+            crate::l7::serve_until_drained(conn, &cx.drain, |c| c.graceful_shutdown()).await
         }
         _ => {
             let conn = http1::Builder::new()
                 .preserve_header_case(true)
                 .serve_connection(io, service)
                 .with_upgrades();
-            crate::l7::serve_until_drained(conn, &cx.draining, |c| c.graceful_shutdown()).await
+            crate::l7::serve_until_drained(conn, &cx.drain, |c| c.graceful_shutdown()).await
         }
     };
     delivery.upgrades.finish().await;

@@ -79,10 +79,8 @@ pub async fn serve<IO>(
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    // Counted for the drain at shutdown, like every proxied connection.
-    let _open = cx.tcp_metrics.track();
     let key = pod.key();
-    let draining = cx.draining.clone();
+    let drain = cx.drain.clone();
     let conn = Arc::new(Connection {
         dst,
         pod,
@@ -102,14 +100,14 @@ pub async fn serve<IO>(
             let conn = http2::Builder::new(TokioExecutor::new())
                 .max_local_error_reset_streams(local_error_reset_limit(true))
                 .serve_connection(io, service);
-            serve_until_drained(conn, &draining, |c| c.graceful_shutdown()).await
+            serve_until_drained(conn, &drain, |c| c.graceful_shutdown()).await
         }
         _ => {
             let conn = http1::Builder::new()
                 .preserve_header_case(true)
                 .serve_connection(io, service)
                 .with_upgrades();
-            serve_until_drained(conn, &draining, |c| c.graceful_shutdown()).await
+            serve_until_drained(conn, &drain, |c| c.graceful_shutdown()).await
         }
     };
     if let Err(e) = result {
