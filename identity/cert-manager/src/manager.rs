@@ -104,6 +104,9 @@ struct Inner {
     metrics: CertManagerMetrics,
     bundle_task: Mutex<Option<AbortHandle>>,
     generations: std::sync::atomic::AtomicU64,
+    /// Bumped whenever any identity's certificate is published or
+    /// withdrawn: what readiness follows, instead of polling.
+    changes: watch::Sender<u64>,
 }
 
 struct Slot {
@@ -150,6 +153,7 @@ impl CertManager {
                 metrics,
                 bundle_task: Mutex::new(None),
                 generations: std::sync::atomic::AtomicU64::new(0),
+                changes: watch::Sender::new(0),
             }),
         }
     }
@@ -175,6 +179,13 @@ impl CertManager {
     }
 
     /// A pod using `identity` arrived on this node: fetch ahead of time.
+    /// Changes whenever a certificate of any identity is published or
+    /// withdrawn (the value is a counter): wait on it rather than polling
+    /// [`CertManager::current_certificate`].
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.inner.changes.subscribe()
+    }
+
     pub fn register_pod(&self, identity: &SpiffeId) {
         self.acquire(identity, true);
     }
@@ -358,6 +369,7 @@ async fn run_identity(
                 let published = strong.if_current(&identity, generation, || {
                     metrics.refreshed(&name, true, Some(valid_until));
                     tx.send_replace(Some(cert));
+                    strong.changes.send_modify(|n| *n += 1);
                 });
                 drop(strong);
                 if !published {
@@ -394,6 +406,9 @@ async fn run_identity(
                         tokio::time::sleep_until(at).await;
                         tracing::error!(identity = %name, "certificate expired and the CA is still unreachable");
                         tx.send_replace(None);
+                        if let Some(strong) = inner.upgrade() {
+                            strong.changes.send_modify(|n| *n += 1);
+                        }
                         expires = None;
                     }
                     _ => tokio::time::sleep(delay).await,

@@ -351,6 +351,8 @@ async fn follow_view(
     ready: tokio::sync::watch::Sender<bool>,
 ) {
     let mut view = mesh.view.clone();
+    let mut certificates = mesh.certs.changes();
+    let mut captured = pods.changes();
     let mut last_version = None;
     loop {
         let version = {
@@ -368,10 +370,12 @@ async fn follow_view(
         }
         let now_ready = mesh.has_view() && pods.certificates_ready();
         ready.send_if_modified(|r| std::mem::replace(r, now_ready) != now_ready);
-        // Certificates arrive without a view change: look again shortly.
+        // Ready changes with the view, with a certificate issued or
+        // withdrawn, and with a pod captured or released.
         tokio::select! {
             changed = view.changed() => if changed.is_err() { return },
-            () = tokio::time::sleep(Duration::from_millis(100)) => {}
+            changed = certificates.changed() => if changed.is_err() { return },
+            changed = captured.changed() => if changed.is_err() { return },
         }
     }
 }

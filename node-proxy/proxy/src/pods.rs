@@ -85,6 +85,8 @@ pub struct PodRegistry {
     redirector: Arc<Redirector>,
     inputs: ProxyInputs,
     pods: Mutex<HashMap<String, Registered>>,
+    /// Bumped when a pod is captured or released: readiness follows it.
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl PodRegistry {
@@ -93,7 +95,13 @@ impl PodRegistry {
             redirector,
             inputs,
             pods: Mutex::default(),
+            changes: tokio::sync::watch::Sender::new(0),
         }
+    }
+
+    /// Changes whenever the set of captured pods changes.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// Handles one registration event; the error is what the CNI plugin
@@ -254,6 +262,7 @@ impl PodRegistry {
             });
         }
         tracing::info!(pod = %key, identity = ?local.identity.as_ref().map(|i| i.to_string()), "pod enrolled");
+        self.changes.send_modify(|n| *n += 1);
         Ok(Captured {
             pod: local,
             listeners: std::mem::take(&mut listeners.0),
@@ -276,6 +285,7 @@ impl PodRegistry {
             h.abort();
         }
         self.release_certificate(&captured.pod);
+        self.changes.send_modify(|n| *n += 1);
         tracing::info!(pod = %captured.pod.key(), "pod left the mesh");
     }
 

@@ -8,7 +8,7 @@
 mod in_process;
 
 use bytes::Bytes;
-use in_process::{Mesh, get, metric, serve_app, text};
+use in_process::{Mesh, get, metric, pod_yaml, serve_app, text};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -16,24 +16,6 @@ const CLUSTER: &str = r#"
 apiVersion: v1
 kind: Namespace
 metadata: {name: demo, labels: {weft.io/mesh: enabled}}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: client, namespace: demo, uid: u-client}
-spec: {nodeName: node-a, serviceAccountName: client, containers: [{name: main, image: app}]}
-status: {phase: Running, podIP: 127.32.1.2, podIPs: [{ip: 127.32.1.2}], conditions: [{type: Ready, status: "True"}]}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: admin, namespace: demo, uid: u-admin}
-spec: {nodeName: node-a, serviceAccountName: admin, containers: [{name: main, image: app}]}
-status: {phase: Running, podIP: 127.32.1.3, podIPs: [{ip: 127.32.1.3}], conditions: [{type: Ready, status: "True"}]}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: vault-1, namespace: demo, uid: u-vault-1, labels: {app: vault}}
-spec: {nodeName: node-b, serviceAccountName: vault, containers: [{name: main, image: app, ports: [{containerPort: 8080}]}]}
-status: {phase: Running, podIP: 127.32.1.4, podIPs: [{ip: 127.32.1.4}], conditions: [{type: Ready, status: "True"}]}
 ---
 apiVersion: v1
 kind: Service
@@ -87,7 +69,22 @@ const VAULT: &str = "10.96.32.1:80";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn route_level_authorization_decides_each_request() {
-    let mut mesh = Mesh::start(CLUSTER).await;
+    let mut cluster = CLUSTER.to_string();
+    for (name, node, sa, ip, app, port) in [
+        ("client", "node-a", "client", "127.32.1.2", None, None),
+        ("admin", "node-a", "admin", "127.32.1.3", None, None),
+        (
+            "vault-1",
+            "node-b",
+            "vault",
+            "127.32.1.4",
+            Some("vault"),
+            Some(8080),
+        ),
+    ] {
+        cluster.push_str(&pod_yaml("demo", name, node, sa, ip, app, port));
+    }
+    let mut mesh = Mesh::start(&cluster).await;
     serve_app(
         "127.32.1.4:8080".parse().unwrap(),
         |req: http::Request<_>| async move {

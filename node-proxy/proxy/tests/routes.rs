@@ -15,7 +15,7 @@ const FLAKY: &str = "flaky.demo.svc.cluster.local";
 const GRPC_FLAKY: &str = "grpc-flaky.demo.svc.cluster.local";
 
 /// `web` (two pods, one per node) with a canary Service of one pod; `flaky`
-/// fails every other request; `broken` fails every request; `ewma` has a
+/// fails every other request; `ewma` has a
 /// fast and a slow pod; `grpc-flaky` fails every other `flaky:` call;
 /// `grpc-pair` has a good pod and one answering UNAVAILABLE to every call.
 const CLUSTER: &str = r#"
@@ -108,27 +108,6 @@ spec:
   parentRefs: [{kind: Service, name: flaky, port: 80}]
   rules:
     - retry: {attempts: 2, backoff: 5ms}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: broken-1, namespace: demo, labels: {app: broken}}
-spec:
-  nodeName: node-b
-  serviceAccountName: web
-  containers: [{name: main, command: [./http_server.py, "8080", broken-1], ports: [{containerPort: 8080}]}]
----
-apiVersion: v1
-kind: Service
-metadata: {name: broken, namespace: demo}
-spec: {selector: {app: broken}, ports: [{port: 80, targetPort: 8080}]}
----
-apiVersion: policy.weft.io/v1alpha1
-kind: HTTPRoute
-metadata: {name: broken-retry, namespace: demo}
-spec:
-  parentRefs: [{kind: Service, name: broken, port: 80}]
-  rules:
-    - retry: {attempts: 2, backoff: 1ms}
 ---
 apiVersion: v1
 kind: Pod
@@ -564,60 +543,10 @@ kind: Pod
 metadata: {name: admin, namespace: demo}
 spec: {nodeName: node-a, serviceAccountName: admin, containers: [{name: main, command: [sleep, infinity]}]}
 ---
-apiVersion: v1
-kind: Pod
-metadata: {name: vault-1, namespace: demo, labels: {app: vault}}
-spec:
-  nodeName: node-b
-  serviceAccountName: vault
-  containers: [{name: main, command: [./http_server.py, "8080", vault-1], ports: [{containerPort: 8080}]}]
----
-apiVersion: v1
-kind: Service
-metadata: {name: vault, namespace: demo}
-spec: {selector: {app: vault}, ports: [{port: 80, targetPort: 8080}]}
----
-apiVersion: policy.weft.io/v1alpha1
-kind: Server
-metadata: {name: vault-http, namespace: demo}
-spec:
-  podSelector: {matchLabels: {app: vault}}
-  port: 8080
-  accessPolicy: deny
----
-apiVersion: policy.weft.io/v1alpha1
-kind: HTTPRoute
-metadata: {name: status, namespace: demo}
-spec:
-  parentRefs: [{group: policy.weft.io, kind: Server, name: vault-http}]
-  rules: [{matches: [{path: {type: PathPrefix, value: /status}}]}]
----
-apiVersion: policy.weft.io/v1alpha1
-kind: HTTPRoute
-metadata: {name: hello, namespace: demo}
-spec:
-  parentRefs: [{group: policy.weft.io, kind: Server, name: vault-http}]
-  rules: [{matches: [{path: {type: PathPrefix, value: /hello}}]}]
----
-apiVersion: policy.weft.io/v1alpha1
-kind: AuthorizationPolicy
-metadata: {name: status-for-admin, namespace: demo}
-spec:
-  targetRef: {group: policy.weft.io, kind: HTTPRoute, name: status}
-  requiredAuthenticationRefs: [{kind: ServiceAccount, name: admin}]
----
 apiVersion: policy.weft.io/v1alpha1
 kind: MeshTLSAuthentication
 metadata: {name: any-mesh-client, namespace: demo}
 spec: {identities: ["*"]}
----
-apiVersion: policy.weft.io/v1alpha1
-kind: AuthorizationPolicy
-metadata: {name: hello-for-all, namespace: demo}
-spec:
-  targetRef: {group: policy.weft.io, kind: HTTPRoute, name: hello}
-  requiredAuthenticationRefs:
-    - {group: policy.weft.io, kind: MeshTLSAuthentication, name: any-mesh-client}
 ---
 apiVersion: v1
 kind: Pod

@@ -10,7 +10,7 @@ mod in_process;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use in_process::{Mesh, get, metric, serve_app, text};
+use in_process::{Mesh, get, metric, pod_yaml, serve_app, text};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -20,42 +20,6 @@ const CLUSTER: &str = r#"
 apiVersion: v1
 kind: Namespace
 metadata: {name: demo, labels: {weft.io/mesh: enabled}}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: client, namespace: demo, uid: u-client}
-spec: {nodeName: node-a, serviceAccountName: client, containers: [{name: main, image: app}]}
-status: {phase: Running, podIP: 127.31.1.2, podIPs: [{ip: 127.31.1.2}], conditions: [{type: Ready, status: "True"}]}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: web-1, namespace: demo, uid: u-web-1, labels: {app: web}}
-spec: {nodeName: node-b, serviceAccountName: web, containers: [{name: main, image: app, ports: [{containerPort: 8080}]}]}
-status: {phase: Running, podIP: 127.31.1.3, podIPs: [{ip: 127.31.1.3}], conditions: [{type: Ready, status: "True"}]}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: web-2, namespace: demo, uid: u-web-2, labels: {app: web}}
-spec: {nodeName: node-a, serviceAccountName: web, containers: [{name: main, image: app, ports: [{containerPort: 8080}]}]}
-status: {phase: Running, podIP: 127.31.1.4, podIPs: [{ip: 127.31.1.4}], conditions: [{type: Ready, status: "True"}]}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: canary-1, namespace: demo, uid: u-canary-1, labels: {app: web-canary}}
-spec: {nodeName: node-b, serviceAccountName: web, containers: [{name: main, image: app, ports: [{containerPort: 8080}]}]}
-status: {phase: Running, podIP: 127.31.1.5, podIPs: [{ip: 127.31.1.5}], conditions: [{type: Ready, status: "True"}]}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: flaky-1, namespace: demo, uid: u-flaky-1, labels: {app: flaky}}
-spec: {nodeName: node-b, serviceAccountName: web, containers: [{name: main, image: app, ports: [{containerPort: 8080}]}]}
-status: {phase: Running, podIP: 127.31.1.6, podIPs: [{ip: 127.31.1.6}], conditions: [{type: Ready, status: "True"}]}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: broken-1, namespace: demo, uid: u-broken-1, labels: {app: broken}}
-spec: {nodeName: node-b, serviceAccountName: web, containers: [{name: main, image: app, ports: [{containerPort: 8080}]}]}
-status: {phase: Running, podIP: 127.31.1.7, podIPs: [{ip: 127.31.1.7}], conditions: [{type: Ready, status: "True"}]}
 ---
 apiVersion: v1
 kind: Service
@@ -171,7 +135,34 @@ const PATIENCE: Duration = Duration::from_secs(30);
 /// test: tests of one binary run at once), the applications running and
 /// every pod served by its node's proxy; returns the client pod.
 async fn start(subnet: u8) -> (Mesh, in_process::MeshPod) {
-    let cluster = CLUSTER.replace("127.31.1.", &format!("127.31.{subnet}."));
+    let ip = |host: u8| format!("127.31.{subnet}.{host}");
+    let mut cluster = CLUSTER.to_string();
+    cluster.push_str(&pod_yaml(
+        "demo",
+        "client",
+        "node-a",
+        "client",
+        &ip(2),
+        None,
+        None,
+    ));
+    for (host, name, node, app) in [
+        (3, "web-1", "node-b", "web"),
+        (4, "web-2", "node-a", "web"),
+        (5, "canary-1", "node-b", "web-canary"),
+        (6, "flaky-1", "node-b", "flaky"),
+        (7, "broken-1", "node-b", "broken"),
+    ] {
+        cluster.push_str(&pod_yaml(
+            "demo",
+            name,
+            node,
+            "web",
+            &ip(host),
+            Some(app),
+            Some(8080),
+        ));
+    }
     let mut mesh = Mesh::start(&cluster).await;
     for (host, name) in [
         (3, "web-1"),

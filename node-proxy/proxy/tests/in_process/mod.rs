@@ -45,6 +45,31 @@ use weft_node_proxy::telemetry::TcpMetrics;
 use weft_node_proxy::testing::{LoopbackSockets, loopback_pod};
 use weft_node_proxy::transport::{LocalPod, SocketFactory};
 
+/// A running pod's manifest (a YAML document, `---` first), with what its kubelet would report: `ip` as
+/// its address, Ready. `app`: its `app` label; `port`: its container port.
+pub fn pod_yaml(
+    namespace: &str,
+    name: &str,
+    node: &str,
+    service_account: &str,
+    ip: &str,
+    app: Option<&str>,
+    port: Option<u16>,
+) -> String {
+    let labels = app
+        .map(|a| format!(", labels: {{app: {a}}}"))
+        .unwrap_or_default();
+    let ports = port
+        .map(|p| format!(", ports: [{{containerPort: {p}}}]"))
+        .unwrap_or_default();
+    format!(
+        "---\napiVersion: v1\nkind: Pod\n\
+         metadata: {{name: {name}, namespace: {namespace}, uid: u-{name}{labels}}}\n\
+         spec: {{nodeName: {node}, serviceAccountName: {service_account}, containers: [{{name: main, image: app{ports}}}]}}\n\
+         status: {{phase: Running, podIP: {ip}, podIPs: [{{ip: {ip}}}], conditions: [{{type: Ready, status: \"True\"}}]}}\n"
+    )
+}
+
 /// The view node `node` gets from the destination service for `manifests`
 /// (pods carry their addresses in `status.podIP`).
 pub fn view_of(yaml: &str, node: &str) -> View {
