@@ -9,8 +9,8 @@
 mod in_process;
 
 use bytes::Bytes;
-use http_body_util::Full;
-use in_process::{Mesh, get, metric, pod_yaml, serve_app, text};
+use http_body_util::BodyExt;
+use in_process::{Mesh, get, metric, pod_yaml, post_chunked, serve_app, streamed, text};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -55,6 +55,9 @@ spec:
     - name: slow
       matches: [{path: {type: PathPrefix, value: /delay}}]
       timeouts: {request: 300ms}
+    - name: stall
+      matches: [{path: {type: PathPrefix, value: /stall}}]
+      timeouts: {request: 300ms}
 ---
 apiVersion: policy.weft.io/v1alpha1
 kind: HTTPRoute
@@ -89,7 +92,8 @@ async fn app(ip: &str, name: &'static str) -> Arc<AtomicUsize> {
         let counter = counter.clone();
         async move {
             let n = counter.fetch_add(1, Ordering::SeqCst);
-            let parts: Vec<&str> = req.uri().path().trim_matches('/').split('/').collect();
+            let path = req.uri().path().trim_matches('/').to_string();
+            let parts: Vec<&str> = path.split('/').collect();
             match parts.as_slice() {
                 ["hello"] => text(200, format!("hello from {name}")),
                 ["delay", ms] => {
@@ -98,12 +102,27 @@ async fn app(ip: &str, name: &'static str) -> Arc<AtomicUsize> {
                     text(200, format!("{name} waited {ms} ms"))
                 }
                 ["status", code] => text(code.parse().unwrap_or(400), Bytes::new()),
+                // A POST's body is read first (as the simulator's Python
+                // server does) and comes back: each client gets its own.
+                ["flaky"] if req.method() == http::Method::POST => {
+                    match req.into_body().collect().await {
+                        Ok(_) if n % 2 == 1 => text(500, "flaky failed"),
+                        Ok(body) => text(200, body.to_bytes()),
+                        Err(e) => text(400, e.to_string()),
+                    }
+                }
                 ["flaky"] if n % 2 == 1 => text(500, "flaky failed"),
                 ["flaky"] => text(200, "flaky ok"),
-                _ => http::Response::builder()
-                    .status(404)
-                    .body(Full::new(Bytes::new()))
-                    .unwrap(),
+                // Headers and a first chunk at once, then nothing for 60 s.
+                ["stall"] => {
+                    let (response, rest) = streamed("start\n");
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_secs(60)).await;
+                        drop(rest);
+                    });
+                    response
+                }
+                _ => text(404, Bytes::new()),
             }
         }
     })
@@ -318,5 +337,107 @@ async fn retries_hide_a_flaky_endpoint_and_stop_at_the_budget() {
     assert_eq!(
         requests(&mesh, BROKEN, "broken-retry/0", &[("status_code", "503")]),
         M as f64
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_replay_streamed_bodies() {
+    let (mesh, client) = start(3).await;
+    let (flaky, _) = client.outbound_to("10.96.31.3:80".parse().unwrap());
+    let labels = [("destination_service", FLAKY), ("route", "flaky-retry/0")];
+    let retries = || {
+        metric(
+            &mesh.node("node-a").metrics(),
+            "weft_request_retries_total",
+            &labels,
+        )
+        .unwrap_or(0.0)
+    };
+    // Chunked POSTs (no Content-Length: the body is streamed through the
+    // proxy) to an endpoint failing every other request. Each failure is
+    // retried with the body kept by the first attempt, which the server
+    // echoes: every client gets its own bytes back.
+    const N: usize = 20;
+    for i in 0..N {
+        let payload = Bytes::from(format!("weft-replay-{i:02}/").repeat(100));
+        let (status, body) = tokio::time::timeout(
+            PATIENCE,
+            post_chunked(flaky, "flaky.demo", "/flaky", payload.clone()),
+        )
+        .await
+        .expect("answered");
+        assert_eq!(status, 200, "POST {i}");
+        assert_eq!(body, payload, "POST {i} got its own body back");
+    }
+    // The first request finds the server's success turn; every later one
+    // fails once, then succeeds.
+    assert_eq!(retries(), (N - 1) as f64);
+
+    // A body over the 64 KiB replay cap is forwarded but not kept: its
+    // failures reach the client, with no retry made.
+    const BIG: usize = 6;
+    let mut codes = Vec::new();
+    for _ in 0..BIG {
+        let big = Bytes::from(vec![b'x'; 80 * 1024]);
+        codes.push(post_chunked(flaky, "flaky.demo", "/flaky", big).await.0);
+    }
+    assert_eq!(
+        codes.iter().filter(|c| **c == 500).count(),
+        BIG / 2,
+        "{codes:?}"
+    );
+    assert_eq!(
+        codes.iter().filter(|c| **c == 200).count(),
+        BIG / 2,
+        "{codes:?}"
+    );
+    assert_eq!(
+        retries(),
+        (N - 1) as f64,
+        "no retry of a body that was not kept"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_request_timeout_covers_the_response_body() {
+    let (mesh, client) = start(4).await;
+    let (web, _) = client.outbound_to("10.96.31.1:80".parse().unwrap());
+    // The application sends its headers and a first chunk at once, then
+    // stalls for 60 s. The rule's 300 ms bounds the whole response: the
+    // client gets "start" and then an error (the response is cut, never
+    // made to look complete), long before the application would finish.
+    let tcp = tokio::net::TcpStream::connect(web).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get("/stall")
+        .header(http::header::HOST, "web.demo")
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    let resp = send.send_request(req).await.expect("headers");
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let first = body
+        .frame()
+        .await
+        .expect("a frame")
+        .expect("the first chunk");
+    assert_eq!(first.into_data().unwrap(), "start\n");
+    let rest = tokio::time::timeout(PATIENCE, body.frame())
+        .await
+        .expect("the proxy ends the body before the application would");
+    assert!(
+        matches!(rest, Some(Err(_))),
+        "the cut body is an error, not an end: {rest:?}"
+    );
+    assert_eq!(
+        requests(
+            &mesh,
+            WEB,
+            "web-split/stall",
+            &[("classification", "failure")]
+        ),
+        1.0
     );
 }

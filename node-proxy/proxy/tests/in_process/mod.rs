@@ -12,6 +12,7 @@
 #![allow(dead_code)]
 
 use bytes::Bytes;
+use futures::StreamExt;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -305,7 +306,7 @@ impl MeshPod {
 pub async fn serve_app<F, Fut>(addr: SocketAddr, handle: F) -> JoinHandle<()>
 where
     F: Fn(http::Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = http::Response<Full<Bytes>>> + Send + 'static,
+    Fut: Future<Output = http::Response<AppBody>> + Send + 'static,
 {
     let listener = TcpListener::bind(addr).await.expect("app listens");
     tokio::spawn(async move {
@@ -327,11 +328,64 @@ where
     })
 }
 
+/// What an application answers with: whole, or streamed.
+pub type AppBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
+
 /// A plain-text response.
-pub fn text(status: u16, body: impl Into<Bytes>) -> http::Response<Full<Bytes>> {
-    let mut r = http::Response::new(Full::new(body.into()));
+pub fn text(status: u16, body: impl Into<Bytes>) -> http::Response<AppBody> {
+    let mut r = http::Response::new(
+        Full::new(body.into())
+            .map_err(|never| match never {})
+            .boxed(),
+    );
     *r.status_mut() = http::StatusCode::from_u16(status).expect("status");
     r
+}
+
+/// A response whose body is `first`, then whatever `rest` sends (a
+/// channel: a stalled or slow body).
+pub fn streamed(
+    first: &'static str,
+) -> (http::Response<AppBody>, tokio::sync::mpsc::Sender<Bytes>) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(8);
+    let stream = futures::stream::once(async move { Ok(Bytes::from_static(first.as_bytes())) })
+        .chain(futures::stream::poll_fn(move |cx| {
+            rx.poll_recv(cx).map(|b| b.map(Ok))
+        }))
+        .map(|r: Result<Bytes, std::io::Error>| r.map(hyper::body::Frame::data));
+    let body = BodyExt::boxed(http_body_util::StreamBody::new(stream));
+    (http::Response::new(body), tx)
+}
+
+/// A request with a streamed body (HTTP/1.1 chunked: no Content-Length)
+/// through `via`, one connection per request; the status and body.
+pub async fn post_chunked(via: SocketAddr, host: &str, path: &str, body: Bytes) -> (u16, Bytes) {
+    let tcp = tokio::net::TcpStream::connect(via).await.expect("connect");
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    // Two pieces, so the length is not known up front.
+    let half = body.len() / 2;
+    let pieces = vec![body.slice(..half), body.slice(half..)];
+    let stream = futures::stream::iter(
+        pieces
+            .into_iter()
+            .map(|b| Ok::<_, std::io::Error>(hyper::body::Frame::data(b))),
+    );
+    let req = http::Request::post(path)
+        .header(http::header::HOST, host)
+        .body(http_body_util::StreamBody::new(stream))
+        .expect("request");
+    let resp = send.send_request(req).await.expect("a response");
+    let status = resp.status().as_u16();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .expect("whole body")
+        .to_bytes();
+    (status, body)
 }
 
 /// A GET through `via` (a pod's outbound listener) with HTTP/1.1, one
