@@ -300,22 +300,3 @@ async fn idle_connections_are_closed() {
         server.closed.load(Ordering::SeqCst)
     );
 }
-
-#[tokio::test]
-async fn a_client_without_a_certificate_gets_no_tunnel() {
-    let pki = Pki::new();
-    let app = echo_app().await;
-    let server = tunnel_server(&pki, app).await;
-    let pool = HbonePool::new(
-        PoolConfig::default(),
-        connector(pki.client(false), server.addr),
-    );
-    let result = tokio::time::timeout(
-        Duration::from_secs(5),
-        pool.open("client", server.addr, app),
-    )
-    .await
-    .expect("fails fast");
-    assert!(result.is_err(), "mutual TLS must be required");
-    assert_eq!(server.accepted.load(Ordering::SeqCst), 0);
-}

@@ -1,0 +1,159 @@
+//! The node proxy's own HBONE listener (15008), in process: TLS with the
+//! pod's certificate from the real CA, the client's SPIFFE identity
+//! verified against the mesh's trust bundle, the CONNECT target checked
+//! against the pod. `hbone.rs` tests the tunnel crate alone.
+
+mod in_process;
+
+use in_process::{Mesh, pod_yaml, serve_app, text};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use weft_cert_manager::{SpiffeId, SpiffeServerVerifier};
+use weft_hbone::{HboneError, HbonePool, PoolConfig};
+use weft_node_proxy::transport::{TunnelKey, tunnel_connector};
+
+const CLUSTER: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: demo, labels: {weft.io/mesh: enabled}}
+"#;
+
+const CLIENT: &str = "spiffe://cluster.local/ns/demo/sa/client";
+const SERVER: &str = "spiffe://cluster.local/ns/demo/sa/server";
+const PATIENCE: Duration = Duration::from_secs(30);
+
+/// Pods on `127.33.<subnet>.0/24` (one subnet per test: they run at once).
+async fn start(subnet: u8) -> (Mesh, in_process::MeshPod) {
+    let mut cluster = CLUSTER.to_string();
+    let ip = |host: u8| format!("127.33.{subnet}.{host}");
+    for (name, node, sa, host, app) in [
+        ("client", "node-a", "client", 2, None),
+        ("server-0", "node-b", "server", 3, Some("server")),
+        ("other-0", "node-b", "server", 4, Some("other")),
+    ] {
+        cluster.push_str(&pod_yaml(
+            "demo",
+            name,
+            node,
+            sa,
+            &ip(host),
+            app,
+            Some(8080),
+        ));
+    }
+    let mut mesh = Mesh::start(&cluster).await;
+    for host in [3, 4] {
+        let addr: SocketAddr = format!("{}:8080", ip(host)).parse().unwrap();
+        serve_app(addr, move |_req| async move {
+            text(200, format!("hello from {}", addr.ip()))
+        })
+        .await;
+    }
+    mesh.pod("node-b", "demo", "server-0");
+    mesh.pod("node-b", "demo", "other-0");
+    let client = mesh.pod("node-a", "demo", "client");
+    (mesh, client)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tunnel_reaches_only_its_own_pod() {
+    let (mesh, client) = start(1).await;
+    let certs = mesh
+        .node("node-a")
+        .inputs
+        .control_plane
+        .as_ref()
+        .unwrap()
+        .certs
+        .clone();
+    let pool = HbonePool::new(PoolConfig::default(), tunnel_connector(certs));
+    let tunnel: SocketAddr = "127.33.1.3:15008".parse().unwrap();
+    let key = TunnelKey {
+        pod: client.pod.clone(),
+        source: CLIENT.parse().unwrap(),
+        destination: SERVER.parse().unwrap(),
+        tunnel,
+    };
+    // To the pod behind the listener: a stream to its application.
+    let mut stream = tokio::time::timeout(
+        PATIENCE,
+        pool.open_with(
+            key.clone(),
+            tunnel,
+            "127.33.1.3:8080".parse().unwrap(),
+            None,
+        ),
+    )
+    .await
+    .expect("answered")
+    .expect("a stream to the pod's own port");
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.ends_with("hello from 127.33.1.3"), "{answer}");
+
+    // Through server-0's listener to another pod of the node (same
+    // identity, so TLS alone would pass): refused with 403, and nothing
+    // reaches that pod.
+    let refused = tokio::time::timeout(
+        PATIENCE,
+        pool.open_with(key, tunnel, "127.33.1.4:8080".parse().unwrap(), None),
+    )
+    .await
+    .expect("answered");
+    match refused {
+        Err(HboneError::Refused { status, .. }) => assert_eq!(status, 403),
+        other => panic!("want a 403 refusal, got {:?}", other.map(|_| "a stream")),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_without_a_certificate_gets_no_tunnel() {
+    let (mesh, _client) = start(2).await;
+    let certs = mesh
+        .node("node-a")
+        .inputs
+        .control_plane
+        .as_ref()
+        .unwrap()
+        .certs
+        .clone();
+    // The server is verified as a mesh client would (its SPIFFE ID under
+    // the mesh's bundle), but the client presents no certificate.
+    let server: SpiffeId = SERVER.parse().unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(SpiffeServerVerifier::new(
+            certs.trust_bundle(),
+            server,
+        )))
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect("127.33.2.3:15008")
+        .await
+        .unwrap();
+    let outcome = tokio::time::timeout(PATIENCE, async {
+        let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect("127.33.2.3".try_into().unwrap(), tcp)
+            .await?;
+        // TLS 1.3: the server judges the client's (missing) certificate
+        // after the client's side of the handshake; its answer is an alert.
+        tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await?;
+        let mut buf = [0u8; 64];
+        tls.read(&mut buf).await
+    })
+    .await
+    .expect("the listener answers at once");
+    let e = outcome.expect_err("no tunnel without a client certificate");
+    assert!(
+        e.to_string().contains("CertificateRequired"),
+        "refused for the missing certificate: {e}"
+    );
+}
