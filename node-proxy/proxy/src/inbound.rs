@@ -72,6 +72,8 @@ async fn handle_plaintext(client: TcpStream, peer: SocketAddr, pod: Arc<LocalPod
         port: target.port(),
         connection: admission.access.clone(),
     };
+    // A client may write a request in pieces: ACK them at once.
+    let client = crate::quickack::QuickAck::new(client);
     let (moved, err) =
         crate::l7::inbound::deliver(client, app, open.labels(), &pod, &cx, access, async {
             admission.revoked().await;

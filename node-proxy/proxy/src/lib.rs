@@ -11,7 +11,9 @@
 //! - [`authz`]: who may connect to a local pod (inbound policy);
 //! - [`protocol`]: detecting HTTP/1, HTTP/2 or opaque TCP on a connection;
 //! - [`l7`]: request-level proxying and metrics for HTTP and gRPC;
-//! - [`retry`]: which failed requests are retried, within a retry budget.
+//! - [`retry`]: which failed requests are retried, within a retry budget;
+//! - [`quickack`]: acknowledging at once what is read from pods (no
+//!   Nagle × delayed-ACK stall).
 
 pub mod admin;
 pub mod authz;
@@ -24,5 +26,6 @@ pub mod metrics;
 pub mod outbound;
 pub mod pods;
 pub mod protocol;
+pub mod quickack;
 pub mod retry;
 pub mod splice;

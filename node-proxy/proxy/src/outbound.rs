@@ -59,7 +59,8 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<LocalPod>, cx:
         let detected = protocol::detect(&mut client, cx.detect_timeout).await;
         match detected.protocol {
             Protocol::Http1 | Protocol::Http2 => {
-                let client = Prefixed::new(detected.prefix, client);
+                // A client may write a request in pieces: ACK them at once.
+                let client = Prefixed::new(detected.prefix, crate::quickack::QuickAck::new(client));
                 crate::l7::outbound::serve(client, detected.protocol, dst, pod, cx).await;
                 return;
             }
@@ -196,7 +197,9 @@ impl AsyncRead for Upstream {
     ) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             Upstream::Hbone(s) => Pin::new(s).poll_read(cx, buf),
-            Upstream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            // A pooled connection to a server outside the mesh: its
+            // responses may come in pieces too.
+            Upstream::Plain(s) => crate::quickack::poll_read(s, cx, buf),
         }
     }
 }

@@ -26,6 +26,7 @@ use crate::hbone::H2Stream;
 use crate::metrics::{Reporter, TcpLabels};
 use crate::pods::{Context, LocalPod};
 use crate::protocol::{self, Prefixed, Protocol};
+use crate::quickack::QuickAck;
 use crate::splice::{Transferred, splice_until};
 use bytes::BytesMut;
 use http::{Request, Response, StatusCode};
@@ -102,7 +103,7 @@ pub async fn deliver<S: InboundStream>(
         if !access.connection.serve_opaque() {
             return refuse_opaque(inbound.reset_handle());
         }
-        return splice_until(&mut inbound, &mut app, stop).await;
+        return splice_until(&mut inbound, &mut QuickAck::new(&mut app), stop).await;
     }
     // The source proxy already detected (and said so in the tunnel): trust
     // it, an authenticated peer; otherwise (plaintext, older proxies) look.
@@ -120,7 +121,7 @@ pub async fn deliver<S: InboundStream>(
     }
     let mut inbound = Prefixed::new(prefix, inbound);
     match found {
-        Protocol::Opaque => splice_until(&mut inbound, &mut app, stop).await,
+        Protocol::Opaque => splice_until(&mut inbound, &mut QuickAck::new(&mut app), stop).await,
         http => {
             access.connection.serve_http();
             let from_client = Arc::new(AtomicU64::new(0));
