@@ -108,7 +108,9 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<LocalPod>, cx:
             return;
         }
     };
-    let (moved, err) = splice(&mut client, &mut upstream).await;
+    // A client may write in pieces here too: ACK them at once.
+    let mut acked = crate::quickack::QuickAck::new(&mut client);
+    let (moved, err) = splice(&mut acked, &mut upstream).await;
     tracing::info!(
         target: "access",
         direction = "outbound",

@@ -126,6 +126,14 @@ impl crate::l7::inbound::InboundStream for QuickAck<tokio::net::TcpStream> {
     }
 }
 
+/// The socket under the bytes detection read first (replayed from memory:
+/// re-arming after those is harmless).
+impl<T: AsFd> AsFd for crate::protocol::Prefixed<T> {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.get_ref().as_fd()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
