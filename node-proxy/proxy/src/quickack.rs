@@ -27,9 +27,10 @@
 //! not help a keep-alive client): this also removes the stall an
 //! application has with a keep-alive client *without* the mesh.
 //!
-//! Cost: one `setsockopt` per read that returned data (a few hundred
-//! nanoseconds), and a pure ACK segment where the kernel would have
-//! waited to piggyback it; see docs/node-proxy.md for the measurement.
+//! Cost: one `setsockopt` per read that returned data (under a
+//! microsecond), and a pure ACK segment where the kernel would have waited
+//! to piggyback it: within the noise of the proxies' ~115 µs of CPU per
+//! request (docs/benchmarks.md, "applications as they are found").
 
 use std::io;
 use std::os::fd::AsFd;
