@@ -98,6 +98,16 @@ const DEBIAN: &[Need] = &[
         present: Probe::Command("h2load"),
         why: "HTTP/2 load through the mesh (L7 tests)",
     },
+    Need {
+        package: "nodejs",
+        present: Probe::Command("node"),
+        why: "a Node.js `http` server, as applications are found (mesh benchmark)",
+    },
+    Need {
+        package: "golang-go",
+        present: Probe::Command("go"),
+        why: "a Go `net/http` server built offline from the standard library (mesh benchmark)",
+    },
 ];
 
 /// PyPI packages the test workloads import, and the module that proves each.

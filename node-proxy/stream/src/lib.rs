@@ -4,6 +4,8 @@
 //! - [`detect`]: what an application speaks on a connection, from the first
 //!   bytes the client sends (HTTP/1, HTTP/2, or opaque TCP);
 //! - [`Prefixed`]: a stream that replays the bytes detection consumed;
+//! - [`QuickAck`]: acknowledging at once what is read (no Nagle ×
+//!   delayed-ACK stall when a peer writes in pieces);
 //! - [`reset`]: refusing a TCP connection the way a closed port does.
 //!
 //! The proxy *reads* (rather than `MSG_PEEK`s) the first bytes: a peek
@@ -16,10 +18,12 @@
 
 pub mod detect;
 mod prefixed;
+pub mod quickack;
 pub mod splice;
 
 pub use detect::{DETECT_TIMEOUT, Detected, Protocol, detect};
 pub use prefixed::Prefixed;
+pub use quickack::QuickAck;
 pub use splice::{Counted, Transferred, splice, splice_until};
 
 /// Refuses an accepted TCP connection the way a closed port would: a reset

@@ -6,6 +6,7 @@
 
 use bytes::{Buf, BytesMut};
 use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -73,6 +74,14 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Prefixed<IO> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// The socket under the bytes detection read first (replayed from memory:
+/// re-arming `TCP_QUICKACK` after those is harmless).
+impl<T: AsFd> AsFd for Prefixed<T> {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.get_ref().as_fd()
     }
 }
 

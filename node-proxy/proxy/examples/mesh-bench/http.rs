@@ -355,13 +355,13 @@ pub fn max(target: &str, proto: Proto, seconds: f64, concurrency: usize) -> serd
 
 /// One client connection.
 #[derive(Clone)]
-enum Conn {
+pub(super) enum Conn {
     Http1(Arc<Mutex<hyper::client::conn::http1::SendRequest<Empty<Bytes>>>>),
     Grpc(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
 }
 
 impl Conn {
-    async fn open(target: &str, proto: Proto) -> Option<Self> {
+    pub(super) async fn open(target: &str, proto: Proto) -> Option<Self> {
         let stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(target))
             .await
             .ok()?
@@ -387,7 +387,7 @@ impl Conn {
 
     /// One request; true when it succeeded (200 and the whole body; for
     /// gRPC also `grpc-status: 0` in the trailers) within 5 s.
-    async fn call(&mut self, target: &str) -> bool {
+    pub(super) async fn call(&mut self, target: &str) -> bool {
         let exchange = async {
             match self {
                 Conn::Http1(sender) => {

@@ -13,7 +13,11 @@
 //!   mesh at L4 only (the same server on a port the pod declares opaque);
 //! - requests per CPU second of the node proxies, closed loop, L7 and L4;
 //! - the node proxies' RSS idle, after the runs, and (a second cluster)
-//!   with 100 enrolled pods on one node against a node with none.
+//!   with 100 enrolled pods on one node against a node with none;
+//! - applications as they are found (`stacks.rs`, a third cluster): real
+//!   Python, Node.js, Go and gRPC servers, sequential requests, p50/p99.
+//!   `WEFT_BENCH_PART=stacks` runs only that part; `WEFT_BENCH_BINARIES=DIR`
+//!   takes the mesh's programs from DIR (to compare two builds).
 //!
 //! Needs root, the release binaries next to this example's directory
 //! (`cargo build --release --bins`), and iperf3.
@@ -24,6 +28,7 @@
 //! `perf record -g -p PID,PID` looks at where their CPU goes.
 
 mod http;
+mod stacks;
 
 use std::time::{Duration, Instant};
 use weft_sim::TestCluster;
@@ -397,12 +402,35 @@ fn main() {
             println!("{}", http::max(target, proto, seconds, concurrency));
             return;
         }
+        Some("seq") => {
+            let usage = "usage: mesh-bench seq HOST:PORT h1|grpc fresh|keep N GAP_MS";
+            let (Some(target), Some(proto), Some(mode), Some(n), Some(gap)) = (
+                args.get(2),
+                args.get(3).and_then(|a| http::Proto::parse(a)),
+                args.get(4),
+                args.get(5).and_then(|a| a.parse().ok()),
+                args.get(6).and_then(|a| a.parse().ok()),
+            ) else {
+                eprintln!("{usage}");
+                std::process::exit(2)
+            };
+            println!("{}", stacks::seq(target, proto, mode == "fresh", n, gap));
+            return;
+        }
         _ => {}
     }
-    let binaries = MeshBinaries::next_to_current_exe().unwrap_or_else(|e| {
+    let binaries = match std::env::var_os("WEFT_BENCH_BINARIES") {
+        Some(dir) => MeshBinaries::in_dir(std::path::Path::new(&dir)),
+        None => MeshBinaries::next_to_current_exe(),
+    }
+    .unwrap_or_else(|e| {
         eprintln!("mesh-bench: {e}");
         std::process::exit(2)
     });
+    if std::env::var("WEFT_BENCH_PART").as_deref() == Ok("stacks") {
+        stacks::run(binaries);
+        return;
+    }
     let mesh = std::sync::Arc::new(Mesh::new(binaries.clone()));
     let manifest = CLUSTER.replace("BENCH_EXE", &exe());
     let cluster = TestCluster::up_with(
@@ -466,7 +494,7 @@ fn main() {
         .collect();
     drop(cluster);
     mesh.reap();
-    let (many_up, many_rss, none_rss, captured) = many_pods(binaries);
+    let (many_up, many_rss, none_rss, captured) = many_pods(binaries.clone());
 
     let (dg, mg) = (median(&mut direct.gbps), median(&mut meshed.gbps));
     println!(
@@ -563,6 +591,7 @@ fn main() {
     println!(
         "node proxy RSS with {captured} of {MANY_PODS} enrolled pods captured: {many_rss:.1} MiB (a node proxy with no enrolled pod in the same cluster: {none_rss:.1} MiB); that cluster came up in {many_up:.0}s"
     );
+    stacks::run(binaries);
 }
 
 fn spread2(v: &[f64]) -> String {

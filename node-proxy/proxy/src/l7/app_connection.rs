@@ -212,7 +212,8 @@ async fn handshake(
     protocol: Protocol,
     to_client: &Arc<AtomicU64>,
 ) -> Result<Sender, UpstreamError> {
-    let io = Counted::new(app, to_client.clone());
+    // The application may write a response in pieces: ACK them at once.
+    let io = Counted::new(weft_stream::QuickAck::new(app), to_client.clone());
     Ok(match protocol {
         Protocol::Http2 => Sender::Http2(handshake_h2(io, target).await?),
         _ => Sender::Http1(Arc::new(Mutex::new(handshake_h1(io, target).await?))),

@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::Instant;
 use tokio::net::{TcpListener, TcpStream};
 use weft_stream::splice;
-use weft_stream::{Prefixed, Protocol};
+use weft_stream::{Prefixed, Protocol, QuickAck};
 
 pub async fn serve(listener: TcpListener, pod: Arc<LocalPod>, cx: ProxyInputs) {
     let drain = cx.drain.clone();
@@ -61,7 +61,8 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<LocalPod>, cx:
         let detected = weft_stream::detect(&mut client, cx.detect_timeout).await;
         match detected.protocol {
             Protocol::Http1 | Protocol::Http2 => {
-                let client = Prefixed::new(detected.prefix, client);
+                // A client may write a request in pieces: ACK them at once.
+                let client = Prefixed::new(detected.prefix, QuickAck::new(client));
                 requests::serve(client, detected.protocol, dst, pod, cx).await;
                 return;
             }
@@ -106,7 +107,9 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<LocalPod>, cx:
             return;
         }
     };
-    let (moved, err) = splice(&mut client, &mut upstream).await;
+    // A client may write in pieces here too: ACK them at once.
+    let mut acked = QuickAck::new(&mut client);
+    let (moved, err) = splice(&mut acked, &mut upstream).await;
     tracing::info!(
         target: "access",
         direction = "outbound",

@@ -78,7 +78,9 @@ impl AsyncRead for Upstream {
     ) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             Upstream::Hbone(s) => Pin::new(s).poll_read(cx, buf),
-            Upstream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            // A pooled connection to a server outside the mesh: its
+            // responses may come in pieces too.
+            Upstream::Plain(s) => weft_stream::quickack::poll_read(s, cx, buf),
         }
     }
 }

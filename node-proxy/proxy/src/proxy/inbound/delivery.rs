@@ -45,7 +45,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use weft_destination_api::routing::Request as RouteRequest;
 use weft_hbone::H2Stream;
-use weft_stream::{Counted, Prefixed, Protocol};
+use weft_stream::{Counted, Prefixed, Protocol, QuickAck};
 use weft_stream::{Transferred, splice_until};
 
 /// Carries `inbound` to `app` (a connection to the application at `app`'s
@@ -105,7 +105,7 @@ pub async fn deliver<S: InboundStream>(
         if !access.connection.serve_opaque() {
             return refuse_opaque(inbound.reset_handle());
         }
-        return splice_until(&mut inbound, &mut app, stop).await;
+        return splice_until(&mut inbound, &mut QuickAck::new(&mut app), stop).await;
     }
     // The source proxy already detected (and said so in the tunnel): trust
     // it, an authenticated peer; otherwise (plaintext, older proxies) look.
@@ -123,7 +123,7 @@ pub async fn deliver<S: InboundStream>(
     }
     let mut inbound = Prefixed::new(prefix, inbound);
     match found {
-        Protocol::Opaque => splice_until(&mut inbound, &mut app, stop).await,
+        Protocol::Opaque => splice_until(&mut inbound, &mut QuickAck::new(&mut app), stop).await,
         http => {
             access.connection.serve_http();
             let from_client = Arc::new(AtomicU64::new(0));
@@ -164,6 +164,18 @@ impl InboundStream for TcpStream {
     fn reset_handle(&self) -> Option<std::os::fd::OwnedFd> {
         use std::os::fd::AsFd;
         self.as_fd().try_clone_to_owned().ok()
+    }
+}
+
+/// A plaintext client connection, acknowledged at once (a client may
+/// write a request in pieces).
+impl InboundStream for QuickAck<TcpStream> {
+    fn declared_protocol(&self) -> Option<Protocol> {
+        self.get_ref().declared_protocol()
+    }
+
+    fn reset_handle(&self) -> Option<std::os::fd::OwnedFd> {
+        self.get_ref().reset_handle()
     }
 }
 

@@ -1,0 +1,150 @@
+//! Acknowledging at once what the proxy reads from a peer that may write
+//! in pieces: no Nagle × delayed-ACK stall added by the mesh.
+//!
+//! The stall: a peer without `TCP_NODELAY` writes a message in two small
+//! pieces (Python's `http.server` flushes the status line and headers,
+//! then writes the body; a client writes a POST's head, then its body).
+//! Nagle's algorithm holds the second piece until the first is
+//! acknowledged. Linux acknowledges at once only in "quick" mode; once a
+//! connection looks interactive (this side sent data shortly after
+//! receiving some: a request on a reused keep-alive connection, a
+//! response on a client's keep-alive connection) it enters "ping-pong"
+//! mode and delays its ACKs (up to 40 ms, `TCP_ATO_MIN`), hoping to
+//! carry them on its next data. That data never comes: the proxy is
+//! waiting for the second piece. So every request on such a connection
+//! took 40 ms more — and through the mesh that is every request, since
+//! the destination proxy reuses its keep-alive connection to the
+//! application even when each client opens a fresh one (issue #19).
+//!
+//! The fix: after every read that returned data, set `TCP_QUICKACK`.
+//! Linux does not keep that option (it is a one-shot: the mode falls back
+//! to ping-pong on the next exchange), but setting it leaves ping-pong
+//! mode and sends a pending delayed ACK right away. Re-armed after each
+//! read, the peer's first piece is acknowledged as soon as the proxy has
+//! it, and Nagle releases the second. Chosen over changing how connections
+//! to the application are reused (a connection per request would remove
+//! the ping-pong state too, but costs a handshake per request, and would
+//! not help a keep-alive client): this also removes the stall an
+//! application has with a keep-alive client *without* the mesh.
+//!
+//! Cost: one `setsockopt` per read that returned data (under a
+//! microsecond), and a pure ACK segment where the kernel would have waited
+//! to piggyback it: within the noise of the proxies' ~115 µs of CPU per
+//! request (docs/benchmarks.md, "applications as they are found").
+
+use std::io;
+use std::os::fd::AsFd;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Reads from `io` into `buf`, then, if that read returned data, re-arms
+/// `TCP_QUICKACK` on the socket so what was read is acknowledged now.
+pub fn poll_read<T>(io: &mut T, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>>
+where
+    T: AsyncRead + AsFd + Unpin,
+{
+    let before = buf.filled().len();
+    let poll = Pin::new(&mut *io).poll_read(cx, buf);
+    if matches!(poll, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+        // Best effort: a socket that refuses it (closed meanwhile) only
+        // keeps the kernel's default, delayed ACKs.
+        let _ = socket2::SockRef::from(&*io).set_tcp_quickack(true);
+    }
+    poll
+}
+
+/// A TCP stream whose reads are acknowledged at once ([`poll_read`]);
+/// writes go through unchanged.
+#[derive(Debug)]
+pub struct QuickAck<T> {
+    inner: T,
+}
+
+impl<T> QuickAck<T> {
+    pub fn new(inner: T) -> Self {
+        Self { inner }
+    }
+
+    pub fn into_inner(self) -> T {
+        self.inner
+    }
+
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
+}
+
+impl<T: AsyncRead + AsFd + Unpin> AsyncRead for QuickAck<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        poll_read(&mut self.get_mut().inner, cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for QuickAck<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// Reading through the wrapper leaves the socket in quick-ACK mode
+    /// (the kernel reports the one-shot flag as set until its next
+    /// ping-pong exchange), and the bytes arrive unchanged.
+    #[tokio::test]
+    async fn a_read_rearms_quickack() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        let mut s = QuickAck::new(s);
+        // Interactive exchange: the server side enters ping-pong mode.
+        c.write_all(b"ping").await.unwrap();
+        let mut buf = [0u8; 4];
+        s.read_exact(&mut buf).await.unwrap();
+        s.write_all(b"pong").await.unwrap();
+        c.read_exact(&mut buf).await.unwrap();
+        socket2::SockRef::from(s.get_ref())
+            .set_tcp_quickack(false)
+            .unwrap();
+        c.write_all(b"next").await.unwrap();
+        s.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"next");
+        assert!(
+            socket2::SockRef::from(s.get_ref()).tcp_quickack().unwrap(),
+            "quick-ACK mode after a read"
+        );
+    }
+}
