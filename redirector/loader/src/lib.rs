@@ -54,7 +54,8 @@ pub const HBONE_PORT: u16 = 15008;
 /// of the high half) use; Istio uses 1337 for the same purpose.
 pub const PROXY_SOCKET_MARK: u32 = 0x5746;
 
-/// For `redirector-bench` only: not part of the API.
+/// For `redirector-bench` only (feature `testing`): not part of the API.
+#[cfg(feature = "testing")]
 #[doc(hidden)]
 pub mod bench_support {
     pub use crate::objects::BENCH_NOOP_OBJECT;
