@@ -10,7 +10,7 @@
 //! - [`Netns`] opens sockets inside a pod's namespace (the proxy's
 //!   15001/15006/15008 listeners and its own marked sockets).
 //! - [`PodRegistrationListener`] is the node agent's end of the CNI plugin's
-//!   protocol (`weft_cni::protocol`); [`discovery`] finds pods that existed
+//!   protocol (`weft_registration`); [`discovery`] finds pods that existed
 //!   before the agent started.
 //!
 //! Decisions and the protocol: `docs/redirector.md`.
