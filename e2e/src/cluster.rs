@@ -55,7 +55,7 @@ pub enum SimError {
         pod: String,
         node: String,
         socket: PathBuf,
-        source: weft_cni::protocol::ClientError,
+        source: weft_registration::ClientError,
     },
     #[error("starting the node agents failed: {0}")]
     NodeAgents(String),

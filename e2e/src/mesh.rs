@@ -34,10 +34,14 @@ pub const TRUST_DOMAIN: &str = "cluster.local";
 
 #[derive(Debug, thiserror::Error)]
 pub enum MeshError {
-    #[error(
-        "{binary} not found in {dir}: build the mesh binaries first with `cargo build --bins` (same profile as weft-sim)"
-    )]
-    MissingBinary { binary: &'static str, dir: PathBuf },
+    /// Nothing here runs Cargo (a test that builds would race other builds
+    /// and hide a stale binary): the message says what to run instead.
+    #[error("{binary} not found in {dir}: build the binaries first with `{build}`")]
+    MissingBinary {
+        binary: &'static str,
+        dir: PathBuf,
+        build: String,
+    },
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -89,6 +93,7 @@ impl MeshBinaries {
                 Err(MeshError::MissingBinary {
                     binary,
                     dir: dir.to_path_buf(),
+                    build: build_command(dir),
                 })
             }
         };
@@ -100,7 +105,9 @@ impl MeshBinaries {
     }
 
     /// Next to the running executable (for a test binary in
-    /// `target/<profile>/deps` or an example in `…/examples`, their parent).
+    /// `target/<profile>/deps` or an example in `…/examples`, their parent):
+    /// where Cargo put the binaries of the same build. Tests use this and
+    /// never build: `cargo xtask test` builds every binary first.
     pub fn next_to_current_exe() -> Result<Self, MeshError> {
         let exe = std::env::current_exe().map_err(io("finding the current executable"))?;
         let mut dir = exe.parent().unwrap_or(Path::new(".")).to_path_buf();
@@ -109,6 +116,18 @@ impl MeshBinaries {
         }
         Self::in_dir(&dir)
     }
+}
+
+/// The command that puts the binaries in `dir`, a Cargo profile directory:
+/// `target/release` for release builds (the benchmarks), `target/debug`
+/// otherwise (the workspace defines no other profile).
+fn build_command(dir: &Path) -> String {
+    let release = if dir.ends_with("release") {
+        " --release"
+    } else {
+        ""
+    };
+    format!("cargo build --workspace --bins{release}")
 }
 
 /// What `status --json` shows of the mesh (`<state_dir>/mesh.json`).
@@ -768,7 +787,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let err = MeshBinaries::in_dir(dir.path()).unwrap_err().to_string();
         assert!(err.contains("weft-identity"), "{err}");
-        assert!(err.contains("cargo build --bins"), "{err}");
+        assert!(err.contains("cargo build --workspace --bins`"), "{err}");
         for name in ["weft-identity", "weft-destination"] {
             std::fs::write(dir.path().join(name), "").unwrap();
         }
@@ -776,6 +795,16 @@ mod tests {
         assert!(err.contains("weft-node-proxy"), "{err}");
         std::fs::write(dir.path().join("weft-node-proxy"), "").unwrap();
         assert!(MeshBinaries::in_dir(dir.path()).is_ok());
+    }
+
+    #[test]
+    fn the_build_command_names_the_profile_of_the_directory() {
+        let cmd = |d: &str| build_command(Path::new(d));
+        assert_eq!(cmd("/w/target/debug"), "cargo build --workspace --bins");
+        assert_eq!(
+            cmd("/w/target/release"),
+            "cargo build --workspace --bins --release"
+        );
     }
 
     /// The destination's serving certificate is what a node proxy will

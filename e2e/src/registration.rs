@@ -1,5 +1,5 @@
 //! Telling node agents about pods, as the chained CNI plugin does on a real
-//! node (`weft-cni`, protocol in `docs/redirector.md`): `add` once a pod's
+//! node (`weft-cni`, protocol `weft-registration`, in `docs/redirector.md`): `add` once a pod's
 //! network exists and before its containers start, so capture is in place
 //! before the application's first connection; `del` after its containers
 //! are gone.
@@ -10,7 +10,7 @@
 
 use crate::state::{NodeState, PodState};
 use std::time::Duration;
-use weft_cni::protocol::{ClientError, Message, PodEvent, PodRef};
+use weft_registration::{ClientError, Message, PodEvent, PodRef};
 
 const TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -35,7 +35,7 @@ pub fn add(node: &NodeState, pod: &PodState) -> Result<(), ClientError> {
         container_id: container_id(pod),
         annotations: Some(pod.annotations.clone().into_iter().collect()),
     };
-    weft_cni::protocol::send(&node.agent_socket, &Message::new(event), TIMEOUT)
+    weft_registration::send(&node.agent_socket, &Message::new(event), TIMEOUT)
 }
 
 pub fn del(node: &NodeState, pod: &PodState) -> Result<(), ClientError> {
@@ -44,7 +44,7 @@ pub fn del(node: &NodeState, pod: &PodState) -> Result<(), ClientError> {
         netns: Some(pod.netns_path.clone()),
         container_id: container_id(pod),
     };
-    weft_cni::protocol::send(
+    weft_registration::send(
         &node.agent_socket,
         &Message::new(event),
         Duration::from_secs(1),

@@ -7,7 +7,10 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const PROGRAMS: &[&str] = &["weft_cgroup", "weft_sk_lookup", "weft_bench"];
+const PROGRAMS: &[&str] = &["weft_cgroup", "weft_sk_lookup"];
+/// The benchmark's do-nothing programs: compiled only with the `testing`
+/// feature, so a release build neither compiles nor embeds them.
+const TESTING_PROGRAMS: &[&str] = &["weft_bench"];
 
 fn main() {
     let manifest = PathBuf::from(
@@ -34,7 +37,11 @@ fn main() {
         }
     }
     let arch_include = multiarch_include();
-    for name in PROGRAMS {
+    let testing = std::env::var_os("CARGO_FEATURE_TESTING").is_some();
+    let programs = PROGRAMS
+        .iter()
+        .chain(TESTING_PROGRAMS.iter().filter(|_| testing));
+    for name in programs {
         let src = bpf.join(format!("{name}.bpf.c"));
         let obj = out.join(format!("{name}.bpf.o"));
         let mut cmd = Command::new(&clang);

@@ -18,5 +18,7 @@ pub mod publisher;
 pub mod server;
 pub mod source;
 pub mod store;
+// Test and benchmark input only; see Cargo.toml.
+#[cfg(any(test, feature = "testing"))]
 pub mod synthetic;
 pub mod views;

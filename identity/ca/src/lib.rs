@@ -12,6 +12,9 @@
 //! - [`serving`]: the CA's own TLS certificate.
 //! - [`server`]: running it all; [`http`]: `/metrics`; [`metrics`]: what is counted.
 //! - [`init`]: generating a trust anchor and an issuer for local use.
+//!
+//! With the `testing` feature (tests and benchmarks only): `testing`, a
+//! complete CA on loopback.
 
 pub mod authority;
 pub mod csr;
@@ -24,5 +27,6 @@ pub mod reload;
 pub mod server;
 pub mod service;
 pub mod serving;
+#[cfg(feature = "testing")]
 pub mod testing;
 pub mod workloads;

@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
-use weft_cni::protocol::PodEvent;
 use weft_node_proxy::admin;
 use weft_node_proxy::pods::PodRegistry;
 use weft_node_proxy::policy::InboundAuthz;
@@ -18,6 +17,7 @@ use weft_node_proxy::state::ControlPlane;
 use weft_node_proxy::telemetry::{ProcessCollector, TcpMetrics};
 use weft_node_proxy::transport::DrainWatch;
 use weft_redirector::{PodRegistrationListener, Redirector, RedirectorConfig};
+use weft_registration::PodEvent;
 
 /// How long a registration waits for the pod to appear in the view.
 const VIEW_WAIT: Duration = Duration::from_secs(5);
@@ -29,7 +29,7 @@ struct Args {
     #[arg(long, env = "WEFT_NODE_NAME")]
     node: String,
     /// Where pods are registered (shared with the CNI plugin).
-    #[arg(long, default_value = weft_cni::protocol::DEFAULT_AGENT_SOCKET)]
+    #[arg(long, default_value = weft_registration::DEFAULT_AGENT_SOCKET)]
     agent_socket: PathBuf,
     /// bpffs directory for the redirection programs and maps.
     #[arg(long, default_value = weft_redirector::DEFAULT_PIN_DIR)]

@@ -21,10 +21,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use tokio::task::JoinHandle;
 use weft_cert_manager::SpiffeId;
-use weft_cni::protocol::{PodEvent, PodRef};
 use weft_destination_api::address;
 use weft_hbone::HBONE_PORT;
 use weft_redirector::{INBOUND_PORT, Netns, OUTBOUND_PORT, PodEnrollment, Redirector};
+use weft_registration::{PodEvent, PodRef};
 
 /// What a registered pod should be captured as.
 #[derive(Clone, Debug, Default, PartialEq)]

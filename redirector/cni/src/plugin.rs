@@ -7,11 +7,11 @@
 //! plugin prints the previous result unchanged; on error it prints a CNI
 //! error object and exits non-zero.
 
-use crate::protocol::{self, ClientError, Message, PodEvent, PodRef};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
+use weft_registration::{self as protocol, ClientError, Message, PodEvent, PodRef};
 
 pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 

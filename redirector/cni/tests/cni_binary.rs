@@ -5,7 +5,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use weft_cni::protocol::{Message, PodEvent, Reply};
+use weft_registration::{Message, PodEvent, Reply};
 
 const PREV: &str = r#"{"cniVersion":"1.0.0","interfaces":[{"name":"eth0","sandbox":"/run/netns/cni-1"}],"ips":[{"address":"10.244.0.5/24","interface":0}]}"#;
 

@@ -10,7 +10,7 @@
 //! - [`Netns`] opens sockets inside a pod's namespace (the proxy's
 //!   15001/15006/15008 listeners and its own marked sockets).
 //! - [`PodRegistrationListener`] is the node agent's end of the CNI plugin's
-//!   protocol (`weft_cni::protocol`); [`discovery`] finds pods that existed
+//!   protocol (`weft_registration`); [`discovery`] finds pods that existed
 //!   before the agent started.
 //!
 //! Decisions and the protocol: `docs/redirector.md`.
@@ -54,7 +54,8 @@ pub const HBONE_PORT: u16 = 15008;
 /// of the high half) use; Istio uses 1337 for the same purpose.
 pub const PROXY_SOCKET_MARK: u32 = 0x5746;
 
-/// For `redirector-bench` only: not part of the API.
+/// For `redirector-bench` only (feature `testing`): not part of the API.
+#[cfg(feature = "testing")]
 #[doc(hidden)]
 pub mod bench_support {
     pub use crate::objects::BENCH_NOOP_OBJECT;

@@ -50,6 +50,7 @@ pub const CGROUP_PROGRAMS: &[CgroupProgram] = &[
 ];
 
 /// Do-nothing getsockopt and connect4 programs, for the benchmark's
-/// "kernel hook cost" column only.
+/// "kernel hook cost" column only (build.rs compiles it with `testing` only).
+#[cfg(feature = "testing")]
 pub static BENCH_NOOP_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/weft_bench.bpf.o"));

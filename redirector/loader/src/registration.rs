@@ -1,5 +1,5 @@
 //! The node agent's end of the pod registration protocol
-//! (`weft_cni::protocol`): the CNI plugin and the simulator connect here.
+//! (`weft_registration`): the CNI plugin and the simulator connect here.
 
 use std::io;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
-use weft_cni::protocol::{MAX_LINE, Message, PodEvent, Reply};
+use weft_registration::{MAX_LINE, Message, PodEvent, Reply};
 
 /// Accepts registrations on a Unix socket and hands them to the agent one
 /// by one ([`Self::next`]); each must be answered with
@@ -167,7 +167,7 @@ async fn send(write: &mut tokio::net::unix::OwnedWriteHalf, reply: &Reply) -> io
 mod tests {
     use super::*;
     use std::time::Duration;
-    use weft_cni::protocol::{ClientError, PodRef, send as client_send};
+    use weft_registration::{ClientError, PodRef, send as client_send};
 
     fn add(uid: &str) -> Message {
         Message::new(PodEvent::Add {

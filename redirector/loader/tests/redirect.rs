@@ -723,8 +723,8 @@ fn pods_whose_namespace_vanished_are_removed_as_stale() {
 #[test]
 fn cni_add_and_del_enroll_and_release_the_pod() {
     use weft_cni::plugin::{self, CniEnv};
-    use weft_cni::protocol::PodEvent;
     use weft_redirector::PodRegistrationListener;
+    use weft_registration::PodEvent;
 
     let pods = PodPair::new();
     let installed = Installed::new();

@@ -3,6 +3,11 @@
 //! with one [`Reply`] line, in order. A connection may carry several
 //! messages. Version 1.
 //!
+//! Its own crate so that each side depends on the protocol and not on the
+//! other side: the CNI plugin (`weft-cni`) and the simulator send with
+//! [`send`]; the node agent's listener lives in `weft-redirector`
+//! (`PodRegistrationListener`). Specification: docs/redirector.md.
+//!
 //! ```text
 //! → {"version":1,"op":"add","pod":{"namespace":"demo","name":"client","uid":"5f0c…"},
 //!    "netns":"/run/netns/cni-1234","container_id":"abc","annotations":{}}
