@@ -10,33 +10,11 @@ use weft_sim::TestCluster;
 use weft_sim::mesh::{Mesh, MeshBinaries};
 
 /// The mesh programs: the node proxy Cargo built for this test, the control
-/// plane next to it. A workspace build (`cargo nextest run --workspace`,
-/// `cargo build --bins`) has them; a run of this package alone builds them.
+/// plane next to it. Tests never build them (`cargo xtask test` builds every
+/// binary first); a missing one fails with the command that builds it.
 pub fn binaries() -> MeshBinaries {
     let proxy = Path::new(env!("CARGO_BIN_EXE_weft-node-proxy"));
-    let dir = proxy.parent().unwrap();
-    if let Ok(b) = MeshBinaries::in_dir(dir) {
-        return b;
-    }
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let target_dir = dir.parent().unwrap();
-    let status = Command::new(cargo)
-        .current_dir(&workspace)
-        .args([
-            "build",
-            "-p",
-            "weft-identity",
-            "-p",
-            "weft-destination",
-            "--bins",
-        ])
-        .arg("--target-dir")
-        .arg(target_dir)
-        .status()
-        .expect("running cargo build for the control plane binaries");
-    assert!(status.success(), "cargo build --bins failed");
-    MeshBinaries::in_dir(dir).expect("control plane binaries after cargo build")
+    MeshBinaries::in_dir(proxy.parent().unwrap()).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Brings the cluster and the mesh up; the guard tears both down.
