@@ -4,6 +4,7 @@
 
 mod bench;
 mod cmd;
+mod control_plane;
 mod crds;
 mod demo;
 mod setup;
@@ -14,7 +15,8 @@ use anyhow::{Result, bail};
 const USAGE: &str = "\
 usage: cargo xtask <command>
 
-  setup            install the system and Python packages builds and tests need
+  setup            install the system and Python packages builds and tests need,
+                   build the Kubernetes control plane (weft-sim up --kube) once per version
   test             set up, check formatting and lints, run every test
   demo [DIR]       set up, run the local mesh on the simulator (examples/demo), show it, tear down
   bench [PART]     set up, run the benchmarks (PART: identity, destination, redirector, mesh)

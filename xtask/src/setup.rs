@@ -1,4 +1,6 @@
-//! Installs what the build and the tests need and a fresh machine lacks.
+//! Installs what the build and the tests need and a fresh machine lacks,
+//! and builds the Kubernetes control plane of `weft-sim up --kube`
+//! (`control_plane`).
 //!
 //! Each requirement is checked by what a tool really needs (a command on PATH,
 //! a header file), so a machine that already has everything costs a few
@@ -115,7 +117,8 @@ const PYPI: &[PythonNeed] = &[PythonNeed {
 
 pub fn run() -> Result<()> {
     debian()?;
-    python()
+    python()?;
+    crate::control_plane::run()
 }
 
 /// Installs the PyPI packages with the `python3` on PATH (the one the pods
