@@ -7,11 +7,15 @@
 //! - [`netconf`]: the network of each namespace as scripts (pure);
 //! - [`sys`]: `ip`, `nft`, cgroups and `/proc`;
 //! - [`cluster`]: `up`, `down`, running commands inside pods and nodes;
+//! - [`kube`]: the Kubernetes control plane of `up --kube`;
+//! - [`kubelet`]: the simulated kubelet and kube-proxy of `up --kube`;
 //! - [`mesh`]: the control plane and node proxies (`up --mesh`);
 //! - [`registration`]: telling node agents about pods (the CNI protocol);
 //! - [`testing`]: a cluster per test, torn down on drop.
 
 pub mod cluster;
+pub mod kube;
+pub mod kubelet;
 pub mod manifest;
 pub mod mesh;
 pub mod netconf;

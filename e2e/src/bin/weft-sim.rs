@@ -37,6 +37,21 @@ enum Cmd {
         /// (`cargo build --bins`).
         #[arg(long)]
         mesh: bool,
+        /// Run a real Kubernetes control plane (etcd, kube-apiserver,
+        /// kube-controller-manager, kube-scheduler, built by `cargo xtask
+        /// setup`), create a Node per simulated node and apply DIR's
+        /// manifests to it with server-side apply.
+        #[arg(long)]
+        kube: bool,
+    },
+    /// Run the control plane's kubectl against a `--kube` cluster, as its
+    /// admin (e.g. `weft-sim kubectl get nodes`).
+    Kubectl {
+        #[arg(long, default_value = "weft")]
+        name: String,
+        /// kubectl's arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
     /// Run a command inside a pod (its network namespace and cgroup).
     Exec {
@@ -53,6 +68,12 @@ enum Cmd {
         name: String,
         #[arg(long)]
         json: bool,
+    },
+    /// The simulated kubelet of a `--kube` cluster (started by `up --kube`).
+    #[command(hide = true)]
+    Kubelet {
+        #[arg(long)]
+        state_dir: PathBuf,
     },
     /// Tear the cluster down (idempotent; also cleans up after a crash).
     Down {
@@ -80,8 +101,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             detach,
             timeout,
             mesh,
+            kube,
         } => {
             opts.ready_timeout = Duration::from_secs(timeout);
+            if kube {
+                opts.kube = Some(weft_sim::kube::KubeBinaries::from_cache()?);
+            }
             let mesh = if mesh {
                 let mesh = std::sync::Arc::new(Mesh::new(MeshBinaries::next_to_current_exe()?));
                 opts.node_agents = Some(mesh.clone());
@@ -108,6 +133,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             for (_, _, child) in &mut running.children {
                 let _ = child.wait();
             }
+            for (_, child) in &mut running.control_plane.children {
+                let _ = child.wait();
+            }
             if let Some(mesh) = mesh {
                 mesh.reap();
             }
@@ -117,6 +145,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let state = cluster::load(&name, &opts)?;
             let mut cmd = cluster::pod_command(&state, &pod, &command[0], &command[1..])?;
             let status = cmd.status()?;
+            Ok(ExitCode::from(
+                status.code().unwrap_or(128).clamp(0, 255) as u8
+            ))
+        }
+        Cmd::Kubectl { name, args } => {
+            let state = cluster::load(&name, &opts)?;
+            let kube = state.kube.ok_or(weft_sim::kube::KubeError::NotKube)?;
+            let status = kube.kubectl().args(&args).status()?;
             Ok(ExitCode::from(
                 status.code().unwrap_or(128).clamp(0, 255) as u8
             ))
@@ -138,6 +174,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Kubelet { state_dir } => {
+            weft_sim::kubelet::run(&state_dir)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Down { name } => {
             cluster::down(&name, &opts)?;
             Ok(ExitCode::SUCCESS)
@@ -155,6 +195,18 @@ fn wait_for_signal(mut signals: signal_hook::iterator::Signals, running: &mut we
                 eprintln!("weft-sim: pod {pod} container {container} exited ({status})");
             }
         }
+        for (program, child) in &mut running.control_plane.children {
+            if let Ok(Some(status)) = child.try_wait() {
+                eprintln!(
+                    "weft-sim: {program} exited ({status}); see its log in {}",
+                    running.state.state_dir.join("logs").display()
+                );
+            }
+        }
+        running
+            .control_plane
+            .children
+            .retain_mut(|(_, c)| matches!(c.try_wait(), Ok(None)));
         running
             .children
             .retain_mut(|(_, _, c)| matches!(c.try_wait(), Ok(None)));
@@ -190,6 +242,20 @@ fn print_summary(s: &State) {
             p.ip.to_string(),
             p.ipv6,
             p.node
+        );
+    }
+    if let Some(k) = &s.kube {
+        println!(
+            "  kube   {} (Kubernetes {}, etcd {}) kubeconfig {}",
+            k.api_server,
+            k.kubernetes_version,
+            k.etcd_version,
+            k.kubeconfig.display()
+        );
+        println!(
+            "         export KUBECONFIG={}  or  weft-sim kubectl --name {} …",
+            k.kubeconfig.display(),
+            s.name
         );
     }
     for svc in &s.services {

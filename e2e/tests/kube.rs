@@ -1,0 +1,474 @@
+//! `weft-sim up --kube`: a real control plane (etcd, kube-apiserver,
+//! kube-controller-manager, kube-scheduler built by `cargo xtask setup`)
+//! driven with its own kubectl. These tests need root and the built
+//! binaries; without them they fail and say how to build them, they never
+//! skip.
+
+use serde_json::Value;
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+use weft_sim::kube::{KUBERNETES_VERSION, KubeBinaries};
+use weft_sim::testing::{DownOnDrop, leftovers, manifest_dir};
+use weft_sim::{Options, TestCluster, cluster};
+
+fn binaries() -> KubeBinaries {
+    KubeBinaries::from_cache().unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn kube_cluster(files: &[(&str, &str)]) -> TestCluster {
+    let bins = binaries();
+    TestCluster::up_with(files, |o| o.kube = Some(bins)).expect("--kube cluster up")
+}
+
+/// Polls `check` until it returns `Some`, or panics after `limit` with `what`.
+fn wait_for<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn json(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("kubectl output {text:?}: {e}"))
+}
+
+const NODES_AND_NAMESPACE: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {team: web}}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node-b}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: settings, namespace: shop}
+data: {color: blue}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: pinned, namespace: shop}
+spec:
+  nodeName: node-a
+  containers: [{name: main, image: example.invalid/app, command: [sleep, infinity]}]
+"#;
+
+#[test]
+fn the_api_server_serves_nodes_and_the_applied_manifests() {
+    let cluster = kube_cluster(&[("cluster.yaml", NODES_AND_NAMESPACE)]);
+    let kube = cluster.state().kube.clone().expect("kube state");
+    assert!(kube.kubeconfig.is_file(), "{}", kube.kubeconfig.display());
+
+    // The server is the version that was built, with the version flags.
+    let version = json(&cluster.kubectl_ok(&["version", "-o", "json"]));
+    assert_eq!(version["serverVersion"]["gitVersion"], KUBERNETES_VERSION);
+    assert_eq!(version["clientVersion"]["gitVersion"], KUBERNETES_VERSION);
+
+    // One Ready node per simulated node, with the simulator's addresses.
+    let nodes = json(&cluster.kubectl_ok(&["get", "nodes", "-o", "json"]));
+    let mut seen = Vec::new();
+    for node in nodes["items"].as_array().unwrap() {
+        let name = node["metadata"]["name"].as_str().unwrap().to_string();
+        let ready = node["status"]["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == "Ready")
+            .unwrap();
+        assert_eq!(ready["status"], "True", "{name}");
+        let sim_node = cluster.state().node(&name).expect("simulated node");
+        assert_eq!(
+            node["status"]["addresses"][0]["address"],
+            sim_node.ip.to_string()
+        );
+        assert_eq!(node["spec"]["podCIDR"], sim_node.pod_cidr);
+        assert_eq!(node["status"]["allocatable"]["pods"], "110");
+        seen.push(name);
+    }
+    assert_eq!(seen, ["node-a", "node-b"]);
+
+    // DIR was applied server-side, by the field manager weft-sim.
+    let ns = json(&cluster.kubectl_ok(&["get", "namespace", "shop", "-o", "json"]));
+    assert_eq!(ns["metadata"]["labels"]["team"], "web");
+    let cm = json(&cluster.kubectl_ok(&[
+        "get",
+        "configmap",
+        "settings",
+        "-n",
+        "shop",
+        "-o",
+        "json",
+        "--show-managed-fields",
+    ]));
+    assert_eq!(cm["data"]["color"], "blue");
+    assert_eq!(cm["metadata"]["managedFields"][0]["manager"], "weft-sim");
+    assert_eq!(cm["metadata"]["managedFields"][0]["operation"], "Apply");
+
+    // The controller manager runs: every namespace gets its `default`
+    // ServiceAccount, and a Deployment becomes Pods; the scheduler binds
+    // them to a simulated node.
+    cluster.kubectl_ok(&["create", "namespace", "later"]);
+    wait_for(
+        "ServiceAccount later/default",
+        Duration::from_secs(60),
+        || {
+            cluster
+                .kubectl(&["get", "serviceaccount", "default", "-n", "later"])
+                .status
+                .success()
+                .then_some(())
+        },
+    );
+    cluster.kubectl_ok(&[
+        "create",
+        "deployment",
+        "web",
+        "-n",
+        "later",
+        "--image=example.invalid/web",
+        "--replicas=2",
+    ]);
+    let bound = wait_for(
+        "2 pods of deployment web bound",
+        Duration::from_secs(60),
+        || {
+            let pods = json(&cluster.kubectl_ok(&["get", "pods", "-n", "later", "-o", "json"]));
+            let nodes: Vec<String> = pods["items"]
+                .as_array()?
+                .iter()
+                .filter_map(|p| p["spec"]["nodeName"].as_str().map(String::from))
+                .collect();
+            (nodes.len() == 2).then_some(nodes)
+        },
+    );
+    for node in bound {
+        assert!(cluster.state().node(&node).is_some(), "bound to {node}");
+    }
+
+    // RBAC is on: a service account may not list secrets it was not granted.
+    let can = cluster.kubectl(&[
+        "auth",
+        "can-i",
+        "list",
+        "secrets",
+        "-n",
+        "shop",
+        "--as=system:serviceaccount:shop:default",
+    ]);
+    assert_eq!(String::from_utf8_lossy(&can.stdout).trim(), "no");
+
+    // TokenRequest and TokenReview work with the API server's issuer.
+    let token = cluster.kubectl_ok(&[
+        "create",
+        "token",
+        "default",
+        "-n",
+        "shop",
+        "--audience=weft-test",
+    ]);
+    let review = serde_json::json!({
+        "apiVersion": "authentication.k8s.io/v1",
+        "kind": "TokenReview",
+        "spec": {"token": token.trim(), "audiences": ["weft-test"]},
+    });
+    let answer = json(&kubectl_stdin(
+        &cluster,
+        &["create", "-o", "json", "-f", "-"],
+        &review.to_string(),
+    ));
+    assert_eq!(answer["status"]["authenticated"], true, "{answer}");
+    assert_eq!(
+        answer["status"]["user"]["username"],
+        "system:serviceaccount:shop:default"
+    );
+
+    let (name, slot) = (cluster.name().to_string(), cluster.state().slot);
+    let pids = control_plane_pids(&cluster);
+    assert_eq!(
+        pids.len(),
+        4,
+        "etcd, apiserver, controller manager, scheduler"
+    );
+    drop(cluster);
+    assert_eq!(leftovers(&name, Some(slot)), Vec::<String>::new());
+    for pid in pids {
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "control plane process {pid} survived down"
+        );
+    }
+}
+
+fn control_plane_pids(cluster: &TestCluster) -> Vec<u32> {
+    let cgroup = Options::detect()
+        .unwrap()
+        .layout
+        .cgroup_root
+        .join(cluster.name())
+        .join("kube-control-plane/cgroup.procs");
+    std::fs::read_to_string(&cgroup)
+        .unwrap_or_else(|e| panic!("{}: {e}", cgroup.display()))
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect()
+}
+
+fn kubectl_stdin(cluster: &TestCluster, args: &[&str], stdin: &str) -> String {
+    cluster
+        .state()
+        .kube
+        .as_ref()
+        .unwrap()
+        .kubectl_ok(args, Some(stdin))
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn a_manifest_the_api_server_refuses_fails_up_with_its_message_and_leaves_nothing() {
+    let opts = Options {
+        kube: Some(binaries()),
+        ..Options::detect().unwrap()
+    };
+    let dir = manifest_dir(&[(
+        "bad.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: Not_A_Name, namespace: default}\n",
+    )])
+    .unwrap();
+    let name = format!("kbad{}", std::process::id());
+    let _down = DownOnDrop(name.clone());
+    let err = cluster::up(dir.path(), &name, &opts)
+        .err()
+        .expect("an invalid object must fail up")
+        .to_string();
+    assert!(err.contains("Not_A_Name"), "{err}");
+    assert_eq!(leftovers(&name, None), Vec::<String>::new());
+}
+
+fn sim() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_weft-sim"))
+}
+
+#[test]
+fn weft_sim_up_kube_status_kubectl_and_down() {
+    binaries(); // fail with the setup hint rather than in weft-sim's output
+    let dir = manifest_dir(&[(
+        "ns.yaml",
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: from-dir}\n",
+    )])
+    .unwrap();
+    let name = format!("kcli{}", std::process::id());
+    let _down = DownOnDrop(name.clone());
+    let up = sim()
+        .args(["up", dir.path().to_str().unwrap(), "--name", &name])
+        .args(["--kube", "--detach"])
+        .output()
+        .unwrap();
+    assert!(
+        up.status.success(),
+        "up --kube: {}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let status = sim().args(["status", "--name", &name]).output().unwrap();
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        text.contains("kubeconfig") && text.contains("admin.kubeconfig"),
+        "{text}"
+    );
+    let out = sim()
+        .args(["kubectl", "--name", &name, "get", "namespace", "from-dir"])
+        .args(["-o", "jsonpath={.status.phase}"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "Active",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // kubectl's exit status is weft-sim's.
+    let missing = sim()
+        .args(["kubectl", "--name", &name, "get", "namespace", "nope"])
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(1));
+
+    let state: Value = json(&String::from_utf8_lossy(
+        &sim()
+            .args(["status", "--name", &name, "--json"])
+            .output()
+            .unwrap()
+            .stdout,
+    ));
+    let slot = state["slot"].as_u64().unwrap() as u8;
+    let down = sim().args(["down", "--name", &name]).output().unwrap();
+    assert!(down.status.success());
+    assert_eq!(leftovers(&name, Some(slot)), Vec::<String>::new());
+    let without = sim()
+        .args(["kubectl", "--name", &name, "get", "nodes"])
+        .output()
+        .unwrap();
+    assert!(!without.status.success());
+}
+
+const WEB: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web, namespace: shop}
+spec:
+  replicas: 2
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      terminationGracePeriodSeconds: 5
+      containers:
+      - name: http
+        image: example.invalid/web
+        command: [./http_server.py, "8080", "$(POD_NAME)"]
+        env:
+        - {name: POD_NAME, valueFrom: {fieldRef: {fieldPath: metadata.name}}}
+        ports: [{name: http, containerPort: 8080}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: shop}
+spec:
+  containers: [{name: main, image: example.invalid/client, command: [sleep, infinity]}]
+"#;
+
+const WEB_SERVICE: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: http}]
+"#;
+
+/// Pods of `ns` with label `app=APP` that are Ready, by name.
+fn ready_pods(cluster: &TestCluster, ns: &str, app: &str) -> Vec<String> {
+    let pods = json(&cluster.kubectl_ok(&[
+        "get",
+        "pods",
+        "-n",
+        ns,
+        "-l",
+        &format!("app={app}"),
+        "-o",
+        "json",
+    ]));
+    let mut names: Vec<String> = pods["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
+        .filter(|p| {
+            p["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True")
+        })
+        .map(|p| p["metadata"]["name"].as_str().unwrap().to_string())
+        .collect();
+    names.sort();
+    names
+}
+
+fn pod_count(cluster: &TestCluster, ns: &str, selector: &str) -> usize {
+    let pods = json(&cluster.kubectl_ok(&["get", "pods", "-n", ns, "-l", selector, "-o", "json"]));
+    pods["items"].as_array().unwrap().len()
+}
+
+/// `curl http://web/hello` from the client pod until every name in `want`
+/// has answered.
+fn answered_by_all(cluster: &mut TestCluster, want: &[String]) {
+    let mut seen = BTreeSet::new();
+    wait_for(
+        &format!("answers from each of {want:?} through Service web"),
+        Duration::from_secs(60),
+        || {
+            cluster.refresh_state();
+            let out = cluster.exec(
+                "shop/client",
+                &["curl", "-s", "--max-time", "5", "http://web/hello"],
+            );
+            let body = String::from_utf8_lossy(&out.stdout).to_string();
+            if let Some(name) = body.strip_prefix("hello from ") {
+                seen.insert(name.trim().to_string());
+            }
+            want.iter().all(|w| seen.contains(w)).then_some(())
+        },
+    );
+}
+
+#[test]
+fn kubectl_drives_pods_that_run_and_answer_through_a_service_by_name() {
+    let mut cluster = kube_cluster(&[("web.yaml", WEB)]);
+    // `up` returned once the Deployment was ready: its pods run here.
+    let pods = ready_pods(&cluster, "shop", "web");
+    assert_eq!(pods.len(), 2, "{pods:?}");
+    let status = json(&cluster.kubectl_ok(&["get", "pod", &pods[0], "-n", "shop", "-o", "json"]));
+    let pod_ip = status["status"]["podIP"].as_str().unwrap().to_string();
+    assert!(pod_ip.starts_with("10.244."), "{pod_ip}");
+    assert_eq!(status["status"]["phase"], "Running");
+    assert_eq!(status["status"]["containerStatuses"][0]["restartCount"], 0);
+    let sim = cluster.pod(&format!("shop/{}", pods[0])).clone();
+    assert_eq!(sim.ip.to_string(), pod_ip);
+
+    // A Service created after `up`: kube-proxy and names follow it.
+    let svc = manifest_dir(&[("svc.yaml", WEB_SERVICE)]).unwrap();
+    cluster.kubectl_ok(&["apply", "-f", svc.path().join("svc.yaml").to_str().unwrap()]);
+    answered_by_all(&mut cluster, &pods);
+
+    // Scale up: a third pod runs and answers too.
+    cluster.kubectl_ok(&["scale", "deployment", "web", "-n", "shop", "--replicas=3"]);
+    let three = wait_for("3 ready pods", Duration::from_secs(60), || {
+        let p = ready_pods(&cluster, "shop", "web");
+        (p.len() == 3).then_some(p)
+    });
+    answered_by_all(&mut cluster, &three);
+
+    // Scale down: two pods stop, their namespaces go.
+    cluster.kubectl_ok(&["scale", "deployment", "web", "-n", "shop", "--replicas=1"]);
+    wait_for("1 web pod left", Duration::from_secs(60), || {
+        (pod_count(&cluster, "shop", "app=web") == 1).then_some(())
+    });
+    let left = ready_pods(&cluster, "shop", "web");
+    for gone in three.iter().filter(|p| !left.contains(p)) {
+        let netns = format!("weft.{}.pod.shop.{gone}", cluster.name());
+        wait_for(&format!("{netns} removed"), Duration::from_secs(30), || {
+            (!weft_sim::sys::netns_list().contains(&netns)).then_some(())
+        });
+    }
+
+    // Delete the Deployment: no web pod is left.
+    cluster.kubectl_ok(&["delete", "deployment", "web", "-n", "shop"]);
+    wait_for("web pods deleted", Duration::from_secs(60), || {
+        (pod_count(&cluster, "shop", "app=web") == 0).then_some(())
+    });
+
+    // Deleting the namespace removes its pods (the client), and the
+    // namespace finishes terminating.
+    cluster.kubectl_ok(&["delete", "namespace", "shop", "--wait=false"]);
+    wait_for("namespace shop gone", Duration::from_secs(90), || {
+        (!cluster
+            .kubectl(&["get", "namespace", "shop"])
+            .status
+            .success())
+        .then_some(())
+    });
+    let netns = format!("weft.{}.pod.shop.client", cluster.name());
+    assert!(!weft_sim::sys::netns_list().contains(&netns));
+}
