@@ -472,3 +472,115 @@ fn kubectl_drives_pods_that_run_and_answer_through_a_service_by_name() {
     let netns = format!("weft.{}.pod.shop.client", cluster.name());
     assert!(!weft_sim::sys::netns_list().contains(&netns));
 }
+
+/// The repository's own manifests, read from the source tree.
+fn repo_file(path: &str) -> String {
+    let full = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path);
+    std::fs::read_to_string(&full).unwrap_or_else(|e| panic!("{}: {e}", full.display()))
+}
+
+#[test]
+fn the_destination_rbac_in_daemonset_is_enforced_by_the_api_server() {
+    // The policy CRDs (the API server must accept them) and the namespace.
+    let crd_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds");
+    let mut files: Vec<(String, String)> = std::fs::read_dir(&crd_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".yaml"))
+        .map(|n| (n.clone(), repo_file(&format!("crds/{n}"))))
+        .collect();
+    files.push((
+        "weft-system.yaml".into(),
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: weft-system}\n".into(),
+    ));
+    let borrowed: Vec<(&str, &str)> = files
+        .iter()
+        .map(|(n, t)| (n.as_str(), t.as_str()))
+        .collect();
+    let cluster = kube_cluster(&borrowed);
+    let kustomization = Path::new(env!("CARGO_MANIFEST_DIR")).join("../daemonset/destination");
+    cluster.kubectl_ok(&["apply", "-k", kustomization.to_str().unwrap()]);
+
+    let sa = "--as=system:serviceaccount:weft-system:weft-destination";
+    let can = |args: &[&str]| -> bool {
+        let mut all = vec!["auth", "can-i"];
+        all.extend_from_slice(args);
+        all.push(sa);
+        let out = cluster.kubectl(&all);
+        let answer = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        assert!(
+            answer == "yes" || answer == "no",
+            "kubectl auth can-i {args:?}: {answer} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        answer == "yes"
+    };
+    let policy = [
+        "servers.policy.weft.io",
+        "authorizationpolicies.policy.weft.io",
+        "meshtlsauthentications.policy.weft.io",
+        "networkauthentications.policy.weft.io",
+        "httproutes.policy.weft.io",
+    ];
+    let watched = [
+        "namespaces",
+        "pods",
+        "services",
+        "endpointslices.discovery.k8s.io",
+    ];
+    // What the kube source does: list and watch everything it indexes,
+    // cluster-wide, and patch the status of policy objects.
+    for resource in watched.iter().chain(&policy) {
+        for verb in ["list", "watch"] {
+            assert!(
+                can(&[verb, resource, "--all-namespaces"]),
+                "{verb} {resource}"
+            );
+        }
+    }
+    for resource in policy {
+        assert!(
+            can(&["patch", resource, "--subresource=status", "-n", "shop"]),
+            "patch {resource}/status"
+        );
+        // …and nothing else of them.
+        for verb in ["create", "update", "patch", "delete"] {
+            assert!(!can(&[verb, resource, "-n", "shop"]), "{verb} {resource}");
+        }
+        assert!(!can(&[
+            "update",
+            resource,
+            "--subresource=status",
+            "-n",
+            "shop"
+        ]));
+    }
+    // Nothing it must not: secrets, writes to workloads, nodes, tokens.
+    for (verb, resource) in [
+        ("get", "secrets"),
+        ("list", "secrets"),
+        ("create", "pods"),
+        ("delete", "pods"),
+        ("patch", "services"),
+        ("get", "nodes"),
+        ("create", "serviceaccounts/token"),
+        ("create", "tokenreviews"),
+        ("escalate", "clusterroles"),
+    ] {
+        assert!(
+            !can(&[verb, resource, "--all-namespaces"]),
+            "{verb} {resource}"
+        );
+    }
+    // The default service account of the namespace gets none of it.
+    let other = cluster.kubectl(&[
+        "auth",
+        "can-i",
+        "list",
+        "pods",
+        "--all-namespaces",
+        "--as=system:serviceaccount:weft-system:default",
+    ]);
+    assert_eq!(String::from_utf8_lossy(&other.stdout).trim(), "no");
+}
