@@ -584,3 +584,74 @@ fn the_destination_rbac_in_daemonset_is_enforced_by_the_api_server() {
     ]);
     assert_eq!(String::from_utf8_lossy(&other.stdout).trim(), "no");
 }
+
+#[test]
+fn containers_restart_by_policy_and_deletion_honours_the_grace_period() {
+    let cluster = kube_cluster(&[(
+        "pods.yaml",
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: flaky, namespace: default}
+spec:
+  containers:
+  - name: main
+    image: example.invalid/flaky
+    command: [sh, -c, 'echo started; sleep 2; exit 3']
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: once, namespace: default}
+spec:
+  restartPolicy: Never
+  containers: [{name: main, image: example.invalid/once, command: [sh, -c, 'exit 0']}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: stubborn, namespace: default}
+spec:
+  terminationGracePeriodSeconds: 3
+  containers:
+  - name: main
+    image: example.invalid/stubborn
+    command: [sh, -c, 'trap "echo got TERM" TERM; while true; do sleep 0.1; done']
+"#,
+    )]);
+    let pod = |name: &str| json(&cluster.kubectl_ok(&["get", "pod", name, "-o", "json"]));
+    // restartPolicy Always (the default): the exited container runs again,
+    // and its status counts the restarts and keeps the last exit code.
+    let flaky = wait_for("flaky restarted twice", Duration::from_secs(60), || {
+        let p = pod("flaky");
+        (p["status"]["containerStatuses"][0]["restartCount"].as_u64()? >= 2).then_some(p)
+    });
+    assert_eq!(
+        flaky["status"]["containerStatuses"][0]["lastState"]["terminated"]["exitCode"],
+        3
+    );
+    // restartPolicy Never: exit 0 makes the pod Succeeded.
+    wait_for("once Succeeded", Duration::from_secs(60), || {
+        (pod("once")["status"]["phase"] == "Succeeded").then_some(())
+    });
+
+    // A process that ignores SIGTERM is killed after the grace period
+    // (3 s), not before, and the Pod is then gone from the API server.
+    let started = Instant::now();
+    cluster.kubectl_ok(&["delete", "pod", "stubborn", "--wait=true", "--timeout=60s"]);
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(3) && took < Duration::from_secs(30),
+        "deletion took {took:?}"
+    );
+    let log = cluster
+        .state()
+        .state_dir
+        .join("logs/default.stubborn.main.log");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("got TERM"), "{text}");
+    assert!(
+        !cluster
+            .kubectl(&["get", "pod", "stubborn"])
+            .status
+            .success()
+    );
+}
