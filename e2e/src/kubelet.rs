@@ -17,6 +17,7 @@ use crate::state::{
     ContainerState, EndpointState, PodState, ServicePortState, ServiceState, State,
 };
 use crate::sys::{self, CgroupHandle};
+use crate::volumes::{self, Mount, Payload};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -31,6 +32,11 @@ use std::time::{Duration, Instant};
 
 /// Pods per node: addresses `.2` to `.254` of the node's /24.
 const MAX_PODS_PER_NODE: usize = 250;
+
+/// How often ConfigMap, Secret, downward API and projected volumes are
+/// written again from the API server (the kubelet's sync period is longer;
+/// a test should not wait a minute).
+const VOLUME_SYNC: Duration = Duration::from_secs(2);
 
 /// How often a pod whose ConfigMap or Secret is missing is tried again.
 const CONFIG_RETRY: Duration = Duration::from_secs(2);
@@ -149,6 +155,14 @@ struct RunningPod {
     ready_ports: Vec<Vec<u16>>,
     /// When this kubelet took the pod (or last tried it again).
     started: Instant,
+    /// The pod's volumes, to write again as their sources change.
+    volumes: Vec<k8s_openapi::api::core::v1::Volume>,
+    /// `<state_dir>/pods/<uid>`: volumes and container scratch space.
+    dir: PathBuf,
+    /// Projected service-account tokens: (volume, path) → token and when
+    /// to request a new one.
+    tokens: BTreeMap<(String, String), (String, Instant)>,
+    last_volume_sync: Instant,
 }
 
 struct RunningContainer {
@@ -164,6 +178,8 @@ struct RunningContainer {
     last_exit: Option<(i32, String)>,
     /// Not before this instant (back-off after an exit).
     next_start: Option<Instant>,
+    /// Volumes at their `mountPath`s.
+    mounts: Vec<Mount>,
     /// Exited for good (restart policy says no more).
     done: bool,
 }
@@ -262,6 +278,25 @@ impl Kubelet {
                     Err(e) => eprintln!("kubelet: pod {uid}: {e}"),
                 }
             }
+        }
+        // Volumes follow their ConfigMaps, Secrets and token lifetimes.
+        let due: Vec<String> = self
+            .running
+            .iter()
+            .filter(|(_, r)| {
+                r.terminating.is_none()
+                    && r.failure.is_none()
+                    && r.last_volume_sync.elapsed() >= VOLUME_SYNC
+            })
+            .map(|(uid, _)| uid.clone())
+            .collect();
+        for uid in due {
+            let mut running = self.running.remove(&uid).expect("running");
+            if let Err(e) = self.write_volumes(&mut running) {
+                eprintln!("kubelet: volumes of {}: {e}", running.pod.key());
+            }
+            running.last_volume_sync = Instant::now();
+            self.running.insert(uid, running);
         }
         // Containers of running pods: restarts, readiness, status.
         let uids: Vec<String> = self.running.keys().cloned().collect();
@@ -463,6 +498,7 @@ impl Kubelet {
                 last_exit: None,
                 next_start: None,
                 done: false,
+                mounts: Vec::new(),
             });
         }
         let mut running = RunningPod {
@@ -480,7 +516,16 @@ impl Kubelet {
             failure,
             ready_ports,
             started: Instant::now(),
+            volumes: spec.volumes.clone().unwrap_or_default(),
+            dir: self.state.state_dir.join("pods").join(&uid),
+            tokens: BTreeMap::new(),
+            last_volume_sync: Instant::now(),
         };
+        if running.failure.is_none()
+            && let Err(e) = self.prepare_volumes(&mut running, &spec)
+        {
+            running.failure = Some(("CreateContainerConfigError".into(), e));
+        }
         if running.failure.is_none()
             && let Err(e) = self.create_sandbox(&running, &node)
         {
@@ -548,6 +593,289 @@ impl Kubelet {
         }
     }
 
+    /// Creates every volume's directory, writes their contents, and gives
+    /// each container its mounts.
+    fn prepare_volumes(
+        &mut self,
+        running: &mut RunningPod,
+        spec: &k8s_openapi::api::core::v1::PodSpec,
+    ) -> Result<(), String> {
+        let mut sources: BTreeMap<String, (PathBuf, bool)> = BTreeMap::new();
+        for v in &running.volumes {
+            let source = if let Some(host) = &v.host_path {
+                volumes::check_absolute(&host.path)
+                    .map_err(|e| format!("volume {}: hostPath {e}", v.name))?;
+                let root = self
+                    .state
+                    .state_dir
+                    .join("nodes")
+                    .join(&running.pod.node)
+                    .join("root");
+                let path = root.join(host.path.trim_start_matches('/'));
+                let kind = host.type_.as_deref().unwrap_or("");
+                let exists = std::fs::symlink_metadata(&path).is_ok();
+                match kind {
+                    "File" | "Directory" | "Socket" | "CharDevice" | "BlockDevice" if !exists => {
+                        return Err(format!(
+                            "volume {}: hostPath {} (type {kind}) does not exist on node {} (its root is {})",
+                            v.name,
+                            host.path,
+                            running.pod.node,
+                            root.display()
+                        ));
+                    }
+                    "FileOrCreate" if !exists => {
+                        if let Some(parent) = path.parent() {
+                            std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
+                        }
+                        std::fs::write(&path, b"").map_err(|e| e.to_string())?;
+                    }
+                    _ if !exists => std::fs::create_dir_all(&path).map_err(|e| e.to_string())?,
+                    _ => {}
+                }
+                (path, false)
+            } else if v.empty_dir.is_some() {
+                let path = running.dir.join("volumes").join(&v.name);
+                std::fs::create_dir_all(&path).map_err(|e| e.to_string())?;
+                (path, false)
+            } else if v.config_map.is_some()
+                || v.secret.is_some()
+                || v.projected.is_some()
+                || v.downward_api.is_some()
+            {
+                (running.dir.join("volumes").join(&v.name), true)
+            } else {
+                return Err(format!(
+                    "volume {}: only emptyDir, hostPath, configMap, secret, downwardAPI and projected volumes are simulated",
+                    v.name
+                ));
+            };
+            sources.insert(v.name.clone(), source);
+        }
+        self.write_volumes(running)?;
+        for (c, spec_c) in running.containers.iter_mut().zip(&spec.containers) {
+            for vm in spec_c.volume_mounts.iter().flatten() {
+                let (source, read_only) = sources.get(&vm.name).ok_or_else(|| {
+                    format!(
+                        "container {}: volumeMount of unknown volume {:?}",
+                        c.name, vm.name
+                    )
+                })?;
+                if vm.sub_path.as_deref().is_some_and(|p| !p.is_empty())
+                    || vm.sub_path_expr.is_some()
+                {
+                    return Err(format!(
+                        "container {}: volumeMount {}: subPath is not simulated",
+                        c.name, vm.name
+                    ));
+                }
+                volumes::check_absolute(&vm.mount_path)
+                    .map_err(|e| format!("container {}: mountPath {e}", c.name))?;
+                c.mounts.push(Mount {
+                    source: source.clone(),
+                    target: vm.mount_path.clone(),
+                    read_only: *read_only || vm.read_only.unwrap_or(false),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the ConfigMap, Secret, downward API and projected volumes
+    /// (atomically; only what changed).
+    fn write_volumes(&mut self, running: &mut RunningPod) -> Result<(), String> {
+        use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+        let namespace = running.pod.namespace.clone();
+        for v in running.volumes.clone() {
+            let dir = running.dir.join("volumes").join(&v.name);
+            let named = |e: String| format!("volume {}: {e}", v.name);
+            let mut payload = Payload::new();
+            if let Some(cm) = &v.config_map {
+                let mode = cm.default_mode.unwrap_or(0o644) as u32;
+                self.object_files::<ConfigMap>(
+                    &namespace,
+                    &cm.name,
+                    &cm.items,
+                    cm.optional,
+                    mode,
+                    &mut payload,
+                )
+                .map_err(named)?;
+            } else if let Some(secret) = &v.secret {
+                let mode = secret.default_mode.unwrap_or(0o644) as u32;
+                let name = secret.secret_name.clone().unwrap_or_default();
+                self.object_files::<Secret>(
+                    &namespace,
+                    &name,
+                    &secret.items,
+                    secret.optional,
+                    mode,
+                    &mut payload,
+                )
+                .map_err(named)?;
+            } else if let Some(downward) = &v.downward_api {
+                let mode = downward.default_mode.unwrap_or(0o644) as u32;
+                for item in downward.items.iter().flatten() {
+                    downward_file(&running.pod, item, mode, &mut payload).map_err(named)?;
+                }
+            } else if let Some(projected) = &v.projected {
+                let mode = projected.default_mode.unwrap_or(0o644) as u32;
+                for source in projected.sources.iter().flatten() {
+                    if let Some(cm) = &source.config_map {
+                        self.object_files::<ConfigMap>(
+                            &namespace,
+                            &cm.name,
+                            &cm.items,
+                            cm.optional,
+                            mode,
+                            &mut payload,
+                        )
+                        .map_err(named)?;
+                    }
+                    if let Some(secret) = &source.secret {
+                        self.object_files::<Secret>(
+                            &namespace,
+                            &secret.name,
+                            &secret.items,
+                            secret.optional,
+                            mode,
+                            &mut payload,
+                        )
+                        .map_err(named)?;
+                    }
+                    if let Some(downward) = &source.downward_api {
+                        for item in downward.items.iter().flatten() {
+                            downward_file(&running.pod, item, mode, &mut payload).map_err(named)?;
+                        }
+                    }
+                    if let Some(sat) = &source.service_account_token {
+                        volumes::check_relative(&sat.path).map_err(named)?;
+                        let key = (v.name.clone(), sat.path.clone());
+                        let fresh = running
+                            .tokens
+                            .get(&key)
+                            .filter(|(_, renew)| Instant::now() < *renew)
+                            .map(|(t, _)| t.clone());
+                        let token = match fresh {
+                            Some(t) => t,
+                            None => {
+                                let seconds = sat.expiration_seconds.unwrap_or(3600).max(600);
+                                let token = self
+                                    .request_token(&running.pod, sat.audience.as_deref(), seconds)
+                                    .map_err(named)?;
+                                // As the kubelet: renew at 80 % of the lifetime.
+                                let renew =
+                                    Instant::now() + Duration::from_secs(seconds as u64 * 4 / 5);
+                                running.tokens.insert(key, (token.clone(), renew));
+                                token
+                            }
+                        };
+                        payload.insert(sat.path.clone(), (token.into_bytes(), mode));
+                    }
+                }
+            } else {
+                continue;
+            }
+            volumes::write_atomic(&dir, &payload).map_err(|e| named(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// The files of a ConfigMap or Secret volume (all keys, or `items`).
+    fn object_files<K: KeyValues>(
+        &self,
+        namespace: &str,
+        name: &str,
+        items: &Option<Vec<k8s_openapi::api::core::v1::KeyToPath>>,
+        optional: Option<bool>,
+        mode: u32,
+        payload: &mut Payload,
+    ) -> Result<(), String> {
+        let api: Api<K> = Api::namespaced(self.client.clone(), namespace);
+        let object = self
+            .runtime
+            .block_on(async { api.get_opt(name).await })
+            .map_err(|e| format!("reading {} {namespace}/{name}: {e}", K::KIND))?;
+        let Some(object) = object else {
+            if optional.unwrap_or(false) {
+                return Ok(());
+            }
+            return Err(format!("{} {namespace}/{name} not found", K::KIND));
+        };
+        let all = object.all();
+        match items {
+            None => {
+                for (key, bytes) in all {
+                    volumes::check_relative(&key)?;
+                    payload.insert(key, (bytes, mode));
+                }
+            }
+            Some(items) => {
+                for item in items {
+                    volumes::check_relative(&item.path)?;
+                    match all.get(&item.key) {
+                        Some(bytes) => {
+                            let m = item.mode.map_or(mode, |m| m as u32);
+                            payload.insert(item.path.clone(), (bytes.clone(), m));
+                        }
+                        None if optional.unwrap_or(false) => {}
+                        None => {
+                            return Err(format!(
+                                "{} {namespace}/{name} has no key {:?}",
+                                K::KIND,
+                                item.key
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A TokenRequest for the pod's ServiceAccount, bound to the pod.
+    fn request_token(
+        &self,
+        pod: &PodState,
+        audience: Option<&str>,
+        seconds: i64,
+    ) -> Result<String, String> {
+        let mut spec = serde_json::json!({
+            "expirationSeconds": seconds,
+            "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": pod.name, "uid": pod.uid},
+        });
+        if let Some(audience) = audience.filter(|a| !a.is_empty()) {
+            spec["audiences"] = serde_json::json!([audience]);
+        }
+        let body = serde_json::json!({
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": spec,
+        });
+        let url = format!(
+            "/api/v1/namespaces/{}/serviceaccounts/{}/token",
+            pod.namespace, pod.service_account
+        );
+        let request = http::Request::post(url)
+            .header("content-type", "application/json")
+            .body(serde_json::to_vec(&body).expect("serializable"))
+            .map_err(|e| e.to_string())?;
+        let client = self.client.clone();
+        let answer: serde_json::Value = self
+            .runtime
+            .block_on(async move { client.request(request).await })
+            .map_err(|e| {
+                format!(
+                    "TokenRequest for {}/{}: {e}",
+                    pod.namespace, pod.service_account
+                )
+            })?;
+        answer["status"]["token"]
+            .as_str()
+            .map(String::from)
+            .ok_or_else(|| "TokenRequest answered without a token".to_string())
+    }
+
     fn services_snapshot(&self) -> Vec<ServiceState> {
         self.state.services.clone()
     }
@@ -584,6 +912,7 @@ impl Kubelet {
         if let Err(e) = sys::remove_cgroup(&p.cgroup, Duration::from_secs(5)) {
             eprintln!("kubelet: {e}");
         }
+        let _ = std::fs::remove_dir_all(&running.dir);
         if !running.host_network {
             if sys::netns_list().contains(&p.netns)
                 && let Err(e) = sys::run("ip", &["netns", "del", &p.netns], None)
@@ -709,12 +1038,26 @@ trait KeyValues:
 {
     const KIND: &'static str;
     fn value(&self, key: &str) -> Option<String>;
+    /// Every key with its bytes.
+    fn all(&self) -> BTreeMap<String, Vec<u8>>;
 }
 
 impl KeyValues for k8s_openapi::api::core::v1::ConfigMap {
     const KIND: &'static str = "ConfigMap";
     fn value(&self, key: &str) -> Option<String> {
         self.data.as_ref()?.get(key).cloned()
+    }
+    fn all(&self) -> BTreeMap<String, Vec<u8>> {
+        let mut out: BTreeMap<String, Vec<u8>> = self
+            .binary_data
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k.clone(), v.0.clone()))
+            .collect();
+        for (k, v) in self.data.iter().flatten() {
+            out.insert(k.clone(), v.clone().into_bytes());
+        }
+        out
     }
 }
 
@@ -724,6 +1067,53 @@ impl KeyValues for k8s_openapi::api::core::v1::Secret {
         let bytes = &self.data.as_ref()?.get(key)?.0;
         String::from_utf8(bytes.clone()).ok()
     }
+    fn all(&self) -> BTreeMap<String, Vec<u8>> {
+        self.data
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k.clone(), v.0.clone()))
+            .collect()
+    }
+}
+
+/// One file of a downward API volume.
+fn downward_file(
+    pod: &PodState,
+    item: &k8s_openapi::api::core::v1::DownwardAPIVolumeFile,
+    mode: u32,
+    payload: &mut Payload,
+) -> Result<(), String> {
+    volumes::check_relative(&item.path)?;
+    let Some(field) = &item.field_ref else {
+        return Err(format!(
+            "downwardAPI {}: only fieldRef is simulated",
+            item.path
+        ));
+    };
+    let map = |m: &BTreeMap<String, String>| {
+        m.iter()
+            .map(|(k, v)| format!("{k}={v:?}\n"))
+            .collect::<String>()
+    };
+    let value = match field.field_path.as_str() {
+        "metadata.name" => pod.name.clone(),
+        "metadata.namespace" => pod.namespace.clone(),
+        "metadata.uid" => pod.uid.clone(),
+        "metadata.labels" => map(&pod.labels),
+        "metadata.annotations" => map(&pod.annotations),
+        "spec.nodeName" => pod.node.clone(),
+        "spec.serviceAccountName" => pod.service_account.clone(),
+        "status.podIP" => pod.ip.to_string(),
+        other => {
+            return Err(format!(
+                "downwardAPI {}: fieldRef {other:?} is not simulated",
+                item.path
+            ));
+        }
+    };
+    let m = item.mode.map_or(mode, |m| m as u32);
+    payload.insert(item.path.clone(), (value.into_bytes(), m));
+    Ok(())
 }
 
 fn resolve_port(
@@ -787,7 +1177,7 @@ fn tend_containers(running: &mut RunningPod, workdir: &Path) {
         if c.done || c.next_start.is_some_and(|t| Instant::now() < t) {
             continue;
         }
-        match start_container(&running.pod, running.host_network, workdir, c) {
+        match start_container(&running.pod, &running.dir, workdir, c) {
             Ok(child) => {
                 if let Some(state) = running.pod.containers.iter_mut().find(|s| s.name == c.name) {
                     state.pid = Some(child.id());
@@ -810,7 +1200,7 @@ fn status_signal(status: &std::process::ExitStatus) -> i32 {
 
 fn start_container(
     pod: &PodState,
-    _host_network: bool,
+    pod_dir: &Path,
     workdir: &Path,
     c: &RunningContainer,
 ) -> Result<Child, sys::SysError> {
@@ -822,8 +1212,21 @@ fn start_container(
     let log2 = log.try_clone().map_err(sys::io("duplicating a log file"))?;
     let cg = CgroupHandle::open(&pod.cgroup)?;
     let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", &pod.netns])
-        .arg(&c.program)
+    cmd.args(["netns", "exec", &pod.netns]);
+    if !c.mounts.is_empty() {
+        // The container's own mount namespace (made by `ip netns exec`)
+        // gets its volumes from `weft-sim pod-exec`, which then execs it.
+        let simulator = std::env::current_exe().map_err(sys::io("finding weft-sim"))?;
+        let scratch = pod_dir.join("scratch").join(&c.name);
+        cmd.arg(simulator)
+            .args(["pod-exec", "--netns", &pod.netns, "--scratch"])
+            .arg(&scratch);
+        for m in &c.mounts {
+            cmd.arg("--mount").arg(m.to_arg());
+        }
+        cmd.arg("--");
+    }
+    cmd.arg(&c.program)
         .args(&c.args)
         .envs(c.env.iter().map(|(k, v)| (k, v)))
         .current_dir(workdir)

@@ -11,6 +11,7 @@
 //! - [`kubelet`]: the simulated kubelet and kube-proxy of `up --kube`;
 //! - [`mesh`]: the control plane and node proxies (`up --mesh`);
 //! - [`registration`]: telling node agents about pods (the CNI protocol);
+//! - [`volumes`]: pod volumes of `up --kube` (atomic writer, mounts);
 //! - [`testing`]: a cluster per test, torn down on drop.
 
 pub mod cluster;
@@ -24,6 +25,7 @@ pub mod registration;
 pub mod state;
 pub mod sys;
 pub mod testing;
+pub mod volumes;
 
 pub use cluster::{Cluster, Options, SimError, down, load, node_command, pod_command, up};
 pub use state::{NodeState, PodState, ServiceState, State};

@@ -655,3 +655,191 @@ spec:
             .success()
     );
 }
+
+const VOLUMES: &str = r#"
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: settings, namespace: default}
+data: {color: blue}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: password, namespace: default}
+stringData: {password: first}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: app, namespace: default}
+spec:
+  nodeName: node-a
+  containers:
+  - name: main
+    image: example.invalid/app
+    command: [sh, -c, 'echo "color=$COLOR password=$PASSWORD"; echo hello > /var/run/weft-test/hello; exec sleep infinity']
+    env:
+    - {name: COLOR, valueFrom: {configMapKeyRef: {name: settings, key: color}}}
+    - {name: PASSWORD, valueFrom: {secretKeyRef: {name: password, key: password}}}
+    volumeMounts:
+    - {name: config, mountPath: /etc/weft-test-config}
+    - {name: secret, mountPath: /etc/weft-test-secret}
+    - {name: token, mountPath: /var/run/secrets/weft-test}
+    - {name: node, mountPath: /var/run/weft-test}
+    - {name: scratch, mountPath: /tmp/weft-test-scratch}
+  volumes:
+  - {name: config, configMap: {name: settings}}
+  - {name: secret, secret: {secretName: password}}
+  - name: token
+    projected:
+      sources:
+      - serviceAccountToken: {audience: weft-test, expirationSeconds: 3600, path: token}
+  - {name: node, hostPath: {path: /var/run/weft-test, type: DirectoryOrCreate}}
+  - {name: scratch, emptyDir: {}}
+"#;
+
+/// Runs `argv` in the mount namespace of the pod's first container (where
+/// its volumes are), in its network namespace.
+fn in_container(cluster: &TestCluster, pod: &str, argv: &[&str]) -> std::process::Output {
+    let pid = cluster.pod(pod).containers[0].pid.expect("container pid");
+    Command::new("nsenter")
+        .args(["-t", &pid.to_string(), "-m", "-n", "--"])
+        .args(argv)
+        .output()
+        .unwrap()
+}
+
+fn read_in(cluster: &TestCluster, pod: &str, path: &str) -> String {
+    let out = in_container(cluster, pod, &["cat", path]);
+    assert!(
+        out.status.success(),
+        "cat {path} in {pod}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn token_review(cluster: &TestCluster, token: &str, audience: &str) -> Value {
+    let review = serde_json::json!({
+        "apiVersion": "authentication.k8s.io/v1",
+        "kind": "TokenReview",
+        "spec": {"token": token, "audiences": [audience]},
+    });
+    json(&kubectl_stdin(
+        cluster,
+        &["create", "-o", "json", "-f", "-"],
+        &review.to_string(),
+    ))
+}
+
+#[test]
+fn volumes_tokens_and_secret_updates_reach_a_running_pod() {
+    let cluster = kube_cluster(&[("app.yaml", VOLUMES)]);
+    let log = cluster.state().state_dir.join("logs/default.app.main.log");
+    wait_for(
+        "the container's first line",
+        Duration::from_secs(30),
+        || {
+            let text = std::fs::read_to_string(&log).ok()?;
+            text.contains("color=").then_some(())
+        },
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("color=blue password=first"), "{text}");
+
+    // ConfigMap and Secret volumes, read-only, with the kubelet's layout.
+    assert_eq!(
+        read_in(&cluster, "default/app", "/etc/weft-test-config/color"),
+        "blue"
+    );
+    assert_eq!(
+        read_in(&cluster, "default/app", "/etc/weft-test-secret/password"),
+        "first"
+    );
+    let link = in_container(
+        &cluster,
+        "default/app",
+        &["readlink", "/etc/weft-test-secret/password"],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&link.stdout).trim(),
+        "..data/password"
+    );
+    let write = in_container(
+        &cluster,
+        "default/app",
+        &["sh", "-c", "echo x > /etc/weft-test-config/color"],
+    );
+    assert!(
+        !write.status.success(),
+        "a configMap volume must be read-only"
+    );
+    // The default service-account volume the API server adds to every pod.
+    assert_eq!(
+        read_in(
+            &cluster,
+            "default/app",
+            "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+        ),
+        "default"
+    );
+    // emptyDir is writable.
+    let scratch = in_container(
+        &cluster,
+        "default/app",
+        &[
+            "sh",
+            "-c",
+            "echo ok > /tmp/weft-test-scratch/f && cat /tmp/weft-test-scratch/f",
+        ],
+    );
+    assert_eq!(String::from_utf8_lossy(&scratch.stdout), "ok\n");
+    // Mount paths were made inside the container only, never on the machine.
+    for path in [
+        "/etc/weft-test-config",
+        "/var/run/secrets/weft-test",
+        "/tmp/weft-test-scratch",
+        "/run/weft-test",
+    ] {
+        assert!(
+            !Path::new(path).exists(),
+            "{path} was created on the machine"
+        );
+    }
+    // hostPath is rooted in the node's own directory.
+    let on_node = cluster
+        .state()
+        .state_dir
+        .join("nodes/node-a/root/var/run/weft-test/hello");
+    assert_eq!(std::fs::read_to_string(&on_node).unwrap(), "hello\n");
+
+    // The projected token is a real one: TokenReview accepts it for its
+    // audience, as the pod's ServiceAccount, and refuses it for another.
+    let token = read_in(&cluster, "default/app", "/var/run/secrets/weft-test/token");
+    let ok = token_review(&cluster, &token, "weft-test");
+    assert_eq!(ok["status"]["authenticated"], true, "{ok}");
+    assert_eq!(
+        ok["status"]["user"]["username"],
+        "system:serviceaccount:default:default"
+    );
+    let pod_name = &ok["status"]["user"]["extra"]["authentication.kubernetes.io/pod-name"];
+    assert_eq!(pod_name[0], "app", "{ok}");
+    let other = token_review(&cluster, &token, "someone-else");
+    assert_ne!(other["status"]["authenticated"], true, "{other}");
+
+    // A Secret update reaches the running pod's file (atomically swapped).
+    cluster.kubectl_ok(&[
+        "patch",
+        "secret",
+        "password",
+        "--type=merge",
+        "-p",
+        r#"{"stringData":{"password":"second"}}"#,
+    ]);
+    wait_for(
+        "the new password in the pod",
+        Duration::from_secs(60),
+        || {
+            (read_in(&cluster, "default/app", "/etc/weft-test-secret/password") == "second")
+                .then_some(())
+        },
+    );
+}

@@ -75,6 +75,20 @@ enum Cmd {
         #[arg(long)]
         state_dir: PathBuf,
     },
+    /// Inside a `--kube` container's mount namespace: bind its volumes,
+    /// then exec the container's program (started by the kubelet).
+    #[command(hide = true)]
+    PodExec {
+        #[arg(long)]
+        netns: String,
+        #[arg(long)]
+        scratch: PathBuf,
+        /// SOURCE=TARGET[,ro]
+        #[arg(long = "mount")]
+        mounts: Vec<String>,
+        #[arg(last = true, required = true)]
+        argv: Vec<String>,
+    },
     /// Tear the cluster down (idempotent; also cleans up after a crash).
     Down {
         #[arg(long, default_value = "weft")]
@@ -93,6 +107,25 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    // Runs inside a container's mount namespace, where the cgroup2 mount
+    // that `Options::detect` looks for is not visible.
+    if let Cmd::PodExec {
+        netns,
+        scratch,
+        mounts,
+        argv,
+    } = cli.command
+    {
+        let mounts = mounts
+            .iter()
+            .map(|m| weft_sim::volumes::Mount::from_arg(m))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(anyhow::Error::msg)?;
+        return match weft_sim::volumes::pod_exec(&netns, &scratch, &mounts, &argv) {
+            Ok(never) => match never {},
+            Err(e) => Err(anyhow::anyhow!("pod-exec: {e}")),
+        };
+    }
     let mut opts = Options::detect()?;
     match cli.command {
         Cmd::Up {
@@ -178,6 +211,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             weft_sim::kubelet::run(&state_dir)?;
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::PodExec { .. } => unreachable!("handled above"),
         Cmd::Down { name } => {
             cluster::down(&name, &opts)?;
             Ok(ExitCode::SUCCESS)
