@@ -738,12 +738,25 @@ fn not_ready(kube: &KubeState) -> Result<Vec<String>, KubeError> {
                     .flatten()
                     .any(|c| c["type"] == "Ready" && c["status"] == "True");
                 if !ready {
-                    let why = status["containerStatuses"]
-                        .as_array()
+                    let containers = status["containerStatuses"].as_array();
+                    let waiting_message = containers
                         .into_iter()
                         .flatten()
-                        .find_map(|c| c["state"]["waiting"]["message"].as_str())
-                        .unwrap_or_else(|| status["phase"].as_str().unwrap_or("Pending"));
+                        .find_map(|c| c["state"]["waiting"]["message"].as_str());
+                    let unready: Vec<&str> = containers
+                        .into_iter()
+                        .flatten()
+                        .filter(|c| c["ready"] != true)
+                        .filter_map(|c| c["name"].as_str())
+                        .collect();
+                    let why = match (waiting_message, status["phase"].as_str()) {
+                        (Some(message), _) => message.to_string(),
+                        (None, Some("Running")) => format!(
+                            "running; not ready: {} (a container is ready once its declared TCP ports listen)",
+                            unready.join(", ")
+                        ),
+                        (None, phase) => phase.unwrap_or("Pending").to_string(),
+                    };
                     waiting.push(format!("{name} ({why})"));
                 }
             }

@@ -212,9 +212,18 @@ impl Kubelet {
                 wanted.insert(uid, pod);
             }
         }
-        // Start new pods.
+        // Start new pods; a pod deleted before it ever ran here has nothing
+        // to stop: the kubelet's last word is said at once.
         for (uid, pod) in &wanted {
-            if self.running.contains_key(uid) || pod.metadata.deletion_timestamp.is_some() {
+            if self.running.contains_key(uid) {
+                continue;
+            }
+            if pod.metadata.deletion_timestamp.is_some() {
+                self.delete_now(
+                    pod.metadata.namespace.as_deref().unwrap_or_default(),
+                    pod.metadata.name.as_deref().unwrap_or_default(),
+                    uid,
+                );
                 continue;
             }
             let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
@@ -927,22 +936,26 @@ impl Kubelet {
     /// The kubelet's last word on a deleted pod: delete it with grace 0
     /// (only this uid), which removes it from the API server.
     fn finalize_delete(&self, running: &RunningPod) {
-        let api: Api<Pod> = Api::namespaced(self.client.clone(), &running.pod.namespace);
+        self.delete_now(&running.pod.namespace, &running.pod.name, &running.pod.uid);
+    }
+
+    fn delete_now(&self, namespace: &str, name: &str, uid: &str) {
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
         let params = DeleteParams {
             grace_period_seconds: Some(0),
             preconditions: Some(Preconditions {
-                uid: Some(running.pod.uid.clone()),
+                uid: Some(uid.to_string()),
                 resource_version: None,
             }),
             ..DeleteParams::default()
         };
-        let name = running.pod.name.clone();
+        let owned = name.to_string();
         if let Err(e) = self
             .runtime
-            .block_on(async move { api.delete(&name, &params).await })
+            .block_on(async move { api.delete(&owned, &params).await })
             && !matches!(&e, kube::Error::Api(s) if s.code == 404 || s.code == 409)
         {
-            eprintln!("kubelet: deleting {}: {e}", running.pod.key());
+            eprintln!("kubelet: deleting {namespace}/{name}: {e}");
         }
     }
 

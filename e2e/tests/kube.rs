@@ -642,6 +642,33 @@ spec:
         took >= Duration::from_secs(3) && took < Duration::from_secs(30),
         "deletion took {took:?}"
     );
+    // A pod that cannot start (its ConfigMap does not exist) says why in
+    // its status, and is deleted at once.
+    let missing = r#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"unstartable","namespace":"default"},
+        "spec":{"containers":[{"name":"main","image":"example.invalid/x","command":["sleep","infinity"],
+        "env":[{"name":"X","valueFrom":{"configMapKeyRef":{"name":"absent","key":"k"}}}]}]}}"#;
+    kubectl_stdin(&cluster, &["create", "-f", "-"], missing);
+    let reason = wait_for("unstartable's reason", Duration::from_secs(30), || {
+        let p = pod("unstartable");
+        let waiting = &p["status"]["containerStatuses"][0]["state"]["waiting"];
+        waiting["message"]
+            .as_str()
+            .map(|m| (waiting["reason"].clone(), m.to_string()))
+    });
+    assert_eq!(reason.0, "CreateContainerConfigError");
+    assert!(
+        reason.1.contains("ConfigMap default/absent not found"),
+        "{}",
+        reason.1
+    );
+    cluster.kubectl_ok(&[
+        "delete",
+        "pod",
+        "unstartable",
+        "--wait=true",
+        "--timeout=30s",
+    ]);
+
     let log = cluster
         .state()
         .state_dir
