@@ -98,6 +98,9 @@ pub struct Options {
     /// create a Node per simulated node and apply DIR's manifests to it
     /// (see [`crate::kube`]).
     pub kube: Option<KubeBinaries>,
+    /// `--kube`: what program runs for a container that names an `image`
+    /// and no `command` (see [`kube::load_images`]).
+    pub images: std::collections::BTreeMap<String, PathBuf>,
 }
 
 /// Starts whatever listens on each node's `agent_socket` (in mesh mode, one
@@ -120,6 +123,7 @@ impl Options {
             ready_timeout: Duration::from_secs(30),
             node_agents: None,
             kube: None,
+            images: Default::default(),
         })
     }
 }
@@ -378,6 +382,8 @@ fn start_kube(
         timeout,
         &mut cluster.control_plane,
     )?;
+    let mut api = api;
+    api.images = opts.images.clone();
     cluster.state.kube = Some(api.clone());
     cluster.state.save().map_err(io("writing the state file"))?;
     let kubelet = kube::start_kubelet(

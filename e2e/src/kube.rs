@@ -16,7 +16,7 @@
 use crate::state::State;
 use crate::sys::{self, CgroupHandle, SysError};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -178,6 +178,10 @@ pub struct KubeState {
     pub ca_file: PathBuf,
     /// The service-account token issuer.
     pub service_account_issuer: String,
+    /// Image → program: what runs for a container without `command`
+    /// (`up --kube --images FILE`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub images: BTreeMap<String, PathBuf>,
 }
 
 impl KubeState {
@@ -222,6 +226,58 @@ fn run_kubectl(mut cmd: Command, args: &[&str], stdin: Option<&str>) -> Result<O
             .map_err(io("writing to kubectl"))?;
     }
     child.wait_with_output().map_err(io("waiting for kubectl"))
+}
+
+/// Reads an image table: a YAML map from image (`name`, or `name:tag` for
+/// one tag only) to the program that plays it — absolute, or relative to
+/// the file. Every program must be an executable file.
+pub fn load_images(file: &Path) -> Result<BTreeMap<String, PathBuf>, KubeError> {
+    let bad = |reason: String| KubeError::Manifest {
+        file: file.to_path_buf(),
+        reason,
+    };
+    let size = std::fs::metadata(file)
+        .map_err(io(format!("reading {}", file.display())))?
+        .len();
+    if size > MAX_MANIFEST_BYTES {
+        return Err(bad(format!("{size} bytes: too large for an image table")));
+    }
+    let text = std::fs::read_to_string(file).map_err(io(format!("reading {}", file.display())))?;
+    let table: BTreeMap<String, String> = serde_yaml::from_str(&text)
+        .map_err(|e| bad(format!("not a map of image to program: {e}")))?;
+    let base = file.parent().unwrap_or(Path::new("."));
+    let mut out = BTreeMap::new();
+    for (image, program) in table {
+        let path = base.join(&program);
+        let executable = std::fs::metadata(&path).is_ok_and(|m| {
+            use std::os::unix::fs::PermissionsExt;
+            m.is_file() && m.permissions().mode() & 0o111 != 0
+        });
+        if image.is_empty() || !executable {
+            return Err(bad(format!(
+                "image {image:?}: program {} is not an executable file",
+                path.display()
+            )));
+        }
+        out.insert(image, path);
+    }
+    Ok(out)
+}
+
+/// The program of `image` in `table`: the exact `name:tag` first, then the
+/// name without tag or digest.
+pub fn image_program<'a>(table: &'a BTreeMap<String, PathBuf>, image: &str) -> Option<&'a Path> {
+    if let Some(p) = table.get(image) {
+        return Some(p);
+    }
+    let without_digest = image.split('@').next().unwrap_or(image);
+    // A tag is after the last ':' that follows the last '/' (a registry
+    // port is not a tag).
+    let name = match without_digest.rsplit_once(':') {
+        Some((name, tag)) if !tag.contains('/') => name,
+        _ => without_digest,
+    };
+    table.get(name).map(PathBuf::as_path)
 }
 
 /// The nodes a `--kube` cluster simulates: DIR's `Node` objects and every
@@ -360,6 +416,7 @@ pub fn start(
         dir: dir.clone(),
         ca_file: pki.ca_cert.clone(),
         service_account_issuer: SERVICE_ACCOUNT_ISSUER.into(),
+        images: BTreeMap::new(),
     };
     for (file, user, cert) in [
         ("admin.kubeconfig", "admin", &pki.admin),
@@ -1031,5 +1088,34 @@ mod tests {
         std::fs::write(dir.path().join("a.yaml"), "kind: [unclosed\n").unwrap();
         let e = node_names(dir.path()).unwrap_err().to_string();
         assert!(e.contains("not valid YAML"), "{e}");
+    }
+
+    #[test]
+    fn images_map_to_programs_by_name_and_tag() {
+        let dir = tempfile::tempdir().unwrap();
+        let table = dir.path().join("images.yaml");
+        std::fs::write(
+            &table,
+            "registry.example:5000/weft/proxy: /bin/true\nweft/ca:v2: /bin/false\n",
+        )
+        .unwrap();
+        let images = load_images(&table).unwrap();
+        let find = |i: &str| image_program(&images, i).map(|p| p.to_path_buf());
+        assert_eq!(
+            find("registry.example:5000/weft/proxy:1.0"),
+            Some("/bin/true".into())
+        );
+        assert_eq!(
+            find("registry.example:5000/weft/proxy@sha256:abc"),
+            Some("/bin/true".into())
+        );
+        assert_eq!(find("weft/ca:v2"), Some("/bin/false".into()));
+        assert_eq!(find("weft/ca:v3"), None);
+        std::fs::write(&table, "weft/x: ./missing\n").unwrap();
+        let e = load_images(&table).unwrap_err().to_string();
+        assert!(e.contains("not an executable file"), "{e}");
+        std::fs::write(&table, "[a, b]\n").unwrap();
+        let e = load_images(&table).unwrap_err().to_string();
+        assert!(e.contains("not a map of image to program"), "{e}");
     }
 }

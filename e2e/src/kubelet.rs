@@ -450,19 +450,33 @@ impl Kubelet {
                     Err(e) => failure = Some(("CreateContainerConfigError".to_string(), e)),
                 }
             }
-            let argv: Vec<String> = argv.iter().map(|a| expand(a, &env)).collect();
-            let program = match argv.first() {
-                None => {
+            let mut argv: Vec<String> = argv.iter().map(|a| expand(a, &env)).collect();
+            let images = self.state.kube.as_ref().map(|k| &k.images);
+            let from_image = c
+                .image
+                .as_deref()
+                .and_then(|i| images.and_then(|t| crate::kube::image_program(t, i)));
+            let has_command = c.command.as_ref().is_some_and(|c| !c.is_empty());
+            let program = match (argv.first().filter(|_| has_command), from_image) {
+                // No command: the image's program, with the container's args.
+                (None, Some(program)) => {
+                    argv = std::iter::once(program.to_string_lossy().into_owned())
+                        .chain(argv)
+                        .collect();
+                    program.to_path_buf()
+                }
+                (None, None) => {
                     failure = Some((
                         "ErrImagePull".to_string(),
                         format!(
-                            "container {}: weft-sim runs commands, not images: give it a `command`",
-                            c.name
+                            "container {}: image {:?} is not in the simulator's image table (`up --kube --images FILE`), and the container has no `command`",
+                            c.name,
+                            c.image.as_deref().unwrap_or_default()
                         ),
                     ));
                     PathBuf::new()
                 }
-                Some(p) => match plan::resolve_program(p, &self.state.manifest_dir) {
+                (Some(p), _) => match plan::resolve_program(p, &self.state.manifest_dir) {
                     Some(path) => path,
                     None => {
                         failure = Some((

@@ -870,3 +870,57 @@ fn volumes_tokens_and_secret_updates_reach_a_running_pod() {
         },
     );
 }
+
+#[test]
+fn an_image_without_command_runs_the_program_of_the_image_table() {
+    let python = ["/usr/bin/python3", "/usr/local/bin/python3"]
+        .into_iter()
+        .find(|p| Path::new(p).is_file())
+        .expect("python3");
+    let bins = binaries();
+    let cluster = TestCluster::up_with(
+        &[(
+            "web.yaml",
+            r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: default}
+spec:
+  containers:
+  - name: main
+    image: registry.example/weft-test/python:3.11
+    args: [-m, http.server, "8080"]
+    ports: [{containerPort: 8080}]
+"#,
+        )],
+        |o| {
+            o.kube = Some(bins);
+            o.images = [(
+                "registry.example/weft-test/python".to_string(),
+                python.into(),
+            )]
+            .into();
+        },
+    )
+    .expect("--kube cluster up");
+    // `up` returned: the image's program listens on the declared port.
+    assert_eq!(ready_pods_named(&cluster, "web"), ["web"]);
+    let pid = cluster.pod("default/web").containers[0].pid.unwrap();
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    assert!(cmdline.contains("http.server 8080"), "{cmdline}");
+}
+
+fn ready_pods_named(cluster: &TestCluster, name: &str) -> Vec<String> {
+    let pod = json(&cluster.kubectl_ok(&["get", "pod", name, "-o", "json"]));
+    let ready = pod["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|c| c["type"] == "Ready" && c["status"] == "True");
+    if ready {
+        vec![name.to_string()]
+    } else {
+        vec![]
+    }
+}

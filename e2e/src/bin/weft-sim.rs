@@ -43,6 +43,10 @@ enum Cmd {
         /// manifests to it with server-side apply.
         #[arg(long)]
         kube: bool,
+        /// With --kube: a YAML map of image to program (absolute, or
+        /// relative to FILE), run for containers that have no `command`.
+        #[arg(long, value_name = "FILE", requires = "kube")]
+        images: Option<PathBuf>,
     },
     /// Run the control plane's kubectl against a `--kube` cluster, as its
     /// admin (e.g. `weft-sim kubectl get nodes`).
@@ -135,7 +139,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             timeout,
             mesh,
             kube,
+            images,
         } => {
+            if let Some(file) = images {
+                opts.images = weft_sim::kube::load_images(&file)?;
+            }
             opts.ready_timeout = Duration::from_secs(timeout);
             if kube {
                 opts.kube = Some(weft_sim::kube::KubeBinaries::from_cache()?);
