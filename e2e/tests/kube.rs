@@ -891,6 +891,13 @@ spec:
     image: registry.example/weft-test/python:3.11
     args: [-m, http.server, "8080"]
     ports: [{containerPort: 8080}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: on-host, namespace: default}
+spec:
+  hostNetwork: true
+  containers: [{name: main, image: example.invalid/x, command: [sleep, infinity]}]
 "#,
         )],
         |o| {
@@ -909,6 +916,21 @@ spec:
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
     let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
     assert!(cmdline.contains("http.server 8080"), "{cmdline}");
+
+    // hostNetwork: the node's namespace and address.
+    let node = cluster.state().node("node-a").unwrap().clone();
+    let status = json(&cluster.kubectl_ok(&["get", "pod", "on-host", "-o", "json"]));
+    assert_eq!(status["status"]["podIP"], node.ip.to_string());
+    let pid = cluster.pod("default/on-host").containers[0].pid.unwrap();
+    let netns_of = |path: String| {
+        std::fs::metadata(path)
+            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+            .unwrap()
+    };
+    assert_eq!(
+        netns_of(format!("/proc/{pid}/ns/net")),
+        netns_of(node.netns_path.to_string_lossy().into_owned())
+    );
 }
 
 fn ready_pods_named(cluster: &TestCluster, name: &str) -> Vec<String> {
