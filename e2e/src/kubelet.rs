@@ -163,6 +163,8 @@ struct RunningPod {
     /// to request a new one.
     tokens: BTreeMap<(String, String), (String, Instant)>,
     last_volume_sync: Instant,
+    /// The chained CNI plugins that ran ADD (DEL undoes them).
+    cni: Option<crate::cni::Attachment>,
 }
 
 struct RunningContainer {
@@ -268,9 +270,9 @@ impl Kubelet {
             .iter()
             .filter(|(_, r)| {
                 r.terminating.is_none()
-                    && r.failure
-                        .as_ref()
-                        .is_some_and(|(reason, _)| reason == "CreateContainerConfigError")
+                    && r.failure.as_ref().is_some_and(|(reason, _)| {
+                        reason == "CreateContainerConfigError" || reason == "FailedCreatePodSandBox"
+                    })
                     && r.started.elapsed() > CONFIG_RETRY
             })
             .map(|(uid, _)| uid.clone())
@@ -543,6 +545,7 @@ impl Kubelet {
             dir: self.state.state_dir.join("pods").join(&uid),
             tokens: BTreeMap::new(),
             last_volume_sync: Instant::now(),
+            cni: None,
         };
         if running.failure.is_none()
             && let Err(e) = self.prepare_volumes(&mut running, &spec)
@@ -554,6 +557,15 @@ impl Kubelet {
         {
             running.failure = Some(("CreatePodSandboxError".into(), e.to_string()));
             self.cleanup(&running);
+        }
+        // The node's chained CNI plugins, before any container starts.
+        if running.failure.is_none() && !running.host_network {
+            let (attachment, result) = crate::cni::add(&self.state.state_dir, &node, &running.pod);
+            running.cni = attachment;
+            if let Err(e) = result {
+                eprintln!("kubelet: pod {}: {e}", running.pod.key());
+                running.failure = Some(("FailedCreatePodSandBox".into(), e));
+            }
         }
         Ok(running)
     }
@@ -936,6 +948,11 @@ impl Kubelet {
             eprintln!("kubelet: {e}");
         }
         let _ = std::fs::remove_dir_all(&running.dir);
+        if let Some(attachment) = &running.cni {
+            for e in crate::cni::del(attachment, p) {
+                eprintln!("kubelet: pod {}: {e}", p.key());
+            }
+        }
         if !running.host_network {
             if sys::netns_list().contains(&p.netns)
                 && let Err(e) = sys::run("ip", &["netns", "del", &p.netns], None)

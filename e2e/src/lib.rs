@@ -8,6 +8,7 @@
 //! - [`sys`]: `ip`, `nft`, cgroups and `/proc`;
 //! - [`cluster`]: `up`, `down`, running commands inside pods and nodes;
 //! - [`kube`]: the Kubernetes control plane of `up --kube`;
+//! - [`cni`]: chained CNI plugins of a `--kube` node;
 //! - [`kubelet`]: the simulated kubelet and kube-proxy of `up --kube`;
 //! - [`mesh`]: the control plane and node proxies (`up --mesh`);
 //! - [`registration`]: telling node agents about pods (the CNI protocol);
@@ -15,6 +16,7 @@
 //! - [`testing`]: a cluster per test, torn down on drop.
 
 pub mod cluster;
+pub mod cni;
 pub mod kube;
 pub mod kubelet;
 pub mod manifest;

@@ -946,3 +946,137 @@ fn ready_pods_named(cluster: &TestCluster, name: &str) -> Vec<String> {
         vec![]
     }
 }
+
+/// A chained CNI plugin for the test: appends what it was called with to
+/// `calls.jsonl` next to it, fails while a file `fail` is there, passes
+/// the previous result on.
+const TEST_CNI_PLUGIN: &str = r#"#!/usr/bin/env python3
+import json, os, sys
+here = os.path.dirname(os.path.abspath(__file__))
+conf = json.load(sys.stdin)
+with open(os.path.join(here, "calls.jsonl"), "a") as log:
+    log.write(json.dumps({k: os.environ.get(k) for k in
+        ["CNI_COMMAND", "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_ARGS", "CNI_PATH"]}
+        | {"marker": conf.get("marker"), "prevResult": conf.get("prevResult"),
+           "netns_exists": os.path.exists(os.environ.get("CNI_NETNS", ""))}) + "\n")
+if os.environ["CNI_COMMAND"] == "ADD" and os.path.exists(os.path.join(here, "fail")):
+    print(json.dumps({"cniVersion": "1.0.0", "code": 999, "msg": "test plugin says no"}))
+    sys.exit(1)
+if os.environ["CNI_COMMAND"] == "ADD":
+    print(json.dumps(conf["prevResult"]))
+"#;
+
+fn cni_calls(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(json)
+        .collect()
+}
+
+#[test]
+fn the_chained_cni_plugins_of_the_node_run_before_and_after_a_pod() {
+    let cluster = kube_cluster(&[(
+        "ns.yaml",
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n",
+    )]);
+    // The node's own /etc/cni/net.d and /opt/cni/bin, under its root.
+    let root = cluster.state().state_dir.join("nodes/node-a/root");
+    let bin = root.join("opt/cni/bin");
+    let conf = root.join("etc/cni/net.d");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::create_dir_all(&conf).unwrap();
+    let plugin = bin.join("weft-test-cni");
+    std::fs::write(&plugin, TEST_CNI_PLUGIN).unwrap();
+    std::fs::set_permissions(&plugin, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::write(
+        conf.join("10-weft.conflist"),
+        r#"{"cniVersion": "1.0.0", "name": "k8s-pod-network",
+            "plugins": [{"type": "weft-test-cni", "marker": "first"}, {"type": "weft-test-cni", "marker": "second"}]}"#,
+    )
+    .unwrap();
+    let calls = bin.join("calls.jsonl");
+    std::fs::write(bin.join("fail"), "").unwrap();
+
+    // While ADD fails the pod does not run, says why, and is tried again.
+    let pod = r#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"web","namespace":"shop"},
+        "spec":{"containers":[{"name":"main","image":"example.invalid/x","command":["sleep","infinity"]}]}}"#;
+    kubectl_stdin(&cluster, &["create", "-f", "-"], pod);
+    let message = wait_for(
+        "the ADD failure in the pod's status",
+        Duration::from_secs(30),
+        || {
+            let p = json(&cluster.kubectl_ok(&["get", "pod", "web", "-n", "shop", "-o", "json"]));
+            p["status"]["containerStatuses"][0]["state"]["waiting"]["message"]
+                .as_str()
+                .map(String::from)
+        },
+    );
+    assert!(message.contains("test plugin says no"), "{message}");
+    wait_for("ADD tried again", Duration::from_secs(30), || {
+        let adds = cni_calls(&calls)
+            .iter()
+            .filter(|c| c["CNI_COMMAND"] == "ADD")
+            .count();
+        (adds >= 2).then_some(())
+    });
+    assert!(!pod_ready(&cluster, "shop", "web"));
+
+    // Once ADD succeeds the pod runs; the plugins saw the standard protocol.
+    std::fs::remove_file(bin.join("fail")).unwrap();
+    std::fs::remove_file(&calls).unwrap();
+    wait_for("web ready", Duration::from_secs(60), || {
+        pod_ready(&cluster, "shop", "web").then_some(())
+    });
+    let adds = cni_calls(&calls);
+    let ok: Vec<&Value> = adds.iter().filter(|c| c["CNI_COMMAND"] == "ADD").collect();
+    assert_eq!(ok.len(), 2, "{adds:?}");
+    assert_eq!(ok[0]["marker"], "first");
+    assert_eq!(ok[1]["marker"], "second");
+    let status = json(&cluster.kubectl_ok(&["get", "pod", "web", "-n", "shop", "-o", "json"]));
+    let uid = status["metadata"]["uid"].as_str().unwrap();
+    let pod_ip = status["status"]["podIP"].as_str().unwrap();
+    for call in &ok {
+        assert_eq!(call["CNI_CONTAINERID"], uid);
+        assert_eq!(call["CNI_IFNAME"], "eth0");
+        assert_eq!(call["netns_exists"], true);
+        let args = call["CNI_ARGS"].as_str().unwrap();
+        assert!(
+            args.contains("K8S_POD_NAMESPACE=shop") && args.contains("K8S_POD_NAME=web"),
+            "{args}"
+        );
+        assert_eq!(
+            call["prevResult"]["ips"][0]["address"],
+            format!("{pod_ip}/32")
+        );
+    }
+
+    // Deleting the pod runs DEL, last plugin first. (The failed attempts
+    // were undone with DEL too: start counting afresh.)
+    std::fs::remove_file(&calls).unwrap();
+    cluster.kubectl_ok(&[
+        "delete",
+        "pod",
+        "web",
+        "-n",
+        "shop",
+        "--wait=true",
+        "--timeout=60s",
+    ]);
+    let dels: Vec<Value> = cni_calls(&calls)
+        .into_iter()
+        .filter(|c| c["CNI_COMMAND"] == "DEL")
+        .collect();
+    assert_eq!(dels.len(), 2, "{dels:?}");
+    assert_eq!(dels[0]["marker"], "second");
+    assert_eq!(dels[1]["marker"], "first");
+}
+
+fn pod_ready(cluster: &TestCluster, ns: &str, name: &str) -> bool {
+    let pod = json(&cluster.kubectl_ok(&["get", "pod", name, "-n", ns, "-o", "json"]));
+    pod["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|c| c["type"] == "Ready" && c["status"] == "True")
+}
