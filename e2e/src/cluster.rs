@@ -393,7 +393,7 @@ fn start_kube(
         &mut cluster.control_plane,
     )?;
     kube::apply_dir(&api, &cluster.state.manifest_dir, timeout)?;
-    kube::wait_workloads_ready(&api, opts.ready_timeout, &kubelet)?;
+    kube::wait_workloads_ready(&api, timeout, &kubelet)?;
     if let Ok(state) = State::load(&cluster.state.state_dir) {
         cluster.state = state;
     }

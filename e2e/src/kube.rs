@@ -518,10 +518,11 @@ pub fn start(
             format!("--cluster-signing-key-file={}", path(&pki.ca_key)),
             format!("--cluster-name={}", state.name),
             format!("--service-cluster-ip-range={SERVICE_CIDR}"),
-            // The node lifecycle controller taints and evicts nodes whose
-            // kubelet stops posting status; the simulator's nodes are
-            // posted Ready once and kept so.
-            "--controllers=*,-nodelifecycle,-nodeipam".into(),
+            // Node CIDRs are the simulator's. The node lifecycle
+            // controller runs: the simulated kubelet renews each node's
+            // Lease, and a node whose kubelet is gone is tainted as on a
+            // cluster.
+            "--controllers=*,-nodeipam".into(),
             "--profiling=false".into(),
         ],
     )?;
@@ -644,7 +645,8 @@ fn create_nodes(kube: &KubeState, state: &State) -> Result<(), KubeError> {
             Some(&node.to_string()),
         )?;
         // The API server taints a new Node not-ready; the node lifecycle
-        // controller (off: see `start`) would lift it once the node is Ready.
+        // controller lifts it once it sees the node Ready, on its next pass:
+        // lifting it here lets DIR's pods be scheduled at once.
         kube.kubectl_ok(
             &[
                 "patch",

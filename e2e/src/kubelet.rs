@@ -38,6 +38,11 @@ const MAX_PODS_PER_NODE: usize = 250;
 /// a test should not wait a minute).
 const VOLUME_SYNC: Duration = Duration::from_secs(2);
 
+/// How often each node's Lease is renewed (the kubelet's default), and the
+/// lease duration it announces.
+const HEARTBEAT: Duration = Duration::from_secs(10);
+const LEASE_SECONDS: i32 = 40;
+
 /// How often a pod whose ConfigMap or Secret is missing is tried again.
 const CONFIG_RETRY: Duration = Duration::from_secs(2);
 
@@ -85,6 +90,7 @@ pub fn run(state_dir: &Path) -> anyhow::Result<()> {
         runtime: runtime.handle().clone(),
         running: BTreeMap::new(),
         proxy_rules: BTreeMap::new(),
+        last_heartbeat: None,
         hosts: BTreeMap::new(),
     };
     loop {
@@ -136,6 +142,8 @@ struct Kubelet {
     proxy_rules: BTreeMap<String, String>,
     /// The `/etc/hosts` last written, per pod network namespace.
     hosts: BTreeMap<String, String>,
+    /// When the nodes' Leases were last renewed.
+    last_heartbeat: Option<Instant>,
 }
 
 struct RunningPod {
@@ -333,7 +341,46 @@ impl Kubelet {
             }
         }
         self.sync_network(services, slices);
+        if self.last_heartbeat.is_none_or(|t| t.elapsed() >= HEARTBEAT) {
+            self.heartbeat();
+            self.last_heartbeat = Some(Instant::now());
+        }
         self.save_state();
+    }
+
+    /// Renews every node's Lease in `kube-node-lease`, as a kubelet does:
+    /// the node lifecycle controller takes a node whose Lease is not renewed
+    /// within its grace period for dead (taints it, evicts its pods).
+    fn heartbeat(&self) {
+        use k8s_openapi::api::coordination::v1::Lease;
+        let api: Api<Lease> = Api::namespaced(self.client.clone(), "kube-node-lease");
+        let micros = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as i64);
+        let renew = k8s_openapi::chrono::DateTime::from_timestamp_micros(micros)
+            .unwrap_or_default()
+            .to_rfc3339_opts(k8s_openapi::chrono::SecondsFormat::Micros, true);
+        for node in &self.state.nodes {
+            let lease = serde_json::json!({
+                "apiVersion": "coordination.k8s.io/v1",
+                "kind": "Lease",
+                "metadata": {"name": node.name, "namespace": "kube-node-lease"},
+                "spec": {
+                    "holderIdentity": node.name,
+                    "leaseDurationSeconds": LEASE_SECONDS,
+                    "renewTime": renew,
+                },
+            });
+            let params = PatchParams::apply("weft-sim-kubelet").force();
+            let name = node.name.clone();
+            let api = api.clone();
+            if let Err(e) = self
+                .runtime
+                .block_on(async move { api.patch(&name, &params, &Patch::Apply(&lease)).await })
+            {
+                eprintln!("kubelet: renewing the Lease of node {}: {e}", node.name);
+            }
+        }
     }
 
     fn start_pod(&mut self, pod: &Pod) -> anyhow::Result<RunningPod> {

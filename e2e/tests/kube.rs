@@ -94,6 +94,29 @@ fn the_api_server_serves_nodes_and_the_applied_manifests() {
     }
     assert_eq!(seen, ["node-a", "node-b"]);
 
+    // The kubelet renews each node's Lease (the node lifecycle controller
+    // runs and would otherwise take the node for dead).
+    let renew_time = || {
+        let out = cluster.kubectl(&[
+            "get",
+            "lease",
+            "node-a",
+            "-n",
+            "kube-node-lease",
+            "-o",
+            "json",
+        ]);
+        if !out.status.success() {
+            return None; // not created yet
+        }
+        let lease = json(&String::from_utf8_lossy(&out.stdout));
+        lease["spec"]["renewTime"].as_str().map(String::from)
+    };
+    let first = wait_for("node-a's Lease", Duration::from_secs(120), renew_time);
+    wait_for("node-a's Lease renewed", Duration::from_secs(120), || {
+        renew_time().filter(|t| *t != first)
+    });
+
     // DIR was applied server-side, by the field manager weft-sim.
     let ns = json(&cluster.kubectl_ok(&["get", "namespace", "shop", "-o", "json"]));
     assert_eq!(ns["metadata"]["labels"]["team"], "web");
@@ -117,7 +140,7 @@ fn the_api_server_serves_nodes_and_the_applied_manifests() {
     cluster.kubectl_ok(&["create", "namespace", "later"]);
     wait_for(
         "ServiceAccount later/default",
-        Duration::from_secs(60),
+        Duration::from_secs(120),
         || {
             cluster
                 .kubectl(&["get", "serviceaccount", "default", "-n", "later"])
@@ -137,7 +160,7 @@ fn the_api_server_serves_nodes_and_the_applied_manifests() {
     ]);
     let bound = wait_for(
         "2 pods of deployment web bound",
-        Duration::from_secs(60),
+        Duration::from_secs(120),
         || {
             let pods = json(&cluster.kubectl_ok(&["get", "pods", "-n", "later", "-o", "json"]));
             let nodes: Vec<String> = pods["items"]
@@ -397,7 +420,7 @@ fn answered_by_all(cluster: &mut TestCluster, want: &[String]) {
     let mut seen = BTreeSet::new();
     wait_for(
         &format!("answers from each of {want:?} through Service web"),
-        Duration::from_secs(60),
+        Duration::from_secs(120),
         || {
             cluster.refresh_state();
             let out = cluster.exec(
@@ -434,7 +457,7 @@ fn kubectl_drives_pods_that_run_and_answer_through_a_service_by_name() {
 
     // Scale up: a third pod runs and answers too.
     cluster.kubectl_ok(&["scale", "deployment", "web", "-n", "shop", "--replicas=3"]);
-    let three = wait_for("3 ready pods", Duration::from_secs(60), || {
+    let three = wait_for("3 ready pods", Duration::from_secs(120), || {
         let p = ready_pods(&cluster, "shop", "web");
         (p.len() == 3).then_some(p)
     });
@@ -442,27 +465,29 @@ fn kubectl_drives_pods_that_run_and_answer_through_a_service_by_name() {
 
     // Scale down: two pods stop, their namespaces go.
     cluster.kubectl_ok(&["scale", "deployment", "web", "-n", "shop", "--replicas=1"]);
-    wait_for("1 web pod left", Duration::from_secs(60), || {
+    wait_for("1 web pod left", Duration::from_secs(120), || {
         (pod_count(&cluster, "shop", "app=web") == 1).then_some(())
     });
     let left = ready_pods(&cluster, "shop", "web");
     for gone in three.iter().filter(|p| !left.contains(p)) {
         let netns = format!("weft.{}.pod.shop.{gone}", cluster.name());
-        wait_for(&format!("{netns} removed"), Duration::from_secs(30), || {
-            (!weft_sim::sys::netns_list().contains(&netns)).then_some(())
-        });
+        wait_for(
+            &format!("{netns} removed"),
+            Duration::from_secs(120),
+            || (!weft_sim::sys::netns_list().contains(&netns)).then_some(()),
+        );
     }
 
     // Delete the Deployment: no web pod is left.
     cluster.kubectl_ok(&["delete", "deployment", "web", "-n", "shop"]);
-    wait_for("web pods deleted", Duration::from_secs(60), || {
+    wait_for("web pods deleted", Duration::from_secs(120), || {
         (pod_count(&cluster, "shop", "app=web") == 0).then_some(())
     });
 
     // Deleting the namespace removes its pods (the client), and the
     // namespace finishes terminating.
     cluster.kubectl_ok(&["delete", "namespace", "shop", "--wait=false"]);
-    wait_for("namespace shop gone", Duration::from_secs(90), || {
+    wait_for("namespace shop gone", Duration::from_secs(120), || {
         (!cluster
             .kubectl(&["get", "namespace", "shop"])
             .status
@@ -620,7 +645,7 @@ spec:
     let pod = |name: &str| json(&cluster.kubectl_ok(&["get", "pod", name, "-o", "json"]));
     // restartPolicy Always (the default): the exited container runs again,
     // and its status counts the restarts and keeps the last exit code.
-    let flaky = wait_for("flaky restarted twice", Duration::from_secs(60), || {
+    let flaky = wait_for("flaky restarted twice", Duration::from_secs(120), || {
         let p = pod("flaky");
         (p["status"]["containerStatuses"][0]["restartCount"].as_u64()? >= 2).then_some(p)
     });
@@ -629,17 +654,17 @@ spec:
         3
     );
     // restartPolicy Never: exit 0 makes the pod Succeeded.
-    wait_for("once Succeeded", Duration::from_secs(60), || {
+    wait_for("once Succeeded", Duration::from_secs(120), || {
         (pod("once")["status"]["phase"] == "Succeeded").then_some(())
     });
 
     // A process that ignores SIGTERM is killed after the grace period
     // (3 s), not before, and the Pod is then gone from the API server.
     let started = Instant::now();
-    cluster.kubectl_ok(&["delete", "pod", "stubborn", "--wait=true", "--timeout=60s"]);
+    cluster.kubectl_ok(&["delete", "pod", "stubborn", "--wait=true", "--timeout=120s"]);
     let took = started.elapsed();
     assert!(
-        took >= Duration::from_secs(3) && took < Duration::from_secs(30),
+        took >= Duration::from_secs(3) && took < Duration::from_secs(60),
         "deletion took {took:?}"
     );
     // A pod that cannot start (its ConfigMap does not exist) says why in
@@ -648,7 +673,7 @@ spec:
         "spec":{"containers":[{"name":"main","image":"example.invalid/x","command":["sleep","infinity"],
         "env":[{"name":"X","valueFrom":{"configMapKeyRef":{"name":"absent","key":"k"}}}]}]}}"#;
     kubectl_stdin(&cluster, &["create", "-f", "-"], missing);
-    let reason = wait_for("unstartable's reason", Duration::from_secs(30), || {
+    let reason = wait_for("unstartable's reason", Duration::from_secs(120), || {
         let p = pod("unstartable");
         let waiting = &p["status"]["containerStatuses"][0]["state"]["waiting"];
         waiting["message"]
@@ -666,7 +691,7 @@ spec:
         "pod",
         "unstartable",
         "--wait=true",
-        "--timeout=30s",
+        "--timeout=120s",
     ]);
 
     let log = cluster
@@ -763,7 +788,7 @@ fn volumes_tokens_and_secret_updates_reach_a_running_pod() {
     let log = cluster.state().state_dir.join("logs/default.app.main.log");
     wait_for(
         "the container's first line",
-        Duration::from_secs(30),
+        Duration::from_secs(120),
         || {
             let text = std::fs::read_to_string(&log).ok()?;
             text.contains("color=").then_some(())
@@ -863,7 +888,7 @@ fn volumes_tokens_and_secret_updates_reach_a_running_pod() {
     ]);
     wait_for(
         "the new password in the pod",
-        Duration::from_secs(60),
+        Duration::from_secs(120),
         || {
             (read_in(&cluster, "default/app", "/etc/weft-test-secret/password") == "second")
                 .then_some(())
@@ -1004,7 +1029,7 @@ fn the_chained_cni_plugins_of_the_node_run_before_and_after_a_pod() {
     kubectl_stdin(&cluster, &["create", "-f", "-"], pod);
     let message = wait_for(
         "the ADD failure in the pod's status",
-        Duration::from_secs(30),
+        Duration::from_secs(120),
         || {
             let p = json(&cluster.kubectl_ok(&["get", "pod", "web", "-n", "shop", "-o", "json"]));
             p["status"]["containerStatuses"][0]["state"]["waiting"]["message"]
@@ -1013,7 +1038,7 @@ fn the_chained_cni_plugins_of_the_node_run_before_and_after_a_pod() {
         },
     );
     assert!(message.contains("test plugin says no"), "{message}");
-    wait_for("ADD tried again", Duration::from_secs(30), || {
+    wait_for("ADD tried again", Duration::from_secs(120), || {
         let adds = cni_calls(&calls)
             .iter()
             .filter(|c| c["CNI_COMMAND"] == "ADD")
@@ -1025,7 +1050,7 @@ fn the_chained_cni_plugins_of_the_node_run_before_and_after_a_pod() {
     // Once ADD succeeds the pod runs; the plugins saw the standard protocol.
     std::fs::remove_file(bin.join("fail")).unwrap();
     std::fs::remove_file(&calls).unwrap();
-    wait_for("web ready", Duration::from_secs(60), || {
+    wait_for("web ready", Duration::from_secs(120), || {
         pod_ready(&cluster, "shop", "web").then_some(())
     });
     let adds = cni_calls(&calls);
@@ -1061,7 +1086,7 @@ fn the_chained_cni_plugins_of_the_node_run_before_and_after_a_pod() {
         "-n",
         "shop",
         "--wait=true",
-        "--timeout=60s",
+        "--timeout=120s",
     ]);
     let dels: Vec<Value> = cni_calls(&calls)
         .into_iter()

@@ -18,7 +18,7 @@ use weft_destination::{indexer, source};
 use weft_sim::TestCluster;
 use weft_sim::kube::{KubeBinaries, KubeState};
 
-const WAIT: Duration = Duration::from_secs(60);
+const WAIT: Duration = Duration::from_secs(120);
 
 const SHOP: &str = r#"
 apiVersion: v1

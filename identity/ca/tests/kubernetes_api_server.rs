@@ -148,7 +148,7 @@ async fn token_review_and_pods_come_from_the_real_api_server() {
     })
     .await
     .unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     loop {
         match auth.authenticate(&proxy).await {
             Err(AuthError::Rejected(_)) => break,
