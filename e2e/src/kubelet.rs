@@ -461,7 +461,20 @@ impl Kubelet {
             });
             let mut argv = c.command.clone().unwrap_or_default();
             argv.extend(c.args.clone().unwrap_or_default());
-            let mut env = Vec::new();
+            // As the kubelet: the API server's address for in-cluster
+            // clients (with the projected token and CA of the
+            // `kube-api-access` volume).
+            let mut env = vec![
+                (
+                    "KUBERNETES_SERVICE_HOST".to_string(),
+                    "10.96.0.1".to_string(),
+                ),
+                ("KUBERNETES_SERVICE_PORT".to_string(), "443".to_string()),
+                (
+                    "KUBERNETES_SERVICE_PORT_HTTPS".to_string(),
+                    "443".to_string(),
+                ),
+            ];
             for var in c.env.iter().flatten() {
                 let from = var.value_from.as_ref();
                 if let Some(r) = from.and_then(|f| f.config_map_key_ref.as_ref()) {

@@ -455,6 +455,45 @@ fn kubectl_drives_pods_that_run_and_answer_through_a_service_by_name() {
     cluster.kubectl_ok(&["apply", "-f", svc.path().join("svc.yaml").to_str().unwrap()]);
     answered_by_all(&mut cluster, &pods);
 
+    // Pods reach the API server through the `kubernetes` Service, and are
+    // recognised by their projected service-account token, as in-cluster
+    // clients are.
+    let version = cluster.exec_ok(
+        "shop/client",
+        &[
+            "curl",
+            "-sk",
+            "--max-time",
+            "10",
+            "https://kubernetes.default.svc/version",
+        ],
+    );
+    assert_eq!(json(&version)["gitVersion"], KUBERNETES_VERSION);
+    let as_pod = in_container(
+        &cluster,
+        "shop/client",
+        &[
+            "sh",
+            "-c",
+            "d=/var/run/secrets/kubernetes.io/serviceaccount; curl -s --max-time 10 --cacert $d/ca.crt -H \"Authorization: Bearer $(cat $d/token)\" https://kubernetes.default.svc/api/v1/namespaces/shop/secrets",
+        ],
+    );
+    let answer = json(&String::from_utf8_lossy(&as_pod.stdout));
+    assert_eq!(answer["code"], 403, "{answer}");
+    let pid = cluster.pod("shop/client").containers[0].pid.unwrap();
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    assert!(
+        String::from_utf8_lossy(&environ).contains("KUBERNETES_SERVICE_HOST=10.96.0.1"),
+        "in-cluster clients find the API server"
+    );
+    assert!(
+        answer["message"]
+            .as_str()
+            .unwrap()
+            .contains("system:serviceaccount:shop:default"),
+        "{answer}"
+    );
+
     // Scale up: a third pod runs and answers too.
     cluster.kubectl_ok(&["scale", "deployment", "web", "-n", "shop", "--replicas=3"]);
     let three = wait_for("3 ready pods", Duration::from_secs(120), || {
