@@ -35,7 +35,7 @@ fn run() -> Result<()> {
     let command = args.next().unwrap_or_default();
     let rest: Vec<String> = args.collect();
     match command.as_str() {
-        "setup" => setup::run(),
+        "setup" => setup::run().and_then(|()| control_plane::run()),
         "test" => test::run(&rest),
         "demo" => demo::run(&rest),
         "bench" => bench::run(&rest),

@@ -1,6 +1,4 @@
-//! Installs what the build and the tests need and a fresh machine lacks,
-//! and builds the Kubernetes control plane of `weft-sim up --kube`
-//! (`control_plane`).
+//! Installs what the build and the tests need and a fresh machine lacks.
 //!
 //! Each requirement is checked by what a tool really needs (a command on PATH,
 //! a header file), so a machine that already has everything costs a few
@@ -117,8 +115,7 @@ const PYPI: &[PythonNeed] = &[PythonNeed {
 
 pub fn run() -> Result<()> {
     debian()?;
-    python()?;
-    crate::control_plane::run()
+    python()
 }
 
 /// Installs the PyPI packages with the `python3` on PATH (the one the pods
