@@ -40,7 +40,7 @@ const MAX_MANIFEST_BYTES: u64 = 16 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum KubeError {
     #[error(
-        "the Kubernetes control plane ({KUBERNETES_VERSION}, etcd {ETCD_VERSION}) is not built: {} lacks {missing}; run `cargo xtask setup` (it builds them once into that directory, ~9 minutes cold), or set WEFT_K8S_BIN_DIR to a directory holding {CONTROL_PLANE_PROGRAMS:?}",
+        "the Kubernetes control plane ({KUBERNETES_VERSION}, etcd {ETCD_VERSION}) is not built: {} lacks {missing}; run `cargo xtask setup` (it builds them once into $HOME/.cache/weft/k8s/, 9 to 17 minutes cold), or set WEFT_K8S_BIN_DIR to a directory holding {CONTROL_PLANE_PROGRAMS:?}",
         dir.display()
     )]
     NotBuilt { dir: PathBuf, missing: String },
