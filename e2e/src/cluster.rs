@@ -6,7 +6,8 @@
 //! also cleans up what a crashed `up` never recorded. `up` runs `down` for
 //! its name first, which makes a re-run after a crash just work.
 
-use crate::manifest::{ManifestError, Manifests};
+use crate::kube::{self, ControlPlane, KubeBinaries, KubeError};
+use crate::manifest::{ManifestError, Manifests, Sourced};
 use crate::netconf;
 use crate::plan::{self, ContainerLaunch, Layout, Plan, PlanError};
 use crate::registration;
@@ -25,6 +26,12 @@ pub enum SimError {
     Plan(#[from] PlanError),
     #[error(transparent)]
     Sys(#[from] SysError),
+    #[error(transparent)]
+    Kube(#[from] KubeError),
+    #[error(
+        "--kube and --mesh together are not supported yet: the mesh's control plane reads DIR (local mode), not the API server"
+    )]
+    KubeWithMesh,
     #[error("the simulator creates network namespaces and cgroups: run it as root")]
     NotRoot,
     #[error("invalid simulator name {0:?}: use 1 to 16 characters of a-z, 0-9 and '-'")]
@@ -87,6 +94,13 @@ pub struct Options {
     /// node proxies). Started once the network exists; then every pod is
     /// registered with its node's agent before its containers start.
     pub node_agents: Option<Arc<dyn NodeAgents>>,
+    /// `--kube`: run a Kubernetes control plane with these programs,
+    /// create a Node per simulated node and apply DIR's manifests to it
+    /// (see [`crate::kube`]).
+    pub kube: Option<KubeBinaries>,
+    /// `--kube`: what program runs for a container that names an `image`
+    /// and no `command` (see [`kube::load_images`]).
+    pub images: std::collections::BTreeMap<String, PathBuf>,
 }
 
 /// Starts whatever listens on each node's `agent_socket` (in mesh mode, one
@@ -108,6 +122,8 @@ impl Options {
             },
             ready_timeout: Duration::from_secs(30),
             node_agents: None,
+            kube: None,
+            images: Default::default(),
         })
     }
 }
@@ -118,6 +134,8 @@ pub struct Cluster {
     pub state: State,
     /// Container processes, when this process started them.
     pub children: Vec<(String, String, Child)>,
+    /// `--kube`: the control plane's processes, when this process started them.
+    pub control_plane: ControlPlane,
 }
 
 pub fn validate_name(name: &str) -> Result<(), SimError> {
@@ -139,7 +157,13 @@ pub fn up(dir: &Path, name: &str, opts: &Options) -> Result<Cluster, SimError> {
     let dir = dir
         .canonicalize()
         .map_err(io(format!("manifest directory {}", dir.display())))?;
-    let manifests = Manifests::load_dir(&dir)?;
+    let manifests = match &opts.kube {
+        // The API server takes DIR's objects; the network is planned for
+        // the nodes alone.
+        Some(_) if opts.node_agents.is_some() => return Err(SimError::KubeWithMesh),
+        Some(_) => kube_nodes(&dir)?,
+        None => Manifests::load_dir(&dir)?,
+    };
     // Everything that can be wrong with the input is found before anything
     // is created: a bad manifest leaves nothing behind. And before the root
     // check, so that anyone can check their manifests (and the tests of
@@ -282,6 +306,7 @@ fn build(
     let mut cluster = Cluster {
         state: state.clone(),
         children: Vec::new(),
+        control_plane: ControlPlane::default(),
     };
     for (pod_key, paths) in programs {
         let pod = cluster
@@ -310,7 +335,71 @@ fn build(
     }
     cluster.state.save().map_err(io("writing the state file"))?;
     wait_ready(&mut cluster, plan, opts.ready_timeout)?;
+    if let Some(binaries) = &opts.kube {
+        start_kube(&mut cluster, binaries, opts)?;
+    }
     Ok(cluster)
+}
+
+/// The manifests a `--kube` cluster's network is planned from: one Node
+/// per simulated node ([`kube::node_names`]); every object of DIR goes to
+/// the API server instead.
+fn kube_nodes(dir: &Path) -> Result<Manifests, SimError> {
+    let nodes = kube::node_names(dir)?
+        .into_iter()
+        .map(|name| Sourced {
+            file: dir.to_path_buf(),
+            object: k8s_openapi::api::core::v1::Node {
+                metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                    name: Some(name),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        })
+        .collect();
+    Ok(Manifests {
+        dir: dir.to_path_buf(),
+        nodes,
+        ..Default::default()
+    })
+}
+
+/// `--kube`: the control plane, the simulated kubelet, DIR applied; returns
+/// once DIR's workloads are ready (the state file is the kubelet's from then
+/// on: it lists the pods it runs).
+fn start_kube(
+    cluster: &mut Cluster,
+    binaries: &KubeBinaries,
+    opts: &Options,
+) -> Result<(), SimError> {
+    // The control plane may start slowly on a busy machine: at least two
+    // minutes, whatever the pods' readiness timeout.
+    let timeout = opts.ready_timeout.max(Duration::from_secs(120));
+    let cluster_cgroup = opts.layout.cgroup_root.join(&cluster.state.name);
+    let api = kube::start(
+        &cluster.state,
+        binaries,
+        &cluster_cgroup,
+        timeout,
+        &mut cluster.control_plane,
+    )?;
+    let mut api = api;
+    api.images = opts.images.clone();
+    cluster.state.kube = Some(api.clone());
+    cluster.state.save().map_err(io("writing the state file"))?;
+    let kubelet = kube::start_kubelet(
+        &cluster.state,
+        binaries,
+        &cluster_cgroup,
+        &mut cluster.control_plane,
+    )?;
+    kube::apply_dir(&api, &cluster.state.manifest_dir, timeout)?;
+    kube::wait_workloads_ready(&api, timeout, &kubelet)?;
+    if let Ok(state) = State::load(&cluster.state.state_dir) {
+        cluster.state = state;
+    }
+    Ok(())
 }
 
 /// One random token per node (see docs/simulator.md, "Node credentials").
@@ -429,6 +518,18 @@ pub fn down(name: &str, opts: &Options) -> Result<(), SimError> {
     let state = State::load(&state_dir).ok();
     let mut errors: Vec<String> = Vec::new();
 
+    // 0. A `--kube` cluster's kubelet, so it restarts no container that is
+    //    being stopped.
+    if let Err(e) = sys::remove_cgroup(
+        &opts
+            .layout
+            .cgroup_root
+            .join(name)
+            .join(kube::KUBELET_CGROUP),
+        Duration::from_secs(5),
+    ) {
+        errors.push(e.to_string());
+    }
     // 1. Processes: pods first, then (as a kubelet would, once a pod's
     //    containers are gone) `del` to each node's agent while the agents
     //    still run, then node-level processes and stragglers that entered

@@ -7,11 +7,18 @@
 //! - [`netconf`]: the network of each namespace as scripts (pure);
 //! - [`sys`]: `ip`, `nft`, cgroups and `/proc`;
 //! - [`cluster`]: `up`, `down`, running commands inside pods and nodes;
+//! - [`kube`]: the Kubernetes control plane of `up --kube`;
+//! - [`cni`]: chained CNI plugins of a `--kube` node;
+//! - [`kubelet`]: the simulated kubelet and kube-proxy of `up --kube`;
 //! - [`mesh`]: the control plane and node proxies (`up --mesh`);
 //! - [`registration`]: telling node agents about pods (the CNI protocol);
+//! - [`volumes`]: pod volumes of `up --kube` (atomic writer, mounts);
 //! - [`testing`]: a cluster per test, torn down on drop.
 
 pub mod cluster;
+pub mod cni;
+pub mod kube;
+pub mod kubelet;
 pub mod manifest;
 pub mod mesh;
 pub mod netconf;
@@ -20,6 +27,7 @@ pub mod registration;
 pub mod state;
 pub mod sys;
 pub mod testing;
+pub mod volumes;
 
 pub use cluster::{Cluster, Options, SimError, down, load, node_command, pod_command, up};
 pub use state::{NodeState, PodState, ServiceState, State};

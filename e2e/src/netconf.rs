@@ -180,6 +180,24 @@ pub fn kube_proxy_rules(state: &State, node: &NodeState) -> String {
             }
         }
     }
+    // `--kube`: pods reach the API server on the host (the `kubernetes`
+    // Service's endpoint) through their node, masqueraded to the node's
+    // address, which the host routes back; nothing else of the host.
+    let mut api_server_accept = String::new();
+    if let Some(port) = state
+        .kube
+        .as_ref()
+        .and_then(|k| k.api_server.rsplit_once(':'))
+        .and_then(|(_, p)| p.parse::<u16>().ok())
+    {
+        let host = state.fabric.host_ip;
+        let _ = writeln!(
+            hairpin,
+            "\t\toifname \"eth0\" ip daddr {host} tcp dport {port} masquerade"
+        );
+        api_server_accept =
+            format!("\t\toifname \"eth0\" ip daddr {host} tcp dport {port} accept\n");
+    }
     let mut hairpin_lines: Vec<&str> = hairpin.lines().collect();
     hairpin_lines.dedup();
     let hairpin = hairpin_lines
@@ -197,7 +215,7 @@ pub fn kube_proxy_rules(state: &State, node: &NodeState) -> String {
          \t\tip daddr {net}/{len} meta l4proto tcp reject with tcp reset\n\
          \t\tip daddr {net}/{len} reject\n\t}}\n\
          \tchain forward {{\n\t\ttype filter hook forward priority filter; policy accept;\n\
-         \t\toifname \"eth0\" ip daddr {host} reject\n\t}}\n\
+         {api_server_accept}\t\toifname \"eth0\" ip daddr {host} reject\n\t}}\n\
          }}\n\
          table ip6 weft_fabric_guard {{\n\
          \tchain forward {{\n\t\ttype filter hook forward priority filter; policy accept;\n\

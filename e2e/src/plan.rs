@@ -272,6 +272,7 @@ pub fn plan(
             nodes,
             pods,
             services,
+            kube: None,
         },
         launches,
         hosts,
@@ -292,18 +293,18 @@ fn namespace_of(pod: &Pod) -> String {
 }
 
 /// The downward API fields a container's `env` may refer to.
-struct FieldRefs<'a> {
-    name: &'a str,
-    namespace: &'a str,
-    uid: &'a str,
-    node: &'a str,
-    service_account: &'a str,
-    pod_ip: Ipv4Addr,
-    host_ip: Ipv4Addr,
+pub(crate) struct FieldRefs<'a> {
+    pub name: &'a str,
+    pub namespace: &'a str,
+    pub uid: &'a str,
+    pub node: &'a str,
+    pub service_account: &'a str,
+    pub pod_ip: Ipv4Addr,
+    pub host_ip: Ipv4Addr,
 }
 
 impl FieldRefs<'_> {
-    fn value(&self, var: &k8s_openapi::api::core::v1::EnvVar) -> Result<String, String> {
+    pub(crate) fn value(&self, var: &k8s_openapi::api::core::v1::EnvVar) -> Result<String, String> {
         if let Some(v) = &var.value {
             return Ok(v.clone());
         }
@@ -512,7 +513,7 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 }
 
 /// `/etc/hosts` for one pod: the names kube-dns would answer for Services.
-fn hosts_file(pod: &PodState, services: &[ServiceState]) -> String {
+pub(crate) fn hosts_file(pod: &PodState, services: &[ServiceState]) -> String {
     let mut out = String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
     out.push_str(&format!("{}\t{}\n", pod.ip, pod.name));
     for s in services {
@@ -535,7 +536,7 @@ fn hosts_file(pod: &PodState, services: &[ServiceState]) -> String {
 /// on the pod's own loopback where nothing listens, so a name that is not in
 /// `/etc/hosts` fails at once (port unreachable) instead of waiting out a
 /// timeout against the host's resolver, which a pod cannot reach.
-fn resolv_conf(pod: &PodState) -> String {
+pub(crate) fn resolv_conf(pod: &PodState) -> String {
     format!(
         "search {ns}.svc.cluster.local svc.cluster.local cluster.local\nnameserver 127.0.0.1\noptions ndots:5 timeout:1 attempts:1\n",
         ns = pod.namespace

@@ -21,6 +21,9 @@ pub struct State {
     pub nodes: Vec<NodeState>,
     pub pods: Vec<PodState>,
     pub services: Vec<ServiceState>,
+    /// `up --kube`: the Kubernetes control plane (docs/simulator.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kube: Option<crate::kube::KubeState>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

@@ -83,12 +83,47 @@ impl TestCluster {
         self.dir.path()
     }
 
+    /// Reads the state file again: in a `--kube` cluster the kubelet
+    /// rewrites it as pods come and go.
+    pub fn refresh_state(&mut self) {
+        if let Ok(state) = State::load(&self.cluster.state.state_dir) {
+            self.cluster.state = state;
+        }
+    }
+
     /// A pod by `namespace/name`; panics with the list of pods if absent.
     pub fn pod(&self, key: &str) -> &PodState {
         self.state().pod(key).unwrap_or_else(|| {
             let known: Vec<String> = self.state().pods.iter().map(|p| p.key()).collect();
             panic!("no pod {key} in test cluster; pods: {known:?}")
         })
+    }
+
+    /// A `--kube` cluster's kubectl, as its admin; panics if the cluster
+    /// was not started with a control plane.
+    pub fn kubectl(&self, args: &[&str]) -> Output {
+        let kube = self
+            .state()
+            .kube
+            .as_ref()
+            .expect("the test cluster has no API server: start it with `Options::kube`");
+        kube.kubectl()
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("kubectl {args:?}: {e}"))
+    }
+
+    /// Like [`TestCluster::kubectl`]; panics with its stderr unless it
+    /// exits 0. Returns stdout.
+    pub fn kubectl_ok(&self, args: &[&str]) -> String {
+        let out = self.kubectl(args);
+        assert!(
+            out.status.success(),
+            "kubectl {args:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// Runs `argv` inside a pod and collects its output.
@@ -121,6 +156,9 @@ impl Drop for TestCluster {
         }
         // Reap the killed containers (this process started them).
         for (_, _, child) in &mut self.cluster.children {
+            let _ = child.wait();
+        }
+        for (_, child) in &mut self.cluster.control_plane.children {
             let _ = child.wait();
         }
     }

@@ -11,6 +11,7 @@ macro_rules! out {
 
 mod bench;
 mod cmd;
+mod control_plane;
 mod crds;
 mod demo;
 mod setup;
@@ -25,7 +26,8 @@ const CLOSED_PIPE: i32 = 141;
 const USAGE: &str = "\
 usage: cargo xtask <command>
 
-  setup            install the system and Python packages builds and tests need
+  setup            install the system and Python packages builds and tests need,
+                   build the Kubernetes control plane (weft-sim up --kube) once per version
   test             set up, check formatting and lints, run every test
   demo [DIR]       set up, run the local mesh on the simulator (examples/demo), show it, tear down
   bench [PART]     set up, run the benchmarks (PART: identity, destination, redirector, mesh)
@@ -51,7 +53,7 @@ fn run() -> Result<()> {
     let command = args.next().unwrap_or_default();
     let rest: Vec<String> = args.collect();
     match command.as_str() {
-        "setup" => setup::run(),
+        "setup" => setup::run().and_then(|()| control_plane::run()),
         "test" => test::run(&rest),
         "demo" => demo::run(&rest),
         "bench" => bench::run(&rest),

@@ -1,10 +1,13 @@
 //! `cargo xtask test`: the one command CI runs (`.ci/run`).
 
-use crate::{cmd, setup};
+use crate::{cmd, control_plane, setup};
 use anyhow::Result;
 
 pub fn run(extra: &[String]) -> Result<()> {
     setup::run()?;
+    // The --kube tests (weft-sim, the CA, the destination) need the
+    // Kubernetes control plane: built once per version, then cached.
+    control_plane::run()?;
     cmd::run("cargo", &["fmt", "--all", "--check"])?;
     cmd::run(
         "cargo",

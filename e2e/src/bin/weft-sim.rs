@@ -39,6 +39,25 @@ enum Cmd {
         /// (`cargo build --bins`).
         #[arg(long)]
         mesh: bool,
+        /// Run a real Kubernetes control plane (etcd, kube-apiserver,
+        /// kube-controller-manager, kube-scheduler, built by `cargo xtask
+        /// setup`), create a Node per simulated node and apply DIR's
+        /// manifests to it with server-side apply.
+        #[arg(long)]
+        kube: bool,
+        /// With --kube: a YAML map of image to program (absolute, or
+        /// relative to FILE), run for containers that have no `command`.
+        #[arg(long, value_name = "FILE", requires = "kube")]
+        images: Option<PathBuf>,
+    },
+    /// Run the control plane's kubectl against a `--kube` cluster, as its
+    /// admin (e.g. `weft-sim kubectl get nodes`).
+    Kubectl {
+        #[arg(long, default_value = "weft")]
+        name: String,
+        /// kubectl's arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
     /// Run a command inside a pod (its network namespace and cgroup).
     Exec {
@@ -55,6 +74,26 @@ enum Cmd {
         name: String,
         #[arg(long)]
         json: bool,
+    },
+    /// The simulated kubelet of a `--kube` cluster (started by `up --kube`).
+    #[command(hide = true)]
+    Kubelet {
+        #[arg(long)]
+        state_dir: PathBuf,
+    },
+    /// Inside a `--kube` container's mount namespace: bind its volumes,
+    /// then exec the container's program (started by the kubelet).
+    #[command(hide = true)]
+    PodExec {
+        #[arg(long)]
+        netns: String,
+        #[arg(long)]
+        scratch: PathBuf,
+        /// SOURCE=TARGET[,ro]
+        #[arg(long = "mount")]
+        mounts: Vec<String>,
+        #[arg(last = true, required = true)]
+        argv: Vec<String>,
     },
     /// Tear the cluster down (idempotent; also cleans up after a crash).
     Down {
@@ -105,6 +144,25 @@ fn report_up(state: &State, mesh: Option<&Mesh>) -> std::io::Result<()> {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    // Runs inside a container's mount namespace, where the cgroup2 mount
+    // that `Options::detect` looks for is not visible.
+    if let Cmd::PodExec {
+        netns,
+        scratch,
+        mounts,
+        argv,
+    } = cli.command
+    {
+        let mounts = mounts
+            .iter()
+            .map(|m| weft_sim::volumes::Mount::from_arg(m))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(anyhow::Error::msg)?;
+        return match weft_sim::volumes::pod_exec(&netns, &scratch, &mounts, &argv) {
+            Ok(never) => match never {},
+            Err(e) => Err(anyhow::anyhow!("pod-exec: {e}")),
+        };
+    }
     let mut opts = Options::detect()?;
     match cli.command {
         Cmd::Up {
@@ -113,8 +171,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             detach,
             timeout,
             mesh,
+            kube,
+            images,
         } => {
+            if let Some(file) = images {
+                opts.images = weft_sim::kube::load_images(&file)?;
+            }
             opts.ready_timeout = Duration::from_secs(timeout);
+            if kube {
+                opts.kube = Some(weft_sim::kube::KubeBinaries::from_cache()?);
+            }
             let mesh = if mesh {
                 let mesh = std::sync::Arc::new(Mesh::new(MeshBinaries::next_to_current_exe()?));
                 opts.node_agents = Some(mesh.clone());
@@ -148,6 +214,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     Err(e) => eprintln!("weft-sim: pod {pod} container {container}: {e}"),
                 }
             }
+            for (_, child) in &mut running.control_plane.children {
+                let _ = child.wait();
+            }
             if let Some(mesh) = mesh {
                 mesh.reap();
             }
@@ -157,6 +226,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let state = cluster::load(&name, &opts)?;
             let mut cmd = cluster::pod_command(&state, &pod, &command[0], &command[1..])?;
             let status = cmd.status()?;
+            Ok(ExitCode::from(
+                status.code().unwrap_or(128).clamp(0, 255) as u8
+            ))
+        }
+        Cmd::Kubectl { name, args } => {
+            let state = cluster::load(&name, &opts)?;
+            let kube = state.kube.ok_or(weft_sim::kube::KubeError::NotKube)?;
+            let status = kube.kubectl().args(&args).status()?;
             Ok(ExitCode::from(
                 status.code().unwrap_or(128).clamp(0, 255) as u8
             ))
@@ -178,6 +255,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Kubelet { state_dir } => {
+            weft_sim::kubelet::run(&state_dir)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::PodExec { .. } => unreachable!("handled above"),
         Cmd::Down { name } => {
             cluster::down(&name, &opts)?;
             Ok(ExitCode::SUCCESS)
@@ -195,6 +277,18 @@ fn wait_for_signal(mut signals: signal_hook::iterator::Signals, running: &mut we
                 eprintln!("weft-sim: pod {pod} container {container} exited ({status})");
             }
         }
+        for (program, child) in &mut running.control_plane.children {
+            if let Ok(Some(status)) = child.try_wait() {
+                eprintln!(
+                    "weft-sim: {program} exited ({status}); see its log in {}",
+                    running.state.state_dir.join("logs").display()
+                );
+            }
+        }
+        running
+            .control_plane
+            .children
+            .retain_mut(|(_, c)| matches!(c.try_wait(), Ok(None)));
         running
             .children
             .retain_mut(|(_, _, c)| matches!(c.try_wait(), Ok(None)));
@@ -233,6 +327,20 @@ fn print_summary(s: &State) -> std::io::Result<()> {
             p.ipv6,
             p.node
         )?;
+    }
+    if let Some(k) = &s.kube {
+        println!(
+            "  kube   {} (Kubernetes {}, etcd {}) kubeconfig {}",
+            k.api_server,
+            k.kubernetes_version,
+            k.etcd_version,
+            k.kubeconfig.display()
+        );
+        println!(
+            "         export KUBECONFIG={}  or  weft-sim kubectl --name {} …",
+            k.kubeconfig.display(),
+            s.name
+        );
     }
     for svc in &s.services {
         let ports: Vec<String> = svc
