@@ -155,16 +155,14 @@ mod tests {
     #[tokio::test]
     async fn counts_bytes_of_a_reset_connection() {
         let (mut a, mut client) = pair().await;
-        let (server, mut b) = pair().await;
+        let (mut server, mut b) = pair().await;
         let proxy = tokio::spawn(async move { splice(&mut a, &mut b).await });
         client.write_all(&[7u8; 5000]).await.unwrap();
-        // The server aborts: SO_LINGER 0 makes close send a RST.
-        let server = server.into_std().unwrap();
-        socket2::SockRef::from(&server)
-            .set_linger(Some(std::time::Duration::ZERO))
-            .unwrap();
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        drop(server);
+        // The server has everything the client sent (so the count is
+        // known), then aborts: SO_LINGER 0 makes close send a RST.
+        let mut got = vec![0u8; 5000];
+        server.read_exact(&mut got).await.unwrap();
+        crate::reset(server);
         let (moved, err) = tokio::time::timeout(std::time::Duration::from_secs(5), proxy)
             .await
             .unwrap()

@@ -11,6 +11,12 @@ pub use weft_sim::mesh::http_get;
 /// The value of the first series of `metric` whose labels include all of `labels`.
 pub fn metric(node_ip: Ipv4Addr, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
     let (_, body) = http_get(SocketAddr::new(node_ip.into(), 15020), "/metrics")?;
+    series(&body, metric, labels)
+}
+
+/// The value of the first series of `metric` with `labels` in a scrape;
+/// `None`: no such series.
+fn series(body: &str, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
     body.lines()
         .filter(|l| l.starts_with(&format!("{metric}{{")))
         .find(|l| {
@@ -19,6 +25,24 @@ pub fn metric(node_ip: Ipv4Addr, metric: &str, labels: &[(&str, &str)]) -> Optio
                 .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
         })
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// Asserts that node `node_ip`'s proxy has no series of `metric` with
+/// `labels`, or only zero: "nothing was counted". The scrape itself must
+/// succeed (a proxy that is down counts nothing, and must not pass).
+pub fn assert_not_counted(node_ip: Ipv4Addr, metric: &str, labels: &[(&str, &str)], why: &str) {
+    let (status, body) = http_get(SocketAddr::new(node_ip.into(), 15020), "/metrics")
+        .unwrap_or_else(|| panic!("cannot scrape {node_ip}:15020: {why}"));
+    assert_eq!(status, 200, "scrape of {node_ip}: {body}");
+    assert!(
+        body.contains("# TYPE weft_tcp_connections_opened"),
+        "not the node proxy's metrics: {body}"
+    );
+    let value = series(&body, metric, labels);
+    assert!(
+        value.is_none_or(|v| v == 0.0),
+        "{metric}{labels:?} on {node_ip} is {value:?}: {why}"
+    );
 }
 
 /// The sum of every series of `metric` whose labels include all of
