@@ -3,7 +3,7 @@
 //! Server's routes and their AuthorizationPolicies, with the client's
 //! verified identity from HBONE; a client admitted for routes only cannot
 //! get an opaque splice. The gRPC half (a real grpcio client) stays on the
-//! simulator (`tests/routes.rs`).
+//! simulator (`e2e/tests/routes.rs`).
 
 mod in_process;
 

@@ -3,7 +3,7 @@
 //! retries hiding a flaky endpoint, and the retry budget; through two
 //! in-process node proxies joined by real HBONE over mutual TLS, with the
 //! views the destination service's index builds from these manifests.
-//! `tests/routes.rs` keeps what needs the simulator (curl in a captured
+//! `e2e/tests/routes.rs` keeps what needs the simulator (curl in a captured
 //! pod, gRPC from a real client, the balancer on the wire).
 
 mod in_process;

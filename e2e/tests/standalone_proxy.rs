@@ -43,10 +43,11 @@ impl NodeAgents for NodeProxies {
             ]
             .map(String::from)
             .to_vec();
+            let proxy = support::mesh_cluster::binaries().node_proxy;
             let mut cmd = node_command(
                 state,
                 &node.name,
-                env!("CARGO_BIN_EXE_weft-node-proxy"),
+                proxy.to_str().expect("a UTF-8 path"),
                 &args,
             )
             .map_err(|e| e.to_string())?;

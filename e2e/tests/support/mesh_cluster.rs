@@ -9,12 +9,13 @@ use std::time::{Duration, Instant};
 use weft_sim::TestCluster;
 use weft_sim::mesh::{Mesh, MeshBinaries};
 
-/// The mesh programs: the node proxy Cargo built for this test, the control
-/// plane next to it. Tests never build them (`cargo xtask test` builds every
-/// binary first); a missing one fails with the command that builds it.
+/// The mesh programs, next to the `weft-sim` Cargo built for this test (the
+/// same profile directory). Tests never build them (`cargo xtask test`
+/// builds every binary first); a missing one fails with the command that
+/// builds it.
 pub fn binaries() -> MeshBinaries {
-    let proxy = Path::new(env!("CARGO_BIN_EXE_weft-node-proxy"));
-    MeshBinaries::in_dir(proxy.parent().unwrap()).unwrap_or_else(|e| panic!("{e}"))
+    let sim = Path::new(env!("CARGO_BIN_EXE_weft-sim"));
+    MeshBinaries::in_dir(sim.parent().unwrap()).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Brings the cluster and the mesh up; the guard tears both down.
