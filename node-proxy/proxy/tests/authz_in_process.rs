@@ -8,7 +8,7 @@
 mod in_process;
 
 use bytes::Bytes;
-use in_process::{Mesh, get, metric, pod_yaml, serve_app, text};
+use in_process::{InProcessMesh, get, metric, pod_yaml, serve_app, text};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -84,7 +84,7 @@ async fn route_level_authorization_decides_each_request() {
     ] {
         cluster.push_str(&pod_yaml("demo", name, node, sa, ip, app, port));
     }
-    let mut mesh = Mesh::start(&cluster).await;
+    let mut mesh = InProcessMesh::start(&cluster).await;
     serve_app(
         "127.32.1.4:8080".parse().unwrap(),
         |req: http::Request<_>| async move {

@@ -5,7 +5,7 @@
 
 mod in_process;
 
-use in_process::{Mesh, pod_yaml, serve_app, text};
+use in_process::{InProcessMesh, pod_yaml, serve_app, text};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,7 +25,7 @@ const SERVER: &str = "spiffe://cluster.local/ns/demo/sa/server";
 const PATIENCE: Duration = Duration::from_secs(30);
 
 /// Pods on `127.33.<subnet>.0/24` (one subnet per test: they run at once).
-async fn start(subnet: u8) -> (Mesh, in_process::MeshPod) {
+async fn start(subnet: u8) -> (InProcessMesh, in_process::MeshPod) {
     let mut cluster = CLUSTER.to_string();
     let ip = |host: u8| format!("127.33.{subnet}.{host}");
     for (name, node, sa, host, app) in [
@@ -43,7 +43,7 @@ async fn start(subnet: u8) -> (Mesh, in_process::MeshPod) {
             Some(8080),
         ));
     }
-    let mut mesh = Mesh::start(&cluster).await;
+    let mut mesh = InProcessMesh::start(&cluster).await;
     for host in [3, 4] {
         let addr: SocketAddr = format!("{}:8080", ip(host)).parse().unwrap();
         serve_app(addr, move |_req| async move {

@@ -10,7 +10,7 @@ mod in_process;
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use in_process::{Mesh, get, metric, pod_yaml, post_chunked, serve_app, streamed, text};
+use in_process::{InProcessMesh, get, metric, pod_yaml, post_chunked, serve_app, streamed, text};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -131,7 +131,7 @@ async fn app(ip: &str, name: &'static str) -> Arc<AtomicUsize> {
 }
 
 /// Source-side requests of the client to `service` on `route`.
-fn requests(mesh: &Mesh, service: &str, route: &str, more: &[(&str, &str)]) -> f64 {
+fn requests(mesh: &InProcessMesh, service: &str, route: &str, more: &[(&str, &str)]) -> f64 {
     let mut labels = vec![
         ("reporter", "source"),
         ("source_workload", "client"),
@@ -153,7 +153,7 @@ const PATIENCE: Duration = Duration::from_secs(30);
 /// The cluster, with its pods on `127.31.<subnet>.0/24` (one subnet per
 /// test: tests of one binary run at once), the applications running and
 /// every pod served by its node's proxy; returns the client pod.
-async fn start(subnet: u8) -> (Mesh, in_process::MeshPod) {
+async fn start(subnet: u8) -> (InProcessMesh, in_process::MeshPod) {
     let ip = |host: u8| format!("127.31.{subnet}.{host}");
     let mut cluster = CLUSTER.to_string();
     cluster.push_str(&pod_yaml(
@@ -182,7 +182,7 @@ async fn start(subnet: u8) -> (Mesh, in_process::MeshPod) {
             Some(8080),
         ));
     }
-    let mut mesh = Mesh::start(&cluster).await;
+    let mut mesh = InProcessMesh::start(&cluster).await;
     for (host, name) in [
         (3, "web-1"),
         (4, "web-2"),

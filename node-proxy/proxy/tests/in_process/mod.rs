@@ -122,21 +122,21 @@ fn ca_pods(yaml: &str) -> Vec<TestPod> {
 }
 
 /// A cluster of in-process node proxies.
-pub struct Mesh {
+pub struct InProcessMesh {
     pub ca: LocalCa,
     yaml: String,
     nodes: HashMap<String, Node>,
     tasks: Vec<JoinHandle<()>>,
 }
 
-/// One node's proxy: its inputs, its view (changed with [`Mesh::apply`]).
+/// One node's proxy: its inputs, its view (changed with [`InProcessMesh::apply`]).
 pub struct Node {
     pub inputs: ProxyInputs,
     view: watch::Sender<View>,
     pub registry: Registry,
 }
 
-impl Mesh {
+impl InProcessMesh {
     pub async fn start(yaml: &str) -> Self {
         let pods = ca_pods(yaml);
         let ca = LocalCa::start(LeafPolicy::new("cluster.local"), &pods)
@@ -174,7 +174,7 @@ impl Mesh {
 
     /// The pod `namespace/name` of node `node`, as its node proxy serves
     /// it: HBONE on `podIP:15008` for an enrolled pod, and an outbound
-    /// listener per destination ([`Mesh::connect_from`]).
+    /// listener per destination ([`MeshPod::outbound_to`]).
     pub fn pod(&mut self, node: &str, namespace: &str, name: &str) -> MeshPod {
         let n = &self.nodes[node];
         let view = n.view.borrow().clone();
@@ -220,7 +220,7 @@ impl Mesh {
     }
 }
 
-impl Drop for Mesh {
+impl Drop for InProcessMesh {
     fn drop(&mut self) {
         for t in &self.tasks {
             t.abort();
