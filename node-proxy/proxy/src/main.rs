@@ -350,19 +350,20 @@ async fn follow_view(
     authz: Arc<InboundAuthz>,
     ready: tokio::sync::watch::Sender<bool>,
 ) {
-    let mut view = mesh.view.clone();
+    // The snapshots, not the raw view: the revalidation below must decide
+    // on the state new connections are decided on (a snapshot is built
+    // after its view arrives), and holds no lock while it does.
+    let mut snapshots = mesh.snapshot.clone();
     let mut certificates = mesh.certs.changes();
     let mut captured = pods.changes();
     let mut last_version = None;
     loop {
-        let version = {
-            let v = view.borrow_and_update();
-            (v.epoch.clone(), v.version)
-        };
+        let snapshot = snapshots.borrow_and_update().clone();
+        let version = (snapshot.view.epoch.clone(), snapshot.view.version);
         if last_version.as_ref() != Some(&version) {
             pods.reconcile();
             // Policies change with the view: close what is no longer allowed.
-            let revoked = authz.revalidate(Some(&*view.borrow()));
+            let revoked = authz.revalidate(Some(&snapshot.view));
             if revoked > 0 {
                 tracing::info!(revoked, "policy change closed connections");
             }
@@ -373,7 +374,7 @@ async fn follow_view(
         // Ready changes with the view, with a certificate issued or
         // withdrawn, and with a pod captured or released.
         tokio::select! {
-            changed = view.changed() => if changed.is_err() { return },
+            changed = snapshots.changed() => if changed.is_err() { return },
             changed = certificates.changed() => if changed.is_err() { return },
             changed = captured.changed() => if changed.is_err() { return },
         }

@@ -245,7 +245,7 @@ impl InboundAuthz {
         let labels = verdict.labels(&conn.pod);
         let client = conn.client.as_ref().map(|c| c.to_string());
         if !verdict.allowed {
-            self.metrics.count_connection(&labels, false);
+            self.metrics.count(&labels, false);
             tracing::info!(
                 target: "access",
                 pod = %conn.pod.key(), port = conn.port, src = %conn.client_ip,
@@ -254,7 +254,7 @@ impl InboundAuthz {
             );
             return Err(verdict);
         }
-        self.metrics.count_connection(&labels, true);
+        self.metrics.count(&labels, true);
         if verdict.reason == AuthzReason::Audit {
             // Every connection that reaches an `audit` default is one that
             // `deny` would refuse: that is what the operator wants to see

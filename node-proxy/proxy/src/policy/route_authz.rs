@@ -128,6 +128,6 @@ impl InboundRouting {
             policy: policy.to_string(),
             reason: reason.as_label().to_string(),
         };
-        metrics.count_request(&labels, allowed);
+        metrics.count(&labels, allowed);
     }
 }

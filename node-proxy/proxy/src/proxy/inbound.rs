@@ -108,15 +108,13 @@ pub async fn serve_hbone(listener: TcpListener, pod: Arc<LocalPod>, cx: ProxyInp
 /// `pod`: the source is whatever the view knows of the peer's address (a
 /// workload, or nothing), its principal the verified identity if any.
 fn destination_labels(
-    cx: &ProxyInputs,
+    view: Option<&View>,
     pod: &LocalPod,
     peer: SocketAddr,
     port: u16,
     source_principal: String,
     security: SecurityPolicy,
 ) -> TcpLabels {
-    let snapshot = cx.control_plane.as_ref().map(|m| m.current());
-    let view = snapshot.as_ref().map(|s| &s.view);
     let source = view
         .as_ref()
         .and_then(|v| v.workload_by_address(peer.ip()).cloned());
@@ -217,9 +215,11 @@ async fn serve_inbound<A: Arrival>(
     pod: Arc<LocalPod>,
     cx: ProxyInputs,
 ) {
-    // Context.
+    // Context: one look at the control plane's state for the connection.
     let started = Instant::now();
     let client_ip = peer.ip().to_canonical();
+    let snapshot = cx.control_plane.as_ref().map(|c| c.current());
+    let view = snapshot.as_deref().map(|s| &s.view);
 
     // Checks.
     if client.is_some() && Some(target.ip()) != pod.ip {
@@ -234,11 +234,7 @@ async fn serve_inbound<A: Arrival>(
         client: client.clone(),
         client_ip,
     };
-    let admitted = {
-        let snapshot = cx.control_plane.as_ref().map(|c| c.current());
-        cx.authz.admit(snapshot.as_ref().map(|s| &s.view), conn)
-    };
-    let Ok(mut admission) = admitted else {
+    let Ok(mut admission) = cx.authz.admit(view, conn) else {
         // Refused (and logged and counted by the policy) before anything
         // reaches the application.
         arrival.refuse(Refusal::Denied);
@@ -250,7 +246,7 @@ async fn serve_inbound<A: Arrival>(
         SecurityPolicy::None
     };
     let principal = client.as_ref().map(|c| c.to_string()).unwrap_or_default();
-    let labels = destination_labels(&cx, &pod, peer, target.port(), principal, security);
+    let labels = destination_labels(view, &pod, peer, target.port(), principal, security);
     let mut record = ConnectionRecord {
         open: Some(cx.tcp_metrics.open(labels.clone())),
         started,

@@ -98,19 +98,15 @@ impl AuthzMetrics {
         );
     }
 
-    /// Counts one connection admitted or refused.
-    pub fn count_connection(&self, labels: &AuthzLabels, allowed: bool) {
-        self.count_request(labels, allowed)
-    }
-
     /// Counts one open connection closed by a policy change.
     pub fn count_revoked(&self, labels: &AuthzLabels) {
         self.revoked.get_or_create(labels).inc();
     }
 
-    /// Counts one request decided by route-level authorization (the
-    /// connection was counted when it was admitted).
-    pub fn count_request(&self, labels: &AuthzLabels, allowed: bool) {
+    /// Counts one decision: a connection admitted or refused, or a request
+    /// decided by route-level authorization (its connection was counted
+    /// when it was admitted).
+    pub fn count(&self, labels: &AuthzLabels, allowed: bool) {
         let family = if allowed { &self.allowed } else { &self.denied };
         family.get_or_create(labels).inc();
     }

@@ -69,16 +69,9 @@ pub struct TcpMetrics {
     closed: Family<TcpLabels, Counter>,
     sent: Family<TcpLabels, Counter>,
     received: Family<TcpLabels, Counter>,
-    /// Connections opened and not yet closed (for the drain at shutdown).
-    in_flight: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl TcpMetrics {
-    /// Connections currently open through this proxy.
-    pub fn in_flight(&self) -> usize {
-        self.in_flight.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
     pub fn register(&self, registry: &mut Registry) {
         // prometheus-client appends `_total` to counters.
         registry.register(
@@ -109,8 +102,6 @@ impl TcpMetrics {
     /// Counts a connection as opened; the returned handle counts it closed.
     pub fn open(&self, labels: TcpLabels) -> OpenConnection {
         self.opened.get_or_create(&labels).inc();
-        self.in_flight
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         OpenConnection {
             metrics: self.clone(),
             labels: Some(labels),
@@ -147,9 +138,6 @@ impl OpenConnection {
                 .get_or_create(&labels)
                 .inc_by(moved.a_to_b);
             self.metrics.closed.get_or_create(&labels).inc();
-            self.metrics
-                .in_flight
-                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
 }
@@ -158,9 +146,6 @@ impl Drop for OpenConnection {
     fn drop(&mut self) {
         if let Some(labels) = self.labels.take() {
             self.metrics.closed.get_or_create(&labels).inc();
-            self.metrics
-                .in_flight
-                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
 }
@@ -329,18 +314,6 @@ mod tests {
         assert!(
             line("weft_tcp_sent_bytes_total").contains("connection_security_policy=\"mutual_tls\"")
         );
-    }
-
-    #[test]
-    fn in_flight_counts_open_connections_closed_or_dropped() {
-        let m = TcpMetrics::default();
-        let a = m.open(labels(Reporter::Source));
-        let b = m.open(labels(Reporter::Destination));
-        assert_eq!(m.in_flight(), 2);
-        a.close(&Default::default());
-        assert_eq!(m.in_flight(), 1);
-        drop(b);
-        assert_eq!(m.in_flight(), 0);
     }
 
     #[test]

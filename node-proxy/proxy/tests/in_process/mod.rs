@@ -124,12 +124,11 @@ fn ca_pods(yaml: &str) -> Vec<TestPod> {
 /// A cluster of in-process node proxies.
 pub struct InProcessMesh {
     pub ca: LocalCa,
-    yaml: String,
     nodes: HashMap<String, Node>,
     tasks: Vec<JoinHandle<()>>,
 }
 
-/// One node's proxy: its inputs, its view (changed with [`InProcessMesh::apply`]).
+/// One node's proxy: its inputs and its view.
 pub struct Node {
     pub inputs: ProxyInputs,
     view: watch::Sender<View>,
@@ -154,7 +153,6 @@ impl InProcessMesh {
         }
         Self {
             ca,
-            yaml: yaml.to_string(),
             nodes,
             tasks: Vec::new(),
         }
@@ -162,14 +160,6 @@ impl InProcessMesh {
 
     pub fn node(&self, name: &str) -> &Node {
         &self.nodes[name]
-    }
-
-    /// Replaces the cluster's objects: every node gets its new view.
-    pub fn apply(&mut self, yaml: &str) {
-        self.yaml = yaml.to_string();
-        for (name, node) in &self.nodes {
-            node.view.send_replace(view_of(yaml, name));
-        }
     }
 
     /// The pod `namespace/name` of node `node`, as its node proxy serves

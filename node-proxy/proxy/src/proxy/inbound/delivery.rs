@@ -91,7 +91,7 @@ pub async fn deliver<S: InboundStream>(
                 .as_label()
                 .into(),
         };
-        cx.authz.metrics().count_request(&labels, false);
+        cx.authz.metrics().count(&labels, false);
         let e = io::Error::new(
             io::ErrorKind::PermissionDenied,
             "authorized for HTTP routes only, and the connection is not HTTP",
