@@ -252,8 +252,9 @@ fn build(
     sys::ip_batch(
         None,
         &format!(
-            "link add {h} type veth peer name host netns {fabric}\naddr add {ip}/24 dev {h}\naddr add {ip6}/64 dev {h} nodad\nlink set {h} up\n",
+            "link add {h} type veth peer name host netns {fabric}\naddr add {ip}/24 dev {h}\naddr add {ip6}/64 dev {h} nodad\nlink set {h} alias {alias}\nlink set {h} up\n",
             h = state.fabric.host_interface,
+            alias = plan::host_interface_alias(&state.name),
             ip = state.fabric.host_ip,
             ip6 = state.fabric.host_ipv6,
         ),
@@ -588,7 +589,11 @@ pub fn down(name: &str, opts: &Options) -> Result<(), SimError> {
         while sys::link_exists(host) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
+        // Never another simulator's (its alias would name its cluster):
+        // the slot stays claimed while our state file exists, so this is
+        // a guard against a state file edited or copied by hand.
         if sys::link_exists(host)
+            && sys::link_alias(host).is_none_or(|a| a == plan::host_interface_alias(name))
             && let Err(e) = sys::run("ip", &["link", "del", host], None)
             && sys::link_exists(host)
         {

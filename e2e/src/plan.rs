@@ -92,6 +92,11 @@ pub fn bpf_pin_root(name: &str) -> PathBuf {
 pub fn host_interface(slot: u8) -> String {
     format!("wf{slot}h")
 }
+/// The alias given to the host interface, naming the simulator that owns it
+/// (slots are reused, so the interface's name alone does not say whose).
+pub fn host_interface_alias(name: &str) -> String {
+    format!("weft-sim/{name}")
+}
 
 pub fn plan(
     name: &str,

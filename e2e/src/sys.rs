@@ -114,6 +114,15 @@ pub fn link_exists(name: &str) -> bool {
     Path::new("/sys/class/net").join(name).exists()
 }
 
+/// The alias (`ip link set … alias`) of host interface `name`, when it
+/// exists and has one.
+pub fn link_alias(name: &str) -> Option<String> {
+    let alias =
+        std::fs::read_to_string(Path::new("/sys/class/net").join(name).join("ifalias")).ok()?;
+    let alias = alias.trim();
+    (!alias.is_empty()).then(|| alias.to_string())
+}
+
 /// Pids of processes whose network namespace is `netns`.
 pub fn netns_pids(netns: &str) -> Vec<i32> {
     let Ok(target) = std::fs::metadata(Path::new("/run/netns").join(netns)) else {

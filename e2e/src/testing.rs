@@ -203,8 +203,12 @@ pub fn leftovers(name: &str, slot: Option<u8>) -> Vec<String> {
         left.push(format!("eBPF pins under {}", pins.display()));
     }
     if let Some(slot) = slot {
+        // The slot's interface counts only while its alias names this
+        // cluster: a simulator started since may have taken the freed slot.
         let host = crate::plan::host_interface(slot);
-        if crate::sys::link_exists(&host) {
+        if crate::sys::link_alias(&host).as_deref()
+            == Some(crate::plan::host_interface_alias(name).as_str())
+        {
             left.push(format!("host interface {host}"));
         }
     }
