@@ -415,11 +415,10 @@ impl Kubelet {
                 plan::netns_pod(sim, &namespace, &name),
             )
         };
-        let cgroup = node
-            .cgroup
-            .parent()
-            .expect("a node cgroup has a parent")
-            .join(format!("pod.{namespace}.{name}"));
+        let cgroup = plan::pod_cgroup(
+            node.cgroup.parent().expect("a node cgroup has a parent"),
+            &uid,
+        );
         let service_account = spec
             .service_account_name
             .clone()

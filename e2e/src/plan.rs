@@ -89,6 +89,15 @@ pub fn netns_prefix(name: &str) -> String {
 pub fn bpf_pin_root(name: &str) -> PathBuf {
     PathBuf::from("/sys/fs/bpf/weft-sim").join(name)
 }
+/// A pod's cgroup under its cluster's, laid out as kubelet's cgroupfs
+/// driver does (`kubepods/<QoS class>/pod<uid>`; every simulated pod is
+/// best-effort: the simulator sets no resources).
+pub fn pod_cgroup(cluster_cgroup: &Path, uid: &str) -> PathBuf {
+    cluster_cgroup
+        .join("kubepods")
+        .join("besteffort")
+        .join(format!("pod{uid}"))
+}
 pub fn host_interface(slot: u8) -> String {
     format!("wf{slot}h")
 }
@@ -186,6 +195,16 @@ pub fn plan(
                 object: object.clone(),
                 reason,
             };
+            // The uid names the pod's cgroup directory: only what a
+            // Kubernetes uid can be (a UUID), never a path.
+            if uid.is_empty()
+                || uid.len() > 64
+                || !uid.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            {
+                return Err(invalid(format!(
+                    "metadata.uid {uid:?} is not a uid (letters, digits and '-', at most 64)"
+                )));
+            }
             let fields = FieldRefs {
                 name: &pod_name,
                 namespace: &namespace,
@@ -235,6 +254,7 @@ pub fn plan(
             }
             launches.insert(key.clone(), launch);
             sources.insert(key.clone(), sourced.file.clone());
+            let cgroup = pod_cgroup(&cgroup_dir, &uid);
             pods.push(PodState {
                 namespace: namespace.clone(),
                 name: pod_name.clone(),
@@ -248,7 +268,7 @@ pub fn plan(
                 netns: netns_pod(name, &namespace, &pod_name),
                 netns_path: PathBuf::from("/run/netns")
                     .join(netns_pod(name, &namespace, &pod_name)),
-                cgroup: cgroup_dir.join(format!("pod.{namespace}.{pod_name}")),
+                cgroup,
                 containers,
             });
         }
@@ -671,13 +691,99 @@ spec:
             s.pod("demo/client").unwrap().netns,
             "weft.t.pod.demo.client"
         );
+        let client = s.pod("demo/client").unwrap();
         assert_eq!(
-            s.pod("demo/client").unwrap().cgroup,
-            PathBuf::from("/cg/weft-sim/t/pod.demo.client")
+            client.cgroup,
+            PathBuf::from(format!(
+                "/cg/weft-sim/t/kubepods/besteffort/pod{}",
+                client.uid
+            ))
         );
         assert_eq!(
             s.nodes[0].credential_file,
             PathBuf::from("/run/weft-sim/t/credentials/node-a.token")
+        );
+    }
+
+    /// The control plane reads the state file in local mode through
+    /// `weft-local-cluster`: what the simulator writes must read back there
+    /// as the same pods, nodes and Services.
+    #[test]
+    fn the_state_file_reads_back_as_the_local_cluster_schema() {
+        use std::net::IpAddr;
+        let state = plan_text(CLUSTER).unwrap().state;
+        let json = serde_json::to_vec(&state).unwrap();
+        let read = weft_local_cluster::LocalClusterState::parse(&json).unwrap();
+        let written: Vec<_> = state
+            .pods
+            .iter()
+            .map(|p| {
+                (
+                    p.namespace.clone(),
+                    p.name.clone(),
+                    p.uid.clone(),
+                    p.node.clone(),
+                    p.service_account.clone(),
+                    Some(IpAddr::from(p.ip)),
+                    Some(IpAddr::from(p.ipv6)),
+                )
+            })
+            .collect();
+        let parsed: Vec<_> = read
+            .pods
+            .iter()
+            .map(|p| {
+                (
+                    p.namespace.clone(),
+                    p.name.clone(),
+                    p.uid.clone(),
+                    p.node.clone(),
+                    p.service_account.clone(),
+                    p.ip,
+                    p.ipv6,
+                )
+            })
+            .collect();
+        assert_eq!(parsed, written);
+        assert_eq!(read.pods.len(), 4);
+        let nodes: Vec<_> = read
+            .nodes
+            .iter()
+            .map(|n| (n.name.clone(), n.ip, n.ipv6))
+            .collect();
+        let want: Vec<_> = state
+            .nodes
+            .iter()
+            .map(|n| {
+                (
+                    n.name.clone(),
+                    Some(IpAddr::from(n.ip)),
+                    Some(IpAddr::from(n.ipv6)),
+                )
+            })
+            .collect();
+        assert_eq!(nodes, want);
+        let services: Vec<_> = read
+            .services
+            .iter()
+            .map(|s| (s.namespace.clone(), s.name.clone(), s.cluster_ip))
+            .collect();
+        let want: Vec<_> = state
+            .services
+            .iter()
+            .map(|s| {
+                (
+                    s.namespace.clone(),
+                    s.name.clone(),
+                    s.cluster_ip.map(IpAddr::from),
+                )
+            })
+            .collect();
+        assert_eq!(services, want);
+        assert!(
+            services
+                .iter()
+                .any(|s| s.2 == Some("10.96.7.7".parse().unwrap()))
         );
     }
 
@@ -809,6 +915,22 @@ spec:
         .unwrap_err()
         .to_string();
         assert!(e.contains("already used by Service default/a"), "{e}");
+    }
+
+    #[test]
+    fn a_uid_that_is_not_a_uid_is_reported_not_used_as_a_path() {
+        let pod = |uid: &str| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: p, uid: {uid:?}}}\nspec:\n  nodeName: n\n  containers: [{{name: c, command: [x]}}]\n"
+            )
+        };
+        for bad in ["../../../escape", "a/b", ""] {
+            let e = plan_text(&pod(bad)).unwrap_err().to_string();
+            assert!(e.contains("Pod default/p: metadata.uid"), "{bad}: {e}");
+        }
+        let good = "0f8fad5b-d9cb-469f-a165-70867728950e";
+        let p = plan_text(&pod(good)).unwrap();
+        assert!(p.state.pods[0].cgroup.ends_with(format!("pod{good}")));
     }
 
     #[test]

@@ -189,7 +189,11 @@ fn containers_run_in_their_pod_cgroup_with_downward_env() {
     );
     // `exec` joins the cgroup too.
     let own = cluster.exec_ok("demo/near", &["cat", "/proc/self/cgroup"]);
-    let expected_suffix = format!("/weft-sim/{}/pod.demo.near", cluster.name());
+    let expected_suffix = format!(
+        "/weft-sim/{}/kubepods/besteffort/pod{}",
+        cluster.name(),
+        near.uid
+    );
     assert!(own.trim().ends_with(&expected_suffix), "{own}");
 }
 

@@ -11,7 +11,7 @@ use weft_destination::index::policy::networks::Cidr;
 use weft_destination::index::policy::status::Ineffective;
 use weft_destination::index::{self, EndpointsFrom, Index, IndexConfig, ProblemKind};
 use weft_destination::model::{self, Kind, Object, ObjectKey};
-use weft_destination::source::SimState;
+use weft_destination::source::{LocalClusterState, local_cluster};
 use weft_destination::store::{ClusterObjects, StoreUpdate};
 use weft_destination_api::{DefaultPolicy, Policy, Reason, authorize};
 use weft_identity_api::SpiffeId;
@@ -34,7 +34,7 @@ fn objects_of(names: &[&str]) -> Vec<Object> {
         }
     }
     // Uids, as the local source gives manifests without one.
-    SimState::default().complete(&mut objects);
+    local_cluster::complete(&LocalClusterState::default(), &mut objects);
     objects
 }
 

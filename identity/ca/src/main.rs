@@ -13,7 +13,7 @@ use weft_identity::kubernetes::{KubeWorkloads, TokenReviewAuthenticator};
 use weft_identity::server::{self, ServeConfig};
 use weft_identity::serving::default_server_names;
 use weft_identity::workloads::WorkloadDirectory;
-use weft_identity::{init, workloads::LocalClusterState};
+use weft_identity::{init, workloads::LocalClusterDirectory};
 use weft_identity_api::DEFAULT_TRUST_DOMAIN;
 use weft_node_auth::{LocalCredentials, NodeAuthenticator};
 
@@ -158,7 +158,7 @@ fn run() -> Result<()> {
                     match (local_credentials, local_cluster_state) {
                         (Some(credentials), Some(state)) => (
                             Arc::new(LocalCredentials::new(credentials)),
-                            Arc::new(LocalClusterState::new(state)),
+                            Arc::new(LocalClusterDirectory::new(state)),
                         ),
                         _ => {
                             let client = kube::Client::try_default().await.context(

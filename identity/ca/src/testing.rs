@@ -7,7 +7,7 @@ use crate::authority::LeafPolicy;
 use crate::init::{self, CaCert};
 use crate::server::{self, RunningCa, ServeConfig, ServeError};
 use crate::serving::default_server_names;
-use crate::workloads::LocalClusterState;
+use crate::workloads::LocalClusterDirectory;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -154,7 +154,7 @@ impl LocalCa {
         let ca = server::spawn(
             config,
             Arc::new(LocalCredentials::new(self.credentials_dir())),
-            Arc::new(LocalClusterState::new(self.state_file())),
+            Arc::new(LocalClusterDirectory::new(self.state_file())),
         )
         .await?;
         self.addr = Some(ca.addr);

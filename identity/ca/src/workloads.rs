@@ -1,15 +1,16 @@
 //! Which identities a node may obtain: those of the pods running on it now.
 //!
 //! One trait, so the service does not care where pod placement comes from:
-//! [`LocalClusterState`] reads the simulator's state file (local mode); a
+//! [`LocalClusterDirectory`] reads the local cluster's state file
+//! ([`weft_local_cluster`], local mode); a
 //! Kubernetes implementation would list pods by `spec.nodeName`.
 
 use futures::future::BoxFuture;
-use serde::Deserialize;
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::SystemTime;
 use weft_identity_api::SpiffeId;
+use weft_local_cluster::{LocalClusterState, LocalPod};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Placement {
@@ -41,36 +42,17 @@ pub trait WorkloadDirectory: Send + Sync + 'static {
 /// The simulator's state file (`docs/simulator.md`). Pods come and go, so the
 /// file is re-read whenever its modification time or size changes; between
 /// changes the parsed pods are reused (one `stat` per request).
-pub struct LocalClusterState {
+pub struct LocalClusterDirectory {
     path: PathBuf,
     cache: Mutex<Option<Cached>>,
 }
 
 struct Cached {
     stamp: (SystemTime, u64),
-    pods: Vec<StatePod>,
+    pods: Vec<LocalPod>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-struct StateFile {
-    #[serde(default)]
-    pods: Vec<StatePod>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-struct StatePod {
-    namespace: String,
-    name: String,
-    node: String,
-    #[serde(default = "default_service_account")]
-    service_account: String,
-}
-
-fn default_service_account() -> String {
-    "default".into()
-}
-
-impl LocalClusterState {
+impl LocalClusterDirectory {
     pub fn new(path: impl Into<PathBuf>) -> Self {
         Self {
             path: path.into(),
@@ -78,7 +60,7 @@ impl LocalClusterState {
         }
     }
 
-    fn pods(&self) -> Result<Vec<StatePod>, WorkloadsError> {
+    fn pods(&self) -> Result<Vec<LocalPod>, WorkloadsError> {
         let unavailable = |reason: String| WorkloadsError::Unavailable {
             path: self.path.clone(),
             reason,
@@ -93,7 +75,7 @@ impl LocalClusterState {
             return Ok(c.pods.clone());
         }
         let bytes = std::fs::read(&self.path).map_err(|e| unavailable(e.to_string()))?;
-        let state: StateFile = serde_json::from_slice(&bytes)
+        let state = LocalClusterState::parse(&bytes)
             .map_err(|e| unavailable(format!("invalid JSON: {e}")))?;
         *cache = Some(Cached {
             stamp,
@@ -103,7 +85,7 @@ impl LocalClusterState {
     }
 }
 
-impl WorkloadDirectory for LocalClusterState {
+impl WorkloadDirectory for LocalClusterDirectory {
     fn placement<'a>(
         &'a self,
         node: &'a str,
@@ -111,7 +93,7 @@ impl WorkloadDirectory for LocalClusterState {
     ) -> BoxFuture<'a, Result<Placement, WorkloadsError>> {
         Box::pin(async move {
             let pods = self.pods()?;
-            let matching = |p: &&StatePod| {
+            let matching = |p: &&LocalPod| {
                 p.namespace == identity.namespace()
                     && p.service_account == identity.service_account()
             };

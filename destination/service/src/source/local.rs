@@ -20,8 +20,8 @@
 //! directory that did not exist yet, and a missed event must not leave the
 //! view stale for long.
 
-use super::SimState;
 use super::manifests;
+use super::{LocalClusterState, local_cluster};
 use crate::indexer::SourceEvent;
 use crate::metrics::Metrics;
 use crate::model::{Kind, Object, Rejection};
@@ -78,7 +78,7 @@ pub struct LocalSource {
     state_file: Option<PathBuf>,
     metrics: Arc<Metrics>,
     files: BTreeMap<PathBuf, FileEntry>,
-    state: SimState,
+    state: LocalClusterState,
     state_hash: Option<u64>,
 }
 
@@ -89,7 +89,7 @@ impl LocalSource {
             state_file,
             metrics,
             files: BTreeMap::new(),
-            state: SimState::default(),
+            state: LocalClusterState::default(),
             state_hash: None,
         }
     }
@@ -172,7 +172,7 @@ impl LocalSource {
             .values()
             .flat_map(|f| f.objects.iter().cloned())
             .collect();
-        self.state.complete(&mut objects);
+        local_cluster::complete(&self.state, &mut objects);
         Ok(objects)
     }
 
@@ -181,11 +181,11 @@ impl LocalSource {
         let bytes = match std::fs::read(path) {
             Ok(b) => b,
             Err(e) => {
-                if self.state_hash.take().is_some() || self.state != SimState::default() {
+                if self.state_hash.take().is_some() || self.state != LocalClusterState::default() {
                     tracing::info!(path = %path.display(), error = %e,
                         "simulator state file gone; pod IPs and ClusterIPs come from the manifests only");
                 }
-                self.state = SimState::default();
+                self.state = LocalClusterState::default();
                 return;
             }
         };
@@ -194,7 +194,7 @@ impl LocalSource {
             return;
         }
         self.state_hash = Some(hash);
-        match SimState::parse(&bytes) {
+        match LocalClusterState::parse(&bytes) {
             Ok(state) => self.state = state,
             Err(e) => self.metrics.reject(
                 &path.display().to_string(),

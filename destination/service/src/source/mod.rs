@@ -7,7 +7,7 @@
 pub mod kube;
 pub mod kube_status;
 pub mod local;
+pub mod local_cluster;
 pub mod manifests;
-mod sim_state;
 
-pub use sim_state::SimState;
+pub use local_cluster::LocalClusterState;

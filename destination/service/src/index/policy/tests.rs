@@ -4,7 +4,7 @@
 use super::status::Ineffective;
 use crate::index::{self, IndexConfig};
 use crate::model::{self, Kind, ObjectKey};
-use crate::source::SimState;
+use crate::source::{LocalClusterState, local_cluster};
 use crate::store::{ClusterObjects, StoreUpdate};
 use serde::Deserialize;
 use std::net::IpAddr;
@@ -41,7 +41,7 @@ fn build(extra: &str) -> (Policy, Vec<super::status::PolicyStatus>) {
             objects.push(o);
         }
     }
-    SimState::default().complete(&mut objects);
+    local_cluster::complete(&LocalClusterState::default(), &mut objects);
     let mut store = ClusterObjects::default();
     store.apply(StoreUpdate::Replace {
         kinds: Kind::ALL.to_vec(),

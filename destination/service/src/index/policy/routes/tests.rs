@@ -4,7 +4,7 @@
 use crate::index::policy::status::{Ineffective, PolicyStatus};
 use crate::index::{self, Index, IndexConfig};
 use crate::model::{self, Kind, ObjectKey};
-use crate::source::SimState;
+use crate::source::{LocalClusterState, local_cluster};
 use crate::store::{ClusterObjects, StoreUpdate};
 use serde::Deserialize;
 use weft_destination_api::{PathMatchKind, Route};
@@ -48,7 +48,7 @@ fn build(extra: &str) -> Index {
             objects.push(o);
         }
     }
-    SimState::default().complete(&mut objects);
+    local_cluster::complete(&LocalClusterState::default(), &mut objects);
     let mut store = ClusterObjects::default();
     store.apply(StoreUpdate::Replace {
         kinds: Kind::ALL.to_vec(),
