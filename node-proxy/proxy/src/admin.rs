@@ -221,13 +221,15 @@ mod tests {
         tcp.register(&mut registry);
         let _open = tcp.open(crate::telemetry::TcpLabels {
             reporter: crate::telemetry::Reporter::Destination,
-            source_workload: String::new(),
-            source_namespace: String::new(),
-            source_principal: String::new(),
-            destination_workload: "server".into(),
-            destination_namespace: "demo".into(),
-            destination_principal: String::new(),
-            destination_service: String::new(),
+            peers: crate::telemetry::Peers {
+                source_workload: String::new(),
+                source_namespace: String::new(),
+                source_principal: String::new(),
+                destination_workload: "server".into(),
+                destination_namespace: "demo".into(),
+                destination_principal: String::new(),
+                destination_service: String::new(),
+            },
             connection_security_policy: crate::telemetry::SecurityPolicy::None,
         });
         let addr = start(metrics_handler(Arc::new(registry))).await;

@@ -19,4 +19,6 @@ pub mod tcp;
 
 pub use authz::{AuthzLabels, AuthzMetrics, AuthzReason};
 pub use requests::RequestMetrics;
-pub use tcp::{OpenConnection, ProcessCollector, Reporter, SecurityPolicy, TcpLabels, TcpMetrics};
+pub use tcp::{
+    OpenConnection, Peers, ProcessCollector, Reporter, SecurityPolicy, TcpLabels, TcpMetrics,
+};

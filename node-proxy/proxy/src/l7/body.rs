@@ -5,9 +5,10 @@
 //! are recorded by the body as its last frame passes (or when it is dropped
 //! early: the client went away), never when the headers arrive.
 
+use crate::telemetry::Peers;
 use crate::telemetry::Reporter;
 use crate::telemetry::classify::{MethodClass, classify, grpc_status};
-use crate::telemetry::requests::{Outcome, Peers, RequestMetrics};
+use crate::telemetry::requests::{Outcome, RequestMetrics};
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use http_body_util::combinators::BoxBody;
@@ -52,6 +53,8 @@ pub struct Recorder {
     pub metrics: RequestMetrics,
     pub reporter: Reporter,
     pub peers: Peers,
+    /// The HTTPRoute rule (`<route>/<rule>`); empty: the default route.
+    pub route: String,
     pub method: MethodClass,
     pub started: Instant,
     /// The request was gRPC: a missing `grpc-status` is a failure.
@@ -79,6 +82,7 @@ impl Recorder {
         self.metrics.record(
             self.reporter,
             &self.peers,
+            &self.route,
             self.method,
             &outcome,
             self.started.elapsed(),
@@ -161,6 +165,7 @@ mod tests {
             metrics: metrics.clone(),
             reporter: Reporter::Source,
             peers: Peers::default(),
+            route: String::new(),
             method: MethodClass::Post,
             started: Instant::now(),
             grpc,

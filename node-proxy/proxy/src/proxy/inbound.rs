@@ -11,7 +11,7 @@ mod delivery;
 use crate::policy::Inbound;
 use crate::policy::route_authz::RouteAccess;
 use crate::proxy::ProxyInputs;
-use crate::telemetry::{OpenConnection, Reporter, SecurityPolicy, TcpLabels};
+use crate::telemetry::{OpenConnection, Peers, Reporter, SecurityPolicy, TcpLabels};
 use crate::transport::LocalPod;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -123,17 +123,19 @@ fn destination_labels(
         .and_then(|v| service_of(v, pod.workload_uid.as_deref(), port));
     TcpLabels {
         reporter: Reporter::Destination,
-        source_workload: source.as_ref().map(|w| w.name.clone()).unwrap_or_default(),
-        source_namespace: source.map(|w| w.namespace).unwrap_or_default(),
-        source_principal,
-        destination_workload: pod.name.clone(),
-        destination_namespace: pod.namespace.clone(),
-        destination_principal: pod
-            .identity
-            .as_ref()
-            .map(|i| i.to_string())
-            .unwrap_or_default(),
-        destination_service: service.unwrap_or_default(),
+        peers: Peers {
+            source_workload: source.as_ref().map(|w| w.name.clone()).unwrap_or_default(),
+            source_namespace: source.map(|w| w.namespace).unwrap_or_default(),
+            source_principal,
+            destination_workload: pod.name.clone(),
+            destination_namespace: pod.namespace.clone(),
+            destination_principal: pod
+                .identity
+                .as_ref()
+                .map(|i| i.to_string())
+                .unwrap_or_default(),
+            destination_service: service.unwrap_or_default(),
+        },
         connection_security_policy: security,
     }
 }

@@ -19,7 +19,7 @@ mod requests;
 use crate::proxy::ProxyInputs;
 use crate::state::opaque;
 use crate::state::{self, Route};
-use crate::telemetry::{Reporter, SecurityPolicy, TcpLabels};
+use crate::telemetry::{Peers, Reporter, SecurityPolicy, TcpLabels};
 use crate::transport::{LocalPod, open_upstream};
 use bytes::BytesMut;
 use std::net::SocketAddr;
@@ -134,20 +134,29 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<LocalPod>, cx:
     }
 }
 
-/// Source-side labels: this pod, and what the view says of the destination.
+/// Source-side TCP labels: this pod, and what the view says of the
+/// destination.
 fn labels(pod: &LocalPod, route: &Route) -> TcpLabels {
-    let (workload, principal, policy) = match route {
-        Route::Hbone {
-            workload, identity, ..
-        } => (
-            Some(workload),
-            identity.to_string(),
-            SecurityPolicy::MutualTls,
-        ),
-        Route::Plain { workload, .. } => (workload.as_ref(), String::new(), SecurityPolicy::None),
+    let policy = match route {
+        Route::Hbone { .. } => SecurityPolicy::MutualTls,
+        Route::Plain { .. } => SecurityPolicy::None,
     };
     TcpLabels {
         reporter: Reporter::Source,
+        peers: source_peers(pod, route),
+        connection_security_policy: policy,
+    }
+}
+
+/// Source-side peers: this pod, and what the view says of the endpoint.
+fn source_peers(pod: &LocalPod, route: &Route) -> Peers {
+    let (workload, principal) = match route {
+        Route::Hbone {
+            workload, identity, ..
+        } => (Some(workload), identity.to_string()),
+        Route::Plain { workload, .. } => (workload.as_ref(), String::new()),
+    };
+    Peers {
         source_workload: pod.name.clone(),
         source_namespace: pod.namespace.clone(),
         source_principal: pod
@@ -159,6 +168,5 @@ fn labels(pod: &LocalPod, route: &Route) -> TcpLabels {
         destination_namespace: workload.map(|w| w.namespace.clone()).unwrap_or_default(),
         destination_principal: principal,
         destination_service: route.service().unwrap_or_default().to_string(),
-        connection_security_policy: policy,
     }
 }

@@ -10,7 +10,7 @@
 //! Paths, hosts and header values never become labels.
 
 use super::classify::{Classification, MethodClass};
-use super::tcp::Reporter;
+use super::tcp::{Peers, Reporter};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -42,30 +42,12 @@ pub struct RetryLabels {
     pub route: String,
 }
 
-/// Who talked to whom (known when the request is routed).
-#[derive(Clone, Debug, Default, Hash, PartialEq, Eq)]
-pub struct Peers {
-    pub source_workload: String,
-    pub source_namespace: String,
-    pub source_principal: String,
-    pub destination_workload: String,
-    pub destination_namespace: String,
-    pub destination_principal: String,
-    pub destination_service: String,
-    /// The HTTPRoute rule (`<route>/<rule>`); empty: [`DEFAULT_ROUTE`].
-    pub route: String,
-}
-
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub reporter: Reporter,
-    pub source_workload: String,
-    pub source_namespace: String,
-    pub source_principal: String,
-    pub destination_workload: String,
-    pub destination_namespace: String,
-    pub destination_principal: String,
-    pub destination_service: String,
+    #[prometheus(flatten)]
+    pub peers: Peers,
+    /// The HTTPRoute rule (`<route>/<rule>`), [`DEFAULT_ROUTE`] without one.
     pub route: String,
     pub method: MethodClass,
     pub status_code: String,
@@ -148,20 +130,15 @@ impl RequestMetrics {
         &self,
         reporter: Reporter,
         peers: &Peers,
+        route: &str,
         method: MethodClass,
         outcome: &Outcome,
         duration: Duration,
     ) {
         let labels = RequestLabels {
             reporter,
-            source_workload: peers.source_workload.clone(),
-            source_namespace: peers.source_namespace.clone(),
-            source_principal: peers.source_principal.clone(),
-            destination_workload: peers.destination_workload.clone(),
-            destination_namespace: peers.destination_namespace.clone(),
-            destination_principal: peers.destination_principal.clone(),
-            destination_service: peers.destination_service.clone(),
-            route: route_label(&peers.route).to_string(),
+            peers: peers.clone(),
+            route: route_label(route).to_string(),
             method,
             status_code: outcome.status.to_string(),
             grpc_status: outcome
@@ -212,6 +189,7 @@ mod tests {
         m.record(
             Reporter::Source,
             &peers,
+            "",
             MethodClass::Get,
             &ok,
             Duration::from_millis(30),

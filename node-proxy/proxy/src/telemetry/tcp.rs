@@ -47,12 +47,12 @@ impl EncodeLabelValue for SecurityPolicy {
     }
 }
 
-/// Labels of every TCP series. Empty strings stand for "unknown" (a
+/// Who talked to whom: the peer labels every TCP and request series
+/// carries, workload-level only. Empty strings stand for "unknown" (a
 /// destination outside the mesh has no principal; a plaintext client on
 /// 15006 has no identity).
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct TcpLabels {
-    pub reporter: Reporter,
+#[derive(Clone, Debug, Default, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Peers {
     pub source_workload: String,
     pub source_namespace: String,
     pub source_principal: String,
@@ -60,6 +60,14 @@ pub struct TcpLabels {
     pub destination_namespace: String,
     pub destination_principal: String,
     pub destination_service: String,
+}
+
+/// Labels of every TCP series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    pub reporter: Reporter,
+    #[prometheus(flatten)]
+    pub peers: Peers,
     pub connection_security_policy: SecurityPolicy,
 }
 
@@ -257,13 +265,15 @@ mod tests {
     fn labels(reporter: Reporter) -> TcpLabels {
         TcpLabels {
             reporter,
-            source_workload: "client".into(),
-            source_namespace: "demo".into(),
-            source_principal: "spiffe://cluster.local/ns/demo/sa/client".into(),
-            destination_workload: "server".into(),
-            destination_namespace: "demo".into(),
-            destination_principal: "spiffe://cluster.local/ns/demo/sa/server".into(),
-            destination_service: "server.demo.svc.cluster.local".into(),
+            peers: Peers {
+                source_workload: "client".into(),
+                source_namespace: "demo".into(),
+                source_principal: "spiffe://cluster.local/ns/demo/sa/client".into(),
+                destination_workload: "server".into(),
+                destination_namespace: "demo".into(),
+                destination_principal: "spiffe://cluster.local/ns/demo/sa/server".into(),
+                destination_service: "server.demo.svc.cluster.local".into(),
+            },
             connection_security_policy: SecurityPolicy::MutualTls,
         }
     }

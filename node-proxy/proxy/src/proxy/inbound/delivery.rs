@@ -22,9 +22,9 @@ use crate::policy::route_authz::{RequestVerdict, RouteAccess};
 use crate::proxy::ProxyInputs;
 use crate::state::opaque;
 use crate::state::routes::path_of;
+use crate::telemetry::Peers;
 use crate::telemetry::classify::{MethodClass, grpc_status, is_grpc};
 use crate::telemetry::grpc::GrpcCode;
-use crate::telemetry::requests::Peers;
 use crate::telemetry::{Reporter, TcpLabels};
 use crate::transport::LocalPod;
 use bytes::BytesMut;
@@ -131,7 +131,7 @@ pub async fn deliver<S: InboundStream>(
             let inbound = Counted::new(inbound, from_client.clone());
             // Dropping the server connection closes both sides.
             let err = tokio::select! {
-                err = serve(inbound, app, to_client.clone(), http, target, Peers::from(labels), cx, RouteGuard { pod: pod.clone(), access }) => err,
+                err = serve(inbound, app, to_client.clone(), http, target, labels.peers.clone(), cx, RouteGuard { pod: pod.clone(), access }) => err,
                 () = stop => Some(io::Error::new(
                     io::ErrorKind::ConnectionAborted,
                     "closed by the proxy: no longer allowed by policy",
@@ -225,21 +225,6 @@ impl RouteGuard {
     }
 }
 
-impl From<&TcpLabels> for Peers {
-    fn from(l: &TcpLabels) -> Self {
-        Peers {
-            source_workload: l.source_workload.clone(),
-            source_namespace: l.source_namespace.clone(),
-            source_principal: l.source_principal.clone(),
-            destination_workload: l.destination_workload.clone(),
-            destination_namespace: l.destination_namespace.clone(),
-            destination_principal: l.destination_principal.clone(),
-            destination_service: l.destination_service.clone(),
-            route: String::new(),
-        }
-    }
-}
-
 struct Delivery {
     app: AppConnection,
     target: SocketAddr,
@@ -327,31 +312,32 @@ impl Delivery {
             headers: request.headers(),
         };
         let verdict = self.guard.decide(&self.cx, &req);
-        let mut peers = self.peers.clone();
+        let mut route = String::new();
         let refusal = match verdict {
             RequestVerdict::Pass => None,
-            RequestVerdict::Allowed { route } => {
-                peers.route = route;
+            RequestVerdict::Allowed { route: rule } => {
+                route = rule;
                 None
             }
-            RequestVerdict::Denied { route } => {
-                let message = format!("route {route:?} does not authorize this client");
-                peers.route = route;
+            RequestVerdict::Denied { route: rule } => {
+                let message = format!("route {rule:?} does not authorize this client");
+                route = rule;
                 Some((StatusCode::FORBIDDEN, GrpcCode::PermissionDenied, message))
             }
             RequestVerdict::NotFound => {
-                peers.route = crate::telemetry::requests::UNMATCHED_ROUTE.to_string();
+                route = crate::telemetry::requests::UNMATCHED_ROUTE.to_string();
                 let message = "no HTTPRoute of the Server matches this request".to_string();
                 Some((StatusCode::NOT_FOUND, GrpcCode::NotFound, message))
             }
         };
         if let Some((status, code, message)) = refusal {
-            tracing::info!(target: "access", direction = "inbound", dst = %target, src = %self.guard.access.client_ip, route = %peers.route, status = status.as_u16(), "request refused by route-level authorization");
+            tracing::info!(target: "access", direction = "inbound", dst = %target, src = %self.guard.access.client_ip, route = %route, status = status.as_u16(), "request refused by route-level authorization");
             let response = synthetic(status, code, &message, grpc);
             let recorder = Recorder {
                 metrics: self.cx.request_metrics.clone(),
                 reporter: Reporter::Destination,
-                peers,
+                peers: self.peers.clone(),
+                route,
                 method,
                 started,
                 grpc,
@@ -380,7 +366,8 @@ impl Delivery {
         let recorder = Recorder {
             metrics: self.cx.request_metrics.clone(),
             reporter: Reporter::Destination,
-            peers,
+            peers: self.peers.clone(),
+            route,
             method,
             started,
             grpc,

@@ -30,7 +30,6 @@ use crate::state::{self, Route};
 use crate::telemetry::Reporter;
 use crate::telemetry::classify::{MethodClass, grpc_server_failed, grpc_status, is_grpc};
 use crate::telemetry::grpc::GrpcCode;
-use crate::telemetry::requests::Peers;
 use crate::transport::LocalPod;
 use crate::transport::open_upstream;
 use http::{Request, Response, StatusCode};
@@ -183,12 +182,11 @@ impl Connection {
             service: hostname,
         });
         let target = route.target();
-        let mut peers = peers(&self.pod, &route);
-        peers.route = plan.label().to_string();
         let mut recorder = Recorder {
             metrics: cx.request_metrics.clone(),
             reporter: Reporter::Source,
-            peers,
+            peers: super::source_peers(&self.pod, &route),
+            route: plan.label().to_string(),
             method,
             started,
             grpc,
@@ -523,30 +521,6 @@ fn with_body(parts: &http::request::Parts, body: ProxyBody) -> Request<ProxyBody
     *request.version_mut() = parts.version;
     *request.headers_mut() = parts.headers.clone();
     request
-}
-
-/// Source-side peers: this pod, and what the view says of the endpoint.
-fn peers(pod: &LocalPod, route: &Route) -> Peers {
-    let (workload, principal) = match route {
-        Route::Hbone {
-            workload, identity, ..
-        } => (Some(workload), identity.to_string()),
-        Route::Plain { workload, .. } => (workload.as_ref(), String::new()),
-    };
-    Peers {
-        source_workload: pod.name.clone(),
-        source_namespace: pod.namespace.clone(),
-        source_principal: pod
-            .identity
-            .as_ref()
-            .map(|i| i.to_string())
-            .unwrap_or_default(),
-        destination_workload: workload.map(|w| w.name.clone()).unwrap_or_default(),
-        destination_namespace: workload.map(|w| w.namespace.clone()).unwrap_or_default(),
-        destination_principal: principal,
-        destination_service: route.service().unwrap_or_default().to_string(),
-        route: String::new(),
-    }
 }
 
 /// An endpoint the balancer picked for one request; the outcome is
