@@ -20,11 +20,13 @@ use crate::policy::InboundAuthz;
 use crate::policy::route_authz::InboundRouting;
 use crate::state::ControlPlane;
 use crate::state::routes::OutboundRouting;
+use crate::state::snapshot::Snapshot;
 use crate::telemetry::{RequestMetrics, TcpMetrics};
 use crate::transport::{Drain, TunnelKey, tunnel_connector};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::watch;
 use weft_balance::{Balancer, BalancerConfig};
 use weft_hbone::{HbonePool, PoolConfig};
 
@@ -35,6 +37,9 @@ pub struct ProxyInputs {
     /// The control plane's view and the certificates; `None` when the proxy
     /// runs without a control plane (every pod captured, all plaintext).
     pub control_plane: Option<ControlPlane>,
+    /// What connections are decided with: the control plane's snapshots,
+    /// or the one snapshot of a proxy without a control plane.
+    snapshots: watch::Receiver<Arc<Snapshot>>,
     pub balancer: Arc<Balancer<SocketAddr>>,
     /// HBONE connections to other node proxies (with a control plane).
     pub tunnels: Option<Arc<HbonePool<TunnelKey>>>,
@@ -65,9 +70,15 @@ impl ProxyInputs {
                 tunnel_connector(c.certs.clone()),
             ))
         });
+        let snapshots = match &control_plane {
+            Some(c) => c.snapshot.clone(),
+            // The sender goes at once: the receiver keeps this one value.
+            None => watch::channel(Arc::new(Snapshot::without_control_plane())).1,
+        };
         Self {
             tcp_metrics,
             control_plane,
+            snapshots,
             balancer: Arc::new(Balancer::new(BalancerConfig::default())),
             tunnels,
             drain: Drain::default(),
@@ -78,5 +89,11 @@ impl ProxyInputs {
             inbound_routing: Arc::default(),
             detect_timeout: weft_stream::DETECT_TIMEOUT,
         }
+    }
+
+    /// The current snapshot of the control plane's state (an `Arc`: no lock
+    /// is held while it is used). Taken once per connection or request.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshots.borrow().clone()
     }
 }

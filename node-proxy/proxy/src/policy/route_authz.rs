@@ -55,19 +55,19 @@ pub enum RequestVerdict {
 }
 
 impl InboundRouting {
-    /// Decides one request against `snapshot` (`None`: no control plane,
-    /// no routes), and counts the decision in `metrics`.
+    /// Decides one request against `snapshot` (no routes without a control
+    /// plane), and counts the decision in `metrics`.
     pub fn decide(
         &self,
-        snapshot: Option<&Snapshot>,
+        snapshot: &Snapshot,
         metrics: &AuthzMetrics,
         pod: &PodInfo,
         access: &RouteAccess,
         req: &Request<'_>,
     ) -> RequestVerdict {
-        let Some(snapshot) = snapshot else {
+        if snapshot.policy_view().is_none() {
             return RequestVerdict::Pass;
-        };
+        }
         let found = pod
             .workload_uid
             .as_deref()

@@ -220,8 +220,8 @@ async fn serve_inbound<A: Arrival>(
     // Context: one look at the control plane's state for the connection.
     let started = Instant::now();
     let client_ip = peer.ip().to_canonical();
-    let snapshot = cx.control_plane.as_ref().map(|c| c.current());
-    let view = snapshot.as_deref().map(|s| &s.view);
+    let snapshot = cx.snapshot();
+    let view = snapshot.policy_view();
 
     // Checks.
     if client.is_some() && Some(target.ip()) != pod.ip {

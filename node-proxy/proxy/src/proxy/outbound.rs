@@ -17,7 +17,6 @@
 mod requests;
 
 use crate::proxy::ProxyInputs;
-use crate::state::opaque;
 use crate::state::{self, Route};
 use crate::telemetry::{Peers, Reporter, SecurityPolicy, TcpLabels};
 use crate::transport::{LocalPod, open_upstream};
@@ -48,14 +47,10 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<LocalPod>, cx:
         }
     };
     // One look at the control plane's state for the whole connection.
-    let snapshot = cx.control_plane.as_ref().map(|c| c.current());
-    // With a control plane, HTTP is proxied request by request; standalone
-    // (redirection only) every connection is opaque.
-    let opaque = match &snapshot {
-        Some(s) => opaque::is_opaque(&s.view, dst),
-        None => true,
-    };
-    let mut client = if opaque {
+    let snapshot = cx.snapshot();
+    // HTTP is proxied request by request (without a control plane every
+    // connection is opaque: the snapshot says so).
+    let mut client = if snapshot.is_opaque(dst) {
         Prefixed::new(BytesMut::new(), client)
     } else {
         let detected = weft_stream::detect(&mut client, cx.detect_timeout).await;
@@ -74,17 +69,7 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<LocalPod>, cx:
             }
         }
     };
-    let (route, balanced) = match &snapshot {
-        Some(s) => state::route(&s.view, dst, &cx.balancer, &mut rand::rng()),
-        None => (
-            Route::Plain {
-                target: dst,
-                workload: None,
-                service: None,
-            },
-            false,
-        ),
-    };
+    let (route, balanced) = state::route(&snapshot.view, dst, &cx.balancer, &mut rand::rng());
     let labels = labels(&pod, &route);
     let open = cx.tcp_metrics.open(labels);
     let target = route.target();

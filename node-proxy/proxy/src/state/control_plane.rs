@@ -46,11 +46,6 @@ impl ControlPlane {
         }
     }
 
-    /// The current snapshot (an `Arc`: no lock is held while it is used).
-    pub fn current(&self) -> Arc<Snapshot> {
-        self.snapshot.borrow().clone()
-    }
-
     /// Whether at least one view arrived (an empty cluster is a view too).
     pub fn has_view(&self) -> bool {
         !self.view.borrow().epoch.is_empty()

@@ -4,16 +4,25 @@
 //! Connection code takes the current snapshot once per connection (or
 //! request) and holds no lock while it decides: a view update never waits
 //! for a policy evaluation, and nothing is compiled on the request path.
+//!
+//! A proxy without a control plane (redirection only) has one snapshot,
+//! [`Snapshot::without_control_plane`], that never changes: connection code
+//! takes a snapshot the same way in both cases, and the decisions that
+//! differ (nothing enforced, every connection opaque) are made here.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::sync::watch;
 use weft_destination_api::routing::{InboundRoutes, OutboundRoutes};
 use weft_destination_api::{View, service_key};
 
-#[derive(Default)]
 pub struct Snapshot {
     pub view: View,
+    /// Whether the view came from a control plane. Without one nothing is
+    /// known of the cluster: no policy is enforced (there is none to
+    /// enforce) and every connection is opaque.
+    from_control_plane: bool,
     /// By (Service key, Service port): Services with routes only.
     outbound: HashMap<(String, u16), Arc<OutboundRoutes>>,
     /// By (local workload uid, port): the Server's name and its routes, for
@@ -56,9 +65,38 @@ impl Snapshot {
         }
         Self {
             view,
+            from_control_plane: true,
             outbound,
             inbound,
         }
+    }
+
+    /// The snapshot of a proxy that runs without a control plane: an empty
+    /// view, nothing enforced, every connection opaque.
+    pub fn without_control_plane() -> Self {
+        Self {
+            view: View::default(),
+            from_control_plane: false,
+            outbound: HashMap::new(),
+            inbound: HashMap::new(),
+        }
+    }
+
+    /// The view that inbound policy is decided against; `None` without a
+    /// control plane (nothing to enforce).
+    pub fn policy_view(&self) -> Option<&View> {
+        self.from_control_plane.then_some(&self.view)
+    }
+
+    /// Whether an outbound connection to `dst` skips protocol detection.
+    pub fn is_opaque(&self, dst: SocketAddr) -> bool {
+        !self.from_control_plane || super::opaque::is_opaque(&self.view, dst)
+    }
+
+    /// Whether a local pod's `port` skips detection (see
+    /// [`super::opaque::is_local_opaque`]).
+    pub fn is_local_opaque(&self, pod_key: &str, uid: Option<&str>, port: u16) -> bool {
+        !self.from_control_plane || super::opaque::is_local_opaque(&self.view, pod_key, uid, port)
     }
 
     /// The compiled routes of Service `key` on `port`; `None`: no routes.
@@ -116,5 +154,20 @@ mod tests {
             .await
             .expect("a snapshot follows the view");
         assert_eq!(snapshots.borrow().view.version, 7);
+        assert!(snapshots.borrow().policy_view().is_some());
+    }
+
+    #[test]
+    fn without_a_control_plane_nothing_is_enforced_and_everything_is_opaque() {
+        let s = Snapshot::without_control_plane();
+        assert!(s.policy_view().is_none());
+        let http = "10.96.0.10:80".parse().unwrap();
+        assert!(s.is_opaque(http));
+        assert!(s.is_local_opaque("demo/server", Some("uid"), 8080));
+        // The same empty view from a control plane: detected, enforced.
+        let built = Snapshot::build(View::default());
+        assert!(!built.is_opaque(http));
+        assert!(!built.is_local_opaque("demo/server", Some("uid"), 8080));
+        assert!(built.policy_view().is_some());
     }
 }

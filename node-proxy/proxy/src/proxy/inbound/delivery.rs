@@ -20,7 +20,6 @@ use crate::l7::respond::{error_response, synthetic};
 use crate::l7::upgrade::{Upgrades, wants_upgrade};
 use crate::policy::route_authz::{RequestVerdict, RouteAccess};
 use crate::proxy::ProxyInputs;
-use crate::state::opaque;
 use crate::state::routes::path_of;
 use crate::telemetry::Peers;
 use crate::telemetry::classify::{MethodClass, grpc_status, is_grpc};
@@ -101,7 +100,10 @@ pub async fn deliver<S: InboundStream>(
     // Recording "spliced" is what lets a later policy change that makes
     // the client routes-only close the connection (see
     // `authz::ConnectionAccess`).
-    if cx.control_plane.is_none() || local_port_is_opaque(pod, cx, target.port()) {
+    let opaque =
+        cx.snapshot()
+            .is_local_opaque(&pod.key(), pod.workload_uid.as_deref(), target.port());
+    if opaque {
         if !access.connection.serve_opaque() {
             return refuse_opaque(inbound.reset_handle());
         }
@@ -190,20 +192,6 @@ impl InboundStream for H2Stream {
     }
 }
 
-/// Whether the local pod's port skips detection, as on the source side
-/// (plus its Server's `proxyProtocol`).
-fn local_port_is_opaque(pod: &LocalPod, cx: &ProxyInputs, port: u16) -> bool {
-    match &cx.control_plane {
-        Some(mesh) => opaque::is_local_opaque(
-            &mesh.current().view,
-            &pod.key(),
-            pod.workload_uid.as_deref(),
-            port,
-        ),
-        None => true,
-    }
-}
-
 /// The local pod a connection is delivered to, and who connected: what each
 /// of its requests is decided with.
 #[derive(Clone, Debug)]
@@ -214,9 +202,8 @@ struct RouteGuard {
 
 impl RouteGuard {
     fn decide(&self, cx: &ProxyInputs, req: &RouteRequest<'_>) -> RequestVerdict {
-        let snapshot = cx.control_plane.as_ref().map(|c| c.current());
         cx.inbound_routing.decide(
-            snapshot.as_deref(),
+            &cx.snapshot(),
             cx.authz.metrics(),
             &self.pod,
             &self.access,

@@ -122,21 +122,18 @@ impl Connection {
         let cx = &self.cx;
         let method = MethodClass::of(request.method());
         let grpc = is_grpc(request.headers());
-        let (plan, hostname) = match &cx.control_plane {
-            Some(mesh) => {
-                let snapshot = mesh.current();
-                let req = RouteRequest {
-                    method: request.method(),
-                    path: path_of(request.uri()),
-                    headers: request.headers(),
-                };
-                let hostname = snapshot
-                    .view
-                    .service_by_vip(self.dst.ip())
-                    .map(|s| s.hostname.clone());
-                (cx.routing.plan(&snapshot, self.dst, &req), hostname)
-            }
-            None => (Plan::Default, None),
+        let (plan, hostname) = {
+            let snapshot = cx.snapshot();
+            let req = RouteRequest {
+                method: request.method(),
+                path: path_of(request.uri()),
+                headers: request.headers(),
+            };
+            let hostname = snapshot
+                .view
+                .service_by_vip(self.dst.ip())
+                .map(|s| s.hostname.clone());
+            (cx.routing.plan(&snapshot, self.dst, &req), hostname)
         };
         let client_upgrade = (self.protocol == Protocol::Http1 && wants_upgrade(&request))
             .then(|| hyper::upgrade::on(&mut request));
@@ -408,15 +405,7 @@ impl Connection {
     /// dialled Service), then one of its endpoints by the balancer.
     fn resolve(&self, plan: &Plan) -> Result<(Route, bool), Failure> {
         let cx = &self.cx;
-        let Some(mesh) = &cx.control_plane else {
-            let plain = Route::Plain {
-                target: self.dst,
-                workload: None,
-                service: None,
-            };
-            return Ok((plain, false));
-        };
-        let snapshot = mesh.current();
+        let snapshot = cx.snapshot();
         let view = &snapshot.view;
         let mut rng = rand::rng();
         let Plan::Rule { rule, service, .. } = plan else {
