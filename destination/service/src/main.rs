@@ -95,6 +95,9 @@ async fn main() {
         // reader that went away (`weft-destination … | head`) turned every
         // later log line into a "Broken pipe" complaint on stderr.
         .with_writer(std::io::stderr)
+        // Colours only for a person at a terminal: escape codes in `kubectl logs`,
+        // a file or a log collector are noise.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     if let Err(e) = run(Args::parse()).await {
         eprintln!("weft-destination: {e:#}");
@@ -169,12 +172,20 @@ async fn run(args: Args) -> Result<()> {
         metrics: metrics.clone(),
         ready: publisher.ready(),
     };
+    let admin_addr = admin_listener.local_addr().unwrap_or(args.admin_addr);
     tokio::spawn(admin.serve(admin_listener));
 
     let grpc_listener = tokio::net::TcpListener::bind(args.grpc_addr)
         .await
         .with_context(|| format!("cannot listen on {} (--grpc-addr)", args.grpc_addr))?;
-    tracing::info!(grpc = %args.grpc_addr, admin = %args.admin_addr, "weft-destination serving");
+    // The bound addresses, not the flags: with port 0 the kernel chose, and
+    // whoever started us (a test, a script) learns the ports from here.
+    let grpc_addr = grpc_listener.local_addr().unwrap_or(args.grpc_addr);
+    tracing::info!(
+        grpc = %grpc_addr,
+        admin = %admin_addr,
+        "weft-destination serving"
+    );
     let service = DestinationService::new(publisher, auth);
     // SIGTERM (Kubernetes stopping the pod) or Ctrl-C: end the streams so
     // proxies reconnect to another replica at once.

@@ -30,12 +30,30 @@ impl Drop for Service {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// The addresses the binary bound (it listens on port 0 and logs what the
+/// kernel chose): `(grpc, admin)` from its "serving" log line.
+async fn serving_addresses(log: &std::path::Path) -> (SocketAddr, SocketAddr) {
+    let field = |line: &str, name: &str| -> Option<SocketAddr> {
+        let rest = &line[line.find(&format!("{name}="))? + name.len() + 1..];
+        rest.split_whitespace().next()?.parse().ok()
+    };
+    let started = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(line) = text
+            .lines()
+            .find(|l| l.contains("weft-destination serving"))
+        {
+            let grpc = field(line, "grpc").unwrap_or_else(|| panic!("no grpc= in {line:?}"));
+            let admin = field(line, "admin").unwrap_or_else(|| panic!("no admin= in {line:?}"));
+            return (grpc, admin);
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "no \"weft-destination serving\" line within 20 s:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// A plain HTTP/1.1 GET; returns (status, body).
@@ -79,8 +97,6 @@ async fn binary_serves_views_ready_and_metrics() {
     std::fs::write(manifests.join("broken.yaml"), "kind: [").unwrap();
     std::fs::write(dir.path().join("cert.pem"), &pki.cert_pem).unwrap();
     std::fs::write(dir.path().join("key.pem"), &pki.key_pem).unwrap();
-    let grpc: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let (reader, closed_stdout) = std::io::pipe().unwrap();
     drop(reader);
     let log = tempfile::NamedTempFile::new().unwrap();
@@ -95,12 +111,7 @@ async fn binary_serves_views_ready_and_metrics() {
             .arg(dir.path().join("key.pem"))
             .arg("--local-credentials")
             .arg(creds.path())
-            .args([
-                "--grpc-addr",
-                &grpc.to_string(),
-                "--admin-addr",
-                &admin.to_string(),
-            ])
+            .args(["--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
             // Run as `weft-destination … | head` would leave it: stdout
             // a pipe nobody reads (closed before it starts). Its logs go to
             // stderr, kept to be checked at the end.
@@ -110,6 +121,7 @@ async fn binary_serves_views_ready_and_metrics() {
             .unwrap(),
     );
 
+    let (grpc, admin) = serving_addresses(log.path()).await;
     let started = Instant::now();
     let ready = loop {
         if let Some((status, _)) = get(admin, "/ready")
@@ -193,6 +205,8 @@ async fn binary_serves_views_ready_and_metrics() {
     drop(service);
     let log = std::fs::read_to_string(log.path()).unwrap();
     assert!(log.contains("manifests changed"), "{log}");
+    // Written to a file, not a terminal: no colour escape codes.
+    assert!(!log.contains('\u{1b}'), "{log:?}");
     assert!(
         !log.contains("Broken pipe") && !log.contains("panicked"),
         "{log}"

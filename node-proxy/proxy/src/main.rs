@@ -116,6 +116,9 @@ fn main() -> std::process::ExitCode {
         tracing_subscriber::fmt()
             .with_env_filter(filter)
             .with_writer(std::io::stderr)
+            // Colours only for a person at a terminal: escape codes in `kubectl logs`,
+            // a file or a log collector are noise.
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .init();
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
