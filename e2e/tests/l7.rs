@@ -540,11 +540,30 @@ fn grpc_and_http2_are_proxied_per_request_and_server_first_protocols_do_not_stal
     // Server speaks first: the client reads the banner before sending a
     // byte. On an undeclared port detection gives up (the client sent
     // nothing) and the connection goes on as TCP; on a port the pod
-    // declares opaque there is no detection at all.
+    // declares opaque there is no detection at all. The source proxy counts
+    // how it decided each connection (nothing else connects from node A
+    // meanwhile, and the count is made before the banner can pass).
     let b1 = cluster.pod("demo/banner").ip.to_string();
     let b2 = cluster.pod("demo/banner-opaque").ip.to_string();
-    for (ip, port, name) in [(&b1, "2500", "banner"), (&b2, "2600", "banner-opaque")] {
+    let decided = |outcome: &str| {
+        metric_sum(
+            node_a,
+            "weft_protocol_detections_total",
+            &[("reporter", "source"), ("outcome", outcome)],
+        )
+    };
+    for (ip, port, name, outcome) in [
+        (&b1, "2500", "banner", "timeout"),
+        (&b2, "2600", "banner-opaque", "declared_opaque"),
+    ] {
+        let before = (decided("timeout"), decided("declared_opaque"));
         let out = cluster.exec_ok("demo/client", &["./banner.py", "client", ip, port]);
+        let after = (decided("timeout"), decided("declared_opaque"));
+        let want = match outcome {
+            "timeout" => (before.0 + 1.0, before.1),
+            _ => (before.0, before.1 + 1.0),
+        };
+        assert_eq!(after, want, "{name}: (timeout, declared_opaque) counts");
         let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
         assert_eq!(v["banner"], format!("220 {name} ready"), "{out}");
         assert_eq!(v["echo"], "250 HELO weft", "{out}");

@@ -20,5 +20,6 @@ pub mod tcp;
 pub use authz::{AuthzLabels, AuthzMetrics, AuthzReason};
 pub use requests::RequestMetrics;
 pub use tcp::{
-    OpenConnection, Peers, ProcessCollector, Reporter, SecurityPolicy, TcpLabels, TcpMetrics,
+    DetectionOutcome, OpenConnection, Peers, ProcessCollector, Reporter, SecurityPolicy, TcpLabels,
+    TcpMetrics,
 };

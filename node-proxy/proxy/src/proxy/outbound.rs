@@ -18,7 +18,7 @@ mod requests;
 
 use crate::proxy::ProxyInputs;
 use crate::state::{self, Route};
-use crate::telemetry::{Peers, Reporter, SecurityPolicy, TcpLabels};
+use crate::telemetry::{DetectionOutcome, Peers, Reporter, SecurityPolicy, TcpLabels};
 use crate::transport::{LocalPod, open_upstream};
 use bytes::BytesMut;
 use std::net::SocketAddr;
@@ -51,9 +51,13 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<LocalPod>, cx:
     // HTTP is proxied request by request (without a control plane every
     // connection is opaque: the snapshot says so).
     let mut client = if snapshot.is_opaque(dst) {
+        cx.tcp_metrics
+            .detected(Reporter::Source, DetectionOutcome::DeclaredOpaque);
         Prefixed::new(BytesMut::new(), client)
     } else {
         let detected = weft_stream::detect(&mut client, cx.detect_timeout).await;
+        cx.tcp_metrics
+            .detected(Reporter::Source, DetectionOutcome::of(&detected));
         match detected.protocol {
             Protocol::Http1 | Protocol::Http2 => {
                 // A client may write a request in pieces: ACK them at once.

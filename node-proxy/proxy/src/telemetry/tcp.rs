@@ -71,12 +71,58 @@ pub struct TcpLabels {
     pub connection_security_policy: SecurityPolicy,
 }
 
+/// How a connection's protocol was decided. `timeout` is the one to watch:
+/// each such connection waited the whole detection timeout before its
+/// first byte moved (a server-speaks-first protocol on a port not declared
+/// opaque: declare it with `weft.io/opaque-ports`).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum DetectionOutcome {
+    /// Not detected: the port is declared opaque (or opaque by default).
+    DeclaredOpaque,
+    Http1,
+    Http2,
+    /// The first bytes are not HTTP (or the client closed first).
+    Opaque,
+    /// The client sent nothing (or too little) within the timeout.
+    Timeout,
+}
+
+impl DetectionOutcome {
+    pub fn of(detected: &weft_stream::Detected) -> Self {
+        match detected.protocol {
+            _ if detected.timed_out => Self::Timeout,
+            weft_stream::Protocol::Http1 => Self::Http1,
+            weft_stream::Protocol::Http2 => Self::Http2,
+            weft_stream::Protocol::Opaque => Self::Opaque,
+        }
+    }
+}
+
+impl EncodeLabelValue for DetectionOutcome {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> std::fmt::Result {
+        encoder.write_str(match self {
+            Self::DeclaredOpaque => "declared_opaque",
+            Self::Http1 => "http1",
+            Self::Http2 => "http2",
+            Self::Opaque => "opaque",
+            Self::Timeout => "timeout",
+        })
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DetectionLabels {
+    pub reporter: Reporter,
+    pub outcome: DetectionOutcome,
+}
+
 #[derive(Clone, Default)]
 pub struct TcpMetrics {
     opened: Family<TcpLabels, Counter>,
     closed: Family<TcpLabels, Counter>,
     sent: Family<TcpLabels, Counter>,
     received: Family<TcpLabels, Counter>,
+    detections: Family<DetectionLabels, Counter>,
 }
 
 impl TcpMetrics {
@@ -105,6 +151,18 @@ impl TcpMetrics {
             "Bytes received from the client of TCP connections (request direction; counted when they close)",
             self.received.clone(),
         );
+        registry.register(
+            "weft_protocol_detections",
+            "How the protocol of connections was decided (timeout: the connection waited the detection timeout before any byte moved)",
+            self.detections.clone(),
+        );
+    }
+
+    /// Counts how one connection's protocol was decided.
+    pub fn detected(&self, reporter: Reporter, outcome: DetectionOutcome) {
+        self.detections
+            .get_or_create(&DetectionLabels { reporter, outcome })
+            .inc();
     }
 
     /// Counts a connection as opened; the returned handle counts it closed.
@@ -348,6 +406,45 @@ mod tests {
         assert!(
             start > now - 3600.0 && start <= now + 1.0,
             "start {start} now {now}"
+        );
+    }
+
+    #[test]
+    fn a_detection_that_waited_for_nothing_is_counted_as_a_timeout() {
+        let detected = |protocol, timed_out| weft_stream::Detected {
+            protocol,
+            prefix: Default::default(),
+            timed_out,
+        };
+        use weft_stream::Protocol;
+        assert_eq!(
+            DetectionOutcome::of(&detected(Protocol::Opaque, true)),
+            DetectionOutcome::Timeout
+        );
+        assert_eq!(
+            DetectionOutcome::of(&detected(Protocol::Opaque, false)),
+            DetectionOutcome::Opaque
+        );
+        assert_eq!(
+            DetectionOutcome::of(&detected(Protocol::Http2, false)),
+            DetectionOutcome::Http2
+        );
+        let mut registry = Registry::default();
+        let m = TcpMetrics::default();
+        m.register(&mut registry);
+        m.detected(Reporter::Source, DetectionOutcome::Timeout);
+        m.detected(Reporter::Source, DetectionOutcome::Timeout);
+        m.detected(Reporter::Destination, DetectionOutcome::DeclaredOpaque);
+        let text = render(&registry);
+        assert!(
+            text.contains(
+                "weft_protocol_detections_total{reporter=\"source\",outcome=\"timeout\"} 2"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("weft_protocol_detections_total{reporter=\"destination\",outcome=\"declared_opaque\"} 1"),
+            "{text}"
         );
     }
 }

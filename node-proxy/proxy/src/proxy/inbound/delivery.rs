@@ -24,7 +24,7 @@ use crate::state::routes::path_of;
 use crate::telemetry::Peers;
 use crate::telemetry::classify::{MethodClass, grpc_status, is_grpc};
 use crate::telemetry::grpc::GrpcCode;
-use crate::telemetry::{Reporter, TcpLabels};
+use crate::telemetry::{DetectionOutcome, Reporter, TcpLabels};
 use crate::transport::LocalPod;
 use bytes::BytesMut;
 use http::{Request, Response, StatusCode};
@@ -104,6 +104,8 @@ pub async fn deliver<S: InboundStream>(
         cx.snapshot()
             .is_local_opaque(&pod.key(), pod.workload_uid.as_deref(), target.port());
     if opaque {
+        cx.tcp_metrics
+            .detected(Reporter::Destination, DetectionOutcome::DeclaredOpaque);
         if !access.connection.serve_opaque() {
             return refuse_opaque(inbound.reset_handle());
         }
@@ -115,6 +117,8 @@ pub async fn deliver<S: InboundStream>(
         Some(p) => (p, BytesMut::new()),
         None => {
             let detected = weft_stream::detect(&mut inbound, cx.detect_timeout).await;
+            cx.tcp_metrics
+                .detected(Reporter::Destination, DetectionOutcome::of(&detected));
             (detected.protocol, detected.prefix)
         }
     };
