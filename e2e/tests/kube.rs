@@ -647,6 +647,32 @@ fn the_destination_rbac_in_daemonset_is_enforced_by_the_api_server() {
         "--as=system:serviceaccount:weft-system:default",
     ]);
     assert_eq!(String::from_utf8_lossy(&other.stdout).trim(), "no");
+
+    // The CRD schema bounds identity patterns (they are matched for every
+    // connection on a shared proxy): the API server refuses one with more
+    // than 8 `*` or over 256 characters, and takes one within the limits.
+    let kube = cluster.state().kube.as_ref().unwrap();
+    let authn = |name: &str, identity: &str| {
+        format!(
+            "apiVersion: policy.weft.io/v1alpha1\nkind: MeshTLSAuthentication\nmetadata: {{name: {name}, namespace: weft-system}}\nspec: {{identities: [{identity:?}]}}\n"
+        )
+    };
+    let starry = format!("spiffe://cluster.local/ns/bank/sa/{}b", "*a".repeat(9));
+    let long = format!("spiffe://cluster.local/ns/bank/sa/{}", "a".repeat(250));
+    for (name, identity, field) in [
+        ("starry", &starry, "spec.identities[0]"),
+        ("long", &long, "spec.identities[0]"),
+    ] {
+        let refused = kube
+            .kubectl_ok(&["apply", "-f", "-"], Some(&authn(name, identity)))
+            .expect_err("the API server refuses it");
+        assert!(refused.to_string().contains(field), "{name}: {refused}");
+    }
+    kube.kubectl_ok(
+        &["apply", "-f", "-"],
+        Some(&authn("fine", "spiffe://cluster.local/ns/*/sa/*")),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
 }
 
 #[test]

@@ -235,26 +235,78 @@ fn requirement_met(req: &Requirement, client: &Client<'_>) -> bool {
     }
 }
 
+/// The longest identity pattern a policy may hold, in bytes.
+pub const MAX_IDENTITY_PATTERN_LEN: usize = 256;
+/// The most `*` an identity pattern may hold.
+pub const MAX_IDENTITY_PATTERN_WILDCARDS: usize = 8;
+
 /// `*` alone matches any identity; elsewhere `*` matches any run of
 /// characters without `/` (so `spiffe://cluster.local/ns/shop/sa/*` is
 /// every account of `shop`, and cannot reach into another path segment).
+///
+/// Linear in the lengths of both: a pattern is evaluated for every
+/// connection on a proxy that every tenant of the node shares, so a
+/// pattern such as `*a*a*a…*b` must cost no more than its length (a
+/// backtracking matcher took exponential time on it and froze the node).
 pub fn identity_matches(pattern: &str, identity: &str) -> bool {
     if pattern == "*" {
         return true;
     }
-    glob(pattern.as_bytes(), identity.as_bytes())
+    // `*` never matches `/`, so the segments pair up one to one.
+    let mut patterns = pattern.split('/');
+    let mut segments = identity.split('/');
+    loop {
+        match (patterns.next(), segments.next()) {
+            (None, None) => return true,
+            (Some(p), Some(s)) if segment_matches(p, s) => {}
+            _ => return false,
+        }
+    }
 }
 
-fn glob(pattern: &[u8], text: &[u8]) -> bool {
-    match pattern.split_first() {
-        None => text.is_empty(),
-        Some((b'*', rest)) => {
-            // Try every split within the current segment.
-            let segment_end = text.iter().position(|c| *c == b'/').unwrap_or(text.len());
-            (0..=segment_end).any(|i| glob(rest, &text[i..]))
+/// One path segment against a pattern whose `*` match any run of
+/// characters. The literal pieces between the stars are placed leftmost,
+/// each after the previous one (a greedy placement is optimal when the
+/// only wildcard is `*`), with a linear-time substring search.
+fn segment_matches(pattern: &str, segment: &str) -> bool {
+    let mut pieces = pattern.split('*');
+    let first = pieces.next().unwrap_or_default();
+    let Some(rest) = segment.strip_prefix(first) else {
+        return false;
+    };
+    let mut middle: Vec<&str> = pieces.collect();
+    let Some(last) = middle.pop() else {
+        // No star at all.
+        return rest.is_empty();
+    };
+    let Some(mut rest) = rest.strip_suffix(last) else {
+        return false;
+    };
+    for piece in middle {
+        match rest.find(piece) {
+            Some(at) => rest = &rest[at + piece.len()..],
+            None => return false,
         }
-        Some((c, rest)) => text.first() == Some(c) && glob(rest, &text[1..]),
     }
+    true
+}
+
+/// Why an identity pattern is refused (the destination service reports it
+/// on the policy object, which then grants nothing); `None`: acceptable.
+pub fn identity_pattern_problem(pattern: &str) -> Option<String> {
+    if pattern.len() > MAX_IDENTITY_PATTERN_LEN {
+        return Some(format!(
+            "is {} bytes long; at most {MAX_IDENTITY_PATTERN_LEN} are allowed",
+            pattern.len()
+        ));
+    }
+    let stars = pattern.matches('*').count();
+    if stars > MAX_IDENTITY_PATTERN_WILDCARDS {
+        return Some(format!(
+            "has {stars} `*`; at most {MAX_IDENTITY_PATTERN_WILDCARDS} are allowed"
+        ));
+    }
+    None
 }
 
 /// Whether `ip` is in `network` and in none of its exceptions. A network

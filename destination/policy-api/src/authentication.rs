@@ -19,8 +19,10 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "camelCase")]
 pub struct MeshTLSAuthenticationSpec {
     /// SPIFFE IDs; `*` matches any run of characters within one path
-    /// segment, and `*` alone any authenticated client.
+    /// segment, and `*` alone any authenticated client. At most 256
+    /// characters and 8 `*` each.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(length(max = 256), pattern(r"^[^*]*(\*[^*]*){0,8}$")))]
     pub identities: Vec<String>,
     /// `ServiceAccount` (that account's identity) or `Namespace` (every
     /// account of that namespace).

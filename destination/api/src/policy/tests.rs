@@ -262,6 +262,84 @@ fn wildcard_identities() {
     }
 }
 
+/// The backtracking matcher the linear one replaced: the specification,
+/// exponential on patterns like `*a*a*a…*b`.
+fn reference_glob(pattern: &[u8], text: &[u8]) -> bool {
+    match pattern.split_first() {
+        None => text.is_empty(),
+        Some((b'*', rest)) => {
+            let segment_end = text.iter().position(|c| *c == b'/').unwrap_or(text.len());
+            (0..=segment_end).any(|i| reference_glob(rest, &text[i..]))
+        }
+        Some((c, rest)) => text.first() == Some(c) && reference_glob(rest, &text[1..]),
+    }
+}
+
+#[test]
+fn the_linear_matcher_agrees_with_the_backtracking_one() {
+    use rand::{Rng, SeedableRng};
+    // Small alphabets make overlaps, repeats and near misses likely.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(15);
+    let word = |rng: &mut rand::rngs::StdRng, alphabet: &[u8], max: usize| -> String {
+        let n = rng.random_range(0..=max);
+        (0..n)
+            .map(|_| alphabet[rng.random_range(0..alphabet.len())] as char)
+            .collect()
+    };
+    let mut matched = 0;
+    for _ in 0..20_000 {
+        let pattern = word(&mut rng, b"ab*/", 8);
+        let text = word(&mut rng, b"ab/", 8);
+        if pattern == "*" {
+            continue;
+        }
+        let want = reference_glob(pattern.as_bytes(), text.as_bytes());
+        matched += usize::from(want);
+        assert_eq!(
+            identity_matches(&pattern, &text),
+            want,
+            "{pattern:?} vs {text:?}"
+        );
+    }
+    // Both outcomes were exercised.
+    assert!(matched > 300, "{matched}");
+}
+
+/// A pattern that made the backtracking matcher run for minutes holding
+/// the view (#15): now one pass. Such a pattern is refused by the
+/// destination service anyway (too many `*`); the matcher must not depend
+/// on that.
+#[test]
+fn a_pattern_built_to_backtrack_is_decided_in_one_pass() {
+    let pattern = format!("spiffe://cluster.local/ns/bank/sa/{}*b", "*a".repeat(40));
+    let identity = format!("spiffe://cluster.local/ns/bank/sa/{}", "a".repeat(200));
+    assert!(!identity_matches(&pattern, &identity));
+    assert!(identity_matches(&pattern, &format!("{identity}b")));
+    assert!(identity_pattern_problem(&pattern).is_some());
+}
+
+#[test]
+fn identity_patterns_over_the_limits_are_problems() {
+    assert_eq!(identity_pattern_problem(CLIENT), None);
+    assert_eq!(
+        identity_pattern_problem("spiffe://*/ns/*/sa/*"),
+        None,
+        "a few wildcards are fine"
+    );
+    let long = format!("spiffe://cluster.local/ns/demo/sa/{}", "x".repeat(300));
+    assert!(
+        identity_pattern_problem(&long)
+            .unwrap()
+            .contains("at most 256")
+    );
+    let starry = format!("spiffe://cluster.local/ns/demo/sa/{}", "*x".repeat(9));
+    assert!(
+        identity_pattern_problem(&starry)
+            .unwrap()
+            .contains("at most 8")
+    );
+}
+
 #[test]
 fn malformed_policies_do_not_open_access() {
     let bad_requirements = [

@@ -118,6 +118,13 @@ pub fn mesh_tls(object: &MeshTlsObject, trust_domain: &str) -> Result<Vec<String
                 ),
             ));
         }
+        // Matched for every connection on a shared proxy: bounded.
+        if let Some(problem) = weft_destination_api::policy::identity_pattern_problem(identity) {
+            return Err((
+                Ineffective::Invalid,
+                format!("identity {identity:?} {problem}"),
+            ));
+        }
         patterns.push(identity.clone());
     }
     for r in &spec.identity_refs {

@@ -102,6 +102,17 @@ spec: {identities: [client.shop.serviceaccount]}
             "[{kind: MeshTLSAuthentication, name: m}]",
             Some((Kind::MeshTLSAuthentication, "m", Ineffective::Invalid)),
         ),
+        // An identity pattern over the limits (9 `*`): matched for every
+        // connection on a shared proxy, so refused outright (#15).
+        (
+            "apiVersion: policy.weft.io/v1alpha1
+kind: MeshTLSAuthentication
+metadata: {name: m, namespace: shop}
+spec: {identities: ['spiffe://cluster.local/ns/bank/sa/*a*a*a*a*a*a*a*a*a*b']}
+",
+            "[{kind: MeshTLSAuthentication, name: m}]",
+            Some((Kind::MeshTLSAuthentication, "m", Ineffective::Invalid)),
+        ),
         // identityRefs of a kind that is not supported.
         (
             "apiVersion: policy.weft.io/v1alpha1
