@@ -11,6 +11,9 @@
 //! earlier rule. Regular-expression paths rank after prefixes (the Gateway
 //! API leaves their precedence to implementations; Linkerd does the same).
 
+mod path;
+pub use path::{PathRejection, normalize_path};
+
 use crate::policy::{Client, satisfied};
 use crate::proto::{
     Authorization, HeaderMatch, PathMatchKind, PolicyServer, RouteMatch, RouteRule, Service,

@@ -14,7 +14,8 @@
 //! - [`grpc_peek`]: a gRPC call's status learnt before a retry decision;
 //! - [`deadline`]: the request timeout applied to the response body;
 //! - [`upgrade`]: HTTP/1.1 upgrades spliced after a 101, tracked;
-//! - [`body`]: the response body that records metrics when it ends.
+//! - [`body`]: the response body that records metrics when it ends;
+//! - [`path`]: the one normal spelling of a request's path.
 //!
 //! Layering: above `transport`, `policy`, `telemetry` and `state`; below
 //! `proxy`. Serving a pod's connection (what is routed where, who may send
@@ -24,6 +25,7 @@ pub mod app_connection;
 pub mod body;
 pub mod deadline;
 pub mod grpc_peek;
+pub mod path;
 pub mod replay;
 pub mod respond;
 pub mod upgrade;

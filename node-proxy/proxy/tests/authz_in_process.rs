@@ -204,3 +204,73 @@ async fn route_level_authorization_decides_each_request() {
         Some(1.0)
     );
 }
+
+/// #15: a client allowed only `/hello` reaches nothing of `/status` by
+/// spelling it differently. Dot segments, their encodings and repeated
+/// slashes are one path (`/status/…`, refused by its route: 403); an
+/// encoded `/` is ambiguous and refused outright (400). The application
+/// never sees a `/status` request from that client, and a client that is
+/// allowed gets the normal spelling forwarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spellings_of_a_guarded_path_reach_no_other_route() {
+    use std::sync::{Arc, Mutex};
+    let mut cluster = CLUSTER.to_string();
+    for (name, node, sa, ip, app, port) in [
+        ("client", "node-a", "client", "127.32.2.2", None, None),
+        ("admin", "node-a", "admin", "127.32.2.3", None, None),
+        (
+            "vault-1",
+            "node-b",
+            "vault",
+            "127.32.2.4",
+            Some("vault"),
+            Some(8080),
+        ),
+    ] {
+        cluster.push_str(&pod_yaml("demo", name, node, sa, ip, app, port));
+    }
+    let mut mesh = InProcessMesh::start(&cluster).await;
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let log = seen.clone();
+    serve_app(
+        "127.32.2.4:8080".parse().unwrap(),
+        move |req: http::Request<_>| {
+            let log = log.clone();
+            async move {
+                log.lock().unwrap().push(req.uri().path().to_string());
+                text(200, format!("vault-1 saw {}", req.uri().path()))
+            }
+        },
+    )
+    .await;
+    mesh.pod("node-b", "demo", "vault-1");
+    let admin = mesh.pod("node-a", "demo", "admin");
+    let client = mesh.pod("node-a", "demo", "client");
+    let (as_admin, _) = admin.outbound_to(VAULT.parse().unwrap());
+    let (as_client, _) = client.outbound_to(VAULT.parse().unwrap());
+
+    for (spelling, want) in [
+        ("/hello/../status/200", 403),
+        ("/hello/%2e%2e/status/200", 403),
+        ("/hello/%2E%2E/status/200", 403),
+        ("/hello/.%2e/status/200", 403),
+        ("//status/200", 403),
+        ("/hello/..%2fstatus/200", 400),
+        ("/hello/%2e%2e%2fstatus/200", 400),
+    ] {
+        let (code, body) = get(as_client, "vault.demo", spelling).await;
+        assert_eq!(code, want, "{spelling}: {body}");
+    }
+    // Positive controls: the client's own route answers, and the admin
+    // reaches `/status` however it spells it, the application getting the
+    // normal spelling.
+    let (code, body) = get(as_client, "vault.demo", "/hello").await;
+    assert_eq!((code, body.as_str()), (200, "vault-1 saw /hello"));
+    let (code, body) = get(as_admin, "vault.demo", "/hello/%2e%2e//status/200").await;
+    assert_eq!((code, body.as_str()), (200, "vault-1 saw /status/200"));
+    assert_eq!(
+        *seen.lock().unwrap(),
+        ["/hello", "/status/200"],
+        "what the application received"
+    );
+}

@@ -297,32 +297,43 @@ impl Delivery {
         let method = MethodClass::of(request.method());
         let grpc = is_grpc(request.headers());
         let target = self.target;
+        // Before route-level authorization sees it, and as the application
+        // gets it: `/public/../admin` is `/admin` to both.
+        let bad_path = crate::l7::path::normalize(&mut request).err();
         let req = RouteRequest {
             method: request.method(),
             path: path_of(request.uri()),
             headers: request.headers(),
         };
-        let verdict = self.guard.decide(&self.cx, &req);
+        let verdict = match bad_path {
+            Some(e) => Err(e),
+            None => Ok(self.guard.decide(&self.cx, &req)),
+        };
         let mut route = String::new();
         let refusal = match verdict {
-            RequestVerdict::Pass => None,
-            RequestVerdict::Allowed { route: rule } => {
+            Err(e) => Some((
+                StatusCode::BAD_REQUEST,
+                GrpcCode::InvalidArgument,
+                e.to_string(),
+            )),
+            Ok(RequestVerdict::Pass) => None,
+            Ok(RequestVerdict::Allowed { route: rule }) => {
                 route = rule;
                 None
             }
-            RequestVerdict::Denied { route: rule } => {
+            Ok(RequestVerdict::Denied { route: rule }) => {
                 let message = format!("route {rule:?} does not authorize this client");
                 route = rule;
                 Some((StatusCode::FORBIDDEN, GrpcCode::PermissionDenied, message))
             }
-            RequestVerdict::NotFound => {
+            Ok(RequestVerdict::NotFound) => {
                 route = crate::telemetry::requests::UNMATCHED_ROUTE.to_string();
                 let message = "no HTTPRoute of the Server matches this request".to_string();
                 Some((StatusCode::NOT_FOUND, GrpcCode::NotFound, message))
             }
         };
         if let Some((status, code, message)) = refusal {
-            tracing::info!(target: "access", direction = "inbound", dst = %target, src = %self.guard.access.client_ip, route = %route, status = status.as_u16(), "request refused by route-level authorization");
+            tracing::info!(target: "access", direction = "inbound", dst = %target, src = %self.guard.access.client_ip, route = %route, status = status.as_u16(), reason = %message, "request refused");
             let response = synthetic(status, code, &message, grpc);
             let recorder = Recorder {
                 metrics: self.cx.request_metrics.clone(),

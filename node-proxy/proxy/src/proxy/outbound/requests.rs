@@ -122,6 +122,8 @@ impl Connection {
         let cx = &self.cx;
         let method = MethodClass::of(request.method());
         let grpc = is_grpc(request.headers());
+        // Before routes see it, and as it is forwarded.
+        let bad_path = crate::l7::path::normalize(&mut request).err();
         let (plan, hostname) = {
             let snapshot = cx.snapshot();
             let req = RouteRequest {
@@ -144,7 +146,9 @@ impl Connection {
             .map(|r| Duration::from_millis(r.request_timeout_ms))
             .filter(|t| !t.is_zero())
             .map(|t| (started + t, t));
-        let result = if plan == Plan::NotFound {
+        let result = if let Some(e) = bad_path {
+            Err(Failure::BadPath(e))
+        } else if plan == Plan::NotFound {
             Err(Failure::NotFound)
         } else if let Some((deadline, timeout)) = request_timeout {
             // Gateway API `timeouts.request`: the whole request, retries
@@ -448,6 +452,8 @@ enum Failure {
     Upstream(#[from] UpstreamError),
     #[error("no HTTPRoute rule of the Service matches this request")]
     NotFound,
+    #[error(transparent)]
+    BadPath(crate::l7::path::PathRejection),
     #[error("no response within the HTTPRoute's request timeout ({0} ms)")]
     Timeout(u64),
     #[error("no response within the HTTPRoute's backend request timeout ({0} ms)")]
@@ -467,6 +473,8 @@ impl Failure {
             // gRPC NOT_FOUND): the request names something that does not
             // exist, which is neither the server's fault nor retryable.
             Failure::NotFound => (StatusCode::NOT_FOUND, GrpcCode::NotFound),
+            // A path whose meaning depends on who decodes it: never routed.
+            Failure::BadPath(_) => (StatusCode::BAD_REQUEST, GrpcCode::InvalidArgument),
             Failure::Timeout(_) | Failure::BackendTimeout(_) => {
                 (StatusCode::GATEWAY_TIMEOUT, GrpcCode::DeadlineExceeded)
             }
