@@ -274,3 +274,110 @@ async fn spellings_of_a_guarded_path_reach_no_other_route() {
         "what the application received"
     );
 }
+
+/// #15: a client authorized per route cannot turn its connection into a
+/// byte stream past the routes: an `Upgrade: h2c` on an allowed route is
+/// refused (403) before the application sees it, a WebSocket upgrade of an
+/// allowed route is forwarded (the application decides); a late first byte
+/// or an over-long request line (both opaque to detection) gets nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_authorized_per_route_gets_no_byte_stream_past_the_routes() {
+    use std::sync::{Arc, Mutex};
+    let mut cluster = CLUSTER.to_string();
+    for (name, node, sa, ip, app, port) in [
+        ("client", "node-a", "client", "127.32.3.2", None, None),
+        (
+            "vault-1",
+            "node-b",
+            "vault",
+            "127.32.3.4",
+            Some("vault"),
+            Some(8080),
+        ),
+    ] {
+        cluster.push_str(&pod_yaml("demo", name, node, sa, ip, app, port));
+    }
+    let mut mesh = InProcessMesh::start(&cluster).await;
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let log = seen.clone();
+    serve_app(
+        "127.32.3.4:8080".parse().unwrap(),
+        move |req: http::Request<_>| {
+            let log = log.clone();
+            async move {
+                let upgrade = req
+                    .headers()
+                    .get("upgrade")
+                    .map(|v| v.to_str().unwrap_or("?").to_string())
+                    .unwrap_or_default();
+                log.lock().unwrap().push(upgrade);
+                // Declines every upgrade: the proxy's decision is what the
+                // test looks at.
+                text(200, "no upgrade")
+            }
+        },
+    )
+    .await;
+    mesh.pod("node-b", "demo", "vault-1");
+    let client = mesh.pod("node-a", "demo", "client");
+    let (as_client, _) = client.outbound_to(VAULT.parse().unwrap());
+
+    let status_of = |upgrade: &'static str| async move {
+        let mut tcp = tokio::net::TcpStream::connect(as_client).await.unwrap();
+        let request = format!(
+            "GET /hello HTTP/1.1\r\nHost: vault.demo\r\nConnection: Upgrade\r\nUpgrade: {upgrade}\r\n\r\n"
+        );
+        tcp.write_all(request.as_bytes()).await.unwrap();
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = tokio::time::timeout(Duration::from_secs(30), tcp.read(&mut buf))
+                .await
+                .expect("an answer")
+                .unwrap();
+            assert!(n > 0, "closed without an answer");
+            head.extend_from_slice(&buf[..n]);
+        }
+        let head = String::from_utf8_lossy(&head).to_string();
+        head.split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse::<u16>()
+            .unwrap()
+    };
+    assert_eq!(status_of("h2c").await, 403);
+    assert_eq!(status_of("websocket").await, 200);
+
+    // Nor by the way it is delivered: a request whose first byte comes
+    // after the detection timeout, or whose request line is longer than
+    // detection reads, is not HTTP to the proxy; it would be spliced as
+    // bytes, which a client authorized per route may not get.
+    let unanswered = |first: Duration, request: String| async move {
+        let mut tcp = tokio::net::TcpStream::connect(as_client).await.unwrap();
+        // Provokes the timeout (a lower bound: a slow machine only makes
+        // it more certain).
+        tokio::time::sleep(first).await;
+        let _ = tcp.write_all(request.as_bytes()).await;
+        let mut buf = [0u8; 256];
+        let read = tokio::time::timeout(Duration::from_secs(30), tcp.read(&mut buf))
+            .await
+            .expect("the proxy ends the connection");
+        assert!(
+            matches!(read, Ok(0) | Err(_)),
+            "no byte of the application comes back: {read:?} {:?}",
+            String::from_utf8_lossy(&buf)
+        );
+    };
+    let late = "GET /status/200 HTTP/1.1\r\nHost: vault.demo\r\n\r\n".to_string();
+    unanswered(weft_stream::DETECT_TIMEOUT * 2, late).await;
+    let long = format!(
+        "GET /hello?{} HTTP/1.1\r\nHost: vault.demo\r\n\r\n",
+        "a".repeat(9 * 1024)
+    );
+    unanswered(Duration::ZERO, long).await;
+    assert_eq!(
+        *seen.lock().unwrap(),
+        ["websocket"],
+        "the application saw the WebSocket upgrade only"
+    );
+}

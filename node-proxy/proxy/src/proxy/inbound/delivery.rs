@@ -332,6 +332,19 @@ impl Delivery {
                 Some((StatusCode::NOT_FOUND, GrpcCode::NotFound, message))
             }
         };
+        // A client authorized per route gets no byte stream past the
+        // routes: an upgraded connection (h2c, or anything but a WebSocket
+        // of the route it asked) would carry requests no route decides.
+        let refusal = refusal.or_else(|| {
+            let protocol = upgrade_protocol(&request)?;
+            let routes_only = self.guard.access.connection.routes_only();
+            (routes_only && !protocol.eq_ignore_ascii_case("websocket")).then(|| {
+                let message = format!(
+                    "an upgrade to {protocol:?} is not allowed for a client authorized per route (only websocket)"
+                );
+                (StatusCode::FORBIDDEN, GrpcCode::PermissionDenied, message)
+            })
+        });
         if let Some((status, code, message)) = refusal {
             tracing::info!(target: "access", direction = "inbound", dst = %target, src = %self.guard.access.client_ip, route = %route, status = status.as_u16(), reason = %message, "request refused");
             let response = synthetic(status, code, &message, grpc);
@@ -378,4 +391,14 @@ impl Delivery {
         };
         response.map(|b| Recorded::new(b, recorder).boxed())
     }
+}
+
+/// The protocol an HTTP/1.1 request asks to switch to (`Upgrade`), if it
+/// asks (with `Connection: upgrade`) for one.
+fn upgrade_protocol<B>(request: &Request<B>) -> Option<String> {
+    if !wants_upgrade(request) {
+        return None;
+    }
+    let value = request.headers().get(http::header::UPGRADE)?;
+    Some(String::from_utf8_lossy(value.as_bytes()).trim().to_string())
 }
