@@ -63,6 +63,14 @@ struct Args {
     /// ~7 200 with 2 (docs/benchmarks.md).
     #[arg(long, env = "WEFT_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=256))]
     worker_threads: Option<u16>,
+    /// Connections one local pod may have through the proxy at once (both
+    /// directions); more are refused and counted in
+    /// `weft_connections_refused_total{reason="pod_limit"}`.
+    #[arg(long, default_value_t = weft_node_proxy::transport::limits::DEFAULT_PER_POD)]
+    max_connections_per_pod: usize,
+    /// Connections the proxy carries at once for the whole node.
+    #[arg(long, default_value_t = weft_node_proxy::transport::limits::DEFAULT_PER_NODE)]
+    max_connections: usize,
     #[command(flatten)]
     control_plane: ControlPlaneFlags,
 }
@@ -161,7 +169,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         )?),
         None => None,
     };
-    let inputs = ProxyInputs::new(tcp_metrics.clone(), mesh.clone());
+    let mut inputs = ProxyInputs::new(tcp_metrics.clone(), mesh.clone());
+    inputs.limits = weft_node_proxy::transport::ConnectionLimits::new(
+        args.max_connections_per_pod,
+        args.max_connections,
+        tcp_metrics.clone(),
+    );
     inputs.request_metrics.register(&mut registry);
     inputs.authz.metrics().register(&mut registry);
     let authz = inputs.authz.clone();

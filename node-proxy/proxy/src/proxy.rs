@@ -22,13 +22,21 @@ use crate::state::ControlPlane;
 use crate::state::routes::OutboundRouting;
 use crate::state::snapshot::Snapshot;
 use crate::telemetry::{RequestMetrics, TcpMetrics};
-use crate::transport::{Drain, TunnelKey, tunnel_connector};
+use crate::transport::limits;
+use crate::transport::{ConnectionLimits, Drain, TunnelKey, tunnel_connector};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 use weft_balance::{Balancer, BalancerConfig};
 use weft_hbone::{HbonePool, PoolConfig};
+
+/// Every port the node proxy listens on, in a pod or on the node (admin
+/// 15000, outbound 15001, inbound 15006, HBONE 15008, metrics 15020,
+/// health 15021). Never a destination it delivers to: a connection to one
+/// of them would come straight back into the proxy, which then connects
+/// again, thousands of times for one client connection.
+pub const PROXY_PORTS: [u16; 6] = [15000, 15001, 15006, 15008, 15020, 15021];
 
 /// What every connection handler of the proxy shares.
 #[derive(Clone)]
@@ -60,6 +68,8 @@ pub struct ProxyInputs {
     pub inbound_routing: Arc<InboundRouting>,
     /// How long protocol detection waits for a client's first bytes.
     pub detect_timeout: Duration,
+    /// Bounds on the connections carried per pod and for the node.
+    pub limits: Arc<ConnectionLimits>,
 }
 
 impl ProxyInputs {
@@ -76,7 +86,6 @@ impl ProxyInputs {
             None => watch::channel(Arc::new(Snapshot::without_control_plane())).1,
         };
         Self {
-            tcp_metrics,
             control_plane,
             snapshots,
             balancer: Arc::new(Balancer::new(BalancerConfig::default())),
@@ -88,6 +97,12 @@ impl ProxyInputs {
             routing: Arc::default(),
             inbound_routing: Arc::default(),
             detect_timeout: weft_stream::DETECT_TIMEOUT,
+            limits: ConnectionLimits::new(
+                limits::DEFAULT_PER_POD,
+                limits::DEFAULT_PER_NODE,
+                tcp_metrics.clone(),
+            ),
+            tcp_metrics,
         }
     }
 

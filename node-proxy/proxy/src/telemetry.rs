@@ -20,6 +20,6 @@ pub mod tcp;
 pub use authz::{AuthzLabels, AuthzMetrics, AuthzReason};
 pub use requests::RequestMetrics;
 pub use tcp::{
-    DetectionOutcome, OpenConnection, Peers, ProcessCollector, Reporter, SecurityPolicy, TcpLabels,
-    TcpMetrics,
+    DetectionOutcome, LimitReason, OpenConnection, Peers, ProcessCollector, Reporter,
+    SecurityPolicy, TcpLabels, TcpMetrics,
 };

@@ -8,16 +8,19 @@
 //! - [`tunnel`]: the HBONE pool's key and connector (TLS with the source
 //!   pod's certificate, requiring the destination's identity);
 //! - [`drain`]: shutdown, one mechanism for every connection and server;
+//! - [`limits`]: bounds on the connections per pod and per node;
 //! - [`accept_loop`]: serving a pod's listener.
 //!
-//! Layering: below `http` and `proxy`; imports `state` only.
+//! Layering: below `http` and `proxy`; imports `state` and `telemetry`.
 
 pub mod drain;
+pub mod limits;
 pub mod pod;
 pub mod tunnel;
 pub mod upstream;
 
 pub use drain::{Drain, DrainWatch};
+pub use limits::{ConnectionLimits, ConnectionPermit};
 pub use pod::{LocalPod, SocketFactory};
 pub use tunnel::{TunnelKey, tunnel_connector};
 pub use upstream::{ConnectError, Upstream, open_upstream};

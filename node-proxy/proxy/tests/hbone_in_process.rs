@@ -157,3 +157,67 @@ async fn a_client_without_a_certificate_gets_no_tunnel() {
         "refused for the missing certificate: {e}"
     );
 }
+
+/// #15: a tunnel to a port of the proxy itself (15006, 15008, 15001, …)
+/// would make the destination proxy connect to itself, again and again,
+/// and one to 15008 would launder the client's address: refused with 403
+/// before anything is connected or counted; the pod's own port still
+/// answers (the positive control).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_to_the_proxys_own_ports_is_refused() {
+    let (mesh, client) = start(3).await;
+    let certs = mesh
+        .node("node-a")
+        .inputs
+        .control_plane
+        .as_ref()
+        .unwrap()
+        .certs
+        .clone();
+    let pool = HbonePool::new(PoolConfig::default(), tunnel_connector(certs));
+    let tunnel: SocketAddr = "127.33.3.3:15008".parse().unwrap();
+    let key = TunnelKey {
+        pod: client.pod.clone(),
+        source: CLIENT.parse().unwrap(),
+        destination: SERVER.parse().unwrap(),
+        tunnel,
+    };
+    for port in weft_node_proxy::proxy::PROXY_PORTS {
+        let target: SocketAddr = format!("127.33.3.3:{port}").parse().unwrap();
+        let refused =
+            tokio::time::timeout(PATIENCE, pool.open_with(key.clone(), tunnel, target, None))
+                .await
+                .expect("answered");
+        match refused {
+            Err(HboneError::Refused { status, .. }) => assert_eq!(status, 403, "{target}"),
+            other => panic!(
+                "{target}: want a 403 refusal, got {:?}",
+                other.map(|_| "a stream")
+            ),
+        }
+    }
+    let opened = || {
+        in_process::metric(
+            &mesh.node("node-b").metrics(),
+            "weft_tcp_connections_opened_total",
+            &[("reporter", "destination")],
+        )
+        .unwrap_or(0.0)
+    };
+    assert_eq!(opened(), 0.0, "nothing was connected for the refusals");
+    let mut stream = tokio::time::timeout(
+        PATIENCE,
+        pool.open_with(key, tunnel, "127.33.3.3:8080".parse().unwrap(), None),
+    )
+    .await
+    .expect("answered")
+    .expect("a stream to the pod's own port");
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.ends_with("hello from 127.33.3.3"), "{answer}");
+    assert_eq!(opened(), 1.0);
+}

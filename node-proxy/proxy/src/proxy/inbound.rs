@@ -10,7 +10,7 @@ mod delivery;
 
 use crate::policy::Inbound;
 use crate::policy::route_authz::RouteAccess;
-use crate::proxy::ProxyInputs;
+use crate::proxy::{PROXY_PORTS, ProxyInputs};
 use crate::telemetry::{OpenConnection, Peers, Reporter, SecurityPolicy, TcpLabels};
 use crate::transport::LocalPod;
 use std::net::SocketAddr;
@@ -163,6 +163,10 @@ enum Refusal {
     Denied,
     /// The application refused the connection (or is not there).
     Unreachable,
+    /// A port of the proxy itself: delivering there would loop.
+    ProxyPort,
+    /// The pod or the node carries its maximum of connections.
+    OverLimit,
 }
 
 /// How an inbound connection arrived: a plaintext TCP connection (15006)
@@ -195,8 +199,10 @@ impl Arrival for HboneRequest {
     /// CONNECT.
     fn refuse(self, why: Refusal) {
         self.reject(match why {
-            Refusal::NotThisPod | Refusal::Denied => http::StatusCode::FORBIDDEN,
-            Refusal::Unreachable => http::StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::NotThisPod | Refusal::Denied | Refusal::ProxyPort => {
+                http::StatusCode::FORBIDDEN
+            }
+            Refusal::Unreachable | Refusal::OverLimit => http::StatusCode::SERVICE_UNAVAILABLE,
         })
     }
 
@@ -230,6 +236,20 @@ async fn serve_inbound<A: Arrival>(
         arrival.refuse(Refusal::NotThisPod);
         return;
     }
+    if PROXY_PORTS.contains(&target.port()) {
+        // Plaintext to podIP:15006, or a tunnel to podIP:15008: the proxy
+        // would connect to itself, again and again (and a tunnel to 15008
+        // would launder the client's address for NetworkAuthentication).
+        // Loopback is refused above for tunnels (only the pod's address
+        // is served); a plaintext connection steered here has the pod's.
+        tracing::info!(target: "access", pod = %pod.key(), %peer, %target, "refused: the target is the node proxy's own port");
+        arrival.refuse(Refusal::ProxyPort);
+        return;
+    }
+    let Ok(_permit) = cx.limits.admit(&pod.key()) else {
+        arrival.refuse(Refusal::OverLimit);
+        return;
+    };
     let conn = Inbound {
         pod: pod.info.clone(),
         port: target.port(),

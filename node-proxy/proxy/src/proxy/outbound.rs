@@ -38,6 +38,11 @@ pub async fn serve(listener: TcpListener, pod: Arc<LocalPod>, cx: ProxyInputs) {
 
 async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<LocalPod>, cx: ProxyInputs) {
     let started = Instant::now();
+    // Counted against the pod's and the node's bounds while it lasts.
+    let Ok(_permit) = cx.limits.admit(&pod.key()) else {
+        weft_stream::reset(client);
+        return;
+    };
     let dst = match pod.sockets.original_dst(&client) {
         Ok(t) => t,
         Err(e) => {

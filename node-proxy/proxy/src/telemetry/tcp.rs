@@ -116,6 +116,35 @@ pub struct DetectionLabels {
     pub outcome: DetectionOutcome,
 }
 
+/// Which bound refused a connection (`transport::limits`).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum LimitReason {
+    /// The local pod carries its maximum of connections.
+    PodLimit,
+    /// The node proxy carries its maximum of connections.
+    NodeLimit,
+}
+
+impl LimitReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::PodLimit => "pod_limit",
+            Self::NodeLimit => "node_limit",
+        }
+    }
+}
+
+impl EncodeLabelValue for LimitReason {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> std::fmt::Result {
+        encoder.write_str(self.as_str())
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusedLabels {
+    reason: LimitReason,
+}
+
 #[derive(Clone, Default)]
 pub struct TcpMetrics {
     opened: Family<TcpLabels, Counter>,
@@ -123,6 +152,7 @@ pub struct TcpMetrics {
     sent: Family<TcpLabels, Counter>,
     received: Family<TcpLabels, Counter>,
     detections: Family<DetectionLabels, Counter>,
+    refused: Family<RefusedLabels, Counter>,
 }
 
 impl TcpMetrics {
@@ -152,10 +182,25 @@ impl TcpMetrics {
             self.received.clone(),
         );
         registry.register(
+            "weft_connections_refused",
+            "Connections refused because a local pod or the node proxy carried its maximum (reason: pod_limit, node_limit)",
+            self.refused.clone(),
+        );
+        registry.register(
             "weft_protocol_detections",
             "How the protocol of connections was decided (timeout: the connection waited the detection timeout before any byte moved)",
             self.detections.clone(),
         );
+    }
+
+    /// Counts a connection refused by a bound.
+    pub fn refused(&self, reason: LimitReason) {
+        self.refused.get_or_create(&RefusedLabels { reason }).inc();
+    }
+
+    /// How many connections `reason` refused.
+    pub fn refused_count(&self, reason: LimitReason) -> u64 {
+        self.refused.get_or_create(&RefusedLabels { reason }).get()
     }
 
     /// Counts how one connection's protocol was decided.
