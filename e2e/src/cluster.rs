@@ -406,22 +406,14 @@ fn start_kube(
 /// One random token per node (see docs/simulator.md, "Node credentials").
 fn write_credentials(state: &State) -> Result<(), SimError> {
     use rand::RngCore;
-    use std::os::unix::fs::OpenOptionsExt;
     let dir = state.state_dir.join("credentials");
     std::fs::create_dir_all(&dir).map_err(io("creating the credentials directory"))?;
     for n in &state.nodes {
         let mut bytes = [0u8; 32];
         rand::rng().fill_bytes(&mut bytes);
         let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&n.credential_file)
+        sys::write_private(&n.credential_file, token.as_bytes())
             .map_err(io(format!("writing {}", n.credential_file.display())))?;
-        std::io::Write::write_all(&mut f, token.as_bytes())
-            .map_err(io("writing a node credential"))?;
     }
     Ok(())
 }

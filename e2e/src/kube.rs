@@ -1019,16 +1019,11 @@ fn write_kubeconfig(
 
 /// Writes `text` to `path`, readable only by its owner when `private`.
 fn write_file(path: &Path, text: &str, private: bool) -> Result<(), KubeError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(if private { 0o600 } else { 0o644 })
-        .open(path)
-        .map_err(io(format!("writing {}", path.display())))?;
-    std::io::Write::write_all(&mut f, text.as_bytes())
-        .map_err(io(format!("writing {}", path.display())))
+    if private {
+        return crate::sys::write_private(path, text.as_bytes())
+            .map_err(io(format!("writing {}", path.display())));
+    }
+    std::fs::write(path, text).map_err(io(format!("writing {}", path.display())))
 }
 
 #[cfg(test)]

@@ -742,7 +742,10 @@ fn write_destination_tls(dir: &Path, host: IpAddr) -> Result<PathBuf, MeshError>
     };
     write("ca.crt", ca.pem())?;
     write("tls.crt", cert.pem())?;
-    write("tls.key", key.serialize_pem())?;
+    // The serving key: its owner's only (it was world-readable).
+    let key_path = dir.join("tls.key");
+    crate::sys::write_private(&key_path, key.serialize_pem().as_bytes())
+        .map_err(io(format!("writing {}", key_path.display())))?;
     Ok(dir.join("ca.crt"))
 }
 
@@ -818,7 +821,16 @@ mod tests {
         use x509_parser::prelude::FromDer;
         let dir = tempfile::tempdir().unwrap();
         let host: IpAddr = "10.240.3.1".parse().unwrap();
+        // A key file left over world-readable (as older versions wrote it)
+        // is narrowed, not reused with its mode.
+        std::fs::write(dir.path().join("tls.key"), "old").unwrap();
         let ca = write_destination_tls(dir.path(), host).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join("tls.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "tls.key is its owner's only");
         let ca = CertificateDer::from_pem_file(ca).unwrap();
         let leaf = CertificateDer::from_pem_file(dir.path().join("tls.crt")).unwrap();
         let anchor = webpki::anchor_from_trusted_cert(&ca).unwrap();

@@ -346,6 +346,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_private_file_is_its_owners_only_also_when_it_existed() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "a longer old content").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        write_private(&path, b"new").unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "new");
+    }
+
+    #[test]
     fn finds_cgroup2_mount() {
         let m = cgroup2_mount().unwrap();
         assert!(m.join("cgroup.procs").exists(), "{}", m.display());
@@ -365,4 +378,21 @@ mod tests {
             .to_string();
         assert!(e.contains("nope") && e.contains("exit status: 3"), "{e}");
     }
+}
+
+/// Writes `bytes` to `path` readable by its owner only (keys, tokens). The
+/// mode is set on the open file before anything is written, so a file left
+/// over with a wider mode (from an older version, or by hand) is narrowed
+/// first instead of keeping its mode, which `open(…, mode)` would do.
+pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    f.write_all(bytes)
 }

@@ -151,7 +151,7 @@ pub fn write_anchors(dir: &Path, anchors: &[&CaCert]) -> Result<(), InitError> {
 }
 
 fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), InitError> {
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let err = |source| InitError::Write {
         path: path.to_path_buf(),
         source,
@@ -163,6 +163,10 @@ fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), InitError> {
         .truncate(true)
         .mode(mode)
         .open(&tmp)
+        .map_err(err)?;
+    // `mode` applies only to a file this call creates: a temporary file
+    // left over by a crash keeps its own, so set it before writing the key.
+    f.set_permissions(std::fs::Permissions::from_mode(mode))
         .map_err(err)?;
     f.write_all(bytes).map_err(err)?;
     f.sync_all().map_err(err)?;

@@ -204,3 +204,28 @@ fn init_command_writes_a_loadable_ca() {
         .mode();
     assert_eq!(mode & 0o077, 0, "the issuer key is private");
 }
+
+/// The issuer key is its owner's only, also when `write_layout` finds the
+/// temporary file of a crashed earlier write with a wider mode (`open` with
+/// a mode does not change an existing file's).
+#[test]
+fn the_issuer_key_is_private_even_over_a_leftover_temporary_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let anchor = init::trust_anchor("cluster.local", "1", YEAR).unwrap();
+    let issuer = init::issuer(&anchor, "cluster.local", "1", YEAR).unwrap();
+    let leftover = dir.path().join("tls.tmp");
+    std::fs::write(&leftover, "half a key").unwrap();
+    std::fs::set_permissions(&leftover, std::fs::Permissions::from_mode(0o644)).unwrap();
+    init::write_layout(dir.path(), &issuer, &[&anchor]).unwrap();
+    let mode = |name: &str| {
+        std::fs::metadata(dir.path().join(name))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode("tls.key"), 0o600);
+    assert_eq!(mode("ca.crt"), 0o644);
+    Material::load(dir.path()).expect("the layout loads");
+}
