@@ -341,6 +341,23 @@ pub fn tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
+/// Writes `bytes` to `path` readable by its owner only (keys, tokens). The
+/// mode is set on the open file before anything is written, so a file left
+/// over with a wider mode (from an older version, or by hand) is narrowed
+/// first instead of keeping its mode, which `open(…, mode)` would do.
+pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    f.write_all(bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -378,21 +395,4 @@ mod tests {
             .to_string();
         assert!(e.contains("nope") && e.contains("exit status: 3"), "{e}");
     }
-}
-
-/// Writes `bytes` to `path` readable by its owner only (keys, tokens). The
-/// mode is set on the open file before anything is written, so a file left
-/// over with a wider mode (from an older version, or by hand) is narrowed
-/// first instead of keeping its mode, which `open(…, mode)` would do.
-pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
-    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-    f.write_all(bytes)
 }
