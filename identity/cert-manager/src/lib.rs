@@ -26,5 +26,5 @@ pub use client::{CaClient, CaError, CertifyReply, GrpcCaClient, GrpcCaConfig};
 pub use manager::{CertManager, CertManagerConfig, CertManagerError, SharedTrustBundle};
 pub use metrics::CertManagerMetrics;
 pub use tls::IdentityResolver;
-pub use verify::{SpiffeClientVerifier, SpiffeServerVerifier, peer_identity};
+pub use verify::{SpiffeClientVerifier, SpiffeServerVerifier, peer_identity, peer_not_after};
 pub use weft_identity_api::SpiffeId;

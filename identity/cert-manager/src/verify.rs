@@ -96,6 +96,17 @@ pub fn peer_identity(conn: &rustls::CommonState) -> Option<SpiffeId> {
     spiffe_id_of(certs.first()?).ok()
 }
 
+/// When the peer's certificate of a finished handshake expires: what
+/// bounds the connection (no new streams after it). `None` if the peer
+/// sent none or it does not parse (the handshake verified it, so this does
+/// not happen).
+pub fn peer_not_after(conn: &rustls::CommonState) -> Option<std::time::SystemTime> {
+    let cert = conn.peer_certificates()?.first()?;
+    let (_, parsed) = X509Certificate::from_der(cert).ok()?;
+    let secs = u64::try_from(parsed.validity().not_after.timestamp()).ok()?;
+    Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+}
+
 fn identity_error(message: String) -> Error {
     Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(
         IdentityMismatch(message),

@@ -11,6 +11,12 @@
 //!
 //! Idle connections (no stream for `idle_timeout`) are closed by a reaper;
 //! a connection whose peer went away is dropped on the next lookup.
+//!
+//! A connection carries no new stream once the peer's certificate has
+//! expired (its identity no longer holds), nor after [`HbonePool::retire_all`]
+//! (the trust bundle changed: connections are made again under the new
+//! one). Streams already open on it finish; when the last one ends, the
+//! connection is closed (GOAWAY).
 
 use crate::HboneError;
 use crate::server::{CONNECTION_WINDOW, MAX_CONCURRENT_STREAMS, STREAM_WINDOW};
@@ -34,7 +40,28 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Transport for T {}
 /// Opens the transport for a key (TCP connect from the right namespace, TLS
 /// handshake with the right certificates and peer identity check).
 pub type Connector<K> =
-    Arc<dyn Fn(K) -> BoxFuture<'static, Result<Box<dyn Transport>, HboneError>> + Send + Sync>;
+    Arc<dyn Fn(K) -> BoxFuture<'static, Result<Connected, HboneError>> + Send + Sync>;
+
+/// A transport the connector opened, and until when the peer's identity
+/// holds (its certificate's `notAfter`; `None`: unbounded, for tests).
+pub struct Connected {
+    pub io: Box<dyn Transport>,
+    pub peer_expires: Option<std::time::SystemTime>,
+}
+
+impl Connected {
+    pub fn new(io: Box<dyn Transport>) -> Self {
+        Self {
+            io,
+            peer_expires: None,
+        }
+    }
+
+    pub fn expiring_at(mut self, at: Option<std::time::SystemTime>) -> Self {
+        self.peer_expires = at;
+        self
+    }
+}
 
 #[derive(Clone, Debug)]
 pub struct PoolConfig {
@@ -61,6 +88,14 @@ struct Conn {
     /// `SendRequest` is gone.
     alive: Arc<AtomicBool>,
     addr: SocketAddr,
+    /// No new stream from this instant (the peer's certificate expires).
+    expires: Option<Instant>,
+}
+
+impl Conn {
+    fn usable(&self, now: Instant) -> bool {
+        self.alive.load(Ordering::Relaxed) && self.expires.is_none_or(|at| now < at)
+    }
 }
 
 type Slots<K> = HashMap<K, Vec<Arc<Conn>>>;
@@ -141,6 +176,19 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> HbonePool<K> {
         Ok(H2Stream::new(stream, response.into_body()).with_lease(Box::new(lease)))
     }
 
+    /// Takes every pooled connection out of use (the trust bundle
+    /// changed): new streams go on new connections, verified under the
+    /// current bundle; streams open on the old ones finish, then each is
+    /// closed. Returns how many were retired.
+    pub fn retire_all(&self) -> usize {
+        let mut conns = self.inner.conns.lock().expect("pool lock");
+        let retired = conns.values().map(Vec::len).sum();
+        // The pool's handles go; a connection lives on while a stream's
+        // lease holds it, and closes (GOAWAY) when the last one drops.
+        conns.clear();
+        retired
+    }
+
     /// Connections currently pooled (for `/config_dump` and tests).
     pub fn connections(&self) -> usize {
         self.inner
@@ -166,7 +214,13 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> HbonePool<K> {
         if let Some(conn) = self.inner.lease(&key) {
             return Ok(conn);
         }
-        let io = (self.inner.connector)(key.clone()).await?;
+        let Connected { io, peer_expires } = (self.inner.connector)(key.clone()).await?;
+        // On the runtime's clock, so paused time in tests drives it too.
+        let expires = peer_expires.map(|at| {
+            Instant::now()
+                + at.duration_since(std::time::SystemTime::now())
+                    .unwrap_or(Duration::ZERO)
+        });
         let (send, connection) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
@@ -179,6 +233,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> HbonePool<K> {
             idle_since: Mutex::new(Instant::now()),
             alive: Arc::new(AtomicBool::new(true)),
             addr,
+            expires,
         });
         let alive = conn.alive.clone();
         tokio::spawn(async move {
@@ -203,7 +258,8 @@ impl<K: Hash + Eq> Inner<K> {
     fn lease(&self, key: &K) -> Option<Arc<Conn>> {
         let mut conns = self.conns.lock().expect("pool lock");
         let list = conns.get_mut(key)?;
-        list.retain(|c| c.alive.load(Ordering::Relaxed));
+        let now = Instant::now();
+        list.retain(|c| c.usable(now));
         let max = self.config.max_streams_per_connection;
         let conn = list
             .iter()
@@ -233,14 +289,16 @@ async fn reap_idle<K: Hash + Eq>(pool: Weak<Inner<K>>) {
         tokio::time::sleep(period).await;
         let Some(pool) = pool.upgrade() else { return };
         let timeout = pool.config.idle_timeout;
+        let now = Instant::now();
         let mut conns = pool.conns.lock().expect("pool lock");
         for list in conns.values_mut() {
             // Dropping the last handle to an idle connection closes it
-            // cleanly (GOAWAY, then the TLS close).
+            // cleanly (GOAWAY, then the TLS close); an expired one closes
+            // when its last stream ends.
             list.retain(|c| {
                 let idle = c.streams.load(Ordering::Relaxed) == 0
                     && c.idle_since.lock().expect("conn lock").elapsed() >= timeout;
-                c.alive.load(Ordering::Relaxed) && !idle
+                c.usable(now) && !idle
             });
         }
         conns.retain(|_, list| !list.is_empty());
@@ -259,7 +317,7 @@ mod tests {
         let client_io = Arc::new(Mutex::new(Some(client_io)));
         let connector: Connector<&'static str> = Arc::new(move |_key| {
             let io = client_io.lock().unwrap().take();
-            Box::pin(async move { Ok(Box::new(io.expect("one connection")) as Box<dyn Transport>) })
+            Box::pin(async move { Ok(Connected::new(Box::new(io.expect("one connection")))) })
         });
         let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(serve_connection(
@@ -280,5 +338,94 @@ mod tests {
         assert_eq!(seen_rx.recv().await.unwrap().as_deref(), Some("h2"));
         let _b = pool.open("k", addr, target).await.unwrap();
         assert_eq!(seen_rx.recv().await.unwrap(), None, "no header: no claim");
+    }
+
+    /// A connector whose every call makes a fresh in-memory connection to
+    /// an echo server, its peer identity valid for `valid` from now; counts
+    /// the connections made.
+    type Servers = Arc<Mutex<Vec<tokio::task::JoinHandle<Result<(), h2::Error>>>>>;
+
+    fn echo_connector(
+        valid: Option<Duration>,
+    ) -> (Connector<&'static str>, Arc<AtomicUsize>, Servers) {
+        let made = Arc::new(AtomicUsize::new(0));
+        let servers: Servers = Arc::default();
+        let (counter, started) = (made.clone(), servers.clone());
+        let connector: Connector<&'static str> = Arc::new(move |_key| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+            let server = tokio::spawn(serve_connection(
+                server_io,
+                |request: HboneRequest| async move {
+                    let mut stream = request.accept().unwrap();
+                    let (mut r, mut w) = tokio::io::split(&mut stream);
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                },
+                std::future::pending(),
+            ));
+            started.lock().unwrap().push(server);
+            let expires = valid.map(|v| std::time::SystemTime::now() + v);
+            Box::pin(async move { Ok(Connected::new(Box::new(client_io)).expiring_at(expires)) })
+        });
+        (connector, made, servers)
+    }
+
+    async fn echoes(stream: &mut H2Stream) -> bool {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        if stream.write_all(b"ping").await.is_err() {
+            return false;
+        }
+        let mut buf = [0u8; 4];
+        matches!(stream.read_exact(&mut buf).await, Ok(_)) && &buf == b"ping"
+    }
+
+    const ADDR: &str = "127.0.0.1:15008";
+    const TARGET: &str = "127.0.0.1:9000";
+
+    #[tokio::test(start_paused = true)]
+    async fn no_new_stream_goes_on_a_connection_whose_peer_certificate_expired() {
+        let (connector, made, _) = echo_connector(Some(Duration::from_secs(60)));
+        let pool = HbonePool::new(PoolConfig::default(), connector);
+        let (addr, target) = (ADDR.parse().unwrap(), TARGET.parse().unwrap());
+        let mut first = pool.open("k", addr, target).await.unwrap();
+        let mut second = pool.open("k", addr, target).await.unwrap();
+        assert_eq!(made.load(Ordering::SeqCst), 1, "one connection, reused");
+        tokio::time::advance(Duration::from_secs(61)).await;
+        let mut third = pool.open("k", addr, target).await.unwrap();
+        assert_eq!(
+            made.load(Ordering::SeqCst),
+            2,
+            "after notAfter: a new connection"
+        );
+        // The streams already open on the old connection finish.
+        assert!(echoes(&mut first).await && echoes(&mut second).await);
+        assert!(echoes(&mut third).await);
+    }
+
+    #[tokio::test]
+    async fn retired_connections_take_no_new_stream_and_close_after_their_last() {
+        let (connector, made, servers) = echo_connector(None);
+        let pool = HbonePool::new(PoolConfig::default(), connector);
+        let (addr, target) = (ADDR.parse().unwrap(), TARGET.parse().unwrap());
+        let mut old = pool.open("k", addr, target).await.unwrap();
+        assert_eq!(pool.retire_all(), 1);
+        assert_eq!(pool.connections(), 0);
+        let mut new = pool.open("k", addr, target).await.unwrap();
+        assert_eq!(
+            made.load(Ordering::SeqCst),
+            2,
+            "a new connection after the bundle changed"
+        );
+        assert!(echoes(&mut old).await, "the open stream finishes");
+        assert!(echoes(&mut new).await);
+        assert_eq!(pool.connections(), 1);
+        let old_server = servers.lock().unwrap().remove(0);
+        assert!(!old_server.is_finished(), "open while its stream is");
+        drop(old);
+        tokio::time::timeout(Duration::from_secs(30), old_server)
+            .await
+            .expect("the retired connection closes after its last stream")
+            .unwrap()
+            .expect("cleanly");
     }
 }

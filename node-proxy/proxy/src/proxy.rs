@@ -23,6 +23,7 @@ use crate::state::routes::OutboundRouting;
 use crate::state::snapshot::Snapshot;
 use crate::telemetry::{RequestMetrics, TcpMetrics};
 use crate::transport::limits;
+use crate::transport::tunnel::retire_tunnels_on_bundle_change;
 use crate::transport::{ConnectionLimits, Drain, TunnelKey, tunnel_connector};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -75,10 +76,12 @@ pub struct ProxyInputs {
 impl ProxyInputs {
     pub fn new(tcp_metrics: TcpMetrics, control_plane: Option<ControlPlane>) -> Self {
         let tunnels = control_plane.as_ref().map(|c| {
-            Arc::new(HbonePool::new(
+            let pool = Arc::new(HbonePool::new(
                 PoolConfig::default(),
                 tunnel_connector(c.certs.clone()),
-            ))
+            ));
+            retire_tunnels_on_bundle_change(Arc::downgrade(&pool), c.certs.trust_bundle());
+            pool
         });
         let snapshots = match &control_plane {
             Some(c) => c.snapshot.clone(),

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use weft_hbone::pool::{Connector, Transport};
+use weft_hbone::pool::Connector;
 use weft_hbone::{HboneError, HbonePool, HboneRequest, PoolConfig, serve_connection};
 
 struct Pki {
@@ -160,7 +160,7 @@ fn connector(client: Arc<ClientConfig>, server: SocketAddr) -> Connector<&'stati
                     addr: server,
                     source,
                 })?;
-            Ok(Box::new(tls) as Box<dyn Transport>)
+            Ok(weft_hbone::pool::Connected::new(Box::new(tls)))
         })
     })
 }

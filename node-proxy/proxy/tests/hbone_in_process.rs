@@ -221,3 +221,57 @@ async fn a_tunnel_to_the_proxys_own_ports_is_refused() {
     assert!(answer.ends_with("hello from 127.33.3.3"), "{answer}");
     assert_eq!(opened(), 1.0);
 }
+
+/// #15: a pooled tunnel does not outlive the trust bundle it was verified
+/// under. When the CA adds (or retires) an anchor, the source proxy takes
+/// its tunnels out of use and the destination proxy sends GOAWAY on them
+/// (either alone passes this test; with neither it fails); the next
+/// connection makes a new tunnel, verified under the new bundle, and works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnels_are_made_again_when_the_trust_bundle_changes() {
+    let (mesh, client) = start(4).await;
+    let node_a = &mesh.node("node-a").inputs;
+    let pool = node_a.tunnels.clone().expect("a tunnel pool");
+    let certs = node_a.control_plane.as_ref().unwrap().certs.clone();
+    let (via, _) = client.outbound_to("127.33.4.3:8080".parse().unwrap());
+    let hello = || async {
+        let mut tcp = tokio::net::TcpStream::connect(via).await.unwrap();
+        tcp.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        let _ = tcp.read_to_string(&mut answer).await;
+        answer
+    };
+    assert!(hello().await.ends_with("hello from 127.33.4.3"));
+    assert_eq!(pool.connections(), 1);
+
+    // The CA's bundle gains an anchor, as the first step of a rotation.
+    let anchors = certs.trust_bundle().borrow().certificates().len();
+    let extra = weft_identity::init::trust_anchor(
+        "cluster.local",
+        "next",
+        Duration::from_secs(365 * 24 * 3600),
+    )
+    .unwrap();
+    weft_identity::init::write_anchors(&mesh.ca.ca_dir(), &[&mesh.ca.anchor, &extra]).unwrap();
+    let mut bundle = certs.trust_bundle();
+    tokio::time::timeout(
+        PATIENCE,
+        bundle.wait_for(|b| b.certificates().len() == anchors + 1),
+    )
+    .await
+    .expect("the new bundle reaches the node proxy")
+    .unwrap();
+    // Retired by the proxy's bundle follower (a task of its own).
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while pool.connections() != 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the old tunnel is retired"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(hello().await.ends_with("hello from 127.33.4.3"));
+    assert_eq!(pool.connections(), 1, "a new tunnel, under the new bundle");
+}

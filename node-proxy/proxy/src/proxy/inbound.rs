@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::net::{TcpListener, TcpStream};
-use weft_cert_manager::{SpiffeId, peer_identity};
+use weft_cert_manager::{SpiffeId, peer_identity, peer_not_after};
 use weft_destination_api::View;
 use weft_hbone::{HboneRequest, serve_connection};
 use weft_stream::{QuickAck, Transferred};
@@ -68,6 +68,7 @@ pub async fn serve_hbone(listener: TcpListener, pod: Arc<LocalPod>, cx: ProxyInp
     let drain = cx.drain.clone();
     crate::transport::accept_loop(listener, &listening_pod, "hbone", &drain, move |tcp, peer| {
         let (acceptor, pod, cx) = (acceptor.clone(), pod.clone(), cx.clone());
+        let mut bundle = mesh.certs.trust_bundle();
         async move {
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => tls,
@@ -85,15 +86,35 @@ pub async fn serve_hbone(listener: TcpListener, pod: Arc<LocalPod>, cx: ProxyInp
                 return;
             };
             let principal = Arc::new(principal);
+            // The connection takes no new stream (GOAWAY; open ones finish)
+            // once the proxy drains, the client's certificate expires, or
+            // the trust bundle changes (the client reconnects and is
+            // verified under the new one).
+            let expires = peer_not_after(tls.get_ref().1);
             let mut draining = cx.drain.watch();
+            bundle.borrow_and_update();
+            let until = async move {
+                let expiry = async {
+                    match expires.and_then(|at| at.duration_since(std::time::SystemTime::now()).ok()) {
+                        Some(left) => tokio::time::sleep(left).await,
+                        // Expired already (the clock moved since the
+                        // handshake), or unknown: no stream is accepted.
+                        None if expires.is_some() => {}
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    () = draining.signaled() => {}
+                    () = expiry => tracing::info!(%peer, "the client's certificate expired: no new stream on its connection"),
+                    _ = bundle.changed() => tracing::debug!(%peer, "trust bundle changed: no new stream on this connection"),
+                }
+            };
             let result = serve_connection(
                 tls,
                 move |request| {
                     handle_stream(request, peer, principal.clone(), pod.clone(), cx.clone())
                 },
-                async move {
-                    draining.signaled().await;
-                },
+                until,
             )
             .await;
             if let Err(e) = result {

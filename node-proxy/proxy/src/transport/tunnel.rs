@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use weft_cert_manager::{CertManager, SpiffeId};
 use weft_hbone::HboneError;
-use weft_hbone::pool::{Connector, Transport};
+use weft_hbone::pool::{Connected, Connector};
 
 /// HBONE connections are pooled per source pod (connections leave from the
 /// pod's own IP), source identity, destination identity and address.
@@ -71,7 +71,31 @@ pub fn tunnel_connector(certs: CertManager) -> Connector<TunnelKey> {
                 .connect(ServerName::IpAddress(addr.ip().into()), tcp)
                 .await
                 .map_err(|source| HboneError::Tls { addr, source })?;
-            Ok(Box::new(tls) as Box<dyn Transport>)
+            // The destination's identity holds until its certificate
+            // expires: the pool puts no new stream on it after that.
+            let expires = weft_cert_manager::peer_not_after(tls.get_ref().1);
+            Ok(Connected::new(Box::new(tls)).expiring_at(expires))
         })
     })
+}
+
+/// Retires every pooled tunnel when the trust bundle changes (an anchor
+/// added or retired): connections verified under the old bundle carry no
+/// new stream, so every new one is verified under the current bundle.
+/// Ends when the pool or the bundle's sender is gone.
+pub fn retire_tunnels_on_bundle_change(
+    pool: std::sync::Weak<weft_hbone::HbonePool<TunnelKey>>,
+    mut bundle: weft_cert_manager::verify::BundleWatch,
+) {
+    tokio::spawn(async move {
+        bundle.borrow_and_update();
+        while bundle.changed().await.is_ok() {
+            let Some(pool) = pool.upgrade() else { return };
+            let retired = pool.retire_all();
+            tracing::info!(
+                retired,
+                "trust bundle changed: HBONE connections are made again under it"
+            );
+        }
+    });
 }

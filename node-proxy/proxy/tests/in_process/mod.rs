@@ -241,6 +241,8 @@ impl Node {
             CertManagerConfig::default(),
             metrics,
         );
+        // As main.rs does: the bundle follows the CA's stream.
+        certs.start_trust_bundle_watch();
         let (tx, rx) = watch::channel(view);
         let (_state_tx, state) = watch::channel(ConnectionState::Connected);
         let control_plane = ControlPlane::new(rx, state, certs, None);
