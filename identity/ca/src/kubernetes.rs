@@ -73,8 +73,14 @@ impl TokenReviewAuthenticator {
                 status.error.map(|e| format!(": {e}")).unwrap_or_default()
             )));
         }
-        if let Some(audiences) = &status.audiences
-            && !audiences.iter().any(|a| a == AUDIENCE)
+        // An answer that names no audience does not say the token is for
+        // us: it could be any token of the account (the destination
+        // service's, replayed), so it is refused, not assumed.
+        if !status
+            .audiences
+            .iter()
+            .flatten()
+            .any(|a| a == AUDIENCE)
         {
             return Err(AuthError::Rejected(format!(
                 "token is not for audience {AUDIENCE:?}: project it with `audience: {AUDIENCE}`"

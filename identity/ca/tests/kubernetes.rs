@@ -50,7 +50,20 @@ fn review_status(token: &str) -> Value {
                      "extra": {"authentication.kubernetes.io/node-name": ["node-a"]}}
         }),
         "legacy-secret-token" => json!({
-            "authenticated": true, "user": {"username": PROXY_USER}
+            "authenticated": true, "audiences": ["weft-identity"], "user": {"username": PROXY_USER}
+        }),
+        // An API server that answers without saying which audiences the
+        // token is good for: it may be a token for anything.
+        "proxy-no-audiences" => json!({
+            "authenticated": true,
+            "user": {"username": PROXY_USER,
+                     "extra": {"authentication.kubernetes.io/node-name": ["node-a"]}}
+        }),
+        // The node proxy's token for the destination service, replayed.
+        "proxy-destination-token" => json!({
+            "authenticated": true, "audiences": ["weft-destination"],
+            "user": {"username": PROXY_USER,
+                     "extra": {"authentication.kubernetes.io/node-name": ["node-a"]}}
         }),
         _ => json!({"authenticated": false, "error": "invalid bearer token"}),
     }
@@ -246,6 +259,8 @@ async fn token_review_maps_node_proxy_tokens_to_nodes() {
     refused("workload-token", "is not the node proxy's service account").await;
     refused("proxy-stale-pod", "earlier pod").await;
     refused("legacy-secret-token", "not bound to a pod or node").await;
+    refused("proxy-no-audiences", "audience").await;
+    refused("proxy-destination-token", "audience").await;
 
     let err = auth.authenticate("api-down").await.unwrap_err();
     assert!(matches!(err, AuthError::Unavailable(_)), "{err}");
