@@ -76,12 +76,7 @@ impl TokenReviewAuthenticator {
         // An answer that names no audience does not say the token is for
         // us: it could be any token of the account (the destination
         // service's, replayed), so it is refused, not assumed.
-        if !status
-            .audiences
-            .iter()
-            .flatten()
-            .any(|a| a == AUDIENCE)
-        {
+        if !status.audiences.iter().flatten().any(|a| a == AUDIENCE) {
             return Err(AuthError::Rejected(format!(
                 "token is not for audience {AUDIENCE:?}: project it with `audience: {AUDIENCE}`"
             )));

@@ -7,7 +7,8 @@
 //! - [`material`]: the issuer and trust anchors, from cert-manager's file layout.
 //! - [`authority`]: signing workload certificates with the current issuer.
 //! - [`workloads`]: which identities a node may obtain (pods on that node).
-//! - [`service`]: the gRPC service (authenticate, authorize, check, sign).
+//! - [`service`]: the gRPC service (authenticate, authorize, check, sign);
+//! - [`failures`]: callers that keep failing are refused before they cost anything.
 //! - [`reload`]: following the CA directory through rotations.
 //! - [`serving`]: the CA's own TLS certificate.
 //! - [`server`]: running it all; [`http`]: `/metrics`; [`metrics`]: what is counted.
@@ -18,6 +19,7 @@
 
 pub mod authority;
 pub mod csr;
+pub mod failures;
 pub mod http;
 pub mod init;
 pub mod kubernetes;

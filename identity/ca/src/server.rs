@@ -246,8 +246,12 @@ async fn renew_serving_cert(
 pub struct TlsConn(tokio_rustls::server::TlsStream<TcpStream>);
 
 impl tonic::transport::server::Connected for TlsConn {
-    type ConnectInfo = ();
-    fn connect_info(&self) -> Self::ConnectInfo {}
+    /// The TCP addresses: `Request::remote_addr` is what limits callers
+    /// that keep failing (`failures`).
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.0.get_ref().0.connect_info()
+    }
 }
 
 impl AsyncRead for TlsConn {

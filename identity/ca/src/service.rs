@@ -2,6 +2,7 @@
 //! request well-formed — then sign.
 
 use crate::authority::{Authority, SignError};
+use crate::failures::FailureLimiter;
 use crate::material::unix_seconds;
 use crate::metrics::CaMetrics;
 use crate::workloads::{Placement, WorkloadDirectory};
@@ -28,7 +29,15 @@ pub struct IdentityService {
     /// Ends the trust-bundle streams, so a graceful stop is not held up by
     /// clients that watch forever.
     shutdown: CancellationToken,
+    /// Callers that keep failing are refused before they cost anything.
+    failures: FailureLimiter,
 }
+
+/// Failures a source address may have in a burst, and how fast it may
+/// fail after that: far above what a misconfigured but honest node proxy
+/// does (it backs off), far below a loop.
+pub const FAILURE_BURST: u32 = 20;
+pub const FAILURES_PER_SECOND: f64 = 1.0;
 
 impl IdentityService {
     pub fn new(
@@ -43,6 +52,7 @@ impl IdentityService {
             workloads,
             metrics,
             shutdown: CancellationToken::new(),
+            failures: FailureLimiter::new(FAILURE_BURST, FAILURES_PER_SECOND),
         }
     }
 
@@ -58,6 +68,29 @@ impl IdentityService {
     }
 
     async fn authenticate<T>(&self, request: &Request<T>) -> Result<String, Status> {
+        // A token that authenticated recently is let through even from an
+        // address that is being limited: another process on a node proxy's
+        // address (a hostNetwork pod) must not lock the proxy out.
+        let known_good = self.failures.is_known_good(&bearer_of(request));
+        if !known_good
+            && let Some(ip) = request.remote_addr().map(|a| a.ip())
+            && let Err(wait) = self.failures.check(ip)
+        {
+            return Err(Status::resource_exhausted(format!(
+                "too many failed requests from {ip}; retry in {} ms (fix the cause: see the CA's log for the refusals)",
+                wait.as_millis().max(1)
+            )));
+        }
+        let result = self.authenticate_bearer(request).await;
+        match (&result, request.remote_addr().map(|a| a.ip())) {
+            (Ok(_), _) => self.failures.good(&bearer_of(request)),
+            (Err(_), Some(ip)) => self.failures.failed(ip),
+            (Err(_), None) => {}
+        }
+        result
+    }
+
+    async fn authenticate_bearer<T>(&self, request: &Request<T>) -> Result<String, Status> {
         let header = request
             .metadata()
             .get("authorization")
@@ -69,6 +102,26 @@ impl IdentityService {
 
     async fn certify(&self, request: Request<CertifyRequest>) -> Result<CertifyResponse, Status> {
         let node = self.authenticate(&request).await?;
+        let peer = request.remote_addr().map(|a| a.ip());
+        let result = self.certify_for(&node, request).await;
+        // An authenticated node that keeps asking for what it may not have
+        // (or sends malformed requests) is a failing caller too.
+        if let (Err(status), Some(ip)) = (&result, peer)
+            && matches!(
+                status.code(),
+                tonic::Code::PermissionDenied | tonic::Code::InvalidArgument
+            )
+        {
+            self.failures.failed(ip);
+        }
+        result
+    }
+
+    async fn certify_for(
+        &self,
+        node: &str,
+        request: Request<CertifyRequest>,
+    ) -> Result<CertifyResponse, Status> {
         let CertifyRequest { identity, csr } = request.into_inner();
         let identity: SpiffeId = identity
             .parse()
@@ -81,7 +134,7 @@ impl IdentityService {
         }
         match self
             .workloads
-            .placement(&node, &identity)
+            .placement(node, &identity)
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?
         {
@@ -115,6 +168,16 @@ impl IdentityService {
     }
 }
 
+/// The `authorization` header's value, for recognising a token (never
+/// logged).
+fn bearer_of<T>(request: &Request<T>) -> Vec<u8> {
+    request
+        .metadata()
+        .get("authorization")
+        .map(|v| v.as_bytes().to_vec())
+        .unwrap_or_default()
+}
+
 fn auth_status(e: AuthError) -> Status {
     match e {
         AuthError::Unavailable(_) => Status::unavailable(e.to_string()),
@@ -128,6 +191,7 @@ fn result_label(status: &Status) -> &'static str {
         tonic::Code::PermissionDenied => "permission_denied",
         tonic::Code::InvalidArgument => "invalid_argument",
         tonic::Code::Unavailable => "unavailable",
+        tonic::Code::ResourceExhausted => "rate_limited",
         _ => "internal",
     }
 }

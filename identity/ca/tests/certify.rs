@@ -425,3 +425,47 @@ async fn trust_bundle_stream_follows_ca_crt() {
         "old anchor still in force"
     );
 }
+
+/// A caller that keeps failing is refused before it costs the CA anything
+/// (no TokenReview, no CSR parse): after `FAILURE_BURST` failures from one
+/// address, RESOURCE_EXHAUSTED with a retry hint, counted as
+/// `rate_limited`. A node proxy whose token authenticated before is not
+/// locked out by a neighbour failing from the same address.
+#[tokio::test]
+async fn a_caller_that_keeps_failing_is_refused_at_once() {
+    use weft_identity::service::FAILURE_BURST;
+    let ca = start().await;
+    let mut client = connect(ca.addr(), &ca.anchors_pem(), "localhost").await;
+    let node_a = ca.token("node-a");
+    certify(&mut client, Some(&node_a), CLIENT, ok_csr())
+        .await
+        .expect("node-a's proxy is served");
+    for i in 0..FAILURE_BURST {
+        let err = certify(&mut client, Some("not-a-token"), CLIENT, ok_csr())
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated, "failure {i}");
+    }
+    let limited = certify(&mut client, Some("not-a-token"), CLIENT, ok_csr())
+        .await
+        .unwrap_err();
+    assert_eq!(limited.code(), Code::ResourceExhausted, "{limited:?}");
+    assert!(
+        limited.message().contains("retry in"),
+        "{}",
+        limited.message()
+    );
+    // The known node proxy from the same address still gets certificates.
+    certify(&mut client, Some(&node_a), CLIENT, ok_csr())
+        .await
+        .expect("a known credential is not locked out");
+    let metrics = ca.scrape().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "weft_identity_certificates_issued_total{result=\"rate_limited\"}"
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+}
