@@ -10,12 +10,18 @@
 //! no guessing from source addresses.
 
 mod netns_sockets;
+mod records;
 
 pub use netns_sockets::NetnsSockets;
+pub use records::{PodRecord, Records};
 
 use crate::proxy::{ProxyInputs, inbound, outbound};
 use crate::state::{self, PodInfo};
 use crate::transport::LocalPod;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
@@ -34,6 +40,15 @@ struct Wanted {
     workload_uid: Option<String>,
 }
 
+/// The key of a pod in the registry (and of its kept registration).
+fn pod_id(pod: &PodRef) -> String {
+    if pod.uid.is_empty() {
+        format!("{}/{}", pod.namespace, pod.name)
+    } else {
+        pod.uid.clone()
+    }
+}
+
 /// Aborts the listeners of a capture that failed half-way.
 struct Guard(Vec<JoinHandle<()>>);
 
@@ -50,6 +65,44 @@ struct Registered {
     netns: Arc<Netns>,
     annotations: HashMap<String, String>,
     captured: Option<Captured>,
+    /// Found again at start (not registered to this process): its first
+    /// failed capture is counted as a pod that could not be recovered.
+    recovered: bool,
+}
+
+/// `weft_node_proxy_pods_recovered_total` and
+/// `weft_node_proxy_pods_unrecovered_total{reason}`: pods found again at
+/// start, and those that could not be (each also logged with why).
+#[derive(Clone, Debug, Default)]
+pub struct RecoveryMetrics {
+    recovered: Counter,
+    unrecovered: Family<ReasonLabel, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+impl RecoveryMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "weft_node_proxy_pods_recovered",
+            "Pods already on the node that this proxy found again at start and serves",
+            self.recovered.clone(),
+        );
+        registry.register(
+            "weft_node_proxy_pods_unrecovered",
+            "Pods enrolled before this proxy started that it could not serve again, by reason",
+            self.unrecovered.clone(),
+        );
+    }
+
+    fn unrecovered(&self, reason: &'static str) {
+        self.unrecovered
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
 }
 
 struct Captured {
@@ -84,6 +137,9 @@ pub enum RegistrationError {
 pub struct PodRegistry {
     redirector: Arc<Redirector>,
     inputs: ProxyInputs,
+    /// Registrations kept for the next start (`None`: nothing is kept).
+    records: Option<Records>,
+    metrics: RecoveryMetrics,
     pods: Mutex<HashMap<String, Registered>>,
     /// Bumped when a pod is captured or released: readiness follows it.
     changes: tokio::sync::watch::Sender<u64>,
@@ -91,9 +147,22 @@ pub struct PodRegistry {
 
 impl PodRegistry {
     pub fn new(redirector: Arc<Redirector>, inputs: ProxyInputs) -> Self {
+        Self::with_records(redirector, inputs, None, RecoveryMetrics::default())
+    }
+
+    /// A registry that keeps every registration in `records` (and finds
+    /// them again with [`PodRegistry::recover`]).
+    pub fn with_records(
+        redirector: Arc<Redirector>,
+        inputs: ProxyInputs,
+        records: Option<Records>,
+        metrics: RecoveryMetrics,
+    ) -> Self {
         Self {
             redirector,
             inputs,
+            records,
+            metrics,
             pods: Mutex::default(),
             changes: tokio::sync::watch::Sender::new(0),
         }
@@ -144,6 +213,7 @@ impl PodRegistry {
             netns,
             annotations,
             captured: None,
+            recovered: false,
         };
         let wanted = self.wanted(&registered.pod);
         if let Some(wanted) = wanted {
@@ -151,9 +221,175 @@ impl PodRegistry {
         } else {
             tracing::info!(pod = %key, "pod registered, not in the mesh");
         }
-        let id = if pod.uid.is_empty() { key } else { pod.uid };
+        let id = pod_id(&pod);
+        self.keep(&id, &registered, netns_path);
         self.pods.lock().expect("pods lock").insert(id, registered);
         Ok(())
+    }
+
+    /// Keeps the registration for the next start of the proxy. A failure
+    /// does not refuse the pod (it is served now), but a restarted proxy
+    /// will not find it: logged as such.
+    fn keep(&self, id: &str, r: &Registered, netns_path: &std::path::Path) {
+        let Some(records) = &self.records else { return };
+        let key = format!("{}/{}", r.pod.namespace, r.pod.name);
+        let saved = r
+            .netns
+            .cookie()
+            .map_err(std::io::Error::other)
+            .and_then(|cookie| {
+                let record = PodRecord {
+                    pod: r.pod.clone(),
+                    netns: netns_path.to_path_buf(),
+                    annotations: r.annotations.clone(),
+                    netns_cookie: cookie,
+                };
+                records.save(id, &record, &r.netns)
+            });
+        if let Err(e) = saved {
+            tracing::error!(pod = %key, error = %e, dir = %records.dir().display(), "cannot keep the pod's registration: a restarted node proxy will not find it");
+        }
+    }
+
+    /// Finds again the pods registered to an earlier run of the proxy on
+    /// this node (a crash, a rollout): from their records and kept
+    /// namespaces, checked against the namespace the runtime still has.
+    /// They are registered as if added now; [`PodRegistry::reconcile`]
+    /// captures the enrolled ones when the view has them. Returns how many
+    /// were found.
+    pub fn recover(&self) -> usize {
+        let Some(records) = &self.records else {
+            return 0;
+        };
+        let mut found = 0;
+        for (path, record) in records.load() {
+            let record = match record {
+                Ok(r) => r,
+                Err(why) => {
+                    tracing::error!(record = %path.display(), %why, "unusable pod record; the pod cannot be recovered");
+                    self.metrics.unrecovered("unreadable_record");
+                    records.discard(&path);
+                    continue;
+                }
+            };
+            let id = pod_id(&record.pod);
+            let key = format!("{}/{}", record.pod.namespace, record.pod.name);
+            match self.recover_one(records, &id, &record) {
+                Ok(r) => {
+                    tracing::info!(pod = %key, "pod found again from its kept registration");
+                    self.pods.lock().expect("pods lock").insert(id, r);
+                    found += 1;
+                }
+                Err((reason, why)) => {
+                    tracing::warn!(pod = %key, %why, "pod not recovered");
+                    if reason != "pod_gone" {
+                        self.metrics.unrecovered(reason);
+                    }
+                    // Its enrollment, if any, goes with it: a namespace
+                    // that is not the pod's any more must not stay captured
+                    // (a live pod we cannot serve stays enrolled: fail closed).
+                    if reason == "pod_gone"
+                        && let Err(e) = self.redirector.unenroll_cookie(record.netns_cookie)
+                    {
+                        tracing::warn!(pod = %key, error = %e, "unenroll failed");
+                    }
+                    if reason == "pod_gone" || reason == "unreadable_record" {
+                        let _ = records.remove(&id);
+                    }
+                }
+            }
+        }
+        // Enrolled namespaces that vanished without a DEL while no proxy ran.
+        match self.redirector.remove_stale() {
+            Ok(stale) if !stale.is_empty() => {
+                tracing::info!(
+                    pods = stale.len(),
+                    "unenrolled pods whose namespace is gone"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot check for stale enrollments"),
+        }
+        // Enrolled in the kernel but with no record: cut off (fail closed)
+        // until the CNI plugin registers it again.
+        let known: Vec<String> = self
+            .pods
+            .lock()
+            .expect("pods lock")
+            .values()
+            .map(|r| r.pod.uid.clone())
+            .collect();
+        if let Ok(enrolled) = self.redirector.enrolled() {
+            for e in enrolled.iter().filter(|e| !known.contains(&e.pod_uid)) {
+                tracing::error!(pod_uid = %e.pod_uid, cookie = e.netns_cookie, "pod enrolled on this node but no registration is kept for it: its connections are refused until it is registered again");
+                self.metrics.unrecovered("no_record");
+            }
+        }
+        // Standalone, every pod is captured now; with a control plane,
+        // those the view has (again when it changes).
+        self.reconcile();
+        self.changes.send_modify(|n| *n += 1);
+        found
+    }
+
+    fn recover_one(
+        &self,
+        records: &Records,
+        id: &str,
+        record: &PodRecord,
+    ) -> Result<Registered, (&'static str, String)> {
+        let kept = records.kept_netns(id);
+        let netns = Netns::open(&kept).map_err(|e| {
+            (
+                "namespace_not_kept",
+                format!("cannot open the kept namespace: {e}"),
+            )
+        })?;
+        let cookie = netns
+            .cookie()
+            .map_err(|e| ("namespace_not_kept", e.to_string()))?;
+        if cookie != record.netns_cookie {
+            return Err((
+                "namespace_not_kept",
+                format!("{} is another namespace now", kept.display()),
+            ));
+        }
+        // The runtime's path still naming the same namespace is what says
+        // the pod lives: once the pod is deleted only our bind mount holds it.
+        let alive = Netns::open(&record.netns)
+            .and_then(|n| n.cookie())
+            .is_ok_and(|c| c == cookie);
+        if !alive {
+            return Err((
+                "pod_gone",
+                format!(
+                    "{} no longer names the pod's namespace (deleted while no proxy ran)",
+                    record.netns.display()
+                ),
+            ));
+        }
+        Ok(Registered {
+            pod: record.pod.clone(),
+            netns: Arc::new(netns),
+            annotations: record.annotations.clone(),
+            captured: None,
+            recovered: true,
+        })
+    }
+
+    /// `/ready`: every registered pod the view wants in the mesh is
+    /// captured and has its certificate.
+    pub fn all_served(&self) -> bool {
+        let pods = self.pods.lock().expect("pods lock");
+        pods.values().all(|r| match self.wanted(&r.pod) {
+            None => true,
+            Some(_) => r.captured.as_ref().is_some_and(|c| {
+                match (&self.inputs.control_plane, &c.pod.identity) {
+                    (Some(cp), Some(id)) => cp.certs.current_certificate(id).is_some(),
+                    _ => true,
+                }
+            }),
+        })
     }
 
     /// Whether a pod should be captured and as what: standalone, always;
@@ -202,6 +438,12 @@ impl PodRegistry {
                     source,
                 })
         };
+        // When a proxy closes its listeners (a rollout's old proxy), the
+        // connections in their accept queues move to the successor's
+        // listeners of the same reuseport group instead of being reset.
+        if let Err(e) = netns.run(|| std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1")) {
+            tracing::warn!(pod = %key, error = %e, "cannot set tcp_migrate_req: connections queued at a hand-over may be reset");
+        }
         let mut listeners = Guard(Vec::new());
         for ip in [
             IpAddr::V4(Ipv4Addr::LOCALHOST),
@@ -305,11 +547,18 @@ impl PodRegistry {
                     }
                 })
                 .map(|(id, _)| id.clone());
-            id.and_then(|id| pods.remove(&id))
+            id.and_then(|id| pods.remove(&id).map(|r| (id, r)))
         };
-        let Some(registered) = removed else { return };
+        let Some((id, registered)) = removed else {
+            return;
+        };
         if let Some(c) = registered.captured {
             self.release(c);
+        }
+        if let Some(records) = &self.records
+            && let Err(e) = records.remove(&id)
+        {
+            tracing::warn!(error = %e, "cannot remove a pod's kept registration");
         }
         tracing::info!(pod = %format!("{}/{}", registered.pod.namespace, registered.pod.name), "pod removed");
     }
@@ -335,8 +584,18 @@ impl PodRegistry {
             }
             if let Some(w) = wanted {
                 match self.capture(r, w) {
-                    Ok(c) => r.captured = Some(c),
-                    Err(e) => tracing::warn!(error = %e, "cannot bring a pod into the mesh"),
+                    Ok(c) => {
+                        if std::mem::take(&mut r.recovered) {
+                            self.metrics.recovered.inc();
+                        }
+                        r.captured = Some(c);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot bring a pod into the mesh");
+                        if std::mem::take(&mut r.recovered) {
+                            self.metrics.unrecovered("capture_failed");
+                        }
+                    }
                 }
             }
         }
@@ -352,17 +611,6 @@ impl PodRegistry {
                 h.abort();
             }
         }
-    }
-
-    /// Whether every captured pod has a certificate.
-    pub fn certificates_ready(&self) -> bool {
-        let Some(control_plane) = &self.inputs.control_plane else {
-            return true;
-        };
-        self.pods()
-            .iter()
-            .filter_map(|p| p.identity.as_ref())
-            .all(|id| control_plane.certs.current_certificate(id).is_some())
     }
 
     /// Pods currently served, for `/config_dump`.
