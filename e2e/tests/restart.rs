@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use support::mesh_cluster::{MeshCluster, PATIENCE, wait_until};
 use support::stream::{STREAM_CLIENT, Stream};
 use support::{echo_through, http_get, metric_sum};
-use weft_sim::mesh::Component;
+use weft_sim::mesh::{Component, ProxyRestart};
 
 const CLIENT: &str = "spiffe://cluster.local/ns/demo/sa/client";
 const ECHO: &str = "spiffe://cluster.local/ns/demo/sa/echo";
@@ -370,6 +370,18 @@ fn a_killed_node_proxy_started_again_serves_its_pods_without_their_restart() {
         metric_sum(b_ip, "weft_node_proxy_pods_unrecovered_total", &[]),
         0.0
     );
+
+    // A graceful restart (SIGTERM, drain, start again) finds it as well.
+    mc.mesh
+        .restart_node_proxy("node-b", ProxyRestart::Graceful)
+        .unwrap_or_else(|e| panic!("{e}"));
+    if let Some(err) = connect_error(&mc, "demo/client", &echo_ip, 9000, "after-graceful") {
+        panic!("after a graceful restart: {err}\n{}", tail(&log));
+    }
+    assert_eq!(
+        unlabelled(b_ip, "weft_node_proxy_pods_recovered_total"),
+        Some(1.0)
+    );
     mc.down();
 }
 
@@ -404,17 +416,32 @@ fn down_removes_what_a_killed_or_hung_node_proxy_kept() {
         .unwrap_or_else(|| panic!("no new pid in {stdout:?}"));
     assert_eq!(mc.ready_status("node-a"), Some(200));
     echo_through(cluster, "demo/client", &echo_ip, 9000, 4096, None);
+    // And rolls node-b's out with surge.
+    let out = Command::new(env!("CARGO_BIN_EXE_weft-sim"))
+        .args(["rollout-proxy", "--name", &state.name, "node-b"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success() && stdout.contains("drained and exited"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let b_pid: i32 = stdout
+        .split("pid ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no new pid in {stdout:?}"));
+    assert_eq!(mc.ready_status("node-b"), Some(200));
+    echo_through(cluster, "demo/client", &echo_ip, 9000, 4096, None);
 
-    // Kill that one, hang node-b's.
+    // Kill node-a's, hang node-b's.
     // SAFETY: kill(2) on the node proxy the CLI just started (in node-a's
     // cgroup of this test's cluster).
     assert_eq!(unsafe { libc::kill(new_pid, libc::SIGKILL) }, 0);
-    let b_pid = mc
-        .mesh
-        .pid(&Component::NodeProxy("node-b".into()))
-        .expect("node-b's proxy");
-    // SAFETY: kill(2) on our child, node-b's proxy, which runs.
-    assert_eq!(unsafe { libc::kill(b_pid as i32, libc::SIGSTOP) }, 0);
+    // SAFETY: kill(2) on node-b's proxy, which the CLI just started.
+    assert_eq!(unsafe { libc::kill(b_pid, libc::SIGSTOP) }, 0);
     wait_until("node-a's proxy is gone", PATIENCE, || {
         !Path::new(&format!("/proc/{new_pid}")).exists()
             || std::fs::read_to_string(format!("/proc/{new_pid}/stat"))
