@@ -589,6 +589,17 @@ pub fn down(name: &str, opts: &Options) -> Result<(), SimError> {
         }
         let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(ns));
     }
+    // Per-netns files of namespaces already gone (deleted by hand or by a
+    // test playing the runtime), by prefix too.
+    for entry in std::fs::read_dir("/etc/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
     if let Some(state) = &state {
         // The host end of the fabric veth goes when the fabric namespace is
         // destroyed, which the kernel does asynchronously: give it a moment

@@ -319,6 +319,23 @@ fn a_killed_node_proxy_started_again_serves_its_pods_without_their_restart() {
     );
     drop(capture);
 
+    // Meanwhile the runtime lets go of one pod's namespace (a pod deleted
+    // while no proxy ran, its CNI DEL lost): the proxy kept it (positive
+    // control), and must drop it at start instead of serving it.
+    let kept_dir = weft_sim::mesh::node_proxy_state_dir(cluster.state(), "node-b");
+    let kept = || weft_sim::sys::mounts_under(&kept_dir).len();
+    assert_eq!(
+        kept(),
+        2,
+        "node-b's proxy keeps echo's and outsider's namespaces"
+    );
+    let outsider_netns = cluster.pod("plain/outsider").netns.clone();
+    let del = Command::new("ip")
+        .args(["netns", "del", &outsider_netns])
+        .output()
+        .unwrap();
+    assert!(del.status.success(), "{del:?}");
+
     // Started again with the same arguments; the pod is not recreated.
     let offset = mc.mesh.start_node_proxy("node-b").unwrap();
     let log = proxy_log(&mc, "node-b");
@@ -342,6 +359,13 @@ fn a_killed_node_proxy_started_again_serves_its_pods_without_their_restart() {
         tail(&log)
     );
     assert_eq!(echo_pid(&mc), pid, "the echo pod was recreated");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text[offset as usize..].contains("deleted while no proxy ran"),
+        "{}",
+        tail(&log)
+    );
+    assert_eq!(kept(), 1, "the deleted pod's namespace is still kept");
     assert!(
         Path::new(&format!("/proc/{pid}")).exists(),
         "the echo server is not running any more"

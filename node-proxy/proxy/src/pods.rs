@@ -293,7 +293,7 @@ impl PodRegistry {
                     {
                         tracing::warn!(pod = %key, error = %e, "unenroll failed");
                     }
-                    if reason == "pod_gone" || reason == "unreadable_record" {
+                    if reason == "pod_gone" || reason == "namespace_not_kept" {
                         let _ = records.remove(&id);
                     }
                 }
@@ -338,28 +338,42 @@ impl PodRegistry {
         id: &str,
         record: &PodRecord,
     ) -> Result<Registered, (&'static str, String)> {
-        let kept = records.kept_netns(id);
-        let netns = Netns::open(&kept).map_err(|e| {
-            (
-                "namespace_not_kept",
-                format!("cannot open the kept namespace: {e}"),
-            )
-        })?;
-        let cookie = netns
-            .cookie()
-            .map_err(|e| ("namespace_not_kept", e.to_string()))?;
-        if cookie != record.netns_cookie {
-            return Err((
-                "namespace_not_kept",
-                format!("{} is another namespace now", kept.display()),
-            ));
-        }
+        let same = |n: &Netns| n.cookie().is_ok_and(|c| c == record.netns_cookie);
         // The runtime's path still naming the same namespace is what says
         // the pod lives: once the pod is deleted only our bind mount holds it.
-        let alive = Netns::open(&record.netns)
-            .and_then(|n| n.cookie())
-            .is_ok_and(|c| c == cookie);
-        if !alive {
+        let runtime = Netns::open(&record.netns).ok().filter(same);
+        let kept = records.kept_netns(id);
+        let netns = match Netns::open(&kept) {
+            Ok(n) if same(&n) => n,
+            // The kept mount did not survive (a state directory that is not
+            // shared with the host): the runtime's path still serves.
+            _ => match runtime {
+                Some(n) => {
+                    tracing::warn!(pod = %record.pod.name, kept = %kept.display(), "kept namespace missing; using the runtime's path");
+                    if let Err(e) = records.save(id, record, &n) {
+                        tracing::warn!(error = %e, "cannot keep the namespace again");
+                    }
+                    return Ok(Registered {
+                        pod: record.pod.clone(),
+                        netns: Arc::new(n),
+                        annotations: record.annotations.clone(),
+                        captured: None,
+                        recovered: true,
+                    });
+                }
+                None => {
+                    return Err((
+                        "namespace_not_kept",
+                        format!(
+                            "neither {} nor {} is the pod's namespace any more",
+                            kept.display(),
+                            record.netns.display()
+                        ),
+                    ));
+                }
+            },
+        };
+        if runtime.is_none() {
             return Err((
                 "pod_gone",
                 format!(
