@@ -399,6 +399,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn mountinfo_escapes_are_undone() {
+        assert_eq!(unescape_mountinfo("/run/a\\040b"), "/run/a b");
+        assert_eq!(unescape_mountinfo("/x\\011y\\134z"), "/x\ty\\z");
+        // Not an escape: kept as it is.
+        assert_eq!(unescape_mountinfo("/p\\9x"), "/p\\9x");
+    }
+
+    #[test]
     fn finds_cgroup2_mount() {
         let m = cgroup2_mount().unwrap();
         assert!(m.join("cgroup.procs").exists(), "{}", m.display());

@@ -577,6 +577,10 @@ fn a_rollout_with_surge_refuses_no_new_connection_and_lets_open_ones_finish() {
     let cluster = mc.cluster();
     let echo_ip = cluster.pod("demo/echo").ip.to_string();
 
+    // The proxy lets queued connections move to its successor's listener.
+    let sysctl = cluster.exec_ok("demo/echo", &["sysctl", "-n", "net.ipv4.tcp_migrate_req"]);
+    assert_eq!(sysctl.trim(), "1", "tcp_migrate_req in a captured pod");
+
     let plain = start_load(&mc, "plain", "plain/plain-client", &echo_ip, 9000);
     let mut mesh_load = None;
     let mut round = 0;
