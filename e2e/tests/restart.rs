@@ -25,8 +25,8 @@ const ECHO: &str = "spiffe://cluster.local/ns/demo/sa/echo";
 const SECRET: &str = "WEFT-RESTART-SECRET-0123456789";
 const VISIBLE: &str = "WEFT-RESTART-OUTSIDE-THE-MESH";
 
-/// `demo` is in the mesh (a client on node-a, an echo server on node-b
-/// behind the Service `echo`); `plain` is not (a client on node-a, an echo
+/// `demo` is in the mesh (a client and an echo server `echo-a` on node-a,
+/// an echo server on node-b behind the Service `echo`); `plain` is not (a client on node-a, an echo
 /// server on node-b: the capture's positive control).
 const CLUSTER: &str = r#"
 apiVersion: v1
@@ -56,6 +56,14 @@ metadata: {name: echo, namespace: demo, labels: {app: echo}}
 spec:
   nodeName: node-b
   serviceAccountName: echo
+  containers: [{name: main, command: [./tcp_echo.py, "9000"], ports: [{containerPort: 9000}]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: echo-a, namespace: demo}
+spec:
+  nodeName: node-a
+  serviceAccountName: client
   containers: [{name: main, command: [./tcp_echo.py, "9000"], ports: [{containerPort: 9000}]}]
 ---
 apiVersion: v1
@@ -381,9 +389,29 @@ fn a_killed_node_proxy_started_again_serves_its_pods_without_their_restart() {
     wait_until("node-b counts the mTLS connection", PATIENCE, || {
         metric_sum(b_ip, "weft_tcp_connections_opened_total", &labels) >= 1.0
     });
-    // And by Service name, and the recovered pod's own outbound.
+    // And by Service name, and the recovered pod's own outbound: to a pod
+    // outside the mesh, and over mTLS with its own identity to node-a.
     echo_through(cluster, "demo/client", "echo.demo", 80, 4096, None);
     echo_through(cluster, "demo/echo", &outsider_ip, 9000, 4096, None);
+    let echo_a_ip = cluster.pod("demo/echo-a").ip.to_string();
+    echo_through(cluster, "demo/echo", &echo_a_ip, 9000, 4096, None);
+    let from_echo = [
+        ("reporter", "destination"),
+        ("source_principal", ECHO),
+        ("destination_workload", "echo-a"),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    wait_until(
+        "node-a counts the recovered pod's mTLS connection",
+        PATIENCE,
+        || {
+            metric_sum(
+                mc.node_ip("node-a"),
+                "weft_tcp_connections_opened_total",
+                &from_echo,
+            ) >= 1.0
+        },
+    );
     assert_eq!(
         unlabelled(b_ip, "weft_node_proxy_pods_recovered_total"),
         Some(1.0),
