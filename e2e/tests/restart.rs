@@ -187,14 +187,19 @@ struct Capture {
 
 impl Capture {
     fn start(fabric_netns: &str) -> Self {
+        Self::start_on(fabric_netns, "br0", "tcp")
+    }
+
+    /// A capture of `filter` on `iface` inside the network namespace `netns`.
+    fn start_on(netns: &str, iface: &str, filter: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("fabric.pcap");
         let err = dir.path().join("tcpdump.err");
         let child = Command::new("ip")
-            .args(["netns", "exec", fabric_netns])
-            .args(["tcpdump", "-i", "br0", "-U", "-n", "-s", "0", "-w"])
+            .args(["netns", "exec", netns])
+            .args(["tcpdump", "-i", iface, "-U", "-n", "-s", "0", "-w"])
             .arg(&file)
-            .arg("tcp")
+            .arg(filter)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&err).unwrap())
             .spawn()
@@ -276,8 +281,27 @@ fn a_killed_node_proxy_started_again_serves_its_pods_without_their_restart() {
 
     // The gap: fail closed, nothing in plaintext. A capture on the fabric
     // sees the payload of a pod outside the mesh (positive control) and
-    // never the captured client's.
+    // never the captured client's; one in the echo pod sees a datagram sent
+    // to it (positive control: UDP is never captured) and never the
+    // payload of a connection to or from it.
     let capture = Capture::start(&cluster.state().fabric.netns);
+    let in_pod = Capture::start_on(&cluster.pod("demo/echo").netns, "eth0", "tcp or udp");
+    let datagram = |mark: &str| {
+        cluster.exec_ok(
+            "plain/plain-client",
+            &[
+                "python3",
+                "-c",
+                "import socket,sys; socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(sys.argv[2].encode(), (sys.argv[1], 9999))",
+                &echo_ip,
+                mark,
+            ],
+        );
+    };
+    datagram(VISIBLE);
+    wait_until("the pod's capture sees the datagram", PATIENCE, || {
+        in_pod.contains(VISIBLE)
+    });
     echo_through(
         cluster,
         "plain/plain-client",
@@ -321,11 +345,19 @@ fn a_killed_node_proxy_started_again_serves_its_pods_without_their_restart() {
     wait_until("the capture still runs", PATIENCE, || {
         capture.contains("WEFT-LAST-CONTROL")
     });
+    datagram("WEFT-LAST-CONTROL");
+    wait_until("the pod's capture still runs", PATIENCE, || {
+        in_pod.contains("WEFT-LAST-CONTROL")
+    });
     assert!(
         !capture.contains(SECRET),
         "the captured pods' payload crossed the fabric in plaintext while no proxy served them"
     );
-    drop(capture);
+    assert!(
+        !in_pod.contains(SECRET),
+        "a payload reached or left the echo pod in plaintext while no proxy served it"
+    );
+    drop((capture, in_pod));
 
     // Meanwhile the runtime lets go of one pod's namespace (a pod deleted
     // while no proxy ran, its CNI DEL lost): the proxy kept it (positive
