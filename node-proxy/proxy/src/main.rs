@@ -232,6 +232,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "found pods registered to an earlier node proxy"
         );
     }
+    // An ADD the previous proxy took just before the socket changed hands
+    // is recorded once it is handled (up to VIEW_WAIT later): read the
+    // records once more after that.
+    let late = pods.clone();
+    let late_recovery = tokio::spawn(async move {
+        tokio::time::sleep(VIEW_WAIT + Duration::from_secs(5)).await;
+        late.recover_late();
+    });
     match &mesh {
         // Ready once the proxy has a view and a certificate for every pod
         // it captured; pods move in and out of the mesh as the view changes.
@@ -292,6 +300,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     tracing::info!(seconds = args.drain_seconds, "draining");
+    // A draining proxy captures nothing more (its listeners would take the
+    // pods' inbound steering from its successor).
+    late_recovery.abort();
     let _ = ready_tx.send(false);
     drop(registrations);
     // No new connection (the pods' listeners close: they fail closed); the

@@ -223,7 +223,15 @@ impl PodRegistry {
         }
         let id = pod_id(&pod);
         self.keep(&id, &registered, netns_path);
-        self.pods.lock().expect("pods lock").insert(id, registered);
+        let replaced = self.pods.lock().expect("pods lock").insert(id, registered);
+        // Recovery registered the same pod meanwhile: its listeners go,
+        // the pod stays enrolled (it is this registration's now).
+        if let Some(c) = replaced.and_then(|r| r.captured) {
+            for h in c.listeners {
+                h.abort();
+            }
+            self.release_certificate(&c.pod);
+        }
         Ok(())
     }
 
@@ -258,6 +266,18 @@ impl PodRegistry {
     /// captures the enrolled ones when the view has them. Returns how many
     /// were found.
     pub fn recover(&self) -> usize {
+        self.recover_records(true)
+    }
+
+    /// A second pass over the records, for registrations the previous
+    /// proxy took in the instant of the hand-over and recorded after this
+    /// one's first pass (a rollout): pods already registered here are left
+    /// alone.
+    pub fn recover_late(&self) -> usize {
+        self.recover_records(false)
+    }
+
+    fn recover_records(&self, first: bool) -> usize {
         let Some(records) = &self.records else {
             return 0;
         };
@@ -273,12 +293,21 @@ impl PodRegistry {
                 }
             };
             let id = pod_id(&record.pod);
+            if self.pods.lock().expect("pods lock").contains_key(&id) {
+                // Registered to this proxy since (its own record).
+                continue;
+            }
             let key = format!("{}/{}", record.pod.namespace, record.pod.name);
             match self.recover_one(records, &id, &record) {
                 Ok(r) => {
-                    tracing::info!(pod = %key, "pod found again from its kept registration");
-                    self.pods.lock().expect("pods lock").insert(id, r);
-                    found += 1;
+                    // An ADD of the same pod may have come meanwhile: it wins.
+                    if let std::collections::hash_map::Entry::Vacant(v) =
+                        self.pods.lock().expect("pods lock").entry(id)
+                    {
+                        tracing::info!(pod = %key, "pod found again from its kept registration");
+                        v.insert(r);
+                        found += 1;
+                    }
                 }
                 Err((reason, why)) => {
                     tracing::warn!(pod = %key, %why, "pod not recovered");
@@ -298,6 +327,17 @@ impl PodRegistry {
                     }
                 }
             }
+        }
+        if !first {
+            if found > 0 {
+                tracing::info!(
+                    pods = found,
+                    "found pods recorded by the previous node proxy during the hand-over"
+                );
+                self.reconcile();
+                self.changes.send_modify(|n| *n += 1);
+            }
+            return found;
         }
         // Enrolled namespaces that vanished without a DEL while no proxy ran.
         match self.redirector.remove_stale() {
