@@ -375,6 +375,10 @@ fn a_killed_node_proxy_started_again_serves_its_pods_without_their_restart() {
         .output()
         .unwrap();
     assert!(del.status.success(), "{del:?}");
+    // And a record is damaged (a crash mid-write on another filesystem, a
+    // hand edit): reported and counted, never trusted.
+    let damaged = kept_dir.join("pods").join("00.json");
+    std::fs::write(&damaged, b"{\"pod\": 42").unwrap();
 
     // Started again with the same arguments; the pod is not recreated.
     let offset = mc.mesh.start_node_proxy("node-b").unwrap();
@@ -450,10 +454,20 @@ fn a_killed_node_proxy_started_again_serves_its_pods_without_their_restart() {
         "{}",
         tail(&log)
     );
+    // The damaged record is the one pod that could not be recovered.
     assert_eq!(
         metric_sum(b_ip, "weft_node_proxy_pods_unrecovered_total", &[]),
-        0.0
+        1.0
     );
+    assert_eq!(
+        metric_sum(
+            b_ip,
+            "weft_node_proxy_pods_unrecovered_total",
+            &[("reason", "unreadable_record")]
+        ),
+        1.0
+    );
+    assert!(!damaged.exists(), "the damaged record is removed");
 
     // A graceful restart (SIGTERM, drain, start again) finds it as well.
     mc.mesh
