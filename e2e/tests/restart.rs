@@ -27,7 +27,8 @@ const VISIBLE: &str = "WEFT-RESTART-OUTSIDE-THE-MESH";
 
 /// `demo` is in the mesh (a client and an echo server `echo-a` on node-a,
 /// an echo server on node-b behind the Service `echo`); `plain` is not (a client on node-a, an echo
-/// server on node-b: the capture's positive control).
+/// server on node-b: the capture's positive control); `other` has a pod on
+/// node-a that stays outside the mesh.
 const CLUSTER: &str = r#"
 apiVersion: v1
 kind: Namespace
@@ -77,6 +78,15 @@ metadata: {name: outsider, namespace: plain}
 spec:
   nodeName: node-b
   containers: [{name: main, command: [./tcp_echo.py, "9000"], ports: [{containerPort: 9000}]}]
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: other}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: stranger, namespace: other}
+spec: {nodeName: node-a, containers: [{name: main, command: [sleep, infinity]}]}
 ---
 apiVersion: v1
 kind: Service
@@ -738,6 +748,83 @@ fn a_rollout_with_surge_refuses_no_new_connection_and_lets_open_ones_finish() {
             &labels
         ) >= 1.0
     );
+    mc.down();
+}
+
+/// A view change while the old proxy drains is the new proxy's alone: the
+/// namespace `plain` is enrolled during node-b's rollout, after the old
+/// proxy's SIGTERM. The new proxy captures the outsider; the old one must
+/// not (it would take the pod's inbound steering and drop it as it exits):
+/// after the old proxy is gone, plaintext from outside the mesh still
+/// reaches the newly captured pod through its 15006.
+#[test]
+fn a_view_change_during_the_old_proxys_drain_is_the_new_proxys_alone() {
+    let files = files();
+    let mc = MeshCluster::up(&files, |m| m.drain_seconds = 30);
+    let cluster = mc.cluster();
+    let echo_ip = cluster.pod("demo/echo").ip.to_string();
+    let outsider_ip = cluster.pod("plain/outsider").ip.to_string();
+    assert!(!mc.captures("node-b", "outsider"));
+    let log = proxy_log(&mc, "node-b");
+    let drains = || {
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .matches("draining")
+            .count()
+    };
+    let drains_before = drains();
+
+    // The open connection keeps the old proxy draining.
+    let mut open = Stream::open(cluster, "demo/client", &echo_ip, 9000);
+    assert_eq!(open.round_trip("before"), "echo before");
+    let mesh = mc.mesh.clone();
+    let rollout = std::thread::spawn(move || mesh.roll_out_node_proxy("node-b"));
+    wait_until("node-b's old proxy drains", PATIENCE, || {
+        drains() > drains_before
+    });
+
+    let manifest = cluster.manifest_dir().join("c.yaml");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    let plain = "metadata: {name: plain}";
+    assert!(text.contains(plain));
+    std::fs::write(
+        &manifest,
+        text.replace(
+            plain,
+            "metadata: {name: plain, labels: {weft.io/mesh: enabled}}",
+        ),
+    )
+    .unwrap();
+    // The new proxy (the only one answering on the admin port now) captures it.
+    wait_until("node-b's new proxy captures the outsider", PATIENCE, || {
+        mc.captures("node-b", "outsider") && mc.ready_status("node-b") == Some(200)
+    });
+    assert_eq!(open.round_trip("during"), "echo during");
+    assert_eq!(open.finish(), "done");
+    let status = rollout.join().unwrap().unwrap_or_else(|e| panic!("{e}"));
+    assert!(status.success(), "{status}");
+
+    // The old proxy is gone: the outsider's inbound is still steered.
+    for i in 0..5 {
+        if let Some(err) = connect_error(&mc, "other/stranger", &outsider_ip, 9000, "inbound") {
+            panic!(
+                "inbound {i} to the pod captured during the drain: {err}\n{}",
+                tail(&log)
+            );
+        }
+    }
+    let labels = [
+        ("reporter", "destination"),
+        ("destination_workload", "outsider"),
+        ("connection_security_policy", "none"),
+    ];
+    wait_until("node-b counts the inbound connections", PATIENCE, || {
+        metric_sum(
+            mc.node_ip("node-b"),
+            "weft_tcp_connections_opened_total",
+            &labels,
+        ) >= 5.0
+    });
     mc.down();
 }
 

@@ -143,6 +143,9 @@ pub struct PodRegistry {
     pods: Mutex<HashMap<String, Registered>>,
     /// Bumped when a pod is captured or released: readiness follows it.
     changes: tokio::sync::watch::Sender<u64>,
+    /// Set at shutdown: from then on the pods are the successor's (a
+    /// rollout), and this proxy changes nothing of their capture.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 impl PodRegistry {
@@ -165,6 +168,7 @@ impl PodRegistry {
             metrics,
             pods: Mutex::default(),
             changes: tokio::sync::watch::Sender::new(0),
+            stopping: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -281,6 +285,9 @@ impl PodRegistry {
         let Some(records) = &self.records else {
             return 0;
         };
+        if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            return 0;
+        }
         let mut found = 0;
         for (path, record) in records.load() {
             let record = match record {
@@ -622,7 +629,14 @@ impl PodRegistry {
     /// whenever the view changes; enrolment follows the namespace label
     /// without restarting pods.
     pub fn reconcile(&self) {
+        // A draining proxy neither captures (its listeners would take a
+        // pod's inbound steering from the successor, and its exit would
+        // then drop it) nor releases (the successor owns the enrollment).
         let mut pods = self.pods.lock().expect("pods lock");
+        // Checked under the lock `stop_accepting` sets it under.
+        if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
         for r in pods.values_mut() {
             let wanted = self.wanted(&r.pod);
             let current = r.captured.as_ref().map(|c| Wanted {
@@ -660,7 +674,10 @@ impl PodRegistry {
     /// drain; connections in flight go on.
     pub fn stop_accepting(&self) {
         self.inputs.drain.start();
-        for r in self.pods.lock().expect("pods lock").values_mut() {
+        let mut pods = self.pods.lock().expect("pods lock");
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        for r in pods.values_mut() {
             for h in r.captured.iter_mut().flat_map(|c| c.listeners.drain(..)) {
                 h.abort();
             }
