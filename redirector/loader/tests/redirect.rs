@@ -987,3 +987,38 @@ fn a_new_program_version_replaces_the_attached_one_in_place_under_traffic() {
     assert_nothing_else_reached(&server, &pods.server, "a connect went around the proxy");
     eprintln!("{made} connects during the upgrade, all redirected");
 }
+
+/// Two node proxies (a rollout's old and new one) enrolling the same pod
+/// at the same moment both succeed: the one that loses the race to pin
+/// the pod's sk_lookup link finds it pinned by the other.
+#[test]
+fn two_proxies_enrolling_one_pod_at_once_both_succeed() {
+    let pods = PodPair::new();
+    let installed = Installed::new();
+    let other = weft_redirector::Redirector::install(weft_redirector::RedirectorConfig {
+        pin_dir: installed.pin_dir.clone(),
+        cgroup_root: None,
+    })
+    .unwrap();
+    let enrollment = PodEnrollment {
+        netns: &pods.client.netns,
+        pod_uid: "client-uid".into(),
+        annotations: Default::default(),
+    };
+    for round in 0..10 {
+        let barrier = std::sync::Barrier::new(2);
+        let (a, b) = std::thread::scope(|s| {
+            let a = s.spawn(|| {
+                barrier.wait();
+                installed.get().enroll(&enrollment)
+            });
+            let b = s.spawn(|| {
+                barrier.wait();
+                other.enroll(&enrollment)
+            });
+            (a.join().unwrap(), b.join().unwrap())
+        });
+        assert!(a.is_ok() && b.is_ok(), "round {round}: {a:?} / {b:?}");
+        installed.get().unenroll("client-uid").unwrap();
+    }
+}
