@@ -490,6 +490,36 @@ fn a_killed_node_proxy_started_again_serves_its_pods_without_their_restart() {
         unlabelled(b_ip, "weft_node_proxy_pods_recovered_total"),
         Some(1.0)
     );
+
+    // A crash that also loses the kept registrations (a state directory
+    // that did not outlive the container): the enrolled pod is found by
+    // its namespace cookie among the node's processes.
+    mc.mesh.kill(&node_b).unwrap();
+    mc.mesh
+        .wait_exit(&node_b, PATIENCE)
+        .unwrap()
+        .expect("killed");
+    for mount in weft_sim::sys::mounts_under(&kept_dir) {
+        weft_sim::sys::unmount(&mount).unwrap();
+    }
+    std::fs::remove_dir_all(&kept_dir).unwrap();
+    let offset = mc.mesh.start_node_proxy("node-b").unwrap();
+    wait_until("node-b's proxy reports /ready again", PATIENCE, || {
+        mc.ready_status("node-b") == Some(200)
+    });
+    if let Some(err) = connect_error(&mc, "demo/client", &echo_ip, 9000, "after-lost-state") {
+        panic!("after a restart without kept state: {err}\n{}", tail(&log));
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text[offset as usize..].contains("pod found by its namespace"),
+        "{}",
+        tail(&log)
+    );
+    assert_eq!(
+        unlabelled(b_ip, "weft_node_proxy_pods_recovered_total"),
+        Some(1.0)
+    );
     mc.down();
 }
 

@@ -367,15 +367,74 @@ impl PodRegistry {
             .map(|r| r.pod.uid.clone())
             .collect();
         if let Ok(enrolled) = self.redirector.enrolled() {
-            for e in enrolled.iter().filter(|e| !known.contains(&e.pod_uid)) {
-                tracing::error!(pod_uid = %e.pod_uid, cookie = e.netns_cookie, "pod enrolled on this node but no registration is kept for it: its connections are refused until it is registered again");
-                self.metrics.unrecovered("no_record");
-            }
+            let missing: Vec<_> = enrolled
+                .into_iter()
+                .filter(|e| !known.contains(&e.pod_uid))
+                .collect();
+            found += self.discover(missing);
         }
         // Standalone, every pod is captured now; with a control plane,
         // those the view has (again when it changes).
         self.reconcile();
         self.changes.send_modify(|n| *n += 1);
+        found
+    }
+
+    /// Pods enrolled in the kernel with no record (a state directory that
+    /// did not outlive the proxy): their namespaces are found among the
+    /// node's processes (`/proc/<pid>/ns/net`) by the enrolled cookie, and
+    /// the pod by the uid the map holds; namespace and name come from the
+    /// view when it has them. Not recorded again (a process's path is not
+    /// a stable name): a later start finds them the same way. A pod whose
+    /// namespace no process holds is counted (`no_record`) and stays
+    /// enrolled: refused, until it is registered again.
+    fn discover(&self, missing: Vec<weft_redirector::Enrolled>) -> usize {
+        if missing.is_empty() {
+            return 0;
+        }
+        let scanned = match weft_redirector::discovery::scan_host() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot scan /proc for the namespaces of enrolled pods");
+                Vec::new()
+            }
+        };
+        let mut by_cookie: HashMap<u64, Netns> = HashMap::new();
+        for d in scanned {
+            if let Ok(n) = Netns::open(&d.netns_path)
+                && let Ok(cookie) = n.cookie()
+                && missing.iter().any(|e| e.netns_cookie == cookie)
+            {
+                by_cookie.entry(cookie).or_insert(n);
+            }
+        }
+        let mut found = 0;
+        for e in missing {
+            let Some(netns) = by_cookie.remove(&e.netns_cookie) else {
+                tracing::error!(pod_uid = %e.pod_uid, cookie = e.netns_cookie, "pod enrolled on this node but no registration is kept for it and no process holds its namespace: its connections are refused until it is registered again");
+                self.metrics.unrecovered("no_record");
+                continue;
+            };
+            let pod = PodRef {
+                namespace: String::new(),
+                name: String::new(),
+                uid: e.pod_uid.clone(),
+            };
+            let id = pod_id(&pod);
+            if let std::collections::hash_map::Entry::Vacant(v) =
+                self.pods.lock().expect("pods lock").entry(id)
+            {
+                tracing::info!(pod_uid = %e.pod_uid, netns = %netns.path().display(), "pod found by its namespace (no kept registration)");
+                v.insert(Registered {
+                    pod,
+                    netns: Arc::new(netns),
+                    annotations: HashMap::new(),
+                    captured: None,
+                    recovered: true,
+                });
+                found += 1;
+            }
+        }
         found
     }
 
@@ -638,6 +697,13 @@ impl PodRegistry {
             return;
         }
         for r in pods.values_mut() {
+            if r.pod.name.is_empty()
+                && let Some(cp) = &self.inputs.control_plane
+                && let Some(w) = state::local_workload(&cp.view.borrow(), &r.pod.uid)
+            {
+                r.pod.namespace = w.namespace.clone();
+                r.pod.name = w.name.clone();
+            }
             let wanted = self.wanted(&r.pod);
             let current = r.captured.as_ref().map(|c| Wanted {
                 identity: c.pod.identity.clone(),
