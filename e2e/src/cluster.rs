@@ -565,12 +565,32 @@ pub fn down(name: &str, opts: &Options) -> Result<(), SimError> {
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
     }
+    // Pod namespaces a node proxy kept for its restart (bind mounts under
+    // the state directory): they would keep those namespaces alive, and
+    // the directory could not be removed. No process of the cluster is
+    // left to mount them again.
+    for mount in sys::mounts_under(&state_dir) {
+        if let Err(e) = sys::unmount(&mount) {
+            errors.push(e.to_string());
+        }
+    }
     // 2. Namespaces (their veths go with them) and the host interface.
     for ns in &namespaces {
         if let Err(e) = sys::run("ip", &["netns", "del", ns], None) {
             errors.push(e.to_string());
         }
         let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(ns));
+    }
+    // Per-netns files of namespaces already gone (deleted by hand or by a
+    // test playing the runtime), by prefix too.
+    for entry in std::fs::read_dir("/etc/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
     }
     if let Some(state) = &state {
         // The host end of the fabric veth goes when the fabric namespace is
@@ -592,16 +612,16 @@ pub fn down(name: &str, opts: &Options) -> Result<(), SimError> {
             errors.push(e.to_string());
         }
     }
-    // The node proxies remove their pins when they stop; only empty
-    // directories are left to remove here (bpffs refuses to remove a
-    // directory that still holds pins, which `leftovers` then reports).
+    // The node proxies leave their eBPF programs and maps pinned when they
+    // stop (a restarted proxy finds its pods there; a killed or hung one
+    // could not remove them anyway). No process holds them any more:
+    // removing the pins detaches the links and frees programs and maps.
     let pins = plan::bpf_pin_root(name);
-    if let Ok(nodes) = std::fs::read_dir(&pins) {
-        for node in nodes.flatten() {
-            let _ = std::fs::remove_dir(node.path());
-        }
+    match std::fs::remove_dir_all(&pins) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => errors.push(format!("removing the eBPF pins {}: {e}", pins.display())),
     }
-    let _ = std::fs::remove_dir(&pins);
     // 3. Files: kept when something above failed, so a retry still knows the slot.
     if errors.is_empty()
         && let Err(e) = std::fs::remove_dir_all(&state_dir)

@@ -55,6 +55,10 @@ pub enum MeshError {
     NotStarted(Component),
     #[error("{0} can only be stopped, not restarted, through the mesh (restart the cluster)")]
     NotRestartable(Component),
+    #[error("{0} is not a node proxy")]
+    NotANodeProxy(Component),
+    #[error("no node proxy runs on node {0}")]
+    NoNodeProxy(String),
     #[error("{component} is still running; stop it before restarting it")]
     StillRunning { component: Component },
     #[error("{component} did not exit within {seconds}s of SIGTERM")]
@@ -159,7 +163,28 @@ pub struct NodeProxyState {
     /// Inside the node's namespace only.
     pub admin: SocketAddr,
     pub log: PathBuf,
+    /// The program and its arguments, to start it again the same way
+    /// (`weft-sim restart-proxy`, `rollout-proxy`).
+    #[serde(default)]
+    pub program: PathBuf,
+    #[serde(default)]
+    pub args: Vec<String>,
 }
+
+/// What a kubelet does to a node proxy that is restarted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProxyRestart {
+    /// It crashed: SIGKILL (nothing of its own shutdown runs), then it is
+    /// started again with the same arguments.
+    Crash,
+    /// SIGTERM, wait for it to exit (its drain), then start it again.
+    Graceful,
+}
+
+/// The line a node proxy logs when it becomes ready: the simulator waits
+/// for it in the log, because during a rollout two proxies answer on the
+/// node's health port.
+pub const PROXY_READY_LINE: &str = "node proxy ready: every enrolled pod of this node is served";
 
 impl MeshState {
     pub fn path(state_dir: &Path) -> PathBuf {
@@ -195,6 +220,8 @@ impl std::fmt::Display for Component {
 #[derive(Clone, Debug)]
 struct Launch {
     cgroup: PathBuf,
+    /// The network namespace it runs in (node proxies: their node's).
+    netns: Option<PathBuf>,
     program: PathBuf,
     args: Vec<String>,
     log: PathBuf,
@@ -208,6 +235,8 @@ enum Readiness {
     LogLine,
     /// `GET /ready` answers 200.
     Http(SocketAddr),
+    /// A node proxy: [`PROXY_READY_LINE`] appears in the log.
+    ProxyLine,
 }
 
 /// The exit status of a process, set by its reaper thread.
@@ -232,7 +261,6 @@ impl Exit {
 struct Process {
     pid: u32,
     exit: Arc<Exit>,
-    /// `None` for node proxies (they are started with the node's namespace).
     launch: Option<Launch>,
 }
 
@@ -277,18 +305,126 @@ impl Mesh {
 
     /// Sends SIGTERM to a component, and returns at once.
     pub fn terminate(&self, component: &Component) -> Result<(), MeshError> {
+        self.signal(component, libc::SIGTERM)
+    }
+
+    /// Sends SIGKILL to a component (a crash: none of its shutdown runs),
+    /// and returns at once.
+    pub fn kill(&self, component: &Component) -> Result<(), MeshError> {
+        self.signal(component, libc::SIGKILL)
+    }
+
+    fn signal(&self, component: &Component, signal: libc::c_int) -> Result<(), MeshError> {
         let processes = self.processes.lock().expect("mesh lock");
         let p = processes
             .get(component)
             .ok_or_else(|| MeshError::NotStarted(component.clone()))?;
-        // Checked under the exit lock: the reaper only reaps while holding
-        // it, so the pid is still this child's.
-        let exited = p.exit.status.lock().expect("exit lock");
-        if exited.is_none() {
-            // SAFETY: kill(2) on a child of ours that has not been reaped.
-            unsafe { libc::kill(p.pid as libc::pid_t, libc::SIGTERM) };
-        }
+        terminate_process(p, signal);
         Ok(())
+    }
+
+    /// Starts a node's proxy again with the arguments it was first started
+    /// with (the previous one must have exited), and returns at once; the
+    /// offset in its log where this start's output begins (for
+    /// [`Mesh::wait_node_proxy_ready`]).
+    pub fn start_node_proxy(&self, node: &str) -> Result<u64, MeshError> {
+        let component = Component::NodeProxy(node.to_string());
+        let launch = self.launch_of(&component, false)?;
+        let offset = std::fs::metadata(&launch.log).map_or(0, |m| m.len());
+        self.spawn(component, launch, true)?;
+        Ok(offset)
+    }
+
+    /// Waits until the node proxy started at `log_offset` logs that it is
+    /// ready (every enrolled pod of its node served).
+    pub fn wait_node_proxy_ready(
+        &self,
+        node: &str,
+        log_offset: u64,
+        timeout: Duration,
+    ) -> Result<(), MeshError> {
+        let component = Component::NodeProxy(node.to_string());
+        let launch = self.launch_of(&component, true)?;
+        wait_ready(&component, &launch, log_offset, Instant::now() + timeout)
+    }
+
+    /// What a kubelet does when a node proxy crashes ([`ProxyRestart::Crash`])
+    /// or is restarted ([`ProxyRestart::Graceful`]): the old process ends,
+    /// then a new one starts with the same arguments. Returns once the new
+    /// one is ready.
+    pub fn restart_node_proxy(&self, node: &str, how: ProxyRestart) -> Result<(), MeshError> {
+        let component = Component::NodeProxy(node.to_string());
+        let grace = Duration::from_secs(self.drain_seconds + 10);
+        match how {
+            ProxyRestart::Crash => self.kill(&component)?,
+            ProxyRestart::Graceful => self.terminate(&component)?,
+        }
+        self.wait_exit(&component, grace)?
+            .ok_or_else(|| MeshError::DidNotExit {
+                component: component.clone(),
+                seconds: grace.as_secs(),
+            })?;
+        let offset = self.start_node_proxy(node)?;
+        self.wait_node_proxy_ready(node, offset, Duration::from_secs(60))
+    }
+
+    /// A DaemonSet rollout with `maxSurge: 1, maxUnavailable: 0`: a new
+    /// proxy starts next to the running one, and once it is ready the old
+    /// one gets SIGTERM (it drains and exits). Returns once the old one has
+    /// exited (its exit status).
+    pub fn roll_out_node_proxy(&self, node: &str) -> Result<ExitStatus, MeshError> {
+        let component = Component::NodeProxy(node.to_string());
+        let launch = self.launch_of(&component, true)?;
+        let old = self
+            .processes
+            .lock()
+            .expect("mesh lock")
+            .remove(&component)
+            .ok_or_else(|| MeshError::NotStarted(component.clone()))?;
+        let offset = std::fs::metadata(&launch.log).map_or(0, |m| m.len());
+        let started = self
+            .spawn(component.clone(), launch.clone(), true)
+            .and_then(|()| {
+                wait_ready(
+                    &component,
+                    &launch,
+                    offset,
+                    Instant::now() + Duration::from_secs(60),
+                )
+            });
+        if let Err(e) = started {
+            // The old one keeps serving (maxUnavailable: 0); it stays ours.
+            let mut processes = self.processes.lock().expect("mesh lock");
+            if let Some(new) = processes.insert(component.clone(), old) {
+                terminate_process(&new, libc::SIGKILL);
+            }
+            return Err(e);
+        }
+        terminate_process(&old, libc::SIGTERM);
+        let grace = Duration::from_secs(self.drain_seconds + 10);
+        old.exit.wait(grace).ok_or(MeshError::DidNotExit {
+            component,
+            seconds: grace.as_secs(),
+        })
+    }
+
+    fn launch_of(&self, component: &Component, running: bool) -> Result<Launch, MeshError> {
+        if !matches!(component, Component::NodeProxy(_)) {
+            return Err(MeshError::NotANodeProxy(component.clone()));
+        }
+        let processes = self.processes.lock().expect("mesh lock");
+        let p = processes
+            .get(component)
+            .ok_or_else(|| MeshError::NotStarted(component.clone()))?;
+        let is_running = p.exit.status.lock().expect("exit lock").is_none();
+        if is_running && !running {
+            return Err(MeshError::StillRunning {
+                component: component.clone(),
+            });
+        }
+        p.launch
+            .clone()
+            .ok_or_else(|| MeshError::NotRestartable(component.clone()))
     }
 
     /// Waits up to `timeout` for a component to exit; its status if it did.
@@ -330,6 +466,9 @@ impl Mesh {
                 return Err(MeshError::StillRunning {
                     component: component.clone(),
                 });
+            }
+            if matches!(component, Component::NodeProxy(_)) {
+                return Err(MeshError::NotRestartable(component.clone()));
             }
             p.launch
                 .clone()
@@ -397,6 +536,7 @@ impl Mesh {
         );
         let identity_launch = Launch {
             cgroup: cgroup.clone(),
+            netns: None,
             program: self.binaries.identity.clone(),
             args,
             log: identity_log,
@@ -439,6 +579,7 @@ impl Mesh {
         .to_vec();
         let destination_launch = Launch {
             cgroup,
+            netns: None,
             program: self.binaries.destination.clone(),
             args,
             log: destination_log,
@@ -468,7 +609,10 @@ impl Mesh {
                 &metrics.to_string(),
                 "--health-addr",
                 &health.to_string(),
-                "--uninstall-on-exit",
+                // Kept across restarts; `down` removes them (and the pins,
+                // which the proxy leaves so that a restart finds its pods).
+                "--state-dir",
+                &path_arg(&node_proxy_state_dir(state, &node.name)),
                 "--drain-seconds",
                 &self.drain_seconds.to_string(),
                 "--destination-address",
@@ -489,29 +633,23 @@ impl Mesh {
             .map(String::from)
             .to_vec();
             args.extend(self.proxy_args.iter().cloned());
-            let mut cmd = crate::cluster::node_command(
-                state,
-                &node.name,
-                path_str(&self.binaries.node_proxy),
-                &args,
-            )
-            .map_err(|e| MeshError::Io {
-                what: format!("preparing the node proxy of {}", node.name),
-                source: std::io::Error::other(e.to_string()),
-            })?;
-            self.start_logged(
-                &mut cmd,
-                &log,
-                Component::NodeProxy(node.name.clone()),
-                None,
-                false,
-            )?;
+            let launch = Launch {
+                cgroup: node.cgroup.clone(),
+                netns: Some(node.netns_path.clone()),
+                program: self.binaries.node_proxy.clone(),
+                args: args.clone(),
+                log: log.clone(),
+                ready: Readiness::ProxyLine,
+            };
+            self.spawn(Component::NodeProxy(node.name.clone()), launch, false)?;
             proxies.push(NodeProxyState {
                 node: node.name.clone(),
                 metrics,
                 health,
                 admin: "127.0.0.1:15000".parse().expect("address"),
                 log,
+                program: self.binaries.node_proxy.clone(),
+                args,
             });
         }
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -544,12 +682,21 @@ impl Mesh {
     /// Starts a control plane process in its cgroup.
     fn spawn(&self, component: Component, launch: Launch, append: bool) -> Result<(), MeshError> {
         let cg = CgroupHandle::open(&launch.cgroup)?;
+        let netns = launch
+            .netns
+            .as_deref()
+            .map(sys::NetnsHandle::open)
+            .transpose()?;
         let mut cmd = Command::new(&launch.program);
         cmd.args(&launch.args);
+        if let Some(netns) = &netns {
+            sys::enter_netns_before_exec(&mut cmd, netns);
+        }
         sys::join_cgroup_before_exec(&mut cmd, &cg);
         let log = launch.log.clone();
         self.start_logged(&mut cmd, &log, component, Some(launch), append)?;
-        drop(cg); // only after spawn: the child writes to it before exec
+        // Only after spawn: the child uses both before exec.
+        drop((cg, netns));
         Ok(())
     }
 
@@ -652,10 +799,6 @@ fn path_arg(p: &Path) -> String {
     p.to_string_lossy().into_owned()
 }
 
-fn path_str(p: &Path) -> &str {
-    p.to_str().unwrap_or_default()
-}
-
 /// Waits until a (re)started control plane process serves; `log_offset`:
 /// where this start's output begins in its log.
 fn wait_ready(
@@ -677,7 +820,145 @@ fn wait_ready(
         Readiness::Http(addr) => wait_for(&name, &launch.log, deadline, || {
             http_get(addr, "/ready").is_some_and(|(s, _)| s == 200)
         }),
+        Readiness::ProxyLine => wait_for(&name, &launch.log, deadline, || {
+            log_since(&launch.log, log_offset).contains(PROXY_READY_LINE)
+        }),
     }
+}
+
+/// What a log holds from `offset` on.
+fn log_since(log: &Path, offset: u64) -> String {
+    std::fs::read(log)
+        .map(|l| String::from_utf8_lossy(l.get(offset as usize..).unwrap_or_default()).into_owned())
+        .unwrap_or_default()
+}
+
+/// A signal to a process the mesh started, unless it was reaped. Checked
+/// under the exit lock: the reaper only reaps while holding it, so the pid
+/// is still this child's.
+fn terminate_process(p: &Process, signal: libc::c_int) {
+    let exited = p.exit.status.lock().expect("exit lock");
+    if exited.is_none() {
+        // SAFETY: kill(2) on a child of ours that has not been reaped.
+        unsafe { libc::kill(p.pid as libc::pid_t, signal) };
+    }
+}
+
+/// `weft-sim restart-proxy` and `rollout-proxy`: what [`Mesh::restart_node_proxy`]
+/// (`how` given) and [`Mesh::roll_out_node_proxy`] (`how` = `None`) do,
+/// from a process that did not start the proxies (a detached `up`). The
+/// node proxy is found in its node's cgroup and started again from what
+/// `mesh.json` recorded; the new one is left running when this returns.
+/// Returns the pids of the old process(es) and of the new one.
+pub fn cycle_node_proxy(
+    state: &State,
+    node: &str,
+    how: Option<ProxyRestart>,
+    timeout: Duration,
+) -> Result<(Vec<i32>, u32), MeshError> {
+    let mesh = MeshState::load(&state.state_dir)
+        .ok_or_else(|| MeshError::NotStarted(Component::NodeProxy(node.into())))?;
+    let proxy = mesh
+        .node_proxies
+        .iter()
+        .find(|p| p.node == node)
+        .filter(|p| !p.args.is_empty())
+        .ok_or_else(|| MeshError::NotRestartable(Component::NodeProxy(node.into())))?;
+    let n = state
+        .node(node)
+        .ok_or_else(|| MeshError::NoNodeProxy(node.into()))?;
+    let component = Component::NodeProxy(node.into());
+    let procs = || -> Vec<i32> {
+        std::fs::read_to_string(n.cgroup.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    };
+    let old = procs();
+    if old.is_empty() {
+        return Err(MeshError::NoNodeProxy(node.into()));
+    }
+    let signal_old = |signal: libc::c_int| {
+        for pid in &old {
+            // SAFETY: kill(2) on a process of the node's cgroup, which only
+            // the simulator's node-level processes (the node proxy) join.
+            unsafe { libc::kill(*pid, signal) };
+        }
+    };
+    let wait_old_gone = || -> Result<(), MeshError> {
+        let deadline = Instant::now() + timeout;
+        while procs().iter().any(|p| old.contains(p)) {
+            if Instant::now() > deadline {
+                return Err(MeshError::DidNotExit {
+                    component: component.clone(),
+                    seconds: timeout.as_secs(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    };
+    match how {
+        Some(ProxyRestart::Crash) => signal_old(libc::SIGKILL),
+        Some(ProxyRestart::Graceful) => signal_old(libc::SIGTERM),
+        None => {}
+    }
+    if how.is_some() {
+        wait_old_gone()?;
+    }
+    let launch = Launch {
+        cgroup: n.cgroup.clone(),
+        netns: Some(n.netns_path.clone()),
+        program: proxy.program.clone(),
+        args: proxy.args.clone(),
+        log: proxy.log.clone(),
+        ready: Readiness::ProxyLine,
+    };
+    let offset = std::fs::metadata(&launch.log).map_or(0, |m| m.len());
+    let cg = CgroupHandle::open(&launch.cgroup)?;
+    let netns = sys::NetnsHandle::open(&n.netns_path)?;
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&launch.log)
+        .map_err(io(format!("opening {}", launch.log.display())))?;
+    let err = out.try_clone().map_err(io("log file"))?;
+    let mut cmd = Command::new(&launch.program);
+    cmd.args(&launch.args)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err);
+    // Not in our process group: a Ctrl-C meant for this command does not
+    // reach the node proxy it leaves running.
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    sys::enter_netns_before_exec(&mut cmd, &netns);
+    sys::join_cgroup_before_exec(&mut cmd, &cg);
+    let child = cmd.spawn().map_err(io(format!("starting {component}")))?;
+    drop((cg, netns));
+    let new = child.id();
+    if let Err(e) = wait_ready(&component, &launch, offset, Instant::now() + timeout) {
+        if how.is_none() {
+            // A rollout whose new proxy never became ready: the old one
+            // keeps serving (maxUnavailable: 0).
+            // SAFETY: kill(2) on the child we just started (not reaped:
+            // `child` is still held).
+            unsafe { libc::kill(new as libc::pid_t, libc::SIGKILL) };
+        }
+        drop(child);
+        return Err(e);
+    }
+    drop(child);
+    if how.is_none() {
+        signal_old(libc::SIGTERM);
+        wait_old_gone()?;
+    }
+    Ok((old, new))
+}
+
+/// Where a node's proxy keeps its pod registrations and kept namespaces.
+pub fn node_proxy_state_dir(state: &State, node: &str) -> PathBuf {
+    state.state_dir.join("nodes").join(node).join("proxy")
 }
 
 fn wait_for(

@@ -158,6 +158,59 @@ pub fn cgroup2_mount() -> Result<PathBuf, SysError> {
         .ok_or(SysError::NoCgroup2)
 }
 
+/// Mount points at or under `dir` (from `/proc/self/mountinfo`), deepest
+/// first: what must be unmounted before `dir` can be removed.
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut found: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|line| {
+            let field = line.split_whitespace().nth(4)?;
+            let path = PathBuf::from(unescape_mountinfo(field));
+            path.starts_with(dir).then_some(path)
+        })
+        .collect();
+    found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    found.dedup();
+    found
+}
+
+/// mountinfo writes space, tab, newline and backslash as `\ooo`.
+fn unescape_mountinfo(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\'
+            && let Some(oct) = field.get(i + 1..i + 4)
+            && let Ok(v) = u8::from_str_radix(oct, 8)
+        {
+            out.push(v);
+            i += 4;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Detaches a mount (`umount2(MNT_DETACH)`): gone from the tree at once,
+/// released when its last user is.
+pub fn unmount(path: &Path) -> Result<(), SysError> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io(format!("unmounting {}", path.display()))(std::io::Error::other(e)))?;
+    // SAFETY: umount2(2) with a NUL-terminated path that outlives the call.
+    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINVAL) {
+            return Err(io(format!("unmounting {}", path.display()))(e));
+        }
+    }
+    Ok(())
+}
+
 /// An open `cgroup.procs`, so a child can join the cgroup between fork and
 /// exec without allocating (see [`join_cgroup_before_exec`]).
 pub struct CgroupHandle {
@@ -373,6 +426,14 @@ mod tests {
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "new");
+    }
+
+    #[test]
+    fn mountinfo_escapes_are_undone() {
+        assert_eq!(unescape_mountinfo("/run/a\\040b"), "/run/a b");
+        assert_eq!(unescape_mountinfo("/x\\011y\\134z"), "/x\ty\\z");
+        // Not an escape: kept as it is.
+        assert_eq!(unescape_mountinfo("/p\\9x"), "/p\\9x");
     }
 
     #[test]

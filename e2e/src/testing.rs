@@ -189,6 +189,9 @@ pub fn leftovers(name: &str, slot: Option<u8>) -> Vec<String> {
         }
     }
     if let Ok(opts) = Options::detect() {
+        for mount in crate::sys::mounts_under(&opts.layout.run_dir.join(name)) {
+            left.push(format!("mount {}", mount.display()));
+        }
         for dir in [
             opts.layout.cgroup_root.join(name),
             opts.layout.run_dir.join(name),

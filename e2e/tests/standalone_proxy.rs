@@ -26,7 +26,10 @@ impl NodeAgents for NodeProxies {
             let pin_dir = node.bpf_pin_dir.clone();
             let log_path = state.state_dir.join(format!("proxy-{}.log", node.name));
             let log = std::fs::File::create(&log_path).map_err(|e| e.to_string())?;
+            let state_dir = weft_sim::mesh::node_proxy_state_dir(state, &node.name);
             let args: Vec<String> = [
+                "--state-dir",
+                state_dir.to_str().unwrap(),
                 "--node",
                 &node.name,
                 "--agent-socket",

@@ -41,8 +41,19 @@ fn main() {
     let programs = PROGRAMS
         .iter()
         .chain(TESTING_PROGRAMS.iter().filter(|_| testing));
-    for name in programs {
-        let src = bpf.join(format!("{name}.bpf.c"));
+    // With `testing`, the cgroup programs once more as "the previous
+    // version" (different instructions, same behaviour), for the tests of
+    // the in-place upgrade.
+    let previous = testing.then_some((
+        "weft_cgroup_previous",
+        "weft_cgroup",
+        "-DWEFT_PREVIOUS_VERSION",
+    ));
+    let builds = programs
+        .map(|name| (*name, *name, "-DWEFT_CURRENT_VERSION"))
+        .chain(previous);
+    for (name, source, define) in builds {
+        let src = bpf.join(format!("{source}.bpf.c"));
         let obj = out.join(format!("{name}.bpf.o"));
         let mut cmd = Command::new(&clang);
         cmd.args(["-target", "bpf", "-g", "-O2", "-Wall", "-Werror"])
@@ -51,7 +62,7 @@ fn main() {
             // asm/types.h lives in the multiarch directory on Debian.
             cmd.arg(format!("-I{dir}"));
         }
-        cmd.arg("-c").arg(&src).arg("-o").arg(&obj);
+        cmd.arg(define).arg("-c").arg(&src).arg("-o").arg(&obj);
         let status = cmd
             .status()
             .unwrap_or_else(|e| fail(&format!("could not run {clang}: {e}")));

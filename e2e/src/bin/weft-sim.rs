@@ -95,6 +95,30 @@ enum Cmd {
         #[arg(last = true, required = true)]
         argv: Vec<String>,
     },
+    /// Restart a node's proxy as a kubelet does (`--mesh` clusters): by
+    /// default a crash (SIGKILL, then started again with the same
+    /// arguments); `--graceful`: SIGTERM, wait for it to drain and exit,
+    /// then start it. Returns once the new one is ready.
+    RestartProxy {
+        #[arg(long, default_value = "weft")]
+        name: String,
+        node: String,
+        #[arg(long)]
+        graceful: bool,
+        /// Seconds to wait for the old one to exit and the new one to be ready.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
+    /// Roll a node's proxy out with surge (`maxSurge: 1, maxUnavailable:
+    /// 0`): a new one starts next to the running one; once it is ready the
+    /// old one gets SIGTERM. Returns once the old one has exited.
+    RolloutProxy {
+        #[arg(long, default_value = "weft")]
+        name: String,
+        node: String,
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
     /// Tear the cluster down (idempotent; also cleans up after a crash).
     Down {
         #[arg(long, default_value = "weft")]
@@ -260,6 +284,42 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::PodExec { .. } => unreachable!("handled above"),
+        Cmd::RestartProxy {
+            name,
+            node,
+            graceful,
+            timeout,
+        } => {
+            let state = cluster::load(&name, &opts)?;
+            let how = if graceful {
+                weft_sim::mesh::ProxyRestart::Graceful
+            } else {
+                weft_sim::mesh::ProxyRestart::Crash
+            };
+            let (old, new) = weft_sim::mesh::cycle_node_proxy(
+                &state,
+                &node,
+                Some(how),
+                Duration::from_secs(timeout),
+            )?;
+            out!("node proxy of {node}: pid {old:?} ended ({how:?}), pid {new} ready")?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::RolloutProxy {
+            name,
+            node,
+            timeout,
+        } => {
+            let state = cluster::load(&name, &opts)?;
+            let (old, new) = weft_sim::mesh::cycle_node_proxy(
+                &state,
+                &node,
+                None,
+                Duration::from_secs(timeout),
+            )?;
+            out!("node proxy of {node}: pid {new} ready, then pid {old:?} drained and exited")?;
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Down { name } => {
             cluster::down(&name, &opts)?;
             Ok(ExitCode::SUCCESS)

@@ -39,6 +39,21 @@ fn not_found() -> Reply {
     reply(StatusCode::NOT_FOUND, "text/plain", "not found\n")
 }
 
+/// A listener for one of these endpoints, with SO_REUSEPORT: a rollout's
+/// new proxy binds it while the old one still serves it (both run as
+/// root; the kernel groups only sockets of one user), and the old one's
+/// close at SIGTERM leaves the new one answering with no gap.
+pub fn bind_shared(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    sock.set_reuse_address(true)?;
+    sock.set_reuse_port(true)?;
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(1024)?;
+    TcpListener::from_std(sock.into())
+}
+
 /// Serves `handle` on every connection of `listener` until `shutdown`.
 pub async fn serve<F>(listener: TcpListener, handle: F, shutdown: impl Future<Output = ()>)
 where

@@ -7,10 +7,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use weft_node_proxy::admin;
-use weft_node_proxy::pods::PodRegistry;
+use weft_node_proxy::pods::{PodRegistry, Records, RecoveryMetrics};
 use weft_node_proxy::policy::InboundAuthz;
 use weft_node_proxy::proxy::ProxyInputs;
 use weft_node_proxy::state::ControlPlane;
@@ -31,6 +30,12 @@ struct Args {
     /// Where pods are registered (shared with the CNI plugin).
     #[arg(long, default_value = weft_registration::DEFAULT_AGENT_SOCKET)]
     agent_socket: PathBuf,
+    /// Node-local directory where the proxy keeps every pod registration
+    /// and a bind mount of its network namespace, so that a proxy started
+    /// again (a crash, a rollout) finds the pods already on the node. On
+    /// Kubernetes a hostPath with `mountPropagation: Bidirectional`.
+    #[arg(long, default_value = "/var/run/weft/node-proxy")]
+    state_dir: PathBuf,
     /// bpffs directory for the redirection programs and maps.
     #[arg(long, default_value = weft_redirector::DEFAULT_PIN_DIR)]
     pin_dir: PathBuf,
@@ -181,14 +186,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // One drain for everything: the admin servers stop when it starts, and
     // every connection holds a watch until it is done.
     let drain = inputs.drain.clone();
-    let pods = Arc::new(PodRegistry::new(redirector.clone(), inputs));
+    let recovery = RecoveryMetrics::default();
+    recovery.register(&mut registry);
+    let pods = Arc::new(PodRegistry::with_records(
+        redirector.clone(),
+        inputs,
+        Some(Records::new(&args.state_dir)),
+        recovery,
+    ));
 
     let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut watch: DrainWatch| async move { watch.signaled().await };
+    // SO_REUSEPORT: in a rollout the new proxy binds these while the old
+    // one still serves them, so they never stop answering.
     let bind = |addr: SocketAddr, what: &'static str| async move {
-        TcpListener::bind(addr).await.map_err(|e| {
+        admin::bind_shared(addr).map_err(|e| {
             anyhow::anyhow!(
-                "cannot listen on {addr} for {what}: {e} (is another node proxy running?)"
+                "cannot listen on {addr} for {what}: {e} (is a node proxy of another user running?)"
             )
         })
     };
@@ -214,12 +228,31 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(dir) = args.agent_socket.parent() {
         std::fs::create_dir_all(dir)?;
     }
+    // Taken over from a running proxy (rollout) in one rename: the CNI
+    // plugin always finds a listening socket. Before the kept pods are
+    // read, so a pod added from now on is this proxy's, and one added
+    // before has its record.
     let mut registrations = PodRegistrationListener::bind(&args.agent_socket).map_err(|e| {
         anyhow::anyhow!(
             "cannot listen for pod registrations on {}: {e}",
             args.agent_socket.display()
         )
     })?;
+    let recovered = pods.recover();
+    if recovered > 0 {
+        tracing::info!(
+            pods = recovered,
+            "found pods registered to an earlier node proxy"
+        );
+    }
+    // An ADD the previous proxy took just before the socket changed hands
+    // is recorded once it is handled (up to VIEW_WAIT later): read the
+    // records once more after that.
+    let late = pods.clone();
+    let late_recovery = tokio::spawn(async move {
+        tokio::time::sleep(VIEW_WAIT + Duration::from_secs(5)).await;
+        late.recover_late();
+    });
     match &mesh {
         // Ready once the proxy has a view and a certificate for every pod
         // it captured; pods move in and out of the mesh as the view changes.
@@ -231,9 +264,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 ready_tx.clone(),
             ));
         }
-        // Standalone: ready as soon as it can take pods.
+        // Standalone: ready once every kept pod is captured again.
         None => {
-            let _ = ready_tx.send(true);
+            let ready = pods.all_served();
+            if ready {
+                tracing::info!("node proxy ready: every enrolled pod of this node is served");
+            }
+            let _ = ready_tx.send(ready);
         }
     }
     tracing::info!(node = %args.node, socket = %args.agent_socket.display(), mesh = mesh.is_some(), "node proxy listening for pods");
@@ -276,6 +313,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     tracing::info!(seconds = args.drain_seconds, "draining");
+    // A draining proxy captures nothing more (its listeners would take the
+    // pods' inbound steering from its successor).
+    late_recovery.abort();
     let _ = ready_tx.send(false);
     drop(registrations);
     // No new connection (the pods' listeners close: they fail closed); the
@@ -385,8 +425,19 @@ async fn follow_view(
             }
             last_version = Some(version);
         }
-        let now_ready = mesh.has_view() && pods.certificates_ready();
-        ready.send_if_modified(|r| std::mem::replace(r, now_ready) != now_ready);
+        // Ready: every pod of this node the view has in the mesh is
+        // captured, with its certificate (after a restart: found again).
+        let now_ready = mesh.has_view() && pods.all_served();
+        if ready.send_if_modified(|r| std::mem::replace(r, now_ready) != now_ready) {
+            if now_ready {
+                tracing::info!(
+                    pods = pods.pods().len(),
+                    "node proxy ready: every enrolled pod of this node is served"
+                );
+            } else {
+                tracing::info!("node proxy not ready: a pod of this node is not served");
+            }
+        }
         // Ready changes with the view, with a certificate issued or
         // withdrawn, and with a pod captured or released.
         tokio::select! {

@@ -10,12 +10,18 @@
 //! no guessing from source addresses.
 
 mod netns_sockets;
+mod records;
 
 pub use netns_sockets::NetnsSockets;
+pub use records::{PodRecord, Records};
 
 use crate::proxy::{ProxyInputs, inbound, outbound};
 use crate::state::{self, PodInfo};
 use crate::transport::LocalPod;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
@@ -34,6 +40,15 @@ struct Wanted {
     workload_uid: Option<String>,
 }
 
+/// The key of a pod in the registry (and of its kept registration).
+fn pod_id(pod: &PodRef) -> String {
+    if pod.uid.is_empty() {
+        format!("{}/{}", pod.namespace, pod.name)
+    } else {
+        pod.uid.clone()
+    }
+}
+
 /// Aborts the listeners of a capture that failed half-way.
 struct Guard(Vec<JoinHandle<()>>);
 
@@ -50,6 +65,44 @@ struct Registered {
     netns: Arc<Netns>,
     annotations: HashMap<String, String>,
     captured: Option<Captured>,
+    /// Found again at start (not registered to this process): its first
+    /// failed capture is counted as a pod that could not be recovered.
+    recovered: bool,
+}
+
+/// `weft_node_proxy_pods_recovered_total` and
+/// `weft_node_proxy_pods_unrecovered_total{reason}`: pods found again at
+/// start, and those that could not be (each also logged with why).
+#[derive(Clone, Debug, Default)]
+pub struct RecoveryMetrics {
+    recovered: Counter,
+    unrecovered: Family<ReasonLabel, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+impl RecoveryMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "weft_node_proxy_pods_recovered",
+            "Pods already on the node that this proxy found again at start and serves",
+            self.recovered.clone(),
+        );
+        registry.register(
+            "weft_node_proxy_pods_unrecovered",
+            "Pods enrolled before this proxy started that it could not serve again, by reason",
+            self.unrecovered.clone(),
+        );
+    }
+
+    fn unrecovered(&self, reason: &'static str) {
+        self.unrecovered
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
 }
 
 struct Captured {
@@ -84,18 +137,38 @@ pub enum RegistrationError {
 pub struct PodRegistry {
     redirector: Arc<Redirector>,
     inputs: ProxyInputs,
+    /// Registrations kept for the next start (`None`: nothing is kept).
+    records: Option<Records>,
+    metrics: RecoveryMetrics,
     pods: Mutex<HashMap<String, Registered>>,
     /// Bumped when a pod is captured or released: readiness follows it.
     changes: tokio::sync::watch::Sender<u64>,
+    /// Set at shutdown: from then on the pods are the successor's (a
+    /// rollout), and this proxy changes nothing of their capture.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 impl PodRegistry {
     pub fn new(redirector: Arc<Redirector>, inputs: ProxyInputs) -> Self {
+        Self::with_records(redirector, inputs, None, RecoveryMetrics::default())
+    }
+
+    /// A registry that keeps every registration in `records` (and finds
+    /// them again with [`PodRegistry::recover`]).
+    pub fn with_records(
+        redirector: Arc<Redirector>,
+        inputs: ProxyInputs,
+        records: Option<Records>,
+        metrics: RecoveryMetrics,
+    ) -> Self {
         Self {
             redirector,
             inputs,
+            records,
+            metrics,
             pods: Mutex::default(),
             changes: tokio::sync::watch::Sender::new(0),
+            stopping: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -144,6 +217,7 @@ impl PodRegistry {
             netns,
             annotations,
             captured: None,
+            recovered: false,
         };
         let wanted = self.wanted(&registered.pod);
         if let Some(wanted) = wanted {
@@ -151,9 +225,291 @@ impl PodRegistry {
         } else {
             tracing::info!(pod = %key, "pod registered, not in the mesh");
         }
-        let id = if pod.uid.is_empty() { key } else { pod.uid };
-        self.pods.lock().expect("pods lock").insert(id, registered);
+        let id = pod_id(&pod);
+        self.keep(&id, &registered, netns_path);
+        let replaced = self.pods.lock().expect("pods lock").insert(id, registered);
+        // Recovery registered the same pod meanwhile: its listeners go,
+        // the pod stays enrolled (it is this registration's now).
+        if let Some(c) = replaced.and_then(|r| r.captured) {
+            for h in c.listeners {
+                h.abort();
+            }
+            self.release_certificate(&c.pod);
+        }
         Ok(())
+    }
+
+    /// Keeps the registration for the next start of the proxy. A failure
+    /// does not refuse the pod (it is served now), but a restarted proxy
+    /// will not find it: logged as such.
+    fn keep(&self, id: &str, r: &Registered, netns_path: &std::path::Path) {
+        let Some(records) = &self.records else { return };
+        let key = format!("{}/{}", r.pod.namespace, r.pod.name);
+        let saved = r
+            .netns
+            .cookie()
+            .map_err(std::io::Error::other)
+            .and_then(|cookie| {
+                let record = PodRecord {
+                    pod: r.pod.clone(),
+                    netns: netns_path.to_path_buf(),
+                    annotations: r.annotations.clone(),
+                    netns_cookie: cookie,
+                };
+                records.save(id, &record, &r.netns)
+            });
+        if let Err(e) = saved {
+            tracing::error!(pod = %key, error = %e, dir = %records.dir().display(), "cannot keep the pod's registration: a restarted node proxy will not find it");
+        }
+    }
+
+    /// Finds again the pods registered to an earlier run of the proxy on
+    /// this node (a crash, a rollout): from their records and kept
+    /// namespaces, checked against the namespace the runtime still has.
+    /// They are registered as if added now; [`PodRegistry::reconcile`]
+    /// captures the enrolled ones when the view has them. Returns how many
+    /// were found.
+    pub fn recover(&self) -> usize {
+        self.recover_records(true)
+    }
+
+    /// A second pass over the records, for registrations the previous
+    /// proxy took in the instant of the hand-over and recorded after this
+    /// one's first pass (a rollout): pods already registered here are left
+    /// alone.
+    pub fn recover_late(&self) -> usize {
+        self.recover_records(false)
+    }
+
+    fn recover_records(&self, first: bool) -> usize {
+        let Some(records) = &self.records else {
+            return 0;
+        };
+        if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            return 0;
+        }
+        let mut found = 0;
+        for (path, record) in records.load() {
+            let record = match record {
+                Ok(r) => r,
+                Err(why) => {
+                    tracing::error!(record = %path.display(), %why, "unusable pod record; the pod cannot be recovered");
+                    self.metrics.unrecovered("unreadable_record");
+                    records.discard(&path);
+                    continue;
+                }
+            };
+            let id = pod_id(&record.pod);
+            if self.pods.lock().expect("pods lock").contains_key(&id) {
+                // Registered to this proxy since (its own record).
+                continue;
+            }
+            let key = format!("{}/{}", record.pod.namespace, record.pod.name);
+            match self.recover_one(records, &id, &record) {
+                Ok(r) => {
+                    // An ADD of the same pod may have come meanwhile: it wins.
+                    if let std::collections::hash_map::Entry::Vacant(v) =
+                        self.pods.lock().expect("pods lock").entry(id)
+                    {
+                        tracing::info!(pod = %key, "pod found again from its kept registration");
+                        v.insert(r);
+                        found += 1;
+                    }
+                }
+                Err((reason, why)) => {
+                    tracing::warn!(pod = %key, %why, "pod not recovered");
+                    if reason != "pod_gone" {
+                        self.metrics.unrecovered(reason);
+                    }
+                    // Its enrollment, if any, goes with it: a namespace
+                    // that is not the pod's any more must not stay captured
+                    // (a live pod we cannot serve stays enrolled: fail closed).
+                    if reason == "pod_gone"
+                        && let Err(e) = self.redirector.unenroll_cookie(record.netns_cookie)
+                    {
+                        tracing::warn!(pod = %key, error = %e, "unenroll failed");
+                    }
+                    if reason == "pod_gone" || reason == "namespace_not_kept" {
+                        let _ = records.remove(&id);
+                    }
+                }
+            }
+        }
+        if !first {
+            if found > 0 {
+                tracing::info!(
+                    pods = found,
+                    "found pods recorded by the previous node proxy during the hand-over"
+                );
+                self.reconcile();
+                self.changes.send_modify(|n| *n += 1);
+            }
+            return found;
+        }
+        // Enrolled namespaces that vanished without a DEL while no proxy ran.
+        match self.redirector.remove_stale() {
+            Ok(stale) if !stale.is_empty() => {
+                tracing::info!(
+                    pods = stale.len(),
+                    "unenrolled pods whose namespace is gone"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot check for stale enrollments"),
+        }
+        // Enrolled in the kernel but with no record: cut off (fail closed)
+        // until the CNI plugin registers it again.
+        let known: Vec<String> = self
+            .pods
+            .lock()
+            .expect("pods lock")
+            .values()
+            .map(|r| r.pod.uid.clone())
+            .collect();
+        if let Ok(enrolled) = self.redirector.enrolled() {
+            let missing: Vec<_> = enrolled
+                .into_iter()
+                .filter(|e| !known.contains(&e.pod_uid))
+                .collect();
+            found += self.discover(missing);
+        }
+        // Standalone, every pod is captured now; with a control plane,
+        // those the view has (again when it changes).
+        self.reconcile();
+        self.changes.send_modify(|n| *n += 1);
+        found
+    }
+
+    /// Pods enrolled in the kernel with no record (a state directory that
+    /// did not outlive the proxy): their namespaces are found among the
+    /// node's processes (`/proc/<pid>/ns/net`) by the enrolled cookie, and
+    /// the pod by the uid the map holds; namespace and name come from the
+    /// view when it has them. Not recorded again (a process's path is not
+    /// a stable name): a later start finds them the same way. A pod whose
+    /// namespace no process holds is counted (`no_record`) and stays
+    /// enrolled: refused, until it is registered again.
+    fn discover(&self, missing: Vec<weft_redirector::Enrolled>) -> usize {
+        if missing.is_empty() {
+            return 0;
+        }
+        let scanned = match weft_redirector::discovery::scan_host() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot scan /proc for the namespaces of enrolled pods");
+                Vec::new()
+            }
+        };
+        let mut by_cookie: HashMap<u64, Netns> = HashMap::new();
+        for d in scanned {
+            if let Ok(n) = Netns::open(&d.netns_path)
+                && let Ok(cookie) = n.cookie()
+                && missing.iter().any(|e| e.netns_cookie == cookie)
+            {
+                by_cookie.entry(cookie).or_insert(n);
+            }
+        }
+        let mut found = 0;
+        for e in missing {
+            let Some(netns) = by_cookie.remove(&e.netns_cookie) else {
+                tracing::error!(pod_uid = %e.pod_uid, cookie = e.netns_cookie, "pod enrolled on this node but no registration is kept for it and no process holds its namespace: its connections are refused until it is registered again");
+                self.metrics.unrecovered("no_record");
+                continue;
+            };
+            let pod = PodRef {
+                namespace: String::new(),
+                name: String::new(),
+                uid: e.pod_uid.clone(),
+            };
+            let id = pod_id(&pod);
+            if let std::collections::hash_map::Entry::Vacant(v) =
+                self.pods.lock().expect("pods lock").entry(id)
+            {
+                tracing::info!(pod_uid = %e.pod_uid, netns = %netns.path().display(), "pod found by its namespace (no kept registration)");
+                v.insert(Registered {
+                    pod,
+                    netns: Arc::new(netns),
+                    annotations: HashMap::new(),
+                    captured: None,
+                    recovered: true,
+                });
+                found += 1;
+            }
+        }
+        found
+    }
+
+    fn recover_one(
+        &self,
+        records: &Records,
+        id: &str,
+        record: &PodRecord,
+    ) -> Result<Registered, (&'static str, String)> {
+        let same = |n: &Netns| n.cookie().is_ok_and(|c| c == record.netns_cookie);
+        // The runtime's path still naming the same namespace is what says
+        // the pod lives: once the pod is deleted only our bind mount holds it.
+        let runtime = Netns::open(&record.netns).ok().filter(same);
+        let kept = records.kept_netns(id);
+        let netns = match Netns::open(&kept) {
+            Ok(n) if same(&n) => n,
+            // The kept mount did not survive (a state directory that is not
+            // shared with the host): the runtime's path still serves.
+            _ => match runtime {
+                Some(n) => {
+                    tracing::warn!(pod = %record.pod.name, kept = %kept.display(), "kept namespace missing; using the runtime's path");
+                    if let Err(e) = records.save(id, record, &n) {
+                        tracing::warn!(error = %e, "cannot keep the namespace again");
+                    }
+                    return Ok(Registered {
+                        pod: record.pod.clone(),
+                        netns: Arc::new(n),
+                        annotations: record.annotations.clone(),
+                        captured: None,
+                        recovered: true,
+                    });
+                }
+                None => {
+                    return Err((
+                        "namespace_not_kept",
+                        format!(
+                            "neither {} nor {} is the pod's namespace any more",
+                            kept.display(),
+                            record.netns.display()
+                        ),
+                    ));
+                }
+            },
+        };
+        if runtime.is_none() {
+            return Err((
+                "pod_gone",
+                format!(
+                    "{} no longer names the pod's namespace (deleted while no proxy ran)",
+                    record.netns.display()
+                ),
+            ));
+        }
+        Ok(Registered {
+            pod: record.pod.clone(),
+            netns: Arc::new(netns),
+            annotations: record.annotations.clone(),
+            captured: None,
+            recovered: true,
+        })
+    }
+
+    /// `/ready`: every registered pod the view wants in the mesh is
+    /// captured and has its certificate.
+    pub fn all_served(&self) -> bool {
+        let pods = self.pods.lock().expect("pods lock");
+        pods.values().all(|r| match self.wanted(&r.pod) {
+            None => true,
+            Some(_) => r.captured.as_ref().is_some_and(|c| {
+                match (&self.inputs.control_plane, &c.pod.identity) {
+                    (Some(cp), Some(id)) => cp.certs.current_certificate(id).is_some(),
+                    _ => true,
+                }
+            }),
+        })
     }
 
     /// Whether a pod should be captured and as what: standalone, always;
@@ -202,6 +558,12 @@ impl PodRegistry {
                     source,
                 })
         };
+        // When a proxy closes its listeners (a rollout's old proxy), the
+        // connections in their accept queues move to the successor's
+        // listeners of the same reuseport group instead of being reset.
+        if let Err(e) = netns.run(|| std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1")) {
+            tracing::warn!(pod = %key, error = %e, "cannot set tcp_migrate_req: connections queued at a hand-over may be reset");
+        }
         let mut listeners = Guard(Vec::new());
         for ip in [
             IpAddr::V4(Ipv4Addr::LOCALHOST),
@@ -305,11 +667,18 @@ impl PodRegistry {
                     }
                 })
                 .map(|(id, _)| id.clone());
-            id.and_then(|id| pods.remove(&id))
+            id.and_then(|id| pods.remove(&id).map(|r| (id, r)))
         };
-        let Some(registered) = removed else { return };
+        let Some((id, registered)) = removed else {
+            return;
+        };
         if let Some(c) = registered.captured {
             self.release(c);
+        }
+        if let Some(records) = &self.records
+            && let Err(e) = records.remove(&id)
+        {
+            tracing::warn!(error = %e, "cannot remove a pod's kept registration");
         }
         tracing::info!(pod = %format!("{}/{}", registered.pod.namespace, registered.pod.name), "pod removed");
     }
@@ -319,8 +688,22 @@ impl PodRegistry {
     /// whenever the view changes; enrolment follows the namespace label
     /// without restarting pods.
     pub fn reconcile(&self) {
+        // A draining proxy neither captures (its listeners would take a
+        // pod's inbound steering from the successor, and its exit would
+        // then drop it) nor releases (the successor owns the enrollment).
         let mut pods = self.pods.lock().expect("pods lock");
+        // Checked under the lock `stop_accepting` sets it under.
+        if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
         for r in pods.values_mut() {
+            if r.pod.name.is_empty()
+                && let Some(cp) = &self.inputs.control_plane
+                && let Some(w) = state::local_workload(&cp.view.borrow(), &r.pod.uid)
+            {
+                r.pod.namespace = w.namespace.clone();
+                r.pod.name = w.name.clone();
+            }
             let wanted = self.wanted(&r.pod);
             let current = r.captured.as_ref().map(|c| Wanted {
                 identity: c.pod.identity.clone(),
@@ -335,8 +718,18 @@ impl PodRegistry {
             }
             if let Some(w) = wanted {
                 match self.capture(r, w) {
-                    Ok(c) => r.captured = Some(c),
-                    Err(e) => tracing::warn!(error = %e, "cannot bring a pod into the mesh"),
+                    Ok(c) => {
+                        if std::mem::take(&mut r.recovered) {
+                            self.metrics.recovered.inc();
+                        }
+                        r.captured = Some(c);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot bring a pod into the mesh");
+                        if std::mem::take(&mut r.recovered) {
+                            self.metrics.unrecovered("capture_failed");
+                        }
+                    }
                 }
             }
         }
@@ -347,22 +740,14 @@ impl PodRegistry {
     /// drain; connections in flight go on.
     pub fn stop_accepting(&self) {
         self.inputs.drain.start();
-        for r in self.pods.lock().expect("pods lock").values_mut() {
+        let mut pods = self.pods.lock().expect("pods lock");
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        for r in pods.values_mut() {
             for h in r.captured.iter_mut().flat_map(|c| c.listeners.drain(..)) {
                 h.abort();
             }
         }
-    }
-
-    /// Whether every captured pod has a certificate.
-    pub fn certificates_ready(&self) -> bool {
-        let Some(control_plane) = &self.inputs.control_plane else {
-            return true;
-        };
-        self.pods()
-            .iter()
-            .filter_map(|p| p.identity.as_ref())
-            .all(|id| control_plane.certs.current_certificate(id).is_some())
     }
 
     /// Pods currently served, for `/config_dump`.

@@ -103,6 +103,12 @@ int weft_connect4(struct bpf_sock_addr *ctx)
 {
 	if (!is_stream_tcp(ctx))
 		return 1;
+#ifdef WEFT_PREVIOUS_VERSION
+	/* Tests only: an "older version" with other instructions and the same
+	 * behaviour (a redundant check), to upgrade from in place. */
+	if (ctx->user_family != AF_INET)
+		return 1;
+#endif
 	__u32 dst = ctx->user_ip4;
 	if (is_v4_local(dst))
 		return 1;

@@ -59,4 +59,21 @@ pub const PROXY_SOCKET_MARK: u32 = 0x5746;
 #[doc(hidden)]
 pub mod bench_support {
     pub use crate::objects::BENCH_NOOP_OBJECT;
+
+    /// Tests of the in-place upgrade: puts the "previous version" of the
+    /// cgroup programs (same behaviour, other instructions) on the links
+    /// pinned under `pin_dir`, in place; returns the programs replaced.
+    pub fn attach_previous_version(
+        pin_dir: &std::path::Path,
+    ) -> Result<Vec<&'static str>, crate::Error> {
+        crate::redirector::attach::upgrade_cgroup_programs(
+            pin_dir,
+            crate::objects::CGROUP_OBJECT_PREVIOUS,
+        )
+    }
+
+    /// The tag of the program a pinned link runs.
+    pub fn linked_program_tag(pin: &std::path::Path) -> std::io::Result<[u8; 8]> {
+        crate::link::prog_tag_by_id(crate::link::pinned_info(pin)?.prog_id)
+    }
 }

@@ -23,6 +23,8 @@ const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
 
 /// `union bpf_attr` is 128+ bytes in current kernels; the kernel requires
 /// the unused tail to be zero, which a zeroed buffer of this size gives.
@@ -98,6 +100,65 @@ pub fn remove_pinned(pin: &Path) -> io::Result<()> {
     }
 }
 
+/// Opens the link pinned at `pin`.
+fn open_pinned(pin: &Path) -> io::Result<OwnedFd> {
+    let path = CString::new(pin.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "pin path contains NUL"))?;
+    let mut attr = BpfAttr::zeroed();
+    // obj_get: pathname, bpf_fd (0), file_flags (0)
+    attr.put_u64(0, path.as_ptr() as u64);
+    let fd = bpf(BPF_OBJ_GET, &mut attr)?;
+    // SAFETY: the kernel returned a new file descriptor that we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Replaces the program of the link pinned at `pin` with `new_prog`, in
+/// place (`BPF_LINK_UPDATE`): the attachment never goes away, so no hook
+/// is ever missing, and only if the link still runs `old_prog_id`'s program
+/// (`BPF_F_REPLACE`), so a concurrent upgrade is not undone.
+pub fn update_pinned(pin: &Path, new_prog: BorrowedFd<'_>, old_prog_id: u32) -> io::Result<()> {
+    const BPF_F_REPLACE: u32 = 1 << 2;
+    let link = open_pinned(pin)?;
+    let old = prog_by_id(old_prog_id)?;
+    let mut attr = BpfAttr::zeroed();
+    // link_update: link_fd, new_prog_fd, flags, old_prog_fd
+    attr.put_u32(0, link.as_raw_fd() as u32);
+    attr.put_u32(4, new_prog.as_raw_fd() as u32);
+    attr.put_u32(8, BPF_F_REPLACE);
+    attr.put_u32(12, old.as_raw_fd() as u32);
+    bpf(BPF_LINK_UPDATE, &mut attr)?;
+    Ok(())
+}
+
+fn prog_by_id(id: u32) -> io::Result<OwnedFd> {
+    let mut attr = BpfAttr::zeroed();
+    // prog_id (u32), next_id, open_flags
+    attr.put_u32(0, id);
+    let fd = bpf(BPF_PROG_GET_FD_BY_ID, &mut attr)?;
+    // SAFETY: the kernel returned a new file descriptor that we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// The kernel's tag of a program: a hash of its instructions with map
+/// references zeroed, so the same program loaded twice has the same tag
+/// and another version of it another one.
+pub fn prog_tag(prog: BorrowedFd<'_>) -> io::Result<[u8; 8]> {
+    // struct bpf_prog_info: type, id (u32 each), tag[8] at offset 8.
+    let mut info = [0u8; 64];
+    let mut attr = BpfAttr::zeroed();
+    attr.put_u32(0, prog.as_raw_fd() as u32);
+    attr.put_u32(4, info.len() as u32);
+    attr.put_u64(8, info.as_mut_ptr() as u64);
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok(info[8..16].try_into().expect("8 bytes"))
+}
+
+/// The tag of the program with kernel id `id`.
+pub fn prog_tag_by_id(id: u32) -> io::Result<[u8; 8]> {
+    let prog = prog_by_id(id)?;
+    prog_tag(std::os::fd::AsFd::as_fd(&prog))
+}
+
 /// What the kernel says about a pinned link.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PinnedLinkInfo {
@@ -110,14 +171,7 @@ pub struct PinnedLinkInfo {
 
 /// Reads the link pinned at `pin`.
 pub fn pinned_info(pin: &Path) -> io::Result<PinnedLinkInfo> {
-    let path = CString::new(pin.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "pin path contains NUL"))?;
-    let mut attr = BpfAttr::zeroed();
-    // obj_get: pathname, bpf_fd (0), file_flags (0)
-    attr.put_u64(0, path.as_ptr() as u64);
-    let fd = bpf(BPF_OBJ_GET, &mut attr)?;
-    // SAFETY: the kernel returned a new file descriptor that we now own.
-    let link = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let link = open_pinned(pin)?;
     // struct bpf_link_info: type, id, prog_id (u32 each), then an 8-aligned
     // union whose netns member starts with netns_ino (offset 16).
     let mut info = [0u8; 64];

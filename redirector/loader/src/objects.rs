@@ -49,6 +49,12 @@ pub const CGROUP_PROGRAMS: &[CgroupProgram] = &[
     },
 ];
 
+/// The cgroup programs as a "previous version" (tests of the in-place
+/// upgrade; build.rs compiles it with `testing` only).
+#[cfg(feature = "testing")]
+pub static CGROUP_OBJECT_PREVIOUS: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/weft_cgroup_previous.bpf.o"));
+
 /// Do-nothing getsockopt and connect4 programs, for the benchmark's
 /// "kernel hook cost" column only (build.rs compiles it with `testing` only).
 #[cfg(feature = "testing")]

@@ -12,7 +12,7 @@
 //! [`Redirector::install`] again, finds the links and maps in place, and
 //! [`Redirector::enrolled`] lists the pods from the map alone.
 
-mod attach;
+pub(crate) mod attach;
 mod enroll;
 mod uninstall;
 
@@ -136,6 +136,7 @@ impl Redirector {
             .all(|p| link_pin(&pin_dir, p.name).exists());
         if complete {
             tracing::info!(pin_dir = %pin_dir.display(), "adopting pinned redirector programs");
+            upgrade_in_place(&pin_dir);
         } else {
             // A partial install (crash half-way): start over on these links,
             // keeping the maps and therefore the enrolled pods.
@@ -209,6 +210,56 @@ impl Redirector {
         // A panic while holding the lock cannot leave the kernel maps
         // half-updated in a way the next caller must not see.
         self.maps.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A new version of the programs replaces the attached ones in place
+/// (`BPF_LINK_UPDATE` on each pinned link whose program's tag differs):
+/// the hooks are never detached, so no connection is missed and no pod
+/// bypasses capture. A failure keeps the attached programs (logged): they
+/// work, only they are older.
+fn upgrade_in_place(pin_dir: &Path) {
+    match attach::upgrade_cgroup_programs(pin_dir, crate::objects::CGROUP_OBJECT) {
+        Ok(upgraded) if !upgraded.is_empty() => {
+            tracing::info!(programs = ?upgraded, "redirector programs upgraded in place");
+        }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot upgrade the attached redirector programs; keeping them");
+        }
+    }
+    let pods: Vec<_> = std::fs::read_dir(pin_dir.join("pods"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .collect();
+    if pods.is_empty() {
+        return;
+    }
+    // One instance to learn the current tag; a pod's own instance is
+    // loaded only when its link runs other code.
+    let current = match attach::sk_lookup_tag(pin_dir) {
+        Ok(tag) => tag,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot load the sk_lookup program to compare; keeping the attached ones");
+            return;
+        }
+    };
+    for pod in pods {
+        let Some(cookie) = pod.file_name().to_str().and_then(|n| n.parse::<u64>().ok()) else {
+            continue;
+        };
+        let attached = link::pinned_info(&pod.path()).and_then(|i| link::prog_tag_by_id(i.prog_id));
+        if attached.is_ok_and(|t| t == current) {
+            continue;
+        }
+        match attach::upgrade_sk_lookup(pin_dir, cookie, &pod.path()) {
+            Ok(true) => tracing::info!(cookie, "sk_lookup program of a pod upgraded in place"),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(cookie, error = %e, "cannot upgrade a pod's sk_lookup program; keeping it");
+            }
+        }
     }
 }
 

@@ -14,6 +14,9 @@ use weft_registration::{MAX_LINE, Message, PodEvent, Reply};
 /// [`RegistrationRequest::ack`] or [`RegistrationRequest::reject`].
 pub struct PodRegistrationListener {
     path: PathBuf,
+    /// (device, inode) of our socket file: dropped, we remove the path only
+    /// while it is still ours, not a successor's that took it over.
+    file: Option<(u64, u64)>,
     requests: mpsc::Receiver<RegistrationRequest>,
     acceptor: tokio::task::JoinHandle<()>,
 }
@@ -40,15 +43,18 @@ impl RegistrationRequest {
 
 impl PodRegistrationListener {
     /// Listens on `path` (mode 0600: only root, the CNI plugin's user, may
-    /// register pods). A stale socket left by a previous agent is replaced.
+    /// register pods). A socket there, stale or of a running agent, is
+    /// replaced in one rename: a client connecting meanwhile reaches the
+    /// old agent or the new one, never nothing (a rollout's hand-over).
     /// Must be called inside a tokio runtime.
     pub fn bind(path: impl AsRef<Path>) -> io::Result<Self> {
+        use std::os::unix::fs::MetadataExt;
         let path = path.as_ref().to_path_buf();
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
         match std::fs::symlink_metadata(&path) {
-            Ok(m) if m.file_type().is_socket() => std::fs::remove_file(&path)?,
+            Ok(m) if m.file_type().is_socket() => {}
             Ok(_) => {
                 return Err(io::Error::new(
                     io::ErrorKind::AlreadyExists,
@@ -60,12 +66,25 @@ impl PodRegistrationListener {
             }
             Err(_) => {}
         }
-        let listener = UnixListener::bind(&path)?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        let mut tmp = path.clone().into_os_string();
+        tmp.push(format!(".{}.new", std::process::id()));
+        let tmp = PathBuf::from(tmp);
+        let _ = std::fs::remove_file(&tmp);
+        let listener = UnixListener::bind(&tmp)?;
+        let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = placed {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        let file = std::fs::symlink_metadata(&path)
+            .ok()
+            .map(|m| (m.dev(), m.ino()));
         let (tx, requests) = mpsc::channel(64);
         let acceptor = tokio::spawn(accept_loop(listener, tx));
         Ok(Self {
             path,
+            file,
             requests,
             acceptor,
         })
@@ -83,8 +102,13 @@ impl PodRegistrationListener {
 
 impl Drop for PodRegistrationListener {
     fn drop(&mut self) {
+        use std::os::unix::fs::MetadataExt;
         self.acceptor.abort();
-        let _ = std::fs::remove_file(&self.path);
+        let ours = std::fs::symlink_metadata(&self.path)
+            .is_ok_and(|m| Some((m.dev(), m.ino())) == self.file);
+        if ours {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -257,5 +281,45 @@ mod tests {
         let err = PodRegistrationListener::bind(&path).err().unwrap();
         assert_eq!(err.kind(), io::ErrorKind::AlreadyExists);
         assert_eq!(std::fs::read(&path).unwrap(), b"important");
+    }
+
+    /// A rollout: a second agent binds the path of a running one. New
+    /// clients reach the second; the first one's drop (its exit) leaves the
+    /// second's socket in place.
+    #[tokio::test]
+    async fn a_second_agent_takes_the_socket_over_and_the_first_leaves_it_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cni.sock");
+        let mut old = PodRegistrationListener::bind(&path).unwrap();
+        // Positive control: the first agent takes pods.
+        let ok = tokio::spawn(client(path.clone(), add("u-old")));
+        old.next().await.unwrap().ack();
+        ok.await.unwrap().unwrap();
+
+        let mut new = PodRegistrationListener::bind(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let ok = tokio::spawn(client(path.clone(), add("u-new")));
+        let req = new.next().await.unwrap();
+        assert!(matches!(&req.event, PodEvent::Add { pod, .. } if pod.uid == "u-new"));
+        req.ack();
+        ok.await.unwrap().unwrap();
+
+        drop(old);
+        assert!(
+            path.exists(),
+            "the old agent removed its successor's socket"
+        );
+        let ok = tokio::spawn(client(path.clone(), add("u-after")));
+        new.next().await.unwrap().ack();
+        ok.await.unwrap().unwrap();
+        // Nothing but the socket is left in the directory (no temporary names).
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("cni.sock")]);
+        drop(new);
+        assert!(!path.exists(), "the last agent removes its socket");
     }
 }

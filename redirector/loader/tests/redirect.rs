@@ -883,3 +883,142 @@ fn inbound_steering_hands_over_between_two_listeners() {
     assert_bytes_flow(&mut peer, &mut kept, b"still here");
     assert_bytes_flow(&mut kept, &mut peer, b"and back");
 }
+
+/// A new version of the programs, loaded by a new proxy, replaces the
+/// attached ones in place (`BPF_LINK_UPDATE`): the same links, the new
+/// programs, and while it happens no connect of the enrolled pod misses
+/// the redirect (each one lands on the proxy listener, none reaches the
+/// server directly, none fails).
+#[test]
+fn a_new_program_version_replaces_the_attached_one_in_place_under_traffic() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+    use weft_redirector::bench_support::{attach_previous_version, linked_program_tag};
+
+    let pods = PodPair::new();
+    let mut installed = Installed::new();
+    let server = listen(&pods.server, "10.99.0.2:8080");
+    let proxy = listen(&pods.client, "127.0.0.1:15001");
+    installed.enroll(&pods.client, "client-uid", &[]);
+    let connect4 = installed.pin_dir.join("links/weft_connect4");
+    let current = linked_program_tag(&connect4).unwrap();
+    let links = |r: &weft_redirector::Redirector| {
+        let mut v: Vec<(std::path::PathBuf, u32)> = r
+            .installed_objects()
+            .unwrap()
+            .links
+            .into_iter()
+            .map(|(pin, link, _)| (pin, link))
+            .collect();
+        v.sort();
+        v
+    };
+    let before = links(installed.get());
+
+    // The previous version is attached (in place, too) and redirects.
+    let replaced = attach_previous_version(&installed.pin_dir).unwrap();
+    assert_eq!(replaced, vec!["weft_connect4"], "only connect4 differs");
+    let previous = linked_program_tag(&connect4).unwrap();
+    assert_ne!(previous, current);
+    connect_from(&pods.client, "10.99.0.2:8080").expect("redirected by the previous version");
+    accept_within(&proxy, TIMEOUT).expect("the previous version redirects");
+
+    // Traffic: connects one after another from the pod, each accepted by
+    // the proxy listener, while a new proxy adopts and upgrades.
+    let stop = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicU32::new(0));
+    let traffic = {
+        let (stop, count) = (stop.clone(), count.clone());
+        let client = pods.client.netns.path().to_path_buf();
+        let proxy = proxy.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let ns = weft_redirector::Netns::open(&client).unwrap();
+            let (mut made, mut failed) = (0u32, Vec::new());
+            while !stop.load(Ordering::Relaxed) && made < 5000 {
+                made += 1;
+                let connected = ns.run(|| {
+                    TcpStream::connect_timeout(&addr("10.99.0.2:8080"), Duration::from_secs(2))
+                });
+                match connected {
+                    Ok(_client) => {
+                        if accept_within(&proxy, TIMEOUT).is_none() {
+                            failed.push(format!("connect {made} was not redirected"));
+                        }
+                    }
+                    Err(e) => failed.push(format!("connect {made}: {e}")),
+                }
+                count.store(made, Ordering::Relaxed);
+            }
+            (made, failed)
+        })
+    };
+    // Some connects before, some after the upgrade.
+    let wait_for = |n: u32| {
+        let deadline = Instant::now() + TIMEOUT;
+        while count.load(Ordering::Relaxed) < n && !traffic.is_finished() {
+            assert!(Instant::now() < deadline, "the traffic stalled at {n}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    wait_for(20);
+    drop(installed.redirector.take());
+    installed.redirector = Some(
+        weft_redirector::Redirector::install(weft_redirector::RedirectorConfig {
+            pin_dir: installed.pin_dir.clone(),
+            cgroup_root: None,
+        })
+        .unwrap(),
+    );
+    assert_eq!(
+        linked_program_tag(&connect4).unwrap(),
+        current,
+        "the current version runs again"
+    );
+    wait_for(count.load(Ordering::Relaxed) + 20);
+    stop.store(true, Ordering::Relaxed);
+    let (made, failed) = traffic.join().unwrap();
+    assert!(made > 10, "the traffic ran: {made} connects");
+    assert!(failed.is_empty(), "{} of {made}: {failed:?}", failed.len());
+    assert_eq!(
+        links(installed.get()),
+        before,
+        "the same links, updated in place"
+    );
+    assert_nothing_else_reached(&server, &pods.server, "a connect went around the proxy");
+    eprintln!("{made} connects during the upgrade, all redirected");
+}
+
+/// Two node proxies (a rollout's old and new one) enrolling the same pod
+/// at the same moment both succeed: the one that loses the race to pin
+/// the pod's sk_lookup link finds it pinned by the other.
+#[test]
+fn two_proxies_enrolling_one_pod_at_once_both_succeed() {
+    let pods = PodPair::new();
+    let installed = Installed::new();
+    let other = weft_redirector::Redirector::install(weft_redirector::RedirectorConfig {
+        pin_dir: installed.pin_dir.clone(),
+        cgroup_root: None,
+    })
+    .unwrap();
+    let enrollment = PodEnrollment {
+        netns: &pods.client.netns,
+        pod_uid: "client-uid".into(),
+        annotations: Default::default(),
+    };
+    for round in 0..10 {
+        let barrier = std::sync::Barrier::new(2);
+        let (a, b) = std::thread::scope(|s| {
+            let a = s.spawn(|| {
+                barrier.wait();
+                installed.get().enroll(&enrollment)
+            });
+            let b = s.spawn(|| {
+                barrier.wait();
+                other.enroll(&enrollment)
+            });
+            (a.join().unwrap(), b.join().unwrap())
+        });
+        assert!(a.is_ok() && b.is_ok(), "round {round}: {a:?} / {b:?}");
+        installed.get().unenroll("client-uid").unwrap();
+    }
+}

@@ -60,6 +60,99 @@ pub(super) fn attach_cgroup_programs(pin_dir: &Path, cgroup_root: &Path) -> Resu
     Ok(())
 }
 
+/// Loads the cgroup programs this build carries and, for every pinned
+/// cgroup link whose program differs (by the kernel's tag), replaces the
+/// program in place (`BPF_LINK_UPDATE`). Returns the names of the programs
+/// replaced.
+pub(crate) fn upgrade_cgroup_programs(
+    pin_dir: &Path,
+    object: &[u8],
+) -> Result<Vec<&'static str>, Error> {
+    let mut ebpf: Ebpf = loader(pin_dir)
+        .override_global(objects::PROXY_MARK_GLOBAL, &PROXY_SOCKET_MARK, true)
+        .load(object)
+        .map_err(|e| load_error("weft_cgroup", e))?;
+    let mut upgraded = Vec::new();
+    // The same order as attaching: readers before the connect hooks.
+    for p in CGROUP_PROGRAMS {
+        let program = ebpf.program_mut(p.name).ok_or_else(|| Error::Load {
+            program: p.name.into(),
+            detail: "not in the compiled object".into(),
+        })?;
+        load_program(program).map_err(|e| load_error(p.name, e))?;
+        let prog_fd = program.fd().map_err(|e| load_error(p.name, e))?;
+        let pin = link_pin(pin_dir, p.name);
+        if replace_if_different(&pin, prog_fd.as_fd()).map_err(|source| Error::Pin {
+            path: pin.clone(),
+            source,
+        })? {
+            upgraded.push(p.name);
+        }
+    }
+    Ok(upgraded)
+}
+
+/// Replaces the program of the link at `pin` with `new_prog` unless it
+/// already runs the same code; whether it did.
+fn replace_if_different(
+    pin: &Path,
+    new_prog: std::os::fd::BorrowedFd<'_>,
+) -> std::io::Result<bool> {
+    let current = link::pinned_info(pin)?;
+    let attached = link::prog_tag_by_id(current.prog_id)?;
+    if attached == link::prog_tag(new_prog)? {
+        return Ok(false);
+    }
+    link::update_pinned(pin, new_prog, current.prog_id)?;
+    Ok(true)
+}
+
+/// The tag of the sk_lookup program this build carries (the same for every
+/// pod: the cookie is data, not code).
+pub(super) fn sk_lookup_tag(pin_dir: &Path) -> Result<[u8; 8], Error> {
+    let mut ebpf = loader(pin_dir)
+        .override_global(objects::NETNS_COOKIE_GLOBAL, &0u64, true)
+        .load(objects::SK_LOOKUP_OBJECT)
+        .map_err(|e| load_error(objects::SK_LOOKUP_PROGRAM, e))?;
+    let program = ebpf
+        .program_mut(objects::SK_LOOKUP_PROGRAM)
+        .ok_or_else(|| Error::Load {
+            program: objects::SK_LOOKUP_PROGRAM.into(),
+            detail: "not in the compiled object".into(),
+        })?;
+    load_program(program).map_err(|e| load_error(objects::SK_LOOKUP_PROGRAM, e))?;
+    let prog_fd = program
+        .fd()
+        .map_err(|e| load_error(objects::SK_LOOKUP_PROGRAM, e))?;
+    link::prog_tag(prog_fd.as_fd()).map_err(|source| Error::Pin {
+        path: pin_dir.into(),
+        source,
+    })
+}
+
+/// Like [`upgrade_cgroup_programs`] for a pod's sk_lookup link: a program
+/// instance with the pod's cookie replaces the attached one if it differs.
+pub(super) fn upgrade_sk_lookup(pin_dir: &Path, cookie: u64, pin: &Path) -> Result<bool, Error> {
+    let mut ebpf = loader(pin_dir)
+        .override_global(objects::NETNS_COOKIE_GLOBAL, &cookie, true)
+        .load(objects::SK_LOOKUP_OBJECT)
+        .map_err(|e| load_error(objects::SK_LOOKUP_PROGRAM, e))?;
+    let program = ebpf
+        .program_mut(objects::SK_LOOKUP_PROGRAM)
+        .ok_or_else(|| Error::Load {
+            program: objects::SK_LOOKUP_PROGRAM.into(),
+            detail: "not in the compiled object".into(),
+        })?;
+    load_program(program).map_err(|e| load_error(objects::SK_LOOKUP_PROGRAM, e))?;
+    let prog_fd = program
+        .fd()
+        .map_err(|e| load_error(objects::SK_LOOKUP_PROGRAM, e))?;
+    replace_if_different(pin, prog_fd.as_fd()).map_err(|source| Error::Pin {
+        path: pin.to_path_buf(),
+        source,
+    })
+}
+
 fn load_program(program: &mut Program) -> Result<(), aya::programs::ProgramError> {
     match program {
         Program::CgroupSockAddr(p) => CgroupSockAddr::load(p),

@@ -41,7 +41,15 @@ impl Redirector {
         }
         let pin = self.pod_pin(cookie);
         if !pin.exists() {
-            attach_sk_lookup(&self.pin_dir, cookie, pod.netns, &pin)?;
+            match attach_sk_lookup(&self.pin_dir, cookie, pod.netns, &pin) {
+                Ok(()) => {}
+                // Another node proxy (a rollout's other half) attached and
+                // pinned it between our check and our pin: the pod has its
+                // program (ours is detached as its fd closes).
+                Err(Error::Attach { source, .. })
+                    if source.kind() == std::io::ErrorKind::AlreadyExists && pin.exists() => {}
+                Err(e) => return Err(e),
+            }
         }
         maps.netns
             .insert(cookie, NetnsInfo::new(&pod.pod_uid), 0)
