@@ -92,7 +92,9 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<LocalPod>, cx:
     if balanced {
         match &connected {
             Ok(_) => cx.balancer.connected(&target, started.elapsed()),
-            Err(_) => cx.balancer.failed(&target),
+            Err(_) => {
+                cx.balancer.failed(&target);
+            }
         }
     }
     let mut upstream = match connected {
