@@ -133,9 +133,15 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> HbonePool<K> {
         let (response, stream) = send.send_request(request, false).map_err(h2_err)?;
         let response = response.await.map_err(h2_err)?;
         if response.status() != StatusCode::OK {
+            let reason = response
+                .headers()
+                .get(super::UNPROCESSED_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
             return Err(HboneError::Refused {
                 target,
                 status: response.status(),
+                reason,
             });
         }
         Ok(H2Stream::new(stream, response.into_body()).with_lease(Box::new(lease)))

@@ -194,14 +194,7 @@ fn split(mut e: hyper::client::conn::TrySendError<Request<ProxyBody>>) -> SendEr
 /// may also have been processed: only an `idempotent` request is taken as
 /// unprocessed then (RFC 9110 §9.2.2).
 fn unprocessed(e: &hyper::Error, idempotent: bool) -> bool {
-    if e.is_canceled() || (idempotent && e.is_incomplete_message()) {
-        return true;
-    }
-    let h2 = std::error::Error::source(e).and_then(|s| s.downcast_ref::<h2::Error>());
-    h2.is_some_and(|h2| {
-        h2.reason() == Some(h2::Reason::REFUSED_STREAM)
-            || (h2.is_go_away() && h2.reason() == Some(h2::Reason::NO_ERROR))
-    })
+    (idempotent && e.is_incomplete_message()) || super::upstream::refused_unprocessed(e)
 }
 
 /// A hyper client on `app`, in `protocol`, counting what the application

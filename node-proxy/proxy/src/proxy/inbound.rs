@@ -192,10 +192,12 @@ impl Arrival for HboneRequest {
     /// The source proxy resets its client's connection on a refused
     /// CONNECT.
     fn refuse(self, why: Refusal) {
-        self.reject(match why {
-            Refusal::NotThisPod | Refusal::Denied => http::StatusCode::FORBIDDEN,
-            Refusal::Unreachable => http::StatusCode::SERVICE_UNAVAILABLE,
-        })
+        match why {
+            Refusal::NotThisPod | Refusal::Denied => self.reject(http::StatusCode::FORBIDDEN),
+            // Typed, so the source proxy sends the connection or request
+            // to another endpoint: nothing reached the application.
+            Refusal::Unreachable => self.reject_unprocessed(),
+        }
     }
 
     fn accept(self) -> std::io::Result<weft_hbone::H2Stream> {
