@@ -68,15 +68,17 @@ spec: {selector: {app: web}, ports: [{port: 80, targetPort: 8080}]}
 "#;
 
 /// A replica that prints `got <id>` (flushed) for every request it read
-/// whole, before answering it (200, `x-served-by: NAME`): its log counts
+/// whole, before answering it (200, `x-served-by: NAME`; with a third
+/// argument `503` always 503, with `slow` after 20 ms): its log counts
 /// what reached it, even after it is killed. On SIGUSR1 it closes its
 /// listening socket and every open connection, and lives on (the port is
 /// closed, the pod is alive).
 const REPLICA: &str = r#"#!/usr/bin/env python3
-import signal, socket, sys, threading
+import signal, socket, sys, threading, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 NAME = sys.argv[2]
+MODE = sys.argv[3] if len(sys.argv) > 3 else ""  # "503": always 503; "slow": 20 ms
 conns = set()
 lock = threading.Lock()
 
@@ -101,7 +103,9 @@ class Handler(BaseHTTPRequestHandler):
             sys.stdout.write("got %s %d\n" % (self.headers.get("x-id"), len(body)))
             sys.stdout.flush()
         out = ("%s %s\n" % (NAME, self.headers.get("x-id"))).encode()
-        self.send_response(200)
+        if MODE == "slow":
+            time.sleep(0.02)
+        self.send_response(503 if MODE == "503" else 200)
         self.send_header("x-served-by", NAME)
         self.send_header("Content-Length", str(len(out)))
         self.end_headers()
@@ -434,4 +438,152 @@ fn a_replica_killed_under_load_fails_no_request_it_had_not_read() {
 #[test]
 fn a_replica_whose_port_closes_under_load_fails_no_request_it_had_not_read() {
     a_replica_dies_under_load(Death::PortClosed);
+}
+
+/// A Service whose replicas differ: picky-1 answers 503 at once, picky-2
+/// 200 after 20 ms (so by latency alone the balancer prefers picky-1, for
+/// a retry too); its route retries once. And a Service on an opaque port
+/// whose first endpoint has nothing listening.
+const PICKY: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: demo, labels: {weft.io/mesh: enabled}}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: client, namespace: demo}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: web, namespace: demo}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: demo}
+spec: {nodeName: node-a, serviceAccountName: client, containers: [{name: main, command: [sleep, infinity]}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: picky-1, namespace: demo, labels: {app: picky}}
+spec:
+  nodeName: node-b
+  serviceAccountName: web
+  containers: [{name: main, command: [./replica.py, "8080", picky-1, "503"], ports: [{containerPort: 8080}]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: picky-2, namespace: demo, labels: {app: picky}}
+spec:
+  nodeName: node-b
+  serviceAccountName: web
+  containers: [{name: main, command: [./replica.py, "8080", picky-2, slow], ports: [{containerPort: 8080}]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: picky, namespace: demo}
+spec: {selector: {app: picky}, ports: [{port: 80, targetPort: 8080}]}
+---
+apiVersion: policy.weft.io/v1alpha1
+kind: HTTPRoute
+metadata: {name: picky-retry, namespace: demo}
+spec:
+  parentRefs: [{kind: Service, name: picky, port: 80}]
+  rules:
+    - retry: {attempts: 1, backoff: 1ms}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: echo-1, namespace: demo, labels: {app: echo}}
+spec:
+  nodeName: node-b
+  serviceAccountName: web
+  containers: [{name: main, command: [sleep, infinity]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: echo-2, namespace: demo, labels: {app: echo}}
+spec:
+  nodeName: node-b
+  serviceAccountName: web
+  containers: [{name: main, command: [./banner.py, serve, "2500", echo-2], ports: [{containerPort: 2500}]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: echo-3, namespace: demo, labels: {app: echo}}
+spec:
+  nodeName: node-a
+  serviceAccountName: web
+  containers: [{name: main, command: [./banner.py, serve, "2500", echo-3], ports: [{containerPort: 2500}]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo, namespace: demo}
+spec: {selector: {app: echo}, ports: [{port: 2500, targetPort: 2500, appProtocol: tcp}]}
+"#;
+
+/// N connections to `echo.demo:2500` one after another from the client
+/// pod; prints each one's first line (the banner) or its error.
+const CONNECT: &str = r#"#!/usr/bin/env python3
+import socket, sys
+for i in range(int(sys.argv[1])):
+    try:
+        s = socket.create_connection(("echo.demo", 2500), timeout=10)
+        f = s.makefile("rb")
+        line = f.readline().decode().strip()
+        print("banner", line if line else "EOF", flush=True)
+        s.close()
+    except OSError as e:
+        print("error", type(e).__name__, e, flush=True)
+"#;
+
+#[test]
+fn a_retry_after_a_503_and_an_opaque_connection_go_to_a_live_replica() {
+    let mc = MeshCluster::up(
+        &[
+            ("c.yaml", PICKY),
+            ("replica.py", REPLICA),
+            ("connect.py", CONNECT),
+        ],
+        |_| {},
+    );
+    let node_a = mc.node_ip("node-a");
+    // A retry after picky-1's 503 is answered by picky-2, every time.
+    for i in 0..30 {
+        let (status, body) = mc.curl("demo/client", "http://picky.demo/");
+        assert_eq!(status, 200, "request {i}: {body}");
+        assert!(body.starts_with("picky-2"), "request {i}: {body}");
+    }
+    let tried = delivered(&mc, "demo/picky-1").len();
+    assert!(
+        tried >= 1,
+        "picky-1 was never tried first: the test shows nothing"
+    );
+    let retries = metric_sum(
+        node_a,
+        "weft_request_retries_total",
+        &[("destination_service", "picky.demo.svc.cluster.local")],
+    );
+    assert_eq!(retries, tried as f64, "one retry per 503, each answered");
+
+    // Opaque TCP: every connection reaches a live endpoint (its banner),
+    // including those whose first choice was echo-1, which refuses.
+    let out = mc.cluster().exec_ok("demo/client", &["./connect.py", "30"]);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 30, "{out}");
+    for l in &lines {
+        assert!(
+            *l == "banner 220 echo-2 ready" || *l == "banner 220 echo-3 ready",
+            "{l}\n{out}"
+        );
+    }
+    let failovers = metric_sum(
+        node_a,
+        "weft_request_failovers_total",
+        &[("route", "opaque")],
+    );
+    assert!(
+        failovers >= 1.0,
+        "echo-1 was never tried: the test shows nothing"
+    );
+    mc.down();
 }
