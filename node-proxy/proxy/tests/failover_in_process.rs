@@ -428,3 +428,61 @@ async fn an_opaque_connection_to_a_refusing_endpoint_is_connected_to_another() {
         e.abort();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_destination_proxy_costs_no_request() {
+    let c = start(4).await;
+    let (via, _) = c.client.outbound_to("10.96.34.1:80".parse().unwrap());
+    // One HTTP/2 client connection (gRPC-like), requests multiplexed: the
+    // source proxy keeps an HTTP/2 connection per endpoint, inside HBONE.
+    let tcp = tokio::net::TcpStream::connect(via).await.expect("connect");
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(conn);
+    let send = |id: String, post: bool| {
+        let mut sender = sender.clone();
+        async move {
+            let builder = http::Request::builder()
+                .uri("http://web.demo/")
+                .header("x-id", &id);
+            let req = if post {
+                builder
+                    .method(http::Method::POST)
+                    .body(Full::new(Bytes::from(vec![b'y'; 512])))
+            } else {
+                builder.body(Full::new(Bytes::new()))
+            }
+            .expect("request");
+            let resp = tokio::time::timeout(PATIENCE, sender.send_request(req))
+                .await
+                .expect("answered")
+                .unwrap_or_else(|e| panic!("{id}: {e}"));
+            let status = resp.status().as_u16();
+            let body = resp.into_body().collect().await.expect("body").to_bytes();
+            (status, String::from_utf8_lossy(&body).into_owned())
+        }
+    };
+    // Warm: node-b's replicas have answered over the pooled connections.
+    let mut served_b = false;
+    for i in 0..200 {
+        let (status, body) = send(format!("warm-{i}"), false).await;
+        assert_eq!(status, 200, "{body}");
+        served_b |= body.starts_with("web-1") || body.starts_with("web-2");
+        if served_b && i >= 20 {
+            break;
+        }
+    }
+    assert!(
+        served_b,
+        "node-b's replicas answered nothing: the test shows nothing"
+    );
+    // node-b's proxy drains (SIGTERM): GOAWAY on its HBONE and HTTP/2
+    // connections, new streams refused.
+    c.mesh.node("node-b").inputs.drain.start();
+    for i in 0..40 {
+        let (status, body) = send(format!("after-{i}"), i % 2 == 1).await;
+        assert_eq!(status, 200, "after-{i} (POST: {}): {body}", i % 2 == 1);
+    }
+}
