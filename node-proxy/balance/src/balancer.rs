@@ -71,6 +71,10 @@ struct Stats {
     /// The ejection ended and one probe is in flight: the others keep
     /// avoiding the endpoint until it answers.
     probing: bool,
+    /// When the endpoint was last ejected: a failure of a request picked
+    /// before then belongs to the episode that ejected it and changes
+    /// nothing (one ejection per failure episode).
+    ejected_at: Option<Instant>,
 }
 
 /// Per-endpoint state, shared by every connection of the node proxy.
@@ -99,17 +103,31 @@ impl<K: Hash + Eq + Clone> Balancer<K> {
     /// Chooses among `candidates` and counts a connection in flight to it;
     /// report the outcome with [`Balancer::connected`] or [`Balancer::failed`].
     pub fn pick(&self, candidates: &[K], rng: &mut impl Rng) -> Option<K> {
+        self.pick_avoiding(candidates, &[], rng)
+    }
+
+    /// Like [`Balancer::pick`], avoiding the endpoints in `avoid` (those
+    /// that already failed this request: a retry goes elsewhere, as Envoy's
+    /// previous-hosts predicate does) while another candidate is usable
+    /// (not ejected); when none is, `avoid` is ignored.
+    pub fn pick_avoiding(&self, candidates: &[K], avoid: &[K], rng: &mut impl Rng) -> Option<K> {
         let now = Instant::now();
         let mut stats = self.stats.lock().expect("balancer lock");
-        let usable: Vec<&K> = candidates
-            .iter()
-            .filter(|k| {
-                stats.get(*k).is_none_or(|s| match s.backoff_until {
-                    None => true,
-                    Some(until) => until <= now && !s.probing,
-                })
+        let is_usable = |k: &K| {
+            stats.get(k).is_none_or(|s| match s.backoff_until {
+                None => true,
+                Some(until) => until <= now && !s.probing,
             })
+        };
+        let fresh: Vec<&K> = candidates
+            .iter()
+            .filter(|k| !avoid.contains(k) && is_usable(k))
             .collect();
+        let usable: Vec<&K> = if fresh.is_empty() {
+            candidates.iter().filter(|k| is_usable(k)).collect()
+        } else {
+            fresh
+        };
         let chosen = match usable.len() {
             0 => candidates
                 .iter()
@@ -142,18 +160,22 @@ impl<K: Hash + Eq + Clone> Balancer<K> {
     /// The connection to `k` was established, or its response arrived,
     /// after `latency`: a success.
     pub fn connected(&self, k: &K, latency: Duration) {
-        self.responded(k, latency, true);
+        let _ = self.responded(k, latency, true);
     }
 
     /// A response from `k` arrived after `latency`; `ok`: not a failure
     /// (a 5xx is one: it counts towards ejection, its latency is still
     /// measured).
-    pub fn responded(&self, k: &K, latency: Duration, ok: bool) {
+    pub fn responded(&self, k: &K, latency: Duration, ok: bool) -> Verdict {
         let now = Instant::now();
+        let picked = now.checked_sub(latency).unwrap_or(now);
         let mut stats = self.stats.lock().expect("balancer lock");
         let decay = self.config.decay.as_secs_f64();
         let s = self.entry(&mut stats, k, now);
         s.in_flight = s.in_flight.saturating_sub(1);
+        if !ok && s.same_episode(picked) {
+            return Verdict::SameEpisode;
+        }
         let observed = latency.as_secs_f64();
         // Peak-sensitive: a slower observation replaces the estimate at
         // once; faster ones pull it down gradually.
@@ -170,31 +192,49 @@ impl<K: Hash + Eq + Clone> Balancer<K> {
             s.ejections = 0;
             s.backoff_until = None;
             s.probing = false;
+            Verdict::Counted
         } else {
-            self.count_failure(s, now, false);
+            self.count_failure(s, now, false)
         }
     }
 
     /// Connecting to `k` failed: ejected at once.
-    pub fn failed(&self, k: &K) {
+    pub fn failed(&self, k: &K) -> Verdict {
+        self.fail(k, None, true)
+    }
+
+    /// Connecting to `k`, picked at `picked`, failed (or the destination
+    /// said nothing reached the application): ejected at once, unless it
+    /// was ejected since `picked` (by another request of the same
+    /// failure episode, which must not extend the backoff).
+    pub fn failed_since(&self, k: &K, picked: Instant) -> Verdict {
+        self.fail(k, Some(picked), true)
+    }
+
+    fn fail(&self, k: &K, picked: Option<Instant>, eject_now: bool) -> Verdict {
         let now = Instant::now();
         let mut stats = self.stats.lock().expect("balancer lock");
         let s = self.entry(&mut stats, k, now);
         s.in_flight = s.in_flight.saturating_sub(1);
-        self.count_failure(s, now, true);
+        if picked.is_some_and(|p| s.same_episode(p)) {
+            return Verdict::SameEpisode;
+        }
+        self.count_failure(s, now, eject_now)
     }
 
     /// A request to `k` failed without a response (reset, timed out):
     /// counts towards ejection.
-    pub fn request_failed(&self, k: &K) {
-        let now = Instant::now();
-        let mut stats = self.stats.lock().expect("balancer lock");
-        let s = self.entry(&mut stats, k, now);
-        s.in_flight = s.in_flight.saturating_sub(1);
-        self.count_failure(s, now, false);
+    pub fn request_failed(&self, k: &K) -> Verdict {
+        self.fail(k, None, false)
     }
 
-    fn count_failure(&self, s: &mut Stats, now: Instant, eject_now: bool) {
+    /// Like [`Balancer::request_failed`] for a request picked at
+    /// `picked` (see [`Balancer::failed_since`]).
+    pub fn request_failed_since(&self, k: &K, picked: Instant) -> Verdict {
+        self.fail(k, Some(picked), false)
+    }
+
+    fn count_failure(&self, s: &mut Stats, now: Instant, eject_now: bool) -> Verdict {
         s.consecutive_failures = s.consecutive_failures.saturating_add(1);
         // A failed probe ejects again whatever the count.
         if eject_now || s.probing || s.consecutive_failures >= self.config.failures_to_eject {
@@ -205,7 +245,11 @@ impl<K: Hash + Eq + Clone> Balancer<K> {
                 .saturating_mul(1u32 << (s.ejections - 1).min(16))
                 .min(self.config.max_failure_backoff);
             s.backoff_until = Some(now + backoff);
+            s.ejected_at = Some(now);
             s.probing = false;
+            Verdict::Ejected
+        } else {
+            Verdict::Counted
         }
     }
 
@@ -281,8 +325,30 @@ impl<K: Hash + Eq + Clone> Balancer<K> {
             ejections: 0,
             backoff_until: None,
             probing: false,
+            ejected_at: None,
         })
     }
+}
+
+impl Stats {
+    /// Whether a failure of a request picked at `picked` belongs to the
+    /// episode that already ejected the endpoint: it was in flight when
+    /// the ejection came. (The probe is picked after the ejection ended.)
+    fn same_episode(&self, picked: Instant) -> bool {
+        self.ejected_at.is_some_and(|at| picked <= at)
+    }
+}
+
+/// What a reported failure did to its endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// This failure ejected the endpoint.
+    Ejected,
+    /// Counted (a success, or a failure short of ejection).
+    Counted,
+    /// The request was in flight when the endpoint was ejected for the
+    /// same failure episode: not counted again.
+    SameEpisode,
 }
 
 #[cfg(test)]
@@ -480,6 +546,70 @@ mod tests {
         b.failed(&"b"); // 1 s
         assert_eq!(b.pick(&["a", "b"], &mut rng), Some("b"));
         assert_eq!(b.pick(&[] as &[&str], &mut rng), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_avoids_the_endpoints_that_failed_it_while_others_are_usable() {
+        let b = Balancer::new(BalancerConfig::default());
+        let mut rng = StdRng::seed_from_u64(12);
+        let ms = Duration::from_millis(1);
+        // "a" is much the fastest: P2C alone would pick it nearly always.
+        for (k, latency) in [("a", ms), ("b", 50 * ms), ("c", 50 * ms)] {
+            let _ = b.pick(&[k], &mut rng);
+            b.connected(&k, latency);
+        }
+        for _ in 0..200 {
+            let k = b.pick_avoiding(&["a", "b", "c"], &["a"], &mut rng).unwrap();
+            assert_ne!(
+                k, "a",
+                "a retry must not go back to the endpoint that failed it"
+            );
+            b.connected(&k, 50 * ms);
+        }
+        let k = b
+            .pick_avoiding(&["a", "b", "c"], &["a", "b"], &mut rng)
+            .unwrap();
+        assert_eq!(k, "c", "the one left");
+        b.connected(&k, 50 * ms);
+        // Every candidate failed this request: fall back to all of them.
+        let k = b.pick_avoiding(&["a", "b"], &["a", "b"], &mut rng);
+        assert!(k.is_some(), "falls back when none is left");
+        b.connected(&k.unwrap(), ms);
+        // An avoided endpoint is still preferred to an ejected one.
+        b.failed(&"c");
+        let k = b.pick_avoiding(&["a", "c"], &["a"], &mut rng).unwrap();
+        assert_eq!(
+            k, "a",
+            "c is ejected: the previous host is better than none"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn requests_in_flight_when_an_endpoint_is_ejected_do_not_extend_its_backoff() {
+        let b = Balancer::new(BalancerConfig::default());
+        let mut rng = StdRng::seed_from_u64(13);
+        // Three requests in flight to "x" when it dies.
+        let picked = Instant::now();
+        for _ in 0..3 {
+            assert_eq!(b.pick(&["x"], &mut rng), Some("x"));
+        }
+        tokio::time::advance(Duration::from_millis(5)).await;
+        assert_eq!(b.failed_since(&"x", picked), Verdict::Ejected);
+        tokio::time::advance(Duration::from_millis(5)).await;
+        assert_eq!(b.failed_since(&"x", picked), Verdict::SameEpisode);
+        assert_eq!(b.request_failed_since(&"x", picked), Verdict::SameEpisode);
+        let s = b.state(&"x").unwrap();
+        assert_eq!((s.consecutive_failures, s.in_flight), (1, 0), "{s:?}");
+        // One ejection: the probe comes 1 s after it, not 2 s.
+        tokio::time::advance(Duration::from_millis(1000)).await;
+        assert!(!b.state(&"x").unwrap().backed_off, "ejected for 1 s only");
+        // The probe (picked after the ejection) fails: a new episode,
+        // twice as long.
+        let probe = Instant::now();
+        assert_eq!(b.pick(&["x"], &mut rng), Some("x"), "the probe");
+        assert_eq!(b.failed_since(&"x", probe), Verdict::Ejected);
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        assert!(b.state(&"x").unwrap().backed_off, "second episode: 2 s");
     }
 
     #[tokio::test(start_paused = true)]

@@ -11,5 +11,5 @@
 mod balancer;
 mod budget;
 
-pub use balancer::{Balancer, BalancerConfig, EndpointState};
+pub use balancer::{Balancer, BalancerConfig, EndpointState, Verdict};
 pub use budget::{BudgetConfig, RetryBudget};

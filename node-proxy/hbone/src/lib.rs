@@ -28,6 +28,20 @@ pub const HBONE_PORT: u16 = 15008;
 /// timeout twice). Absent from older proxies: the destination detects.
 pub const PROTOCOL_HEADER: &str = "weft-protocol";
 
+/// Header of a node proxy's own answer saying that nothing of the request
+/// (or tunnel) reached the application: the destination proxy could not
+/// connect to it (refused, unreachable, the pod is gone). Its value is the
+/// reason (`connect-failed`). On a CONNECT refusal, and on a response to a
+/// request carried inside a tunnel; the source proxy, which trusts it only
+/// from an authenticated peer proxy, sends the request to another endpoint
+/// whatever its method, and strips the header. A destination proxy strips
+/// it from the application's responses, so an application cannot forge it.
+pub const UNPROCESSED_HEADER: &str = "weft-unprocessed";
+
+/// The [`UNPROCESSED_HEADER`] reason: the application could not be
+/// connected to.
+pub const CONNECT_FAILED: &str = "connect-failed";
+
 #[derive(Debug, thiserror::Error)]
 pub enum HboneError {
     #[error(
@@ -47,9 +61,11 @@ pub enum HboneError {
         addr: std::net::SocketAddr,
         source: h2::Error,
     },
-    #[error("the destination node proxy refused the tunnel to {target}: HTTP {status}")]
+    #[error("the destination node proxy refused the tunnel to {target}: HTTP {status}{}", reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default())]
     Refused {
         target: std::net::SocketAddr,
         status: http::StatusCode,
+        /// [`UNPROCESSED_HEADER`]'s value, if the refusal carried it.
+        reason: Option<String>,
     },
 }

@@ -146,34 +146,22 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> HbonePool<K> {
         target: SocketAddr,
         protocol: Option<&'static str>,
     ) -> Result<H2Stream, HboneError> {
-        let conn = match self.inner.lease(&key) {
-            Some(conn) => conn,
-            None => self.connect(key, addr).await?,
+        let (conn, pooled) = match self.inner.lease(&key) {
+            Some(conn) => (conn, true),
+            None => (self.connect(key.clone(), addr).await?, false),
         };
-        let lease = Lease(conn.clone());
-        let mut request = Request::builder()
-            .method(Method::CONNECT)
-            .uri(target.to_string());
-        if let Some(protocol) = protocol {
-            request = request.header(super::PROTOCOL_HEADER, protocol);
+        match open_on(&conn, target, protocol).await {
+            // A pooled connection that failed before the CONNECT was
+            // answered (its peer is going away: a draining node proxy's
+            // GOAWAY, or it just died): nothing crossed, so once more on a
+            // fresh connection, which a restarted peer accepts.
+            Err(HboneError::H2 { .. }) if pooled => {
+                conn.alive.store(false, Ordering::Relaxed);
+                let conn = self.connect(key, addr).await?;
+                open_on(&conn, target, protocol).await
+            }
+            other => other,
         }
-        let request = request
-            .body(())
-            .expect("CONNECT to ip:port with a token header is a valid request");
-        let h2_err = |source| HboneError::H2 {
-            addr: conn.addr,
-            source,
-        };
-        let mut send = conn.send.clone().ready().await.map_err(h2_err)?;
-        let (response, stream) = send.send_request(request, false).map_err(h2_err)?;
-        let response = response.await.map_err(h2_err)?;
-        if response.status() != StatusCode::OK {
-            return Err(HboneError::Refused {
-                target,
-                status: response.status(),
-            });
-        }
-        Ok(H2Stream::new(stream, response.into_body()).with_lease(Box::new(lease)))
     }
 
     /// Takes every pooled connection out of use (the trust bundle
@@ -251,6 +239,45 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> HbonePool<K> {
             .push(conn.clone());
         Ok(conn)
     }
+}
+
+/// Opens a CONNECT stream to `target` on `conn` (its stream slot already
+/// counted: released when the stream is dropped, or on failure).
+async fn open_on(
+    conn: &Arc<Conn>,
+    target: SocketAddr,
+    protocol: Option<&'static str>,
+) -> Result<H2Stream, HboneError> {
+    let lease = Lease(conn.clone());
+    let mut request = Request::builder()
+        .method(Method::CONNECT)
+        .uri(target.to_string());
+    if let Some(protocol) = protocol {
+        request = request.header(super::PROTOCOL_HEADER, protocol);
+    }
+    let request = request
+        .body(())
+        .expect("CONNECT to ip:port with a token header is a valid request");
+    let h2_err = |source| HboneError::H2 {
+        addr: conn.addr,
+        source,
+    };
+    let mut send = conn.send.clone().ready().await.map_err(h2_err)?;
+    let (response, stream) = send.send_request(request, false).map_err(h2_err)?;
+    let response = response.await.map_err(h2_err)?;
+    if response.status() != StatusCode::OK {
+        let reason = response
+            .headers()
+            .get(super::UNPROCESSED_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        return Err(HboneError::Refused {
+            target,
+            status: response.status(),
+            reason,
+        });
+    }
+    Ok(H2Stream::new(stream, response.into_body()).with_lease(Box::new(lease)))
 }
 
 impl<K: Hash + Eq> Inner<K> {
@@ -427,5 +454,63 @@ mod tests {
             .expect("the retired connection closes after its last stream")
             .unwrap()
             .expect("cleanly");
+    }
+
+    #[tokio::test]
+    async fn a_stream_refused_by_a_pooled_connection_going_away_opens_on_a_fresh_one() {
+        // Two in-memory connections: the first peer answers one CONNECT,
+        // then goes away (GOAWAY after stream 1, refusing the rest); the
+        // second serves normally (a restarted node proxy).
+        let (first_client, first_server) = tokio::io::duplex(64 * 1024);
+        let (second_client, second_server) = tokio::io::duplex(64 * 1024);
+        let ios = Arc::new(Mutex::new(vec![second_client, first_client]));
+        let made = Arc::new(AtomicUsize::new(0));
+        let counter = made.clone();
+        let connector: Connector<&'static str> = Arc::new(move |_key| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let io = ios.lock().unwrap().pop();
+            Box::pin(async move {
+                let io = io.ok_or_else(|| HboneError::Connect {
+                    addr: "127.0.0.1:15008".parse().unwrap(),
+                    source: std::io::Error::other("no more connections"),
+                })?;
+                Ok(Connected::new(Box::new(io)))
+            })
+        });
+        let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+        let (gone_tx, gone_rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let mut conn: h2::server::Connection<_, Bytes> =
+                h2::server::handshake(first_server).await.unwrap();
+            let (_request, mut respond) = conn.accept().await.unwrap().unwrap();
+            let open = respond
+                .send_response(http::Response::new(()), false)
+                .unwrap();
+            // Driven until the client has its stream, then going away.
+            tokio::select! {
+                _ = async { while let Some(Ok(_)) = conn.accept().await {} } => {}
+                _ = go_rx => {}
+            }
+            conn.graceful_shutdown();
+            let _ = gone_tx.send(());
+            while let Some(Ok(_)) = conn.accept().await {}
+            drop(open);
+        });
+        tokio::spawn(serve_connection(
+            second_server,
+            |request: HboneRequest| async move {
+                let _ = request.accept();
+            },
+            std::future::pending(),
+        ));
+        let pool = HbonePool::new(PoolConfig::default(), connector);
+        let addr: SocketAddr = "127.0.0.1:15008".parse().unwrap();
+        let target: SocketAddr = "127.0.0.1:9000".parse().unwrap();
+        let _first = pool.open("k", addr, target).await.unwrap();
+        go_tx.send(()).unwrap();
+        gone_rx.await.unwrap();
+        let second = pool.open("k", addr, target).await;
+        assert!(second.is_ok(), "{:?}", second.err());
+        assert_eq!(made.load(Ordering::SeqCst), 2, "a fresh connection for it");
     }
 }

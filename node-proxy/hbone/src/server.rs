@@ -44,6 +44,18 @@ impl HboneRequest {
         *response.status_mut() = status;
         let _ = self.respond.send_response(response, true);
     }
+
+    /// Answers 503 saying that the application could not be reached: no
+    /// byte of the stream reached it ([`super::UNPROCESSED_HEADER`]).
+    pub fn reject_unprocessed(mut self) {
+        let mut response = Response::new(());
+        *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        response.headers_mut().insert(
+            super::UNPROCESSED_HEADER,
+            http::HeaderValue::from_static(super::CONNECT_FAILED),
+        );
+        let _ = self.respond.send_response(response, true);
+    }
 }
 
 /// Serves every stream of one connection: each valid CONNECT is passed to

@@ -266,7 +266,7 @@ async fn refused_target_reports_the_status() {
     );
     let elsewhere: SocketAddr = "127.0.0.1:1".parse().unwrap();
     match pool.open("client", server.addr, elsewhere).await {
-        Err(HboneError::Refused { target, status }) => {
+        Err(HboneError::Refused { target, status, .. }) => {
             assert_eq!(target, elsewhere);
             assert_eq!(status, http::StatusCode::FORBIDDEN);
         }

@@ -27,6 +27,7 @@
 //! node proxies' pids and runs the closed loop for about 30 s, e.g. while
 //! `perf record -g -p PID,PID` looks at where their CPU goes.
 
+mod failover;
 mod http;
 mod stacks;
 
@@ -431,6 +432,10 @@ fn main() {
         stacks::run(binaries);
         return;
     }
+    if std::env::var("WEFT_BENCH_PART").as_deref() == Ok("failover") {
+        failover::bench(binaries);
+        return;
+    }
     let mesh = std::sync::Arc::new(Mesh::new(binaries.clone()));
     let manifest = CLUSTER.replace("BENCH_EXE", &exe());
     let cluster = TestCluster::up_with(
@@ -591,7 +596,8 @@ fn main() {
     println!(
         "node proxy RSS with {captured} of {MANY_PODS} enrolled pods captured: {many_rss:.1} MiB (a node proxy with no enrolled pod in the same cluster: {none_rss:.1} MiB); that cluster came up in {many_up:.0}s"
     );
-    stacks::run(binaries);
+    stacks::run(binaries.clone());
+    failover::bench(binaries);
 }
 
 fn spread2(v: &[f64]) -> String {

@@ -192,16 +192,27 @@ fn split(mut e: hyper::client::conn::TrySendError<Request<ProxyBody>>) -> SendEr
 /// left (canceled). An HTTP/1.1 connection that ended before a byte of the
 /// response (a keep-alive connection closed while the request was sent)
 /// may also have been processed: only an `idempotent` request is taken as
-/// unprocessed then (RFC 9110 §9.2.2).
+/// unprocessed then (RFC 9110 §9.2.2), as when the connection was reset
+/// under it (an application killed with the request unread).
 fn unprocessed(e: &hyper::Error, idempotent: bool) -> bool {
-    if e.is_canceled() || (idempotent && e.is_incomplete_message()) {
-        return true;
+    (idempotent && (e.is_incomplete_message() || is_reset(e)))
+        || super::upstream::refused_unprocessed(e)
+}
+
+/// The connection was reset (the application died with bytes unread: the
+/// kernel answers them with RST) before a byte of the response.
+fn is_reset(e: &hyper::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+            );
+        }
+        source = s.source();
     }
-    let h2 = std::error::Error::source(e).and_then(|s| s.downcast_ref::<h2::Error>());
-    h2.is_some_and(|h2| {
-        h2.reason() == Some(h2::Reason::REFUSED_STREAM)
-            || (h2.is_go_away() && h2.reason() == Some(h2::Reason::NO_ERROR))
-    })
+    false
 }
 
 /// A hyper client on `app`, in `protocol`, counting what the application

@@ -78,6 +78,17 @@ impl UpstreamError {
             )
     }
 
+    /// The peer refused the request before processing it: its HTTP/2
+    /// connection was closing (GOAWAY beyond the stream: RFC 9113 §6.8),
+    /// it refused the stream (REFUSED_STREAM, §8.7), or the request never
+    /// left. Any method may be sent again, on another connection.
+    pub fn is_refused_unprocessed(&self) -> bool {
+        match self {
+            UpstreamError::Request { source, .. } => refused_unprocessed(source),
+            _ => false,
+        }
+    }
+
     /// The destination proxy refused the tunnel with 403: its inbound
     /// policy does not allow this client. Not the endpoint's failure.
     pub fn is_forbidden(&self) -> bool {
@@ -89,6 +100,19 @@ impl UpstreamError {
             }))
         )
     }
+}
+
+/// Whether hyper's error says the peer did not process the request (see
+/// [`UpstreamError::is_refused_unprocessed`]).
+pub fn refused_unprocessed(e: &hyper::Error) -> bool {
+    if e.is_canceled() {
+        return true;
+    }
+    let h2 = std::error::Error::source(e).and_then(|s| s.downcast_ref::<h2::Error>());
+    h2.is_some_and(|h2| {
+        h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+            || (h2.is_go_away() && h2.reason() == Some(h2::Reason::NO_ERROR))
+    })
 }
 
 struct IdleH1 {
@@ -234,10 +258,14 @@ impl UpstreamPool {
             Err(mut e) => match e.take_message() {
                 Some(unsent) => unsent,
                 None => {
-                    return Err(UpstreamError::Request {
-                        target,
-                        source: e.into_error(),
-                    });
+                    let source = e.into_error();
+                    if refused_unprocessed(&source) {
+                        // The peer is closing this connection (a draining
+                        // node proxy's GOAWAY): the caller's resend must
+                        // find a fresh one.
+                        self.inner.h2.lock().expect("pool lock").remove(key);
+                    }
+                    return Err(UpstreamError::Request { target, source });
                 }
             },
         };

@@ -19,6 +19,9 @@ pub enum Outcome {
     /// The connection failed after the request was sent: it may have been
     /// processed.
     ResponseFailed,
+    /// The peer refused the request unprocessed (a draining proxy's GOAWAY,
+    /// REFUSED_STREAM): any method may be sent again, on a new connection.
+    Refused,
 }
 
 /// The largest request body kept for replay. A larger body is streamed
@@ -52,7 +55,7 @@ pub fn should_retry(
         return false;
     }
     match outcome {
-        Outcome::ConnectFailed => true,
+        Outcome::ConnectFailed | Outcome::Refused => true,
         // A route's `retry` declares its requests retryable; still, a
         // request that may have been processed is replayed only when the
         // method is idempotent (RFC 9110 §9.2.2) unless the status says it

@@ -219,12 +219,14 @@ impl Arrival for HboneRequest {
     /// The source proxy resets its client's connection on a refused
     /// CONNECT.
     fn refuse(self, why: Refusal) {
-        self.reject(match why {
+        match why {
             Refusal::NotThisPod | Refusal::Denied | Refusal::ProxyPort => {
-                http::StatusCode::FORBIDDEN
+                self.reject(http::StatusCode::FORBIDDEN)
             }
-            Refusal::Unreachable | Refusal::OverLimit => http::StatusCode::SERVICE_UNAVAILABLE,
-        })
+            // Typed, so the source proxy sends the connection or request
+            // to another endpoint: nothing reached the application.
+            Refusal::Unreachable | Refusal::OverLimit => self.reject_unprocessed(),
+        }
     }
 
     fn accept(self) -> std::io::Result<weft_hbone::H2Stream> {

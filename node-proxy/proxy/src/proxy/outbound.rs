@@ -78,29 +78,58 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<LocalPod>, cx:
             }
         }
     };
-    let (route, balanced) = state::route(&snapshot.view, dst, &cx.balancer, &mut rand::rng());
-    let labels = labels(&pod, &route);
-    let open = cx.tcp_metrics.open(labels);
-    let target = route.target();
-    let connected = open_upstream(&route, &pod, cx.tunnels.as_deref(), Protocol::Opaque).await;
-    if balanced {
-        match &connected {
-            Ok(_) => cx.balancer.connected(&target, started.elapsed()),
-            Err(_) => cx.balancer.failed(&target),
+    // A Service endpoint that cannot be connected to (refused, the pod is
+    // gone, its proxy says the application is not there) is ejected and
+    // another one is tried before the client's connection is answered: no
+    // byte was exchanged yet.
+    let mut failed: Vec<SocketAddr> = Vec::new();
+    let (route, mut upstream, open) = loop {
+        let picked = tokio::time::Instant::now();
+        let (route, balanced) =
+            state::route(&snapshot.view, dst, &cx.balancer, &failed, &mut rand::rng());
+        let target = route.target();
+        let open = cx.tcp_metrics.open(labels(&pod, &route));
+        let connected = open_upstream(&route, &pod, cx.tunnels.as_deref(), Protocol::Opaque).await;
+        let e = match connected {
+            Ok(u) => {
+                if balanced {
+                    cx.balancer.connected(&target, started.elapsed());
+                }
+                break (route, u, open);
+            }
+            Err(e) => e,
+        };
+        let service = route.service().unwrap_or_default().to_string();
+        if balanced && cx.balancer.failed_since(&target, picked) == weft_balance::Verdict::Ejected {
+            cx.request_metrics.ejected(&service, true);
         }
-    }
-    let mut upstream = match connected {
-        Ok(u) => u,
-        Err(e) => {
-            tracing::info!(target: "access", pod = %pod.key(), dst = %dst, via = %target, error = %e, "outbound connect failed");
-            open.close(&Default::default());
-            // As the pod would have seen it without the mesh (refused, or
-            // the destination's policy denied it): a reset, not an orderly
-            // end that looks like an empty answer.
-            weft_stream::reset(client.into_inner());
-            return;
+        tracing::info!(target: "access", pod = %pod.key(), dst = %dst, via = %target, error = %e, "outbound connect failed");
+        open.close(&Default::default());
+        failed.push(target);
+        // Another endpoint, unless the destination's policy refused (the
+        // answer would be the same) or none is left.
+        let forbidden = matches!(
+            &e,
+            crate::transport::ConnectError::Hbone(weft_hbone::HboneError::Refused {
+                status: http::StatusCode::FORBIDDEN,
+                ..
+            })
+        );
+        let another = balanced
+            && !forbidden
+            && failed.len() <= MAX_FAILOVERS
+            && has_another_endpoint(&snapshot.view, dst, &failed);
+        if another {
+            cx.request_metrics.failed_over(&service, "opaque");
+            continue;
         }
+        // As the pod would have seen it without the mesh (refused, or
+        // the destination's policy denied it): a reset, not an orderly
+        // end that looks like an empty answer.
+        weft_stream::reset(client.into_inner());
+        return;
     };
+    let target = route.target();
     // A client may write in pieces here too: ACK them at once.
     let mut acked = QuickAck::new(&mut client);
     let (moved, err) = splice(&mut acked, &mut upstream).await;
@@ -126,6 +155,22 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<LocalPod>, cx:
         // the connection): pass the reset on rather than a clean close.
         weft_stream::reset(client.into_inner());
     }
+}
+
+/// Endpoints tried for one connection after the first, at most.
+const MAX_FAILOVERS: usize = 2;
+
+/// Whether the Service behind `dst` has a ready endpoint not in `failed`.
+fn has_another_endpoint(
+    view: &weft_destination_api::View,
+    dst: SocketAddr,
+    failed: &[SocketAddr],
+) -> bool {
+    let Some(svc) = view.service_by_vip(dst.ip()) else {
+        return false;
+    };
+    let endpoints = state::endpoints_of(view, svc, dst.port(), dst);
+    endpoints.iter().any(|e| !failed.contains(e))
 }
 
 /// Source-side TCP labels: this pod, and what the view says of the

@@ -156,29 +156,34 @@ pub fn route(
     view: &View,
     dst: SocketAddr,
     balancer: &Balancer<SocketAddr>,
+    avoid: &[SocketAddr],
     rng: &mut impl Rng,
 ) -> (Route, bool) {
     let Some(svc) = view.service_by_vip(dst.ip()) else {
         return (to_address(view, dst, None), false);
     };
-    route_to_service(view, svc, dst.port(), dst, balancer, rng)
+    route_to_service(view, svc, dst.port(), dst, balancer, avoid, rng)
 }
 
 /// Picks an endpoint of `svc` for its port `port` (as [`route`] does for a
 /// VIP). `dialled`: the address the client dialled, for the address family
 /// and for the plain fallback when the Service has no ready endpoint (an
-/// HTTPRoute backend is another Service than the one dialled).
+/// HTTPRoute backend is another Service than the one dialled). `avoid`:
+/// endpoints that already failed this request or connection, skipped while
+/// another is usable.
 pub fn route_to_service(
     view: &View,
     svc: &weft_destination_api::Service,
     port: u16,
     dialled: SocketAddr,
     balancer: &Balancer<SocketAddr>,
+    avoid: &[SocketAddr],
     rng: &mut impl Rng,
 ) -> (Route, bool) {
     let dst = dialled;
     let hostname = Some(svc.hostname.clone());
-    let Some(port) = svc.ports.iter().find(|p| p.port == u32::from(port)) else {
+    let dialled_port = port;
+    let Some(_) = svc.ports.iter().find(|p| p.port == u32::from(port)) else {
         // A port the Service does not declare: the VIP answers nothing there
         // either; let the connection fail the same way it would without us.
         let plain = Route::Plain {
@@ -188,8 +193,34 @@ pub fn route_to_service(
         };
         return (plain, false);
     };
-    let candidates: Vec<SocketAddr> = svc
-        .endpoints
+    let candidates = endpoints_of(view, svc, dialled_port, dst);
+    match balancer.pick_avoiding(&candidates, avoid, rng) {
+        Some(target) => (to_address(view, target, hostname), true),
+        None => {
+            // No ready endpoint: the VIP itself refuses, as without the mesh.
+            let plain = Route::Plain {
+                target: dst,
+                workload: None,
+                service: hostname,
+            };
+            (plain, false)
+        }
+    }
+}
+
+/// The ready endpoints of `svc` for its port `port` (target addresses, in
+/// `dialled`'s address family where an endpoint has both).
+pub fn endpoints_of(
+    view: &View,
+    svc: &weft_destination_api::Service,
+    port: u16,
+    dialled: SocketAddr,
+) -> Vec<SocketAddr> {
+    let dst = dialled;
+    let Some(port) = svc.ports.iter().find(|p| p.port == u32::from(port)) else {
+        return Vec::new();
+    };
+    svc.endpoints
         .iter()
         .filter_map(|ep| {
             let target_port = ep
@@ -213,19 +244,7 @@ pub fn route_to_service(
             };
             Some(SocketAddr::new(ip, target_port))
         })
-        .collect();
-    match balancer.pick(&candidates, rng) {
-        Some(target) => (to_address(view, target, hostname), true),
-        None => {
-            // No ready endpoint: the VIP itself refuses, as without the mesh.
-            let plain = Route::Plain {
-                target: dst,
-                workload: None,
-                service: hostname,
-            };
-            (plain, false)
-        }
-    }
+        .collect()
 }
 
 #[cfg(test)]
@@ -300,7 +319,7 @@ mod tests {
     fn enrolled_pod_ip_goes_through_hbone_to_its_15008() {
         let v = view(vec![workload("u1", "echo", "10.244.1.2", true)], vec![]);
         let b = Balancer::new(BalancerConfig::default());
-        let (r, balanced) = route(&v, addr("10.244.1.2:9000"), &b, &mut rand::rng());
+        let (r, balanced) = route(&v, addr("10.244.1.2:9000"), &b, &[], &mut rand::rng());
         assert!(!balanced);
         match r {
             Route::Hbone {
@@ -326,9 +345,9 @@ mod tests {
     fn pods_outside_the_mesh_and_unknown_addresses_are_plain() {
         let v = view(vec![workload("u1", "legacy", "10.244.1.3", false)], vec![]);
         let b = Balancer::new(BalancerConfig::default());
-        let (r, _) = route(&v, addr("10.244.1.3:9000"), &b, &mut rand::rng());
+        let (r, _) = route(&v, addr("10.244.1.3:9000"), &b, &[], &mut rand::rng());
         assert!(matches!(r, Route::Plain { workload: Some(ref w), .. } if w.name == "legacy"));
-        let (r, _) = route(&v, addr("192.0.2.1:443"), &b, &mut rand::rng());
+        let (r, _) = route(&v, addr("192.0.2.1:443"), &b, &[], &mut rand::rng());
         assert_eq!(
             r,
             Route::Plain {
@@ -351,7 +370,7 @@ mod tests {
         let b = Balancer::new(BalancerConfig::default());
         let mut seen = std::collections::BTreeSet::new();
         for _ in 0..200 {
-            let (r, balanced) = route(&v, addr("10.96.0.10:80"), &b, &mut rand::rng());
+            let (r, balanced) = route(&v, addr("10.96.0.10:80"), &b, &[], &mut rand::rng());
             assert!(balanced);
             assert_eq!(r.service(), Some("echo.demo.svc.cluster.local"));
             assert!(matches!(r, Route::Hbone { .. }));
@@ -376,7 +395,7 @@ mod tests {
         let b = Balancer::new(BalancerConfig::default());
         b.failed(&addr("10.244.1.2:9000"));
         for _ in 0..50 {
-            let (r, _) = route(&v, addr("10.96.0.10:80"), &b, &mut rand::rng());
+            let (r, _) = route(&v, addr("10.96.0.10:80"), &b, &[], &mut rand::rng());
             assert_eq!(r.target(), addr("10.244.0.5:9000"));
             b.connected(&r.target(), std::time::Duration::from_millis(1));
         }
@@ -392,7 +411,7 @@ mod tests {
         };
         let v = view(vec![], vec![service(vec![outside])]);
         let b = Balancer::new(BalancerConfig::default());
-        let (r, balanced) = route(&v, addr("10.96.0.10:80"), &b, &mut rand::rng());
+        let (r, balanced) = route(&v, addr("10.96.0.10:80"), &b, &[], &mut rand::rng());
         assert!(balanced);
         assert_eq!(
             r,
@@ -402,7 +421,7 @@ mod tests {
                 service: Some("echo.demo.svc.cluster.local".into())
             }
         );
-        let (r, balanced) = route(&v, addr("10.96.0.10:81"), &b, &mut rand::rng());
+        let (r, balanced) = route(&v, addr("10.96.0.10:81"), &b, &[], &mut rand::rng());
         assert!(!balanced);
         assert_eq!(r.target(), addr("10.96.0.10:81"));
     }

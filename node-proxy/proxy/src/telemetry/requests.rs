@@ -42,6 +42,16 @@ pub struct RetryLabels {
     pub route: String,
 }
 
+/// Labels of the ejection counter: the Service whose endpoint was ejected
+/// and why (both bounded).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EjectionLabels {
+    pub destination_service: String,
+    /// `connect_failure` (nothing reached the application: ejected at
+    /// once) or `failed_responses` (5xx, resets in a row).
+    pub reason: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub reporter: Reporter,
@@ -76,6 +86,8 @@ pub struct RequestMetrics {
     durations: HistogramFamily,
     retries: Family<RetryLabels, Counter>,
     budget_exhausted: Family<RetryLabels, Counter>,
+    failovers: Family<RetryLabels, Counter>,
+    ejections: Family<EjectionLabels, Counter>,
 }
 
 impl Default for RequestMetrics {
@@ -85,6 +97,8 @@ impl Default for RequestMetrics {
             durations: Family::new_with_constructor(duration_histogram),
             retries: Family::default(),
             budget_exhausted: Family::default(),
+            failovers: Family::default(),
+            ejections: Family::default(),
         }
     }
 }
@@ -112,6 +126,37 @@ impl RequestMetrics {
             "Failed requests that a route would have retried but the destination's retry budget did not allow",
             self.budget_exhausted.clone(),
         );
+        registry.register(
+            "weft_request_failovers",
+            "Requests (route `opaque`: TCP connections) sent to another endpoint because the destination proxy said nothing reached the application (or the endpoint could not be connected to), whatever the route's retry policy",
+            self.failovers.clone(),
+        );
+        registry.register(
+            "weft_endpoint_ejections",
+            "Endpoints ejected by the balancer (one per failure episode; requests already in flight when it was ejected do not count again)",
+            self.ejections.clone(),
+        );
+    }
+
+    pub fn failed_over(&self, destination_service: &str, route: &str) {
+        self.failovers
+            .get_or_create(&retry_labels(destination_service, route))
+            .inc();
+    }
+
+    /// `connect`: ejected at once after a connect failure.
+    pub fn ejected(&self, destination_service: &str, connect: bool) {
+        let reason = if connect {
+            "connect_failure"
+        } else {
+            "failed_responses"
+        };
+        self.ejections
+            .get_or_create(&EjectionLabels {
+                destination_service: destination_service.to_string(),
+                reason: reason.to_string(),
+            })
+            .inc();
     }
 
     pub fn retried(&self, destination_service: &str, route: &str) {

@@ -43,7 +43,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use weft_destination_api::routing::Request as RouteRequest;
-use weft_hbone::H2Stream;
+use weft_hbone::{H2Stream, UNPROCESSED_HEADER};
 use weft_stream::{Counted, Prefixed, Protocol, QuickAck};
 use weft_stream::{Transferred, splice_until};
 
@@ -365,6 +365,8 @@ impl Delivery {
             .then(|| hyper::upgrade::on(&mut request));
         let response = match self.app.send(request).await {
             Ok(mut response) => {
+                // Only this proxy says that nothing reached the application.
+                response.headers_mut().remove(UNPROCESSED_HEADER);
                 if let Some(client_upgrade) = client_upgrade
                     && response.status() == StatusCode::SWITCHING_PROTOCOLS
                 {
@@ -374,8 +376,21 @@ impl Delivery {
                 response.map(proxy_body)
             }
             Err(e) => {
-                tracing::info!(target: "access", direction = "inbound", dst = %target, error = %e, "request failed");
-                error_response(&e, grpc)
+                // The application could not be connected to (it died, its
+                // port closed) or refused the request unprocessed: the
+                // source proxy, an authenticated peer, is told so and sends
+                // the request elsewhere. A plaintext client gets the 503.
+                let unprocessed = (e.is_connect() || e.is_refused_unprocessed())
+                    && !self.peers.source_principal.is_empty();
+                tracing::info!(target: "access", direction = "inbound", dst = %target, error = %e, unprocessed, "request failed");
+                let mut response = error_response(&e, grpc);
+                if unprocessed {
+                    response.headers_mut().insert(
+                        UNPROCESSED_HEADER,
+                        http::HeaderValue::from_static(weft_hbone::CONNECT_FAILED),
+                    );
+                }
+                response
             }
         };
         let recorder = Recorder {

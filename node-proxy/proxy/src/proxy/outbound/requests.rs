@@ -44,8 +44,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
-use weft_balance::Balancer;
+use weft_balance::{Balancer, Verdict};
 use weft_destination_api::routing::Request as RouteRequest;
+use weft_hbone::UNPROCESSED_HEADER;
 use weft_stream::Protocol;
 
 /// What the last attempt of a request leaves for its response.
@@ -55,7 +56,16 @@ struct LastAttempt {
     route: Option<Route>,
     /// When its backend request timeout ends, and the timeout.
     backend_deadline: Option<(Instant, Duration)>,
+    /// Attempts sent to another endpoint because nothing reached the
+    /// application.
+    failovers: u32,
+    /// Endpoints that failed this request: the next attempt avoids them.
+    failed: Vec<SocketAddr>,
 }
+
+/// Endpoints a request is sent to after the first when nothing reached the
+/// application, at most (each one is ejected on the way).
+const MAX_FAILOVERS: u32 = 3;
 
 /// One client connection's fixed facts.
 struct Connection {
@@ -234,6 +244,7 @@ impl Connection {
             route = plan.label(),
             method = method.as_str(),
             status = recorder.status,
+            failovers = last.failovers,
             headers_ms = started.elapsed().as_millis() as u64,
             "request"
         );
@@ -241,8 +252,12 @@ impl Connection {
     }
 
     /// Sends the request, retrying per the rule's `retry` while its body
-    /// can be replayed. `hostname`: the dialled Service's, for the retry
-    /// counters; `grpc`: a gRPC request, whose status decides a retry.
+    /// can be replayed, and sending it to another endpoint whatever the
+    /// rule says when nothing of it reached the application (the endpoint
+    /// could not be connected to, its destination proxy said so, or a
+    /// draining peer refused the stream). `hostname`: the dialled
+    /// Service's, for the retry counters; `grpc`: a gRPC request, whose
+    /// status decides a retry.
     async fn attempts(
         &self,
         plan: &Plan,
@@ -256,37 +271,59 @@ impl Connection {
         let backend_timeout = rule
             .map(|r| Duration::from_millis(r.backend_request_timeout_ms))
             .filter(|t| !t.is_zero());
-        // An upgrade takes the connection over: never replayed.
-        let policy = rule.and_then(|r| r.retry.as_ref()).filter(|_| reusable);
-        let (Some(policy), Plan::Rule { service, label, .. }) = (policy, plan) else {
+        if !reusable {
+            // An upgrade takes the connection over: never replayed.
             let request = request.map(proxy_body);
             return self
                 .attempt(plan, request, reusable, backend_timeout, false, last)
                 .await
                 .0;
+        }
+        let policy = rule.and_then(|r| r.retry.as_ref());
+        // The budget of the rule's Service, else of the dialled one; none
+        // for a destination that is not a Service (nowhere else to go).
+        let (budget_key, label) = match plan {
+            Plan::Rule { service, label, .. } => (Some(service.clone()), label.as_str()),
+            _ => (self.dialled_service_key(), plan.label()),
         };
+        let budget = budget_key.as_deref().map(|k| self.cx.routing.budget(k));
+        if let Some(budget) = &budget {
+            budget.request();
+        }
         // The body is kept as the first attempt forwards it (up to 64 KiB,
         // trailers included), streamed or not, so a retry can send it again
         // without holding the request back until its end.
         let (parts, body) = request.into_parts();
         let (mut body, replay) = ReplayBody::new(body);
-        let budget = self.cx.routing.budget(service);
-        budget.request();
         let metrics = &self.cx.request_metrics;
-        let destination = hostname.unwrap_or(service);
+        let destination = hostname.or(budget_key.as_deref()).unwrap_or_default();
         let mut retries = 0u32;
         loop {
             let request = with_body(&parts, proxy_body(body));
+            let peek = grpc && policy.is_some();
             let (result, outcome) = self
-                .attempt(plan, request, reusable, backend_timeout, grpc, last)
+                .attempt(plan, request, reusable, backend_timeout, peek, last)
                 .await;
             let Some(outcome) = outcome else {
                 return result;
             };
             let replayable = replay.is_replayable();
-            if !should_retry(policy, &parts.method, replayable, retries, outcome) {
+            let target = last.route.as_ref().map(Route::target);
+            // Nothing reached the application: another endpoint, whatever
+            // the method and the rule (bounded; within the budget).
+            let unprocessed =
+                matches!(outcome, RetryOutcome::ConnectFailed | RetryOutcome::Refused);
+            let failover =
+                unprocessed && replayable && last.failovers < MAX_FAILOVERS && budget.is_some();
+            let retry = !failover
+                && policy
+                    .is_some_and(|p| should_retry(p, &parts.method, replayable, retries, outcome));
+            if !failover && !retry {
                 return result;
             }
+            let Some(budget) = &budget else {
+                return result;
+            };
             if !budget.try_retry() {
                 metrics.budget_exhausted(destination, label);
                 return result;
@@ -294,14 +331,32 @@ impl Connection {
             let Some(next) = replay.next() else {
                 return result;
             };
-            metrics.retried(destination, label);
+            if let Some(target) = target {
+                last.failed.push(target);
+            }
             if let Ok(response) = result {
                 drain(response).await;
             }
             body = next;
-            retries += 1;
-            tokio::time::sleep(backoff(policy.backoff_ms, retries)).await;
+            if failover {
+                last.failovers += 1;
+                metrics.failed_over(destination, label);
+                tracing::info!(target: "access", direction = "outbound", src = %self.pod.key(), dst = %self.dst, via = ?target, outcome = ?outcome, "nothing reached the application: sent to another endpoint");
+            } else {
+                metrics.retried(destination, label);
+                retries += 1;
+                if let Some(policy) = policy {
+                    tokio::time::sleep(backoff(policy.backoff_ms, retries)).await;
+                }
+            }
         }
+    }
+
+    /// The key of the Service the client dialled (by its VIP), if any.
+    fn dialled_service_key(&self) -> Option<String> {
+        let snapshot = self.cx.snapshot();
+        let svc = snapshot.view.service_by_vip(self.dst.ip())?;
+        Some(weft_destination_api::service_key(&svc.namespace, &svc.name))
     }
 
     /// One attempt: picks the endpoint and sends. The outcome is what a
@@ -318,13 +373,25 @@ impl Connection {
         last: &mut LastAttempt,
     ) -> (Result<Response<ProxyBody>, Failure>, Option<RetryOutcome>) {
         let cx = &self.cx;
-        let (route, balanced) = match self.resolve(plan) {
+        let picked = Instant::now();
+        let (route, balanced) = match self.resolve(plan, &last.failed) {
             Ok(r) => r,
             Err(e) => return (Err(e), None),
         };
         let route = &*last.route.insert(route);
         let target = route.target();
-        let mut pick = balanced.then(|| Pick::new(cx.balancer.clone(), target));
+        let service = route.service().unwrap_or_default();
+        let mut pick = balanced.then(|| Pick {
+            balancer: cx.balancer.clone(),
+            target,
+            picked,
+            reported: false,
+        });
+        let ejected = |verdict: Verdict, connect: bool| {
+            if verdict == Verdict::Ejected {
+                cx.request_metrics.ejected(service, connect);
+            }
+        };
         let key = UpstreamKey {
             pod: self.pod.uid.clone(),
             target,
@@ -364,11 +431,23 @@ impl Connection {
             },
             None => send.await,
         };
-        let (result, peeked) = match result {
+        let (mut result, peeked) = match result {
             Ok((response, peeked)) => (Ok(response), peeked),
             Err(e) => (Err(e), None),
         };
+        // The destination proxy (an authenticated peer: only over HBONE)
+        // says that nothing reached the application.
+        let unprocessed = matches!(route, Route::Hbone { .. })
+            && result
+                .as_mut()
+                .is_ok_and(|r| r.headers_mut().remove(UNPROCESSED_HEADER).is_some());
         let outcome = match &result {
+            Ok(_) if unprocessed => {
+                if let Some(p) = pick.as_mut() {
+                    ejected(p.failed(), true);
+                }
+                Some(RetryOutcome::ConnectFailed)
+            }
             Ok(response) => {
                 let status = response.status().as_u16();
                 // A gRPC failure is an HTTP 200: its status, when known
@@ -379,7 +458,7 @@ impl Connection {
                 };
                 let server_failed = status >= 500 || grpc_code.is_some_and(grpc_server_failed);
                 if let Some(p) = pick.as_mut() {
-                    p.responded(latency, !server_failed);
+                    ejected(p.responded(latency, !server_failed), false);
                 }
                 match peeked {
                     Some(Peeked::Status(code)) if code != 0 => Some(RetryOutcome::Grpc(code)),
@@ -390,13 +469,16 @@ impl Connection {
             Err(Failure::Upstream(e)) if e.is_forbidden() => None,
             Err(Failure::Upstream(e)) if e.is_connect() => {
                 if let Some(p) = pick.as_mut() {
-                    p.failed();
+                    ejected(p.failed(), true);
                 }
                 Some(RetryOutcome::ConnectFailed)
             }
+            // A draining peer refused the stream unprocessed: not the
+            // endpoint's failure (the pick is only cancelled).
+            Err(Failure::Upstream(e)) if e.is_refused_unprocessed() => Some(RetryOutcome::Refused),
             Err(Failure::Upstream(_) | Failure::BackendTimeout(_)) => {
                 if let Some(p) = pick.as_mut() {
-                    p.request_failed();
+                    ejected(p.request_failed(), false);
                 }
                 Some(RetryOutcome::ResponseFailed)
             }
@@ -407,13 +489,13 @@ impl Connection {
 
     /// Where this attempt goes: a backend of the rule by weight (else the
     /// dialled Service), then one of its endpoints by the balancer.
-    fn resolve(&self, plan: &Plan) -> Result<(Route, bool), Failure> {
+    fn resolve(&self, plan: &Plan, avoid: &[SocketAddr]) -> Result<(Route, bool), Failure> {
         let cx = &self.cx;
         let snapshot = cx.snapshot();
         let view = &snapshot.view;
         let mut rng = rand::rng();
         let Plan::Rule { rule, service, .. } = plan else {
-            return Ok(state::route(view, self.dst, &cx.balancer, &mut rng));
+            return Ok(state::route(view, self.dst, &cx.balancer, avoid, &mut rng));
         };
         let dialled_port = self.dst.port();
         let (key, port) = match pick_backend(rule, &mut rng) {
@@ -440,6 +522,7 @@ impl Connection {
             port,
             dialled,
             &cx.balancer,
+            avoid,
             &mut rng,
         ))
     }
@@ -526,35 +609,31 @@ fn with_body(parts: &http::request::Parts, body: ProxyBody) -> Request<ProxyBody
 struct Pick {
     balancer: Arc<Balancer<SocketAddr>>,
     target: SocketAddr,
+    /// When it was picked: a failure of a request picked before the
+    /// endpoint's ejection does not eject it again.
+    picked: Instant,
     reported: bool,
 }
 
 impl Pick {
-    fn new(balancer: Arc<Balancer<SocketAddr>>, target: SocketAddr) -> Self {
-        Self {
-            balancer,
-            target,
-            reported: false,
-        }
-    }
-
     /// Response headers arrived after `latency` (the balancer's signal);
     /// `ok`: not a 5xx.
-    fn responded(&mut self, latency: std::time::Duration, ok: bool) {
-        self.balancer.responded(&self.target, latency, ok);
+    fn responded(&mut self, latency: std::time::Duration, ok: bool) -> Verdict {
         self.reported = true;
+        self.balancer.responded(&self.target, latency, ok)
     }
 
-    /// Nothing reached the endpoint.
-    fn failed(&mut self) {
-        self.balancer.failed(&self.target);
+    /// Nothing reached the application.
+    fn failed(&mut self) -> Verdict {
         self.reported = true;
+        self.balancer.failed_since(&self.target, self.picked)
     }
 
     /// The request failed after reaching the endpoint (reset, timeout).
-    fn request_failed(&mut self) {
-        self.balancer.request_failed(&self.target);
+    fn request_failed(&mut self) -> Verdict {
         self.reported = true;
+        self.balancer
+            .request_failed_since(&self.target, self.picked)
     }
 }
 
@@ -594,6 +673,7 @@ mod tests {
             weft_hbone::HboneError::Refused {
                 target: "10.244.1.2:8080".parse().unwrap(),
                 status: StatusCode::FORBIDDEN,
+                reason: None,
             },
         ));
         assert!(e.is_forbidden() && !e.is_connect());
