@@ -37,6 +37,8 @@ use weft_registration::{PodEvent, PodRef};
 struct Wanted {
     identity: Option<SpiffeId>,
     ip: Option<IpAddr>,
+    /// The address of the other family (dual stack).
+    other_ip: Option<IpAddr>,
     workload_uid: Option<String>,
 }
 
@@ -524,10 +526,13 @@ impl PodRegistry {
             return None;
         }
         let identity = state::identity_of(&w)?;
-        let ip = w.addresses.iter().find_map(|a| address::decode(a))?;
+        let mut ips = w.addresses.iter().filter_map(|a| address::decode(a));
+        let ip = ips.next()?;
+        let other_ip = ips.find(|o| o.is_ipv4() != ip.is_ipv4());
         Some(Wanted {
             identity: Some(identity),
             ip: Some(ip),
+            other_ip,
             workload_uid: Some(w.uid.clone()),
         })
     }
@@ -543,6 +548,7 @@ impl PodRegistry {
                 uid: r.pod.uid.clone(),
                 identity: wanted.identity.clone(),
                 ip: wanted.ip,
+                other_ip: wanted.other_ip,
                 workload_uid: wanted.workload_uid.clone(),
             }),
             sockets: Arc::new(NetnsSockets::new(netns.clone())),
@@ -593,23 +599,27 @@ impl PodRegistry {
                 self.inputs.clone(),
             )));
         }
-        if let (Some(control_plane), Some(identity), Some(ip)) =
-            (&self.inputs.control_plane, &local.identity, local.ip)
+        if let (Some(control_plane), Some(identity)) = (&self.inputs.control_plane, &local.identity)
         {
             // Fetch the certificate now, not on the first connection.
             control_plane.certs.register_pod(identity);
-            let l = match listen(SocketAddr::new(ip, HBONE_PORT)) {
-                Ok(l) => l,
-                Err(e) => {
-                    control_plane.certs.unregister_pod(identity);
-                    return Err(e);
-                }
-            };
-            listeners.0.push(tokio::spawn(inbound::serve_hbone(
-                l,
-                local.clone(),
-                self.inputs.clone(),
-            )));
+            // On every address of the pod: a source dials the address of
+            // the family its client used (IPv6 was reset when only the
+            // first address listened).
+            for ip in local.addresses() {
+                let l = match listen(SocketAddr::new(ip, HBONE_PORT)) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        control_plane.certs.unregister_pod(identity);
+                        return Err(e);
+                    }
+                };
+                listeners.0.push(tokio::spawn(inbound::serve_hbone(
+                    l,
+                    local.clone(),
+                    self.inputs.clone(),
+                )));
+            }
         }
         let enrollment = PodEnrollment {
             netns,
@@ -708,6 +718,7 @@ impl PodRegistry {
             let current = r.captured.as_ref().map(|c| Wanted {
                 identity: c.pod.identity.clone(),
                 ip: c.pod.ip,
+                other_ip: c.pod.other_ip,
                 workload_uid: c.pod.workload_uid.clone(),
             });
             if wanted == current {

@@ -34,11 +34,25 @@ pub struct PodInfo {
     pub identity: Option<SpiffeId>,
     /// The pod's primary address, from the destination view.
     pub ip: Option<IpAddr>,
+    /// Its address of the other family, if it has one (dual stack).
+    pub other_ip: Option<IpAddr>,
     /// The destination view's key (uid) of the pod's workload.
     pub workload_uid: Option<String>,
 }
 
 impl PodInfo {
+    /// Whether `ip` is one of the pod's addresses (an IPv4-mapped IPv6
+    /// address counts as its IPv4 address).
+    pub fn has_address(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.ip == Some(ip) || self.other_ip == Some(ip)
+    }
+
+    /// Every address of the pod, the primary first.
+    pub fn addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.ip.into_iter().chain(self.other_ip)
+    }
+
     /// `namespace/name`, for logs.
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)

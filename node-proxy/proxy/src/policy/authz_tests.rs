@@ -14,6 +14,7 @@ fn pod() -> Arc<PodInfo> {
         uid: "u1".into(),
         identity: Some("spiffe://cluster.local/ns/demo/sa/web".parse().unwrap()),
         ip: Some("10.244.0.2".parse().unwrap()),
+        other_ip: None,
         workload_uid: Some("u1".into()),
     })
 }

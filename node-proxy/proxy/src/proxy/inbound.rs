@@ -253,7 +253,7 @@ async fn serve_inbound<A: Arrival>(
     let view = snapshot.policy_view();
 
     // Checks.
-    if client.is_some() && Some(target.ip()) != pod.ip {
+    if client.is_some() && !pod.has_address(target.ip()) {
         // A tunnel to this pod's listener may only reach this pod.
         tracing::info!(target: "access", pod = %pod.key(), %peer, %target, "HBONE target is not this pod");
         arrival.refuse(Refusal::NotThisPod);

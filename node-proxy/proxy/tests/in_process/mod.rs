@@ -185,6 +185,7 @@ impl InProcessMesh {
             uid: w.uid.clone(),
             identity: identity.clone().filter(|_| w.enrolled),
             ip,
+            other_ip: None,
             workload_uid: Some(w.uid.clone()),
         });
         if let (true, Some(identity), Some(ip)) = (w.enrolled, &identity, ip) {
