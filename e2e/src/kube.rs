@@ -15,7 +15,7 @@
 
 use crate::state::State;
 use crate::sys::{self, CgroupHandle, SysError};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -159,30 +159,7 @@ fn find_simulator() -> Result<PathBuf, KubeError> {
         .ok_or(KubeError::NoSimulator { exe })
 }
 
-/// What `status --json` shows of the control plane (in the state file as
-/// `"kube"`).
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct KubeState {
-    pub kubernetes_version: String,
-    pub etcd_version: String,
-    /// `https://10.240.<slot>.1:6443`
-    pub api_server: String,
-    /// An admin (`system:masters`) kubeconfig for the API server.
-    pub kubeconfig: PathBuf,
-    pub etcd: String,
-    /// The directory of the control plane programs (kubectl is there).
-    pub bin_dir: PathBuf,
-    /// Data, certificates, kubeconfigs.
-    pub dir: PathBuf,
-    /// The CA that signs the API server's certificate and client certificates.
-    pub ca_file: PathBuf,
-    /// The service-account token issuer.
-    pub service_account_issuer: String,
-    /// Image → program: what runs for a container without `command`
-    /// (`up --kube --images FILE`).
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub images: BTreeMap<String, PathBuf>,
-}
+pub use crate::state::KubeState;
 
 impl KubeState {
     /// A `kubectl` of the control plane's version, talking to this cluster
@@ -465,7 +442,7 @@ pub fn start(
     )?;
     let etcd_health: std::net::SocketAddr = (addr.loopback, 2379).into();
     wait_until("etcd", &etcd_log, deadline, || {
-        crate::mesh::http_get(etcd_health, "/health")
+        crate::sys::http_get(etcd_health, "/health")
             .is_some_and(|(status, body)| status == 200 && body.contains("true"))
     })?;
 

@@ -23,7 +23,7 @@ pub struct State {
     pub services: Vec<ServiceState>,
     /// `up --kube`: the Kubernetes control plane (docs/simulator.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kube: Option<crate::kube::KubeState>,
+    pub kube: Option<KubeState>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -139,4 +139,29 @@ impl State {
     pub fn node(&self, name: &str) -> Option<&NodeState> {
         self.nodes.iter().find(|n| n.name == name)
     }
+}
+
+/// What `status --json` shows of the control plane (in the state file as
+/// `"kube"`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct KubeState {
+    pub kubernetes_version: String,
+    pub etcd_version: String,
+    /// `https://10.240.<slot>.1:6443`
+    pub api_server: String,
+    /// An admin (`system:masters`) kubeconfig for the API server.
+    pub kubeconfig: PathBuf,
+    pub etcd: String,
+    /// The directory of the control plane programs (kubectl is there).
+    pub bin_dir: PathBuf,
+    /// Data, certificates, kubeconfigs.
+    pub dir: PathBuf,
+    /// The CA that signs the API server's certificate and client certificates.
+    pub ca_file: PathBuf,
+    /// The service-account token issuer.
+    pub service_account_issuer: String,
+    /// Image → program: what runs for a container without `command`
+    /// (`up --kube --images FILE`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub images: BTreeMap<String, PathBuf>,
 }
