@@ -13,7 +13,7 @@ use std::time::Duration;
 use weft_sim::TestCluster;
 use weft_sim::mesh::{Mesh, MeshBinaries};
 
-const FAILOVER_CLUSTER: &str = r#"
+pub(crate) const FAILOVER_CLUSTER: &str = r#"
 apiVersion: v1
 kind: Namespace
 metadata: {name: demo, labels: {weft.io/mesh: enabled}}
@@ -61,7 +61,7 @@ metadata: {name: web, namespace: demo}
 spec: {selector: {app: web}, ports: [{port: 80, targetPort: 8080}]}
 "#;
 
-const REPLICA: &str = r#"#!/usr/bin/env python3
+pub(crate) const REPLICA: &str = r#"#!/usr/bin/env python3
 import signal, socket, sys, threading, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 

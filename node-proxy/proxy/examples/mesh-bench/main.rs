@@ -17,7 +17,10 @@
 //! - applications as they are found (`stacks.rs`, a third cluster): real
 //!   Python, Node.js, Go and gRPC servers, sequential requests, p50/p99.
 //!   `WEFT_BENCH_PART=stacks` runs only that part; `WEFT_BENCH_BINARIES=DIR`
-//!   takes the mesh's programs from DIR (to compare two builds).
+//!   takes the mesh's programs from DIR (to compare two builds);
+//! - requests failed when a replica dies (`failover.rs`), and during a
+//!   rollout of both node proxies (`rollout.rs`), each next to a window
+//!   without; `WEFT_BENCH_PART=failover|rollout` runs one alone.
 //!
 //! Needs root, the release binaries next to this example's directory
 //! (`cargo build --release --bins`), and iperf3.
@@ -29,6 +32,7 @@
 
 mod failover;
 mod http;
+mod rollout;
 mod stacks;
 
 use std::time::{Duration, Instant};
@@ -436,6 +440,10 @@ fn main() {
         failover::bench(binaries);
         return;
     }
+    if std::env::var("WEFT_BENCH_PART").as_deref() == Ok("rollout") {
+        rollout::bench(binaries);
+        return;
+    }
     let mesh = std::sync::Arc::new(Mesh::new(binaries.clone()));
     let manifest = CLUSTER.replace("BENCH_EXE", &exe());
     let cluster = TestCluster::up_with(
@@ -597,7 +605,8 @@ fn main() {
         "node proxy RSS with {captured} of {MANY_PODS} enrolled pods captured: {many_rss:.1} MiB (a node proxy with no enrolled pod in the same cluster: {none_rss:.1} MiB); that cluster came up in {many_up:.0}s"
     );
     stacks::run(binaries.clone());
-    failover::bench(binaries);
+    failover::bench(binaries.clone());
+    rollout::bench(binaries);
 }
 
 fn spread2(v: &[f64]) -> String {
