@@ -102,6 +102,26 @@ impl UpstreamError {
     }
 }
 
+/// A copy of `request` to send again if a reused connection closes under
+/// it: only for a request without a body whose method is idempotent
+/// (`None` otherwise). Extensions are not copied (a header-case map only).
+fn resendable_head(request: &Request<ProxyBody>) -> Option<Request<ProxyBody>> {
+    use hyper::body::Body;
+    if !request.method().is_idempotent() || !request.body().is_end_stream() {
+        return None;
+    }
+    let mut copy = Request::builder()
+        .method(request.method().clone())
+        .uri(request.uri().clone())
+        .version(request.version())
+        .body(super::body::proxy_body(
+            http_body_util::Empty::<bytes::Bytes>::new(),
+        ))
+        .ok()?;
+    *copy.headers_mut() = request.headers().clone();
+    Some(copy)
+}
+
 /// Whether hyper's error says the peer did not process the request (see
 /// [`UpstreamError::is_refused_unprocessed`]).
 pub fn refused_unprocessed(e: &hyper::Error) -> bool {
@@ -187,6 +207,13 @@ impl UpstreamPool {
         let target = key.target;
         let mut request = request;
         if let Some(mut send) = self.checkout_h1(key) {
+            // An idle keep-alive connection may be closed by the server
+            // (its idle timeout, a draining node proxy) just as the request
+            // goes out: it then ends before any response, and the server
+            // processed nothing. A request without a body whose method is
+            // idempotent can be sent again on a fresh connection, as
+            // browsers and HTTP clients do; others fail as before.
+            let again = resendable_head(&request);
             match send.try_send_request(request).await {
                 Ok(response) => {
                     if reusable {
@@ -198,10 +225,14 @@ impl UpstreamPool {
                     // Not sent at all: the connection was gone. Try a new one.
                     Some(unsent) => request = unsent,
                     None => {
-                        return Err(UpstreamError::Request {
-                            target,
-                            source: e.into_error(),
-                        });
+                        let source = e.into_error();
+                        match again {
+                            Some(head) if source.is_incomplete_message() => {
+                                tracing::debug!(%target, "a reused connection closed under an idempotent request: sent again on a new one");
+                                request = head;
+                            }
+                            _ => return Err(UpstreamError::Request { target, source }),
+                        }
                     }
                 },
             }
@@ -511,6 +542,109 @@ mod tests {
             assert_eq!(get(&pool, &k).await, "ok");
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 5);
+    }
+
+    /// A server whose first connection answers one request, then closes
+    /// when the next request arrives, without answering it (a keep-alive
+    /// close that crossed the request); later connections answer all.
+    async fn closing_server() -> (SocketAddr, Arc<AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut tcp, _) = listener.accept().await.unwrap();
+                let n = count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    let mut answered = 0;
+                    loop {
+                        let mut head = Vec::new();
+                        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match tcp.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(k) => head.extend_from_slice(&buf[..k]),
+                            }
+                        }
+                        if n == 0 && answered == 1 {
+                            return; // closes under the second request
+                        }
+                        let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                        if tcp.write_all(ok).await.is_err() {
+                            return;
+                        }
+                        answered += 1;
+                    }
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    async fn send_method(
+        pool: &UpstreamPool,
+        k: &UpstreamKey,
+        method: http::Method,
+        body: &'static [u8],
+    ) -> Result<Bytes, UpstreamError> {
+        let target = k.target;
+        let connect = move || async move {
+            TcpStream::connect(target)
+                .await
+                .map(Upstream::Plain)
+                .map_err(|source| ConnectError::Tcp { target, source })
+        };
+        let request = Request::builder()
+            .method(method)
+            .uri(format!("http://{target}/"))
+            .body(
+                http_body_util::Full::new(Bytes::from_static(body))
+                    .map_err(|n| match n {})
+                    .boxed(),
+            )
+            .unwrap();
+        let response = pool.send(k, connect, request, true).await?;
+        Ok(response.into_body().collect().await.unwrap().to_bytes())
+    }
+
+    async fn settle() {
+        for _ in 0..3 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn an_idempotent_request_a_reused_connection_closed_under_is_sent_again() {
+        let (addr, accepted) = closing_server().await;
+        let pool = UpstreamPool::new();
+        let k = key(addr, Protocol::Http1);
+        let get = http::Method::GET;
+        assert_eq!(
+            send_method(&pool, &k, get.clone(), b"").await.unwrap(),
+            "ok"
+        );
+        settle().await;
+        // Reuses the kept connection, which closes under it: sent again.
+        assert_eq!(send_method(&pool, &k, get, b"").await.unwrap(), "ok");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_post_a_reused_connection_closed_under_fails_as_before() {
+        let (addr, accepted) = closing_server().await;
+        let pool = UpstreamPool::new();
+        let k = key(addr, Protocol::Http1);
+        let post = http::Method::POST;
+        assert_eq!(
+            send_method(&pool, &k, post.clone(), b"a").await.unwrap(),
+            "ok"
+        );
+        settle().await;
+        let err = send_method(&pool, &k, post, b"b").await.unwrap_err();
+        assert!(matches!(err, UpstreamError::Request { .. }), "{err}");
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "not sent again");
     }
 
     #[tokio::test]
