@@ -35,7 +35,15 @@ pub const APPS: &[(&str, &str)] = &[
     ("http_server.py", include_str!("../apps/http_server.py")),
     ("grpc_echo.py", include_str!("../apps/grpc_echo.py")),
     ("banner.py", include_str!("../apps/banner.py")),
+    ("replica.py", include_str!("../apps/replica.py")),
+    ("replica_load.py", include_str!("../apps/replica_load.py")),
 ];
+
+/// A Service `web` with three replicas on two nodes (`replica.py`: each
+/// prints what it got and answers with its name; SIGUSR1 closes its port)
+/// and a client pod on node-a, in an enrolled namespace: what the failover
+/// tests and the failover and rollout benchmarks run against.
+pub const THREE_REPLICAS: &str = include_str!("../testdata/three-replicas.yaml");
 
 impl TestCluster {
     /// Brings up a cluster from one multi-document YAML string.

@@ -19,160 +19,6 @@ use support::{MeshCluster, metric_sum};
 
 const WEB: &str = "web.demo.svc.cluster.local";
 
-const CLUSTER: &str = r#"
-apiVersion: v1
-kind: Namespace
-metadata: {name: demo, labels: {weft.io/mesh: enabled}}
----
-apiVersion: v1
-kind: ServiceAccount
-metadata: {name: client, namespace: demo}
----
-apiVersion: v1
-kind: ServiceAccount
-metadata: {name: web, namespace: demo}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: client, namespace: demo}
-spec: {nodeName: node-a, serviceAccountName: client, containers: [{name: main, command: [sleep, infinity]}]}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: web-1, namespace: demo, labels: {app: web}}
-spec:
-  nodeName: node-b
-  serviceAccountName: web
-  containers: [{name: main, command: [./replica.py, "8080", web-1], ports: [{containerPort: 8080}]}]
----
-apiVersion: v1
-kind: Pod
-metadata: {name: web-2, namespace: demo, labels: {app: web}}
-spec:
-  nodeName: node-b
-  serviceAccountName: web
-  containers: [{name: main, command: [./replica.py, "8080", web-2], ports: [{containerPort: 8080}]}]
----
-apiVersion: v1
-kind: Pod
-metadata: {name: web-3, namespace: demo, labels: {app: web}}
-spec:
-  nodeName: node-a
-  serviceAccountName: web
-  containers: [{name: main, command: [./replica.py, "8080", web-3], ports: [{containerPort: 8080}]}]
----
-apiVersion: v1
-kind: Service
-metadata: {name: web, namespace: demo}
-spec: {selector: {app: web}, ports: [{port: 80, targetPort: 8080}]}
-"#;
-
-/// A replica that prints `got <id>` (flushed) for every request it read
-/// whole, before answering it (200, `x-served-by: NAME`; with a third
-/// argument `503` always 503, with `slow` after 20 ms): its log counts
-/// what reached it, even after it is killed. On SIGUSR1 it closes its
-/// listening socket and every open connection, and lives on (the port is
-/// closed, the pod is alive).
-const REPLICA: &str = r#"#!/usr/bin/env python3
-import signal, socket, sys, threading, time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-NAME = sys.argv[2]
-MODE = sys.argv[3] if len(sys.argv) > 3 else ""  # "503": always 503; "slow": 20 ms
-conns = set()
-lock = threading.Lock()
-
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True
-    def log_message(self, *args):
-        pass
-    def setup(self):
-        super().setup()
-        with lock:
-            conns.add(self.connection)
-    def finish(self):
-        with lock:
-            conns.discard(self.connection)
-        super().finish()
-    def answer(self):
-        n = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(n) if n else b""
-        # One write per line under a lock: threads must not interleave.
-        with lock:
-            sys.stdout.write("got %s %d\n" % (self.headers.get("x-id"), len(body)))
-            sys.stdout.flush()
-        out = ("%s %s\n" % (NAME, self.headers.get("x-id"))).encode()
-        if MODE == "slow":
-            time.sleep(0.02)
-        self.send_response(503 if MODE == "503" else 200)
-        self.send_header("x-served-by", NAME)
-        self.send_header("Content-Length", str(len(out)))
-        self.end_headers()
-        self.wfile.write(out)
-    do_GET = answer
-    do_POST = answer
-
-server = ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), Handler)
-server.daemon_threads = True
-
-def close_port(*_):
-    def close():
-        server.socket.close()
-        with lock:
-            for c in list(conns):
-                try:
-                    c.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-        print("closed", flush=True)
-    threading.Thread(target=close).start()
-
-signal.signal(signal.SIGUSR1, close_port)
-try:
-    server.serve_forever()
-except (OSError, ValueError):
-    pass
-# The port is closed: live on, as a pod whose server stopped listening.
-threading.Event().wait()
-"#;
-
-/// Bounded load: THREADS threads, each PER_THREAD requests one after
-/// another (a new connection each, as curl does), GET and POST (2 KiB)
-/// alternately, 10 ms apart; prints `warm` once WARM requests were
-/// answered, and `result <id> <method> <status> <served-by>` per request.
-const LOAD: &str = r#"#!/usr/bin/env python3
-import http.client, sys, threading, time
-url_host, threads, per_thread, warm = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-lock = threading.Lock()
-done = 0
-def run(t):
-    global done
-    for i in range(per_thread):
-        rid = "%d-%d" % (t, i)
-        method = "GET" if i % 2 == 0 else "POST"
-        body = b"x" * 2048 if method == "POST" else None
-        try:
-            c = http.client.HTTPConnection(url_host, 80, timeout=20)
-            c.request(method, "/", body=body, headers={"x-id": rid})
-            r = c.getresponse()
-            r.read()
-            status, served = r.status, r.getheader("x-served-by") or "-"
-            c.close()
-        except Exception as e:
-            status, served = 0, type(e).__name__
-        with lock:
-            print("result", rid, method, status, served, flush=True)
-            done += 1
-            if done == warm:
-                print("warm", flush=True)
-        time.sleep(0.01)
-ts = [threading.Thread(target=run, args=(t,)) for t in range(threads)]
-for t in ts: t.start()
-for t in ts: t.join()
-print("end", flush=True)
-"#;
-
 const THREADS: usize = 4;
 const PER_THREAD: usize = 100;
 const WARM: usize = 60;
@@ -192,13 +38,17 @@ impl Load {
             WARM.to_string(),
         ]
         .into();
-        let mut child =
-            weft_sim::cluster::pod_command(mc.cluster().state(), "demo/client", "./load.py", &args)
-                .expect("command in the pod")
-                .stdout(Stdio::piped())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .expect("load.py starts");
+        let mut child = weft_sim::cluster::pod_command(
+            mc.cluster().state(),
+            "demo/client",
+            "./replica_load.py",
+            &args,
+        )
+        .expect("command in the pod")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("replica_load.py starts");
         let stdout = child.stdout.take().expect("stdout");
         let (tx, lines) = mpsc::channel();
         std::thread::spawn(move || {
@@ -220,7 +70,7 @@ impl Load {
             match self.lines.recv_timeout(left) {
                 Ok(line) if line == until => return seen,
                 Ok(line) => seen.push(line),
-                Err(e) => panic!("no {until:?} from load.py ({e}); saw {seen:?}"),
+                Err(e) => panic!("no {until:?} from replica_load.py ({e}); saw {seen:?}"),
             }
         }
     }
@@ -255,14 +105,7 @@ enum Death {
 }
 
 fn a_replica_dies_under_load(death: Death) {
-    let mc = MeshCluster::up(
-        &[
-            ("c.yaml", CLUSTER),
-            ("replica.py", REPLICA),
-            ("load.py", LOAD),
-        ],
-        |_| {},
-    );
+    let mc = MeshCluster::up(&[("c.yaml", weft_sim::testing::THREE_REPLICAS)], |_| {});
     let node_a = mc.node_ip("node-a");
     let load = Load::start(&mc);
     let mut lines = load.read_until("warm", Duration::from_secs(120));
@@ -538,14 +381,7 @@ for i in range(int(sys.argv[1])):
 
 #[test]
 fn a_retry_after_a_503_and_an_opaque_connection_go_to_a_live_replica() {
-    let mc = MeshCluster::up(
-        &[
-            ("c.yaml", PICKY),
-            ("replica.py", REPLICA),
-            ("connect.py", CONNECT),
-        ],
-        |_| {},
-    );
+    let mc = MeshCluster::up(&[("c.yaml", PICKY), ("connect.py", CONNECT)], |_| {});
     let node_a = mc.node_ip("node-a");
     // A retry after picky-1's 503 is answered by picky-2, every time.
     for i in 0..30 {

@@ -13,150 +13,6 @@ use std::time::Duration;
 use weft_sim::TestCluster;
 use weft_sim::mesh::{Mesh, MeshBinaries};
 
-pub(crate) const FAILOVER_CLUSTER: &str = r#"
-apiVersion: v1
-kind: Namespace
-metadata: {name: demo, labels: {weft.io/mesh: enabled}}
----
-apiVersion: v1
-kind: ServiceAccount
-metadata: {name: client, namespace: demo}
----
-apiVersion: v1
-kind: ServiceAccount
-metadata: {name: web, namespace: demo}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: client, namespace: demo}
-spec: {nodeName: node-a, serviceAccountName: client, containers: [{name: main, command: [sleep, infinity]}]}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: web-1, namespace: demo, labels: {app: web}}
-spec:
-  nodeName: node-b
-  serviceAccountName: web
-  containers: [{name: main, command: [./replica.py, "8080", web-1], ports: [{containerPort: 8080}]}]
----
-apiVersion: v1
-kind: Pod
-metadata: {name: web-2, namespace: demo, labels: {app: web}}
-spec:
-  nodeName: node-b
-  serviceAccountName: web
-  containers: [{name: main, command: [./replica.py, "8080", web-2], ports: [{containerPort: 8080}]}]
----
-apiVersion: v1
-kind: Pod
-metadata: {name: web-3, namespace: demo, labels: {app: web}}
-spec:
-  nodeName: node-a
-  serviceAccountName: web
-  containers: [{name: main, command: [./replica.py, "8080", web-3], ports: [{containerPort: 8080}]}]
----
-apiVersion: v1
-kind: Service
-metadata: {name: web, namespace: demo}
-spec: {selector: {app: web}, ports: [{port: 80, targetPort: 8080}]}
-"#;
-
-pub(crate) const REPLICA: &str = r#"#!/usr/bin/env python3
-import signal, socket, sys, threading, time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-NAME = sys.argv[2]
-MODE = sys.argv[3] if len(sys.argv) > 3 else ""  # "503": always 503; "slow": 20 ms
-conns = set()
-lock = threading.Lock()
-
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True
-    def log_message(self, *args):
-        pass
-    def setup(self):
-        super().setup()
-        with lock:
-            conns.add(self.connection)
-    def finish(self):
-        with lock:
-            conns.discard(self.connection)
-        super().finish()
-    def answer(self):
-        n = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(n) if n else b""
-        # One write per line under a lock: threads must not interleave.
-        with lock:
-            sys.stdout.write("got %s %d\n" % (self.headers.get("x-id"), len(body)))
-            sys.stdout.flush()
-        out = ("%s %s\n" % (NAME, self.headers.get("x-id"))).encode()
-        if MODE == "slow":
-            time.sleep(0.02)
-        self.send_response(503 if MODE == "503" else 200)
-        self.send_header("x-served-by", NAME)
-        self.send_header("Content-Length", str(len(out)))
-        self.end_headers()
-        self.wfile.write(out)
-    do_GET = answer
-    do_POST = answer
-
-server = ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), Handler)
-server.daemon_threads = True
-
-def close_port(*_):
-    def close():
-        server.socket.close()
-        with lock:
-            for c in list(conns):
-                try:
-                    c.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-        print("closed", flush=True)
-    threading.Thread(target=close).start()
-
-signal.signal(signal.SIGUSR1, close_port)
-try:
-    server.serve_forever()
-except (OSError, ValueError):
-    pass
-# The port is closed: live on, as a pod whose server stopped listening.
-threading.Event().wait()
-"#;
-
-const LOAD: &str = r#"#!/usr/bin/env python3
-import http.client, sys, threading, time
-url_host, threads, per_thread, warm = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-lock = threading.Lock()
-done = 0
-def run(t):
-    global done
-    for i in range(per_thread):
-        rid = "%d-%d" % (t, i)
-        method = "GET" if i % 2 == 0 else "POST"
-        body = b"x" * 2048 if method == "POST" else None
-        try:
-            c = http.client.HTTPConnection(url_host, 80, timeout=20)
-            c.request(method, "/", body=body, headers={"x-id": rid})
-            r = c.getresponse()
-            r.read()
-            status, served = r.status, r.getheader("x-served-by") or "-"
-            c.close()
-        except Exception as e:
-            status, served = 0, type(e).__name__
-        with lock:
-            print("result", rid, method, status, served, flush=True)
-            done += 1
-            if done == warm:
-                print("warm", flush=True)
-        time.sleep(0.01)
-ts = [threading.Thread(target=run, args=(t,)) for t in range(threads)]
-for t in ts: t.start()
-for t in ts: t.join()
-print("end", flush=True)
-"#;
-
 const REQUESTS: usize = 400;
 
 /// What one run saw: failed requests (status not 200), of them POSTs.
@@ -168,26 +24,19 @@ struct Run {
 
 fn run(binaries: &MeshBinaries, kill: bool) -> Run {
     let mesh = Arc::new(Mesh::new(binaries.clone()));
-    let cluster = TestCluster::up_with(
-        &[
-            ("c.yaml", FAILOVER_CLUSTER),
-            ("replica.py", REPLICA),
-            ("load.py", LOAD),
-        ],
-        |o| {
-            o.node_agents = Some(mesh.clone());
-            o.ready_timeout = Duration::from_secs(60);
-        },
-    )
+    let cluster = TestCluster::up_with(&[("c.yaml", weft_sim::testing::THREE_REPLICAS)], |o| {
+        o.node_agents = Some(mesh.clone());
+        o.ready_timeout = Duration::from_secs(60);
+    })
     .expect("cluster with the mesh");
     let args: Vec<String> = ["web.demo", "4", "100", "60"].map(String::from).into();
     let mut child =
-        weft_sim::cluster::pod_command(cluster.state(), "demo/client", "./load.py", &args)
+        weft_sim::cluster::pod_command(cluster.state(), "demo/client", "./replica_load.py", &args)
             .expect("command in the pod")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .expect("load.py starts");
+            .expect("replica_load.py starts");
     let stdout = child.stdout.take().expect("stdout");
     let mut run = Run {
         answered: 0,
@@ -236,6 +85,6 @@ pub fn bench(binaries: MeshBinaries) {
         "one of three replicas SIGKILLed", killed.failed, killed.answered, killed.failed_posts
     );
     if baseline.answered != REQUESTS || killed.answered != REQUESTS {
-        println!("(load.py did not report every request)");
+        println!("(replica_load.py did not report every request)");
     }
 }

@@ -7,7 +7,6 @@
 //! the previous ones do (open loop), its latency counted from when it was
 //! due.
 
-use super::failover::{FAILOVER_CLUSTER, REPLICA};
 use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -127,8 +126,7 @@ pub fn bench(binaries: MeshBinaries) {
     let mesh = Arc::new(mesh);
     let cluster = TestCluster::up_with(
         &[
-            ("c.yaml", FAILOVER_CLUSTER),
-            ("replica.py", REPLICA),
+            ("c.yaml", weft_sim::testing::THREE_REPLICAS),
             ("open_loop.py", OPEN_LOOP),
         ],
         |o| {

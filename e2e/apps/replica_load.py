@@ -1,0 +1,30 @@
+#!/usr/bin/env python3
+import http.client, sys, threading, time
+url_host, threads, per_thread, warm = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+lock = threading.Lock()
+done = 0
+def run(t):
+    global done
+    for i in range(per_thread):
+        rid = "%d-%d" % (t, i)
+        method = "GET" if i % 2 == 0 else "POST"
+        body = b"x" * 2048 if method == "POST" else None
+        try:
+            c = http.client.HTTPConnection(url_host, 80, timeout=20)
+            c.request(method, "/", body=body, headers={"x-id": rid})
+            r = c.getresponse()
+            r.read()
+            status, served = r.status, r.getheader("x-served-by") or "-"
+            c.close()
+        except Exception as e:
+            status, served = 0, type(e).__name__
+        with lock:
+            print("result", rid, method, status, served, flush=True)
+            done += 1
+            if done == warm:
+                print("warm", flush=True)
+        time.sleep(0.01)
+ts = [threading.Thread(target=run, args=(t,)) for t in range(threads)]
+for t in ts: t.start()
+for t in ts: t.join()
+print("end", flush=True)
