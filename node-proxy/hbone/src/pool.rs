@@ -47,6 +47,9 @@ pub type Connector<K> =
 pub struct Connected {
     pub io: Box<dyn Transport>,
     pub peer_expires: Option<std::time::SystemTime>,
+    /// Which trust bundle the peer was verified under, as the connector
+    /// counts them ([`HbonePool::retire_before`]).
+    pub bundle_epoch: u64,
 }
 
 impl Connected {
@@ -54,11 +57,17 @@ impl Connected {
         Self {
             io,
             peer_expires: None,
+            bundle_epoch: 0,
         }
     }
 
     pub fn expiring_at(mut self, at: Option<std::time::SystemTime>) -> Self {
         self.peer_expires = at;
+        self
+    }
+
+    pub fn under_bundle(mut self, epoch: u64) -> Self {
+        self.bundle_epoch = epoch;
         self
     }
 }
@@ -90,6 +99,8 @@ struct Conn {
     addr: SocketAddr,
     /// No new stream from this instant (the peer's certificate expires).
     expires: Option<Instant>,
+    /// The trust bundle the peer was verified under ([`Connected`]).
+    bundle_epoch: u64,
 }
 
 impl Conn {
@@ -169,11 +180,23 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> HbonePool<K> {
     /// current bundle; streams open on the old ones finish, then each is
     /// closed. Returns how many were retired.
     pub fn retire_all(&self) -> usize {
+        self.retire_before(u64::MAX)
+    }
+
+    /// Like [`HbonePool::retire_all`], for the connections verified under a
+    /// bundle older than `epoch` only: one made under the current bundle
+    /// (the change was seen late) is kept.
+    pub fn retire_before(&self, epoch: u64) -> usize {
         let mut conns = self.inner.conns.lock().expect("pool lock");
-        let retired = conns.values().map(Vec::len).sum();
+        let mut retired = 0;
         // The pool's handles go; a connection lives on while a stream's
         // lease holds it, and closes (GOAWAY) when the last one drops.
-        conns.clear();
+        for list in conns.values_mut() {
+            let before = list.len();
+            list.retain(|c| c.bundle_epoch >= epoch);
+            retired += before - list.len();
+        }
+        conns.retain(|_, list| !list.is_empty());
         retired
     }
 
@@ -202,7 +225,11 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> HbonePool<K> {
         if let Some(conn) = self.inner.lease(&key) {
             return Ok(conn);
         }
-        let Connected { io, peer_expires } = (self.inner.connector)(key.clone()).await?;
+        let Connected {
+            io,
+            peer_expires,
+            bundle_epoch,
+        } = (self.inner.connector)(key.clone()).await?;
         // On the runtime's clock, so paused time in tests drives it too.
         let expires = peer_expires.map(|at| {
             Instant::now()
@@ -222,6 +249,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> HbonePool<K> {
             alive: Arc::new(AtomicBool::new(true)),
             addr,
             expires,
+            bundle_epoch,
         });
         let alive = conn.alive.clone();
         tokio::spawn(async move {

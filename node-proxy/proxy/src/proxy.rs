@@ -23,14 +23,14 @@ use crate::state::routes::OutboundRouting;
 use crate::state::snapshot::Snapshot;
 use crate::telemetry::{RequestMetrics, TcpMetrics};
 use crate::transport::limits;
-use crate::transport::tunnel::retire_tunnels_on_bundle_change;
-use crate::transport::{ConnectionLimits, Drain, TunnelKey, tunnel_connector};
+use crate::transport::tunnel::tunnel_pool;
+use crate::transport::{ConnectionLimits, Drain, TunnelKey};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 use weft_balance::{Balancer, BalancerConfig};
-use weft_hbone::{HbonePool, PoolConfig};
+use weft_hbone::HbonePool;
 
 /// Every port the node proxy listens on, in a pod or on the node (admin
 /// 15000, outbound 15001, inbound 15006, HBONE 15008, metrics 15020,
@@ -75,14 +75,7 @@ pub struct ProxyInputs {
 
 impl ProxyInputs {
     pub fn new(tcp_metrics: TcpMetrics, control_plane: Option<ControlPlane>) -> Self {
-        let tunnels = control_plane.as_ref().map(|c| {
-            let pool = Arc::new(HbonePool::new(
-                PoolConfig::default(),
-                tunnel_connector(c.certs.clone()),
-            ));
-            retire_tunnels_on_bundle_change(Arc::downgrade(&pool), c.certs.trust_bundle());
-            pool
-        });
+        let tunnels = control_plane.as_ref().map(|c| tunnel_pool(c.certs.clone()));
         let snapshots = match &control_plane {
             Some(c) => c.snapshot.clone(),
             // The sender goes at once: the receiver keeps this one value.

@@ -57,9 +57,13 @@ async fn start(subnet: u8) -> (InProcessMesh, in_process::MeshPod) {
     (mesh, client)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_tunnel_reaches_only_its_own_pod() {
-    let (mesh, client) = start(1).await;
+/// A tunnel pool of node-a's proxy, as the client pod's, and the key of a
+/// tunnel to server-0's listener (`127.33.<subnet>.3:15008`).
+fn client_tunnels(
+    mesh: &InProcessMesh,
+    client: &in_process::MeshPod,
+    subnet: u8,
+) -> (HbonePool<TunnelKey>, SocketAddr, TunnelKey) {
     let certs = mesh
         .node("node-a")
         .inputs
@@ -69,13 +73,20 @@ async fn the_tunnel_reaches_only_its_own_pod() {
         .certs
         .clone();
     let pool = HbonePool::new(PoolConfig::default(), tunnel_connector(certs));
-    let tunnel: SocketAddr = "127.33.1.3:15008".parse().unwrap();
+    let tunnel: SocketAddr = format!("127.33.{subnet}.3:15008").parse().unwrap();
     let key = TunnelKey {
         pod: client.pod.clone(),
         source: CLIENT.parse().unwrap(),
         destination: SERVER.parse().unwrap(),
         tunnel,
     };
+    (pool, tunnel, key)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tunnel_reaches_only_its_own_pod() {
+    let (mesh, client) = start(1).await;
+    let (pool, tunnel, key) = client_tunnels(&mesh, &client, 1);
     // To the pod behind the listener: a stream to its application.
     let mut stream = tokio::time::timeout(
         PATIENCE,
@@ -166,22 +177,7 @@ async fn a_client_without_a_certificate_gets_no_tunnel() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tunnel_to_the_proxys_own_ports_is_refused() {
     let (mesh, client) = start(3).await;
-    let certs = mesh
-        .node("node-a")
-        .inputs
-        .control_plane
-        .as_ref()
-        .unwrap()
-        .certs
-        .clone();
-    let pool = HbonePool::new(PoolConfig::default(), tunnel_connector(certs));
-    let tunnel: SocketAddr = "127.33.3.3:15008".parse().unwrap();
-    let key = TunnelKey {
-        pod: client.pod.clone(),
-        source: CLIENT.parse().unwrap(),
-        destination: SERVER.parse().unwrap(),
-        tunnel,
-    };
+    let (pool, tunnel, key) = client_tunnels(&mesh, &client, 3);
     for port in weft_node_proxy::proxy::PROXY_PORTS {
         let target: SocketAddr = format!("127.33.3.3:{port}").parse().unwrap();
         let refused =
@@ -255,14 +251,20 @@ async fn tunnels_are_made_again_when_the_trust_bundle_changes() {
     )
     .unwrap();
     weft_identity::init::write_anchors(&mesh.ca.ca_dir(), &[&mesh.ca.anchor, &extra]).unwrap();
-    let mut bundle = certs.trust_bundle();
-    tokio::time::timeout(
-        PATIENCE,
-        bundle.wait_for(|b| b.certificates().len() == anchors + 1),
-    )
-    .await
-    .expect("the new bundle reaches the node proxy")
-    .unwrap();
+    // Both proxies learn it (each from its own stream, at its own moment;
+    // a tunnel made before the destination learnt it would be sent a
+    // GOAWAY once it does, and be made once more).
+    for node in ["node-a", "node-b"] {
+        let certs = &mesh.node(node).inputs.control_plane.as_ref().unwrap().certs;
+        let mut bundle = certs.trust_bundle();
+        tokio::time::timeout(
+            PATIENCE,
+            bundle.wait_for(|b| b.certificates().len() == anchors + 1),
+        )
+        .await
+        .expect("the new bundle reaches the node proxy")
+        .unwrap();
+    }
     // Retired by the proxy's bundle follower (a task of its own).
     let deadline = tokio::time::Instant::now() + PATIENCE;
     while pool.connections() != 0 {

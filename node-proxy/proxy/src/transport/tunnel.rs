@@ -5,10 +5,13 @@ use super::pod::LocalPod;
 use rustls_pki_types::ServerName;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::Duration;
+use weft_cert_manager::TrustBundle;
 use weft_cert_manager::{CertManager, SpiffeId};
 use weft_hbone::HboneError;
 use weft_hbone::pool::{Connected, Connector};
+use weft_hbone::{HbonePool, PoolConfig};
 
 /// HBONE connections are pooled per source pod (connections leave from the
 /// pod's own IP), source identity, destination identity and address.
@@ -44,11 +47,80 @@ impl std::hash::Hash for TunnelKey {
 /// certificate before failing (the CA is slow or unreachable).
 const CERT_WAIT: Duration = Duration::from_secs(10);
 
+/// The pool of HBONE tunnels of a node proxy: connections made by
+/// [`tunnel_connector`], each tagged with the trust bundle it was verified
+/// under, and retired when the bundle changes (an anchor added or retired):
+/// every new stream then goes on a connection verified under the current
+/// bundle. A connection made under the new bundle before the change was
+/// seen here is kept. Needs a Tokio runtime.
+pub fn tunnel_pool(certs: CertManager) -> Arc<HbonePool<TunnelKey>> {
+    let mut bundle = certs.trust_bundle();
+    let epochs = Arc::new(BundleEpochs {
+        current: Mutex::new((0, bundle.borrow_and_update().clone())),
+    });
+    let pool = Arc::new(HbonePool::new(
+        PoolConfig::default(),
+        connector(certs, Some(epochs.clone())),
+    ));
+    let weak = Arc::downgrade(&pool);
+    tokio::spawn(async move {
+        while bundle.changed().await.is_ok() {
+            let now = bundle.borrow_and_update().clone();
+            let epoch = epochs.advance(now);
+            let Some(pool) = weak.upgrade() else { return };
+            let retired = pool.retire_before(epoch);
+            tracing::info!(
+                retired,
+                "trust bundle changed: HBONE connections are made again under it"
+            );
+        }
+    });
+    pool
+}
+
+/// Counts the trust bundles a pool's connections were verified under.
+struct BundleEpochs {
+    /// The latest epoch and its bundle.
+    current: Mutex<(u64, Arc<TrustBundle>)>,
+}
+
+impl BundleEpochs {
+    /// The epoch a handshake starting now is verified under: the current
+    /// one, or the next if the bundle changed and the follower has not
+    /// counted it yet (so that it does not retire a connection made under
+    /// the new bundle).
+    fn for_handshake(&self, now: &Arc<TrustBundle>) -> u64 {
+        let current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        if Arc::ptr_eq(&current.1, now) || *current.1 == **now {
+            current.0
+        } else {
+            current.0 + 1
+        }
+    }
+
+    /// Counts a new bundle; returns its epoch.
+    fn advance(&self, now: Arc<TrustBundle>) -> u64 {
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        current.0 += 1;
+        current.1 = now;
+        current.0
+    }
+}
+
 /// TCP from the source pod, then TLS 1.3 with the source pod's certificate,
 /// requiring the destination workload's exact identity.
 pub fn tunnel_connector(certs: CertManager) -> Connector<TunnelKey> {
+    connector(certs, None)
+}
+
+fn connector(certs: CertManager, epochs: Option<Arc<BundleEpochs>>) -> Connector<TunnelKey> {
     Arc::new(move |key: TunnelKey| {
         let certs = certs.clone();
+        // Read before the handshake: verified under this bundle or a newer one.
+        let epoch = epochs.as_ref().map_or(0, |e| {
+            let now = certs.trust_bundle().borrow().clone();
+            e.for_handshake(&now)
+        });
         Box::pin(async move {
             let addr = key.tunnel;
             let tls_err = |e: String| HboneError::Tls {
@@ -74,28 +146,9 @@ pub fn tunnel_connector(certs: CertManager) -> Connector<TunnelKey> {
             // The destination's identity holds until its certificate
             // expires: the pool puts no new stream on it after that.
             let expires = weft_cert_manager::peer_not_after(tls.get_ref().1);
-            Ok(Connected::new(Box::new(tls)).expiring_at(expires))
+            Ok(Connected::new(Box::new(tls))
+                .expiring_at(expires)
+                .under_bundle(epoch))
         })
     })
-}
-
-/// Retires every pooled tunnel when the trust bundle changes (an anchor
-/// added or retired): connections verified under the old bundle carry no
-/// new stream, so every new one is verified under the current bundle.
-/// Ends when the pool or the bundle's sender is gone.
-pub fn retire_tunnels_on_bundle_change(
-    pool: std::sync::Weak<weft_hbone::HbonePool<TunnelKey>>,
-    mut bundle: weft_cert_manager::verify::BundleWatch,
-) {
-    tokio::spawn(async move {
-        bundle.borrow_and_update();
-        while bundle.changed().await.is_ok() {
-            let Some(pool) = pool.upgrade() else { return };
-            let retired = pool.retire_all();
-            tracing::info!(
-                retired,
-                "trust bundle changed: HBONE connections are made again under it"
-            );
-        }
-    });
 }
