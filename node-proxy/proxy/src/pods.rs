@@ -109,6 +109,10 @@ impl RecoveryMetrics {
 
 struct Captured {
     pod: Arc<LocalPod>,
+    /// The pod's network namespace cookie, what its enrollment is keyed by:
+    /// unenrolling by it can never release another pod (a uid may be
+    /// empty, and then is not unique).
+    netns_cookie: u64,
     /// Accept loops; aborting them closes the listeners (and the kernel then
     /// drops the inbound steering entry: inbound fails closed).
     listeners: Vec<JoinHandle<()>>,
@@ -626,17 +630,21 @@ impl PodRegistry {
             pod_uid: r.pod.uid.clone(),
             annotations: r.annotations.clone(),
         };
-        if let Err(source) = self.redirector.enroll(&enrollment) {
-            self.release_certificate(&local);
-            return Err(RegistrationError::Enroll {
-                pod: key,
-                source: Box::new(source),
-            });
-        }
+        let enrolled = match self.redirector.enroll(&enrollment) {
+            Ok(enrolled) => enrolled,
+            Err(source) => {
+                self.release_certificate(&local);
+                return Err(RegistrationError::Enroll {
+                    pod: key,
+                    source: Box::new(source),
+                });
+            }
+        };
         tracing::info!(pod = %key, identity = ?local.identity.as_ref().map(|i| i.to_string()), "pod enrolled");
         self.changes.send_modify(|n| *n += 1);
         Ok(Captured {
             pod: local,
+            netns_cookie: enrolled.netns_cookie,
             listeners: std::mem::take(&mut listeners.0),
         })
     }
@@ -650,7 +658,7 @@ impl PodRegistry {
     /// Unenrolls first (from now on the pod's connects go direct: the pod is
     /// leaving the mesh) rather than to listeners about to close.
     fn release(&self, captured: Captured) {
-        if let Err(e) = self.redirector.unenroll(&captured.pod.uid) {
+        if let Err(e) = self.redirector.unenroll_cookie(captured.netns_cookie) {
             tracing::warn!(pod = %captured.pod.key(), error = %e, "unenroll failed");
         }
         for h in captured.listeners {
