@@ -87,7 +87,29 @@ pub fn run(args: &[String]) -> Result<()> {
             "-print_final_stats=1".into(),
         ];
         eprintln!("+ (cd fuzz && cargo {})", args.join(" "));
-        let status = Command::new("cargo")
+        let mut cargo = Command::new("cargo");
+        // `cargo xtask` runs under `cargo run`, which describes the xtask
+        // package in the environment; build scripts (ring's) see that as a
+        // change and rebuild everything, so the reproduce command, run from
+        // a shell, would rebuild again. The fuzzer gets a shell's environment.
+        for (name, _) in std::env::vars_os() {
+            let name = name.to_string_lossy().into_owned();
+            if name == "CARGO"
+                || name == "RUSTUP_TOOLCHAIN"
+                || name.starts_with("CARGO_PKG_")
+                || [
+                    "CARGO_MANIFEST_DIR",
+                    "CARGO_MANIFEST_PATH",
+                    "CARGO_CRATE_NAME",
+                    "CARGO_BIN_NAME",
+                    "CARGO_PRIMARY_PACKAGE",
+                ]
+                .contains(&name.as_str())
+            {
+                cargo.env_remove(name);
+            }
+        }
+        let status = cargo
             .args(&args)
             .current_dir(&fuzz)
             .status()
