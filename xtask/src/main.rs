@@ -14,6 +14,7 @@ mod cmd;
 mod control_plane;
 mod crds;
 mod demo;
+mod fuzz;
 mod setup;
 mod test;
 
@@ -32,6 +33,9 @@ usage: cargo xtask <command>
   demo [DIR]       set up, run the local mesh on the simulator (examples/demo), show it, tear down
   bench [PART]     set up, run the benchmarks (PART: identity, destination, redirector, mesh)
   crds             regenerate crds/ (the policy CRDs) from the Rust types
+  fuzz [--seconds N] [TARGET...]
+                   fuzz every parser of untrusted bytes for N s each (default 30; cargo-fuzz,
+                   nightly); crashes are kept in fuzz/regressions/ and replayed by `test`
 ";
 
 fn main() {
@@ -58,6 +62,7 @@ fn run() -> Result<()> {
         "demo" => demo::run(&rest),
         "bench" => bench::run(&rest),
         "crds" => crds::run(),
+        "fuzz" => fuzz::run(&rest),
         "" | "help" | "-h" | "--help" => {
             write!(std::io::stdout(), "{USAGE}")?;
             Ok(())

@@ -15,7 +15,7 @@ pub mod server;
 pub mod stream;
 
 pub use pool::{HbonePool, PoolConfig};
-pub use server::{HboneRequest, serve_connection};
+pub use server::{HboneRequest, connect_target, serve_connection};
 pub use stream::H2Stream;
 
 /// The port every enrolled pod's HBONE listener is on.

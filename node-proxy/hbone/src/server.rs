@@ -100,13 +100,7 @@ where
             let _ = respond.send_response(status(StatusCode::METHOD_NOT_ALLOWED), true);
             continue;
         }
-        let target = request
-            .uri()
-            .authority()
-            .and_then(|a| a.as_str().parse::<SocketAddr>().ok());
-        let Some(target) = target else {
-            // HBONE targets are always `ip:port`; names are resolved by the
-            // sending proxy, never here.
+        let Some(target) = connect_target(request.uri()) else {
             let _ = respond.send_response(status(StatusCode::BAD_REQUEST), true);
             continue;
         };
@@ -123,4 +117,11 @@ where
             body,
         }));
     }
+}
+
+/// The `ip:port` a CONNECT request's URI names. HBONE targets are always
+/// an address; names are resolved by the sending proxy, never here.
+pub fn connect_target(uri: &http::Uri) -> Option<SocketAddr> {
+    uri.authority()
+        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
 }
