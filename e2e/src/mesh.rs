@@ -709,11 +709,16 @@ impl Mesh {
         launch: Option<Launch>,
         append: bool,
     ) -> Result<(), MeshError> {
+        if !append {
+            std::fs::write(log, b"").map_err(io(format!("creating {}", log.display())))?;
+        }
+        // Always O_APPEND: in a rollout the old and the new node proxy
+        // write to the same log, and a writer at its own offset (the old
+        // one's, opened without it) overwrote the new one's lines,
+        // "ready" included, so the hand-over waited for it in vain.
         let out = std::fs::OpenOptions::new()
             .create(true)
-            .write(true)
-            .append(append)
-            .truncate(!append)
+            .append(true)
             .open(log)
             .map_err(io(format!("creating {}", log.display())))?;
         let err = out.try_clone().map_err(io("log file"))?;

@@ -672,17 +672,15 @@ fn start_load(mc: &MeshCluster, name: &str, pod: &str, host: &str, port: u16) ->
 }
 
 /// A rollout with surge of both nodes' proxies, one after the other, under
-/// bounded load. node-b's (the server's node): new plaintext connections
-/// from a pod outside the mesh to the captured echo server, steered to
-/// 15006 (inbound steering handed over). node-a's (the client's node): new
-/// mTLS connections of the captured client through the Service (outbound
-/// 15001 handed over). A long-lived mTLS connection opened before each
-/// rollout echoes through it and ends after the old proxy's SIGTERM.
-///
-/// Not under load here: new HBONE connections to a server whose proxy is
-/// rolled out. The source proxy keeps opening streams on its pooled
-/// connection to the old proxy after that one's GOAWAY, and they hang until
-/// the old proxy's drain deadline (the source side's part, issue #20).
+/// bounded load through both: new plaintext connections from a pod outside
+/// the mesh to the captured echo server on node-b, steered to 15006
+/// (inbound steering handed over), and new mTLS connections of the
+/// captured client on node-a through the Service (outbound 15001 handed
+/// over on node-a's rollout; on node-b's, the source proxy's streams on its
+/// pooled tunnel to the old proxy, refused after its GOAWAY, open again on
+/// a fresh tunnel to the new one). A long-lived mTLS connection opened
+/// before each rollout echoes through it and ends after the old proxy's
+/// SIGTERM.
 #[test]
 fn a_rollout_with_surge_refuses_no_new_connection_and_lets_open_ones_finish() {
     const DRAIN: u64 = 30;
@@ -696,13 +694,10 @@ fn a_rollout_with_surge_refuses_no_new_connection_and_lets_open_ones_finish() {
     assert_eq!(sysctl.trim(), "1", "tcp_migrate_req in a captured pod");
 
     let plain = start_load(&mc, "plain", "plain/plain-client", &echo_ip, 9000);
-    let mut mesh_load = None;
+    let mesh_load = Some(start_load(&mc, "mesh", "demo/client", "echo.demo", 80));
     let mut round = 0;
     for node in ["node-b", "node-a"] {
-        if node == "node-a" {
-            mesh_load = Some(start_load(&mc, "mesh", "demo/client", "echo.demo", 80));
-        }
-        let load = mesh_load.as_ref().unwrap_or(&plain);
+        let load = mesh_load.as_ref().unwrap();
         let log = proxy_log(&mc, node);
         let drains = || {
             std::fs::read_to_string(&log)
