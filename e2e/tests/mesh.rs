@@ -633,3 +633,43 @@ spec:
     support::wait_metric_sum(node_b, "weft_inbound_authz_denied_total", &denied, 2.0);
     mc.down();
 }
+
+/// #15 item 1 on the wire: a connection to a meshed pod's `podIP:15006`
+/// from a pod outside the mesh (plaintext, steered to the proxy's inbound
+/// listener), and a tunnel to `podIP:15008` from an enrolled client, are
+/// refused before the proxy connects anything: the server's node counts no
+/// connection for them (one plain connection used to make the proxy connect
+/// to itself thousands of times). The same clients reach the application's
+/// port (the positive control, counted).
+#[test]
+fn connections_to_the_proxys_own_ports_are_refused_and_never_amplified() {
+    let mc = up(&[]);
+    let cluster = mc.cluster();
+    let echo_ip = cluster.pod("demo/echo").ip.to_string();
+    let node_b = mc.node_ip("node-b");
+    let opened = || {
+        support::metric_sum(
+            node_b,
+            "weft_tcp_connections_opened_total",
+            &[("reporter", "destination")],
+        )
+    };
+    for (pod, port) in [("plain/outsider", "15006"), ("demo/client", "15008")] {
+        let out = cluster.exec(pod, &["./tcp_client.py", &echo_ip, port, "1024"]);
+        assert!(
+            !out.status.success(),
+            "{pod} -> {echo_ip}:{port} got through: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    assert_eq!(opened(), 0.0, "nothing was connected for the refusals");
+    echo_through(cluster, "plain/outsider", &echo_ip, 9000, 1024, None);
+    echo_through(cluster, "demo/client", &echo_ip, 9000, 1024, None);
+    support::wait_metric_sum(
+        node_b,
+        "weft_tcp_connections_opened_total",
+        &[("reporter", "destination")],
+        2.0,
+    );
+    mc.down();
+}
