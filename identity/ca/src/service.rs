@@ -71,7 +71,8 @@ impl IdentityService {
         // A token that authenticated recently is let through even from an
         // address that is being limited: another process on a node proxy's
         // address (a hostNetwork pod) must not lock the proxy out.
-        let known_good = self.failures.is_known_good(&bearer_of(request));
+        let credential = bearer_of(request);
+        let known_good = self.failures.is_known_good(&credential);
         if !known_good
             && let Some(ip) = request.remote_addr().map(|a| a.ip())
             && let Err(wait) = self.failures.check(ip)
@@ -83,7 +84,7 @@ impl IdentityService {
         }
         let result = self.authenticate_bearer(request).await;
         match (&result, request.remote_addr().map(|a| a.ip())) {
-            (Ok(_), _) => self.failures.good(&bearer_of(request)),
+            (Ok(_), _) => self.failures.good(&credential),
             (Err(_), Some(ip)) => self.failures.failed(ip),
             (Err(_), None) => {}
         }

@@ -327,10 +327,11 @@ async fn serve_inbound<A: Arrival>(
         port: target.port(),
         connection: admission.access.clone(),
     };
-    let (moved, err) = delivery::deliver(stream, app, &labels, &pod, &cx, access, async {
-        admission.revoked().await;
-    })
-    .await;
+    let (moved, err) =
+        delivery::deliver(stream, app, &labels, &pod, &cx, &snapshot, access, async {
+            admission.revoked().await;
+        })
+        .await;
     record.moved = moved;
     record.error = err.map(|e| e.to_string());
 }

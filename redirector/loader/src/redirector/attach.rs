@@ -133,6 +133,16 @@ pub(super) fn sk_lookup_tag(pin_dir: &Path) -> Result<[u8; 8], Error> {
 /// Like [`upgrade_cgroup_programs`] for a pod's sk_lookup link: a program
 /// instance with the pod's cookie replaces the attached one if it differs.
 pub(super) fn upgrade_sk_lookup(pin_dir: &Path, cookie: u64, pin: &Path) -> Result<bool, Error> {
+    let ebpf = load_sk_lookup(pin_dir, cookie)?;
+    let prog_fd = sk_lookup_fd(&ebpf)?;
+    replace_if_different(pin, prog_fd.as_fd()).map_err(|source| Error::Pin {
+        path: pin.to_path_buf(),
+        source,
+    })
+}
+
+/// The sk_lookup program loaded for the pod of namespace `cookie`.
+fn load_sk_lookup(pin_dir: &Path, cookie: u64) -> Result<aya::Ebpf, Error> {
     let mut ebpf = loader(pin_dir)
         .override_global(objects::NETNS_COOKIE_GLOBAL, &cookie, true)
         .load(objects::SK_LOOKUP_OBJECT)
@@ -144,13 +154,17 @@ pub(super) fn upgrade_sk_lookup(pin_dir: &Path, cookie: u64, pin: &Path) -> Resu
             detail: "not in the compiled object".into(),
         })?;
     load_program(program).map_err(|e| load_error(objects::SK_LOOKUP_PROGRAM, e))?;
-    let prog_fd = program
+    Ok(ebpf)
+}
+
+fn sk_lookup_fd(ebpf: &aya::Ebpf) -> Result<&aya::programs::ProgramFd, Error> {
+    ebpf.program(objects::SK_LOOKUP_PROGRAM)
+        .ok_or_else(|| Error::Load {
+            program: objects::SK_LOOKUP_PROGRAM.into(),
+            detail: "not in the compiled object".into(),
+        })?
         .fd()
-        .map_err(|e| load_error(objects::SK_LOOKUP_PROGRAM, e))?;
-    replace_if_different(pin, prog_fd.as_fd()).map_err(|source| Error::Pin {
-        path: pin.to_path_buf(),
-        source,
-    })
+        .map_err(|e| load_error(objects::SK_LOOKUP_PROGRAM, e))
 }
 
 fn load_program(program: &mut Program) -> Result<(), aya::programs::ProgramError> {
@@ -171,20 +185,8 @@ pub(super) fn attach_sk_lookup(
     netns: &Netns,
     pin: &Path,
 ) -> Result<(), Error> {
-    let mut ebpf = loader(pin_dir)
-        .override_global(objects::NETNS_COOKIE_GLOBAL, &cookie, true)
-        .load(objects::SK_LOOKUP_OBJECT)
-        .map_err(|e| load_error(objects::SK_LOOKUP_PROGRAM, e))?;
-    let program = ebpf
-        .program_mut(objects::SK_LOOKUP_PROGRAM)
-        .ok_or_else(|| Error::Load {
-            program: objects::SK_LOOKUP_PROGRAM.into(),
-            detail: "not in the compiled object".into(),
-        })?;
-    load_program(program).map_err(|e| load_error(objects::SK_LOOKUP_PROGRAM, e))?;
-    let prog_fd = program
-        .fd()
-        .map_err(|e| load_error(objects::SK_LOOKUP_PROGRAM, e))?;
+    let ebpf = load_sk_lookup(pin_dir, cookie)?;
+    let prog_fd = sk_lookup_fd(&ebpf)?;
     link::create_pinned(prog_fd.as_fd(), netns.as_fd(), link::BPF_SK_LOOKUP, pin).map_err(
         |source| Error::Attach {
             program: objects::SK_LOOKUP_PROGRAM.into(),

@@ -20,6 +20,7 @@ use crate::l7::respond::{error_response, synthetic};
 use crate::l7::upgrade::{Upgrades, wants_upgrade};
 use crate::policy::route_authz::{RequestVerdict, RouteAccess};
 use crate::proxy::ProxyInputs;
+use crate::state::Snapshot;
 use crate::state::routes::path_of;
 use crate::telemetry::Peers;
 use crate::telemetry::classify::{MethodClass, grpc_status, is_grpc};
@@ -52,12 +53,16 @@ use weft_stream::{Transferred, splice_until};
 /// change revoked the connection: both sides are closed at once, the client
 /// with a reset). Returns what crossed, like [`weft_stream::splice_until`]
 /// (`a_to_b`: from the client).
+// The connection's parts as `serve_inbound` decided them; a struct made
+// only to carry them here would add a name and no meaning.
+#[allow(clippy::too_many_arguments)]
 pub async fn deliver<S: InboundStream>(
     mut inbound: S,
     mut app: TcpStream,
     labels: &TcpLabels,
     pod: &Arc<LocalPod>,
     cx: &ProxyInputs,
+    snapshot: &Snapshot,
     access: RouteAccess,
     stop: impl Future<Output = ()>,
 ) -> (Transferred, Option<io::Error>) {
@@ -100,9 +105,8 @@ pub async fn deliver<S: InboundStream>(
     // Recording "spliced" is what lets a later policy change that makes
     // the client routes-only close the connection (see
     // `authz::ConnectionAccess`).
-    let opaque =
-        cx.snapshot()
-            .is_local_opaque(&pod.key(), pod.workload_uid.as_deref(), target.port());
+    // Decided on the snapshot the connection was admitted with.
+    let opaque = snapshot.is_local_opaque(&pod.key(), pod.workload_uid.as_deref(), target.port());
     if opaque {
         cx.tcp_metrics
             .detected(Reporter::Destination, DetectionOutcome::DeclaredOpaque);

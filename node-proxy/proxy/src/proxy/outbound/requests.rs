@@ -126,6 +126,14 @@ pub async fn serve<IO>(
     conn.upgrades.finish().await;
 }
 
+/// The Service a request's client dialled (by its VIP), if any.
+#[derive(Clone, Copy)]
+struct Dialled<'a> {
+    hostname: Option<&'a str>,
+    /// `namespace/name`: the key of its retry budget.
+    key: Option<&'a str>,
+}
+
 impl Connection {
     async fn forward(&self, mut request: Request<Incoming>) -> Response<ProxyBody> {
         let started = Instant::now();
@@ -134,18 +142,22 @@ impl Connection {
         let grpc = is_grpc(request.headers());
         // Before routes see it, and as it is forwarded.
         let bad_path = crate::l7::path::normalize(&mut request).err();
-        let (plan, hostname) = {
+        let (plan, hostname, dialled_key) = {
             let snapshot = cx.snapshot();
             let req = RouteRequest {
                 method: request.method(),
                 path: path_of(request.uri()),
                 headers: request.headers(),
             };
-            let hostname = snapshot
-                .view
-                .service_by_vip(self.dst.ip())
-                .map(|s| s.hostname.clone());
-            (cx.routing.plan(&snapshot, self.dst, &req), hostname)
+            // The Service the client dialled (by its VIP), looked up once.
+            let dialled = snapshot.view.service_by_vip(self.dst.ip());
+            let hostname = dialled.map(|s| s.hostname.clone());
+            let key = dialled.map(|s| weft_destination_api::service_key(&s.namespace, &s.name));
+            (cx.routing.plan(&snapshot, self.dst, &req), hostname, key)
+        };
+        let dialled = Dialled {
+            hostname: hostname.as_deref(),
+            key: dialled_key.as_deref(),
         };
         let client_upgrade = (self.protocol == Protocol::Http1 && wants_upgrade(&request))
             .then(|| hyper::upgrade::on(&mut request));
@@ -164,28 +176,14 @@ impl Connection {
             // Gateway API `timeouts.request`: the whole request, retries
             // and backoff included; the response body is held to the same
             // deadline below.
-            let attempts = self.attempts(
-                &plan,
-                hostname.as_deref(),
-                request,
-                reusable,
-                grpc,
-                &mut last,
-            );
+            let attempts = self.attempts(&plan, dialled, request, reusable, grpc, &mut last);
             match tokio::time::timeout_at(deadline, attempts).await {
                 Ok(result) => result,
                 Err(_) => Err(Failure::Timeout(timeout.as_millis() as u64)),
             }
         } else {
-            self.attempts(
-                &plan,
-                hostname.as_deref(),
-                request,
-                reusable,
-                grpc,
-                &mut last,
-            )
-            .await
+            self.attempts(&plan, dialled, request, reusable, grpc, &mut last)
+                .await
         };
         let route = last.route.unwrap_or(Route::Plain {
             target: self.dst,
@@ -255,13 +253,13 @@ impl Connection {
     /// can be replayed, and sending it to another endpoint whatever the
     /// rule says when nothing of it reached the application (the endpoint
     /// could not be connected to, its destination proxy said so, or a
-    /// draining peer refused the stream). `hostname`: the dialled
-    /// Service's, for the retry counters; `grpc`: a gRPC request, whose
+    /// draining peer refused the stream). `dialled`: the Service the client
+    /// dialled, for the retry counters and budget; `grpc`: a gRPC request, whose
     /// status decides a retry.
     async fn attempts(
         &self,
         plan: &Plan,
-        hostname: Option<&str>,
+        dialled: Dialled<'_>,
         request: Request<Incoming>,
         reusable: bool,
         grpc: bool,
@@ -284,7 +282,7 @@ impl Connection {
         // for a destination that is not a Service (nowhere else to go).
         let (budget_key, label) = match plan {
             Plan::Rule { service, label, .. } => (Some(service.clone()), label.as_str()),
-            _ => (self.dialled_service_key(), plan.label()),
+            _ => (dialled.key.map(str::to_string), plan.label()),
         };
         let budget = budget_key.as_deref().map(|k| self.cx.routing.budget(k));
         if let Some(budget) = &budget {
@@ -296,7 +294,10 @@ impl Connection {
         let (parts, body) = request.into_parts();
         let (mut body, replay) = ReplayBody::new(body);
         let metrics = &self.cx.request_metrics;
-        let destination = hostname.or(budget_key.as_deref()).unwrap_or_default();
+        let destination = dialled
+            .hostname
+            .or(budget_key.as_deref())
+            .unwrap_or_default();
         let mut retries = 0u32;
         loop {
             let request = with_body(&parts, proxy_body(body));
@@ -350,13 +351,6 @@ impl Connection {
                 }
             }
         }
-    }
-
-    /// The key of the Service the client dialled (by its VIP), if any.
-    fn dialled_service_key(&self) -> Option<String> {
-        let snapshot = self.cx.snapshot();
-        let svc = snapshot.view.service_by_vip(self.dst.ip())?;
-        Some(weft_destination_api::service_key(&svc.namespace, &svc.name))
     }
 
     /// One attempt: picks the endpoint and sends. The outcome is what a
