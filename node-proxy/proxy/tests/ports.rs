@@ -17,5 +17,17 @@ fn every_listening_port_is_a_proxy_port() {
     ] {
         assert!(PROXY_PORTS.contains(&port), "{port}");
     }
-    assert_eq!(PROXY_PORTS.len(), 6, "no port twice, none unknown");
+    // And nothing else, none twice: the list is exactly the listening ports.
+    let listening: std::collections::BTreeSet<u16> = [
+        ADMIN_PORT,
+        METRICS_PORT,
+        HEALTH_PORT,
+        weft_redirector::OUTBOUND_PORT,
+        weft_redirector::INBOUND_PORT,
+        weft_hbone::HBONE_PORT,
+    ]
+    .into();
+    let listed: std::collections::BTreeSet<u16> = PROXY_PORTS.into();
+    assert_eq!(listed, listening);
+    assert_eq!(listed.len(), PROXY_PORTS.len(), "a port listed twice");
 }
