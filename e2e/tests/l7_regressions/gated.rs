@@ -18,6 +18,9 @@ use tokio::sync::Notify;
 /// What the server sent so far (frames of the server-to-client direction).
 #[derive(Clone, Debug, Default)]
 pub struct Seen {
+    /// DATA or HEADERS frames with END_STREAM: the server finished a
+    /// response.
+    pub responses_ended: usize,
     /// RST_STREAM frames with NO_ERROR or CANCEL: the server ended a stream
     /// it had answered, or gave up on it.
     pub resets_after_answer: usize,
@@ -29,6 +32,9 @@ pub struct Seen {
     pub goaway: Option<u32>,
 }
 
+const DATA: u8 = 0x0;
+const HEADERS: u8 = 0x1;
+const END_STREAM: u8 = 0x1;
 const RST_STREAM: u8 = 0x3;
 const GOAWAY: u8 = 0x7;
 const NO_ERROR: u32 = 0x0;
@@ -55,6 +61,7 @@ impl State {
             let h = &self.unparsed[at..at + 9];
             let len = u32::from_be_bytes([0, h[0], h[1], h[2]]) as usize;
             let kind = h[3];
+            let flags = h[4];
             if self.unparsed.len() - at < 9 + len {
                 break;
             }
@@ -64,6 +71,9 @@ impl State {
                     .get(offset..offset + 4)
                     .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
             };
+            if matches!(kind, DATA | HEADERS) && flags & END_STREAM != 0 {
+                self.seen.responses_ended += 1;
+            }
             match (kind, code(0)) {
                 (RST_STREAM, Some(NO_ERROR | CANCEL)) => self.seen.resets_after_answer += 1,
                 (RST_STREAM, Some(STREAM_CLOSED)) => self.seen.resets_stream_closed += 1,

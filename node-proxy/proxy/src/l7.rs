@@ -23,6 +23,7 @@
 
 pub mod app_connection;
 pub mod body;
+pub mod client_body;
 pub mod deadline;
 pub mod grpc_peek;
 pub mod path;
@@ -37,26 +38,52 @@ use crate::transport::Drain;
 use std::future::Future;
 use std::pin::Pin;
 
-/// How many streams an HTTP/2 connection may reset because of its peer
-/// before h2 gives up on the whole connection (`None`: no limit).
-///
-/// h2 counts, over a connection's whole life, every stream it resets
-/// because of what the peer did, and after 1024 sends GOAWAY
-/// (ENHANCE_YOUR_CALM, "too_many_internal_resets") and fails every stream
-/// on it: a defence against clients that make a server generate resets
-/// (h2 #737). But a proxy produces such resets in normal traffic: when an
-/// application answers before reading the whole request body (gRPC and
-/// HTTP servers may), the proxy drops the rest of the body, and the peer's
-/// DATA already in flight for that stream is an "error" to h2 (h2 #856).
-/// Found by `cargo xtask bench mesh`: 38 % of gRPC calls through the mesh
-/// failed at 500 calls/s once a connection had crossed the limit.
-///
-/// So: no limit where the peer is another node proxy (authenticated by
-/// mTLS), the local application, or a local pod the proxy serves; h2's
-/// default for plaintext clients from outside the mesh (15006), the only
-/// untrusted peers.
-pub fn local_error_reset_limit(trusted_peer: bool) -> Option<usize> {
-    (!trusted_peer).then_some(1024)
+/// How many streams a client of an HTTP/2 connection the proxy serves may
+/// make it reset (h2 counts, over the connection's life, the streams it
+/// resets because of what the peer sent) before the connection is closed
+/// with GOAWAY (ENHANCE_YOUR_CALM): h2's default, the defence against
+/// clients that make a server reset streams while their requests go on
+/// working (h2 #737, "MadeYouReset"). Normal proxying does not produce such
+/// resets: a request body the proxy no longer needs is read to its end
+/// ([`client_body`]). The same for every client: pods, peer node proxies,
+/// clients outside the mesh.
+pub const LOCAL_ERROR_RESET_LIMIT: Option<usize> = Some(1024);
+
+/// Counts and logs an HTTP/2 server connection that ended because its
+/// client made the proxy reset too many streams; `who` names the client
+/// for the log.
+pub fn note_reset_flood(
+    result: &Result<(), hyper::Error>,
+    metrics: &crate::telemetry::RequestMetrics,
+    reporter: crate::telemetry::Reporter,
+    who: impl FnOnce() -> String,
+) {
+    let Err(e) = result else { return };
+    if !is_reset_flood(e) {
+        return;
+    }
+    metrics.reset_flood(reporter);
+    tracing::warn!(
+        client = %who(),
+        limit = LOCAL_ERROR_RESET_LIMIT.unwrap_or_default(),
+        "closed an HTTP/2 connection whose client made the proxy reset too many streams \
+         (protocol errors on its streams); see weft_http2_reset_floods_total"
+    );
+}
+
+/// Whether a connection error is h2's GOAWAY for too many locally caused
+/// resets.
+fn is_reset_flood(e: &hyper::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(h2) = err.downcast_ref::<h2::Error>() {
+            return h2.is_go_away()
+                && h2.is_library()
+                && h2.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM);
+        }
+        source = err.source();
+    }
+    false
 }
 
 /// Drives an HTTP server connection; when the proxy starts draining

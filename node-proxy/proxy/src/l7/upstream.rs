@@ -391,8 +391,15 @@ where
 
 /// An HTTP/2 client connection on `io` to `target`, driven by a task of
 /// its own. Its peer is another node proxy (HBONE), a workload's server or
-/// the local application: none of them is to be held to h2's lifetime cap
-/// on locally caused resets.
+/// the local application.
+///
+/// No cap on locally caused resets here: as a client, the proxy resets
+/// only streams it opened itself, on behalf of its own clients (a cancelled
+/// call; the server's DATA in flight for it may arrive after h2 forgot the
+/// stream), so a server cannot make it do more work than its clients asked
+/// for; the cap would only close, one day, a healthy connection that many
+/// calls share. The servers of the proxy's client connections keep h2's
+/// cap ([`super::LOCAL_ERROR_RESET_LIMIT`]).
 pub async fn handshake_h2<IO>(
     io: IO,
     target: SocketAddr,
@@ -401,7 +408,7 @@ where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (send, conn) = http2::Builder::new(TokioExecutor::new())
-        .max_local_error_reset_streams(super::local_error_reset_limit(true))
+        .max_local_error_reset_streams(None)
         .handshake(TokioIo::new(io))
         .await
         .map_err(|source| UpstreamError::Handshake { target, source })?;

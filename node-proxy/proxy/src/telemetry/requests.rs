@@ -88,6 +88,13 @@ pub struct RequestMetrics {
     budget_exhausted: Family<RetryLabels, Counter>,
     failovers: Family<RetryLabels, Counter>,
     ejections: Family<EjectionLabels, Counter>,
+    reset_floods: Family<ReporterLabels, Counter>,
+}
+
+/// Only who reports: a counter of rare events whose details are logged.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReporterLabels {
+    pub reporter: Reporter,
 }
 
 impl Default for RequestMetrics {
@@ -99,6 +106,7 @@ impl Default for RequestMetrics {
             budget_exhausted: Family::default(),
             failovers: Family::default(),
             ejections: Family::default(),
+            reset_floods: Family::default(),
         }
     }
 }
@@ -136,6 +144,19 @@ impl RequestMetrics {
             "Endpoints ejected by the balancer (one per failure episode; requests already in flight when it was ejected do not count again)",
             self.ejections.clone(),
         );
+        registry.register(
+            "weft_http2_reset_floods",
+            "HTTP/2 client connections closed (GOAWAY ENHANCE_YOUR_CALM) because their client made the proxy reset more than 1024 of its streams (protocol errors on them); the client is in the proxy's warning log",
+            self.reset_floods.clone(),
+        );
+    }
+
+    /// Counts a client connection closed for making the proxy reset too
+    /// many streams.
+    pub fn reset_flood(&self, reporter: Reporter) {
+        self.reset_floods
+            .get_or_create(&ReporterLabels { reporter })
+            .inc();
     }
 
     pub fn failed_over(&self, destination_service: &str, route: &str) {

@@ -16,6 +16,7 @@
 
 use crate::l7::app_connection::AppConnection;
 use crate::l7::body::{ProxyBody, Recorded, Recorder, proxy_body};
+use crate::l7::client_body::ClientBody;
 use crate::l7::respond::{error_response, synthetic};
 use crate::l7::upgrade::{Upgrades, wants_upgrade};
 use crate::policy::route_authz::{RequestVerdict, RouteAccess};
@@ -257,7 +258,6 @@ where
         Ok(app) => app,
         Err(e) => return Some(io::Error::other(e)),
     };
-    let source_principal = peers.source_principal.clone();
     let delivery = Arc::new(Delivery {
         app,
         target,
@@ -268,20 +268,27 @@ where
         upgrades: Upgrades::default(),
     });
     let serving = delivery.clone();
-    let service = service_fn(move |request| {
+    let http2 = protocol == Protocol::Http2;
+    let service = service_fn(move |request: Request<Incoming>| {
         let delivery = serving.clone();
+        let request = request.map(|b| ClientBody::new(b, http2));
         async move { Ok::<_, Infallible>(delivery.forward(request).await) }
     });
     let io = TokioIo::new(inbound);
     let result = match protocol {
         Protocol::Http2 => {
-            // Trusted when the client came through the mTLS tunnel: it is
-            // another node proxy.
-            let trusted = !source_principal.is_empty();
             let conn = http2::Builder::new(TokioExecutor::new())
-                .max_local_error_reset_streams(crate::l7::local_error_reset_limit(trusted))
+                .max_local_error_reset_streams(crate::l7::LOCAL_ERROR_RESET_LIMIT)
                 .serve_connection(io, service);
-            crate::l7::serve_until_drained(conn, &cx.drain, |c| c.graceful_shutdown()).await
+            let result =
+                crate::l7::serve_until_drained(conn, &cx.drain, |c| c.graceful_shutdown()).await;
+            crate::l7::note_reset_flood(
+                &result,
+                &cx.request_metrics,
+                Reporter::Destination,
+                || format!("client {} of {target}", delivery.guard.access.client_ip),
+            );
+            result
         }
         _ => {
             let conn = http1::Builder::new()
@@ -296,7 +303,7 @@ where
 }
 
 impl Delivery {
-    async fn forward(&self, mut request: Request<Incoming>) -> Response<ProxyBody> {
+    async fn forward(&self, mut request: Request<ClientBody>) -> Response<ProxyBody> {
         let started = Instant::now();
         let method = MethodClass::of(request.method());
         let grpc = is_grpc(request.headers());

@@ -16,13 +16,14 @@
 //! instead of an HTTP error they would report as an internal error.
 
 use crate::l7::body::{ProxyBody, Recorded, Recorder, proxy_body};
+use crate::l7::client_body::ClientBody;
 use crate::l7::deadline::Deadline;
 use crate::l7::grpc_peek::{self, Peeked};
 use crate::l7::replay::ReplayBody;
 use crate::l7::respond::{error_response, synthetic};
 use crate::l7::upgrade::{Upgrades, wants_upgrade};
 use crate::l7::upstream::{UpstreamError, UpstreamKey};
-use crate::l7::{local_error_reset_limit, serve_until_drained};
+use crate::l7::{LOCAL_ERROR_RESET_LIMIT, note_reset_flood, serve_until_drained};
 use crate::policy::retry::{MAX_REPLAY_BODY, Outcome as RetryOutcome, should_retry};
 use crate::proxy::ProxyInputs;
 use crate::state::routes::{Plan, path_of, pick_backend, vip_of};
@@ -90,6 +91,7 @@ pub async fn serve<IO>(
 {
     let key = pod.key();
     let drain = cx.drain.clone();
+    let metrics = cx.request_metrics.clone();
     let conn = Arc::new(Connection {
         dst,
         pod,
@@ -98,18 +100,21 @@ pub async fn serve<IO>(
         upgrades: Upgrades::default(),
     });
     let serving = conn.clone();
-    let service = service_fn(move |request| {
+    let http2 = protocol == Protocol::Http2;
+    let service = service_fn(move |request: Request<Incoming>| {
         let conn = serving.clone();
+        let request = request.map(|b| ClientBody::new(b, http2));
         async move { Ok::<_, Infallible>(conn.forward(request).await) }
     });
     let io = TokioIo::new(io);
     let result = match protocol {
         Protocol::Http2 => {
-            // The client is a pod this proxy serves.
             let conn = http2::Builder::new(TokioExecutor::new())
-                .max_local_error_reset_streams(local_error_reset_limit(true))
+                .max_local_error_reset_streams(LOCAL_ERROR_RESET_LIMIT)
                 .serve_connection(io, service);
-            serve_until_drained(conn, &drain, |c| c.graceful_shutdown()).await
+            let result = serve_until_drained(conn, &drain, |c| c.graceful_shutdown()).await;
+            note_reset_flood(&result, &metrics, Reporter::Source, || format!("pod {key}"));
+            result
         }
         _ => {
             let conn = http1::Builder::new()
@@ -135,7 +140,7 @@ struct Dialled<'a> {
 }
 
 impl Connection {
-    async fn forward(&self, mut request: Request<Incoming>) -> Response<ProxyBody> {
+    async fn forward(&self, mut request: Request<ClientBody>) -> Response<ProxyBody> {
         let started = Instant::now();
         let cx = &self.cx;
         let method = MethodClass::of(request.method());
@@ -260,7 +265,7 @@ impl Connection {
         &self,
         plan: &Plan,
         dialled: Dialled<'_>,
-        request: Request<Incoming>,
+        request: Request<ClientBody>,
         reusable: bool,
         grpc: bool,
         last: &mut LastAttempt,
