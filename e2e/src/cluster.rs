@@ -9,7 +9,7 @@
 use crate::kube::{self, ControlPlane, KubeBinaries, KubeError};
 use crate::manifest::{ManifestError, Manifests, Sourced};
 use crate::netconf;
-use crate::plan::{self, ContainerLaunch, Layout, Plan, PlanError};
+use crate::plan::{self, ContainerLaunch, CredentialFor, Layout, Plan, PlanError, credential_dir};
 use crate::registration;
 use crate::state::State;
 use crate::sys::{self, CgroupHandle, SysError, io};
@@ -403,17 +403,22 @@ fn start_kube(
     Ok(())
 }
 
-/// One random token per node (see docs/simulator.md, "Node credentials").
+/// Two random tokens per node, one for each control plane service (see
+/// docs/simulator.md, "Node credentials").
 fn write_credentials(state: &State) -> Result<(), SimError> {
     use rand::RngCore;
-    let dir = state.state_dir.join("credentials");
-    std::fs::create_dir_all(&dir).map_err(io("creating the credentials directory"))?;
+    for service in [CredentialFor::Identity, CredentialFor::Destination] {
+        let dir = credential_dir(&state.state_dir, service);
+        std::fs::create_dir_all(&dir).map_err(io("creating the credentials directory"))?;
+    }
     for n in &state.nodes {
-        let mut bytes = [0u8; 32];
-        rand::rng().fill_bytes(&mut bytes);
-        let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        sys::write_private(&n.credential_file, token.as_bytes())
-            .map_err(io(format!("writing {}", n.credential_file.display())))?;
+        for file in [&n.ca_credential_file, &n.destination_credential_file] {
+            let mut bytes = [0u8; 32];
+            rand::rng().fill_bytes(&mut bytes);
+            let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            sys::write_private(file, token.as_bytes())
+                .map_err(io(format!("writing {}", file.display())))?;
+        }
     }
     Ok(())
 }

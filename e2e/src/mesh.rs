@@ -14,6 +14,7 @@
 //! else, also after a crash.
 
 use crate::cluster::NodeAgents;
+use crate::plan::{CredentialFor, credential_dir};
 use crate::state::State;
 use crate::sys::{self, CgroupHandle};
 use serde::{Deserialize, Serialize};
@@ -527,7 +528,7 @@ impl Mesh {
                 "--metrics-listen",
                 &identity_metrics.to_string(),
                 "--local-credentials",
-                &path_arg(&state.state_dir.join("credentials")),
+                &path_arg(&credential_dir(&state.state_dir, CredentialFor::Identity)),
                 "--local-cluster-state",
                 &path_arg(&State::path(&state.state_dir)),
             ]
@@ -565,7 +566,10 @@ impl Mesh {
             "--tls-key",
             &path_arg(&dest_dir.join("tls.key")),
             "--local-credentials",
-            &path_arg(&state.state_dir.join("credentials")),
+            &path_arg(&credential_dir(
+                &state.state_dir,
+                CredentialFor::Destination,
+            )),
             "--trust-domain",
             TRUST_DOMAIN,
             // The cluster networks are the pod networks, as an operator
@@ -624,8 +628,10 @@ impl Mesh {
                 &identity.to_string(),
                 "--trust-anchors",
                 &path_arg(&trust_anchors),
-                "--token-file",
-                &path_arg(&node.credential_file),
+                "--ca-token-file",
+                &path_arg(&node.ca_credential_file),
+                "--destination-token-file",
+                &path_arg(&node.destination_credential_file),
                 "--trust-domain",
                 TRUST_DOMAIN,
             ]

@@ -107,6 +107,24 @@ pub fn host_interface_alias(name: &str) -> String {
     format!("weft-sim/{name}")
 }
 
+/// The control plane service a node credential is for: each takes its own
+/// (docs/simulator.md, "Node credentials").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CredentialFor {
+    Identity,
+    Destination,
+}
+
+/// The directory of `<node>.token` files for `service`: what its
+/// `--local-credentials` names.
+pub fn credential_dir(state_dir: &Path, service: CredentialFor) -> PathBuf {
+    let dir = match service {
+        CredentialFor::Identity => "identity",
+        CredentialFor::Destination => "destination",
+    };
+    state_dir.join("credentials").join(dir)
+}
+
 pub fn plan(
     name: &str,
     slot: u8,
@@ -146,7 +164,10 @@ pub fn plan(
                 netns: netns_node(name, node),
                 netns_path: PathBuf::from("/run/netns").join(netns_node(name, node)),
                 cgroup: cgroup_dir.join(format!("node.{node}")),
-                credential_file: state_dir.join("credentials").join(format!("{node}.token")),
+                ca_credential_file: credential_dir(&state_dir, CredentialFor::Identity)
+                    .join(format!("{node}.token")),
+                destination_credential_file: credential_dir(&state_dir, CredentialFor::Destination)
+                    .join(format!("{node}.token")),
                 agent_socket: state_dir.join("nodes").join(node).join("cni.sock"),
                 bpf_pin_dir: bpf_pin_root(name).join(node),
             }
@@ -700,8 +721,12 @@ spec:
             ))
         );
         assert_eq!(
-            s.nodes[0].credential_file,
-            PathBuf::from("/run/weft-sim/t/credentials/node-a.token")
+            s.nodes[0].ca_credential_file,
+            PathBuf::from("/run/weft-sim/t/credentials/identity/node-a.token")
+        );
+        assert_eq!(
+            s.nodes[0].destination_credential_file,
+            PathBuf::from("/run/weft-sim/t/credentials/destination/node-a.token")
         );
     }
 

@@ -34,6 +34,7 @@ pub fn add(node: &NodeState, pod: &PodState) -> Result<(), ClientError> {
         netns: pod.netns_path.clone(),
         container_id: container_id(pod),
         annotations: Some(pod.annotations.clone().into_iter().collect()),
+        ips: vec![pod.ip.into(), pod.ipv6.into()],
     };
     weft_registration::send(&node.agent_socket, &Message::new(event), TIMEOUT)
 }

@@ -47,7 +47,11 @@ pub struct NodeState {
     pub netns_path: PathBuf,
     /// A cgroup for node-level processes (the node proxy runs here).
     pub cgroup: PathBuf,
-    pub credential_file: PathBuf,
+    /// The node proxy's credential for the identity CA…
+    pub ca_credential_file: PathBuf,
+    /// …and a different one for the destination service (neither service
+    /// can replay what it received to the other).
+    pub destination_credential_file: PathBuf,
     /// Where this node's agent (the node proxy) takes pod registrations
     /// (`docs/redirector.md`, "Pod registration protocol").
     pub agent_socket: PathBuf,

@@ -603,6 +603,10 @@ fn the_destination_rbac_in_daemonset_is_enforced_by_the_api_server() {
             );
         }
     }
+    // It authenticates node proxies (TokenReview, audience
+    // weft-destination) and finds the pod a token was issued to.
+    assert!(can(&["create", "tokenreviews"]), "create tokenreviews");
+    assert!(can(&["get", "pods", "--all-namespaces"]), "get pods");
     for resource in policy {
         assert!(
             can(&["patch", resource, "--subresource=status", "-n", "shop"]),
@@ -629,7 +633,7 @@ fn the_destination_rbac_in_daemonset_is_enforced_by_the_api_server() {
         ("patch", "services"),
         ("get", "nodes"),
         ("create", "serviceaccounts/token"),
-        ("create", "tokenreviews"),
+        ("create", "subjectaccessreviews"),
         ("escalate", "clusterroles"),
     ] {
         assert!(

@@ -304,3 +304,66 @@ fn losing_the_control_plane_keeps_the_data_plane_and_the_proxy_reconnects() {
     );
     mc.down();
 }
+
+/// A pod registering (its CNI ADD) that the control plane has not sent yet:
+/// in a namespace of the mesh it is refused (the kubelet retries; it never
+/// starts uncaptured, #15 item 5), in a namespace outside the mesh it is
+/// let through at once, not after the wait for the view.
+#[test]
+fn a_pod_the_view_lacks_is_refused_in_the_mesh_and_not_held_up_outside() {
+    use weft_registration::{ClientError, Message, PodEvent, PodRef};
+    let mc = MeshCluster::up(FILES, |_| {});
+    let state = mc.cluster().state();
+    let node_b = state.nodes.iter().find(|n| n.name == "node-b").unwrap();
+    let netns_of = |key: &str| mc.cluster().pod(key).netns_path.clone();
+    let add = |namespace: &str, uid: &str, netns| {
+        let event = PodEvent::Add {
+            pod: PodRef {
+                namespace: namespace.into(),
+                name: "newcomer".into(),
+                uid: uid.into(),
+            },
+            netns,
+            container_id: format!("test-{uid}"),
+            annotations: None,
+            ips: Vec::new(),
+        };
+        let started = Instant::now();
+        let result = weft_registration::send(&node_b.agent_socket, &Message::new(event), PATIENCE);
+        (result, started.elapsed())
+    };
+
+    // `demo` is in the mesh: a pod of it the view does not have is refused.
+    let (refused, _) = add(
+        "demo",
+        "6e6f7468-696e-6700-0000-0000000000aa",
+        netns_of("demo/echo"),
+    );
+    match refused {
+        Err(ClientError::Rejected(why)) => {
+            assert!(why.contains("must not start uncaptured"), "{why}")
+        }
+        other => panic!("an unknown pod of a mesh namespace was {other:?}"),
+    }
+
+    // `plain` is not: let through at once (the view's wait is 5 s).
+    let uid = "6e6f7468-696e-6700-0000-0000000000bb";
+    let (accepted, took) = add("plain", uid, netns_of("plain/outsider"));
+    accepted.expect("a pod outside the mesh is let through");
+    assert!(
+        took < Duration::from_secs(3),
+        "a pod outside the mesh was held up {took:?} waiting for the view"
+    );
+    let gone = PodEvent::Del {
+        pod: PodRef {
+            namespace: "plain".into(),
+            name: "newcomer".into(),
+            uid: uid.into(),
+        },
+        netns: None,
+        container_id: format!("test-{uid}"),
+    };
+    weft_registration::send(&node_b.agent_socket, &Message::new(gone), PATIENCE)
+        .expect("the test's registration removed");
+    mc.down();
+}

@@ -23,10 +23,10 @@ pub mod proto {
 
 pub use policy::{Decision, Reason, authorize};
 pub use proto::{
-    Authorization, DefaultPolicy, Endpoint, HeaderMatch, InboundRoute, NamedPort, Network,
-    PathMatch, PathMatchKind, Policy, PolicyServer, PortRange, Requirement, Route, RouteBackend,
-    RouteMatch, RouteRetry, RouteRule, Service, ServicePort, TunnelProtocol, WatchRequest,
-    WatchResponse, Workload,
+    Authorization, DefaultPolicy, Endpoint, HeaderMatch, InboundRoute, NamedPort, NamespaceSet,
+    Network, PathMatch, PathMatchKind, Policy, PolicyServer, PortRange, Requirement, Route,
+    RouteBackend, RouteMatch, RouteRetry, RouteRule, Service, ServicePort, TunnelProtocol,
+    WatchRequest, WatchResponse, Workload,
 };
 
 /// The trust domain identities use when none is configured.

@@ -14,6 +14,8 @@ pub struct View {
     pub workloads: BTreeMap<String, Workload>,
     pub services: BTreeMap<String, Service>,
     pub policies: BTreeMap<String, Policy>,
+    /// The namespaces in the mesh; `None` until a response has said.
+    pub enrolled_namespaces: Option<BTreeSet<String>>,
     by_address: HashMap<IpAddr, String>,
     by_vip: HashMap<IpAddr, String>,
     /// Workload uid → keys of the Services it is an endpoint of (asked per
@@ -44,6 +46,7 @@ impl PartialEq for View {
             && self.workloads == other.workloads
             && self.services == other.services
             && self.policies == other.policies
+            && self.enrolled_namespaces == other.enrolled_namespaces
     }
 }
 
@@ -53,6 +56,7 @@ impl View {
     /// snapshot.
     pub fn apply(&mut self, response: WatchResponse) -> Result<(), ApplyError> {
         if response.snapshot {
+            self.enrolled_namespaces = None;
             self.workloads.clear();
             self.services.clear();
             self.policies.clear();
@@ -107,6 +111,9 @@ impl View {
         }
         for policy in response.policies {
             self.policies.insert(policy.key(), policy);
+        }
+        if let Some(namespaces) = response.enrolled_namespaces {
+            self.enrolled_namespaces = Some(namespaces.names.into_iter().collect());
         }
         self.epoch = response.epoch;
         self.version = response.version;

@@ -24,7 +24,6 @@ use weft_destination::publisher::Publisher;
 use weft_destination::server::{self, DestinationService, TlsFiles};
 use weft_destination::store::ClusterObjects;
 use weft_destination::synthetic::{self, Shape};
-use weft_destination::views::NodeView;
 use weft_destination_api::WatchRequest;
 use weft_destination_api::proto::destination_client::DestinationClient;
 use weft_node_auth::LocalCredentials;
@@ -115,7 +114,7 @@ fn bench_index(objects: &ClusterObjects, config: &IndexConfig) {
 fn bench_snapshot(objects: &ClusterObjects, config: &IndexConfig) {
     let built = index::build(objects, config);
     let node = synthetic::node_name(0);
-    let view = NodeView::new(&built.mesh, built.local(&node));
+    let view = built.node_view(&node);
     let snapshot = view.snapshot("0123456789abcdef");
     let size = snapshot.encoded_len();
     // Baseline: every workload of the cluster, enrolled or not.

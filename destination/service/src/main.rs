@@ -15,6 +15,7 @@ use weft_destination::server::{self, DestinationService, TlsFiles};
 use weft_destination::source::local::LocalSource;
 use weft_destination::store::ClusterObjects;
 use weft_destination::{indexer, source};
+use weft_node_auth::kubernetes::{DESTINATION_AUDIENCE, TokenReviewAuthenticator};
 use weft_node_auth::{LocalCredentials, NodeAuthenticator};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -52,9 +53,16 @@ struct Args {
     /// PEM private key of --tls-cert.
     #[arg(long)]
     tls_key: PathBuf,
-    /// Directory of `<node>.token` files (local mode node credentials).
+    /// Directory of `<node>.token` files (local mode node credentials: the
+    /// node proxies' destination credentials, not their CA ones). Without
+    /// it, node proxies are authenticated by TokenReview (audience
+    /// `weft-destination`), which needs the Kubernetes API.
     #[arg(long)]
     local_credentials: Option<PathBuf>,
+    /// The node proxy's service account, `<namespace>/<name>` (TokenReview);
+    /// tokens of any other account are refused.
+    #[arg(long, default_value = weft_node_auth::kubernetes::DEFAULT_NODE_PROXY_ACCOUNT)]
+    node_proxy_service_account: String,
     #[arg(long, default_value = weft_destination_api::DEFAULT_TRUST_DOMAIN)]
     trust_domain: String,
     #[arg(long, default_value = "cluster.local")]
@@ -112,10 +120,17 @@ async fn run(args: Args) -> Result<()> {
 
     let auth: Arc<dyn NodeAuthenticator> = match &args.local_credentials {
         Some(dir) => Arc::new(LocalCredentials::new(dir)),
-        None => bail!(
-            "no node authentication configured: pass --local-credentials DIR \
-             (TokenReview authentication on Kubernetes is not wired in yet)"
-        ),
+        None => {
+            let client = kube::Client::try_default().await.context(
+                "no node authentication: TokenReview needs the Kubernetes API \
+                 (in-cluster or KUBECONFIG); for local mode pass --local-credentials DIR",
+            )?;
+            Arc::new(TokenReviewAuthenticator::new(
+                client,
+                &args.node_proxy_service_account,
+                DESTINATION_AUDIENCE,
+            ))
+        }
     };
     let tls = TlsFiles::read(&args.tls_cert, &args.tls_key)?;
     let metrics = Arc::new(Metrics::new());

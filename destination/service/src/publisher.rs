@@ -106,7 +106,7 @@ impl Publisher {
         names.dedup();
         let mut changed = 0;
         for node in names {
-            let mut view = NodeView::new(&index.mesh, index.local(&node));
+            let mut view = index.node_view(&node);
             let sender = state
                 .nodes
                 .entry(node.clone())
@@ -145,7 +145,7 @@ impl Publisher {
                 // A node with no pods so far: its (empty) view as of now.
                 let mut view = NodeView::empty();
                 if let Some((generation, index)) = current {
-                    view = NodeView::new(&index.mesh, index.local(node));
+                    view = index.node_view(node);
                     view.version = generation;
                 }
                 watch::channel(view).0
@@ -160,7 +160,7 @@ impl Publisher {
         }
         let state = self.lock();
         let (_, index) = state.history.iter().find(|(g, _)| *g == version)?;
-        let mut view = NodeView::new(&index.mesh, index.local(node));
+        let mut view = index.node_view(node);
         view.version = version;
         Some(view)
     }
@@ -183,6 +183,9 @@ fn intern(index: &mut Index, previous: &Index) {
     let same_services = intern_map(&mut mesh.services, &previous.mesh.services, None);
     if same_workloads && same_services {
         index.mesh = previous.mesh.clone();
+    }
+    if index.enrolled_namespaces == previous.enrolled_namespaces {
+        index.enrolled_namespaces = previous.enrolled_namespaces.clone();
     }
     for (node, local) in index.nodes.iter_mut() {
         let Some(old) = previous.nodes.get(node) else {
@@ -365,9 +368,7 @@ mod tests {
                 fresh.apply(current.snapshot(publisher.epoch())).unwrap();
                 assert_eq!(*client, fresh, "round {round}");
                 let mut expected = View::default();
-                expected
-                    .apply(NodeView::new(&truth.mesh, truth.local(node)).snapshot("e"))
-                    .unwrap();
+                expected.apply(truth.node_view(node).snapshot("e")).unwrap();
                 assert_eq!(
                     client.workloads, expected.workloads,
                     "round {round}, {node}"

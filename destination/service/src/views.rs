@@ -7,15 +7,17 @@
 //! the wire are computed from two NodeViews: a snapshot from nothing, or a
 //! delta from what the subscriber last received.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::iter::Peekable;
 use std::sync::Arc;
 use std::time::Instant;
-use weft_destination_api::{Policy, Service, WatchResponse, Workload};
+use weft_destination_api::{NamespaceSet, Policy, Service, WatchResponse, Workload};
 
 pub type Workloads = BTreeMap<String, Arc<Workload>>;
 pub type Services = BTreeMap<String, Arc<Service>>;
 pub type Policies = BTreeMap<String, Arc<Policy>>;
+/// The namespaces in the mesh: the same for every node.
+pub type Namespaces = Arc<BTreeSet<String>>;
 
 /// What every node with enrolled pods receives.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -47,6 +49,9 @@ pub struct NodeView {
     pub published: Instant,
     pub mesh: Option<Arc<MeshView>>,
     pub local: Arc<LocalView>,
+    /// Every node gets them, with or without pods: a node proxy decides
+    /// with them whether a pod it does not know yet will be in the mesh.
+    pub enrolled_namespaces: Namespaces,
 }
 
 impl NodeView {
@@ -56,15 +61,17 @@ impl NodeView {
             published: Instant::now(),
             mesh: None,
             local: Arc::default(),
+            enrolled_namespaces: Namespaces::default(),
         }
     }
 
-    pub fn new(mesh: &Arc<MeshView>, local: Arc<LocalView>) -> Self {
+    pub fn new(mesh: &Arc<MeshView>, local: Arc<LocalView>, namespaces: &Namespaces) -> Self {
         Self {
             version: 0,
             published: Instant::now(),
             mesh: local.has_enrolled.then(|| mesh.clone()),
             local,
+            enrolled_namespaces: namespaces.clone(),
         }
     }
 
@@ -79,7 +86,15 @@ impl NodeView {
             (Some(a), Some(b)) => Arc::ptr_eq(a, b),
             _ => false,
         };
-        mesh_same && Arc::ptr_eq(&self.local, &other.local)
+        mesh_same
+            && Arc::ptr_eq(&self.local, &other.local)
+            && Arc::ptr_eq(&self.enrolled_namespaces, &other.enrolled_namespaces)
+    }
+
+    fn namespace_set(&self) -> NamespaceSet {
+        NamespaceSet {
+            names: self.enrolled_namespaces.iter().cloned().collect(),
+        }
     }
 
     /// Every workload in the view, in uid order: the node's own pods and,
@@ -110,6 +125,7 @@ impl NodeView {
                 .values()
                 .map(|p| (**p).clone())
                 .collect(),
+            enrolled_namespaces: Some(self.namespace_set()),
             ..Default::default()
         }
     }
@@ -142,6 +158,9 @@ impl NodeView {
                 Change::Remove(key) => response.removed_policies.push(key.clone()),
             },
         );
+        if self.enrolled_namespaces != old.enrolled_namespaces {
+            response.enrolled_namespaces = Some(self.namespace_set());
+        }
         response
     }
 }
@@ -258,7 +277,35 @@ mod tests {
                 policies: Policies::new(),
                 has_enrolled: true,
             }),
+            enrolled_namespaces: Arc::new(["ns".to_string()].into()),
         }
+    }
+
+    #[test]
+    fn enrolled_namespaces_travel_in_snapshots_and_in_deltas_when_they_change() {
+        let old = view(1, &[], &[w("a", "n1")]);
+        let mut client = View::default();
+        assert_eq!(client.enrolled_namespaces, None);
+        client.apply(old.snapshot("e")).unwrap();
+        assert_eq!(client.enrolled_namespaces, Some(["ns".to_string()].into()));
+
+        // Unchanged (another allocation, the same names): not resent.
+        let mut same = view(2, &[], &[w("a", "n1"), w("b", "n1")]);
+        same.enrolled_namespaces = Arc::new(["ns".to_string()].into());
+        let delta = same.delta_from(&old, "e");
+        assert_eq!(delta.enrolled_namespaces, None);
+        client.apply(delta).unwrap();
+
+        let mut changed = view(3, &[], &[w("a", "n1"), w("b", "n1")]);
+        changed.enrolled_namespaces = Arc::new(["other".to_string()].into());
+        client.apply(changed.delta_from(&same, "e")).unwrap();
+        assert_eq!(
+            client.enrolled_namespaces,
+            Some(["other".to_string()].into())
+        );
+        let mut fresh = View::default();
+        fresh.apply(changed.snapshot("e")).unwrap();
+        assert_eq!(client, fresh);
     }
 
     #[test]

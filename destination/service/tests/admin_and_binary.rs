@@ -226,6 +226,9 @@ fn binary_refuses_to_start_without_node_authentication() {
         .arg(dir.path().join("cert.pem"))
         .arg("--tls-key")
         .arg(dir.path().join("key.pem"))
+        // No Kubernetes API either (TokenReview would need it).
+        .env("KUBECONFIG", dir.path().join("no-kubeconfig"))
+        .env_remove("KUBERNETES_SERVICE_HOST")
         .output()
         .unwrap();
     assert!(!out.status.success());

@@ -1,6 +1,7 @@
 //! The RBAC in daemonset/ is valid Kubernetes and grants the kube source
-//! exactly what it uses: list and watch of the kinds it watches, and patch
-//! of the status of the policy kinds (their Accepted condition).
+//! exactly what it uses: list and watch of the kinds it watches, patch of
+//! the status of the policy kinds (their Accepted condition), and what node
+//! proxy authentication needs (create TokenReviews, get the token's pod).
 
 use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
@@ -26,9 +27,12 @@ fn cluster_role_grants_list_and_watch_of_watched_kinds() {
 
     let mut granted = BTreeSet::new();
     let mut status_patch = BTreeSet::new();
+    let mut authentication = BTreeSet::new();
     for rule in role.rules.unwrap() {
         let into = if rule.verbs == ["patch"] {
             &mut status_patch
+        } else if rule.verbs == ["create"] || rule.verbs == ["get"] {
+            &mut authentication
         } else {
             assert_eq!(rule.verbs, ["list", "watch"], "read-only but for status");
             &mut granted
@@ -66,6 +70,12 @@ fn cluster_role_grants_list_and_watch_of_watched_kinds() {
         .map(|(g, r)| (g.to_string(), r.to_string()))
         .collect();
     assert_eq!(granted, needed);
+    let authenticating: BTreeSet<(String, String)> =
+        [("authentication.k8s.io", "tokenreviews"), ("", "pods")]
+            .into_iter()
+            .map(|(g, r)| (g.to_string(), r.to_string()))
+            .collect();
+    assert_eq!(authentication, authenticating);
 
     assert_eq!(binding.role_ref.name, role.metadata.name.unwrap());
     let subject = &binding.subjects.unwrap()[0];

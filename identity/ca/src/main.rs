@@ -9,12 +9,13 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 use weft_identity::authority::LeafPolicy;
-use weft_identity::kubernetes::{KubeWorkloads, TokenReviewAuthenticator};
+use weft_identity::kubernetes::KubeWorkloads;
 use weft_identity::server::{self, ServeConfig};
 use weft_identity::serving::default_server_names;
 use weft_identity::workloads::WorkloadDirectory;
 use weft_identity::{init, workloads::LocalClusterDirectory};
 use weft_identity_api::DEFAULT_TRUST_DOMAIN;
+use weft_node_auth::kubernetes::{IDENTITY_AUDIENCE, TokenReviewAuthenticator};
 use weft_node_auth::{LocalCredentials, NodeAuthenticator};
 
 #[derive(Parser)]
@@ -57,7 +58,7 @@ enum Command {
         local_cluster_state: Option<PathBuf>,
         /// Kubernetes mode: the node proxy's service account, `<namespace>/<name>`;
         /// tokens of any other account are refused.
-        #[arg(long, default_value = weft_identity::kubernetes::DEFAULT_NODE_PROXY_ACCOUNT)]
+        #[arg(long, default_value = weft_node_auth::kubernetes::DEFAULT_NODE_PROXY_ACCOUNT)]
         node_proxy_service_account: String,
     },
     /// Write a new trust anchor and issuer into DIR (cert-manager's layout).
@@ -171,6 +172,7 @@ fn run() -> Result<()> {
                                 Arc::new(TokenReviewAuthenticator::new(
                                     client.clone(),
                                     &node_proxy_service_account,
+                                    IDENTITY_AUDIENCE,
                                 )),
                                 Arc::new(KubeWorkloads::new(client)),
                             )

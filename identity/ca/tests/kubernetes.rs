@@ -11,12 +11,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tower_test::mock;
 use weft_identity::authority::LeafPolicy;
-use weft_identity::kubernetes::{KubeWorkloads, TokenReviewAuthenticator};
+use weft_identity::init;
+use weft_identity::kubernetes::KubeWorkloads;
 use weft_identity::server::{self, ServeConfig};
 use weft_identity::serving::default_server_names;
 use weft_identity::workloads::{Placement, WorkloadDirectory};
-use weft_identity::{init, kubernetes};
 use weft_identity_api::SpiffeId;
+use weft_node_auth::kubernetes::{
+    self as node_auth_kube, IDENTITY_AUDIENCE, TokenReviewAuthenticator,
+};
 use weft_node_auth::{AuthError, NodeAuthenticator};
 
 const PROXY_USER: &str = "system:serviceaccount:weft-system:weft-node-proxy";
@@ -228,7 +231,11 @@ fn mock_client() -> (kube::Client, Fake) {
 #[tokio::test]
 async fn token_review_maps_node_proxy_tokens_to_nodes() {
     let (client, fake) = mock_client();
-    let auth = TokenReviewAuthenticator::new(client, kubernetes::DEFAULT_NODE_PROXY_ACCOUNT);
+    let auth = TokenReviewAuthenticator::new(
+        client,
+        node_auth_kube::DEFAULT_NODE_PROXY_ACCOUNT,
+        IDENTITY_AUDIENCE,
+    );
 
     assert_eq!(
         auth.authenticate("proxy-on-node-a").await.unwrap().node,
@@ -325,7 +332,8 @@ async fn certify_in_kubernetes_mode() {
         },
         Arc::new(TokenReviewAuthenticator::new(
             client.clone(),
-            kubernetes::DEFAULT_NODE_PROXY_ACCOUNT,
+            node_auth_kube::DEFAULT_NODE_PROXY_ACCOUNT,
+            IDENTITY_AUDIENCE,
         )),
         Arc::new(KubeWorkloads::new(client)),
     )

@@ -5,9 +5,12 @@
 //! (never skips) without them.
 
 use std::time::Duration;
-use weft_identity::kubernetes::{KubeWorkloads, TokenReviewAuthenticator};
+use weft_identity::kubernetes::KubeWorkloads;
 use weft_identity::workloads::{Placement, WorkloadDirectory};
 use weft_identity_api::SpiffeId;
+use weft_node_auth::kubernetes::{
+    DESTINATION_AUDIENCE, IDENTITY_AUDIENCE, TokenReviewAuthenticator,
+};
 use weft_node_auth::{AuthError, NodeAuthenticator};
 use weft_sim::TestCluster;
 use weft_sim::kube::KubeBinaries;
@@ -41,10 +44,13 @@ spec:
     command: [sleep, infinity]
     volumeMounts:
     - {name: identity-token, mountPath: /var/run/secrets/weft-identity}
+    - {name: destination-token, mountPath: /var/run/secrets/weft-destination}
     - {name: other-token, mountPath: /var/run/secrets/other}
   volumes:
   - name: identity-token
     projected: {sources: [{serviceAccountToken: {audience: weft-identity, path: token}}]}
+  - name: destination-token
+    projected: {sources: [{serviceAccountToken: {audience: weft-destination, path: token}}]}
   - name: other-token
     projected: {sources: [{serviceAccountToken: {audience: not-weft, path: token}}]}
 ---
@@ -96,7 +102,17 @@ async fn token_review_and_pods_come_from_the_real_api_server() {
     .await
     .unwrap();
     let client = kube::Client::try_from(config).unwrap();
-    let auth = TokenReviewAuthenticator::new(client.clone(), "weft-system/weft-node-proxy");
+    let auth = TokenReviewAuthenticator::new(
+        client.clone(),
+        "weft-system/weft-node-proxy",
+        IDENTITY_AUDIENCE,
+    );
+    // The destination service's, as it authenticates the same proxy.
+    let destination_auth = TokenReviewAuthenticator::new(
+        client.clone(),
+        "weft-system/weft-node-proxy",
+        DESTINATION_AUDIENCE,
+    );
 
     // The node proxy's token: accepted, and the node is the one its pod
     // runs on (the token's node-name extra, from the real API server).
@@ -110,6 +126,22 @@ async fn token_review_and_pods_come_from_the_real_api_server() {
         auth.authenticate(&other).await,
         Err(AuthError::Rejected(_))
     ));
+    // Each control plane service takes only its own token: what one of
+    // them received (or whoever impersonates it) is no good at the other.
+    let for_destination = token(&cluster, "weft-system/proxy", "destination-token");
+    let node = destination_auth
+        .authenticate(&for_destination)
+        .await
+        .expect("the proxy's destination token");
+    assert_eq!(node.node, "node-b");
+    match auth.authenticate(&for_destination).await {
+        Err(AuthError::Rejected(why)) => assert!(why.contains("weft-identity"), "{why}"),
+        other => panic!("the CA took the destination's token: {other:?}"),
+    }
+    match destination_auth.authenticate(&proxy).await {
+        Err(AuthError::Rejected(why)) => assert!(why.contains("weft-destination"), "{why}"),
+        other => panic!("the destination took the CA's token: {other:?}"),
+    }
     // A workload's token with our audience, for its own account: refused.
     let workload = token(&cluster, "demo/client", "token");
     match auth.authenticate(&workload).await {

@@ -6,10 +6,15 @@
 //! Two schemes, one trait:
 //! - [`LocalCredentials`]: a directory of `<node>.token` files written by the
 //!   simulator (local mode, `docs/simulator.md`).
-//! - On Kubernetes: a projected ServiceAccount token (audience `weft-identity`)
-//!   checked by TokenReview, bound to a node through the token's node claim.
-//!   (Implemented by the identity crate against the kube client.)
+//! - [`kubernetes::TokenReviewAuthenticator`]: on Kubernetes, a projected
+//!   ServiceAccount token checked by TokenReview, bound to a node through the
+//!   token's node claim; one audience per control plane service.
+//!
+//! In both, the identity CA and the destination service take different
+//! credentials from a node proxy, so neither can replay what it received to
+//! the other.
 
+pub mod kubernetes;
 mod local;
 
 pub use local::LocalCredentials;

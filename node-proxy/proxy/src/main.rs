@@ -9,10 +9,12 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::signal::unix::{SignalKind, signal};
 use weft_node_proxy::admin;
+use weft_node_proxy::pods::registering;
 use weft_node_proxy::pods::{PodRegistry, Records, RecoveryMetrics};
 use weft_node_proxy::policy::InboundAuthz;
 use weft_node_proxy::proxy::ProxyInputs;
 use weft_node_proxy::state::ControlPlane;
+use weft_node_proxy::state::admission::{Admission, admit};
 use weft_node_proxy::telemetry::{ProcessCollector, TcpMetrics};
 use weft_node_proxy::transport::DrainWatch;
 use weft_redirector::{PodRegistrationListener, Redirector, RedirectorConfig};
@@ -86,7 +88,7 @@ struct Args {
 #[derive(clap::Args, Debug)]
 struct ControlPlaneFlags {
     /// The destination service, `https://host:port`.
-    #[arg(long, requires_all = ["ca_address", "trust_anchors", "token_file"])]
+    #[arg(long, requires_all = ["ca_address", "trust_anchors", "ca_token_file", "destination_token_file"])]
     destination_address: Option<String>,
     /// Name the destination service's certificate carries (default: the
     /// host of `--destination-address`).
@@ -105,9 +107,16 @@ struct ControlPlaneFlags {
     /// The mesh's trust anchors (`ca.crt`): the initial trust bundle.
     #[arg(long)]
     trust_anchors: Option<PathBuf>,
-    /// This node's bearer credential (re-read on every call).
+    /// This node's credential for the identity CA (re-read on every call;
+    /// on Kubernetes a projected token of audience `weft-identity`).
     #[arg(long)]
-    token_file: Option<PathBuf>,
+    ca_token_file: Option<PathBuf>,
+    /// This node's credential for the destination service (re-read on every
+    /// call; on Kubernetes a projected token of audience `weft-destination`).
+    /// Not the CA's: neither service can replay what it received to the
+    /// other.
+    #[arg(long)]
+    destination_token_file: Option<PathBuf>,
     #[arg(long, default_value = "cluster.local")]
     trust_domain: String,
 }
@@ -157,10 +166,6 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let redirector = Arc::new(Redirector::install(RedirectorConfig {
-        pin_dir: args.pin_dir.clone(),
-        cgroup_root: None,
-    })?);
     let mut registry = Registry::default();
     let tcp_metrics = TcpMetrics::default();
     tcp_metrics.register(&mut registry);
@@ -174,6 +179,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         )?),
         None => None,
     };
+    // Only once the configuration has been read and found whole: a proxy
+    // that cannot run must not have changed the node's redirection first.
+    let redirector = Arc::new(Redirector::install(RedirectorConfig {
+        pin_dir: args.pin_dir.clone(),
+        cgroup_root: None,
+    })?);
     let mut inputs = ProxyInputs::new(tcp_metrics.clone(), mesh.clone());
     inputs.limits = weft_node_proxy::transport::ConnectionLimits::new(
         args.max_connections_per_pod,
@@ -283,20 +294,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 let Some(request) = request else { break };
                 // A new pod may register before the view has it (the
                 // destination service learns of it at the same time): wait
-                // a bounded moment for the view, so that an enrolled pod is
-                // captured before its containers start, off the loop so
-                // other registrations are not held up.
+                // a bounded moment for the view to decide, so that an
+                // enrolled pod is captured before its containers start (and
+                // refused, the kubelet retrying, if it still cannot be),
+                // off the loop so other registrations are not held up. A
+                // pod the view already places outside the mesh is not held.
                 let (pods, mesh) = (pods.clone(), mesh.clone());
                 tokio::spawn(async move {
-                    if let (Some(mesh), PodEvent::Add { pod, .. }) = (&mesh, &request.event) {
-                        let known = |v: &weft_destination_api::View| {
-                            weft_node_proxy::state::local_workload(v, &pod.uid)
-                                .is_some()
+                    if let (Some(mesh), PodEvent::Add { pod, ips, .. }) = (&mesh, &request.event) {
+                        let decided = |v: &weft_destination_api::View| {
+                            !matches!(admit(v, registering(pod, ips)), Admission::Undecided(_))
                         };
                         let mut view = mesh.view.clone();
-                        let waited = tokio::time::timeout(VIEW_WAIT, view.wait_for(known)).await;
+                        let waited = tokio::time::timeout(VIEW_WAIT, view.wait_for(decided)).await;
                         if waited.is_err() {
-                            tracing::info!(pod = %format!("{}/{}", pod.namespace, pod.name), "pod not in the destination view yet; acknowledged, captured when it appears");
+                            tracing::warn!(pod = %format!("{}/{}", pod.namespace, pod.name), "pod may be in the mesh and is not in the destination view yet: refused, the kubelet retries");
                         }
                     }
                     match pods.handle(request.event.clone()) {
@@ -349,11 +361,24 @@ fn connect_control_plane(
     };
     use weft_destination_api::client::{self, Backoff, ClientConfig, TokenSource};
     // clap's `requires_all` guarantees these with --destination-address.
-    let (Some(ca_address), Some(anchors), Some(token_file)) =
-        (&cp.ca_address, &cp.trust_anchors, &cp.token_file)
-    else {
-        anyhow::bail!("--destination-address needs --ca-address, --trust-anchors and --token-file");
+    let (Some(ca_address), Some(anchors), Some(ca_token), Some(destination_token)) = (
+        &cp.ca_address,
+        &cp.trust_anchors,
+        &cp.ca_token_file,
+        &cp.destination_token_file,
+    ) else {
+        anyhow::bail!(
+            "--destination-address needs --ca-address, --trust-anchors, --ca-token-file and --destination-token-file"
+        );
     };
+    if ca_token == destination_token {
+        anyhow::bail!(
+            "--ca-token-file and --destination-token-file are the same file ({}): each service \
+             takes its own credential (on Kubernetes, projected tokens of audiences weft-identity \
+             and weft-destination), so that neither can replay the other's",
+            ca_token.display()
+        );
+    }
     let anchors_pem = std::fs::read(anchors).with_context(|| {
         format!(
             "cannot read the trust anchors {} (--trust-anchors: the mesh CA's ca.crt)",
@@ -368,7 +393,7 @@ fn connect_control_plane(
         GrpcCaConfig {
             address: ca_address.clone(),
             server_name: cp.ca_server_name.clone(),
-            token_file: token_file.clone(),
+            token_file: ca_token.clone(),
             request_timeout: Duration::from_secs(10),
         },
         bundle.watch(),
@@ -387,7 +412,7 @@ fn connect_control_plane(
         ca_pem,
         server_name: cp.destination_server_name.clone(),
         node: node.to_string(),
-        token: TokenSource::File(token_file.clone()),
+        token: TokenSource::File(destination_token.clone()),
         backoff: Backoff::default(),
     });
     Ok(ControlPlane::new(

@@ -16,6 +16,7 @@ pub use netns_sockets::NetnsSockets;
 pub use records::{PodRecord, Records};
 
 use crate::proxy::{ProxyInputs, inbound, outbound};
+use crate::state::admission::{Admission, Registering, admit};
 use crate::state::{self, PodInfo};
 use crate::transport::LocalPod;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -27,7 +28,6 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use tokio::task::JoinHandle;
 use weft_cert_manager::SpiffeId;
-use weft_destination_api::address;
 use weft_hbone::HBONE_PORT;
 use weft_redirector::{INBOUND_PORT, Netns, OUTBOUND_PORT, PodEnrollment, Redirector};
 use weft_registration::{PodEvent, PodRef};
@@ -40,6 +40,16 @@ struct Wanted {
     /// The address of the other family (dual stack).
     other_ip: Option<IpAddr>,
     workload_uid: Option<String>,
+}
+
+/// A registration as the admission decision reads it.
+pub fn registering<'a>(pod: &'a PodRef, ips: &'a [IpAddr]) -> Registering<'a> {
+    Registering {
+        namespace: &pod.namespace,
+        name: &pod.name,
+        uid: &pod.uid,
+        ips,
+    }
 }
 
 /// The key of a pod in the registry (and of its kept registration).
@@ -66,6 +76,9 @@ struct Registered {
     pod: PodRef,
     netns: Arc<Netns>,
     annotations: HashMap<String, String>,
+    /// The addresses the registration gave (the CNI plugin's result): the
+    /// pod's until the view has its own.
+    ips: Vec<IpAddr>,
     captured: Option<Captured>,
     /// Found again at start (not registered to this process): its first
     /// failed capture is counted as a pod that could not be recovered.
@@ -138,6 +151,11 @@ pub enum RegistrationError {
         pod: String,
         source: Box<weft_redirector::Error>,
     },
+    #[error(
+        "{pod} may be in the mesh and cannot be captured yet ({why}); it must not start uncaptured: \
+         the kubelet retries (is the destination service reachable from this node?)"
+    )]
+    Undecided { pod: String, why: &'static str },
 }
 
 pub struct PodRegistry {
@@ -193,8 +211,9 @@ impl PodRegistry {
                 pod,
                 netns,
                 annotations,
+                ips,
                 ..
-            } => self.add(pod, &netns, annotations.unwrap_or_default()),
+            } => self.add(pod, &netns, annotations.unwrap_or_default(), ips),
             PodEvent::Del { pod, .. } => {
                 self.remove(&pod);
                 Ok(())
@@ -207,8 +226,18 @@ impl PodRegistry {
         pod: PodRef,
         netns_path: &std::path::Path,
         annotations: HashMap<String, String>,
+        ips: Vec<IpAddr>,
     ) -> Result<(), RegistrationError> {
         let key = format!("{}/{}", pod.namespace, pod.name);
+        // An enrolled pod never starts uncaptured: one that may be in the
+        // mesh but cannot be captured yet is refused (the kubelet retries
+        // the ADD), before any state changes.
+        if let Some(control_plane) = &self.inputs.control_plane
+            && let Admission::Undecided(why) =
+                admit(&control_plane.view.borrow(), registering(&pod, &ips))
+        {
+            return Err(RegistrationError::Undecided { pod: key, why });
+        }
         // A repeated add (the CNI plugin retried) replaces the old state.
         self.remove(&pod);
         let netns =
@@ -222,10 +251,11 @@ impl PodRegistry {
             pod: pod.clone(),
             netns,
             annotations,
+            ips,
             captured: None,
             recovered: false,
         };
-        let wanted = self.wanted(&registered.pod);
+        let wanted = self.wanted(&registered);
         if let Some(wanted) = wanted {
             registered.captured = Some(self.capture(&registered, wanted)?);
         } else {
@@ -260,6 +290,7 @@ impl PodRegistry {
                     pod: r.pod.clone(),
                     netns: netns_path.to_path_buf(),
                     annotations: r.annotations.clone(),
+                    ips: r.ips.clone(),
                     netns_cookie: cookie,
                 };
                 records.save(id, &record, &r.netns)
@@ -435,6 +466,7 @@ impl PodRegistry {
                     pod,
                     netns: Arc::new(netns),
                     annotations: HashMap::new(),
+                    ips: Vec::new(),
                     captured: None,
                     recovered: true,
                 });
@@ -469,6 +501,7 @@ impl PodRegistry {
                         pod: record.pod.clone(),
                         netns: Arc::new(n),
                         annotations: record.annotations.clone(),
+                        ips: record.ips.clone(),
                         captured: None,
                         recovered: true,
                     });
@@ -498,6 +531,7 @@ impl PodRegistry {
             pod: record.pod.clone(),
             netns: Arc::new(netns),
             annotations: record.annotations.clone(),
+            ips: record.ips.clone(),
             captured: None,
             recovered: true,
         })
@@ -507,7 +541,7 @@ impl PodRegistry {
     /// captured and has its certificate.
     pub fn all_served(&self) -> bool {
         let pods = self.pods.lock().expect("pods lock");
-        pods.values().all(|r| match self.wanted(&r.pod) {
+        pods.values().all(|r| match self.wanted(r) {
             None => true,
             Some(_) => r.captured.as_ref().is_some_and(|c| {
                 match (&self.inputs.control_plane, &c.pod.identity) {
@@ -519,26 +553,21 @@ impl PodRegistry {
     }
 
     /// Whether a pod should be captured and as what: standalone, always;
-    /// with a control plane, when the view has its workload enrolled.
-    fn wanted(&self, pod: &PodRef) -> Option<Wanted> {
+    /// with a control plane, when it is in the mesh
+    /// ([`crate::state::admission`]).
+    fn wanted(&self, r: &Registered) -> Option<Wanted> {
         let Some(control_plane) = &self.inputs.control_plane else {
             return Some(Wanted::default());
         };
-        let view = control_plane.view.borrow();
-        let w = state::local_workload(&view, &pod.uid)?;
-        if !w.enrolled {
-            return None;
+        match admit(&control_plane.view.borrow(), registering(&r.pod, &r.ips)) {
+            Admission::Capture(c) => Some(Wanted {
+                identity: Some(c.identity),
+                ip: Some(c.ip),
+                other_ip: c.other_ip,
+                workload_uid: Some(c.workload_uid),
+            }),
+            Admission::Outside | Admission::Undecided(_) => None,
         }
-        let identity = state::identity_of(&w)?;
-        let mut ips = w.addresses.iter().filter_map(|a| address::decode(a));
-        let ip = ips.next()?;
-        let other_ip = ips.find(|o| o.is_ipv4() != ip.is_ipv4());
-        Some(Wanted {
-            identity: Some(identity),
-            ip: Some(ip),
-            other_ip,
-            workload_uid: Some(w.uid.clone()),
-        })
     }
 
     /// Opens the pod's listeners inside its namespace, then enrolls it.
@@ -722,7 +751,7 @@ impl PodRegistry {
                 r.pod.namespace = w.namespace.clone();
                 r.pod.name = w.name.clone();
             }
-            let wanted = self.wanted(&r.pod);
+            let wanted = self.wanted(r);
             let current = r.captured.as_ref().map(|c| Wanted {
                 identity: c.pod.identity.clone(),
                 ip: c.pod.ip,

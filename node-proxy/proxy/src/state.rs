@@ -11,6 +11,7 @@
 //!
 //! Layering: the bottom layer of the crate; imports no other module of it.
 
+pub mod admission;
 pub mod control_plane;
 pub mod opaque;
 pub mod routes;

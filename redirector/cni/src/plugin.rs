@@ -129,6 +129,7 @@ pub fn run(env: &CniEnv, stdin: &[u8]) -> Result<String, CniError> {
                 netns: env.netns.clone().into(),
                 container_id: env.container_id.clone(),
                 annotations: None,
+                ips: result_ips(&prev),
             };
             // Fail the ADD when the agent cannot take the pod: the kubelet
             // retries, and an enrolled pod never starts without capture.
@@ -177,6 +178,19 @@ pub fn run(env: &CniEnv, stdin: &[u8]) -> Result<String, CniError> {
     }
 }
 
+/// The pod's addresses in the previous plugin's result (`ips[].address`,
+/// CIDR notation, in the spec's 0.3.0 to 1.1.0 formats), in its order;
+/// entries that do not parse are left out.
+pub fn result_ips(prev: &serde_json::Value) -> Vec<std::net::IpAddr> {
+    prev.get("ips")
+        .and_then(|ips| ips.as_array())
+        .into_iter()
+        .flatten()
+        .filter_map(|entry| entry.get("address")?.as_str())
+        .filter_map(|cidr| cidr.split('/').next()?.parse().ok())
+        .collect()
+}
+
 /// The pod from `CNI_ARGS` (`K8S_POD_NAMESPACE=…;K8S_POD_NAME=…;K8S_POD_UID=…`).
 pub fn pod_ref(args: &str) -> Result<PodRef, String> {
     let kv: HashMap<&str, &str> = args
@@ -211,6 +225,23 @@ mod tests {
                 .unwrap_err()
                 .contains("K8S_POD_NAMESPACE")
         );
+    }
+
+    #[test]
+    fn the_previous_result_gives_the_pods_addresses() {
+        let prev = serde_json::json!({
+            "cniVersion": "1.0.0",
+            "ips": [
+                {"address": "10.244.0.5/24", "gateway": "10.244.0.1", "interface": 0},
+                {"address": "fd00:10:244::5/64", "interface": 0},
+                {"address": "not an address"},
+                {"gateway": "10.244.0.1"}
+            ]
+        });
+        let ips: Vec<String> = result_ips(&prev).iter().map(|ip| ip.to_string()).collect();
+        assert_eq!(ips, ["10.244.0.5", "fd00:10:244::5"]);
+        assert!(result_ips(&serde_json::json!({"ips": "nope"})).is_empty());
+        assert!(result_ips(&serde_json::json!({})).is_empty());
     }
 
     #[test]

@@ -75,6 +75,7 @@ fn add_registers_the_pod_and_passes_prev_result_through() {
             pod,
             netns,
             container_id,
+            ips,
             ..
         } => {
             assert_eq!(
@@ -83,6 +84,9 @@ fn add_registers_the_pod_and_passes_prev_result_through() {
             );
             assert_eq!(netns, Path::new("/run/netns/cni-1"));
             assert_eq!(container_id, "abc123");
+            // The address the cluster's plugin assigned (prevResult), for
+            // the agent to capture the pod before the API server has it.
+            assert_eq!(ips, ["10.244.0.5".parse::<std::net::IpAddr>().unwrap()]);
         }
         other => panic!("{other:?}"),
     }

@@ -205,6 +205,7 @@ mod tests {
             annotations: Some(
                 [("weft.io/skip-inbound-ports".to_string(), "9090".to_string())].into(),
             ),
+            ips: Vec::new(),
         })
     }
 

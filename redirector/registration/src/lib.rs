@@ -19,6 +19,7 @@
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
+use std::net::IpAddr;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -52,6 +53,12 @@ pub enum PodEvent {
         /// the CNI plugin does not, the agent then reads them from its pod watch).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         annotations: Option<HashMap<String, String>>,
+        /// The pod's addresses, primary first, when the sender knows them
+        /// (the CNI plugin: from the result of the cluster's CNI plugin).
+        /// On Kubernetes the control plane learns them only after the ADD
+        /// returns, and the agent must capture an enrolled pod before that.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        ips: Vec<IpAddr>,
     },
     /// A pod sandbox is being torn down. `netns` may be absent or already gone.
     Del {
@@ -194,6 +201,7 @@ mod tests {
             netns: "/run/netns/cni-1".into(),
             container_id: "abc".into(),
             annotations: None,
+            ips: Vec::new(),
         });
         let line = serde_json::to_string(&msg).unwrap();
         assert_eq!(
@@ -201,6 +209,17 @@ mod tests {
             r#"{"version":1,"op":"add","pod":{"namespace":"demo","name":"client","uid":"u-1"},"netns":"/run/netns/cni-1","container_id":"abc"}"#
         );
         assert_eq!(Message::parse(&line).unwrap(), msg);
+        let with_ips = r#"{"version":1,"op":"add","pod":{"namespace":"demo","name":"client","uid":"u-1"},"netns":"/run/netns/cni-1","container_id":"abc","ips":["10.244.0.5","fd00::5"]}"#;
+        match Message::parse(with_ips).unwrap().event {
+            PodEvent::Add { ips, .. } => assert_eq!(
+                ips,
+                [
+                    "10.244.0.5".parse::<IpAddr>().unwrap(),
+                    "fd00::5".parse().unwrap()
+                ]
+            ),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -16,7 +16,7 @@ mod workloads;
 pub use problems::{Problem, ProblemKind};
 
 use crate::store::ClusterObjects;
-use crate::views::{LocalView, MeshView};
+use crate::views::{LocalView, MeshView, Namespaces};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -59,6 +59,8 @@ pub struct Index {
     pub mesh: Arc<MeshView>,
     /// Nodes with at least one pod. Any other node's view is empty.
     pub nodes: BTreeMap<String, Arc<LocalView>>,
+    /// The namespaces in the mesh (every node's view carries them).
+    pub enrolled_namespaces: Namespaces,
     /// Inconsistencies found (served around, reported).
     pub problems: Vec<Problem>,
     /// Whether each policy object is in effect (its `Accepted` condition).
@@ -68,6 +70,11 @@ pub struct Index {
 impl Index {
     pub fn local(&self, node: &str) -> Arc<LocalView> {
         self.nodes.get(node).cloned().unwrap_or_default()
+    }
+
+    /// What `node` is sent (version aside).
+    pub fn node_view(&self, node: &str) -> crate::views::NodeView {
+        crate::views::NodeView::new(&self.mesh, self.local(node), &self.enrolled_namespaces)
     }
 }
 
@@ -110,6 +117,12 @@ pub fn build(objects: &ClusterObjects, config: &IndexConfig) -> Index {
     Index {
         mesh: Arc::new(mesh),
         nodes: nodes.into_iter().map(|(n, v)| (n, Arc::new(v))).collect(),
+        enrolled_namespaces: Arc::new(
+            workloads::enrolled_namespaces(objects)
+                .into_iter()
+                .map(str::to_string)
+                .collect(),
+        ),
         problems,
         policy_statuses: policies.statuses,
     }

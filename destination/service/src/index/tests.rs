@@ -80,7 +80,7 @@ impl Cluster {
 
     fn node(&self, node: &str) -> NodeView {
         let index = self.index();
-        NodeView::new(&index.mesh, index.local(node))
+        index.node_view(node)
     }
 }
 

@@ -22,18 +22,23 @@ pub fn enrolled(pod: &PodInfo, enrolled_namespaces: &HashSet<&str>) -> bool {
         && !pod.host_network
 }
 
+/// The namespaces that opt in (`weft.io/mesh=enabled`).
+pub fn enrolled_namespaces(objects: &ClusterObjects) -> HashSet<&str> {
+    objects
+        .namespaces
+        .values()
+        .filter(|ns| ns.labels.get(MESH_LABEL).map(String::as_str) == Some("enabled"))
+        .map(|ns| ns.name.as_str())
+        .collect()
+}
+
 pub fn build<'a>(
     objects: &'a ClusterObjects,
     config: &IndexConfig,
     owners: &Owners<'a>,
     problems: &mut Vec<Problem>,
 ) -> Workloads<'a> {
-    let enrolled_namespaces: HashSet<&str> = objects
-        .namespaces
-        .values()
-        .filter(|ns| ns.labels.get(MESH_LABEL).map(String::as_str) == Some("enabled"))
-        .map(|ns| ns.name.as_str())
-        .collect();
+    let enrolled_namespaces = enrolled_namespaces(objects);
     let mut placed = BTreeMap::new();
     for pod in objects.pods.values() {
         let Some(node) = &pod.node else { continue };

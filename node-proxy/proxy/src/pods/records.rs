@@ -30,6 +30,9 @@ pub struct PodRecord {
     pub netns: PathBuf,
     #[serde(default)]
     pub annotations: HashMap<String, String>,
+    /// The addresses the registration gave (the view may not have them yet).
+    #[serde(default)]
+    pub ips: Vec<std::net::IpAddr>,
     /// The namespace's cookie when it was registered: a path that names
     /// another namespace later is not this pod's any more.
     pub netns_cookie: u64,
@@ -189,6 +192,7 @@ mod tests {
             },
             netns: "/run/netns/p".into(),
             annotations: HashMap::new(),
+            ips: vec!["10.244.0.5".parse().unwrap()],
             netns_cookie: 7,
         };
         std::fs::write(

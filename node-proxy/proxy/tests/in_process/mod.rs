@@ -35,7 +35,6 @@ use weft_cert_manager::{
 use weft_destination::index::{self, EndpointsFrom, IndexConfig};
 use weft_destination::source::manifests;
 use weft_destination::store::{ClusterObjects, StoreUpdate};
-use weft_destination::views::NodeView;
 use weft_destination_api::View;
 use weft_destination_api::client::ConnectionState;
 use weft_identity::authority::LeafPolicy;
@@ -96,7 +95,7 @@ pub fn view_of(yaml: &str, node: &str) -> View {
         index.problems
     );
     let mut view = View::default();
-    view.apply(NodeView::new(&index.mesh, index.local(node)).snapshot("in-process"))
+    view.apply(index.node_view(node).snapshot("in-process"))
         .expect("a snapshot applies");
     view
 }
