@@ -788,7 +788,7 @@ fn not_ready(kube: &KubeState) -> Result<Vec<String>, KubeError> {
                     let why = match (waiting_message, status["phase"].as_str()) {
                         (Some(message), _) => message.to_string(),
                         (None, Some("Running")) => format!(
-                            "running; not ready: {} (a container is ready once its declared TCP ports listen)",
+                            "running; not ready: {} (a container is ready once its readiness probe succeeds, or without one once its declared TCP ports listen)",
                             unready.join(", ")
                         ),
                         (None, phase) => phase.unwrap_or("Pending").to_string(),

@@ -192,6 +192,8 @@ struct RunningContainer {
     mounts: Vec<Mount>,
     /// Exited for good (restart policy says no more).
     done: bool,
+    /// Its readiness probe, when it has one that is sent.
+    readiness: Option<crate::probe::Prober>,
 }
 
 fn now() -> String {
@@ -325,6 +327,15 @@ impl Kubelet {
                 continue;
             }
             tend_containers(running, &self.state.manifest_dir);
+            // Probes leave from the node, as a kubelet's do.
+            if let Some(node) = self.state.node(&running.pod.node) {
+                let ip = std::net::IpAddr::V4(running.pod.ip);
+                for c in &mut running.containers {
+                    if let (Some(prober), Some(_)) = (&mut c.readiness, &c.child) {
+                        prober.tick(&node.netns_path, ip);
+                    }
+                }
+            }
             let status = pod_status(running, &self.state);
             if running.last_status.as_ref() != Some(&status) {
                 let api: Api<Pod> = Api::namespaced(self.client.clone(), &running.pod.namespace);
@@ -559,16 +570,20 @@ impl Kubelet {
                 .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
                 .filter_map(|p| u16::try_from(p.container_port).ok())
                 .collect();
-            if let Some(probe) = &c.readiness_probe {
-                let port = probe
-                    .tcp_socket
-                    .as_ref()
-                    .map(|t| &t.port)
-                    .or(probe.http_get.as_ref().map(|h| &h.port));
-                if let Some(port) = port {
-                    ports = resolve_port(port, c).into_iter().collect();
+            // A readiness probe decides, as on a kubelet; without one, the
+            // declared ports listening stand for "started".
+            let readiness = match crate::probe::ProbeSpec::readiness(c) {
+                Some(Ok(spec)) => {
+                    ports.clear();
+                    Some(crate::probe::Prober::new(spec))
                 }
-            }
+                Some(Err(why)) => {
+                    eprintln!("kubelet: pod {namespace}/{name}: {why}");
+                    ports.clear();
+                    None
+                }
+                None => None,
+            };
             ready_ports.push(ports);
             containers.push(RunningContainer {
                 name: c.name.clone(),
@@ -583,6 +598,7 @@ impl Kubelet {
                 next_start: None,
                 done: false,
                 mounts: Vec::new(),
+                readiness,
             });
         }
         let mut running = RunningPod {
@@ -1219,7 +1235,7 @@ fn downward_file(
     Ok(())
 }
 
-fn resolve_port(
+pub(crate) fn resolve_port(
     port: &k8s_openapi::apimachinery::pkg::util::intstr::IntOrString,
     c: &k8s_openapi::api::core::v1::Container,
 ) -> Option<u16> {
@@ -1288,6 +1304,9 @@ fn tend_containers(running: &mut RunningPod, workdir: &Path) {
                 c.child = Some(child);
                 c.started_at = now();
                 c.next_start = None;
+                if let Some(prober) = &mut c.readiness {
+                    prober.restarted();
+                }
             }
             Err(e) => {
                 eprintln!("kubelet: starting {}/{}: {e}", running.pod.key(), c.name);
@@ -1359,8 +1378,13 @@ fn pod_status(running: &RunningPod, state: &State) -> serde_json::Value {
                 false,
             ),
             (Some(child), None) => {
-                let listening = sys::listening_ports(child.id());
-                let ready = running.ready_ports[i].iter().all(|p| listening.contains(p));
+                let ready = match &c.readiness {
+                    Some(prober) => prober.ready(),
+                    None => {
+                        let listening = sys::listening_ports(child.id());
+                        running.ready_ports[i].iter().all(|p| listening.contains(p))
+                    }
+                };
                 (
                     serde_json::json!({"running": {"startedAt": c.started_at}}),
                     ready,

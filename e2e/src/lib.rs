@@ -23,6 +23,7 @@ pub mod manifest;
 pub mod mesh;
 pub mod netconf;
 pub mod plan;
+pub mod probe;
 pub mod registration;
 pub mod state;
 pub mod sys;

@@ -1174,3 +1174,116 @@ fn pod_ready(cluster: &TestCluster, ns: &str, name: &str) -> bool {
         .flatten()
         .any(|c| c["type"] == "Ready" && c["status"] == "True")
 }
+
+/// An application whose `/ready` answers 200 only while the file named by
+/// its second argument exists, and logs each probe's source address.
+const READY_GATE: &str = r#"#!/usr/bin/env python3
+import http.server, os, sys
+port, gate, log = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        ok = os.path.exists(gate)
+        with open(log, "a") as f:
+            f.write(f"{self.client_address[0]} {self.path} {200 if ok else 503} {self.headers.get('User-Agent')}\n")
+        self.send_response(200 if ok else 503)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("", port), Handler).serve_forever()
+"#;
+
+#[test]
+fn an_http_readiness_probe_decides_readiness_and_the_endpoints() {
+    let cluster = kube_cluster(&[
+        ("ready_gate.py", READY_GATE),
+        ("gate-open", ""),
+        (
+            "gated.yaml",
+            r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: gated, namespace: default, labels: {app: gated}}
+spec:
+  containers:
+  - name: main
+    image: example.invalid/gated
+    command: [python3, ./ready_gate.py, "8080", ./gate-open, ./probes.log]
+    ports: [{containerPort: 8080, name: http}]
+    readinessProbe:
+      httpGet: {path: /ready, port: http}
+      periodSeconds: 1
+      failureThreshold: 2
+---
+apiVersion: v1
+kind: Service
+metadata: {name: gated, namespace: default}
+spec: {selector: {app: gated}, ports: [{port: 80, targetPort: 8080}]}
+"#,
+        ),
+    ]);
+    let dir = cluster.manifest_dir().to_path_buf();
+    let probes = || std::fs::read_to_string(dir.join("probes.log")).unwrap_or_default();
+    let endpoint_ready = || {
+        let slices = json(&cluster.kubectl_ok(&[
+            "get",
+            "endpointslices",
+            "-n",
+            "default",
+            "-l",
+            "kubernetes.io/service-name=gated",
+            "-o",
+            "json",
+        ]));
+        slices["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|s| s["endpoints"].as_array().cloned().unwrap_or_default())
+            .map(|e| e["conditions"]["ready"] == true)
+            .next()
+    };
+
+    // `up` waits for the pod to be ready: its probe succeeded.
+    assert!(pod_ready(&cluster, "default", "gated"));
+    wait_for("the endpoint ready", Duration::from_secs(30), || {
+        (endpoint_ready() == Some(true)).then_some(())
+    });
+
+    // The port still listens, but the application says it is not ready:
+    // after failureThreshold failed probes neither is the pod nor its
+    // endpoint (a listening port is not what readiness means when a probe
+    // is declared).
+    std::fs::remove_file(dir.join("gate-open")).unwrap();
+    wait_for("not Ready", Duration::from_secs(30), || {
+        (!pod_ready(&cluster, "default", "gated")).then_some(())
+    });
+    assert!(
+        probes().lines().filter(|l| l.contains(" 503 ")).count() >= 2,
+        "{}",
+        probes()
+    );
+    wait_for("the endpoint not ready", Duration::from_secs(30), || {
+        (endpoint_ready() == Some(false)).then_some(())
+    });
+
+    // Ready again once the probe succeeds.
+    std::fs::write(dir.join("gate-open"), "").unwrap();
+    wait_for("Ready again", Duration::from_secs(30), || {
+        pod_ready(&cluster, "default", "gated").then_some(())
+    });
+    wait_for("the endpoint ready again", Duration::from_secs(30), || {
+        (endpoint_ready() == Some(true)).then_some(())
+    });
+
+    // Every probe came from the node, as a kubelet's, to the probe's path.
+    let pod = json(&cluster.kubectl_ok(&["get", "pod", "gated", "-o", "json"]));
+    let node_ip = pod["status"]["hostIP"].as_str().unwrap().to_string();
+    let log = probes();
+    for line in log.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        assert_eq!(fields[0], node_ip, "{log}");
+        assert_eq!(fields[1], "/ready", "{log}");
+        assert!(fields[3].starts_with("kube-probe/"), "{log}");
+    }
+}
