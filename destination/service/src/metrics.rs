@@ -47,6 +47,8 @@ pub struct Metrics {
     pub ineffective_policies: Family<IneffectiveLabel, Gauge>,
     /// Time to rebuild the index and publish the views.
     pub index_duration: Histogram,
+    /// Watches the API server ended with 410 Gone, by kind.
+    pub watches_expired: Family<KindLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -113,6 +115,12 @@ impl Metrics {
             "Time to rebuild the index and publish every node's view",
             index_duration.clone(),
         );
+        let watches_expired = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "watches_expired",
+            "Watches the API server ended with 410 Gone (their resource version had expired, e.g. after an API server restart or an etcd compaction): the kind is listed again, and objects deleted meanwhile leave the views",
+            watches_expired.clone(),
+        );
         for kind in Kind::ALL {
             // Present from the start, so a dashboard shows 0 rather than
             // nothing.
@@ -135,7 +143,21 @@ impl Metrics {
             index_problems,
             ineffective_policies,
             index_duration,
+            watches_expired,
         }
+    }
+
+    /// Counts a watch of `kind` that ended with 410 Gone.
+    pub fn watch_expired(&self, kind: &str) {
+        self.watches_expired
+            .get_or_create(&KindLabel { kind: kind.into() })
+            .inc();
+    }
+
+    pub fn expired_watches(&self, kind: &str) -> u64 {
+        self.watches_expired
+            .get_or_create(&KindLabel { kind: kind.into() })
+            .get()
     }
 
     /// Logs and counts a refused object. `origin` says where it came from

@@ -66,7 +66,11 @@ fn repo(path: &str) -> std::path::PathBuf {
 
 /// A kubeconfig that authenticates as the destination's ServiceAccount
 /// (a real token from TokenRequest), not as the admin.
-fn destination_kubeconfig(kube: &KubeState, dir: &Path) -> std::path::PathBuf {
+fn destination_kubeconfig(
+    kube: &KubeState,
+    dir: &Path,
+    server: Option<&str>,
+) -> std::path::PathBuf {
     let token = kube
         .kubectl_ok(
             &["create", "token", "weft-destination", "-n", "weft-system"],
@@ -75,7 +79,7 @@ fn destination_kubeconfig(kube: &KubeState, dir: &Path) -> std::path::PathBuf {
         .unwrap();
     let config = serde_json::json!({
         "apiVersion": "v1", "kind": "Config",
-        "clusters": [{"name": "sim", "cluster": {"server": kube.api_server, "certificate-authority": kube.ca_file}}],
+        "clusters": [{"name": "sim", "cluster": {"server": server.unwrap_or(&kube.api_server), "certificate-authority": kube.ca_file}}],
         "users": [{"name": "weft-destination", "user": {"token": token.trim()}}],
         "contexts": [{"name": "sim", "context": {"cluster": "sim", "user": "weft-destination"}}],
         "current-context": "sim",
@@ -110,9 +114,9 @@ fn web_pods(view: &NodeView) -> Vec<String> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_kube_source_lists_and_watches_a_real_api_server_with_its_own_rbac() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
+/// A `--kube` cluster with the policy CRDs, `manifests`, and the RBAC of
+/// daemonset/ applied.
+async fn kube_cluster(manifests: &'static str) -> (TestCluster, KubeState) {
     let binaries = KubeBinaries::from_cache().unwrap_or_else(|e| panic!("{e}"));
     // The policy CRDs and the workloads, applied by `up`; then the RBAC.
     let mut files: Vec<(String, String)> = std::fs::read_dir(repo("crds"))
@@ -125,7 +129,7 @@ async fn the_kube_source_lists_and_watches_a_real_api_server_with_its_own_rbac()
             (name, std::fs::read_to_string(&p).unwrap())
         })
         .collect();
-    files.push(("shop.yaml".into(), SHOP.into()));
+    files.push(("workloads.yaml".into(), manifests.into()));
     let cluster = tokio::task::spawn_blocking(move || {
         let borrowed: Vec<(&str, &str)> = files
             .iter()
@@ -139,15 +143,28 @@ async fn the_kube_source_lists_and_watches_a_real_api_server_with_its_own_rbac()
     let rbac = repo("daemonset/destination");
     kube.kubectl_ok(&["apply", "-k", rbac.to_str().unwrap()], None)
         .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = destination_kubeconfig(&kube, dir.path());
+    (cluster, kube)
+}
+
+/// A client as the destination service's ServiceAccount, to `server`
+/// (default: the API server).
+async fn destination_client(kube: &KubeState, dir: &Path, server: Option<&str>) -> kube::Client {
+    let kubeconfig = destination_kubeconfig(kube, dir, server);
     let config = kube::Config::from_custom_kubeconfig(
         kube::config::Kubeconfig::read_from(&kubeconfig).unwrap(),
         &kube::config::KubeConfigOptions::default(),
     )
     .await
     .unwrap();
-    let client = kube::Client::try_from(config).unwrap();
+    kube::Client::try_from(config).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kube_source_lists_and_watches_a_real_api_server_with_its_own_rbac() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let (cluster, kube) = kube_cluster(SHOP).await;
+    let dir = tempfile::tempdir().unwrap();
+    let client = destination_client(&kube, dir.path(), None).await;
 
     let metrics = Arc::new(Metrics::new());
     let publisher = Arc::new(Publisher::new(metrics.clone()));
@@ -218,4 +235,237 @@ async fn the_kube_source_lists_and_watches_a_real_api_server_with_its_own_rbac()
     tokio::task::spawn_blocking(move || drop(cluster))
         .await
         .unwrap();
+}
+
+/// A TCP relay between the destination's client and the API server that
+/// the test can freeze (nothing passes either way; connections stay open)
+/// and cut (every connection closed).
+struct Relay {
+    addr: std::net::SocketAddr,
+    frozen: watch::Sender<bool>,
+    generation: watch::Sender<u64>,
+}
+
+impl Relay {
+    async fn start(upstream: std::net::SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind((upstream.ip(), 0))
+            .await
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (frozen, frozen_rx) = watch::channel(false);
+        let (generation, generation_rx) = watch::channel(0u64);
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let (frozen, mut cut) = (frozen_rx.clone(), generation_rx.clone());
+                cut.mark_unchanged();
+                tokio::spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    let (cr, cw) = client.into_split();
+                    let (sr, sw) = server.into_split();
+                    tokio::select! {
+                        _ = pipe(cr, sw, frozen.clone()) => {}
+                        _ = pipe(sr, cw, frozen) => {}
+                        _ = cut.changed() => {}
+                    }
+                });
+            }
+        });
+        Self {
+            addr,
+            frozen,
+            generation,
+        }
+    }
+
+    fn freeze(&self, frozen: bool) {
+        self.frozen.send_replace(frozen);
+    }
+
+    fn cut(&self) {
+        self.generation.send_modify(|g| *g += 1);
+    }
+}
+
+/// Copies `from` to `to`, holding what it read while `frozen` says so.
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut frozen: watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if frozen.wait_for(|f| !*f).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Stops the cluster's API server (SIGKILL) and starts it again with the
+/// same command line, in the same cgroup (so `down` stops it), appending to
+/// its log; returns once it is ready. Its watch cache starts empty: a
+/// watch from an older resource version gets 410 Gone.
+fn restart_api_server(kube: &KubeState, state_dir: &Path) -> std::process::Child {
+    let cert_dir = format!("--cert-dir={}", state_dir.join("kube/apiserver").display());
+    let (pid, argv) = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .find_map(|pid| {
+            let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let argv: Vec<String> = raw
+                .split(|b| *b == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            (argv.first()?.ends_with("kube-apiserver") && argv.contains(&cert_dir))
+                .then_some((pid, argv))
+        })
+        .expect("this cluster's kube-apiserver");
+    let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let cgroup = cgroup
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .expect("a cgroup v2 path")
+        .to_string();
+    let cgroup_dir = weft_sim::sys::cgroup2_mount()
+        .unwrap()
+        .join(cgroup.trim_start_matches('/'));
+    // SAFETY: kill(2) on the pid of the process found above (ours: the
+    // test's cluster); no memory is shared.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    while Path::new(&format!("/proc/{pid}/cmdline")).exists()
+        && std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| !c.is_empty())
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(state_dir.join("logs/kube-apiserver.log"))
+        .unwrap();
+    let child = std::process::Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    std::fs::write(cgroup_dir.join("cgroup.procs"), child.id().to_string()).unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    while kube.kubectl_ok(&["get", "--raw=/readyz"], None).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the API server did not come back"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    child
+}
+
+const DOOMED: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: weft-system}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {weft.io/mesh: enabled}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: anchor, namespace: shop}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers: [{name: main, image: example.invalid/anchor, command: [sleep, infinity]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: doomed, namespace: shop}
+spec: {ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: kept, namespace: shop}
+spec: {ports: [{port: 80}]}
+"#;
+
+/// A real 410 Gone (an enrolled pod, so that node-a's view has the
+/// Services): the destination's watches were cut off while a Service
+/// was deleted and the API server restarted (its watch cache starts at the
+/// current resource version); the watches resume from a version the new
+/// API server no longer has, get 410 Gone, and the source lists again: the
+/// Service deleted meanwhile leaves the view.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_that_expires_with_410_gone_is_listed_again() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let (cluster, kube) = kube_cluster(DOOMED).await;
+    let api: std::net::SocketAddr = kube
+        .api_server
+        .trim_start_matches("https://")
+        .parse()
+        .unwrap();
+    let relay = Relay::start(api).await;
+    let dir = tempfile::tempdir().unwrap();
+    let client =
+        destination_client(&kube, dir.path(), Some(&format!("https://{}", relay.addr))).await;
+
+    let metrics = Arc::new(Metrics::new());
+    let publisher = Arc::new(Publisher::new(metrics.clone()));
+    let (tx, rx) = mpsc::channel(64);
+    let source = tokio::spawn(source::kube::run(client, tx, metrics.clone()));
+    let indexer = tokio::spawn(indexer::run(
+        ClusterObjects::default(),
+        IndexConfig::default(),
+        rx,
+        publisher.clone(),
+    ));
+    let mut view = publisher.subscribe("node-a");
+    let services = |v: &NodeView| -> Vec<String> {
+        v.services()
+            .map(|(k, _)| k.clone())
+            .filter(|k| k.starts_with("shop/"))
+            .collect()
+    };
+    wait(&mut view, "both Services", |v| services(v).len() == 2).await;
+
+    // Nothing reaches the destination from here on: the deletion's event
+    // is never delivered on its watch.
+    relay.freeze(true);
+    let k = kube.clone();
+    let state_dir = cluster.state().state_dir.clone();
+    let restarted = tokio::task::spawn_blocking(move || {
+        k.kubectl_ok(&["delete", "service", "doomed", "-n", "shop"], None)
+            .unwrap();
+        restart_api_server(&k, &state_dir)
+    })
+    .await
+    .unwrap();
+    assert_eq!(metrics.expired_watches("Service"), 0);
+    relay.cut();
+    relay.freeze(false);
+
+    wait(&mut view, "the deleted Service gone", |v| {
+        services(v) == ["shop/kept"]
+    })
+    .await;
+    assert!(
+        metrics.expired_watches("Service") >= 1,
+        "the Service was removed without a 410 Gone: {}",
+        metrics.encode()
+    );
+
+    for t in [source, indexer] {
+        t.abort();
+    }
+    tokio::task::spawn_blocking(move || drop(cluster))
+        .await
+        .unwrap();
+    let mut restarted = restarted;
+    let _ = restarted.wait();
 }

@@ -284,6 +284,7 @@ async fn lists_watches_and_relists_after_410_gone() {
         names(v) == ["web-2"]
     })
     .await;
+    assert_eq!(metrics.expired_watches("Pod"), 1);
     let v = view.borrow().clone();
     let w = v.workloads().next().unwrap().1;
     assert!(w.enrolled);

@@ -218,6 +218,11 @@ async fn watch_kind<K>(
             Err(e) => {
                 // The watcher re-lists on its own (with backoff), including
                 // after 410 Gone.
+                if let watcher::Error::WatchError(response) = &e
+                    && response.code == 410
+                {
+                    metrics.watch_expired(&kind.to_string());
+                }
                 tracing::warn!(%kind, error = %e, "watch interrupted; re-listing");
                 None
             }
