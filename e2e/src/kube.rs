@@ -702,20 +702,31 @@ pub fn start_kubelet(
     binaries: &KubeBinaries,
     cluster_cgroup: &Path,
     control_plane: &mut ControlPlane,
-) -> Result<PathBuf, KubeError> {
+) -> Result<Vec<PathBuf>, KubeError> {
     let cgroup = cluster_cgroup.join(KUBELET_CGROUP);
     std::fs::create_dir_all(&cgroup).map_err(io(format!("creating {}", cgroup.display())))?;
-    let log = state.state_dir.join("logs").join("kubelet.log");
-    let args = vec![
-        "kubelet".to_string(),
-        "--state-dir".to_string(),
-        state.state_dir.to_string_lossy().into_owned(),
-    ];
-    let child = spawn_in_cgroup(&binaries.simulator, &args, &cgroup, &log)?;
-    control_plane
-        .children
-        .push(("weft-sim kubelet".into(), child));
-    Ok(log)
+    // One kubelet per node, as on a cluster: each runs its node's pods,
+    // renews its node's Lease and keeps its node's kube-proxy rules.
+    let mut logs = Vec::new();
+    for node in &state.nodes {
+        let log = state
+            .state_dir
+            .join("logs")
+            .join(format!("kubelet.{}.log", node.name));
+        let args = vec![
+            "kubelet".to_string(),
+            "--state-dir".to_string(),
+            state.state_dir.to_string_lossy().into_owned(),
+            "--node".to_string(),
+            node.name.clone(),
+        ];
+        let child = spawn_in_cgroup(&binaries.simulator, &args, &cgroup, &log)?;
+        control_plane
+            .children
+            .push((format!("weft-sim kubelet ({})", node.name), child));
+        logs.push(log);
+    }
+    Ok(logs)
 }
 
 /// Waits until every Pod is Ready (or Succeeded) and every Deployment and
@@ -723,7 +734,7 @@ pub fn start_kubelet(
 pub fn wait_workloads_ready(
     kube: &KubeState,
     timeout: Duration,
-    kubelet_log: &Path,
+    kubelet_logs: &[PathBuf],
 ) -> Result<(), KubeError> {
     let started = Instant::now();
     loop {
@@ -732,11 +743,17 @@ pub fn wait_workloads_ready(
             return Ok(());
         }
         if started.elapsed() > timeout {
+            // The log of the kubelet with the most recent lines.
+            let log = kubelet_logs
+                .iter()
+                .max_by_key(|l| std::fs::metadata(l).and_then(|m| m.modified()).ok())
+                .cloned()
+                .unwrap_or_default();
             return Err(KubeError::WorkloadsNotReady {
                 seconds: started.elapsed().as_secs(),
                 waiting: waiting.join(", "),
-                log: kubelet_log.to_path_buf(),
-                tail: sys::tail(kubelet_log, 10),
+                tail: sys::tail(&log, 10),
+                log,
             });
         }
         std::thread::sleep(Duration::from_millis(250));

@@ -54,8 +54,21 @@ const SYNC_PERIOD: Duration = Duration::from_millis(250);
 const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(10);
 
 /// Runs the kubelet of simulator `name` until killed.
-pub fn run(state_dir: &Path) -> anyhow::Result<()> {
+/// Runs the kubelet of `node` (every node of the cluster when `None`)
+/// until killed.
+pub fn run(state_dir: &Path, node: Option<&str>) -> anyhow::Result<()> {
     let state = State::load(state_dir)?;
+    if let Some(node) = node
+        && state.node(node).is_none()
+    {
+        anyhow::bail!("simulator {} has no node {node:?}", state.name);
+    }
+    let nodes: BTreeSet<String> = state
+        .nodes
+        .iter()
+        .map(|n| n.name.clone())
+        .filter(|n| node.is_none_or(|only| only == n))
+        .collect();
     let kube = state
         .kube
         .clone()
@@ -83,8 +96,9 @@ pub fn run(state_dir: &Path) -> anyhow::Result<()> {
         slices.wait_until_ready().await?;
         anyhow::Ok(())
     })?;
-    eprintln!("kubelet: watching pods of nodes {:?}", node_names(&state));
+    eprintln!("kubelet: watching pods of nodes {nodes:?}");
     let mut kubelet = Kubelet {
+        nodes,
         state,
         client,
         runtime: runtime.handle().clone(),
@@ -97,10 +111,6 @@ pub fn run(state_dir: &Path) -> anyhow::Result<()> {
         kubelet.sync(&pods, &services, &slices);
         std::thread::sleep(SYNC_PERIOD);
     }
-}
-
-fn node_names(state: &State) -> Vec<String> {
-    state.nodes.iter().map(|n| n.name.clone()).collect()
 }
 
 /// A cache of every object of kind `K`, kept by a watch (re-listing after
@@ -133,6 +143,8 @@ where
 }
 
 struct Kubelet {
+    /// The nodes this kubelet runs (one, when each node has its own).
+    nodes: BTreeSet<String>,
     state: State,
     client: kube::Client,
     runtime: tokio::runtime::Handle,
@@ -212,7 +224,7 @@ impl Kubelet {
         services: &Store<Service>,
         slices: &Store<EndpointSlice>,
     ) {
-        let nodes: BTreeSet<String> = node_names(&self.state).into_iter().collect();
+        let nodes = self.nodes.clone();
         let mut wanted: BTreeMap<String, std::sync::Arc<Pod>> = BTreeMap::new();
         for pod in pods.state() {
             let on_ours = pod
@@ -371,7 +383,12 @@ impl Kubelet {
         let renew = k8s_openapi::chrono::DateTime::from_timestamp_micros(micros)
             .unwrap_or_default()
             .to_rfc3339_opts(k8s_openapi::chrono::SecondsFormat::Micros, true);
-        for node in &self.state.nodes {
+        for node in self
+            .state
+            .nodes
+            .iter()
+            .filter(|n| self.nodes.contains(&n.name))
+        {
             let lease = serde_json::json!({
                 "apiVersion": "coordination.k8s.io/v1",
                 "kind": "Lease",
@@ -1070,7 +1087,14 @@ impl Kubelet {
     fn sync_network(&mut self, services: &Store<Service>, slices: &Store<EndpointSlice>) {
         self.state.services = service_states(services, slices);
         self.state.pods = self.running.values().map(|r| r.pod.clone()).collect();
-        for node in self.state.nodes.clone() {
+        let ours: Vec<_> = self
+            .state
+            .nodes
+            .iter()
+            .filter(|n| self.nodes.contains(&n.name))
+            .cloned()
+            .collect();
+        for node in ours {
             let rules = netconf::kube_proxy_rules(&self.state, &node);
             if self.proxy_rules.get(&node.name) == Some(&rules) {
                 continue;
@@ -1108,11 +1132,31 @@ impl Kubelet {
         }
     }
 
+    /// Writes this kubelet's pods into the state file, keeping the other
+    /// nodes' (their kubelets write theirs): read, merge and write under a
+    /// lock, so no kubelet's update is lost.
     fn save_state(&mut self) {
-        let mut pods: Vec<PodState> = self.running.values().map(|r| r.pod.clone()).collect();
+        let lock = match std::fs::File::create(self.state.state_dir.join(".kubelet.lock")) {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("kubelet: the state file's lock: {e}");
+                return;
+            }
+        };
+        if let Err(e) = lock.lock() {
+            eprintln!("kubelet: locking the state file: {e}");
+            return;
+        }
+        let on_disk = State::load(&self.state.state_dir).ok();
+        let mut pods: Vec<PodState> = on_disk
+            .iter()
+            .flat_map(|s| s.pods.iter())
+            .filter(|p| !self.nodes.contains(&p.node))
+            .cloned()
+            .collect();
+        pods.extend(self.running.values().map(|r| r.pod.clone()));
         pods.sort_by_key(|p| p.key());
         self.state.pods = pods;
-        let on_disk = State::load(&self.state.state_dir).ok();
         if on_disk.as_ref() != Some(&self.state)
             && let Err(e) = self.state.save()
         {

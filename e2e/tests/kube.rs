@@ -213,12 +213,37 @@ fn the_api_server_serves_nodes_and_the_applied_manifests() {
     );
 
     let (name, slot) = (cluster.name().to_string(), cluster.state().slot);
-    let pids = control_plane_pids(&cluster);
+    let mut pids = control_plane_pids(&cluster);
     assert_eq!(
         pids.len(),
         4,
         "etcd, apiserver, controller manager, scheduler"
     );
+    // One kubelet per node, each naming its node.
+    let kubelets = kubelet_pids(&cluster);
+    let mut kubelet_nodes: Vec<String> = kubelets
+        .iter()
+        .map(|pid| {
+            let argv = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+            let argv: Vec<String> = argv
+                .split(|b| *b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            let at = argv.iter().position(|a| a == "--node").expect("--node");
+            argv[at + 1].clone()
+        })
+        .collect();
+    kubelet_nodes.sort();
+    let mut nodes: Vec<String> = cluster
+        .state()
+        .nodes
+        .iter()
+        .map(|n| n.name.clone())
+        .collect();
+    nodes.sort();
+    assert!(nodes.len() >= 2, "{nodes:?}");
+    assert_eq!(kubelet_nodes, nodes);
+    pids.extend(kubelets);
     drop(cluster);
     assert_eq!(leftovers(&name, Some(slot)), Vec::<String>::new());
     for pid in pids {
@@ -236,6 +261,21 @@ fn control_plane_pids(cluster: &TestCluster) -> Vec<u32> {
         .cgroup_root
         .join(cluster.name())
         .join("kube-control-plane/cgroup.procs");
+    std::fs::read_to_string(&cgroup)
+        .unwrap_or_else(|e| panic!("{}: {e}", cgroup.display()))
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect()
+}
+
+fn kubelet_pids(cluster: &TestCluster) -> Vec<u32> {
+    let cgroup = Options::detect()
+        .unwrap()
+        .layout
+        .cgroup_root
+        .join(cluster.name())
+        .join(weft_sim::kube::KUBELET_CGROUP)
+        .join("cgroup.procs");
     std::fs::read_to_string(&cgroup)
         .unwrap_or_else(|e| panic!("{}: {e}", cgroup.display()))
         .lines()

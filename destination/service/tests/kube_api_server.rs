@@ -221,7 +221,8 @@ async fn the_kube_source_lists_and_watches_a_real_api_server_with_its_own_rbac()
         .is_err()
     {
         let pods = kube.kubectl_ok(&["get", "pods", "-A", "-o", "wide"], None);
-        let log = std::fs::read_to_string(cluster.state().state_dir.join("logs/kubelet.log"));
+        let log =
+            std::fs::read_to_string(cluster.state().state_dir.join("logs/kubelet.node-a.log"));
         panic!(
             "web pods still in the view: {:?}; the API server has {pods:?}; kubelet: {log:?}",
             web_pods(&view.borrow())
@@ -264,10 +265,17 @@ impl Relay {
                     };
                     let (cr, cw) = client.into_split();
                     let (sr, sw) = server.into_split();
+                    let born = *cut.borrow();
+                    let gate = Gate {
+                        frozen,
+                        generation: cut.clone(),
+                        born,
+                    };
                     tokio::select! {
-                        _ = pipe(cr, sw, frozen.clone()) => {}
-                        _ = pipe(sr, cw, frozen) => {}
+                        biased;
                         _ = cut.changed() => {}
+                        _ = pipe(cr, sw, gate.clone()) => {}
+                        _ = pipe(sr, cw, gate) => {}
                     }
                 });
             }
@@ -288,11 +296,21 @@ impl Relay {
     }
 }
 
-/// Copies `from` to `to`, holding what it read while `frozen` says so.
+/// When a connection of the relay may pass bytes: not while frozen, and
+/// never again once cut (bytes held across a cut are dropped, not sent
+/// when the relay thaws).
+#[derive(Clone)]
+struct Gate {
+    frozen: watch::Receiver<bool>,
+    generation: watch::Receiver<u64>,
+    born: u64,
+}
+
+/// Copies `from` to `to`, holding what it read while the gate is frozen.
 async fn pipe(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
-    mut frozen: watch::Receiver<bool>,
+    mut gate: Gate,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut buf = vec![0u8; 64 * 1024];
@@ -301,7 +319,12 @@ async fn pipe(
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
-        if frozen.wait_for(|f| !*f).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
+        if gate.frozen.wait_for(|f| !*f).await.is_err()
+            // The relay is cut before it thaws: a connection that saw the
+            // thaw has seen the cut too.
+            || *gate.generation.borrow() != gate.born
+            || to.write_all(&buf[..n]).await.is_err()
+        {
             return;
         }
     }
@@ -340,8 +363,17 @@ fn restart_api_server(kube: &KubeState, state_dir: &Path) -> std::process::Child
     // SAFETY: kill(2) on the pid of the process found above (ours: the
     // test's cluster); no memory is shared.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
-    while Path::new(&format!("/proc/{pid}/cmdline")).exists()
-        && std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| !c.is_empty())
+    // Until its port refuses connections: its threads exit one by one (its
+    // memory, its command line, even its main thread go before the last one
+    // closes the listening socket), and a new one could not bind before.
+    let api: std::net::SocketAddr = kube
+        .api_server
+        .trim_start_matches("https://")
+        .parse()
+        .unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    while std::net::TcpStream::connect_timeout(&api, Duration::from_secs(1))
+        .is_ok_and(|_| std::time::Instant::now() < deadline)
     {
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -358,14 +390,52 @@ fn restart_api_server(kube: &KubeState, state_dir: &Path) -> std::process::Child
         .unwrap();
     std::fs::write(cgroup_dir.join("cgroup.procs"), child.id().to_string()).unwrap();
     let deadline = std::time::Instant::now() + WAIT;
-    while kube.kubectl_ok(&["get", "--raw=/readyz"], None).is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the API server did not come back"
-        );
+    while let Err(e) = kube.kubectl_ok(&["get", "--raw=/readyz"], None) {
+        if std::time::Instant::now() > deadline {
+            let log = std::fs::read_to_string(state_dir.join("logs/kube-apiserver.log"))
+                .unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(15).collect();
+            panic!("the API server did not come back: {e}; its log ends with {tail:#?}");
+        }
         std::thread::sleep(Duration::from_millis(200));
     }
     child
+}
+
+/// One JSON POST to etcd's gRPC gateway (plain HTTP on loopback); the
+/// answer's body.
+fn etcd_post(etcd: &str, path: &str, body: &str) -> serde_json::Value {
+    use std::io::{Read, Write};
+    let host = etcd.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(host).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{out}");
+    // A chunked answer: the JSON is the first chunk.
+    let json = body.find('{').map(|i| &body[i..]).unwrap_or(body);
+    let end = json.rfind('}').map_or(json.len(), |i| i + 1);
+    serde_json::from_str(&json[..end]).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+/// Compacts etcd's history up to now: a watch from an older revision can
+/// no longer be served (the API server answers 410 Gone).
+fn compact_etcd(etcd: &str) {
+    // The current revision comes with any read.
+    let range = etcd_post(etcd, "/v3/kv/range", r#"{"key":"AA=="}"#);
+    let revision = range["header"]["revision"].as_str().unwrap().to_string();
+    etcd_post(
+        etcd,
+        "/v3/kv/compaction",
+        &format!(r#"{{"revision":"{revision}","physical":true}}"#),
+    );
 }
 
 const DOOMED: &str = r#"
@@ -397,13 +467,18 @@ spec: {ports: [{port: 80}]}
 
 /// A real 410 Gone (an enrolled pod, so that node-a's view has the
 /// Services): the destination's watches were cut off while a Service
-/// was deleted and the API server restarted (its watch cache starts at the
-/// current resource version); the watches resume from a version the new
-/// API server no longer has, get 410 Gone, and the source lists again: the
-/// Service deleted meanwhile leaves the view.
+/// was deleted, the API server restarted (its watch cache starts at the
+/// current resource version) and etcd compacted; the watches resume from a
+/// version neither has any more, get 410 Gone, and the source lists again:
+/// the Service deleted meanwhile leaves the view.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watch_that_expires_with_410_gone_is_listed_again() {
     let _ = rustls::crypto::ring::default_provider().install_default();
+    // What the watchers went through, shown when the test fails.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("weft_destination=debug,kube_runtime=debug")
+        .with_test_writer()
+        .try_init();
     let (cluster, kube) = kube_cluster(DOOMED).await;
     let api: std::net::SocketAddr = kube
         .api_server
@@ -442,7 +517,11 @@ async fn a_watch_that_expires_with_410_gone_is_listed_again() {
     let restarted = tokio::task::spawn_blocking(move || {
         k.kubectl_ok(&["delete", "service", "doomed", "-n", "shop"], None)
             .unwrap();
-        restart_api_server(&k, &state_dir)
+        // Neither the new API server's watch cache (it starts now) nor etcd
+        // (compacted) has the history the destination's watches resume from.
+        let restarted = restart_api_server(&k, &state_dir);
+        compact_etcd(&k.etcd);
+        restarted
     })
     .await
     .unwrap();

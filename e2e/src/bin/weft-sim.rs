@@ -80,6 +80,9 @@ enum Cmd {
     Kubelet {
         #[arg(long)]
         state_dir: PathBuf,
+        /// The node whose kubelet this is (default: every node).
+        #[arg(long)]
+        node: Option<String>,
     },
     /// Inside a `--kube` container's mount namespace: bind its volumes,
     /// then exec the container's program (started by the kubelet).
@@ -279,8 +282,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Kubelet { state_dir } => {
-            weft_sim::kubelet::run(&state_dir)?;
+        Cmd::Kubelet { state_dir, node } => {
+            weft_sim::kubelet::run(&state_dir, node.as_deref())?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::PodExec { .. } => unreachable!("handled above"),
