@@ -271,6 +271,8 @@ pub struct Mesh {
     binaries: MeshBinaries,
     /// Extra flags for every node proxy (e.g. `--log-json`).
     pub proxy_args: Vec<String>,
+    /// Extra flags for the CA's `serve` (e.g. `--leaf-ttl-seconds`).
+    pub identity_args: Vec<String>,
     /// The node proxies' `--drain-seconds` (short by default: `down` waits
     /// for them).
     pub drain_seconds: u64,
@@ -286,6 +288,7 @@ impl Mesh {
         Self {
             binaries,
             proxy_args: Vec::new(),
+            identity_args: Vec::new(),
             drain_seconds: 1,
             children: Mutex::default(),
             processes: Mutex::default(),
@@ -533,6 +536,7 @@ impl Mesh {
             ]
             .map(String::from),
         );
+        args.extend(self.identity_args.iter().cloned());
         let identity_launch = Launch {
             cgroup: cgroup.clone(),
             netns: None,
