@@ -152,6 +152,29 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// What the node proxies' logs say of refused connections: how many
+/// denials node-a logged, and the connects node-b saw fail, by error.
+fn refusal_logs(mc: &MeshCluster) -> String {
+    let mut out = String::new();
+    for p in mc.mesh.state().map(|s| s.node_proxies).unwrap_or_default() {
+        let log = std::fs::read_to_string(&p.log).unwrap_or_default();
+        let denied = log
+            .lines()
+            .filter(|l| l.contains("inbound connection denied"))
+            .count();
+        let mut failed = std::collections::BTreeMap::<String, usize>::new();
+        for l in log
+            .lines()
+            .filter(|l| l.contains("outbound connect failed"))
+        {
+            let error = l.split("error=").nth(1).unwrap_or(l);
+            *failed.entry(error.chars().take(120).collect()).or_default() += 1;
+        }
+        out += &format!("\n{}: {denied} denied, connects failed: {failed:?}", p.node);
+    }
+    out
+}
+
 /// The destination service's count of policy objects not in effect as
 /// Invalid.
 fn invalid_policies(mc: &MeshCluster) -> f64 {
@@ -285,10 +308,17 @@ fn a_tenants_costly_identity_patterns_do_not_slow_other_tenants() {
     );
     let refused = flood["refused"].as_f64().unwrap();
     assert!(refused >= 20.0, "{flood}");
-    support::wait_until_eq(
-        "node-a's count of refusals",
-        denied_before + refused,
-        denied,
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut counted = denied();
+    while counted != denied_before + refused && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        counted = denied();
+    }
+    assert_eq!(
+        counted - denied_before,
+        refused,
+        "node-a's count of the refusals; what the proxies logged: {}",
+        refusal_logs(&mc)
     );
     assert_eq!(probe(&granted), "echo");
     mc.down();
@@ -298,11 +328,13 @@ fn a_tenants_costly_identity_patterns_do_not_slow_other_tenants() {
 // Items 3 and 4: route-level authorization against a real application.
 
 /// `tenant/web` runs `framework_app.py` (it resolves `..`, `%2e`, `%2f`,
-/// `\` and NUL as many frameworks do) behind a Server with two routes:
-/// `/public` for any mesh identity (and, for a client that bypasses the
-/// source proxy, any pod address), `/admin` for the `operator` account
-/// only. `client` (mesh, node-b) may use `/public` only; `outsider` (no
-/// mesh, node-b) too, by its address.
+/// `\`, NUL and path parameters as many frameworks do) behind a Server with
+/// two routes: `/public` for any mesh identity (and, for a client that
+/// bypasses the source proxy, any pod address), `/admin` for the `operator`
+/// account only. `client` (mesh, node-b) may use `/public` only; `outsider`
+/// (no mesh, node-b) too, by its address. A second instance, `web-opaque`,
+/// listens on 8081, which the pod declares opaque (`weft.io/opaque-ports`),
+/// behind a Server whose one route `/public` admits any mesh identity.
 const ROUTED_APP: &str = r#"
 apiVersion: v1
 kind: Namespace
@@ -329,11 +361,13 @@ spec: {nodeName: node-b, containers: [{name: main, command: [sleep, infinity]}]}
 ---
 apiVersion: v1
 kind: Pod
-metadata: {name: web, namespace: tenant, labels: {app: web}}
+metadata: {name: web, namespace: tenant, labels: {app: web}, annotations: {weft.io/opaque-ports: "8081"}}
 spec:
   nodeName: node-a
   serviceAccountName: web
-  containers: [{name: main, command: [./framework_app.py, "8080", web], ports: [{containerPort: 8080}]}]
+  containers:
+    - {name: main, command: [./framework_app.py, "8080", web], ports: [{containerPort: 8080}]}
+    - {name: opaque, command: [./framework_app.py, "8081", web-opaque], ports: [{containerPort: 8081}]}
 ---
 apiVersion: v1
 kind: Service
@@ -347,6 +381,29 @@ spec:
   podSelector: {matchLabels: {app: web}}
   port: 8080
   accessPolicy: deny
+---
+apiVersion: policy.weft.io/v1alpha1
+kind: Server
+metadata: {name: web-opaque, namespace: tenant}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  port: 8081
+  accessPolicy: deny
+---
+apiVersion: policy.weft.io/v1alpha1
+kind: HTTPRoute
+metadata: {name: public-opaque, namespace: tenant}
+spec:
+  parentRefs: [{group: policy.weft.io, kind: Server, name: web-opaque}]
+  rules: [{matches: [{path: {type: PathPrefix, value: /public}}]}]
+---
+apiVersion: policy.weft.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: public-opaque-for-mesh, namespace: tenant}
+spec:
+  targetRef: {group: policy.weft.io, kind: HTTPRoute, name: public-opaque}
+  requiredAuthenticationRefs:
+    - {group: policy.weft.io, kind: MeshTLSAuthentication, name: any-mesh}
 ---
 apiVersion: policy.weft.io/v1alpha1
 kind: HTTPRoute
@@ -515,118 +572,137 @@ fn path_spellings_never_reach_a_handler_the_route_denies() {
     mc.down();
 }
 
-/// #15 item 4: the same Server; `client` may use `/public` only, so the
-/// destination's proxy must decide each of its requests. Every way to get
-/// a byte stream instead is refused and the application sees nothing of
-/// it: a first byte that comes after the detection timeout (500 ms), a
-/// request line longer than detection reads (8 KiB), an upgrade to
-/// anything but `websocket` (`h2c` and others: 403, and nothing can be
-/// sent inside). Over-long headers are decided by route like any request.
-/// The controls: `/public` is served, and a websocket upgrade of
-/// `/public` is passed to the application.
+/// #15 item 4: the same Server; `client` (through its node proxy) and
+/// `outsider` (plaintext, straight to the destination's proxy) may use
+/// `/public` only, so the destination's proxy must decide each of their
+/// requests. Every way to get a byte stream instead is refused and the
+/// application sees nothing of it: a first byte that comes after the
+/// detection timeout (500 ms), a request line longer than detection reads
+/// (8 KiB), an upgrade to anything but `websocket` (`h2c` and others: 403,
+/// and nothing can be sent inside), a port the pod declares opaque.
+/// Over-long headers are decided by route like any request. The controls:
+/// `/public` is served, and a websocket upgrade of `/public` is passed to
+/// the application.
 #[test]
 fn a_client_authorized_per_route_gets_no_byte_stream_past_the_routes() {
     let mc = MeshCluster::up(&files(ROUTED_APP), |_| {});
-    let host = "web.tenant";
+    let web_ip = mc.cluster().pod("tenant/web").ip.to_string();
     let long = "a".repeat(9 * 1024);
-    let upgrade = |protocol: &str| {
-        json!({
-            "request": format!(
-                "GET /public HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: {protocol}\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n\r\n"
-            ),
-            "after_101": get("/admin", host),
-        })
-    };
-    // (what, case, expected status: None for a refused connection)
-    let cases: Vec<(&str, Value, Option<u16>)> = vec![
-        (
-            "/public",
-            json!({"request": get("/public", host)}),
-            Some(200),
-        ),
-        (
-            "late first byte, /admin",
-            json!({"request": get("/admin", host), "delay_ms": 1500}),
-            None,
-        ),
-        (
-            "late first byte, /public",
-            json!({"request": get("/public", host), "delay_ms": 1500}),
-            None,
-        ),
-        (
-            "long request line, /admin",
-            json!({"request": get(&format!("/admin?pad={long}"), host)}),
-            None,
-        ),
-        (
-            "long request line, /public",
-            json!({"request": get(&format!("/public?pad={long}"), host)}),
-            None,
-        ),
-        (
-            "long headers, /admin",
-            json!({"request": format!("GET /admin HTTP/1.1\r\nHost: {host}\r\nX-Pad: {long}\r\nX-Pad-2: {long}\r\nConnection: close\r\n\r\n")}),
-            Some(403),
-        ),
-        ("upgrade h2c", upgrade("h2c"), Some(403)),
-        ("upgrade weft-echo", upgrade("weft-echo"), Some(403)),
-        ("upgrade TLS/1.2", upgrade("TLS/1.2"), Some(403)),
-        (
-            "upgrade h2c, websocket",
-            upgrade("h2c, websocket"),
-            Some(403),
-        ),
-    ];
-    let sent: Vec<Value> = cases.iter().map(|(_, c, _)| c.clone()).collect();
-    let results = raw_http(&mc, "tenant/client", host, 80, &sent);
     let mut failures = Vec::new();
-    for ((what, _, want), got) in cases.iter().zip(&results) {
-        let status = got["status"].as_u64().map(|s| s as u16);
-        if status != *want || !got["after"].is_null() {
-            let body: String = got["body"]
-                .as_str()
-                .unwrap_or_default()
-                .chars()
-                .take(60)
-                .collect();
-            failures.push(format!(
-                "{what}: want {want:?}, got {status:?} {body:?} (error {}), then {}",
-                got["error"], got["after"]
-            ));
+    let mut check = |who: &str, results: &[Value], cases: &[(&str, Value, Option<u16>)]| {
+        for ((what, _, want), got) in cases.iter().zip(results) {
+            let status = got["status"].as_u64().map(|s| s as u16);
+            if status != *want || !got["after"].is_null() {
+                let body: String = got["body"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .chars()
+                    .take(60)
+                    .collect();
+                failures.push(format!(
+                    "{who}, {what}: want {want:?}, got {status:?} {body:?} (error {}), then {}",
+                    got["error"], got["after"]
+                ));
+            }
         }
+    };
+    for (pod, host, port) in [
+        ("tenant/client", "web.tenant", 80),
+        ("plain/outsider", web_ip.as_str(), 8080),
+    ] {
+        let upgrade = |protocol: &str| {
+            json!({
+                "request": format!(
+                    "GET /public HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: {protocol}\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n\r\n"
+                ),
+                "after_101": get("/admin", host),
+            })
+        };
+        // (what, case, expected status: None for a refused connection)
+        let cases: Vec<(&str, Value, Option<u16>)> = vec![
+            (
+                "/public",
+                json!({"request": get("/public", host)}),
+                Some(200),
+            ),
+            (
+                "late first byte, /admin",
+                json!({"request": get("/admin", host), "delay_ms": 1500}),
+                None,
+            ),
+            (
+                "late first byte, /public",
+                json!({"request": get("/public", host), "delay_ms": 1500}),
+                None,
+            ),
+            (
+                "long request line, /admin",
+                json!({"request": get(&format!("/admin?pad={long}"), host)}),
+                None,
+            ),
+            (
+                "long request line, /public",
+                json!({"request": get(&format!("/public?pad={long}"), host)}),
+                None,
+            ),
+            (
+                "long headers, /admin",
+                json!({"request": format!("GET /admin HTTP/1.1\r\nHost: {host}\r\nX-Pad: {long}\r\nX-Pad-2: {long}\r\nConnection: close\r\n\r\n")}),
+                Some(403),
+            ),
+            ("upgrade h2c", upgrade("h2c"), Some(403)),
+            ("upgrade H2C", upgrade("H2C"), Some(403)),
+            ("upgrade weft-echo", upgrade("weft-echo"), Some(403)),
+            ("upgrade TLS/1.2", upgrade("TLS/1.2"), Some(403)),
+            (
+                "upgrade h2c, websocket",
+                upgrade("h2c, websocket"),
+                Some(403),
+            ),
+            (
+                "websocket upgrade of /public",
+                json!({"request": format!(
+                    "GET /public HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+                )}),
+                Some(101),
+            ),
+        ];
+        let sent: Vec<Value> = cases.iter().map(|(_, c, _)| c.clone()).collect();
+        let results = raw_http(&mc, pod, host, port, &sent);
+        check(pod, &results, &cases);
     }
-    // The control: a websocket upgrade of /public is the application's.
-    let ws = raw_http(
-        &mc,
-        "tenant/client",
-        host,
-        80,
-        &[json!({"request": format!(
-            "GET /public HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-        )})],
-    );
-    if ws[0]["status"] != 101 {
-        failures.push(format!("websocket upgrade of /public: {}", ws[0]));
-    }
+    // The port declared opaque: the mesh client's /public is refused too.
+    let opaque = [(
+        "declared opaque port, /public",
+        json!({"request": get("/public", "web.tenant")}),
+        None,
+    )];
+    let results = raw_http(&mc, "tenant/client", &web_ip, 8081, &[opaque[0].1.clone()]);
+    check("tenant/client", &results, &opaque);
     assert!(failures.is_empty(), "{failures:#?}");
 
-    // The application saw the two allowed requests and nothing else.
+    // The application saw the allowed requests and nothing else: for each
+    // client, /public and the websocket upgrade.
     assert_eq!(
         app_seen(&mc, "web"),
-        ["public /public", "upgrade:websocket /public"],
+        [
+            "public /public",
+            "upgrade:websocket /public",
+            "public /public",
+            "upgrade:websocket /public"
+        ],
         "what the application saw"
     );
-    // node-a's proxy refused the four opaque connections as such.
-    let node_a = mc.node_ip("node-a");
+    assert_eq!(app_seen(&mc, "web-opaque"), Vec::<String>::new());
+    // node-a's proxy refused the nine opaque connections as such.
     support::wait_metric_sum(
-        node_a,
+        mc.node_ip("node-a"),
         "weft_inbound_authz_denied_total",
         &[
             ("destination_workload", "web"),
             ("reason", "routes_only_opaque"),
         ],
-        4.0,
+        9.0,
     );
     mc.down();
 }
