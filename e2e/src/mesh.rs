@@ -272,6 +272,8 @@ pub struct Mesh {
     binaries: MeshBinaries,
     /// Extra flags for every node proxy (e.g. `--log-json`).
     pub proxy_args: Vec<String>,
+    /// Extra flags for the CA's `serve` (e.g. `--leaf-ttl-seconds`).
+    pub identity_args: Vec<String>,
     /// The node proxies' `--drain-seconds` (short by default: `down` waits
     /// for them).
     pub drain_seconds: u64,
@@ -287,6 +289,7 @@ impl Mesh {
         Self {
             binaries,
             proxy_args: Vec::new(),
+            identity_args: Vec::new(),
             drain_seconds: 1,
             children: Mutex::default(),
             processes: Mutex::default(),
@@ -534,6 +537,7 @@ impl Mesh {
             ]
             .map(String::from),
         );
+        args.extend(self.identity_args.iter().cloned());
         let identity_launch = Launch {
             cgroup: cgroup.clone(),
             netns: None,

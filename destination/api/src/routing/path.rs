@@ -9,7 +9,10 @@
 //! 2. encodings that are ambiguous for matching are refused: `%2F` (a `/`
 //!    that is not a segment boundary to the proxy but may be to the
 //!    application), `%5C` (`\`, a separator to some servers) and `%00`;
-//!    so is a `%` not followed by two hex digits;
+//!    so is a `%` not followed by two hex digits, a literal `\` (the same
+//!    separator, unencoded) and a dot segment with path parameters (`..;`,
+//!    `.;x`: servlet containers drop the parameters and climb, a router
+//!    sees an ordinary segment);
 //! 3. runs of `/` become one;
 //! 4. `.` and `..` segments are removed (RFC 3986 5.2.4); `..` never climbs
 //!    above the root.
@@ -31,6 +34,10 @@ pub enum PathRejection {
     EncodedNul,
     #[error("the path has a `%` that is not followed by two hex digits")]
     BadEscape,
+    #[error("the path has a `\\`: a separator to some servers, ambiguous for route matching")]
+    Backslash,
+    #[error("the path has a dot segment with parameters (`..;`): ambiguous for route matching")]
+    DotSegmentParameters,
 }
 
 /// The normalised spelling of `path` (borrowed when it already is).
@@ -38,7 +45,13 @@ pub fn normalize_path(path: &str) -> Result<Cow<'_, str>, PathRejection> {
     if !path.starts_with('/') {
         return Ok(Cow::Borrowed(path));
     }
+    if path.contains('\\') {
+        return Err(PathRejection::Backslash);
+    }
     let decoded = decode_unreserved(path)?;
+    if decoded.split('/').any(dot_segment_with_parameters) {
+        return Err(PathRejection::DotSegmentParameters);
+    }
     let merged = merge_slashes(&decoded);
     let normal = remove_dot_segments(&merged);
     Ok(if normal == path {
@@ -93,6 +106,14 @@ fn decode_unreserved(path: &str) -> Result<String, PathRejection> {
         i += 3;
     }
     Ok(out)
+}
+
+/// `..;x` or `.;` (also with `;` encoded): `.` or `..` to an application
+/// that drops path parameters, an ordinary segment to a router.
+fn dot_segment_with_parameters(segment: &str) -> bool {
+    let head = segment.split(';').next().unwrap_or_default();
+    let head = head.split("%3B").next().unwrap_or_default();
+    (head == "." || head == "..") && head.len() < segment.len()
 }
 
 fn merge_slashes(path: &str) -> Cow<'_, str> {
@@ -180,6 +201,20 @@ mod tests {
         assert_eq!(n("/a%2"), Err(PathRejection::BadEscape));
         assert_eq!(n("/a%zz"), Err(PathRejection::BadEscape));
         assert_eq!(n("/a%"), Err(PathRejection::BadEscape));
+        assert_eq!(n("/public/..\\admin"), Err(PathRejection::Backslash));
+        for p in [
+            "/public/..;/admin",
+            "/public/..;x=1/admin",
+            "/public/%2e%2e;/admin",
+            "/public/..%3b/admin",
+            "/public/.;/../admin",
+        ] {
+            assert_eq!(n(p), Err(PathRejection::DotSegmentParameters), "{p}");
+        }
+        // Parameters on other segments are the application's business.
+        assert_eq!(n("/a;b/..;c"), Err(PathRejection::DotSegmentParameters));
+        assert_eq!(n("/a;b/c;d").as_deref(), Ok("/a;b/c;d"));
+        assert_eq!(n("/a/...;b").as_deref(), Ok("/a/...;b"));
     }
 
     #[test]
