@@ -63,6 +63,10 @@ pub enum Error {
     #[error("pod {uid:?} is not enrolled")]
     NotEnrolled { uid: String },
     #[error(
+        "pod uid {uid:?} does not name one enrollment ({count} have it): release the pod by its network namespace's cookie"
+    )]
+    AmbiguousUid { uid: String, count: usize },
+    #[error(
         "the redirector is not installed under {pin_dir} (missing {missing}); run the node proxy's install first"
     )]
     NotInstalled { pin_dir: PathBuf, missing: String },

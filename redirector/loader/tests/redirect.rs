@@ -272,6 +272,33 @@ fn unenroll_makes_traffic_go_direct_again() {
 }
 
 #[test]
+fn a_uid_that_is_not_unique_releases_no_neighbour() {
+    let pods = PodPair::new();
+    let installed = Installed::new();
+    // A runtime that gives no uid: both pods enrolled under "".
+    installed.enroll(&pods.client, "", &[]);
+    installed.enroll(&pods.server, "", &[]);
+    let err = installed.get().unenroll("").unwrap_err();
+    assert!(
+        matches!(err, weft_redirector::Error::AmbiguousUid { count: 2, .. }),
+        "{err}"
+    );
+    assert_eq!(
+        installed.get().enrolled().unwrap().len(),
+        2,
+        "nobody released"
+    );
+    // Each leaves by its own namespace, and only it.
+    installed
+        .get()
+        .unenroll_cookie(pods.client.netns.cookie().unwrap())
+        .unwrap();
+    let left = installed.get().enrolled().unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].netns_cookie, pods.server.netns.cookie().unwrap());
+}
+
+#[test]
 fn missing_proxy_listener_refuses_fast_and_sends_nothing() {
     let pods = PodPair::new();
     let installed = Installed::new();

@@ -62,17 +62,27 @@ impl Redirector {
     }
 
     /// Releases a pod: outbound capture off first, then inbound, then its
-    /// skip ports and listener entries.
+    /// skip ports and listener entries. Only by a uid that names exactly
+    /// one enrollment: an empty uid (a runtime that gave none) or one two
+    /// enrollments share would release a neighbour; those are released by
+    /// their namespace's cookie ([`Self::unenroll_cookie`]).
     pub fn unenroll(&self, pod_uid: &str) -> Result<(), Error> {
-        let cookie = self
+        let matching: Vec<u64> = self
             .enrolled()?
             .into_iter()
-            .find(|e| e.pod_uid == pod_uid)
+            .filter(|e| e.pod_uid == pod_uid)
             .map(|e| e.netns_cookie)
-            .ok_or_else(|| Error::NotEnrolled {
+            .collect();
+        match matching[..] {
+            [cookie] if !pod_uid.is_empty() => self.unenroll_cookie(cookie),
+            [] => Err(Error::NotEnrolled {
                 uid: pod_uid.to_string(),
-            })?;
-        self.unenroll_cookie(cookie)
+            }),
+            _ => Err(Error::AmbiguousUid {
+                uid: pod_uid.to_string(),
+                count: matching.len(),
+            }),
+        }
     }
 
     /// Like [`Self::unenroll`], by namespace cookie (also cleans up after a
