@@ -4,11 +4,12 @@
 //! One cluster per round and build: node-a has `MANY_PODS` enrolled pods,
 //! node-b one, node-c only a pod outside the mesh, so the three proxies of
 //! the same moment are the three rows. Once node-a and node-b serve all
-//! their pods (admin `config_dump`), VmRSS and RssAnon of each proxy are read
-//! from /proc. Then the benchmark's usual cluster (a client and a server
-//! pod) carries the closed loop of the main run (HTTP/1.1 through L7 and
-//! through L4 only), for requests per CPU second of the two proxies, and
-//! RSS after it: a memory saving must not be paid in CPU.
+//! their pods (admin `config_dump`), VmRSS, RssAnon and RssFile of each
+//! proxy are read from /proc (the largest mappings go to stderr). Then the
+//! benchmark's usual cluster (a client and a server pod) carries the closed
+//! loop of the main run (HTTP/1.1 through L7 and through L4 only), for
+//! requests per CPU second of the two proxies, and RSS after it: a memory
+//! saving must not be paid in CPU.
 //!
 //! `WEFT_BENCH_MEMORY_BUILDS="label=DIR,label=DIR"` adds builds (directories
 //! holding weft-node-proxy, weft-identity and weft-destination) to this one;
