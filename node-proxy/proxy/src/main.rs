@@ -20,6 +20,37 @@ use weft_node_proxy::transport::DrainWatch;
 use weft_redirector::{PodRegistrationListener, Redirector, RedirectorConfig};
 use weft_registration::PodEvent;
 
+/// glibc malloc, at most two arenas (the main one and one shared by the
+/// other threads). By default glibc gives each thread that meets a locked
+/// arena its own, up to 8 per core, and a freed arena's pages stay
+/// resident: with the runtime's workers, the blocking pool and the threads
+/// that enter pod namespaces, that was ~2 MiB more RSS with 100 enrolled
+/// pods and after load, for no measurable CPU saving (docs/benchmarks.md,
+/// 2026-12-07; mimalloc and jemalloc were measured too and held more).
+/// Before any thread exists, so that every arena is created under it.
+fn limit_malloc_arenas() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets a tuning parameter of glibc's allocator;
+    // no thread other than this one exists yet.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
+/// Installing the redirector built its eBPF loader, which parses the
+/// kernel's BTF: ~20 MiB of short-lived allocations on the main heap. glibc
+/// gives back the free top of a heap by itself, not the free chunks below
+/// the allocations that outlive the parse: 1.6 MiB of idle RSS (heap 2.3 →
+/// 0.6 MiB, docs/benchmarks.md 2026-12-07). Once, after install.
+fn release_freed_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only hands free pages of glibc's heaps back to
+    // the kernel; it touches no memory in use.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// How long a registration waits for the pod to appear in the view.
 const VIEW_WAIT: Duration = Duration::from_secs(5);
 
@@ -122,6 +153,7 @@ struct ControlPlaneFlags {
 }
 
 fn main() -> std::process::ExitCode {
+    limit_malloc_arenas();
     let args = Args::parse();
     let filter =
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
@@ -185,6 +217,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         pin_dir: args.pin_dir.clone(),
         cgroup_root: None,
     })?);
+    release_freed_heap();
     let mut inputs = ProxyInputs::new(tcp_metrics.clone(), mesh.clone());
     inputs.limits = weft_node_proxy::transport::ConnectionLimits::new(
         args.max_connections_per_pod,

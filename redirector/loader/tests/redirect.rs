@@ -1049,3 +1049,71 @@ fn two_proxies_enrolling_one_pod_at_once_both_succeed() {
         installed.get().unenroll("client-uid").unwrap();
     }
 }
+
+/// A marked (never redirected) connect from `ns` that may fail.
+fn marked_connect(ns: &TestNetns, to: &str) -> io::Result<TcpStream> {
+    let to: SocketAddr = to.parse().unwrap();
+    let sock = ns
+        .netns
+        .proxy_tcp_socket(socket2::Domain::IPV4)
+        .expect("marked socket");
+    sock.connect_timeout(&to.into(), Duration::from_secs(2))?;
+    Ok(TcpStream::from(sock))
+}
+
+/// Every sk_lookup instance comes from the one loader of the process with
+/// its pod's cookie written into a copy of the object: each pod's inbound
+/// goes to its own 15006 listener, a pod without one fails closed rather
+/// than reaching another pod's, and the instances run the same code.
+#[test]
+fn each_enrolled_pod_steers_inbound_to_its_own_listener() {
+    let pods = PodPair::new();
+    let installed = Installed::new();
+    let client_app = listen(&pods.client, "0.0.0.0:8080");
+    let server_app = listen(&pods.server, "0.0.0.0:8080");
+    installed.enroll(&pods.client, "client-uid", &[]);
+    installed.enroll(&pods.server, "server-uid", &[]);
+    let server_inbound = listen(&pods.server, "0.0.0.0:15006");
+    installed
+        .get()
+        .register_inbound_listener(&pods.server.netns, &server_inbound)
+        .unwrap();
+
+    let _to_server = direct_connect_from(&pods.client, "10.99.0.2:8080");
+    let accepted = accept_within(&server_inbound, TIMEOUT).expect("the server pod's 15006");
+    assert_eq!(accepted.local_addr().unwrap(), addr("10.99.0.2:8080"));
+    // The client pod has no listener yet: refused, not steered across.
+    let err =
+        marked_connect(&pods.server, "10.99.0.1:8080").expect_err("no listener in the client pod");
+    assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused, "{err}");
+    assert_nothing_else_reached(&server_inbound, &pods.server, "server pod's 15006");
+    assert_nothing_else_reached(&client_app, &pods.client, "client app");
+
+    let client_inbound = listen(&pods.client, "0.0.0.0:15006");
+    installed
+        .get()
+        .register_inbound_listener(&pods.client.netns, &client_inbound)
+        .unwrap();
+    let _to_client = direct_connect_from(&pods.server, "10.99.0.1:8080");
+    let accepted = accept_within(&client_inbound, TIMEOUT).expect("the client pod's 15006");
+    assert_eq!(accepted.local_addr().unwrap(), addr("10.99.0.1:8080"));
+    assert_nothing_else_reached(&server_inbound, &pods.server, "server pod's 15006");
+    assert_nothing_else_reached(&server_app, &pods.server, "server app");
+
+    let pod_links: Vec<(std::path::PathBuf, u32, u32)> = installed
+        .get()
+        .installed_objects()
+        .unwrap()
+        .links
+        .into_iter()
+        .filter(|(pin, _, _)| pin.starts_with(installed.pin_dir.join("pods")))
+        .collect();
+    assert_eq!(pod_links.len(), 2, "{pod_links:?}");
+    assert_ne!(
+        pod_links[0].2, pod_links[1].2,
+        "one program instance per pod"
+    );
+    let tag =
+        |pin: &std::path::Path| weft_redirector::bench_support::linked_program_tag(pin).unwrap();
+    assert_eq!(tag(&pod_links[0].0), tag(&pod_links[1].0), "the same code");
+}

@@ -20,7 +20,10 @@
 //!   takes the mesh's programs from DIR (to compare two builds);
 //! - requests failed when a replica dies (`failover.rs`), and during a
 //!   rollout of both node proxies (`rollout.rs`), each next to a window
-//!   without; `WEFT_BENCH_PART=failover|rollout` runs one alone.
+//!   without; `WEFT_BENCH_PART=failover|rollout` runs one alone;
+//! - `WEFT_BENCH_PART=memory` (`memory.rs`, not in the full run): RSS with
+//!   0, 1 and 100 enrolled pods and a CPU spot check, median of 3, for this
+//!   build and others given in `WEFT_BENCH_MEMORY_BUILDS`.
 //!
 //! Needs root, the release binaries next to this example's directory
 //! (`cargo build --release --bins`), and iperf3.
@@ -32,6 +35,7 @@
 
 mod failover;
 mod http;
+mod memory;
 mod rollout;
 mod stacks;
 
@@ -442,6 +446,10 @@ fn main() {
     }
     if std::env::var("WEFT_BENCH_PART").as_deref() == Ok("rollout") {
         rollout::bench(binaries);
+        return;
+    }
+    if std::env::var("WEFT_BENCH_PART").as_deref() == Ok("memory") {
+        memory::bench(binaries);
         return;
     }
     let mesh = std::sync::Arc::new(Mesh::new(binaries.clone()));

@@ -2,13 +2,14 @@
 
 use super::link_pin;
 use crate::kernel::{self, feature_of_program};
-use crate::objects::{self, CGROUP_PROGRAMS};
+use crate::objects::{self, CGROUP_PROGRAMS, ObjectImage};
 use crate::{Error, Netns, PROXY_SOCKET_MARK, link};
 use aya::programs::{CgroupSockAddr, CgroupSockopt, Program, SkLookup, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use std::fs::File;
 use std::os::fd::AsFd;
 use std::path::Path;
+use std::sync::{LazyLock, Mutex};
 
 fn load_error(program: &str, e: impl std::fmt::Display) -> Error {
     let feature = feature_of_program(program);
@@ -23,17 +24,63 @@ fn load_error(program: &str, e: impl std::fmt::Display) -> Error {
     }
 }
 
-fn loader(pin_dir: &Path) -> EbpfLoader<'static> {
+/// The process's one eBPF loader. Building an aya loader parses the
+/// kernel's BTF (`/sys/kernel/btf/vmlinux`, several MiB, which takes about
+/// 20 MiB of heap while it lasts and leaves most of it in the allocator's
+/// free lists): a loader per pod made the first captured pod cost ~20 MiB of
+/// RSS. So the parse happens once, and its result is dropped at once: the
+/// kernel's BTF is only needed for CO-RE relocations, which our objects do
+/// not have ([`load_object`] refuses one that does rather than load it
+/// unrelocated). The values that differ between loads (a pod's netns
+/// cookie) are written into a copy of the object ([`ObjectImage`]), not
+/// given to the loader, which would borrow them for its whole life.
+static LOADER: LazyLock<Mutex<EbpfLoader<'static>>> = LazyLock::new(|| {
     let mut loader = EbpfLoader::new();
+    loader.btf(None);
+    Mutex::new(loader)
+});
+
+/// Loads `object` (its maps pinned by name under `pin_dir/maps`, shared with
+/// every other object loaded there) with `globals` set; `program` names it
+/// in errors.
+fn load_object(
+    pin_dir: &Path,
+    object: &[u8],
+    globals: &[(&str, &[u8])],
+    program: &str,
+) -> Result<Ebpf, Error> {
+    let not_loadable = |detail: String| Error::Load {
+        program: program.to_string(),
+        detail,
+    };
+    let image = ObjectImage::with_globals(object, globals).map_err(not_loadable)?;
+    if objects::has_core_relocations(image.bytes()).map_err(not_loadable)? {
+        return Err(not_loadable(
+            "the object has CO-RE relocations, which need the kernel's BTF; the loader keeps none"
+                .into(),
+        ));
+    }
+    // A panic in another load leaves nothing in the loader half-set: each
+    // load sets the pin directory it uses.
+    let mut loader = LOADER.lock().unwrap_or_else(|e| e.into_inner());
     loader.default_map_pin_directory(pin_dir.join("maps"));
     loader
+        .load(image.bytes())
+        .map_err(|e| load_error(program, e))
+}
+
+fn proxy_mark_global() -> [(&'static str, &'static [u8]); 1] {
+    const MARK: [u8; 4] = PROXY_SOCKET_MARK.to_ne_bytes();
+    [(objects::PROXY_MARK_GLOBAL, &MARK)]
 }
 
 pub(super) fn attach_cgroup_programs(pin_dir: &Path, cgroup_root: &Path) -> Result<(), Error> {
-    let mut ebpf: Ebpf = loader(pin_dir)
-        .override_global(objects::PROXY_MARK_GLOBAL, &PROXY_SOCKET_MARK, true)
-        .load(objects::CGROUP_OBJECT)
-        .map_err(|e| load_error("weft_cgroup", e))?;
+    let mut ebpf = load_object(
+        pin_dir,
+        objects::CGROUP_OBJECT,
+        &proxy_mark_global(),
+        "weft_cgroup",
+    )?;
     let cgroup = File::open(cgroup_root).map_err(|source| Error::Attach {
         program: "cgroup programs".into(),
         target: cgroup_root.into(),
@@ -68,10 +115,7 @@ pub(crate) fn upgrade_cgroup_programs(
     pin_dir: &Path,
     object: &[u8],
 ) -> Result<Vec<&'static str>, Error> {
-    let mut ebpf: Ebpf = loader(pin_dir)
-        .override_global(objects::PROXY_MARK_GLOBAL, &PROXY_SOCKET_MARK, true)
-        .load(object)
-        .map_err(|e| load_error("weft_cgroup", e))?;
+    let mut ebpf = load_object(pin_dir, object, &proxy_mark_global(), "weft_cgroup")?;
     let mut upgraded = Vec::new();
     // The same order as attaching: readers before the connect hooks.
     for p in CGROUP_PROGRAMS {
@@ -110,20 +154,8 @@ fn replace_if_different(
 /// The tag of the sk_lookup program this build carries (the same for every
 /// pod: the cookie is data, not code).
 pub(super) fn sk_lookup_tag(pin_dir: &Path) -> Result<[u8; 8], Error> {
-    let mut ebpf = loader(pin_dir)
-        .override_global(objects::NETNS_COOKIE_GLOBAL, &0u64, true)
-        .load(objects::SK_LOOKUP_OBJECT)
-        .map_err(|e| load_error(objects::SK_LOOKUP_PROGRAM, e))?;
-    let program = ebpf
-        .program_mut(objects::SK_LOOKUP_PROGRAM)
-        .ok_or_else(|| Error::Load {
-            program: objects::SK_LOOKUP_PROGRAM.into(),
-            detail: "not in the compiled object".into(),
-        })?;
-    load_program(program).map_err(|e| load_error(objects::SK_LOOKUP_PROGRAM, e))?;
-    let prog_fd = program
-        .fd()
-        .map_err(|e| load_error(objects::SK_LOOKUP_PROGRAM, e))?;
+    let ebpf = load_sk_lookup(pin_dir, 0)?;
+    let prog_fd = sk_lookup_fd(&ebpf)?;
     link::prog_tag(prog_fd.as_fd()).map_err(|source| Error::Pin {
         path: pin_dir.into(),
         source,
@@ -143,10 +175,12 @@ pub(super) fn upgrade_sk_lookup(pin_dir: &Path, cookie: u64, pin: &Path) -> Resu
 
 /// The sk_lookup program loaded for the pod of namespace `cookie`.
 fn load_sk_lookup(pin_dir: &Path, cookie: u64) -> Result<aya::Ebpf, Error> {
-    let mut ebpf = loader(pin_dir)
-        .override_global(objects::NETNS_COOKIE_GLOBAL, &cookie, true)
-        .load(objects::SK_LOOKUP_OBJECT)
-        .map_err(|e| load_error(objects::SK_LOOKUP_PROGRAM, e))?;
+    let mut ebpf = load_object(
+        pin_dir,
+        objects::SK_LOOKUP_OBJECT,
+        &[(objects::NETNS_COOKIE_GLOBAL, &cookie.to_ne_bytes())],
+        objects::SK_LOOKUP_PROGRAM,
+    )?;
     let program = ebpf
         .program_mut(objects::SK_LOOKUP_PROGRAM)
         .ok_or_else(|| Error::Load {
