@@ -170,6 +170,9 @@ struct RunningPod {
     terminating: Option<Instant>,
     /// The status last written, to write only changes.
     last_status: Option<serde_json::Value>,
+    /// The failure last reported as an Event (one per distinct failure,
+    /// not one per retry).
+    last_event: Option<(String, String)>,
     /// Why the pod cannot run (the status says so); nothing is started.
     failure: Option<(String, String)>,
     ready_ports: Vec<Vec<u16>>,
@@ -306,6 +309,7 @@ impl Kubelet {
                 match self.start_pod(pod) {
                     Ok(mut again) => {
                         again.last_status = running.last_status;
+                        again.last_event = running.last_event;
                         self.running.insert(uid, again);
                     }
                     Err(e) => eprintln!("kubelet: pod {uid}: {e}"),
@@ -338,6 +342,14 @@ impl Kubelet {
             if running.terminating.is_some() {
                 continue;
             }
+            if let Some((reason, message)) = running.failure.clone()
+                && running.last_event.as_ref() != Some(&(reason.clone(), message.clone()))
+            {
+                running.last_event = Some((reason.clone(), message.clone()));
+                let pod = running.pod.clone();
+                self.warning_event(&pod, &reason, &message);
+            }
+            let running = self.running.get_mut(&uid).expect("running");
             tend_containers(running, &self.state.manifest_dir);
             // Probes leave from the node, as a kubelet's do.
             if let Some(node) = self.state.node(&running.pod.node) {
@@ -369,6 +381,42 @@ impl Kubelet {
             self.last_heartbeat = Some(Instant::now());
         }
         self.save_state();
+    }
+
+    /// Posts a Warning Event about `pod`, as a kubelet does when it cannot
+    /// run it (`kubectl describe pod` and `kubectl get events` show it).
+    fn warning_event(&self, pod: &PodState, reason: &str, message: &str) {
+        use k8s_openapi::api::core::v1::Event;
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let event: Event = match serde_json::from_value(serde_json::json!({
+            "metadata": {"name": format!("{}.{nanos:x}", pod.name), "namespace": pod.namespace},
+            "involvedObject": {"apiVersion": "v1", "kind": "Pod", "namespace": pod.namespace,
+                               "name": pod.name, "uid": pod.uid},
+            "reason": reason,
+            "message": message,
+            "type": "Warning",
+            "count": 1,
+            "firstTimestamp": now(),
+            "lastTimestamp": now(),
+            "source": {"component": "kubelet", "host": pod.node},
+            "reportingComponent": "kubelet",
+            "reportingInstance": pod.node,
+        })) {
+            Ok(e) => e,
+            Err(e) => {
+                eprintln!("kubelet: an event for {}: {e}", pod.key());
+                return;
+            }
+        };
+        let api: Api<Event> = Api::namespaced(self.client.clone(), &pod.namespace);
+        let result = self
+            .runtime
+            .block_on(async move { api.create(&Default::default(), &event).await });
+        if let Err(e) = result {
+            eprintln!("kubelet: an event for {}: {e}", pod.key());
+        }
     }
 
     /// Renews every node's Lease in `kube-node-lease`, as a kubelet does:
@@ -630,6 +678,7 @@ impl Kubelet {
             start_time: now(),
             terminating: None,
             last_status: None,
+            last_event: None,
             failure,
             ready_ports,
             started: Instant::now(),

@@ -1147,6 +1147,32 @@ fn the_chained_cni_plugins_of_the_node_run_before_and_after_a_pod() {
         },
     );
     assert!(message.contains("test plugin says no"), "{message}");
+    // …and in its events, as a kubelet reports it.
+    let event = wait_for(
+        "a FailedCreatePodSandBox event",
+        Duration::from_secs(60),
+        || {
+            let events = json(&cluster.kubectl_ok(&[
+                "get",
+                "events",
+                "-n",
+                "shop",
+                "--field-selector",
+                "involvedObject.name=web,reason=FailedCreatePodSandBox",
+                "-o",
+                "json",
+            ]));
+            events["items"].as_array().and_then(|i| i.first()).cloned()
+        },
+    );
+    assert_eq!(event["type"], "Warning", "{event}");
+    assert!(
+        event["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("test plugin says no")),
+        "{event}"
+    );
+    assert_eq!(event["involvedObject"]["kind"], "Pod", "{event}");
     wait_for("ADD tried again", Duration::from_secs(120), || {
         let adds = cni_calls(&calls)
             .iter()
