@@ -325,25 +325,7 @@ fn many_pods(binaries: MeshBinaries) -> (f64, f64, f64, usize) {
     let up = started.elapsed().as_secs_f64();
     // Captured = listeners open and certificate fetched: wait (bounded)
     // until node-a's proxy serves all of them and is ready.
-    let dump_pods = || -> usize {
-        let node = cluster.state().node("node-a").unwrap();
-        let out = std::process::Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &node.netns,
-                "curl",
-                "-s",
-                "--max-time",
-                "5",
-            ])
-            .arg("http://127.0.0.1:15000/config_dump")
-            .output()
-            .ok();
-        out.and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok())
-            .and_then(|v| v["pods"].as_array().map(|p| p.len()))
-            .unwrap_or(0)
-    };
+    let dump_pods = || memory::served_pods(&cluster, "node-a");
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut captured = dump_pods();
     while captured < MANY_PODS && Instant::now() < deadline {

@@ -90,7 +90,7 @@ struct Round {
 }
 
 /// Pods the node proxy of `node` serves, by its admin `config_dump`.
-fn served_pods(cluster: &TestCluster, node: &str) -> usize {
+pub fn served_pods(cluster: &TestCluster, node: &str) -> usize {
     let Some(node) = cluster.state().node(node) else {
         return 0;
     };
