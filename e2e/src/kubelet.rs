@@ -1328,22 +1328,6 @@ fn downward_file(
     Ok(())
 }
 
-pub(crate) fn resolve_port(
-    port: &k8s_openapi::apimachinery::pkg::util::intstr::IntOrString,
-    c: &k8s_openapi::api::core::v1::Container,
-) -> Option<u16> {
-    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-    match port {
-        IntOrString::Int(n) => u16::try_from(*n).ok(),
-        IntOrString::String(name) => c
-            .ports
-            .iter()
-            .flatten()
-            .find(|p| p.name.as_deref() == Some(name))
-            .and_then(|p| u16::try_from(p.container_port).ok()),
-    }
-}
-
 fn cgroup_procs(cgroup: &Path) -> Vec<i32> {
     std::fs::read_to_string(cgroup.join("cgroup.procs"))
         .unwrap_or_default()

@@ -55,7 +55,7 @@ impl ProbeSpec {
             Duration::from_secs(v.unwrap_or(default).max(min) as u64)
         };
         let port = |p| {
-            super::kubelet::resolve_port(p, c).ok_or_else(|| {
+            resolve_port(p, c).ok_or_else(|| {
                 format!(
                     "container {}: probe port {p:?} is not one of its ports",
                     c.name
@@ -96,6 +96,23 @@ impl ProbeSpec {
             success_threshold: probe.success_threshold.unwrap_or(1).max(1) as u32,
             failure_threshold: probe.failure_threshold.unwrap_or(3).max(1) as u32,
         })
+    }
+}
+
+/// A probe's port: a number, or the name of one of the container's ports.
+fn resolve_port(
+    port: &k8s_openapi::apimachinery::pkg::util::intstr::IntOrString,
+    c: &k8s_openapi::api::core::v1::Container,
+) -> Option<u16> {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    match port {
+        IntOrString::Int(n) => u16::try_from(*n).ok(),
+        IntOrString::String(name) => c
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref() == Some(name))
+            .and_then(|p| u16::try_from(p.container_port).ok()),
     }
 }
 
