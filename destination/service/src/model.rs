@@ -95,7 +95,13 @@ pub struct ServiceInfo {
 pub struct SliceEndpoint {
     pub addresses: Vec<IpAddr>,
     /// `conditions.ready`; unset means ready (the API's documented default).
+    /// A terminating pod's endpoint is never ready.
     pub ready: bool,
+    /// `conditions.serving`: passing its readiness checks, terminating or
+    /// not; unset means as `ready` (the API's documented default).
+    pub serving: bool,
+    /// `conditions.terminating`: its pod is being deleted.
+    pub terminating: bool,
     /// The Pod behind it (`targetRef` of kind Pod): its name.
     pub pod: Option<String>,
 }
@@ -379,9 +385,13 @@ pub fn slice_info(slice: &discovery::EndpointSlice) -> Result<Option<SliceInfo>,
             .as_ref()
             .filter(|r| r.kind.as_deref() == Some("Pod"))
             .and_then(|r| r.name.clone());
+        let conditions = ep.conditions.as_ref();
+        let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
         endpoints.push(SliceEndpoint {
             addresses,
-            ready: ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true),
+            ready,
+            serving: conditions.and_then(|c| c.serving).unwrap_or(ready),
+            terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
             pod,
         });
     }

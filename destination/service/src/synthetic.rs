@@ -81,6 +81,8 @@ pub fn cluster(shape: Shape) -> ClusterObjects {
                 SliceEndpoint {
                     addresses: p.ips.clone(),
                     ready: true,
+                    serving: true,
+                    terminating: false,
                     pod: Some(p.key.name.clone()),
                 }
             })

@@ -238,6 +238,19 @@ fn from_slices(
     problems: &mut Vec<Problem>,
 ) -> Endpoints {
     let mut out = Endpoints::new();
+    // Ready endpoints take the requests; a terminating pod's endpoint is
+    // never ready, so it gets no new request while another is ready and
+    // keeps the ones it has. Only when none is ready do the terminating
+    // ones that still serve take new requests (as kube-proxy does): better
+    // than refusing everything during a rollout of the last replicas.
+    let any_ready = slices.iter().any(|s| s.endpoints.iter().any(|e| e.ready));
+    let usable = |e: &&crate::model::SliceEndpoint| {
+        if any_ready {
+            e.ready
+        } else {
+            e.serving && e.terminating
+        }
+    };
     for slice in slices {
         // Slice ports are named after the Service's ports.
         let ports: BTreeMap<u32, u32> = slice
@@ -250,7 +263,7 @@ fn from_slices(
                     .map(|p| (u32::from(p.port), u32::from(sp.port)))
             })
             .collect();
-        for ep in slice.endpoints.iter().filter(|e| e.ready) {
+        for ep in slice.endpoints.iter().filter(usable) {
             let pod = ep.pod.as_ref().and_then(|name| {
                 let pod = objects.pods.get(&ObjectKey::new(&svc.key.namespace, name));
                 if pod.is_none() {

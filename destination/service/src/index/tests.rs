@@ -244,6 +244,58 @@ fn endpoints_churn_with_slices() {
 }
 
 #[test]
+fn terminating_endpoints_take_no_new_request_unless_none_is_ready() {
+    let mut c = Cluster::kube();
+    c.apply(pod("web-2", "uid-web-2", "node-b", "10.244.2.3"));
+    let mut slice = fixture("endpointslice");
+    slice["endpoints"]
+        .as_array_mut()
+        .unwrap()
+        .push(slice_endpoint(
+            "web-2",
+            "uid-web-2",
+            "10.244.2.3",
+            "node-b",
+            true,
+        ));
+    let backends = |c: &Cluster| -> Vec<String> {
+        c.index().mesh.services["shop/web"]
+            .endpoints
+            .iter()
+            .map(|e| e.workload_uid.clone())
+            .collect()
+    };
+    // `kubectl delete pod web-2`: terminating, still serving, not ready.
+    slice["endpoints"][1]["conditions"] =
+        json!({"ready": false, "serving": true, "terminating": true});
+    c.apply(slice.clone());
+    assert_eq!(
+        backends(&c),
+        [WEB_UID],
+        "no new request to a terminating pod"
+    );
+
+    // The other one terminates too (the last replicas of a rollout): the
+    // serving terminating endpoints take the requests rather than none.
+    slice["endpoints"][0]["conditions"] =
+        json!({"ready": false, "serving": true, "terminating": true});
+    c.apply(slice.clone());
+    let mut both = vec![WEB_UID.to_string(), "uid-web-2".to_string()];
+    both.sort();
+    assert_eq!(backends(&c), both);
+
+    // One that no longer serves (its readiness probe fails) is left out
+    // even then; and a ready endpoint wins over them again.
+    slice["endpoints"][1]["conditions"] =
+        json!({"ready": false, "serving": false, "terminating": true});
+    c.apply(slice.clone());
+    assert_eq!(backends(&c), [WEB_UID]);
+    slice["endpoints"][1]["conditions"] = json!({"ready": true});
+    c.apply(slice);
+    assert_eq!(backends(&c), ["uid-web-2"]);
+}
+
+#[test]
 fn pod_moving_between_nodes_moves_between_views() {
     let mut c = Cluster::kube();
     assert!(workload(&c.node("node-a"), WEB_UID).is_some());
