@@ -194,8 +194,14 @@ fn split(mut e: hyper::client::conn::TrySendError<Request<ProxyBody>>) -> SendEr
 /// may also have been processed: only an `idempotent` request is taken as
 /// unprocessed then (RFC 9110 §9.2.2), as when the connection was reset
 /// under it (an application killed with the request unread).
+///
+/// hyper's "channel closed" (the connection's task ended while the request
+/// was handed to it, the application closing its end at that moment) is
+/// the same case: the request may or may not have left, so only an
+/// idempotent one goes again. Found by `e2e/tests/failover.rs` when the
+/// application's port closes under load: a GET failed with 502.
 fn unprocessed(e: &hyper::Error, idempotent: bool) -> bool {
-    (idempotent && (e.is_incomplete_message() || is_reset(e)))
+    (idempotent && (e.is_incomplete_message() || is_reset(e) || e.is_closed()))
         || super::upstream::refused_unprocessed(e)
 }
 
