@@ -227,7 +227,7 @@ impl Kubelet {
         services: &Store<Service>,
         slices: &Store<EndpointSlice>,
     ) {
-        let nodes = self.nodes.clone();
+        let nodes = &self.nodes;
         let mut wanted: BTreeMap<String, std::sync::Arc<Pod>> = BTreeMap::new();
         for pod in pods.state() {
             let on_ours = pod
@@ -419,6 +419,14 @@ impl Kubelet {
         }
     }
 
+    /// The nodes this kubelet runs, as the state file describes them.
+    fn own_nodes(&self) -> impl Iterator<Item = &crate::state::NodeState> {
+        self.state
+            .nodes
+            .iter()
+            .filter(|n| self.nodes.contains(&n.name))
+    }
+
     /// Renews every node's Lease in `kube-node-lease`, as a kubelet does:
     /// the node lifecycle controller takes a node whose Lease is not renewed
     /// within its grace period for dead (taints it, evicts its pods).
@@ -431,12 +439,7 @@ impl Kubelet {
         let renew = k8s_openapi::chrono::DateTime::from_timestamp_micros(micros)
             .unwrap_or_default()
             .to_rfc3339_opts(k8s_openapi::chrono::SecondsFormat::Micros, true);
-        for node in self
-            .state
-            .nodes
-            .iter()
-            .filter(|n| self.nodes.contains(&n.name))
-        {
+        for node in self.own_nodes() {
             let lease = serde_json::json!({
                 "apiVersion": "coordination.k8s.io/v1",
                 "kind": "Lease",
@@ -1136,13 +1139,7 @@ impl Kubelet {
     fn sync_network(&mut self, services: &Store<Service>, slices: &Store<EndpointSlice>) {
         self.state.services = service_states(services, slices);
         self.state.pods = self.running.values().map(|r| r.pod.clone()).collect();
-        let ours: Vec<_> = self
-            .state
-            .nodes
-            .iter()
-            .filter(|n| self.nodes.contains(&n.name))
-            .cloned()
-            .collect();
+        let ours: Vec<_> = self.own_nodes().cloned().collect();
         for node in ours {
             let rules = netconf::kube_proxy_rules(&self.state, &node);
             if self.proxy_rules.get(&node.name) == Some(&rules) {

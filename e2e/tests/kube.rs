@@ -254,33 +254,29 @@ fn the_api_server_serves_nodes_and_the_applied_manifests() {
     }
 }
 
-fn control_plane_pids(cluster: &TestCluster) -> Vec<u32> {
-    let cgroup = Options::detect()
+/// The processes of one of the cluster's cgroups (`kube-control-plane`,
+/// the kubelets').
+fn cgroup_pids(cluster: &TestCluster, cgroup: &str) -> Vec<u32> {
+    let procs = Options::detect()
         .unwrap()
         .layout
         .cgroup_root
         .join(cluster.name())
-        .join("kube-control-plane/cgroup.procs");
-    std::fs::read_to_string(&cgroup)
-        .unwrap_or_else(|e| panic!("{}: {e}", cgroup.display()))
+        .join(cgroup)
+        .join("cgroup.procs");
+    std::fs::read_to_string(&procs)
+        .unwrap_or_else(|e| panic!("{}: {e}", procs.display()))
         .lines()
         .map(|l| l.parse().unwrap())
         .collect()
 }
 
+fn control_plane_pids(cluster: &TestCluster) -> Vec<u32> {
+    cgroup_pids(cluster, "kube-control-plane")
+}
+
 fn kubelet_pids(cluster: &TestCluster) -> Vec<u32> {
-    let cgroup = Options::detect()
-        .unwrap()
-        .layout
-        .cgroup_root
-        .join(cluster.name())
-        .join(weft_sim::kube::KUBELET_CGROUP)
-        .join("cgroup.procs");
-    std::fs::read_to_string(&cgroup)
-        .unwrap_or_else(|e| panic!("{}: {e}", cgroup.display()))
-        .lines()
-        .map(|l| l.parse().unwrap())
-        .collect()
+    cgroup_pids(cluster, weft_sim::kube::KUBELET_CGROUP)
 }
 
 fn kubectl_stdin(cluster: &TestCluster, args: &[&str], stdin: &str) -> String {

@@ -536,41 +536,15 @@ fn down_removes_what_a_killed_or_hung_node_proxy_kept() {
     let echo_ip = cluster.pod("demo/echo").ip.to_string();
 
     // The CLI restarts node-a's proxy as a kubelet would after a crash.
-    let out = Command::new(env!("CARGO_BIN_EXE_weft-sim"))
-        .args(["restart-proxy", "--name", &state.name, "node-a"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let new_pid: i32 = stdout
-        .split("pid ")
-        .nth(2)
-        .and_then(|s| s.split_whitespace().next())
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no new pid in {stdout:?}"));
+    let stdout = sim(&["restart-proxy", "--name", &state.name, "node-a"]);
+    // "… pid OLD … pid NEW …"
+    let new_pid = nth_pid(&stdout, 2);
     assert_eq!(mc.ready_status("node-a"), Some(200));
     echo_through(cluster, "demo/client", &echo_ip, 9000, 4096, None);
     // And rolls node-b's out with surge.
-    let out = Command::new(env!("CARGO_BIN_EXE_weft-sim"))
-        .args(["rollout-proxy", "--name", &state.name, "node-b"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success() && stdout.contains("drained and exited"),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let b_pid: i32 = stdout
-        .split("pid ")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no new pid in {stdout:?}"));
+    let stdout = sim(&["rollout-proxy", "--name", &state.name, "node-b"]);
+    assert!(stdout.contains("drained and exited"), "{stdout}");
+    let b_pid = nth_pid(&stdout, 1);
     assert_eq!(mc.ready_status("node-b"), Some(200));
     echo_through(cluster, "demo/client", &echo_ip, 9000, 4096, None);
 
@@ -855,4 +829,29 @@ fn a_view_change_during_the_old_proxys_drain_is_the_new_proxys_alone() {
 
 fn path(p: &Path) -> String {
     p.to_string_lossy().into_owned()
+}
+
+/// `weft-sim ARGS`, which must succeed; its output.
+fn sim(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_weft-sim"))
+        .args(args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "weft-sim {args:?}: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// The number after the `n`th "pid " in `stdout`.
+fn nth_pid(stdout: &str, n: usize) -> i32 {
+    stdout
+        .split("pid ")
+        .nth(n)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no pid {n} in {stdout:?}"))
 }

@@ -330,6 +330,14 @@ async fn pipe(
     }
 }
 
+/// The API server's address (`https://IP:PORT` in the kube state).
+fn api_address(kube: &KubeState) -> std::net::SocketAddr {
+    kube.api_server
+        .trim_start_matches("https://")
+        .parse()
+        .unwrap()
+}
+
 /// Stops the cluster's API server (SIGKILL) and starts it again with the
 /// same command line, in the same cgroup (so `down` stops it), appending to
 /// its log; returns once it is ready. Its watch cache starts empty: a
@@ -366,11 +374,7 @@ fn restart_api_server(kube: &KubeState, state_dir: &Path) -> std::process::Child
     // Until its port refuses connections: its threads exit one by one (its
     // memory, its command line, even its main thread go before the last one
     // closes the listening socket), and a new one could not bind before.
-    let api: std::net::SocketAddr = kube
-        .api_server
-        .trim_start_matches("https://")
-        .parse()
-        .unwrap();
+    let api = api_address(kube);
     let deadline = std::time::Instant::now() + WAIT;
     while std::net::TcpStream::connect_timeout(&api, Duration::from_secs(1))
         .is_ok_and(|_| std::time::Instant::now() < deadline)
@@ -480,12 +484,7 @@ async fn a_watch_that_expires_with_410_gone_is_listed_again() {
         .with_test_writer()
         .try_init();
     let (cluster, kube) = kube_cluster(DOOMED).await;
-    let api: std::net::SocketAddr = kube
-        .api_server
-        .trim_start_matches("https://")
-        .parse()
-        .unwrap();
-    let relay = Relay::start(api).await;
+    let relay = Relay::start(api_address(&kube)).await;
     let dir = tempfile::tempdir().unwrap();
     let client =
         destination_client(&kube, dir.path(), Some(&format!("https://{}", relay.addr))).await;

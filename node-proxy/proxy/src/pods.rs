@@ -232,12 +232,12 @@ impl PodRegistry {
         // An enrolled pod never starts uncaptured: one that may be in the
         // mesh but cannot be captured yet is refused (the kubelet retries
         // the ADD), before any state changes.
-        if let Some(control_plane) = &self.inputs.control_plane
-            && let Admission::Undecided(why) =
-                admit(&control_plane.view.borrow(), registering(&pod, &ips))
-        {
-            return Err(RegistrationError::Undecided { pod: key, why });
-        }
+        let wanted = self
+            .admission(&pod, &ips)
+            .map_err(|why| RegistrationError::Undecided {
+                pod: key.clone(),
+                why,
+            })?;
         // A repeated add (the CNI plugin retried) replaces the old state.
         self.remove(&pod);
         let netns =
@@ -255,7 +255,6 @@ impl PodRegistry {
             captured: None,
             recovered: false,
         };
-        let wanted = self.wanted(&registered);
         if let Some(wanted) = wanted {
             registered.captured = Some(self.capture(&registered, wanted)?);
         } else {
@@ -556,17 +555,24 @@ impl PodRegistry {
     /// with a control plane, when it is in the mesh
     /// ([`crate::state::admission`]).
     fn wanted(&self, r: &Registered) -> Option<Wanted> {
+        self.admission(&r.pod, &r.ips).ok().flatten()
+    }
+
+    /// What [`Self::wanted`] says of a registration, or why it cannot be
+    /// decided yet (a pod that may be in the mesh).
+    fn admission(&self, pod: &PodRef, ips: &[IpAddr]) -> Result<Option<Wanted>, &'static str> {
         let Some(control_plane) = &self.inputs.control_plane else {
-            return Some(Wanted::default());
+            return Ok(Some(Wanted::default()));
         };
-        match admit(&control_plane.view.borrow(), registering(&r.pod, &r.ips)) {
-            Admission::Capture(c) => Some(Wanted {
+        match admit(&control_plane.view.borrow(), registering(pod, ips)) {
+            Admission::Capture(c) => Ok(Some(Wanted {
                 identity: Some(c.identity),
                 ip: Some(c.ip),
                 other_ip: c.other_ip,
                 workload_uid: Some(c.workload_uid),
-            }),
-            Admission::Outside | Admission::Undecided(_) => None,
+            })),
+            Admission::Outside => Ok(None),
+            Admission::Undecided(why) => Err(why),
         }
     }
 

@@ -67,24 +67,24 @@ spec:
 
 const VAULT: &str = "10.96.32.1:80";
 
+/// `CLUSTER` with its pods on `127.32.<subnet>.0/24`: `client` and `admin`
+/// on node-a, `vault-1` (the application, on 8080) on node-b.
+fn cluster(subnet: u8) -> String {
+    let mut cluster = CLUSTER.to_string();
+    let ip = |host: u8| format!("127.32.{subnet}.{host}");
+    for (name, node, sa, host, app, port) in [
+        ("client", "node-a", "client", 2, None, None),
+        ("admin", "node-a", "admin", 3, None, None),
+        ("vault-1", "node-b", "vault", 4, Some("vault"), Some(8080)),
+    ] {
+        cluster.push_str(&pod_yaml("demo", name, node, sa, &ip(host), app, port));
+    }
+    cluster
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn route_level_authorization_decides_each_request() {
-    let mut cluster = CLUSTER.to_string();
-    for (name, node, sa, ip, app, port) in [
-        ("client", "node-a", "client", "127.32.1.2", None, None),
-        ("admin", "node-a", "admin", "127.32.1.3", None, None),
-        (
-            "vault-1",
-            "node-b",
-            "vault",
-            "127.32.1.4",
-            Some("vault"),
-            Some(8080),
-        ),
-    ] {
-        cluster.push_str(&pod_yaml("demo", name, node, sa, ip, app, port));
-    }
-    let mut mesh = InProcessMesh::start(&cluster).await;
+    let mut mesh = InProcessMesh::start(&cluster(1)).await;
     serve_app(
         "127.32.1.4:8080".parse().unwrap(),
         |req: http::Request<_>| async move {
@@ -214,22 +214,7 @@ async fn route_level_authorization_decides_each_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spellings_of_a_guarded_path_reach_no_other_route() {
     use std::sync::{Arc, Mutex};
-    let mut cluster = CLUSTER.to_string();
-    for (name, node, sa, ip, app, port) in [
-        ("client", "node-a", "client", "127.32.2.2", None, None),
-        ("admin", "node-a", "admin", "127.32.2.3", None, None),
-        (
-            "vault-1",
-            "node-b",
-            "vault",
-            "127.32.2.4",
-            Some("vault"),
-            Some(8080),
-        ),
-    ] {
-        cluster.push_str(&pod_yaml("demo", name, node, sa, ip, app, port));
-    }
-    let mut mesh = InProcessMesh::start(&cluster).await;
+    let mut mesh = InProcessMesh::start(&cluster(2)).await;
     let seen: Arc<Mutex<Vec<String>>> = Arc::default();
     let log = seen.clone();
     serve_app(
@@ -283,21 +268,7 @@ async fn spellings_of_a_guarded_path_reach_no_other_route() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_authorized_per_route_gets_no_byte_stream_past_the_routes() {
     use std::sync::{Arc, Mutex};
-    let mut cluster = CLUSTER.to_string();
-    for (name, node, sa, ip, app, port) in [
-        ("client", "node-a", "client", "127.32.3.2", None, None),
-        (
-            "vault-1",
-            "node-b",
-            "vault",
-            "127.32.3.4",
-            Some("vault"),
-            Some(8080),
-        ),
-    ] {
-        cluster.push_str(&pod_yaml("demo", name, node, sa, ip, app, port));
-    }
-    let mut mesh = InProcessMesh::start(&cluster).await;
+    let mut mesh = InProcessMesh::start(&cluster(3)).await;
     let seen: Arc<Mutex<Vec<String>>> = Arc::default();
     let log = seen.clone();
     serve_app(

@@ -202,9 +202,9 @@ fn enrollment_follows_namespace_and_pod_labels() {
     assert!(c.index().mesh.workloads.contains_key(WEB_UID));
 }
 
-#[test]
-fn endpoints_churn_with_slices() {
-    let mut c = Cluster::kube();
+/// `shop/web` backed by two ready pods: the fixture's and `web-2` on
+/// node-b; its EndpointSlice, to edit.
+fn two_replicas(c: &mut Cluster) -> Value {
     c.apply(pod("web-2", "uid-web-2", "node-b", "10.244.2.3"));
     let mut slice = fixture("endpointslice");
     slice["endpoints"]
@@ -218,13 +218,22 @@ fn endpoints_churn_with_slices() {
             true,
         ));
     c.apply(slice.clone());
-    let backends = |c: &Cluster| -> Vec<String> {
-        c.index().mesh.services["shop/web"]
-            .endpoints
-            .iter()
-            .map(|e| e.workload_uid.clone())
-            .collect()
-    };
+    slice
+}
+
+/// The workloads behind `shop/web`, as the mesh sees them.
+fn backends(c: &Cluster) -> Vec<String> {
+    c.index().mesh.services["shop/web"]
+        .endpoints
+        .iter()
+        .map(|e| e.workload_uid.clone())
+        .collect()
+}
+
+#[test]
+fn endpoints_churn_with_slices() {
+    let mut c = Cluster::kube();
+    let mut slice = two_replicas(&mut c);
     let mut both = vec![WEB_UID.to_string(), "uid-web-2".to_string()];
     both.sort();
     assert_eq!(backends(&c), both);
@@ -246,25 +255,7 @@ fn endpoints_churn_with_slices() {
 #[test]
 fn terminating_endpoints_take_no_new_request_unless_none_is_ready() {
     let mut c = Cluster::kube();
-    c.apply(pod("web-2", "uid-web-2", "node-b", "10.244.2.3"));
-    let mut slice = fixture("endpointslice");
-    slice["endpoints"]
-        .as_array_mut()
-        .unwrap()
-        .push(slice_endpoint(
-            "web-2",
-            "uid-web-2",
-            "10.244.2.3",
-            "node-b",
-            true,
-        ));
-    let backends = |c: &Cluster| -> Vec<String> {
-        c.index().mesh.services["shop/web"]
-            .endpoints
-            .iter()
-            .map(|e| e.workload_uid.clone())
-            .collect()
-    };
+    let mut slice = two_replicas(&mut c);
     // `kubectl delete pod web-2`: terminating, still serving, not ready.
     slice["endpoints"][1]["conditions"] =
         json!({"ready": false, "serving": true, "terminating": true});
