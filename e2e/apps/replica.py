@@ -1,10 +1,17 @@
 #!/usr/bin/env python3
-import signal, socket, sys, threading, time
+import os, signal, socket, sys, threading, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 NAME = sys.argv[2]
 MODE = sys.argv[3] if len(sys.argv) > 3 else ""  # "503": always 503; "slow": 20 ms
+# SIGTERM, with DRAIN_SECONDS set: as applications behind Kubernetes
+# Services are told to stop (a preStop sleep, Spring's or Go's graceful
+# shutdown): serve on for that long while the endpoint is taken out of
+# rotation, then close the port, finish what is in flight and exit. Without
+# it, SIGTERM ends the process at once (Python's default).
+DRAIN = os.environ.get("DRAIN_SECONDS")
 conns = set()
+busy = 0
 lock = threading.Lock()
 
 class Handler(BaseHTTPRequestHandler):
@@ -21,6 +28,15 @@ class Handler(BaseHTTPRequestHandler):
             conns.discard(self.connection)
         super().finish()
     def answer(self):
+        global busy
+        with lock:
+            busy += 1
+        try:
+            self.serve_one()
+        finally:
+            with lock:
+                busy -= 1
+    def serve_one(self):
         n = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(n) if n else b""
         # One write per line under a lock: threads must not interleave.
@@ -54,6 +70,28 @@ def close_port(*_):
     threading.Thread(target=close).start()
 
 signal.signal(signal.SIGUSR1, close_port)
+
+def drain_and_exit(*_):
+    def run():
+        print("terminating", flush=True)
+        time.sleep(float(DRAIN))
+        # One line under the lock: a request read after it came on a
+        # connection the port's closing did not end.
+        with lock:
+            print("closing", flush=True)
+        server.socket.close()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with lock:
+                if busy == 0:
+                    break
+            time.sleep(0.01)
+        sys.stdout.flush()
+        os._exit(0)
+    threading.Thread(target=run).start()
+
+if DRAIN:
+    signal.signal(signal.SIGTERM, drain_and_exit)
 try:
     server.serve_forever()
 except (OSError, ValueError):

@@ -28,10 +28,6 @@ pub enum SimError {
     Sys(#[from] SysError),
     #[error(transparent)]
     Kube(#[from] KubeError),
-    #[error(
-        "--kube and --mesh together are not supported yet: the mesh's control plane reads DIR (local mode), not the API server"
-    )]
-    KubeWithMesh,
     #[error("the simulator creates network namespaces and cgroups: run it as root")]
     NotRoot,
     #[error("invalid simulator name {0:?}: use 1 to 16 characters of a-z, 0-9 and '-'")]
@@ -160,7 +156,6 @@ pub fn up(dir: &Path, name: &str, opts: &Options) -> Result<Cluster, SimError> {
     let manifests = match &opts.kube {
         // The API server takes DIR's objects; the network is planned for
         // the nodes alone.
-        Some(_) if opts.node_agents.is_some() => return Err(SimError::KubeWithMesh),
         Some(_) => kube_nodes(&dir)?,
         None => Manifests::load_dir(&dir)?,
     };
@@ -181,7 +176,8 @@ pub fn up(dir: &Path, name: &str, opts: &Options) -> Result<Cluster, SimError> {
     lock.lock().map_err(io("locking the simulator directory"))?;
     let slot = free_slot(&opts.layout)?;
     let mut plan = plan::plan(name, slot, &manifests, &opts.layout)?;
-    plan.state.registers_pods = opts.node_agents.is_some();
+    // With `--kube` the kubelet's CNI plugin registers pods, as on a node.
+    plan.state.registers_pods = opts.node_agents.is_some() && opts.kube.is_none();
     plan.state.save().map_err(io("writing the state file"))?;
     drop(lock); // the slot is claimed by the state file now
 
@@ -288,7 +284,8 @@ fn build(
         let dir = n.agent_socket.parent().expect("socket path has a parent");
         std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
     }
-    if let Some(agents) = &opts.node_agents {
+    // With `--kube` the mesh starts once the API server serves.
+    if let Some(agents) = opts.node_agents.as_ref().filter(|_| opts.kube.is_none()) {
         agents.start(state).map_err(SimError::NodeAgents)?;
         for p in &state.pods {
             let node = state
@@ -389,6 +386,12 @@ fn start_kube(
     api.images = opts.images.clone();
     cluster.state.kube = Some(api.clone());
     cluster.state.save().map_err(io("writing the state file"))?;
+    // The mesh before the kubelets: its CNI plugin is in place before the
+    // first pod's network is set up (a pod it cannot register does not
+    // start; the kubelet would retry).
+    if let Some(agents) = &opts.node_agents {
+        agents.start(&cluster.state).map_err(SimError::NodeAgents)?;
+    }
     let kubelet = kube::start_kubelet(
         &cluster.state,
         binaries,

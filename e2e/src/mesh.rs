@@ -63,6 +63,9 @@ pub enum MeshError {
     StillRunning { component: Component },
     #[error("{component} did not exit within {seconds}s of SIGTERM")]
     DidNotExit { component: Component, seconds: u64 },
+    /// `--kube`: preparing the API server for the mesh.
+    #[error("{0}")]
+    Kube(String),
     #[error("{component} did not become ready within {seconds}s: {problem}; log {log}:\n{tail}")]
     NotReady {
         component: String,
@@ -84,6 +87,8 @@ pub struct MeshBinaries {
     pub identity: PathBuf,
     pub destination: PathBuf,
     pub node_proxy: PathBuf,
+    /// The chained CNI plugin (`--kube`: the simulated kubelet runs it).
+    pub cni: PathBuf,
 }
 
 impl MeshBinaries {
@@ -105,6 +110,7 @@ impl MeshBinaries {
             identity: find("weft-identity")?,
             destination: find("weft-destination")?,
             node_proxy: find("weft-node-proxy")?,
+            cni: find("weft-cni")?,
         })
     }
 
@@ -224,6 +230,8 @@ struct Launch {
     netns: Option<PathBuf>,
     program: PathBuf,
     args: Vec<String>,
+    /// Added to the environment (`KUBECONFIG` with `--kube`).
+    env: Vec<(String, String)>,
     log: PathBuf,
     /// When it serves (checked after a restart).
     ready: Readiness,
@@ -530,19 +538,37 @@ impl Mesh {
                 &identity.to_string(),
                 "--metrics-listen",
                 &identity_metrics.to_string(),
-                "--local-credentials",
-                &path_arg(&credential_dir(&state.state_dir, CredentialFor::Identity)),
-                "--local-cluster-state",
-                &path_arg(&State::path(&state.state_dir)),
             ]
             .map(String::from),
         );
+        // With `--kube` the control plane runs against the API server (the
+        // node proxies' tokens reviewed there, the pods listed there), as
+        // on a cluster; otherwise in local mode, on the simulator's files.
+        let env = match &state.kube {
+            Some(kube) => {
+                prepare_kube(&self.binaries, state, kube)?;
+                vec![("KUBECONFIG".to_string(), path_arg(&kube.kubeconfig))]
+            }
+            None => {
+                args.extend(
+                    [
+                        "--local-credentials",
+                        &path_arg(&credential_dir(&state.state_dir, CredentialFor::Identity)),
+                        "--local-cluster-state",
+                        &path_arg(&State::path(&state.state_dir)),
+                    ]
+                    .map(String::from),
+                );
+                Vec::new()
+            }
+        };
         args.extend(self.identity_args.iter().cloned());
         let identity_launch = Launch {
             cgroup: cgroup.clone(),
             netns: None,
             program: self.binaries.identity.clone(),
             args,
+            env: env.clone(),
             log: identity_log,
             ready: Readiness::LogLine,
         };
@@ -554,13 +580,7 @@ impl Mesh {
         let destination = SocketAddr::new(host, DESTINATION_PORT);
         let destination_admin = SocketAddr::new(host, DESTINATION_ADMIN_PORT);
         let destination_log = logs.join("weft-destination.log");
-        let args: Vec<String> = [
-            "--source",
-            "local",
-            "--manifests",
-            &path_arg(&state.manifest_dir),
-            "--cluster-state",
-            &path_arg(&State::path(&state.state_dir)),
+        let mut args: Vec<String> = [
             "--grpc-addr",
             &destination.to_string(),
             "--admin-addr",
@@ -569,11 +589,6 @@ impl Mesh {
             &path_arg(&dest_dir.join("tls.crt")),
             "--tls-key",
             &path_arg(&dest_dir.join("tls.key")),
-            "--local-credentials",
-            &path_arg(&credential_dir(
-                &state.state_dir,
-                CredentialFor::Destination,
-            )),
             "--trust-domain",
             TRUST_DOMAIN,
             // The cluster networks are the pod networks, as an operator
@@ -584,11 +599,32 @@ impl Mesh {
         ]
         .map(String::from)
         .to_vec();
+        if state.kube.is_some() {
+            args.extend(["--source", "kube"].map(String::from));
+        } else {
+            args.extend(
+                [
+                    "--source",
+                    "local",
+                    "--manifests",
+                    &path_arg(&state.manifest_dir),
+                    "--cluster-state",
+                    &path_arg(&State::path(&state.state_dir)),
+                    "--local-credentials",
+                    &path_arg(&credential_dir(
+                        &state.state_dir,
+                        CredentialFor::Destination,
+                    )),
+                ]
+                .map(String::from),
+            );
+        }
         let destination_launch = Launch {
             cgroup,
             netns: None,
             program: self.binaries.destination.clone(),
             args,
+            env,
             log: destination_log,
             ready: Readiness::Http(destination_admin),
         };
@@ -647,6 +683,7 @@ impl Mesh {
                 netns: Some(node.netns_path.clone()),
                 program: self.binaries.node_proxy.clone(),
                 args: args.clone(),
+                env: Vec::new(),
                 log: log.clone(),
                 ready: Readiness::ProxyLine,
             };
@@ -698,6 +735,7 @@ impl Mesh {
             .transpose()?;
         let mut cmd = Command::new(&launch.program);
         cmd.args(&launch.args);
+        cmd.envs(launch.env.iter().map(|(k, v)| (k, v)));
         if let Some(netns) = &netns {
             sys::enter_netns_before_exec(&mut cmd, netns);
         }
@@ -786,6 +824,115 @@ impl NodeAgents for Mesh {
         *self.state.lock().expect("mesh lock") = Some(mesh);
         Ok(())
     }
+}
+
+/// What the mesh needs in a `--kube` cluster's API server before it
+/// starts: the node proxy's namespace and service account (its tokens are
+/// that account's) and the policy CRDs the destination service watches.
+const KUBE_OBJECTS: [&str; 6] = [
+    "apiVersion: v1\nkind: Namespace\nmetadata: {name: weft-system}\n---\napiVersion: v1\nkind: ServiceAccount\nmetadata: {name: weft-node-proxy, namespace: weft-system}\n",
+    include_str!("../../crds/authorizationpolicies.policy.weft.io.yaml"),
+    include_str!("../../crds/httproutes.policy.weft.io.yaml"),
+    include_str!("../../crds/meshtlsauthentications.policy.weft.io.yaml"),
+    include_str!("../../crds/networkauthentications.policy.weft.io.yaml"),
+    include_str!("../../crds/servers.policy.weft.io.yaml"),
+];
+
+/// The node proxy's service account, `(namespace, name)`: the control
+/// plane's default `--node-proxy-service-account`.
+const NODE_PROXY_ACCOUNT: (&str, &str) = ("weft-system", "weft-node-proxy");
+
+/// How long the node proxies' tokens are valid: longer than any test or
+/// demo (the simulator does not rotate them as a kubelet would).
+const NODE_PROXY_TOKEN_DURATION: &str = "48h";
+
+/// `--kube`: what a cluster's installation of the mesh provides, done
+/// through the API server: the objects above; for every node, the node
+/// proxy's two tokens (TokenRequest for `weft-system/weft-node-proxy`,
+/// bound to the node's `Node` object, one per control plane audience) in
+/// its credential files; and the chained CNI plugin in the node's
+/// `/etc/cni/net.d` and `/opt/cni/bin`, which the simulated kubelet runs
+/// for every pod as a container runtime does (so pods are registered with
+/// their node proxy by the plugin, not by the simulator).
+fn prepare_kube(
+    binaries: &MeshBinaries,
+    state: &State,
+    kube: &crate::state::KubeState,
+) -> Result<(), MeshError> {
+    let kubectl = |args: &[&str], stdin: Option<&str>| {
+        kube.kubectl_ok(args, stdin)
+            .map_err(|e| MeshError::Kube(format!("preparing the API server for the mesh: {e}")))
+    };
+    let objects = KUBE_OBJECTS.join("\n---\n");
+    kubectl(
+        &[
+            "apply",
+            "--server-side",
+            "--field-manager=weft-sim",
+            "-f",
+            "-",
+        ],
+        Some(&objects),
+    )?;
+    kubectl(
+        &[
+            "wait",
+            "--for=condition=Established",
+            "crd",
+            "--all",
+            "--timeout=60s",
+        ],
+        None,
+    )?;
+    for node in &state.nodes {
+        for (audience, file) in [
+            ("weft-identity", &node.ca_credential_file),
+            ("weft-destination", &node.destination_credential_file),
+        ] {
+            let token = kubectl(
+                &[
+                    "create",
+                    "token",
+                    NODE_PROXY_ACCOUNT.1,
+                    "--namespace",
+                    NODE_PROXY_ACCOUNT.0,
+                    "--audience",
+                    audience,
+                    "--bound-object-kind",
+                    "Node",
+                    "--bound-object-name",
+                    &node.name,
+                    "--duration",
+                    NODE_PROXY_TOKEN_DURATION,
+                ],
+                None,
+            )?;
+            if let Some(dir) = file.parent() {
+                std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+            }
+            sys::write_private(file, token.trim().as_bytes())
+                .map_err(io(format!("writing {}", file.display())))?;
+        }
+        let root = crate::cni::node_root(&state.state_dir, &node.name);
+        let bin = root.join("opt/cni/bin");
+        let conf = root.join("etc/cni/net.d");
+        for dir in [&bin, &conf] {
+            std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+        }
+        let plugin = bin.join("weft-cni");
+        let _ = std::fs::remove_file(&plugin);
+        std::os::unix::fs::symlink(&binaries.cni, &plugin)
+            .map_err(io(format!("linking {}", plugin.display())))?;
+        let config = serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": "k8s-pod-network",
+            "plugins": [{"type": "weft-cni", "agent_socket": node.agent_socket}],
+        });
+        let file = conf.join("10-weft.conflist");
+        std::fs::write(&file, config.to_string())
+            .map_err(io(format!("writing {}", file.display())))?;
+    }
+    Ok(())
 }
 
 /// The cgroup of the control plane processes, inside the cluster's.
@@ -926,6 +1073,7 @@ pub fn cycle_node_proxy(
         netns: Some(n.netns_path.clone()),
         program: proxy.program.clone(),
         args: proxy.args.clone(),
+        env: Vec::new(),
         log: proxy.log.clone(),
         ready: Readiness::ProxyLine,
     };

@@ -11,10 +11,8 @@
 mod support;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
+use support::replica_load::Load;
 use support::{MeshCluster, metric_sum};
 
 const WEB: &str = "web.demo.svc.cluster.local";
@@ -22,66 +20,6 @@ const WEB: &str = "web.demo.svc.cluster.local";
 const THREADS: usize = 4;
 const PER_THREAD: usize = 100;
 const WARM: usize = 60;
-
-/// The load generator in the client pod; killed on drop.
-struct Load {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Load {
-    fn start(mc: &MeshCluster) -> Self {
-        let args: Vec<String> = [
-            "web.demo".to_string(),
-            THREADS.to_string(),
-            PER_THREAD.to_string(),
-            WARM.to_string(),
-        ]
-        .into();
-        let mut child = weft_sim::cluster::pod_command(
-            mc.cluster().state(),
-            "demo/client",
-            "./replica_load.py",
-            &args,
-        )
-        .expect("command in the pod")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("replica_load.py starts");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Self { child, lines }
-    }
-
-    /// Lines until one equal to `until`; panics after `within`.
-    fn read_until(&self, until: &str, within: Duration) -> Vec<String> {
-        let deadline = std::time::Instant::now() + within;
-        let mut seen = Vec::new();
-        loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) if line == until => return seen,
-                Ok(line) => seen.push(line),
-                Err(e) => panic!("no {until:?} from replica_load.py ({e}); saw {seen:?}"),
-            }
-        }
-    }
-}
-
-impl Drop for Load {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// `got <id>` lines of a replica's log: the ids that reached it.
 fn delivered(mc: &MeshCluster, pod: &str) -> Vec<String> {
@@ -107,7 +45,16 @@ enum Death {
 fn a_replica_dies_under_load(death: Death) {
     let mc = MeshCluster::up(&[("c.yaml", weft_sim::testing::THREE_REPLICAS)], |_| {});
     let node_a = mc.node_ip("node-a");
-    let load = Load::start(&mc);
+    let load = Load::start(
+        mc.cluster().state(),
+        "demo/client",
+        &[
+            "web.demo",
+            &THREADS.to_string(),
+            &PER_THREAD.to_string(),
+            &WARM.to_string(),
+        ],
+    );
     let mut lines = load.read_until("warm", Duration::from_secs(120));
     // Warm: the HBONE connections to node-b and the destination proxies'
     // connections to the applications are open.

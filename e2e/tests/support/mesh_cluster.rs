@@ -39,8 +39,30 @@ impl MeshCluster {
         }
     }
 
+    /// The same on a real control plane (`up --kube`): the mesh's control
+    /// plane reads the API server, the kubelet's CNI plugin registers pods.
+    pub fn up_kube(files: &[(&str, &str)], configure: impl FnOnce(&mut Mesh)) -> Self {
+        let kube = weft_sim::kube::KubeBinaries::from_cache().unwrap_or_else(|e| panic!("{e}"));
+        let mut mesh = Mesh::new(binaries());
+        configure(&mut mesh);
+        let mesh = Arc::new(mesh);
+        let cluster = TestCluster::up_with(files, |o| {
+            o.node_agents = Some(mesh.clone());
+            o.kube = Some(kube);
+        })
+        .expect("--kube cluster with the mesh");
+        Self {
+            cluster: Some(cluster),
+            mesh,
+        }
+    }
+
     pub fn cluster(&self) -> &TestCluster {
         self.cluster.as_ref().unwrap()
+    }
+
+    pub fn cluster_mut(&mut self) -> &mut TestCluster {
+        self.cluster.as_mut().unwrap()
     }
 
     pub fn node_ip(&self, node: &str) -> Ipv4Addr {

@@ -219,6 +219,8 @@ pub fn promtool_accepts(node: Ipv4Addr) {
 }
 
 pub mod mesh_cluster;
+/// `replica_load.py` in a client pod, read line by line.
+pub mod replica_load;
 #[allow(unused_imports)]
 pub use mesh_cluster::MeshCluster;
 pub mod stream;
