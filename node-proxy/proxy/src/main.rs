@@ -152,6 +152,24 @@ struct ControlPlaneFlags {
     trust_domain: String,
 }
 
+/// Every connection of every enrolled pod of the node is a file descriptor
+/// here (two on the destination side). Container runtimes commonly start
+/// processes with a soft limit of 1024 and a much higher hard one, which
+/// a busy node passes quickly; the soft limit is raised to the hard one,
+/// as Go's runtime does for every Go program. Accepting goes on (after a
+/// pause) when the limit is reached anyway: see `transport::accept_loop`.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::info!(from = soft, to = hard, "raised the open file limit"),
+            Err(e) => tracing::warn!(soft, hard, error = %e, "cannot raise the open file limit"),
+        },
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read the open file limit"),
+    }
+}
+
 fn main() -> std::process::ExitCode {
     limit_malloc_arenas();
     let args = Args::parse();
@@ -175,6 +193,7 @@ fn main() -> std::process::ExitCode {
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .init();
     }
+    raise_open_file_limit();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let workers = args.worker_threads.map_or(cores.min(2), usize::from);
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -27,20 +27,26 @@ impl Drop for PinDir<'_> {
     }
 }
 
-#[test]
-fn one_credential_for_both_control_plane_services_is_refused_before_anything_is_attached() {
-    let dir = tempfile::tempdir().unwrap();
-    let token = dir.path().join("token");
+/// The node proxy with a configuration it refuses (one token file for both
+/// control plane services), run through `launcher` (e.g. `prlimit …`).
+fn refused_run(dir: &Path, launcher: &[&str]) -> std::process::Output {
+    let token = dir.join("token");
     std::fs::write(&token, "a token").unwrap();
-    let pins = dir.path().join("pins");
-    let _cleanup = PinDir(&pins);
-    let out = Command::new(env!("CARGO_BIN_EXE_weft-node-proxy"))
-        .args(["--node", "node-a", "--agent-socket"])
-        .arg(dir.path().join("cni.sock"))
+    let proxy = env!("CARGO_BIN_EXE_weft-node-proxy");
+    let mut cmd = match launcher.split_first() {
+        Some((program, args)) => {
+            let mut c = Command::new(program);
+            c.args(args).arg(proxy);
+            c
+        }
+        None => Command::new(proxy),
+    };
+    cmd.args(["--node", "node-a", "--agent-socket"])
+        .arg(dir.join("cni.sock"))
         .arg("--state-dir")
-        .arg(dir.path().join("state"))
+        .arg(dir.join("state"))
         .arg("--pin-dir")
-        .arg(&pins)
+        .arg(dir.join("pins"))
         .args([
             "--metrics-addr",
             "127.0.0.1:0",
@@ -60,7 +66,15 @@ fn one_credential_for_both_control_plane_services_is_refused_before_anything_is_
         .arg("--destination-token-file")
         .arg(&token)
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+#[test]
+fn one_credential_for_both_control_plane_services_is_refused_before_anything_is_attached() {
+    let dir = tempfile::tempdir().unwrap();
+    let pins = dir.path().join("pins");
+    let _cleanup = PinDir(&pins);
+    let out = refused_run(dir.path(), &[]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
     assert!(
@@ -70,5 +84,23 @@ fn one_credential_for_both_control_plane_services_is_refused_before_anything_is_
     assert!(
         !pins.exists(),
         "the proxy attached its programs before refusing its configuration: {err}"
+    );
+}
+
+/// Started with the low soft limit of open files container runtimes
+/// commonly give, the proxy raises it to the hard limit first thing.
+#[test]
+fn the_open_file_limit_is_raised_to_the_hard_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let _cleanup = PinDir(&dir.path().join("pins"));
+    let out = refused_run(dir.path(), &["prlimit", "--nofile=512:4096"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line = err
+        .lines()
+        .find(|l| l.contains("raised the open file limit"))
+        .unwrap_or_else(|| panic!("no limit raised: {err}"));
+    assert!(
+        line.contains("from=512") && line.contains("to=4096"),
+        "{line}"
     );
 }

@@ -21,6 +21,10 @@
 //! - requests failed when a replica dies (`failover.rs`), and during a
 //!   rollout of both node proxies (`rollout.rs`), each next to a window
 //!   without; `WEFT_BENCH_PART=failover|rollout` runs one alone;
+//! - `WEFT_BENCH_PART=connections` (`connections.rs`, not in the full
+//!   run): 10,000 concurrent connections through the node proxies, each
+//!   echoing periodically: errors, echo latency against direct, RSS per
+//!   connection;
 //! - `WEFT_BENCH_PART=memory` (`memory.rs`, not in the full run): RSS with
 //!   0, 1 and 100 enrolled pods and a CPU spot check, median of 3, for this
 //!   build and others given in `WEFT_BENCH_MEMORY_BUILDS`.
@@ -33,6 +37,7 @@
 //! node proxies' pids and runs the closed loop for about 30 s, e.g. while
 //! `perf record -g -p PID,PID` looks at where their CPU goes.
 
+mod connections;
 mod failover;
 mod http;
 mod memory;
@@ -361,6 +366,22 @@ fn main() {
             }
             http::server(&ports)
         }
+        Some("echo-server") => {
+            let Some(port) = args.get(2).and_then(|p| p.parse().ok()) else {
+                eprintln!("usage: mesh-bench echo-server PORT");
+                std::process::exit(2)
+            };
+            connections::echo_server(port)
+        }
+        Some("hold") => {
+            let (Some(target), Some(n)) = (args.get(2), args.get(3).and_then(|n| n.parse().ok()))
+            else {
+                eprintln!("usage: mesh-bench hold HOST:PORT CONNECTIONS");
+                std::process::exit(2)
+            };
+            connections::hold(target, n);
+            return;
+        }
         Some("http-load") => {
             let usage = "usage: mesh-bench http-load HOST:PORT h1|grpc RATE SECONDS CONNECTIONS";
             let (Some(target), Some(proto), Some(rate), Some(seconds), Some(conns)) = (
@@ -428,6 +449,10 @@ fn main() {
     }
     if std::env::var("WEFT_BENCH_PART").as_deref() == Ok("rollout") {
         rollout::bench(binaries);
+        return;
+    }
+    if std::env::var("WEFT_BENCH_PART").as_deref() == Ok("connections") {
+        connections::bench(binaries);
         return;
     }
     if std::env::var("WEFT_BENCH_PART").as_deref() == Ok("memory") {
