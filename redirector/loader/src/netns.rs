@@ -2,9 +2,14 @@
 //!
 //! A socket belongs to the network namespace it was created in, forever. So
 //! the node proxy, running in the node's namespace, creates its in-pod
-//! sockets on a short-lived thread that has `setns`-ed into the pod's
-//! namespace: only that thread moves, the rest of the process (tokio's
-//! workers included) never changes namespace.
+//! sockets on a thread that has `setns`-ed into the pod's namespace: only
+//! that thread moves, the rest of the process (tokio's workers included)
+//! never changes namespace. Set-up work (listeners, the cookie) runs on a
+//! short-lived thread per call ([`Netns::run`]); the sockets of connections
+//! ([`Netns::proxy_tcp_socket`]), one per new connection to an application,
+//! come from one long-lived thread that joins whichever namespace each
+//! request names: a thread created per connection cost more than the rest
+//! of the connection's set-up (docs/benchmarks.md, new connections).
 
 use crate::{Error, PROXY_SOCKET_MARK};
 use socket2::{Domain, Protocol, Socket, Type};
@@ -13,6 +18,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock, mpsc};
 
 /// `SO_NETNS_COOKIE` (Linux 5.14, asm-generic/socket.h); not in every libc.
 const SO_NETNS_COOKIE: libc::c_int = 71;
@@ -109,13 +115,78 @@ impl Netns {
 
     /// A TCP socket inside this namespace carrying [`PROXY_SOCKET_MARK`]:
     /// the proxy's own connections from the pod are never redirected.
-    pub fn proxy_tcp_socket(&self, domain: Domain) -> Result<Socket, Error> {
-        self.run(|| {
-            let sock = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
-            sock.set_mark(PROXY_SOCKET_MARK)?;
-            Ok(sock)
-        })
+    /// Made by the process's socket thread; the caller's thread (a runtime
+    /// worker) only waits for the answer.
+    pub async fn proxy_tcp_socket(&self, domain: Domain) -> Result<Socket, Error> {
+        let failed = |source| Error::Netns {
+            path: self.path.clone(),
+            source,
+        };
+        // The thread gets its own descriptor of the namespace: this one may
+        // be closed (the pod gone) before the request is served.
+        let netns = self.fd.try_clone().map_err(failed)?;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        socket_thread()
+            .and_then(|requests| {
+                requests
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .send(SocketRequest {
+                        netns,
+                        domain,
+                        reply,
+                    })
+                    .map_err(|_| io::Error::other("the socket thread has exited"))
+            })
+            .map_err(failed)?;
+        answer
+            .await
+            .unwrap_or_else(|_| Err(io::Error::other("the socket thread has exited")))
+            .map_err(failed)
     }
+}
+
+/// A socket to make in a namespace, and where to send it.
+struct SocketRequest {
+    netns: OwnedFd,
+    domain: Domain,
+    reply: tokio::sync::oneshot::Sender<io::Result<Socket>>,
+}
+
+/// The requests of the process's socket thread, started on first use. It
+/// lives as long as the process (sockets are wanted until the end).
+fn socket_thread() -> io::Result<&'static Mutex<mpsc::Sender<SocketRequest>>> {
+    static REQUESTS: OnceLock<Mutex<mpsc::Sender<SocketRequest>>> = OnceLock::new();
+    if let Some(requests) = REQUESTS.get() {
+        return Ok(requests);
+    }
+    let (send, receive) = mpsc::channel::<SocketRequest>();
+    // The thread goes back to the proxy's own namespace after each socket:
+    // a thread left in a pod's namespace would keep that namespace (and
+    // its interfaces) alive after the pod is gone.
+    let home = File::open("/proc/thread-self/ns/net")?;
+    let thread = std::thread::Builder::new()
+        .name("netns-sockets".into())
+        .spawn(move || {
+            let join = |ns: BorrowedFd<'_>| {
+                nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(io::Error::from)
+            };
+            for request in receive {
+                let made = join(request.netns.as_fd()).and_then(|()| {
+                    let sock = Socket::new(request.domain, Type::STREAM, Some(Protocol::TCP));
+                    let back = join(home.as_fd());
+                    let sock = sock?;
+                    sock.set_mark(PROXY_SOCKET_MARK)?;
+                    back.map(|()| sock)
+                });
+                // The asker may have given up (its connection was dropped).
+                let _ = request.reply.send(made);
+            }
+        });
+    // Two callers racing here each start a thread; the loser's exits at
+    // once (its sender is dropped with the lost value).
+    thread?;
+    Ok(REQUESTS.get_or_init(|| Mutex::new(send)))
 }
 
 impl AsFd for Netns {

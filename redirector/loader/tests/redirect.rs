@@ -114,16 +114,34 @@ fn proxy_marked_sockets_go_direct() {
     let proxy = listen(&pods.client, "127.0.0.1:15001");
     installed.enroll(&pods.client, "client-uid", &[]);
 
-    let sock = pods
-        .client
-        .netns
-        .proxy_tcp_socket(socket2::Domain::IPV4)
-        .unwrap();
+    let sock = marked_socket(&pods.client.netns, socket2::Domain::IPV4);
     sock.connect_timeout(&addr("10.99.0.2:8080").into(), Duration::from_secs(2))
         .expect("marked connect");
     let accepted = accept_within(&server, TIMEOUT).expect("server got the proxy's own connection");
     assert_eq!(accepted.peer_addr().unwrap().ip(), addr("10.99.0.1:0").ip());
     assert_nothing_else_reached(&proxy, &pods.client, "nothing reached the proxy listener");
+}
+
+/// The thread that makes in-pod sockets goes back to the proxy's own
+/// namespace after each one: staying would keep a deleted pod's namespace
+/// (and its interfaces) alive.
+#[test]
+fn the_socket_thread_leaves_the_pods_namespace() {
+    let pods = PodPair::new();
+    let sock = marked_socket(&pods.client.netns, socket2::Domain::IPV4);
+    // Made in the pod: bound there, it has the pod's address.
+    sock.bind(&addr("10.99.0.1:0").into())
+        .expect("the pod's address");
+    let thread = std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .flatten()
+        .find(|t| {
+            std::fs::read_to_string(t.path().join("comm"))
+                .is_ok_and(|c| c.trim() == "netns-sockets")
+        })
+        .expect("the socket thread");
+    let ns = |p: &std::path::Path| std::fs::read_link(p.join("ns/net")).unwrap();
+    assert_eq!(ns(&thread.path()), ns(std::path::Path::new("/proc/self")));
 }
 
 #[test]
@@ -670,11 +688,7 @@ fn proxy_delivers_inbound_to_the_app_without_looping() {
     let mut peer = connect_from(&pods.server, "10.99.0.1:8080").unwrap();
     let mut from_peer = accept_within(&inbound, TIMEOUT).expect("steered to 15006");
     let to = from_peer.local_addr().unwrap();
-    let sock = pods
-        .client
-        .netns
-        .proxy_tcp_socket(socket2::Domain::IPV4)
-        .unwrap();
+    let sock = marked_socket(&pods.client.netns, socket2::Domain::IPV4);
     sock.connect_timeout(&to.into(), Duration::from_secs(2))
         .expect("proxy -> app");
     let mut to_app = TcpStream::from(sock);
@@ -1053,10 +1067,7 @@ fn two_proxies_enrolling_one_pod_at_once_both_succeed() {
 /// A marked (never redirected) connect from `ns` that may fail.
 fn marked_connect(ns: &TestNetns, to: &str) -> io::Result<TcpStream> {
     let to: SocketAddr = to.parse().unwrap();
-    let sock = ns
-        .netns
-        .proxy_tcp_socket(socket2::Domain::IPV4)
-        .expect("marked socket");
+    let sock = marked_socket(&ns.netns, socket2::Domain::IPV4);
     sock.connect_timeout(&to.into(), Duration::from_secs(2))?;
     Ok(TcpStream::from(sock))
 }

@@ -25,12 +25,12 @@ impl NetnsSockets {
 
 impl SocketFactory for NetnsSockets {
     fn connect(&self, target: SocketAddr) -> BoxFuture<'static, io::Result<TcpStream>> {
-        let socket = self
-            .netns
-            .proxy_tcp_socket(Domain::for_address(target))
-            .map_err(io::Error::other);
+        let netns = self.netns.clone();
         Box::pin(async move {
-            let socket = socket?;
+            let socket = netns
+                .proxy_tcp_socket(Domain::for_address(target))
+                .await
+                .map_err(io::Error::other)?;
             socket.set_nonblocking(true)?;
             match socket.connect(&SockAddr::from(target)) {
                 Ok(()) => {}

@@ -237,6 +237,16 @@ fn remove_stale() {
 pub const TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A blocking listener in `ns`.
+/// A socket made in `netns` with the proxy's mark, as the proxy makes
+/// them (on its socket thread), waited for here.
+pub fn marked_socket(netns: &Netns, domain: socket2::Domain) -> socket2::Socket {
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap()
+        .block_on(netns.proxy_tcp_socket(domain))
+        .expect("marked socket")
+}
+
 pub fn listen(ns: &TestNetns, addr: &str) -> TcpListener {
     let l = ns.netns.listen_tcp(addr.parse().unwrap()).expect("listen");
     l.set_nonblocking(true).unwrap();
@@ -283,7 +293,7 @@ pub fn direct_connect_from(ns: &TestNetns, to: &str) -> TcpStream {
     } else {
         socket2::Domain::IPV6
     };
-    let sock = ns.netns.proxy_tcp_socket(domain).expect("marked socket");
+    let sock = marked_socket(&ns.netns, domain);
     sock.connect_timeout(&to.into(), TIMEOUT)
         .unwrap_or_else(|e| panic!("direct connect to {to}: {e}"));
     TcpStream::from(sock)
@@ -454,7 +464,7 @@ impl StandInProxy {
                 };
                 served2.lock().unwrap().push(target);
                 let domain = socket2::Domain::for_address(target);
-                let upstream = netns.proxy_tcp_socket(domain).expect("marked socket");
+                let upstream = marked_socket(&netns, domain);
                 if upstream
                     .connect_timeout(&target.into(), Duration::from_secs(5))
                     .is_err()
