@@ -1225,6 +1225,9 @@ mod tests {
         let err = MeshBinaries::in_dir(dir.path()).unwrap_err().to_string();
         assert!(err.contains("weft-node-proxy"), "{err}");
         std::fs::write(dir.path().join("weft-node-proxy"), "").unwrap();
+        let err = MeshBinaries::in_dir(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("weft-cni"), "{err}");
+        std::fs::write(dir.path().join("weft-cni"), "").unwrap();
         assert!(MeshBinaries::in_dir(dir.path()).is_ok());
     }
 

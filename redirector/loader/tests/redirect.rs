@@ -99,7 +99,7 @@ fn inbound_without_proxy_listener_fails_closed() {
         .unwrap();
     connect_from(&pods.server, "10.99.0.1:8080").expect("steered while the proxy lives");
     assert!(accept_within(&inbound, TIMEOUT).is_some());
-    drop(inbound);
+    close_listener(inbound, &pods.client);
     let err =
         connect_from(&pods.server, "10.99.0.1:8080").expect_err("refused after the proxy died");
     assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused, "{err}");
@@ -915,7 +915,7 @@ fn inbound_steering_hands_over_between_two_listeners() {
     );
 
     // The old one closes: the new one takes everything.
-    drop(old);
+    close_listener(old, &pods.client);
     for _ in 0..20 {
         connect_from(&pods.server, "10.99.0.1:8080").expect("not refused after the old closed");
         accept_within(&new, TIMEOUT).expect("the new listener got it");

@@ -236,7 +236,6 @@ fn remove_stale() {
 
 pub const TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A blocking listener in `ns`.
 /// A socket made in `netns` with the proxy's mark, as the proxy makes
 /// them (on its socket thread), waited for here.
 pub fn marked_socket(netns: &Netns, domain: socket2::Domain) -> socket2::Socket {
@@ -247,10 +246,54 @@ pub fn marked_socket(netns: &Netns, domain: socket2::Domain) -> socket2::Socket 
         .expect("marked socket")
 }
 
+/// A non-blocking listener in `ns`.
 pub fn listen(ns: &TestNetns, addr: &str) -> TcpListener {
     let l = ns.netns.listen_tcp(addr.parse().unwrap()).expect("listen");
     l.set_nonblocking(true).unwrap();
     l
+}
+
+/// Closes `listener` and waits until the kernel has released its socket
+/// (it is gone from `ns`'s socket table), as when the proxy holding it has
+/// exited. Dropping the descriptor alone does not promise that: a process
+/// that a concurrent test is spawning holds a copy of every descriptor
+/// from its fork until its exec.
+pub fn close_listener(listener: TcpListener, ns: &TestNetns) {
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", listener.as_raw_fd())).unwrap();
+    // "socket:[INODE]"
+    let inode: String = link
+        .to_string_lossy()
+        .chars()
+        .filter(char::is_ascii_digit)
+        .collect();
+    let present = || {
+        let inode = inode.clone();
+        ns.netns
+            .run(move || {
+                let mut found = false;
+                for table in ["tcp", "tcp6"] {
+                    let text = std::fs::read_to_string(format!("/proc/thread-self/net/{table}"))?;
+                    // The tenth column is the socket's inode.
+                    found |= text
+                        .lines()
+                        .skip(1)
+                        .any(|line| line.split_whitespace().nth(9) == Some(inode.as_str()));
+                }
+                Ok::<_, io::Error>(found)
+            })
+            .expect("reading the namespace's sockets")
+    };
+    // Seen while open, so that its absence below means something.
+    assert!(present(), "socket inode {inode} not found in the namespace");
+    drop(listener);
+    let deadline = Instant::now() + TIMEOUT;
+    while present() {
+        assert!(
+            Instant::now() < deadline,
+            "the listener (socket inode {inode}) was not released"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// Accepts one connection within `timeout`, or None.
