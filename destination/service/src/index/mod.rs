@@ -8,11 +8,13 @@
 //! be faster per event and much harder to get right.
 
 mod addresses;
+pub mod incremental;
 pub mod policy;
 mod problems;
 mod services;
 mod workloads;
 
+pub use incremental::Incremental;
 pub use problems::{Problem, ProblemKind};
 
 use crate::store::ClusterObjects;
@@ -64,12 +66,20 @@ pub struct Index {
     /// Inconsistencies found (served around, reported).
     pub problems: Vec<Problem>,
     /// Whether each policy object is in effect (its `Accepted` condition).
-    pub policy_statuses: Vec<policy::status::PolicyStatus>,
+    /// Shared: unchanged from one generation to the next unless a policy
+    /// object (or what one refers to) changed.
+    pub policy_statuses: Arc<Vec<policy::status::PolicyStatus>>,
 }
 
 impl Index {
     pub fn local(&self, node: &str) -> Arc<LocalView> {
-        self.nodes.get(node).cloned().unwrap_or_default()
+        // One shared empty view: a node without pods keeps the same view
+        // from one generation to the next (and its subscribers sleep).
+        static EMPTY: std::sync::LazyLock<Arc<LocalView>> = std::sync::LazyLock::new(Arc::default);
+        self.nodes
+            .get(node)
+            .cloned()
+            .unwrap_or_else(|| EMPTY.clone())
     }
 
     /// What `node` is sent (version aside).
@@ -101,6 +111,7 @@ pub fn build(objects: &ClusterObjects, config: &IndexConfig) -> Index {
     let mut mesh = MeshView {
         workloads: BTreeMap::new(),
         services,
+        lineage: Default::default(),
     };
     for (key, w) in &workloads.placed {
         let local = nodes.entry(w.node.clone()).or_default();
@@ -124,9 +135,11 @@ pub fn build(objects: &ClusterObjects, config: &IndexConfig) -> Index {
                 .collect(),
         ),
         problems,
-        policy_statuses: policies.statuses,
+        policy_statuses: Arc::new(policies.statuses),
     }
 }
 
+#[cfg(test)]
+mod incremental_tests;
 #[cfg(test)]
 mod tests;
