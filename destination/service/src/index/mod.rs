@@ -3,9 +3,10 @@
 //! give the same views, which is what lets the tests drive it with object
 //! JSON alone and lets the publisher compare results to find what changed.
 //!
-//! The cost is a full rebuild per batch of changes (linear in the cluster,
-//! measured by `cargo xtask bench destination`); an incremental index would
-//! be faster per event and much harder to get right.
+//! [`build`] is linear in the cluster. The indexer uses it once, through
+//! [`Incremental`], which then recomputes only what each change affects
+//! and is tested against [`build`] after every step of random change
+//! sequences (`incremental_tests`).
 
 mod addresses;
 pub mod incremental;
