@@ -30,7 +30,7 @@ const BENCHES: &[Bench] = &[
         package: "weft-destination",
         example: "bench",
         binaries: &[],
-        what: "index time, snapshot size and update fan-out at 10 000 pods / 2 000 Services / 100 nodes",
+        what: "full build, one pod change (incremental update, every node's delta, fan-out to real subscribers) against the full rebuild, snapshot size, RSS and churn at 10 000 pods / 2 000 Services / 100 nodes and at 100 000 / 10 000 / 1 000 (WEFT_BENCH_SCALE=10k|100k for one)",
     },
     Bench {
         part: "redirector",

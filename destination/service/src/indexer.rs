@@ -1,12 +1,14 @@
 //! The loop between sources and publisher: apply what sources report to the
-//! store, rebuild the index, publish, and report what changed in the
-//! problems the index works around.
+//! store, bring the index up to date, publish, and report what changed in
+//! the problems the index works around.
 //!
-//! Updates that arrive while a rebuild runs are applied together before the
-//! next one: under churn the index rebuilds as fast as it can, not once per
-//! event.
+//! The index is built whole once, when the sources have synced, then kept
+//! up to date incrementally ([`index::Incremental`]): a change costs what
+//! it affects, not the cluster. Updates that arrive while the index is
+//! being updated are applied together before the next update: under churn
+//! the index catches up as fast as it can, not once per event.
 
-use crate::index::{self, IndexConfig, Problem, ProblemKind};
+use crate::index::{self, Incremental, IndexConfig, Problem, ProblemKind};
 use crate::metrics::{IneffectiveLabel, KindLabel, ProblemLabel};
 use crate::model::Kind;
 use crate::publisher::Publisher;
@@ -28,16 +30,27 @@ pub enum SourceEvent {
     Synced,
 }
 
-/// Most updates applied in one batch before rebuilding: bounds the time a
-/// rebuild waits under a flood.
+/// Most updates applied in one batch before updating the index: bounds the
+/// time an update waits under a flood.
 const MAX_BATCH: usize = 10_000;
 
+/// The index before and after the first full sync.
+// One value, moved to the blocking pool and back once per update: the
+// unused bytes of `Live` cost nothing worth a box.
+#[allow(clippy::large_enum_variant)]
+enum Stage {
+    /// Objects only: nothing is indexed before the sources have synced.
+    Waiting(ClusterObjects),
+    Live(Box<Incremental>),
+}
+
 pub async fn run(
-    mut objects: ClusterObjects,
+    objects: ClusterObjects,
     config: IndexConfig,
     mut events: mpsc::Receiver<SourceEvent>,
     publisher: Arc<Publisher>,
 ) {
+    let mut stage = Some(Stage::Waiting(objects));
     let mut synced = false;
     let mut problems: BTreeSet<Problem> = BTreeSet::new();
     while let Some(first) = events.recv().await {
@@ -52,7 +65,11 @@ pub async fn run(
         for event in batch {
             match event {
                 SourceEvent::Update(update) => {
-                    objects.apply(update);
+                    match stage.as_mut() {
+                        Some(Stage::Waiting(objects)) => objects.apply(update),
+                        Some(Stage::Live(index)) => index.apply(update),
+                        None => return,
+                    }
                     changed = true;
                 }
                 SourceEvent::Synced => {
@@ -68,22 +85,29 @@ pub async fn run(
             continue;
         }
         let started = Instant::now();
+        let Some(current) = stage.take() else {
+            return;
+        };
         let config_for_build = config.clone();
-        // The rebuild is CPU work proportional to the cluster: keep it off
-        // the threads that drive the streams.
+        // The update is CPU work (the whole cluster the first time): keep it
+        // off the threads that drive the streams.
         let (returned, built) = match tokio::task::spawn_blocking(move || {
-            let built = index::build(&objects, &config_for_build);
-            (objects, built)
+            let mut live = match current {
+                Stage::Waiting(objects) => Box::new(Incremental::new(objects, config_for_build)),
+                Stage::Live(live) => live,
+            };
+            let built = live.refresh();
+            (live, built)
         })
         .await
         {
             Ok(r) => r,
             Err(e) => {
-                tracing::error!(error = %e, "index rebuild failed; the indexer stops");
+                tracing::error!(error = %e, "index update failed; the indexer stops");
                 return;
             }
         };
-        objects = returned;
+        let objects = returned.objects();
         let metrics = publisher.metrics.clone();
         for kind in Kind::ALL {
             metrics
@@ -109,6 +133,7 @@ pub async fn run(
                 .set(now.iter().filter(|p| p.kind == kind).count() as i64);
         }
         problems = now;
+        stage = Some(Stage::Live(returned));
         for reason in index::policy::status::Ineffective::ALL {
             let count = built
                 .policy_statuses
@@ -122,7 +147,7 @@ pub async fn run(
                 })
                 .set(count as i64);
         }
-        let nodes = publisher.publish(built);
+        let nodes = publisher.publish_interned(built);
         metrics
             .index_duration
             .observe(started.elapsed().as_secs_f64());

@@ -2,8 +2,9 @@
 //! each node proxy the view of the cluster it needs.
 //!
 //! Data flow: sources ([`source`]) turn Kubernetes objects into validated
-//! [`model`] objects in a [`store`]; the [`index`] (a pure function) turns
-//! the store into per-node [`views`]; the [`publisher`] versions them and
+//! [`model`] objects in a [`store`]; the [`index`] (a pure function, and
+//! its incremental form that the indexer keeps up to date) turns the store
+//! into per-node [`views`]; the [`publisher`] versions them and
 //! hands each node's latest view to its subscribers; the [`server`] streams
 //! snapshots and deltas over gRPC.
 

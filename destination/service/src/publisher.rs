@@ -83,18 +83,29 @@ impl Publisher {
     }
 
     /// Publishes a rebuilt index; returns how many nodes' views changed.
+    /// Unchanged parts are first replaced by the previous generation's
+    /// allocations (a walk of the whole index).
     pub fn publish(&self, mut index: Index) -> usize {
+        let previous = self.lock().history.back().map(|(_, i)| i.clone());
+        if let Some(previous) = previous {
+            intern(&mut index, &previous);
+        }
+        self.publish_interned(index)
+    }
+
+    /// Publishes an index whose unchanged parts already are the previous
+    /// generation's allocations (what [`crate::index::Incremental`] keeps):
+    /// no walk of the index, only a pointer comparison per node.
+    pub fn publish_interned(&self, index: Index) -> usize {
         self.statuses.send_if_modified(|held| {
-            let changed = **held != index.policy_statuses;
+            let changed =
+                !Arc::ptr_eq(held, &index.policy_statuses) && **held != *index.policy_statuses;
             if changed {
-                *held = Arc::new(index.policy_statuses.clone());
+                *held = index.policy_statuses.clone();
             }
             changed
         });
         let mut state = self.lock();
-        if let Some((_, previous)) = state.history.back() {
-            intern(&mut index, previous);
-        }
         state.generation += 1;
         let generation = state.generation;
         let index = Arc::new(index);

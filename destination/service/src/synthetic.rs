@@ -20,6 +20,46 @@ pub struct Shape {
     pub namespaces: usize,
 }
 
+impl Shape {
+    /// The cluster of the first benchmarks: 10 000 pods, 2 000 Services
+    /// (5 replicas each), 100 nodes, 20 namespaces.
+    pub const TEN_THOUSAND: Shape = Shape {
+        pods: 10_000,
+        services: 2_000,
+        nodes: 100,
+        namespaces: 20,
+    };
+
+    /// Issue #18's target: 100 000 pods, 10 000 Services (10 replicas
+    /// each), 1 000 nodes, 20 namespaces.
+    pub const HUNDRED_THOUSAND: Shape = Shape {
+        pods: 100_000,
+        services: 10_000,
+        nodes: 1_000,
+        namespaces: 20,
+    };
+
+    /// The namespace of pod `i` is enrolled (even namespaces are).
+    pub fn enrolled(&self, i: usize) -> bool {
+        let per_service = (self.pods / self.services.max(1)).max(1);
+        ((i / per_service) % self.namespaces.max(1)).is_multiple_of(2)
+    }
+
+    /// The `n`th pod of a sequence of enrolled pods spread over the
+    /// cluster (and so over the nodes): what benchmarks change.
+    pub fn spread_enrolled_pod(&self, n: usize) -> usize {
+        let pods = self.pods.max(1);
+        let mut i = n.wrapping_mul(7_919) % pods;
+        for _ in 0..pods {
+            if self.enrolled(i) {
+                return i;
+            }
+            i = (i + 1) % pods;
+        }
+        0
+    }
+}
+
 pub fn node_name(i: usize) -> String {
     format!("node-{i:03}")
 }

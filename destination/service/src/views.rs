@@ -7,9 +7,9 @@
 //! the wire are computed from two NodeViews: a snapshot from nothing, or a
 //! delta from what the subscriber last received.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::iter::Peekable;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Instant;
 use weft_destination_api::{NamespaceSet, Policy, Service, WatchResponse, Workload};
 
@@ -20,12 +20,68 @@ pub type Policies = BTreeMap<String, Arc<Policy>>;
 pub type Namespaces = Arc<BTreeSet<String>>;
 
 /// What every node with enrolled pods receives.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default)]
 pub struct MeshView {
     /// Enrolled workloads, by uid.
     pub workloads: Workloads,
     /// Every Service, by `namespace/name`.
     pub services: Services,
+    /// What changed since the previous meshes (when known): a delta from
+    /// one of them then looks only at those keys, not at the whole maps.
+    pub lineage: Lineage,
+}
+
+impl PartialEq for MeshView {
+    fn eq(&self, other: &Self) -> bool {
+        self.workloads == other.workloads && self.services == other.services
+    }
+}
+
+/// The keys that differ between two consecutive meshes.
+#[derive(Debug, Default)]
+pub struct Changed {
+    pub workloads: BTreeSet<String>,
+    pub services: BTreeSet<String>,
+}
+
+/// A mesh's last [`Lineage::DEPTH`] predecessors, each with what changed
+/// after it. Predecessors are held weakly (the mesh does not keep them
+/// alive) and only compared by address, which their weak references keep
+/// from being reused: memory per mesh is bounded by `DEPTH` change sets,
+/// shared with the meshes that follow.
+#[derive(Clone, Debug, Default)]
+pub struct Lineage {
+    /// Oldest first.
+    steps: VecDeque<(Weak<MeshView>, Arc<Changed>)>,
+}
+
+impl Lineage {
+    pub const DEPTH: usize = 16;
+
+    /// The lineage of the mesh that follows `parent`, differing by `changed`.
+    pub fn after(parent: &Arc<MeshView>, changed: Changed) -> Self {
+        let mut steps = parent.lineage.steps.clone();
+        steps.push_back((Arc::downgrade(parent), Arc::new(changed)));
+        while steps.len() > Self::DEPTH {
+            steps.pop_front();
+        }
+        Self { steps }
+    }
+
+    /// The keys that may differ from `ancestor`, if it is a recent one.
+    fn since(&self, ancestor: &Arc<MeshView>) -> Option<(BTreeSet<&String>, BTreeSet<&String>)> {
+        let from = self
+            .steps
+            .iter()
+            .rposition(|(m, _)| std::ptr::eq(m.as_ptr(), Arc::as_ptr(ancestor)))?;
+        let mut workloads = BTreeSet::new();
+        let mut services = BTreeSet::new();
+        for (_, changed) in self.steps.iter().skip(from) {
+            workloads.extend(changed.workloads.iter());
+            services.extend(changed.services.iter());
+        }
+        Some((workloads, services))
+    }
 }
 
 /// One node's own pods, enrolled or not (a proxy must know when one of its
@@ -107,6 +163,15 @@ impl NodeView {
         }
     }
 
+    /// One workload of the view (the node's own copy first, as in
+    /// [`NodeView::workloads`]).
+    pub fn workload(&self, uid: &str) -> Option<&Arc<Workload>> {
+        self.local
+            .workloads
+            .get(uid)
+            .or_else(|| self.mesh.as_ref()?.workloads.get(uid))
+    }
+
     pub fn services(&self) -> impl Iterator<Item = (&String, &Arc<Service>)> {
         self.mesh.iter().flat_map(|m| m.services.iter())
     }
@@ -142,14 +207,50 @@ impl NodeView {
         if self.same_content(old) {
             return response;
         }
-        diff(old.workloads(), self.workloads(), |change| match change {
-            Change::Upsert(w) => response.workloads.push((**w).clone()),
-            Change::Remove(uid) => response.removed_workloads.push(uid.clone()),
-        });
-        diff(old.services(), self.services(), |change| match change {
-            Change::Upsert(s) => response.services.push((**s).clone()),
-            Change::Remove(key) => response.removed_services.push(key.clone()),
-        });
+        // When the mesh's lineage knows what changed since the old one,
+        // only those keys (and the node's own, few) are compared.
+        let changed = match (&old.mesh, &self.mesh) {
+            (Some(a), Some(b)) if Arc::ptr_eq(a, b) => Some(Default::default()),
+            (Some(a), Some(b)) => b.lineage.since(a),
+            _ => None,
+        };
+        match changed {
+            Some((mut workloads, services)) => {
+                if !Arc::ptr_eq(&old.local, &self.local) {
+                    workloads.extend(old.local.workloads.keys());
+                    workloads.extend(self.local.workloads.keys());
+                }
+                for uid in workloads {
+                    match (old.workload(uid), self.workload(uid)) {
+                        (Some(o), Some(n)) if Arc::ptr_eq(o, n) || o == n => {}
+                        (_, Some(n)) => response.workloads.push((**n).clone()),
+                        (Some(_), None) => response.removed_workloads.push(uid.clone()),
+                        (None, None) => {}
+                    }
+                }
+                let lookup = |v: &'_ NodeView, k: &String| {
+                    v.mesh.as_ref().and_then(|m| m.services.get(k).cloned())
+                };
+                for key in services {
+                    match (lookup(old, key), lookup(self, key)) {
+                        (Some(o), Some(n)) if Arc::ptr_eq(&o, &n) || o == n => {}
+                        (_, Some(n)) => response.services.push((*n).clone()),
+                        (Some(_), None) => response.removed_services.push(key.clone()),
+                        (None, None) => {}
+                    }
+                }
+            }
+            None => {
+                diff(old.workloads(), self.workloads(), |change| match change {
+                    Change::Upsert(w) => response.workloads.push((**w).clone()),
+                    Change::Remove(uid) => response.removed_workloads.push(uid.clone()),
+                });
+                diff(old.services(), self.services(), |change| match change {
+                    Change::Upsert(s) => response.services.push((**s).clone()),
+                    Change::Remove(key) => response.removed_services.push(key.clone()),
+                });
+            }
+        }
         diff(
             old.local.policies.iter(),
             self.local.policies.iter(),
@@ -271,6 +372,7 @@ mod tests {
             mesh: Some(Arc::new(MeshView {
                 workloads: mesh.iter().cloned().collect(),
                 services: Services::new(),
+                lineage: Lineage::default(),
             })),
             local: Arc::new(LocalView {
                 workloads: local.iter().cloned().collect(),

@@ -3,16 +3,19 @@
 //! give the same views, which is what lets the tests drive it with object
 //! JSON alone and lets the publisher compare results to find what changed.
 //!
-//! The cost is a full rebuild per batch of changes (linear in the cluster,
-//! measured by `cargo xtask bench destination`); an incremental index would
-//! be faster per event and much harder to get right.
+//! [`build`] is linear in the cluster. The indexer uses it once, through
+//! [`Incremental`], which then recomputes only what each change affects
+//! and is tested against [`build`] after every step of random change
+//! sequences (`incremental_tests`).
 
 mod addresses;
+pub mod incremental;
 pub mod policy;
 mod problems;
 mod services;
 mod workloads;
 
+pub use incremental::Incremental;
 pub use problems::{Problem, ProblemKind};
 
 use crate::store::ClusterObjects;
@@ -64,12 +67,20 @@ pub struct Index {
     /// Inconsistencies found (served around, reported).
     pub problems: Vec<Problem>,
     /// Whether each policy object is in effect (its `Accepted` condition).
-    pub policy_statuses: Vec<policy::status::PolicyStatus>,
+    /// Shared: unchanged from one generation to the next unless a policy
+    /// object (or what one refers to) changed.
+    pub policy_statuses: Arc<Vec<policy::status::PolicyStatus>>,
 }
 
 impl Index {
     pub fn local(&self, node: &str) -> Arc<LocalView> {
-        self.nodes.get(node).cloned().unwrap_or_default()
+        // One shared empty view: a node without pods keeps the same view
+        // from one generation to the next (and its subscribers sleep).
+        static EMPTY: std::sync::LazyLock<Arc<LocalView>> = std::sync::LazyLock::new(Arc::default);
+        self.nodes
+            .get(node)
+            .cloned()
+            .unwrap_or_else(|| EMPTY.clone())
     }
 
     /// What `node` is sent (version aside).
@@ -101,6 +112,7 @@ pub fn build(objects: &ClusterObjects, config: &IndexConfig) -> Index {
     let mut mesh = MeshView {
         workloads: BTreeMap::new(),
         services,
+        lineage: Default::default(),
     };
     for (key, w) in &workloads.placed {
         let local = nodes.entry(w.node.clone()).or_default();
@@ -124,9 +136,11 @@ pub fn build(objects: &ClusterObjects, config: &IndexConfig) -> Index {
                 .collect(),
         ),
         problems,
-        policy_statuses: policies.statuses,
+        policy_statuses: Arc::new(policies.statuses),
     }
 }
 
+#[cfg(test)]
+mod incremental_tests;
 #[cfg(test)]
 mod tests;

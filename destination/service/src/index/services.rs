@@ -12,7 +12,7 @@ use crate::store::ClusterObjects;
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
-use weft_destination_api::{Endpoint, ServicePort, address};
+use weft_destination_api::{Endpoint, ServicePort, Workload, address};
 
 pub fn build(
     objects: &ClusterObjects,
@@ -32,73 +32,98 @@ pub fn build(
         }
     }
     let mut out = BTreeMap::new();
+    let placed = |key: &ObjectKey| workloads.placed.get(key).cloned();
     for svc in objects.services.values() {
-        let endpoints = match config.endpoints {
-            EndpointsFrom::Selectors => from_selector(objects, svc, workloads),
-            EndpointsFrom::EndpointSlices => from_slices(
-                objects,
-                svc,
-                slices_by_service
-                    .get(&svc.key)
-                    .map(Vec::as_slice)
-                    .unwrap_or(&[]),
-                workloads,
-                problems,
-            ),
-        };
-        if svc.selector.is_some() && endpoints.is_empty() {
-            problems.push(Problem {
-                kind: ProblemKind::NoEndpoints,
-                object: format!("Service {}", svc.key),
-                detail: match config.endpoints {
-                    EndpointsFrom::Selectors => {
-                        "its selector matches no running pod with an address (yet); \
-                         connections to it will fail"
-                            .into()
-                    }
-                    EndpointsFrom::EndpointSlices => {
-                        "has no ready endpoints; connections to it will fail".into()
-                    }
-                },
-            });
-        }
-        let service = weft_destination_api::Service {
-            name: svc.key.name.clone(),
-            namespace: svc.key.namespace.clone(),
-            hostname: format!(
-                "{}.{}.svc.{}",
-                svc.key.name, svc.key.namespace, config.cluster_domain
-            ),
-            cluster_ips: svc
-                .cluster_ips
-                .iter()
-                .filter(|ip| vip_owners.get(ip).is_some_and(|owner| **owner == svc.key))
-                .map(|ip| address::encode(*ip))
-                .collect(),
-            ports: svc
-                .ports
-                .iter()
-                .map(|p| ServicePort {
-                    name: p.name.clone(),
-                    port: p.port.into(),
-                    target_port: match &p.target {
-                        TargetPort::Number(n) => (*n).into(),
-                        TargetPort::Name(_) => 0,
-                    },
-                    target_port_name: match &p.target {
-                        TargetPort::Number(_) => String::new(),
-                        TargetPort::Name(n) => n.clone(),
-                    },
-                    protocol: p.protocol.clone(),
-                    app_protocol: p.app_protocol.clone(),
-                })
-                .collect(),
-            endpoints: endpoints.into_values().collect(),
-            routes: routes.remove(&svc.key).unwrap_or_default(),
-        };
-        out.insert(service.key(), Arc::new(service));
+        let owns = |ip: &IpAddr| vip_owners.get(ip).is_some_and(|owner| **owner == svc.key);
+        let service = service(
+            objects,
+            config,
+            svc,
+            slices_by_service
+                .get(&svc.key)
+                .map(Vec::as_slice)
+                .unwrap_or(&[]),
+            &placed,
+            &owns,
+            routes.remove(&svc.key).unwrap_or_default(),
+            problems,
+        );
+        out.insert(service.key(), service);
     }
     out
+}
+
+/// Who a pod's workload is, if it is placed.
+pub type Placed<'p> = dyn Fn(&ObjectKey) -> Option<Arc<Workload>> + 'p;
+
+/// One Service: `slices` are its EndpointSlices in key order (ignored with
+/// endpoints from selectors), `owns` whether it holds a ClusterIP it
+/// claims, `routes` its outbound routes.
+#[allow(clippy::too_many_arguments)]
+pub fn service(
+    objects: &ClusterObjects,
+    config: &IndexConfig,
+    svc: &ServiceInfo,
+    slices: &[&SliceInfo],
+    placed: &Placed<'_>,
+    owns: &dyn Fn(&IpAddr) -> bool,
+    routes: Vec<weft_destination_api::Route>,
+    problems: &mut Vec<Problem>,
+) -> Arc<weft_destination_api::Service> {
+    let endpoints = match config.endpoints {
+        EndpointsFrom::Selectors => from_selector(objects, svc, placed),
+        EndpointsFrom::EndpointSlices => from_slices(objects, svc, slices, placed, problems),
+    };
+    if svc.selector.is_some() && endpoints.is_empty() {
+        problems.push(Problem {
+            kind: ProblemKind::NoEndpoints,
+            object: format!("Service {}", svc.key),
+            detail: match config.endpoints {
+                EndpointsFrom::Selectors => {
+                    "its selector matches no running pod with an address (yet); \
+                     connections to it will fail"
+                        .into()
+                }
+                EndpointsFrom::EndpointSlices => {
+                    "has no ready endpoints; connections to it will fail".into()
+                }
+            },
+        });
+    }
+    Arc::new(weft_destination_api::Service {
+        name: svc.key.name.clone(),
+        namespace: svc.key.namespace.clone(),
+        hostname: format!(
+            "{}.{}.svc.{}",
+            svc.key.name, svc.key.namespace, config.cluster_domain
+        ),
+        cluster_ips: svc
+            .cluster_ips
+            .iter()
+            .filter(|ip| owns(ip))
+            .map(|ip| address::encode(*ip))
+            .collect(),
+        ports: svc
+            .ports
+            .iter()
+            .map(|p| ServicePort {
+                name: p.name.clone(),
+                port: p.port.into(),
+                target_port: match &p.target {
+                    TargetPort::Number(n) => (*n).into(),
+                    TargetPort::Name(_) => 0,
+                },
+                target_port_name: match &p.target {
+                    TargetPort::Number(_) => String::new(),
+                    TargetPort::Name(n) => n.clone(),
+                },
+                protocol: p.protocol.clone(),
+                app_protocol: p.app_protocol.clone(),
+            })
+            .collect(),
+        endpoints: endpoints.into_values().collect(),
+        routes,
+    })
 }
 
 /// The older Service keeps a ClusterIP two claim.
@@ -140,12 +165,8 @@ fn assign_vips<'a>(
 /// stable order, so an unchanged Service compares equal across rebuilds.
 type Endpoints = BTreeMap<String, Endpoint>;
 
-fn endpoint_for(
-    pod: &PodInfo,
-    workloads: &Workloads<'_>,
-    addresses: &[IpAddr],
-) -> (String, Endpoint) {
-    match workloads.placed.get(&pod.key) {
+fn endpoint_for(pod: &PodInfo, placed: &Placed<'_>, addresses: &[IpAddr]) -> (String, Endpoint) {
+    match placed(&pod.key) {
         Some(w) if w.enrolled => (
             w.uid.clone(),
             Endpoint {
@@ -172,11 +193,7 @@ fn plain_endpoint(addresses: &[IpAddr]) -> (String, Endpoint) {
     )
 }
 
-fn from_selector(
-    objects: &ClusterObjects,
-    svc: &ServiceInfo,
-    workloads: &Workloads<'_>,
-) -> Endpoints {
+fn from_selector(objects: &ClusterObjects, svc: &ServiceInfo, placed: &Placed<'_>) -> Endpoints {
     let mut out = Endpoints::new();
     let Some(selector) = &svc.selector else {
         return out;
@@ -193,7 +210,7 @@ fn from_selector(
             continue;
         }
         // Running somewhere, with an address it owns.
-        let Some(w) = workloads.placed.get(&pod.key) else {
+        let Some(w) = placed(&pod.key) else {
             continue;
         };
         let addresses: Vec<IpAddr> = w
@@ -223,7 +240,7 @@ fn from_selector(
         if ports.is_empty() && !svc.ports.is_empty() {
             continue;
         }
-        let (key, mut endpoint) = endpoint_for(pod, workloads, &addresses);
+        let (key, mut endpoint) = endpoint_for(pod, placed, &addresses);
         endpoint.ports = ports;
         out.insert(key, endpoint);
     }
@@ -234,7 +251,7 @@ fn from_slices(
     objects: &ClusterObjects,
     svc: &ServiceInfo,
     slices: &[&SliceInfo],
-    workloads: &Workloads<'_>,
+    placed: &Placed<'_>,
     problems: &mut Vec<Problem>,
 ) -> Endpoints {
     let mut out = Endpoints::new();
@@ -278,7 +295,7 @@ fn from_slices(
                 pod
             });
             let (key, endpoint) = match pod {
-                Some(pod) => endpoint_for(pod, workloads, &ep.addresses),
+                Some(pod) => endpoint_for(pod, placed, &ep.addresses),
                 None => plain_endpoint(&ep.addresses),
             };
             // Dual-stack Services have one slice per family listing the same

@@ -5,6 +5,7 @@ use super::{IndexConfig, Problem, ProblemKind};
 use crate::model::{MESH_LABEL, ObjectKey, PodInfo};
 use crate::store::ClusterObjects;
 use std::collections::{BTreeMap, HashSet};
+use std::net::IpAddr;
 use std::sync::Arc;
 use weft_destination_api::{NamedPort, PortRange, TunnelProtocol, Workload, address, spiffe_id};
 
@@ -41,86 +42,104 @@ pub fn build<'a>(
     let enrolled_namespaces = enrolled_namespaces(objects);
     let mut placed = BTreeMap::new();
     for pod in objects.pods.values() {
-        let Some(node) = &pod.node else { continue };
-        if pod.terminated {
-            continue;
-        }
-        if objects.tracks_service_accounts
-            && pod.service_account != "default"
-            && !objects
-                .service_accounts
-                .contains(&ObjectKey::new(&pod.key.namespace, &pod.service_account))
+        let owns = |ip: &IpAddr| owners.get(ip).is_some_and(|owner| **owner == pod.key);
+        if let Some(workload) =
+            workload(objects, config, pod, &enrolled_namespaces, &owns, problems)
         {
-            problems.push(Problem {
-                kind: ProblemKind::MissingServiceAccount,
-                object: format!("Pod {}", pod.key),
-                detail: format!(
-                    "runs as ServiceAccount {:?}, which is not declared in namespace {:?}; \
-                     its identity is still derived from that name",
-                    pod.service_account, pod.key.namespace
-                ),
-            });
+            placed.insert(&pod.key, workload);
         }
-        let enrolled = enrolled(pod, &enrolled_namespaces);
-        let addresses = if addresses::claims(pod) {
-            pod.ips
-                .iter()
-                .filter(|ip| owners.get(ip).is_some_and(|owner| **owner == pod.key))
-                .map(|ip| address::encode(*ip))
-                .collect()
-        } else {
-            Vec::new()
-        };
-        let opaque_ports = match &pod.opaque_ports {
-            Some(annotation) => {
-                let (ranges, bad) = parse_port_ranges(annotation);
-                if !bad.is_empty() {
-                    problems.push(Problem {
-                        kind: ProblemKind::InvalidOpaquePorts,
-                        object: format!("Pod {}", pod.key),
-                        detail: format!(
-                            "weft.io/opaque-ports has entries that are not a port or a range                              of ports (1-65535, e.g. \"3306,8000-8010\"): {}; they are ignored                              and those ports get protocol detection",
-                            bad.join(", ")
-                        ),
-                    });
-                }
-                ranges
-            }
-            None => Vec::new(),
-        };
-        let workload = Workload {
-            uid: pod.uid.clone(),
-            name: pod.key.name.clone(),
-            namespace: pod.key.namespace.clone(),
-            service_account: pod.service_account.clone(),
-            identity: spiffe_id(
-                &config.trust_domain,
-                &pod.key.namespace,
-                &pod.service_account,
-            ),
-            node: node.clone(),
-            addresses,
-            labels: pod.labels.clone(),
-            ports: pod
-                .ports
-                .iter()
-                .map(|p| NamedPort {
-                    name: p.name.clone(),
-                    port: p.port.into(),
-                    protocol: p.protocol.clone(),
-                })
-                .collect(),
-            enrolled,
-            tunnel: if enrolled {
-                TunnelProtocol::Hbone
-            } else {
-                TunnelProtocol::None
-            } as i32,
-            opaque_ports,
-        };
-        placed.insert(&pod.key, Arc::new(workload));
     }
     Workloads { placed }
+}
+
+/// The workload of one pod: `None` unless it is placed on a node and not
+/// finished. `owns`: whether the pod owns an address it claims.
+pub fn workload(
+    objects: &ClusterObjects,
+    config: &IndexConfig,
+    pod: &PodInfo,
+    enrolled_namespaces: &HashSet<&str>,
+    owns: &dyn Fn(&IpAddr) -> bool,
+    problems: &mut Vec<Problem>,
+) -> Option<Arc<Workload>> {
+    let node = pod.node.as_ref()?;
+    if pod.terminated {
+        return None;
+    }
+    if objects.tracks_service_accounts
+        && pod.service_account != "default"
+        && !objects
+            .service_accounts
+            .contains(&ObjectKey::new(&pod.key.namespace, &pod.service_account))
+    {
+        problems.push(Problem {
+            kind: ProblemKind::MissingServiceAccount,
+            object: format!("Pod {}", pod.key),
+            detail: format!(
+                "runs as ServiceAccount {:?}, which is not declared in namespace {:?}; \
+                 its identity is still derived from that name",
+                pod.service_account, pod.key.namespace
+            ),
+        });
+    }
+    let enrolled = enrolled(pod, enrolled_namespaces);
+    let addresses = if addresses::claims(pod) {
+        pod.ips
+            .iter()
+            .filter(|ip| owns(ip))
+            .map(|ip| address::encode(*ip))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let opaque_ports = match &pod.opaque_ports {
+        Some(annotation) => {
+            let (ranges, bad) = parse_port_ranges(annotation);
+            if !bad.is_empty() {
+                problems.push(Problem {
+                    kind: ProblemKind::InvalidOpaquePorts,
+                    object: format!("Pod {}", pod.key),
+                    detail: format!(
+                        "weft.io/opaque-ports has entries that are not a port or a range                              of ports (1-65535, e.g. \"3306,8000-8010\"): {}; they are ignored                              and those ports get protocol detection",
+                        bad.join(", ")
+                    ),
+                });
+            }
+            ranges
+        }
+        None => Vec::new(),
+    };
+    let workload = Workload {
+        uid: pod.uid.clone(),
+        name: pod.key.name.clone(),
+        namespace: pod.key.namespace.clone(),
+        service_account: pod.service_account.clone(),
+        identity: spiffe_id(
+            &config.trust_domain,
+            &pod.key.namespace,
+            &pod.service_account,
+        ),
+        node: node.clone(),
+        addresses,
+        labels: pod.labels.clone(),
+        ports: pod
+            .ports
+            .iter()
+            .map(|p| NamedPort {
+                name: p.name.clone(),
+                port: p.port.into(),
+                protocol: p.protocol.clone(),
+            })
+            .collect(),
+        enrolled,
+        tunnel: if enrolled {
+            TunnelProtocol::Hbone
+        } else {
+            TunnelProtocol::None
+        } as i32,
+        opaque_ports,
+    };
+    Some(Arc::new(workload))
 }
 
 /// Parses a comma-separated list of ports and inclusive ranges

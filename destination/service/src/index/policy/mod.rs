@@ -49,145 +49,252 @@ pub fn proto_policy(p: CrdPolicy) -> DefaultPolicy {
     }
 }
 
+pub type Routes = BTreeMap<ObjectKey, Result<ResolvedRoute, Failure>>;
+
 pub fn build<'a>(
     objects: &'a ClusterObjects,
     config: &IndexConfig,
     pods: impl Iterator<Item = &'a PodInfo>,
-    routes: &BTreeMap<ObjectKey, Result<ResolvedRoute, Failure>>,
+    routes: &'a Routes,
     problems: &mut Vec<Problem>,
 ) -> PolicyIndex<'a> {
-    let td = &config.trust_domain;
     let mut statuses = Vec::new();
-    let mut report = |kind: Kind,
-                      key: &ObjectKey,
-                      generation: Option<i64>,
-                      failure: Option<resolve::Failure>| {
-        if let Some((why, detail)) = &failure {
-            problems.push(Problem {
-                kind: why.problem(),
-                object: format!("{kind} {key}"),
-                detail: format!("{detail}; the policy is not in effect (it grants nothing)"),
-            });
-        }
-        statuses.push(PolicyStatus {
-            kind,
-            key: key.clone(),
-            ineffective: failure,
-            generation,
-        });
-    };
-
-    // Servers.
-    let mut servers: BTreeMap<&ObjectKey, Result<ValidServer<'_>, String>> = BTreeMap::new();
-    for (key, object) in &objects.servers {
-        let valid = resolve::server(object);
-        report(
-            Kind::Server,
-            key,
-            object.generation,
-            valid.as_ref().err().cloned(),
-        );
-        servers.insert(key, valid.map_err(|(_, why)| why));
-    }
-    // Authentications are reported on their own, and again through each
-    // policy that uses them.
-    for (key, object) in &objects.mesh_tls_authentications {
-        report(
-            Kind::MeshTLSAuthentication,
-            key,
-            object.generation,
-            resolve::mesh_tls(object, td).err(),
-        );
-    }
-    for (key, object) in &objects.network_authentications {
-        report(
-            Kind::NetworkAuthentication,
-            key,
-            object.generation,
-            resolve::network_authn(object).err(),
-        );
-    }
-    for (key, route) in routes {
-        let generation = objects.http_routes.get(key).and_then(|o| o.generation);
-        report(
-            Kind::HTTPRoute,
-            key,
-            generation,
-            route.as_ref().err().cloned(),
-        );
-    }
-    // AuthorizationPolicies, grouped by what they target.
-    let server_state = |key: &ObjectKey| {
-        servers
-            .get(key)
-            .map(|r| r.as_ref().map(|_| ()).map_err(Clone::clone))
-    };
-    let route_state = |key: &ObjectKey| {
-        routes.get(key).map(|r| {
-            r.as_ref()
-                .map(|r| !r.servers.is_empty())
-                .map_err(|(_, why)| why.clone())
-        })
-    };
-    let targets = Targets {
-        servers: &server_state,
-        routes: &route_state,
-    };
-    let mut by_target: BTreeMap<Target, Vec<Authorization>> = BTreeMap::new();
-    for (key, object) in &objects.authorization_policies {
-        match resolve::authorization(object, objects, &targets, td) {
-            Ok((target, authz)) => {
-                report(Kind::AuthorizationPolicy, key, object.generation, None);
-                by_target.entry(target).or_default().push(authz);
-            }
-            Err(failure) => report(
-                Kind::AuthorizationPolicy,
-                key,
-                object.generation,
-                Some(failure),
-            ),
-        }
-    }
-
-    // Servers only select pods of their own namespace, and most require a
-    // label: index them by (namespace, one required label) so that a pod is
-    // matched against the few Servers that can select it, not against
-    // every Server of its namespace.
-    let mut by_label: HashMap<(&str, &str, &str), Vec<&ValidServer<'_>>> = HashMap::new();
-    let mut any_labels: HashMap<&str, Vec<&ValidServer<'_>>> = HashMap::new();
-    for server in servers.values().filter_map(|r| r.as_ref().ok()) {
-        let ns = server.object.key.namespace.as_str();
-        match server.selector.required_label() {
-            Some((k, v)) => by_label.entry((ns, k, v)).or_default().push(server),
-            None => any_labels.entry(ns).or_default().push(server),
-        }
-    }
-    // Invalid Servers fail closed on what they may have selected.
-    let fenced: Vec<ValidServer<'_>> = servers
-        .iter()
-        .filter(|(_, r)| r.is_err())
-        .filter_map(|(key, _)| objects.servers.get(*key).and_then(resolve::fenced_server))
-        .collect();
-    let cluster_networks: Vec<_> = config
-        .cluster_networks
-        .iter()
-        .map(|c| c.to_network(vec![]))
-        .collect();
-    let cluster_default = proto_policy(config.default_policy);
+    let context = Context::new(
+        objects,
+        config,
+        routes,
+        None,
+        Some((&mut statuses, &mut *problems)),
+    );
     let mut out = BTreeMap::new();
     for pod in pods {
-        let default = default_policy(objects, pod, cluster_default, problems);
+        out.insert(&pod.key, context.pod_policy(pod, problems));
+    }
+    PolicyIndex {
+        pods: out,
+        statuses,
+    }
+}
+
+/// What the policy of a pod is computed from: the Servers and the
+/// AuthorizationPolicies of a namespace (or of all), resolved once for
+/// many pods. A pod's policy depends only on its own namespace's Servers,
+/// AuthorizationPolicies and HTTPRoutes (references never cross
+/// namespaces, except to the authentications an AuthorizationPolicy
+/// requires), its Namespace, and itself: what lets the incremental index
+/// recompute only the pods of the namespaces a change touches.
+pub struct Context<'a> {
+    objects: &'a ClusterObjects,
+    routes: &'a Routes,
+    valid: Vec<ValidServer<'a>>,
+    by_label: HashMap<(&'a str, &'a str, &'a str), Vec<usize>>,
+    any_labels: HashMap<&'a str, Vec<usize>>,
+    fenced: HashMap<&'a str, Vec<ValidServer<'a>>>,
+    by_target: BTreeMap<Target, Vec<Authorization>>,
+    cluster_networks: Vec<weft_destination_api::Network>,
+    cluster_default: DefaultPolicy,
+}
+
+/// The objects of `map` in namespace `scope` (all of them: `None`).
+fn in_scope<'m, V>(
+    map: &'m BTreeMap<ObjectKey, V>,
+    scope: Option<&'m str>,
+) -> Box<dyn Iterator<Item = (&'m ObjectKey, &'m V)> + 'm> {
+    match scope {
+        None => Box::new(map.iter()),
+        Some(ns) => Box::new(
+            map.range(ObjectKey::new(ns, "")..)
+                .take_while(move |(k, _)| k.namespace == ns),
+        ),
+    }
+}
+
+impl<'a> Context<'a> {
+    /// `scope`: the namespace whose pods will be asked about (`None`:
+    /// every namespace). `report`: where to record every policy object's
+    /// status and problems (only meaningful with `scope` `None`).
+    pub fn new(
+        objects: &'a ClusterObjects,
+        config: &IndexConfig,
+        routes: &'a Routes,
+        scope: Option<&'a str>,
+        mut report: Option<(&mut Vec<PolicyStatus>, &mut Vec<Problem>)>,
+    ) -> Self {
+        let td = &config.trust_domain;
+        let mut report = |kind: Kind,
+                          key: &ObjectKey,
+                          generation: Option<i64>,
+                          failure: Option<resolve::Failure>| {
+            let Some((statuses, problems)) = report.as_mut() else {
+                return;
+            };
+            if let Some((why, detail)) = &failure {
+                problems.push(Problem {
+                    kind: why.problem(),
+                    object: format!("{kind} {key}"),
+                    detail: format!("{detail}; the policy is not in effect (it grants nothing)"),
+                });
+            }
+            statuses.push(PolicyStatus {
+                kind,
+                key: key.clone(),
+                ineffective: failure,
+                generation,
+            });
+        };
+
+        // Servers.
+        let mut servers: BTreeMap<&ObjectKey, Result<ValidServer<'_>, String>> = BTreeMap::new();
+        for (key, object) in in_scope(&objects.servers, scope) {
+            let valid = resolve::server(object);
+            report(
+                Kind::Server,
+                key,
+                object.generation,
+                valid.as_ref().err().cloned(),
+            );
+            servers.insert(key, valid.map_err(|(_, why)| why));
+        }
+        if scope.is_none() {
+            // Authentications are reported on their own, and again through
+            // each policy that uses them.
+            for (key, object) in &objects.mesh_tls_authentications {
+                report(
+                    Kind::MeshTLSAuthentication,
+                    key,
+                    object.generation,
+                    resolve::mesh_tls(object, td).err(),
+                );
+            }
+            for (key, object) in &objects.network_authentications {
+                report(
+                    Kind::NetworkAuthentication,
+                    key,
+                    object.generation,
+                    resolve::network_authn(object).err(),
+                );
+            }
+            for (key, route) in routes {
+                let generation = objects.http_routes.get(key).and_then(|o| o.generation);
+                report(
+                    Kind::HTTPRoute,
+                    key,
+                    generation,
+                    route.as_ref().err().cloned(),
+                );
+            }
+        }
+        // AuthorizationPolicies, grouped by what they target (always in
+        // their own namespace).
+        let server_state = |key: &ObjectKey| {
+            servers
+                .get(key)
+                .map(|r| r.as_ref().map(|_| ()).map_err(Clone::clone))
+        };
+        let route_state = |key: &ObjectKey| {
+            routes.get(key).map(|r| {
+                r.as_ref()
+                    .map(|r| !r.servers.is_empty())
+                    .map_err(|(_, why)| why.clone())
+            })
+        };
+        let targets = Targets {
+            servers: &server_state,
+            routes: &route_state,
+        };
+        let mut by_target: BTreeMap<Target, Vec<Authorization>> = BTreeMap::new();
+        for (key, object) in in_scope(&objects.authorization_policies, scope) {
+            match resolve::authorization(object, objects, &targets, td) {
+                Ok((target, authz)) => {
+                    report(Kind::AuthorizationPolicy, key, object.generation, None);
+                    by_target.entry(target).or_default().push(authz);
+                }
+                Err(failure) => report(
+                    Kind::AuthorizationPolicy,
+                    key,
+                    object.generation,
+                    Some(failure),
+                ),
+            }
+        }
+
+        // Servers only select pods of their own namespace, and most require
+        // a label: index them by (namespace, one required label) so that a
+        // pod is matched against the few Servers that can select it, not
+        // against every Server of its namespace.
+        let mut valid = Vec::new();
+        let mut by_label: HashMap<(&str, &str, &str), Vec<usize>> = HashMap::new();
+        let mut any_labels: HashMap<&str, Vec<usize>> = HashMap::new();
+        // Invalid Servers fail closed on what they may have selected.
+        let mut fenced: HashMap<&str, Vec<ValidServer<'_>>> = HashMap::new();
+        for (key, server) in servers {
+            let ns = key.namespace.as_str();
+            match server {
+                Ok(server) => {
+                    // The selector's required label is its first
+                    // `matchLabels` pair, read from the object (which
+                    // outlives the context).
+                    let required = server
+                        .object
+                        .spec
+                        .pod_selector
+                        .match_labels
+                        .as_ref()
+                        .and_then(|m| m.iter().next());
+                    debug_assert_eq!(
+                        required.map(|(k, v)| (k.as_str(), v.as_str())),
+                        server.selector.required_label()
+                    );
+                    match required {
+                        Some((k, v)) => by_label
+                            .entry((ns, k.as_str(), v.as_str()))
+                            .or_default()
+                            .push(valid.len()),
+                        None => any_labels.entry(ns).or_default().push(valid.len()),
+                    }
+                    valid.push(server);
+                }
+                Err(_) => {
+                    if let Some(f) = objects.servers.get(key).and_then(resolve::fenced_server) {
+                        fenced.entry(ns).or_default().push(f);
+                    }
+                }
+            }
+        }
+        Context {
+            objects,
+            routes,
+            valid,
+            by_label,
+            any_labels,
+            fenced,
+            by_target,
+            cluster_networks: config
+                .cluster_networks
+                .iter()
+                .map(|c| c.to_network(vec![]))
+                .collect(),
+            cluster_default: proto_policy(config.default_policy),
+        }
+    }
+
+    /// The inbound policy of `pod` (of a namespace in the context's scope).
+    pub fn pod_policy(&self, pod: &PodInfo, problems: &mut Vec<Problem>) -> Arc<Policy> {
+        let objects = self.objects;
+        let routes = self.routes;
+        let by_target = &self.by_target;
+        let default = default_policy(objects, pod, self.cluster_default, problems);
         let mut selected: BTreeMap<u16, Vec<&ValidServer<'_>>> = BTreeMap::new();
         let ns = pod.key.namespace.as_str();
         // Each Server is indexed once, and a pod has one value per label
         // key: no Server comes up twice.
-        let candidates = any_labels.get(ns).into_iter().flatten().chain(
+        let candidates = self.any_labels.get(ns).into_iter().flatten().chain(
             pod.labels
                 .iter()
-                .filter_map(|(k, v)| by_label.get(&(ns, k.as_str(), v.as_str())))
+                .filter_map(|(k, v)| self.by_label.get(&(ns, k.as_str(), v.as_str())))
                 .flatten(),
         );
-        for server in candidates.copied() {
+        for server in candidates.map(|i| &self.valid[*i]) {
             if !server.selector.matches(&pod.labels) {
                 continue;
             }
@@ -197,7 +304,7 @@ pub fn build<'a>(
             }
         }
         let mut fenced_ports: BTreeMap<u16, &ValidServer<'_>> = BTreeMap::new();
-        for server in fenced.iter().filter(|f| f.object.key.namespace == ns) {
+        for server in self.fenced.get(ns).into_iter().flatten() {
             if !server.selector.matches(&pod.labels) {
                 continue;
             }
@@ -216,13 +323,13 @@ pub fn build<'a>(
             let winner = candidates[0];
             for loser in &candidates[1..] {
                 problems.push(Problem {
-                    kind: ProblemKind::ServerConflict,
-                    object: format!("Server {}", loser.object.key),
-                    detail: format!(
-                        "selects port {port} of pod {} like the older Server {}, which applies there",
-                        pod.key, winner.object.key.name
-                    ),
-                });
+                kind: ProblemKind::ServerConflict,
+                object: format!("Server {}", loser.object.key),
+                detail: format!(
+                    "selects port {port} of pod {} like the older Server {}, which applies there",
+                    pod.key, winner.object.key.name
+                ),
+            });
             }
             let mut authorizations: Vec<Authorization> = Vec::new();
             for target in [
@@ -232,7 +339,7 @@ pub fn build<'a>(
                 authorizations.extend(by_target.get(&target).into_iter().flatten().cloned());
             }
             authorizations.sort_by(|a, b| a.policy.cmp(&b.policy));
-            let routes = inbound_routes(routes, &winner.object.key, &by_target);
+            let routes = inbound_routes(routes, &winner.object.key, by_target);
             policy_servers.push(PolicyServer {
                 name: winner.object.key.name.clone(),
                 port: port.into(),
@@ -263,23 +370,16 @@ pub fn build<'a>(
             });
         }
         policy_servers.sort_by_key(|s| s.port);
-        out.insert(
-            &pod.key,
-            Arc::new(Policy {
-                name: pod.key.name.clone(),
-                namespace: pod.key.namespace.clone(),
-                workload_uid: pod.uid.clone(),
-                default_policy: default as i32,
-                cluster_networks: cluster_networks.clone(),
-                servers: policy_servers,
-                probe_ports: pod.probe_ports.iter().map(|p| u32::from(*p)).collect(),
-                probe_sources: pod.host_ips.iter().map(|ip| address::encode(*ip)).collect(),
-            }),
-        );
-    }
-    PolicyIndex {
-        pods: out,
-        statuses,
+        Arc::new(Policy {
+            name: pod.key.name.clone(),
+            namespace: pod.key.namespace.clone(),
+            workload_uid: pod.uid.clone(),
+            default_policy: default as i32,
+            cluster_networks: self.cluster_networks.clone(),
+            servers: policy_servers,
+            probe_ports: pod.probe_ports.iter().map(|p| u32::from(*p)).collect(),
+            probe_sources: pod.host_ips.iter().map(|ip| address::encode(*ip)).collect(),
+        })
     }
 }
 

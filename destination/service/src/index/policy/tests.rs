@@ -49,7 +49,7 @@ fn build(extra: &str) -> (Policy, Vec<super::status::PolicyStatus>) {
     });
     let index = index::build(&store, &IndexConfig::default());
     let policy = (*index.local("node-a").policies["shop/web"]).clone();
-    (policy, index.policy_statuses)
+    (policy, index.policy_statuses.to_vec())
 }
 
 fn why(statuses: &[super::status::PolicyStatus], kind: Kind, name: &str) -> Option<Ineffective> {
