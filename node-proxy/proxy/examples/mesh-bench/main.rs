@@ -21,6 +21,9 @@
 //! - requests failed when a replica dies (`failover.rs`), and during a
 //!   rollout of both node proxies (`rollout.rs`), each next to a window
 //!   without; `WEFT_BENCH_PART=failover|rollout` runs one alone;
+//! - single-connection throughput and the node proxies' CPU per GB, direct
+//!   against the mesh's default and L4-only paths, rounds alternating
+//!   (`throughput.rs`); `WEFT_BENCH_PART=throughput` runs it alone;
 //! - `WEFT_BENCH_PART=memory` (`memory.rs`, not in the full run): RSS with
 //!   0, 1 and 100 enrolled pods and a CPU spot check, median of 3, for this
 //!   build and others given in `WEFT_BENCH_MEMORY_BUILDS`.
@@ -38,6 +41,7 @@ mod http;
 mod memory;
 mod rollout;
 mod stacks;
+mod throughput;
 
 use std::time::{Duration, Instant};
 use weft_sim::TestCluster;
@@ -430,6 +434,10 @@ fn main() {
         rollout::bench(binaries);
         return;
     }
+    if let Ok("throughput" | "handshake") = std::env::var("WEFT_BENCH_PART").as_deref() {
+        throughput::bench(binaries);
+        return;
+    }
     if std::env::var("WEFT_BENCH_PART").as_deref() == Ok("memory") {
         memory::bench(binaries);
         return;
@@ -594,6 +602,7 @@ fn main() {
     println!(
         "node proxy RSS with {captured} of {MANY_PODS} enrolled pods captured: {many_rss:.1} MiB (a node proxy with no enrolled pod in the same cluster: {none_rss:.1} MiB); that cluster came up in {many_up:.0}s"
     );
+    throughput::bench(binaries.clone());
     stacks::run(binaries.clone());
     failover::bench(binaries.clone());
     rollout::bench(binaries);
