@@ -27,6 +27,21 @@ pub use upstream::{ConnectError, Upstream, open_upstream};
 
 use std::net::SocketAddr;
 
+/// Bytes read from an HBONE connection's socket at a time. rustls reads
+/// 4 KiB per `read_tls` (a 16 KiB record took four `recvfrom`s), so the
+/// socket is read through a buffer: one system call for several records.
+/// Allocated per HBONE connection (pooled, few), not per stream.
+pub const TLS_READ_BUFFER: usize = 64 * 1024;
+
+/// The socket under an HBONE connection's TLS: reads buffered
+/// ([`TLS_READ_BUFFER`]); writes (vectored, from rustls) pass through.
+pub type TlsSocket = tokio::io::BufReader<tokio::net::TcpStream>;
+
+/// Wraps a connected socket for TLS ([`TlsSocket`]).
+pub fn tls_socket(tcp: tokio::net::TcpStream) -> TlsSocket {
+    tokio::io::BufReader::with_capacity(TLS_READ_BUFFER, tcp)
+}
+
 /// Accepts on one of a pod's listeners until its task is aborted (the pod
 /// leaves), handing each connection to `handle` on a task of its own. An
 /// accept error (file descriptors exhausted, say) is logged and retried after

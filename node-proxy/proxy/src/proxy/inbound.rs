@@ -70,7 +70,7 @@ pub async fn serve_hbone(listener: TcpListener, pod: Arc<LocalPod>, cx: ProxyInp
         let (acceptor, pod, cx) = (acceptor.clone(), pod.clone(), cx.clone());
         let mut bundle = mesh.certs.trust_bundle();
         async move {
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(crate::transport::tls_socket(tcp))).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
                     tracing::info!(target: "access", pod = %pod.key(), %peer, error = %e, "HBONE handshake refused");

@@ -140,7 +140,10 @@ fn connector(certs: CertManager, epochs: Option<Arc<BundleEpochs>>) -> Connector
                 .await
                 .map_err(|source| HboneError::Connect { addr, source })?;
             let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-                .connect(ServerName::IpAddress(addr.ip().into()), tcp)
+                .connect(
+                    ServerName::IpAddress(addr.ip().into()),
+                    super::tls_socket(tcp),
+                )
                 .await
                 .map_err(|source| HboneError::Tls { addr, source })?;
             // The destination's identity holds until its certificate
