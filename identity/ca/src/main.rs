@@ -97,6 +97,12 @@ fn main() -> ExitCode {
 }
 
 fn run() -> Result<()> {
+    // One default crypto provider for the process (ring, as the CA's own
+    // TLS uses), as the destination service does: when rustls is built
+    // with aws-lc-rs too (a test build: the node proxy's benchmark compares
+    // the two), a dependency that asks rustls for the default (the
+    // Kubernetes client) would otherwise find none.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

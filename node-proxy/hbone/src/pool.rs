@@ -19,7 +19,7 @@
 //! connection is closed (GOAWAY).
 
 use crate::HboneError;
-use crate::server::{CONNECTION_WINDOW, MAX_CONCURRENT_STREAMS, STREAM_WINDOW};
+use crate::server::{CONNECTION_WINDOW, MAX_CONCURRENT_STREAMS, MAX_FRAME_SIZE, STREAM_WINDOW};
 use crate::stream::H2Stream;
 use bytes::Bytes;
 use futures::future::BoxFuture;
@@ -239,6 +239,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> HbonePool<K> {
         let (send, connection) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME_SIZE)
             .handshake::<_, Bytes>(io)
             .await
             .map_err(|source| HboneError::H2 { addr, source })?;

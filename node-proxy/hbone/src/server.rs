@@ -21,6 +21,13 @@ pub(crate) const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 pub(crate) const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 pub const MAX_CONCURRENT_STREAMS: u32 = 100;
 
+/// The largest DATA frame a peer may send us (HTTP/2's default is 16 KiB).
+/// Every frame the sender writes is a write into TLS (h2 flushes after each
+/// frame larger than a few hundred bytes) and a system call; and a 16 KiB
+/// payload plus its 9-byte header made two TLS records, one of 9 bytes.
+/// 256 KiB less the header: a full frame is 16 full records.
+pub(crate) const MAX_FRAME_SIZE: u32 = 256 * 1024 - 9;
+
 /// One CONNECT stream waiting for the proxy's decision.
 pub struct HboneRequest {
     pub target: SocketAddr,
@@ -76,6 +83,7 @@ where
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .max_frame_size(MAX_FRAME_SIZE)
         .handshake::<_, Bytes>(io)
         .await?;
     tokio::pin!(shutdown);

@@ -27,6 +27,33 @@ pub use upstream::{ConnectError, Upstream, open_upstream};
 
 use std::net::SocketAddr;
 
+/// Bytes read from an HBONE connection's socket at a time. rustls reads
+/// 4 KiB per `read_tls` (a 16 KiB record took four `recvfrom`s), so the
+/// socket is read through a buffer: one system call for several records.
+/// Allocated per HBONE connection (pooled, few), not per stream.
+pub const TLS_READ_BUFFER: usize = 64 * 1024;
+
+/// The socket under an HBONE connection's TLS: reads buffered
+/// ([`TLS_READ_BUFFER`]); writes (vectored, from rustls) pass through.
+pub type TlsSocket = tokio::io::BufReader<tokio::net::TcpStream>;
+
+/// Ciphertext rustls may hold before the socket takes it (its default is
+/// 64 KiB). tokio-rustls writes what rustls holds after each part it
+/// accepts, so an HTTP/2 DATA frame of 256 KiB was four `writev`s; with
+/// room for a whole frame's records it is one.
+pub const TLS_WRITE_BUFFER: usize = 320 * 1024;
+
+/// Sets an established HBONE connection's TLS buffers
+/// ([`TLS_WRITE_BUFFER`]).
+pub fn tune_tls<D>(tls: &mut rustls::ConnectionCommon<D>) {
+    tls.set_buffer_limit(Some(TLS_WRITE_BUFFER));
+}
+
+/// Wraps a connected socket for TLS ([`TlsSocket`]).
+pub fn tls_socket(tcp: tokio::net::TcpStream) -> TlsSocket {
+    tokio::io::BufReader::with_capacity(TLS_READ_BUFFER, tcp)
+}
+
 /// Accepts on one of a pod's listeners until its task is aborted (the pod
 /// leaves), handing each connection to `handle` on a task of its own. An
 /// accept error (file descriptors exhausted, say) is logged and retried after

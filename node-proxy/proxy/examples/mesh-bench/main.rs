@@ -21,6 +21,9 @@
 //! - requests failed when a replica dies (`failover.rs`), and during a
 //!   rollout of both node proxies (`rollout.rs`), each next to a window
 //!   without; `WEFT_BENCH_PART=failover|rollout` runs one alone;
+//! - single-connection throughput and the node proxies' CPU per GB, direct
+//!   against the mesh's default and L4-only paths, rounds alternating
+//!   (`throughput.rs`); `WEFT_BENCH_PART=throughput` runs it alone;
 //! - `WEFT_BENCH_PART=connections` (`connections.rs`, not in the full
 //!   run): 10,000 concurrent connections through the node proxies, each
 //!   echoing periodically: errors, echo latency against direct, RSS per
@@ -43,6 +46,7 @@ mod http;
 mod memory;
 mod rollout;
 mod stacks;
+mod throughput;
 
 use std::time::{Duration, Instant};
 use weft_sim::TestCluster;
@@ -455,6 +459,10 @@ fn main() {
         connections::bench(binaries);
         return;
     }
+    if let Ok("throughput" | "handshake") = std::env::var("WEFT_BENCH_PART").as_deref() {
+        throughput::bench(binaries);
+        return;
+    }
     if std::env::var("WEFT_BENCH_PART").as_deref() == Ok("memory") {
         memory::bench(binaries);
         return;
@@ -619,6 +627,7 @@ fn main() {
     println!(
         "node proxy RSS with {captured} of {MANY_PODS} enrolled pods captured: {many_rss:.1} MiB (a node proxy with no enrolled pod in the same cluster: {none_rss:.1} MiB); that cluster came up in {many_up:.0}s"
     );
+    throughput::bench(binaries.clone());
     stacks::run(binaries.clone());
     failover::bench(binaries.clone());
     rollout::bench(binaries);

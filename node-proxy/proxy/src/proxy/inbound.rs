@@ -70,7 +70,7 @@ pub async fn serve_hbone(listener: TcpListener, pod: Arc<LocalPod>, cx: ProxyInp
         let (acceptor, pod, cx) = (acceptor.clone(), pod.clone(), cx.clone());
         let mut bundle = mesh.certs.trust_bundle();
         async move {
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+            let mut tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(crate::transport::tls_socket(tcp))).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
                     tracing::info!(target: "access", pod = %pod.key(), %peer, error = %e, "HBONE handshake refused");
@@ -81,6 +81,7 @@ pub async fn serve_hbone(listener: TcpListener, pod: Arc<LocalPod>, cx: ProxyInp
                     return;
                 }
             };
+            crate::transport::tune_tls(tls.get_mut().1);
             let Some(principal) = peer_identity(tls.get_ref().1) else {
                 // The verifier requires a certificate; unreachable in practice.
                 return;

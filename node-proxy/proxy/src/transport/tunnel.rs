@@ -139,12 +139,16 @@ fn connector(certs: CertManager, epochs: Option<Arc<BundleEpochs>>) -> Connector
                 .connect(addr)
                 .await
                 .map_err(|source| HboneError::Connect { addr, source })?;
-            let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-                .connect(ServerName::IpAddress(addr.ip().into()), tcp)
+            let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+                .connect(
+                    ServerName::IpAddress(addr.ip().into()),
+                    super::tls_socket(tcp),
+                )
                 .await
                 .map_err(|source| HboneError::Tls { addr, source })?;
             // The destination's identity holds until its certificate
             // expires: the pool puts no new stream on it after that.
+            super::tune_tls(tls.get_mut().1);
             let expires = weft_cert_manager::peer_not_after(tls.get_ref().1);
             Ok(Connected::new(Box::new(tls))
                 .expiring_at(expires)
