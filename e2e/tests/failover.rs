@@ -232,8 +232,10 @@ fn a_replica_whose_port_closes_under_load_fails_no_request_it_had_not_read() {
 
 /// A Service whose replicas differ: picky-1 answers 503 at once, picky-2
 /// 200 after 20 ms (so by latency alone the balancer prefers picky-1, for
-/// a retry too); its route retries once. And a Service on an opaque port
-/// whose first endpoint has nothing listening.
+/// a retry too); its route retries once. And two Services over the same
+/// two banner servers, each with an endpoint of its own where nothing
+/// listens (echo-1, talk-1): `echo` on a port declared opaque, `talk` on
+/// one whose protocol the proxy detects.
 const PICKY: &str = r#"
 apiVersion: v1
 kind: Namespace
@@ -291,7 +293,7 @@ spec:
 ---
 apiVersion: v1
 kind: Pod
-metadata: {name: echo-2, namespace: demo, labels: {app: echo}}
+metadata: {name: echo-2, namespace: demo, labels: {app: echo, talk: "yes"}}
 spec:
   nodeName: node-b
   serviceAccountName: web
@@ -299,7 +301,7 @@ spec:
 ---
 apiVersion: v1
 kind: Pod
-metadata: {name: echo-3, namespace: demo, labels: {app: echo}}
+metadata: {name: echo-3, namespace: demo, labels: {app: echo, talk: "yes"}}
 spec:
   nodeName: node-a
   serviceAccountName: web
@@ -309,14 +311,45 @@ apiVersion: v1
 kind: Service
 metadata: {name: echo, namespace: demo}
 spec: {selector: {app: echo}, ports: [{port: 2500, targetPort: 2500, appProtocol: tcp}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: talk-1, namespace: demo, labels: {talk: "yes"}}
+spec:
+  nodeName: node-b
+  serviceAccountName: web
+  containers: [{name: main, command: [sleep, infinity]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: talk, namespace: demo}
+spec: {selector: {talk: "yes"}, ports: [{port: 2600, targetPort: 2500}]}
 "#;
 
-/// N connections to `echo.demo:2500` one after another from the client
-/// pod; prints each one's first line (the banner) or its error.
+/// N connections one after another from the client pod. `banner`: to
+/// `echo.demo:2500`, prints each one's first line (the banner) or its
+/// error. `talk`: to `talk.demo:2600` (not declared opaque: the proxy reads
+/// the first bytes to detect the protocol, and sends them with the
+/// tunnel's opening), the client speaks first, ends its side, and prints
+/// everything it got back.
 const CONNECT: &str = r#"#!/usr/bin/env python3
 import socket, sys
+mode = sys.argv[2] if len(sys.argv) > 2 else "banner"
 for i in range(int(sys.argv[1])):
     try:
+        if mode == "talk":
+            s = socket.create_connection(("talk.demo", 2600), timeout=10)
+            s.sendall(b"HELO %d\r\n" % i)
+            s.shutdown(socket.SHUT_WR)
+            got = b""
+            while True:
+                d = s.recv(4096)
+                if not d:
+                    break
+                got += d
+            print("talk", repr(got.decode()), flush=True)
+            s.close()
+            continue
         s = socket.create_connection(("echo.demo", 2500), timeout=10)
         f = s.makefile("rb")
         line = f.readline().decode().strip()
@@ -367,6 +400,30 @@ fn a_retry_after_a_503_and_an_opaque_connection_go_to_a_live_replica() {
     assert!(
         failovers >= 1.0,
         "echo-1 was never tried: the test shows nothing"
+    );
+
+    // The client speaks first: its bytes go with the tunnel's CONNECT, and
+    // when talk-1 refuses, the same bytes go to a live endpoint, once.
+    let out = mc
+        .cluster()
+        .exec_ok("demo/client", &["./connect.py", "30", "talk"]);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 30, "{out}");
+    for (i, l) in lines.iter().enumerate() {
+        let answered_by = |name: &str| format!("talk '220 {name} ready\\r\\n250 HELO {i}\\r\\n'");
+        assert!(
+            *l == answered_by("echo-2") || *l == answered_by("echo-3"),
+            "connection {i}: {l}\n{out}"
+        );
+    }
+    let talk_failovers = metric_sum(
+        node_a,
+        "weft_request_failovers_total",
+        &[("route", "opaque")],
+    ) - failovers;
+    assert!(
+        talk_failovers >= 1.0,
+        "talk-1 was never tried: the test shows nothing"
     );
     mc.down();
 }
