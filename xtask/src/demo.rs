@@ -36,6 +36,8 @@ pub fn run(args: &[String]) -> Result<()> {
             "weft-identity",
             "--package",
             "weft-destination",
+            "--package",
+            "weft-cni",
         ],
     )?;
     let sim = cmd::root().join("target/debug/weft-sim");
