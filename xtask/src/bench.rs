@@ -43,7 +43,12 @@ const BENCHES: &[Bench] = &[
         part: "mesh",
         package: "weft-node-proxy",
         example: "mesh-bench",
-        binaries: &["weft-node-proxy", "weft-identity", "weft-destination", "weft-cni"],
+        binaries: &[
+            "weft-node-proxy",
+            "weft-identity",
+            "weft-destination",
+            "weft-cni",
+        ],
         what: "the mesh against the direct path on the simulator: iperf3 throughput, connection rate, open-loop HTTP latency, proxy RSS (idle, 100 enrolled pods), real Python/Node.js/Go/gRPC servers with sequential requests, requests failed when one of three replicas is SIGKILLed under load against a run without a kill, requests sent/failed/p99 while both node proxies are rolled out against a window without (WEFT_BENCH_PART=failover|rollout for one table alone)",
     },
 ];

@@ -391,15 +391,21 @@ mod tests {
     use super::*;
     use crate::{HboneRequest, serve_connection};
 
-    #[tokio::test]
-    async fn the_protocol_header_reaches_the_destination_stream() {
-        // One in-memory "TLS connection": the pool's side and a server.
+    /// One in-memory "TLS connection": a connector that hands it to the
+    /// pool once, and the server's end.
+    fn one_connection() -> (Connector<&'static str>, tokio::io::DuplexStream) {
         let (client_io, server_io) = tokio::io::duplex(64 * 1024);
         let client_io = Arc::new(Mutex::new(Some(client_io)));
         let connector: Connector<&'static str> = Arc::new(move |_key| {
             let io = client_io.lock().unwrap().take();
             Box::pin(async move { Ok(Connected::new(Box::new(io.expect("one connection")))) })
         });
+        (connector, server_io)
+    }
+
+    #[tokio::test]
+    async fn the_protocol_header_reaches_the_destination_stream() {
+        let (connector, server_io) = one_connection();
         let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(serve_connection(
             server_io,
@@ -429,12 +435,7 @@ mod tests {
     #[tokio::test]
     async fn first_bytes_travel_with_the_connect() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
-        let client_io = Arc::new(Mutex::new(Some(client_io)));
-        let connector: Connector<&'static str> = Arc::new(move |_key| {
-            let io = client_io.lock().unwrap().take();
-            Box::pin(async move { Ok(Connected::new(Box::new(io.expect("one connection")))) })
-        });
+        let (connector, server_io) = one_connection();
         let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
         let refused: SocketAddr = "127.0.0.1:9001".parse().unwrap();
         tokio::spawn(serve_connection(

@@ -43,7 +43,7 @@ use super::policy::routes;
 use super::policy::status::PolicyStatus;
 use super::workloads as pods_to_workloads;
 use super::{EndpointsFrom, Index, IndexConfig, Problem, ProblemKind, addresses, services};
-use crate::model::{Kind, Object, ObjectKey, PodInfo, SliceInfo};
+use crate::model::{Kind, ObjectKey, PodInfo, SliceInfo};
 use crate::store::{ClusterObjects, StoreUpdate};
 use crate::views::{Changed, Lineage, LocalView, MeshView, Namespaces};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -181,7 +181,7 @@ impl Incremental {
     /// [`Incremental::refresh`].
     pub fn apply(&mut self, update: StoreUpdate) {
         match &update {
-            StoreUpdate::Apply(object) => self.mark(object.kind(), &object_key(object)),
+            StoreUpdate::Apply(object) => self.mark(object.kind(), &object.key()),
             StoreUpdate::Delete(kind, key) => self.mark(*kind, key),
             StoreUpdate::Replace { kinds, objects } => {
                 for kind in kinds {
@@ -190,7 +190,7 @@ impl Incremental {
                     }
                 }
                 for object in objects {
-                    self.mark(object.kind(), &object_key(object));
+                    self.mark(object.kind(), &object.key());
                 }
             }
         }
@@ -910,22 +910,6 @@ fn in_namespace<'m, V>(
 ) -> impl Iterator<Item = (&'m ObjectKey, &'m V)> + 'm {
     map.range(ObjectKey::new(ns, "")..)
         .take_while(move |(k, _)| k.namespace == ns)
-}
-
-fn object_key(object: &Object) -> ObjectKey {
-    match object {
-        Object::Namespace(ns) => ObjectKey::new("", &ns.name),
-        Object::Pod(p) => p.key.clone(),
-        Object::Service(s) => s.key.clone(),
-        Object::EndpointSlice(s) => s.key.clone(),
-        Object::ServiceAccount(k) => k.clone(),
-        Object::Node(n) => ObjectKey::new("", n),
-        Object::Server(o) => o.key.clone(),
-        Object::AuthorizationPolicy(o) => o.key.clone(),
-        Object::MeshTLSAuthentication(o) => o.key.clone(),
-        Object::NetworkAuthentication(o) => o.key.clone(),
-        Object::HTTPRoute(o) => o.key.clone(),
-    }
 }
 
 fn keys_of(objects: &ClusterObjects, kind: Kind) -> Vec<ObjectKey> {
