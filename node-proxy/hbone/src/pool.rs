@@ -157,29 +157,11 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> HbonePool<K> {
         target: SocketAddr,
         protocol: Option<&'static str>,
     ) -> Result<H2Stream, HboneError> {
-        self.open_sending(key, addr, target, protocol, Bytes::new())
-            .await
-    }
-
-    /// Like [`HbonePool::open_with`], sending `first` (bytes the client
-    /// already wrote) right behind the CONNECT instead of after its answer:
-    /// the destination proxy holds them in the stream until it has checked
-    /// the client and connected to the application, and the client's first
-    /// message does not wait a round trip between the nodes. A refused
-    /// stream delivered none of them: the caller may send them elsewhere.
-    pub async fn open_sending(
-        &self,
-        key: K,
-        addr: SocketAddr,
-        target: SocketAddr,
-        protocol: Option<&'static str>,
-        first: Bytes,
-    ) -> Result<H2Stream, HboneError> {
         let (conn, pooled) = match self.inner.lease(&key) {
             Some(conn) => (conn, true),
             None => (self.connect(key.clone(), addr).await?, false),
         };
-        match open_on(&conn, target, protocol, &first).await {
+        match open_on(&conn, target, protocol).await {
             // A pooled connection that failed before the CONNECT was
             // answered (its peer is going away: a draining node proxy's
             // GOAWAY, or it just died): nothing crossed, so once more on a
@@ -187,7 +169,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> HbonePool<K> {
             Err(HboneError::H2 { .. }) if pooled => {
                 conn.alive.store(false, Ordering::Relaxed);
                 let conn = self.connect(key, addr).await?;
-                open_on(&conn, target, protocol, &first).await
+                open_on(&conn, target, protocol).await
             }
             other => other,
         }
@@ -289,13 +271,11 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> HbonePool<K> {
 }
 
 /// Opens a CONNECT stream to `target` on `conn` (its stream slot already
-/// counted: released when the stream is dropped, or on failure), `first`
-/// sent before the answer.
+/// counted: released when the stream is dropped, or on failure).
 async fn open_on(
     conn: &Arc<Conn>,
     target: SocketAddr,
     protocol: Option<&'static str>,
-    first: &Bytes,
 ) -> Result<H2Stream, HboneError> {
     let lease = Lease(conn.clone());
     let mut request = Request::builder()
@@ -312,12 +292,7 @@ async fn open_on(
         source,
     };
     let mut send = conn.send.clone().ready().await.map_err(h2_err)?;
-    let (response, mut stream) = send.send_request(request, false).map_err(h2_err)?;
-    if !first.is_empty() {
-        // Queued by h2 behind the HEADERS frame (the stream's window, 4 MiB
-        // at our peers, is far above what detection reads).
-        stream.send_data(first.clone(), false).map_err(h2_err)?;
-    }
+    let (response, stream) = send.send_request(request, false).map_err(h2_err)?;
     let response = response.await.map_err(h2_err)?;
     if response.status() != StatusCode::OK {
         let reason = response
@@ -391,21 +366,15 @@ mod tests {
     use super::*;
     use crate::{HboneRequest, serve_connection};
 
-    /// One in-memory "TLS connection": a connector that hands it to the
-    /// pool once, and the server's end.
-    fn one_connection() -> (Connector<&'static str>, tokio::io::DuplexStream) {
+    #[tokio::test]
+    async fn the_protocol_header_reaches_the_destination_stream() {
+        // One in-memory "TLS connection": the pool's side and a server.
         let (client_io, server_io) = tokio::io::duplex(64 * 1024);
         let client_io = Arc::new(Mutex::new(Some(client_io)));
         let connector: Connector<&'static str> = Arc::new(move |_key| {
             let io = client_io.lock().unwrap().take();
             Box::pin(async move { Ok(Connected::new(Box::new(io.expect("one connection")))) })
         });
-        (connector, server_io)
-    }
-
-    #[tokio::test]
-    async fn the_protocol_header_reaches_the_destination_stream() {
-        let (connector, server_io) = one_connection();
         let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(serve_connection(
             server_io,
@@ -425,75 +394,6 @@ mod tests {
         assert_eq!(seen_rx.recv().await.unwrap().as_deref(), Some("h2"));
         let _b = pool.open("k", addr, target).await.unwrap();
         assert_eq!(seen_rx.recv().await.unwrap(), None, "no header: no claim");
-    }
-
-    /// `open_sending`: the client's first bytes reach the destination
-    /// before it answers the CONNECT (the round trip they no longer wait
-    /// for), a refusal says nothing reached the application, and an
-    /// accepted stream gives the application those bytes once, then what
-    /// follows, in order.
-    #[tokio::test]
-    async fn first_bytes_travel_with_the_connect() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let (connector, server_io) = one_connection();
-        let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
-        let refused: SocketAddr = "127.0.0.1:9001".parse().unwrap();
-        tokio::spawn(serve_connection(
-            server_io,
-            move |mut request: HboneRequest| {
-                let seen = seen_tx.clone();
-                async move {
-                    if request.target == refused {
-                        // Read before answering: only early data can be there.
-                        let early = tokio::time::timeout(
-                            Duration::from_secs(10),
-                            request.data_before_answer(),
-                        )
-                        .await
-                        .ok()
-                        .flatten();
-                        seen.send(early).unwrap();
-                        request.reject_unprocessed();
-                        return;
-                    }
-                    let mut stream = request.accept().unwrap();
-                    let mut got = vec![0; b"hello, world".len()];
-                    stream.read_exact(&mut got).await.unwrap();
-                    seen.send(Some(Bytes::from(got))).unwrap();
-                }
-            },
-            std::future::pending(),
-        ));
-        let pool = HbonePool::new(PoolConfig::default(), connector);
-        let addr: SocketAddr = "127.0.0.1:15008".parse().unwrap();
-
-        let Err(err) = pool
-            .open_sending("k", addr, refused, None, Bytes::from_static(b"hello"))
-            .await
-        else {
-            panic!("a refused stream opened");
-        };
-        assert_eq!(
-            seen_rx.recv().await.unwrap().as_deref(),
-            Some(&b"hello"[..]),
-            "the bytes arrived before the answer"
-        );
-        assert!(
-            matches!(&err, HboneError::Refused { status, reason: Some(r), .. }
-                if *status == StatusCode::SERVICE_UNAVAILABLE && r == crate::CONNECT_FAILED),
-            "{err:?}"
-        );
-
-        let target: SocketAddr = "127.0.0.1:9000".parse().unwrap();
-        let mut stream = pool
-            .open_sending("k", addr, target, None, Bytes::from_static(b"hello"))
-            .await
-            .unwrap();
-        stream.write_all(b", world").await.unwrap();
-        assert_eq!(
-            seen_rx.recv().await.unwrap().as_deref(),
-            Some(&b"hello, world"[..])
-        );
     }
 
     /// A connector whose every call makes a fresh in-memory connection to
