@@ -15,6 +15,8 @@
 //! - [`deadline`]: the request timeout applied to the response body;
 //! - [`upgrade`]: HTTP/1.1 upgrades spliced after a 101, tracked;
 //! - [`body`]: the response body that records metrics when it ends;
+//! - [`connection_tasks`]: what hyper starts for an HTTP/2 connection, run
+//!   on the connection's task;
 //! - [`path`]: the one normal spelling of a request's path.
 //!
 //! Layering: above `transport`, `policy`, `telemetry` and `state`; below
@@ -24,6 +26,7 @@
 pub mod app_connection;
 pub mod body;
 pub mod client_body;
+pub mod connection_tasks;
 pub mod deadline;
 pub mod grpc_peek;
 pub mod path;

@@ -24,7 +24,7 @@ use crate::transport::{ConnectError, Upstream};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper::{Request, Response};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -407,13 +407,16 @@ pub async fn handshake_h2<IO>(
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (send, conn) = http2::Builder::new(TokioExecutor::new())
+    // The connection's driver and its request bodies run on the task
+    // below, not one each.
+    let (exec, started) = super::connection_tasks::ConnectionTasks::new();
+    let (send, conn) = http2::Builder::new(exec)
         .max_local_error_reset_streams(None)
         .handshake(TokioIo::new(io))
         .await
         .map_err(|source| UpstreamError::Handshake { target, source })?;
     tokio::spawn(async move {
-        if let Err(e) = conn.await {
+        if let Err(e) = started.drive(conn).await {
             tracing::debug!(%target, error = %e, "HTTP/2 client connection ended");
         }
     });
@@ -474,9 +477,11 @@ mod tests {
                 tokio::spawn(async move {
                     let _ = match protocol {
                         Protocol::Http2 => {
-                            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                                .serve_connection(io, service)
-                                .await
+                            hyper::server::conn::http2::Builder::new(
+                                hyper_util::rt::TokioExecutor::new(),
+                            )
+                            .serve_connection(io, service)
+                            .await
                         }
                         _ => {
                             hyper::server::conn::http1::Builder::new()

@@ -34,7 +34,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
@@ -277,11 +277,16 @@ where
     let io = TokioIo::new(inbound);
     let result = match protocol {
         Protocol::Http2 => {
-            let conn = http2::Builder::new(TokioExecutor::new())
+            // Each stream runs on this task (`l7::connection_tasks`).
+            let (exec, started) = crate::l7::connection_tasks::ConnectionTasks::new();
+            let conn = http2::Builder::new(exec)
                 .max_local_error_reset_streams(crate::l7::LOCAL_ERROR_RESET_LIMIT)
                 .serve_connection(io, service);
-            let result =
-                crate::l7::serve_until_drained(conn, &cx.drain, |c| c.graceful_shutdown()).await;
+            let result = started
+                .drive(crate::l7::serve_until_drained(conn, &cx.drain, |c| {
+                    c.graceful_shutdown()
+                }))
+                .await;
             crate::l7::note_reset_flood(
                 &result,
                 &cx.request_metrics,

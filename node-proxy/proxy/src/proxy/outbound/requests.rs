@@ -17,6 +17,7 @@
 
 use crate::l7::body::{ProxyBody, Recorded, Recorder, proxy_body};
 use crate::l7::client_body::ClientBody;
+use crate::l7::connection_tasks::ConnectionTasks;
 use crate::l7::deadline::Deadline;
 use crate::l7::grpc_peek::{self, Peeked};
 use crate::l7::replay::ReplayBody;
@@ -38,7 +39,7 @@ use http_body_util::BodyExt;
 use hyper::body::{Body, Incoming};
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -109,10 +110,14 @@ pub async fn serve<IO>(
     let io = TokioIo::new(io);
     let result = match protocol {
         Protocol::Http2 => {
-            let conn = http2::Builder::new(TokioExecutor::new())
+            // Each stream runs on this task (`l7::connection_tasks`).
+            let (exec, started) = ConnectionTasks::new();
+            let conn = http2::Builder::new(exec)
                 .max_local_error_reset_streams(LOCAL_ERROR_RESET_LIMIT)
                 .serve_connection(io, service);
-            let result = serve_until_drained(conn, &drain, |c| c.graceful_shutdown()).await;
+            let result = started
+                .drive(serve_until_drained(conn, &drain, |c| c.graceful_shutdown()))
+                .await;
             note_reset_flood(&result, &metrics, Reporter::Source, || format!("pod {key}"));
             result
         }
