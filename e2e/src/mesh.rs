@@ -828,15 +828,19 @@ impl NodeAgents for Mesh {
 
 /// What the mesh needs in a `--kube` cluster's API server before it
 /// starts: the node proxy's namespace and service account (its tokens are
-/// that account's) and the policy CRDs the destination service watches.
-const KUBE_OBJECTS: [&str; 6] = [
-    "apiVersion: v1\nkind: Namespace\nmetadata: {name: weft-system}\n---\napiVersion: v1\nkind: ServiceAccount\nmetadata: {name: weft-node-proxy, namespace: weft-system}\n",
-    include_str!("../../crds/authorizationpolicies.policy.weft.io.yaml"),
-    include_str!("../../crds/httproutes.policy.weft.io.yaml"),
-    include_str!("../../crds/meshtlsauthentications.policy.weft.io.yaml"),
-    include_str!("../../crds/networkauthentications.policy.weft.io.yaml"),
-    include_str!("../../crds/servers.policy.weft.io.yaml"),
-];
+/// that account's) and the policy CRDs the destination service watches
+/// (rendered from their types, as `crds/` is).
+fn kube_objects() -> String {
+    let mut objects = vec![
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: weft-system}\n---\napiVersion: v1\nkind: ServiceAccount\nmetadata: {name: weft-node-proxy, namespace: weft-system}\n".to_string(),
+    ];
+    objects.extend(
+        weft_policy_api::crd::render()
+            .into_iter()
+            .map(|(_, yaml)| yaml),
+    );
+    objects.join("\n---\n")
+}
 
 /// The node proxy's service account, `(namespace, name)`: the control
 /// plane's default `--node-proxy-service-account`.
@@ -863,7 +867,7 @@ fn prepare_kube(
         kube.kubectl_ok(args, stdin)
             .map_err(|e| MeshError::Kube(format!("preparing the API server for the mesh: {e}")))
     };
-    let objects = KUBE_OBJECTS.join("\n---\n");
+    let objects = kube_objects();
     kubectl(
         &[
             "apply",

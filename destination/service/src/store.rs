@@ -76,6 +76,30 @@ impl ClusterObjects {
         }
     }
 
+    /// The keys of every object of `kind` (Namespaces and Nodes by name).
+    pub fn keys(&self, kind: Kind) -> Vec<ObjectKey> {
+        fn keys<V>(m: &BTreeMap<ObjectKey, V>) -> Vec<ObjectKey> {
+            m.keys().cloned().collect()
+        }
+        match kind {
+            Kind::Namespace => self
+                .namespaces
+                .keys()
+                .map(|n| ObjectKey::new("", n))
+                .collect(),
+            Kind::Pod => keys(&self.pods),
+            Kind::Service => keys(&self.services),
+            Kind::EndpointSlice => keys(&self.slices),
+            Kind::ServiceAccount => self.service_accounts.iter().cloned().collect(),
+            Kind::Node => self.nodes.iter().map(|n| ObjectKey::new("", n)).collect(),
+            Kind::Server => keys(&self.servers),
+            Kind::AuthorizationPolicy => keys(&self.authorization_policies),
+            Kind::MeshTLSAuthentication => keys(&self.mesh_tls_authentications),
+            Kind::NetworkAuthentication => keys(&self.network_authentications),
+            Kind::HTTPRoute => keys(&self.http_routes),
+        }
+    }
+
     fn insert(&mut self, object: Object) {
         match object {
             Object::Namespace(ns) => {

@@ -61,10 +61,6 @@ impl MeshCluster {
         self.cluster.as_ref().unwrap()
     }
 
-    pub fn cluster_mut(&mut self) -> &mut TestCluster {
-        self.cluster.as_mut().unwrap()
-    }
-
     pub fn node_ip(&self, node: &str) -> Ipv4Addr {
         self.cluster().state().node(node).unwrap().ip
     }

@@ -18,7 +18,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, OnceLock, mpsc};
+use std::sync::{OnceLock, mpsc};
 
 /// `SO_NETNS_COOKIE` (Linux 5.14, asm-generic/socket.h); not in every libc.
 const SO_NETNS_COOKIE: libc::c_int = 71;
@@ -129,8 +129,6 @@ impl Netns {
         socket_thread()
             .and_then(|requests| {
                 requests
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
                     .send(SocketRequest {
                         netns,
                         domain,
@@ -155,8 +153,8 @@ struct SocketRequest {
 
 /// The requests of the process's socket thread, started on first use. It
 /// lives as long as the process (sockets are wanted until the end).
-fn socket_thread() -> io::Result<&'static Mutex<mpsc::Sender<SocketRequest>>> {
-    static REQUESTS: OnceLock<Mutex<mpsc::Sender<SocketRequest>>> = OnceLock::new();
+fn socket_thread() -> io::Result<&'static mpsc::Sender<SocketRequest>> {
+    static REQUESTS: OnceLock<mpsc::Sender<SocketRequest>> = OnceLock::new();
     if let Some(requests) = REQUESTS.get() {
         return Ok(requests);
     }
@@ -186,7 +184,7 @@ fn socket_thread() -> io::Result<&'static Mutex<mpsc::Sender<SocketRequest>>> {
     // Two callers racing here each start a thread; the loser's exits at
     // once (its sender is dropped with the lost value).
     thread?;
-    Ok(REQUESTS.get_or_init(|| Mutex::new(send)))
+    Ok(REQUESTS.get_or_init(|| send))
 }
 
 impl AsFd for Netns {

@@ -185,7 +185,7 @@ impl Incremental {
             StoreUpdate::Delete(kind, key) => self.mark(*kind, key),
             StoreUpdate::Replace { kinds, objects } => {
                 for kind in kinds {
-                    for key in keys_of(&self.objects, *kind) {
+                    for key in self.objects.keys(*kind) {
                         self.mark(*kind, &key);
                     }
                 }
@@ -199,7 +199,7 @@ impl Incremental {
 
     fn mark_all(&mut self, objects: &ClusterObjects) {
         for kind in Kind::ALL {
-            for key in keys_of(objects, kind) {
+            for key in objects.keys(kind) {
                 self.mark(kind, &key);
             }
         }
@@ -362,12 +362,7 @@ impl Incremental {
     fn slices(&mut self, d: &Dirty, next: &mut Next) {
         for key in &d.slices {
             if let Some(old) = self.slices.remove(key) {
-                if let Some(set) = self.slices_by_service.get_mut(&old.service) {
-                    set.remove(key);
-                    if set.is_empty() {
-                        self.slices_by_service.remove(&old.service);
-                    }
-                }
+                remove_from(&mut self.slices_by_service, &old.service, key);
                 for pod in &old.pods {
                     remove_from(&mut self.pod_slices, pod, key);
                 }
@@ -419,37 +414,22 @@ impl Incremental {
             }
             state.claims = claims;
         }
-        let mut owners_changed = Vec::new();
-        for ip in touched {
-            let mut problems = Vec::new();
-            let owner = self.ip_claims.get(&ip).and_then(|claimants| {
-                resolve_claims(
-                    ip,
-                    claimants.iter().filter_map(|k| {
-                        let pod = self.objects.pods.get(k)?;
-                        Some((k, &pod.created, count(&pod.ips, &ip)))
-                    }),
-                    |winner, loser| Problem {
-                        kind: ProblemKind::DuplicateAddress,
-                        object: format!("Pod {loser}"),
-                        detail: format!(
-                            "claims {ip}, which Pod {winner} (created earlier) holds; served without that address"
-                        ),
-                    },
-                    &mut problems,
-                )
-            });
-            set_problems(&mut self.problems, Origin::Address(ip), problems);
-            let owner = owner.cloned();
-            let old = match &owner {
-                Some(owner) => self.ip_owner.insert(ip, owner.clone()),
-                None => self.ip_owner.remove(&ip),
-            };
-            if old != owner {
-                owners_changed.extend(old);
-                owners_changed.extend(owner);
-            }
-        }
+        let pods = &self.objects.pods;
+        let owners_changed = reassign_owners(
+            touched,
+            &self.ip_claims,
+            &mut self.ip_owner,
+            &mut self.problems,
+            |k, ip| pods.get(k).map(|pod| (&pod.created, count(&pod.ips, ip))),
+            |ip, winner, loser| Problem {
+                kind: ProblemKind::DuplicateAddress,
+                object: format!("Pod {loser}"),
+                detail: format!(
+                    "claims {ip}, which Pod {winner} (created earlier) holds; served without that address"
+                ),
+            },
+            Origin::Address,
+        );
         d.pods.extend(owners_changed);
 
         // Workloads.
@@ -472,15 +452,9 @@ impl Incremental {
             set_problems(&mut self.problems, Origin::Pod(key.clone()), problems);
             let state = self.pods.entry(key.clone()).or_default();
             let old = state.workload.clone();
-            let workload = match (&old, workload) {
-                (Some(o), Some(n)) if *o == n => Some(o.clone()),
-                (_, n) => n,
-            };
-            let same = match (&old, &workload) {
-                (None, None) => true,
-                (Some(o), Some(n)) => Arc::ptr_eq(o, n),
-                _ => false,
-            };
+            // Equal: the previous allocation is kept.
+            let same = old == workload;
+            let workload = if same { old.clone() } else { workload };
             state.workload = workload.clone();
             if workload.is_some() {
                 policy_pods.insert(key.clone());
@@ -616,37 +590,26 @@ impl Incremental {
                 self.vip_claims.entry(*ip).or_default().insert(key.clone());
             }
         }
-        let mut owners_changed = Vec::new();
-        for ip in touched {
-            let mut problems = Vec::new();
-            let owner = self.vip_claims.get(&ip).and_then(|claimants| {
-                resolve_claims(
-                    ip,
-                    claimants.iter().filter_map(|k| {
-                        let svc = self.objects.services.get(k)?;
-                        Some((k, &svc.created, count(&svc.cluster_ips, &ip)))
-                    }),
-                    |winner, loser| Problem {
-                        kind: ProblemKind::DuplicateClusterIp,
-                        object: format!("Service {loser}"),
-                        detail: format!(
-                            "claims ClusterIP {ip}, which Service {winner} (created earlier) holds; served without it"
-                        ),
-                    },
-                    &mut problems,
-                )
-            });
-            set_problems(&mut self.problems, Origin::ClusterIp(ip), problems);
-            let owner = owner.cloned();
-            let old = match &owner {
-                Some(owner) => self.vip_owner.insert(ip, owner.clone()),
-                None => self.vip_owner.remove(&ip),
-            };
-            if old != owner {
-                owners_changed.extend(old);
-                owners_changed.extend(owner);
-            }
-        }
+        let services = &self.objects.services;
+        let owners_changed = reassign_owners(
+            touched,
+            &self.vip_claims,
+            &mut self.vip_owner,
+            &mut self.problems,
+            |k, ip| {
+                services
+                    .get(k)
+                    .map(|svc| (&svc.created, count(&svc.cluster_ips, ip)))
+            },
+            |ip, winner, loser| Problem {
+                kind: ProblemKind::DuplicateClusterIp,
+                object: format!("Service {loser}"),
+                detail: format!(
+                    "claims ClusterIP {ip}, which Service {winner} (created earlier) holds; served without it"
+                ),
+            },
+            Origin::ClusterIp,
+        );
         dirty.extend(owners_changed);
 
         for key in dirty {
@@ -738,23 +701,13 @@ impl Incremental {
                     .filter_map(|k| self.pods.get(k)?.workload.clone())
                     .find(|w| w.enrolled)
             });
-            let same = match (self.mesh.workloads.get(&uid), &winner) {
-                (None, None) => true,
-                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-                _ => false,
-            };
-            if !same {
+            if !same_arc(self.mesh.workloads.get(&uid), winner.as_ref()) {
                 workloads.push((uid, winner));
             }
         }
         let mut changed_services: Vec<(String, Option<Arc<Service>>)> = Vec::new();
         for (key, new) in services {
-            let same = match (self.mesh.services.get(&key), &new) {
-                (None, None) => true,
-                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-                _ => false,
-            };
-            if !same {
+            if !same_arc(self.mesh.services.get(&key), new.as_ref()) {
                 changed_services.push((key, new));
             }
         }
@@ -831,6 +784,15 @@ struct Next {
     changed_services: BTreeMap<String, Option<Arc<Service>>>,
 }
 
+/// The same allocation, or both absent.
+fn same_arc<T>(a: Option<&Arc<T>>, b: Option<&Arc<T>>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        _ => false,
+    }
+}
+
 fn same_local(a: &LocalView, b: &LocalView) -> bool {
     fn same<V>(a: &BTreeMap<String, Arc<V>>, b: &BTreeMap<String, Arc<V>>) -> bool {
         a.len() == b.len()
@@ -848,7 +810,6 @@ fn same_local(a: &LocalView, b: &LocalView) -> bool {
 /// (claims visited in key order, each as many times as it lists the
 /// address).
 fn resolve_claims<'k>(
-    _ip: IpAddr,
     claimants: impl Iterator<Item = (&'k ObjectKey, &'k String, usize)>,
     problem: impl Fn(&ObjectKey, &ObjectKey) -> Problem,
     problems: &mut Vec<Problem>,
@@ -871,6 +832,49 @@ fn resolve_claims<'k>(
         }
     }
     owner.map(|(k, _)| k)
+}
+
+/// Decides again who owns each address of `touched` among the objects that
+/// claim it ([`resolve_claims`]; `claimant`: an object's creation time and
+/// how many times it lists the address), keeps the conflicts under
+/// `origin(ip)`, and returns the objects whose ownership changed (the old
+/// owner and the new one).
+fn reassign_owners<'o>(
+    touched: BTreeSet<IpAddr>,
+    claims: &HashMap<IpAddr, BTreeSet<ObjectKey>>,
+    owners: &mut HashMap<IpAddr, ObjectKey>,
+    all_problems: &mut BTreeMap<Origin, Vec<Problem>>,
+    claimant: impl Fn(&ObjectKey, &IpAddr) -> Option<(&'o String, usize)>,
+    problem: impl Fn(IpAddr, &ObjectKey, &ObjectKey) -> Problem,
+    origin: impl Fn(IpAddr) -> Origin,
+) -> Vec<ObjectKey> {
+    let mut changed = Vec::new();
+    for ip in touched {
+        let mut problems = Vec::new();
+        let owner = claims
+            .get(&ip)
+            .and_then(|claimants| {
+                resolve_claims(
+                    claimants.iter().filter_map(|k| {
+                        let (created, times) = claimant(k, &ip)?;
+                        Some((k, created, times))
+                    }),
+                    |winner, loser| problem(ip, winner, loser),
+                    &mut problems,
+                )
+            })
+            .cloned();
+        set_problems(all_problems, origin(ip), problems);
+        let old = match &owner {
+            Some(owner) => owners.insert(ip, owner.clone()),
+            None => owners.remove(&ip),
+        };
+        if old != owner {
+            changed.extend(old);
+            changed.extend(owner);
+        }
+    }
+    changed
 }
 
 fn set_problems(all: &mut BTreeMap<Origin, Vec<Problem>>, origin: Origin, problems: Vec<Problem>) {
@@ -910,27 +914,4 @@ fn in_namespace<'m, V>(
 ) -> impl Iterator<Item = (&'m ObjectKey, &'m V)> + 'm {
     map.range(ObjectKey::new(ns, "")..)
         .take_while(move |(k, _)| k.namespace == ns)
-}
-
-fn keys_of(objects: &ClusterObjects, kind: Kind) -> Vec<ObjectKey> {
-    fn keys<V>(m: &BTreeMap<ObjectKey, V>) -> Vec<ObjectKey> {
-        m.keys().cloned().collect()
-    }
-    match kind {
-        Kind::Namespace => objects
-            .namespaces
-            .keys()
-            .map(|n| ObjectKey::new("", n))
-            .collect(),
-        Kind::Pod => keys(&objects.pods),
-        Kind::Service => keys(&objects.services),
-        Kind::EndpointSlice => keys(&objects.slices),
-        Kind::ServiceAccount => objects.service_accounts.iter().cloned().collect(),
-        Kind::Node => Vec::new(),
-        Kind::Server => keys(&objects.servers),
-        Kind::AuthorizationPolicy => keys(&objects.authorization_policies),
-        Kind::MeshTLSAuthentication => keys(&objects.mesh_tls_authentications),
-        Kind::NetworkAuthentication => keys(&objects.network_authentications),
-        Kind::HTTPRoute => keys(&objects.http_routes),
-    }
 }

@@ -296,23 +296,7 @@ fn policy_kinds() -> [Kind; 5] {
 }
 
 fn random_key_of(rng: &mut StdRng, objects: &ClusterObjects, kind: Kind) -> Option<ObjectKey> {
-    let keys: Vec<ObjectKey> = match kind {
-        Kind::Namespace => objects
-            .namespaces
-            .keys()
-            .map(|n| ObjectKey::new("", n))
-            .collect(),
-        Kind::Pod => objects.pods.keys().cloned().collect(),
-        Kind::Service => objects.services.keys().cloned().collect(),
-        Kind::EndpointSlice => objects.slices.keys().cloned().collect(),
-        Kind::ServiceAccount => objects.service_accounts.iter().cloned().collect(),
-        Kind::Server => objects.servers.keys().cloned().collect(),
-        Kind::AuthorizationPolicy => objects.authorization_policies.keys().cloned().collect(),
-        Kind::MeshTLSAuthentication => objects.mesh_tls_authentications.keys().cloned().collect(),
-        Kind::NetworkAuthentication => objects.network_authentications.keys().cloned().collect(),
-        Kind::HTTPRoute => objects.http_routes.keys().cloned().collect(),
-        Kind::Node => Vec::new(),
-    };
+    let keys = objects.keys(kind);
     (!keys.is_empty()).then(|| pick(rng, &keys).clone())
 }
 

@@ -225,13 +225,7 @@ fn http_round(cluster: &TestCluster, ns: &str, port: u16, proto: http::Proto) ->
 /// core could carry through a source and a destination proxy together.
 fn per_cpu_second(cluster: &TestCluster, mesh: &Mesh, port: u16, proto: http::Proto) -> (f64, f64) {
     let server = cluster.pod("mesh/server").ip.to_string();
-    let cpu = || -> f64 {
-        ["node-a", "node-b"]
-            .iter()
-            .filter_map(|n| mesh.pid(&Component::NodeProxy(n.to_string())))
-            .filter_map(cpu_seconds)
-            .sum()
-    };
+    let cpu = || proxies_cpu_seconds(mesh);
     let before = cpu();
     let out = cluster.exec_ok(
         "mesh/client",
@@ -283,6 +277,15 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
     // SAFETY: sysconf reads a constant of the system; no memory is shared.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     Some(ticks / hz)
+}
+
+/// User + system CPU seconds of both node proxies so far.
+fn proxies_cpu_seconds(mesh: &Mesh) -> f64 {
+    ["node-a", "node-b"]
+        .iter()
+        .filter_map(|n| mesh.pid(&Component::NodeProxy(n.to_string())))
+        .filter_map(cpu_seconds)
+        .sum()
 }
 
 fn exe() -> String {

@@ -24,7 +24,7 @@
 //! - `WEFT_BENCH_PROFILE=throughput`: only the mesh path, 30 s transfers
 //!   after the proxies' pids are printed, for `perf record -g -p PID,PID`.
 
-use super::{cpu_seconds, median};
+use super::{median, proxies_cpu_seconds};
 use std::time::Duration;
 use weft_sim::TestCluster;
 use weft_sim::mesh::{Component, Mesh, MeshBinaries};
@@ -90,17 +90,9 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
-fn proxies_cpu(mesh: &Mesh) -> f64 {
-    ["node-a", "node-b"]
-        .iter()
-        .filter_map(|n| mesh.pid(&Component::NodeProxy(n.to_string())))
-        .filter_map(cpu_seconds)
-        .sum()
-}
-
 fn iperf3(cluster: &TestCluster, mesh: &Mesh, ns: &str, port: u16, seconds: u32) -> Transfer {
     let server = cluster.pod(&format!("{ns}/server")).ip.to_string();
-    let before = proxies_cpu(mesh);
+    let before = proxies_cpu_seconds(mesh);
     let out = cluster.exec_ok(
         &format!("{ns}/client"),
         &[
@@ -114,7 +106,7 @@ fn iperf3(cluster: &TestCluster, mesh: &Mesh, ns: &str, port: u16, seconds: u32)
             "-J",
         ],
     );
-    let cpu = proxies_cpu(mesh) - before;
+    let cpu = proxies_cpu_seconds(mesh) - before;
     let v: serde_json::Value = serde_json::from_str(&out).expect("iperf3 JSON");
     let received = &v["end"]["sum_received"];
     let bytes = received["bytes"].as_f64().unwrap_or(f64::NAN);
