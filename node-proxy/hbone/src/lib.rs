@@ -38,6 +38,25 @@ pub const PROTOCOL_HEADER: &str = "weft-protocol";
 /// it from the application's responses, so an application cannot forge it.
 pub const UNPROCESSED_HEADER: &str = "weft-unprocessed";
 
+/// ALPN protocol of a connection to `podIP:15008` that carries HTTP/2
+/// requests themselves rather than CONNECT tunnels: a source node proxy
+/// that has already taken its client's HTTP/2 (or gRPC) apart sends each
+/// request as one stream on such a connection, instead of an HTTP/2
+/// connection inside a CONNECT stream inside the HBONE connection (one
+/// framing and one task hand-off fewer on each node). Same mutual TLS as
+/// HBONE. A destination that does not offer it (an older proxy) fails the
+/// handshake with `no_application_protocol`, and the source tunnels.
+pub const REQUESTS_ALPN: &[u8] = b"weft-requests-h2";
+
+/// ALPN protocol of an HBONE (CONNECT) connection.
+pub const HBONE_ALPN: &[u8] = b"h2";
+
+/// Header naming a request's target (`podIP:port`) on a
+/// [`REQUESTS_ALPN`] connection: the CONNECT authority of a tunnel. Set by
+/// the source proxy, trusted only from an authenticated peer proxy, and
+/// removed before the application sees the request.
+pub const TARGET_HEADER: &str = "weft-target";
+
 /// The [`UNPROCESSED_HEADER`] reason: the application could not be
 /// connected to.
 pub const CONNECT_FAILED: &str = "connect-failed";

@@ -24,7 +24,7 @@ use crate::state::snapshot::Snapshot;
 use crate::telemetry::{RequestMetrics, TcpMetrics};
 use crate::transport::limits;
 use crate::transport::tunnel::tunnel_pool;
-use crate::transport::{ConnectionLimits, Drain, TunnelKey};
+use crate::transport::{ConnectionLimits, Drain, RequestConnections, TunnelKey};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,6 +52,9 @@ pub struct ProxyInputs {
     pub balancer: Arc<Balancer<SocketAddr>>,
     /// HBONE connections to other node proxies (with a control plane).
     pub tunnels: Option<Arc<HbonePool<TunnelKey>>>,
+    /// Connections that carry HTTP/2 requests to other node proxies as
+    /// streams of their own (with a control plane).
+    pub requests: Option<Arc<RequestConnections>>,
     /// Shutdown: connections finish (HBONE and HTTP/2 GOAWAY, HTTP/1.1
     /// `Connection: close`) and are waited for.
     pub drain: Drain,
@@ -76,6 +79,9 @@ pub struct ProxyInputs {
 impl ProxyInputs {
     pub fn new(tcp_metrics: TcpMetrics, control_plane: Option<ControlPlane>) -> Self {
         let tunnels = control_plane.as_ref().map(|c| tunnel_pool(c.certs.clone()));
+        let requests = control_plane
+            .as_ref()
+            .map(|c| Arc::new(RequestConnections::new(c.certs.clone())));
         let snapshots = match &control_plane {
             Some(c) => c.snapshot.clone(),
             // The sender goes at once: the receiver keeps this one value.
@@ -86,6 +92,7 @@ impl ProxyInputs {
             snapshots,
             balancer: Arc::new(Balancer::new(BalancerConfig::default())),
             tunnels,
+            requests,
             drain: Drain::default(),
             authz: Arc::default(),
             request_metrics: RequestMetrics::default(),

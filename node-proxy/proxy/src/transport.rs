@@ -22,8 +22,8 @@ pub mod upstream;
 pub use drain::{Drain, DrainWatch};
 pub use limits::{ConnectionLimits, ConnectionPermit};
 pub use pod::{LocalPod, SocketFactory};
-pub use tunnel::{TunnelKey, tunnel_connector};
-pub use upstream::{ConnectError, Upstream, open_upstream};
+pub use tunnel::{RequestConnections, TunnelKey, tunnel_connector};
+pub use upstream::{ConnectError, Upstream, open_requests_upstream, open_upstream};
 
 use std::net::SocketAddr;
 

@@ -141,8 +141,38 @@ struct IdleH1 {
 }
 
 struct SharedH2 {
-    send: http2::SendRequest<ProxyBody>,
+    send: HttpTwo,
     last_used: Instant,
+    /// No new request after this instant: the peer's identity expires.
+    expires: Option<Instant>,
+}
+
+impl SharedH2 {
+    fn usable(&self, now: Instant) -> bool {
+        !self.send.send.is_closed() && self.expires.is_none_or(|at| now < at)
+    }
+}
+
+/// A shared HTTP/2 connection, and whether its requests name their target
+/// (a peer node proxy's connection for requests,
+/// [`weft_hbone::TARGET_HEADER`]).
+#[derive(Clone)]
+struct HttpTwo {
+    send: http2::SendRequest<ProxyBody>,
+    names_targets: bool,
+}
+
+impl HttpTwo {
+    fn address(&self, request: &mut Request<ProxyBody>, target: SocketAddr) {
+        let headers = request.headers_mut();
+        if self.names_targets {
+            let value = http::HeaderValue::try_from(target.to_string())
+                .expect("an address is a valid header value");
+            headers.insert(weft_hbone::TARGET_HEADER, value);
+        } else {
+            headers.remove(weft_hbone::TARGET_HEADER);
+        }
+    }
 }
 
 #[derive(Default)]
@@ -280,11 +310,13 @@ impl UpstreamPool {
         F: Future<Output = Result<Upstream, ConnectError>>,
     {
         let target = key.target;
-        let mut send = match self.shared_h2(key) {
-            Some(send) => send,
+        let mut request = request;
+        let mut conn = match self.shared_h2(key) {
+            Some(conn) => conn,
             None => self.connect_h2(key, &connect).await?,
         };
-        let request = match send.try_send_request(request).await {
+        conn.address(&mut request, target);
+        let mut request = match conn.send.try_send_request(request).await {
             Ok(response) => return Ok(response),
             Err(mut e) => match e.take_message() {
                 Some(unsent) => unsent,
@@ -303,20 +335,24 @@ impl UpstreamPool {
         // The shared connection closed before taking the request: once
         // more on a fresh one.
         self.inner.h2.lock().expect("pool lock").remove(key);
-        let mut send = self.connect_h2(key, &connect).await?;
-        send.send_request(request)
+        let mut conn = self.connect_h2(key, &connect).await?;
+        conn.address(&mut request, target);
+        conn.send
+            .send_request(request)
             .await
             .map_err(|source| UpstreamError::Request { target, source })
     }
 
-    fn shared_h2(&self, key: &UpstreamKey) -> Option<http2::SendRequest<ProxyBody>> {
+    fn shared_h2(&self, key: &UpstreamKey) -> Option<HttpTwo> {
         let mut shared = self.inner.h2.lock().expect("pool lock");
         let entry = shared.get_mut(key)?;
-        if entry.send.is_closed() {
+        let now = Instant::now();
+        if !entry.usable(now) {
+            // Requests still running on it hold clones and finish.
             shared.remove(key);
             return None;
         }
-        entry.last_used = Instant::now();
+        entry.last_used = now;
         Some(entry.send.clone())
     }
 
@@ -324,7 +360,7 @@ impl UpstreamPool {
         &self,
         key: &UpstreamKey,
         connect: &C,
-    ) -> Result<http2::SendRequest<ProxyBody>, UpstreamError>
+    ) -> Result<HttpTwo, UpstreamError>
     where
         C: Fn() -> F,
         F: Future<Output = Result<Upstream, ConnectError>>,
@@ -341,12 +377,24 @@ impl UpstreamPool {
         if let Some(send) = self.shared_h2(key) {
             return Ok(send);
         }
-        let send = handshake_h2(connect().await?, key.target).await?;
+        let upstream = connect().await?;
+        let names_targets = upstream.names_targets();
+        // On the runtime's clock, as every pool's expiry.
+        let expires = upstream.expires().map(|at| {
+            Instant::now()
+                + at.duration_since(std::time::SystemTime::now())
+                    .unwrap_or(Duration::ZERO)
+        });
+        let send = HttpTwo {
+            send: handshake_h2(upstream, key.target).await?,
+            names_targets,
+        };
         self.inner.h2.lock().expect("pool lock").insert(
             key.clone(),
             SharedH2 {
                 send: send.clone(),
                 last_used: Instant::now(),
+                expires,
             },
         );
         Ok(send)
@@ -441,7 +489,7 @@ async fn reap_idle(pool: Weak<Inner>) {
         pool.h2
             .lock()
             .expect("pool lock")
-            .retain(|_, c| !c.send.is_closed() && now.duration_since(c.last_used) < IDLE_TIMEOUT);
+            .retain(|_, c| c.usable(now) && now.duration_since(c.last_used) < IDLE_TIMEOUT);
         pool.h2_connecting
             .lock()
             .expect("pool lock")

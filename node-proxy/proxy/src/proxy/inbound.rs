@@ -7,12 +7,15 @@
 //! source is the pod's own address through, so it does not loop).
 
 mod delivery;
+mod requests;
 
 use crate::policy::Inbound;
+use crate::policy::authz::Admission;
 use crate::policy::route_authz::RouteAccess;
 use crate::proxy::{PROXY_PORTS, ProxyInputs};
+use crate::state::Snapshot;
 use crate::telemetry::{OpenConnection, Peers, Reporter, SecurityPolicy, TcpLabels};
-use crate::transport::LocalPod;
+use crate::transport::{ConnectionPermit, LocalPod};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -56,7 +59,15 @@ pub async fn serve_hbone(listener: TcpListener, pod: Arc<LocalPod>, cx: ProxyInp
     // pod's first certificate (the listener queues connections meanwhile).
     let config = loop {
         match mesh.certs.server_config(&identity).await {
-            Ok(c) => break Arc::new(c),
+            Ok(mut c) => {
+                // Tunnels, and requests without one (`requests`) from
+                // proxies that ask for it.
+                c.alpn_protocols = vec![
+                    weft_hbone::REQUESTS_ALPN.to_vec(),
+                    weft_hbone::HBONE_ALPN.to_vec(),
+                ];
+                break Arc::new(c);
+            }
             Err(e) => {
                 tracing::warn!(pod = %pod.key(), error = %e, "no certificate for the HBONE listener yet");
                 tokio::time::sleep(std::time::Duration::from_secs(1)).await;
@@ -110,6 +121,10 @@ pub async fn serve_hbone(listener: TcpListener, pod: Arc<LocalPod>, cx: ProxyInp
                     _ = bundle.changed() => tracing::debug!(%peer, "trust bundle changed: no new stream on this connection"),
                 }
             };
+            if tls.get_ref().1.alpn_protocol() == Some(weft_hbone::REQUESTS_ALPN) {
+                requests::serve_requests(tls, peer, principal, pod, cx, until).await;
+                return;
+            }
             let result = serve_connection(
                 tls,
                 move |request| {
@@ -247,18 +262,76 @@ async fn serve_inbound<A: Arrival>(
     pod: Arc<LocalPod>,
     cx: ProxyInputs,
 ) {
-    // Context: one look at the control plane's state for the connection.
+    let snapshot = cx.snapshot();
+    let admitted = match admit(target, peer, client, &pod, &cx, &snapshot).await {
+        Ok(a) => a,
+        Err(why) => {
+            arrival.refuse(why);
+            return;
+        }
+    };
+    let Admitted {
+        labels,
+        mut record,
+        app,
+        access,
+        mut admission,
+        permit: _permit,
+    } = admitted;
+    let stream = match arrival.accept() {
+        Ok(s) => s,
+        Err(e) => {
+            record.error = Some(format!("the client went away: {e}"));
+            return;
+        }
+    };
+
+    // Delivery. A policy change that revokes the connection ends it with a
+    // reset (plaintext) or RST_STREAM, which the source proxy turns into a
+    // reset of its client's connection.
+    let (moved, err) =
+        delivery::deliver(stream, app, &labels, &pod, &cx, &snapshot, access, async {
+            admission.revoked().await;
+        })
+        .await;
+    record.moved = moved;
+    record.error = err.map(|e| e.to_string());
+}
+
+/// An inbound connection that passed every check, and what its delivery
+/// needs.
+struct Admitted {
+    labels: TcpLabels,
+    /// Its metrics and access-log line, written when this is dropped.
+    record: ConnectionRecord,
+    /// Connected to the target from inside the pod.
+    app: TcpStream,
+    access: RouteAccess,
+    /// Completes `revoked()` when a policy change refuses the connection.
+    admission: Admission,
+    permit: ConnectionPermit,
+}
+
+/// The checks of an inbound connection to `target`, in order: a tunnel
+/// reaches only this pod, never a port of the proxy; the pod's and node's
+/// bounds; the policy; the application accepts a connection from inside
+/// the pod. Each refusal is logged (and counted) here; the caller answers
+/// it.
+async fn admit(
+    target: SocketAddr,
+    peer: SocketAddr,
+    client: Option<Arc<SpiffeId>>,
+    pod: &Arc<LocalPod>,
+    cx: &ProxyInputs,
+    snapshot: &Snapshot,
+) -> Result<Admitted, Refusal> {
     let started = Instant::now();
     let client_ip = peer.ip().to_canonical();
-    let snapshot = cx.snapshot();
     let view = snapshot.policy_view();
-
-    // Checks.
     if client.is_some() && !pod.has_address(target.ip()) {
         // A tunnel to this pod's listener may only reach this pod.
         tracing::info!(target: "access", pod = %pod.key(), %peer, %target, "HBONE target is not this pod");
-        arrival.refuse(Refusal::NotThisPod);
-        return;
+        return Err(Refusal::NotThisPod);
     }
     if PROXY_PORTS.contains(&target.port()) {
         // Plaintext to podIP:15006, or a tunnel to podIP:15008: the proxy
@@ -267,32 +340,28 @@ async fn serve_inbound<A: Arrival>(
         // Loopback is refused above for tunnels (only the pod's address
         // is served); a plaintext connection steered here has the pod's.
         tracing::info!(target: "access", pod = %pod.key(), %peer, %target, "refused: the target is the node proxy's own port");
-        arrival.refuse(Refusal::ProxyPort);
-        return;
+        return Err(Refusal::ProxyPort);
     }
-    let Ok(_permit) = cx.limits.admit(&pod.key()) else {
-        arrival.refuse(Refusal::OverLimit);
-        return;
-    };
+    let permit = cx
+        .limits
+        .admit(&pod.key())
+        .map_err(|_| Refusal::OverLimit)?;
     let conn = Inbound {
         pod: pod.info.clone(),
         port: target.port(),
         client: client.clone(),
         client_ip,
     };
-    let Ok(mut admission) = cx.authz.admit(view, conn) else {
-        // Refused (and logged and counted by the policy) before anything
-        // reaches the application.
-        arrival.refuse(Refusal::Denied);
-        return;
-    };
+    // Refused (and logged and counted by the policy) before anything
+    // reaches the application.
+    let admission = cx.authz.admit(view, conn).map_err(|_| Refusal::Denied)?;
     let security = if client.is_some() {
         SecurityPolicy::MutualTls
     } else {
         SecurityPolicy::None
     };
     let principal = client.as_ref().map(|c| c.to_string()).unwrap_or_default();
-    let labels = destination_labels(view, &pod, peer, target.port(), principal, security);
+    let labels = destination_labels(view, pod, peer, target.port(), principal, security);
     let mut record = ConnectionRecord {
         open: Some(cx.tcp_metrics.open(labels.clone())),
         started,
@@ -306,35 +375,24 @@ async fn serve_inbound<A: Arrival>(
     let app = match pod.connect(target).await {
         Ok(s) => s,
         Err(e) => {
-            arrival.refuse(Refusal::Unreachable);
             record.error = Some(format!("cannot connect to {target} from the pod: {e}"));
-            return;
+            return Err(Refusal::Unreachable);
         }
     };
-    let stream = match arrival.accept() {
-        Ok(s) => s,
-        Err(e) => {
-            record.error = Some(format!("the client went away: {e}"));
-            return;
-        }
-    };
-
-    // Delivery. A policy change that revokes the connection ends it with a
-    // reset (plaintext) or RST_STREAM, which the source proxy turns into a
-    // reset of its client's connection.
     let access = RouteAccess {
         client,
         client_ip,
         port: target.port(),
         connection: admission.access.clone(),
     };
-    let (moved, err) =
-        delivery::deliver(stream, app, &labels, &pod, &cx, &snapshot, access, async {
-            admission.revoked().await;
-        })
-        .await;
-    record.moved = moved;
-    record.error = err.map(|e| e.to_string());
+    Ok(Admitted {
+        labels,
+        record,
+        app,
+        access,
+        admission,
+        permit,
+    })
 }
 
 /// The one record of an admitted inbound connection: its TCP metrics and

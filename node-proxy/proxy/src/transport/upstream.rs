@@ -1,8 +1,9 @@
 //! The upstream of a pod's connection (or of one HTTP connection): an
 //! HBONE stream to an enrolled workload, or TCP from the pod.
 
+use super::TlsSocket;
 use super::pod::LocalPod;
-use super::tunnel::TunnelKey;
+use super::tunnel::{RequestConnections, TunnelKey};
 use crate::state::Route;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -17,6 +18,31 @@ use weft_stream::Protocol;
 pub enum Upstream {
     Hbone(H2Stream),
     Plain(TcpStream),
+    /// A mutual-TLS connection to a peer node proxy that takes HTTP/2
+    /// requests as streams of their own ([`RequestConnections`]).
+    Requests {
+        tls: Box<tokio_rustls::client::TlsStream<TlsSocket>>,
+        /// The peer's identity holds until then.
+        expires: Option<std::time::SystemTime>,
+    },
+}
+
+impl Upstream {
+    /// Until when the connection may carry new requests: the peer's
+    /// certificate expires (only for [`Upstream::Requests`]; an HBONE
+    /// stream's connection is bounded by its pool).
+    pub fn expires(&self) -> Option<std::time::SystemTime> {
+        match self {
+            Upstream::Requests { expires, .. } => *expires,
+            _ => None,
+        }
+    }
+
+    /// Whether requests on this upstream must name their target
+    /// ([`weft_hbone::TARGET_HEADER`]).
+    pub fn names_targets(&self) -> bool {
+        matches!(self, Upstream::Requests { .. })
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +96,40 @@ pub async fn open_upstream(
     }
 }
 
+/// The upstream of a pod's HTTP/2 connection (its requests): to an
+/// enrolled workload whose node proxy takes requests without a tunnel, a
+/// connection of that kind; otherwise as [`open_upstream`].
+pub async fn open_requests_upstream(
+    route: &Route,
+    pod: &Arc<LocalPod>,
+    tunnels: Option<&HbonePool<TunnelKey>>,
+    requests: Option<&RequestConnections>,
+    protocol: Protocol,
+) -> Result<Upstream, ConnectError> {
+    if let (
+        Route::Hbone {
+            tunnel, identity, ..
+        },
+        Some(requests),
+        Some(source),
+    ) = (route, requests, &pod.identity)
+    {
+        let key = TunnelKey {
+            pod: pod.clone(),
+            source: source.clone(),
+            destination: identity.clone(),
+            tunnel: *tunnel,
+        };
+        if let Some(c) = requests.open(&key).await? {
+            return Ok(Upstream::Requests {
+                tls: Box::new(c.tls),
+                expires: c.expires,
+            });
+        }
+    }
+    open_upstream(route, pod, tunnels, protocol).await
+}
+
 impl AsyncRead for Upstream {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -81,6 +141,7 @@ impl AsyncRead for Upstream {
             // A pooled connection to a server outside the mesh: its
             // responses may come in pieces too.
             Upstream::Plain(s) => weft_stream::quickack::poll_read(s, cx, buf),
+            Upstream::Requests { tls, .. } => Pin::new(tls.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -94,7 +155,32 @@ impl AsyncWrite for Upstream {
         match self.get_mut() {
             Upstream::Hbone(s) => Pin::new(s).poll_write(cx, buf),
             Upstream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Upstream::Requests { tls, .. } => Pin::new(tls.as_mut()).poll_write(cx, buf),
         }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Upstream::Requests { tls, .. } => Pin::new(tls.as_mut()).poll_write_vectored(cx, bufs),
+            // Not vectored (see is_write_vectored): the first buffer.
+            other => {
+                let buf = bufs
+                    .iter()
+                    .find(|b| !b.is_empty())
+                    .map_or(&[][..], |b| &**b);
+                Pin::new(other).poll_write(cx, buf)
+            }
+        }
+    }
+
+    /// TLS takes the HTTP/2 frames' pieces in one call; the others are
+    /// written flat, as before.
+    fn is_write_vectored(&self) -> bool {
+        matches!(self, Upstream::Requests { .. })
     }
 
     fn poll_flush(
@@ -104,6 +190,7 @@ impl AsyncWrite for Upstream {
         match self.get_mut() {
             Upstream::Hbone(s) => Pin::new(s).poll_flush(cx),
             Upstream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Upstream::Requests { tls, .. } => Pin::new(tls.as_mut()).poll_flush(cx),
         }
     }
 
@@ -114,6 +201,7 @@ impl AsyncWrite for Upstream {
         match self.get_mut() {
             Upstream::Hbone(s) => Pin::new(s).poll_shutdown(cx),
             Upstream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Upstream::Requests { tls, .. } => Pin::new(tls.as_mut()).poll_shutdown(cx),
         }
     }
 }

@@ -208,6 +208,89 @@ impl InProcessMesh {
             inputs: n.inputs.clone(),
         }
     }
+
+    /// A change of the cluster: every node gets its view of `yaml`, and
+    /// its proxy re-checks the connections it admitted (as `main.rs` does
+    /// for each new snapshot). Returns once every node decides with it.
+    pub async fn change(&self, yaml: &str) {
+        for (name, node) in &self.nodes {
+            let before = node.inputs.snapshot();
+            let view = view_of(yaml, name);
+            node.view.send_replace(view.clone());
+            tokio::time::timeout(Duration::from_secs(30), async {
+                while Arc::ptr_eq(&node.inputs.snapshot(), &before) {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+            .await
+            .expect("the node's snapshot follows its view");
+            node.inputs.authz.revalidate(Some(&view));
+        }
+    }
+
+    /// Like [`InProcessMesh::pod`], with the HBONE listener of a node proxy
+    /// from before requests without a tunnel: TLS with the pod's
+    /// certificate offering only the tunnels' ALPN protocol, each CONNECT
+    /// spliced to its target.
+    pub fn pod_behind_an_older_proxy(&mut self, node: &str, namespace: &str, name: &str) {
+        let n = &self.nodes[node];
+        let view = n.view.borrow().clone();
+        let w = view
+            .workloads
+            .values()
+            .find(|w| w.namespace == namespace && w.name == name)
+            .unwrap_or_else(|| panic!("no workload {namespace}/{name} in {node}'s view"))
+            .clone();
+        let identity: SpiffeId = w.identity.parse().expect("an identity");
+        let ip = w
+            .addresses
+            .iter()
+            .find_map(|a| weft_destination_api::address::decode(a))
+            .expect("an address");
+        let certs = n
+            .inputs
+            .control_plane
+            .as_ref()
+            .expect("a control plane")
+            .certs
+            .clone();
+        certs.register_pod(&identity);
+        let listener = std::net::TcpListener::bind(SocketAddr::new(ip, weft_hbone::HBONE_PORT))
+            .expect("HBONE listener");
+        listener.set_nonblocking(true).expect("non-blocking");
+        self.tasks.push(tokio::spawn(async move {
+            let listener = TcpListener::from_std(listener).expect("tokio listener");
+            let config = certs.server_config(&identity).await.expect("a certificate");
+            assert_eq!(config.alpn_protocols, vec![weft_hbone::HBONE_ALPN.to_vec()]);
+            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let _ = weft_hbone::serve_connection(
+                        tls,
+                        |request: weft_hbone::HboneRequest| async move {
+                            let Ok(mut app) = tokio::net::TcpStream::connect(request.target).await
+                            else {
+                                request.reject_unprocessed();
+                                return;
+                            };
+                            if let Ok(mut stream) = request.accept() {
+                                let _ = tokio::io::copy_bidirectional(&mut stream, &mut app).await;
+                            }
+                        },
+                        std::future::pending(),
+                    )
+                    .await;
+                });
+            }
+        }));
+    }
 }
 
 impl Drop for InProcessMesh {

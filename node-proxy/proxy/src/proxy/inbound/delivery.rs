@@ -204,9 +204,9 @@ impl InboundStream for H2Stream {
 /// The local pod a connection is delivered to, and who connected: what each
 /// of its requests is decided with.
 #[derive(Clone, Debug)]
-struct RouteGuard {
-    pod: Arc<LocalPod>,
-    access: RouteAccess,
+pub(super) struct RouteGuard {
+    pub(super) pod: Arc<LocalPod>,
+    pub(super) access: RouteAccess,
 }
 
 impl RouteGuard {
@@ -221,7 +221,7 @@ impl RouteGuard {
     }
 }
 
-struct Delivery {
+pub(super) struct Delivery {
     app: AppConnection,
     target: SocketAddr,
     peers: Peers,
@@ -253,20 +253,10 @@ where
     // connection goes on. (Finishing it instead, so that the client side
     // opens a new one, raced with the requests the source proxy had sent
     // meanwhile: they failed with a 502.)
-    let pod = guard.pod.clone();
-    let app = match AppConnection::open(app, pod, protocol, to_client).await {
-        Ok(app) => app,
+    let delivery = match Delivery::open(app, to_client, protocol, target, peers, cx, guard).await {
+        Ok(d) => d,
         Err(e) => return Some(io::Error::other(e)),
     };
-    let delivery = Arc::new(Delivery {
-        app,
-        target,
-        peers,
-        cx: cx.clone(),
-        protocol,
-        guard,
-        upgrades: Upgrades::default(),
-    });
     let serving = delivery.clone();
     let http2 = protocol == Protocol::Http2;
     let service = service_fn(move |request: Request<Incoming>| {
@@ -308,7 +298,33 @@ where
 }
 
 impl Delivery {
-    async fn forward(&self, mut request: Request<ClientBody>) -> Response<ProxyBody> {
+    /// Delivery of requests to the application at `target`, over `app`
+    /// (already connected from the pod) and the connections opened after
+    /// it; `to_client` counts the application's bytes.
+    pub(super) async fn open(
+        app: TcpStream,
+        to_client: Arc<AtomicU64>,
+        protocol: Protocol,
+        target: SocketAddr,
+        peers: Peers,
+        cx: &ProxyInputs,
+        guard: RouteGuard,
+    ) -> Result<Arc<Self>, crate::l7::upstream::UpstreamError> {
+        let app = AppConnection::open(app, guard.pod.clone(), protocol, to_client).await?;
+        Ok(Arc::new(Delivery {
+            app,
+            target,
+            peers,
+            cx: cx.clone(),
+            protocol,
+            guard,
+            upgrades: Upgrades::default(),
+        }))
+    }
+
+    /// One request: decided by the Server's routes, sent to the
+    /// application, recorded (`reporter="destination"`).
+    pub(super) async fn forward(&self, mut request: Request<ClientBody>) -> Response<ProxyBody> {
         let started = Instant::now();
         let method = MethodClass::of(request.method());
         let grpc = is_grpc(request.headers());
@@ -316,6 +332,9 @@ impl Delivery {
         // Before route-level authorization sees it, and as the application
         // gets it: `/public/../admin` is `/admin` to both.
         let bad_path = crate::l7::path::normalize(&mut request).err();
+        // Meant for this proxy only (a request connection's target): the
+        // application never sees it, whoever set it.
+        request.headers_mut().remove(weft_hbone::TARGET_HEADER);
         let req = RouteRequest {
             method: request.method(),
             path: path_of(request.uri()),

@@ -33,7 +33,7 @@ use crate::telemetry::Reporter;
 use crate::telemetry::classify::{MethodClass, grpc_server_failed, grpc_status, is_grpc};
 use crate::telemetry::grpc::GrpcCode;
 use crate::transport::LocalPod;
-use crate::transport::open_upstream;
+use crate::transport::{open_requests_upstream, open_upstream};
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Incoming};
@@ -412,7 +412,27 @@ impl Connection {
                 .upstreams
                 .send(
                     &key,
-                    || open_upstream(route, pod, cx.tunnels.as_deref(), self.protocol),
+                    || async {
+                        match self.protocol {
+                            // Requests as streams of their own where the
+                            // peer proxy takes them (no tunnel inside).
+                            Protocol::Http2 => {
+                                let requests = cx.requests.as_deref();
+                                open_requests_upstream(
+                                    route,
+                                    pod,
+                                    cx.tunnels.as_deref(),
+                                    requests,
+                                    self.protocol,
+                                )
+                                .await
+                            }
+                            _ => {
+                                open_upstream(route, pod, cx.tunnels.as_deref(), self.protocol)
+                                    .await
+                            }
+                        }
+                    },
                     request,
                     reusable,
                 )
