@@ -162,16 +162,20 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> HbonePool<K> {
             None => (self.connect(key.clone(), addr).await?, false),
         };
         match open_on(&conn, target, protocol).await {
-            // A pooled connection that failed before the CONNECT was
-            // answered (its peer is going away: a draining node proxy's
-            // GOAWAY, or it just died): nothing crossed, so once more on a
-            // fresh connection, which a restarted peer accepts.
-            Err(HboneError::H2 { .. }) if pooled => {
+            Ok(stream) => Ok(stream),
+            // The peer certainly did not process the CONNECT (a draining
+            // node proxy's GOAWAY, a connection already closed): once more
+            // on a fresh connection, which a restarted peer accepts. Only
+            // then: a CONNECT the destination may have decided would be
+            // decided twice.
+            Err(Failed::Unprocessed(_)) if pooled => {
                 conn.alive.store(false, Ordering::Relaxed);
                 let conn = self.connect(key, addr).await?;
-                open_on(&conn, target, protocol).await
+                open_on(&conn, target, protocol)
+                    .await
+                    .map_err(Failed::into_error)
             }
-            other => other,
+            Err(failed) => Err(failed.into_error()),
         }
     }
 
@@ -270,13 +274,44 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> HbonePool<K> {
     }
 }
 
+/// Why a CONNECT failed, and whether sending it again is safe.
+#[derive(Debug)]
+enum Failed {
+    /// The peer did not process the stream: it failed before it was sent,
+    /// or h2 says the peer did not take it (see [`unprocessed`]).
+    Unprocessed(HboneError),
+    /// The destination may have decided it (an answer, a reset, or the
+    /// connection ending with the stream in flight).
+    Final(HboneError),
+}
+
+impl Failed {
+    fn into_error(self) -> HboneError {
+        match self {
+            Failed::Unprocessed(e) | Failed::Final(e) => e,
+        }
+    }
+}
+
+/// Whether h2's error for a sent stream says that the peer did not process
+/// it: a GOAWAY whose last stream ID is below the stream (h2 fails exactly
+/// those streams with the GOAWAY's error; RFC 9113 §6.8), or a
+/// RST_STREAM(REFUSED_STREAM) (§8.7). A stream at or below a GOAWAY's last
+/// stream ID that the connection's end cuts short fails with an I/O error
+/// instead, like any stream of a connection that died: the peer may have
+/// processed it.
+fn unprocessed(e: &h2::Error) -> bool {
+    e.is_remote()
+        && (e.is_go_away() || (e.is_reset() && e.reason() == Some(h2::Reason::REFUSED_STREAM)))
+}
+
 /// Opens a CONNECT stream to `target` on `conn` (its stream slot already
 /// counted: released when the stream is dropped, or on failure).
 async fn open_on(
     conn: &Arc<Conn>,
     target: SocketAddr,
     protocol: Option<&'static str>,
-) -> Result<H2Stream, HboneError> {
+) -> Result<H2Stream, Failed> {
     let lease = Lease(conn.clone());
     let mut request = Request::builder()
         .method(Method::CONNECT)
@@ -291,20 +326,34 @@ async fn open_on(
         addr: conn.addr,
         source,
     };
-    let mut send = conn.send.clone().ready().await.map_err(h2_err)?;
-    let (response, stream) = send.send_request(request, false).map_err(h2_err)?;
-    let response = response.await.map_err(h2_err)?;
+    // Nothing of the stream was sent when these fail.
+    let mut send = conn
+        .send
+        .clone()
+        .ready()
+        .await
+        .map_err(|e| Failed::Unprocessed(h2_err(e)))?;
+    let (response, stream) = send
+        .send_request(request, false)
+        .map_err(|e| Failed::Unprocessed(h2_err(e)))?;
+    let response = response.await.map_err(|e| {
+        if unprocessed(&e) {
+            Failed::Unprocessed(h2_err(e))
+        } else {
+            Failed::Final(h2_err(e))
+        }
+    })?;
     if response.status() != StatusCode::OK {
         let reason = response
             .headers()
             .get(super::UNPROCESSED_HEADER)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
-        return Err(HboneError::Refused {
+        return Err(Failed::Final(HboneError::Refused {
             target,
             status: response.status(),
             reason,
-        });
+        }));
     }
     Ok(H2Stream::new(stream, response.into_body()).with_lease(Box::new(lease)))
 }
@@ -364,7 +413,7 @@ async fn reap_idle<K: Hash + Eq>(pool: Weak<Inner<K>>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{HboneRequest, serve_connection};
+    use crate::{HboneRequest, connect_target, serve_connection};
 
     #[tokio::test]
     async fn the_protocol_header_reaches_the_destination_stream() {
@@ -541,5 +590,147 @@ mod tests {
         let second = pool.open("k", addr, target).await;
         assert!(second.is_ok(), "{:?}", second.err());
         assert_eq!(made.load(Ordering::SeqCst), 2, "a fresh connection for it");
+    }
+
+    /// A connector whose `n`th call (from 0) makes an in-memory connection
+    /// served by `serve(n, io)`; counts the connections made.
+    fn scripted_connector<F, Fut>(serve: F) -> (Connector<&'static str>, Arc<AtomicUsize>)
+    where
+        F: Fn(usize, tokio::io::DuplexStream) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let made = Arc::new(AtomicUsize::new(0));
+        let counter = made.clone();
+        let connector: Connector<&'static str> = Arc::new(move |_key| {
+            let n = counter.fetch_add(1, Ordering::SeqCst);
+            let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+            tokio::spawn(serve(n, server_io));
+            Box::pin(async move { Ok(Connected::new(Box::new(client_io))) })
+        });
+        (connector, made)
+    }
+
+    type Decided = Arc<Mutex<HashMap<SocketAddr, usize>>>;
+
+    /// Serves with [`serve_connection`], counting the CONNECTs each target
+    /// got, and answering each with `answer`.
+    async fn counting_server(
+        io: tokio::io::DuplexStream,
+        decided: Decided,
+        answer: fn(HboneRequest),
+    ) {
+        let _ = serve_connection(
+            io,
+            move |request: HboneRequest| {
+                *decided.lock().unwrap().entry(request.target).or_default() += 1;
+                async move { answer(request) }
+            },
+            std::future::pending(),
+        )
+        .await;
+    }
+
+    /// How the first HBONE connection ends, in
+    /// `a_connect_the_destination_may_have_decided_is_not_sent_again`,
+    /// once the destination took the second CONNECT.
+    #[derive(Clone, Copy, Debug)]
+    enum Ending {
+        /// GOAWAY with an error (what h2 sends a client it takes for
+        /// abusive), its last stream ID that CONNECT's.
+        ErrorGoaway,
+        /// The connection just closes (the node proxy died).
+        Closed,
+    }
+
+    /// The second CONNECT on a pooled connection reaches the destination,
+    /// which decides it; then the connection ends before the answer. That
+    /// CONNECT is reported failed, not sent again on a fresh connection:
+    /// the destination saw it once.
+    #[tokio::test]
+    async fn a_connect_the_destination_may_have_decided_is_not_sent_again() {
+        for ending in [Ending::ErrorGoaway, Ending::Closed] {
+            let decided = Decided::default();
+            let on_server = decided.clone();
+            let (connector, made) = scripted_connector(move |n, io| {
+                let decided = on_server.clone();
+                async move {
+                    if n > 0 {
+                        return counting_server(io, decided, |request| {
+                            let _ = request.accept();
+                        })
+                        .await;
+                    }
+                    let mut conn: h2::server::Connection<_, Bytes> =
+                        h2::server::handshake(io).await.unwrap();
+                    let (_, mut respond) = conn.accept().await.unwrap().unwrap();
+                    let _open = respond.send_response(http::Response::new(()), false);
+                    let (request, _respond) = conn.accept().await.unwrap().unwrap();
+                    let target = connect_target(request.uri()).unwrap();
+                    *decided.lock().unwrap().entry(target).or_default() += 1;
+                    match ending {
+                        Ending::ErrorGoaway => {
+                            conn.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
+                            let _ = futures::future::poll_fn(|cx| conn.poll_closed(cx)).await;
+                        }
+                        Ending::Closed => drop(conn),
+                    }
+                }
+            });
+            let pool = HbonePool::new(PoolConfig::default(), connector);
+            let (addr, target) = (ADDR.parse().unwrap(), TARGET.parse().unwrap());
+            let _first = pool.open("k", addr, target).await.unwrap();
+            let second: SocketAddr = "127.0.0.1:9001".parse().unwrap();
+            let result = pool.open("k", addr, second).await;
+            assert!(
+                matches!(result, Err(HboneError::H2 { .. })),
+                "{ending:?}: {:?}",
+                result.map(|_| "opened")
+            );
+            assert_eq!(
+                decided.lock().unwrap().get(&second),
+                Some(&1),
+                "{ending:?}: the destination decided it once"
+            );
+            assert_eq!(
+                made.load(Ordering::SeqCst),
+                1,
+                "{ending:?}: no other connection"
+            );
+        }
+    }
+
+    /// A CONNECT the destination refused unprocessed at the HTTP/2 level
+    /// (RST_STREAM REFUSED_STREAM: it took too many streams at once) goes
+    /// once more, on a fresh connection, and opens there.
+    #[tokio::test]
+    async fn a_connect_refused_as_unprocessed_opens_on_a_fresh_connection() {
+        let decided = Decided::default();
+        let on_server = decided.clone();
+        let (connector, made) = scripted_connector(move |n, io| {
+            let decided = on_server.clone();
+            async move {
+                if n > 0 {
+                    return counting_server(io, decided, |request| {
+                        let _ = request.accept();
+                    })
+                    .await;
+                }
+                let mut conn: h2::server::Connection<_, Bytes> =
+                    h2::server::handshake(io).await.unwrap();
+                let (_, mut respond) = conn.accept().await.unwrap().unwrap();
+                let _open = respond.send_response(http::Response::new(()), false);
+                let (_, mut respond) = conn.accept().await.unwrap().unwrap();
+                respond.send_reset(h2::Reason::REFUSED_STREAM);
+                while let Some(Ok(_)) = conn.accept().await {}
+            }
+        });
+        let pool = HbonePool::new(PoolConfig::default(), connector);
+        let (addr, target) = (ADDR.parse().unwrap(), TARGET.parse().unwrap());
+        let _first = pool.open("k", addr, target).await.unwrap();
+        let second: SocketAddr = "127.0.0.1:9001".parse().unwrap();
+        let opened = pool.open("k", addr, second).await;
+        assert!(opened.is_ok(), "{:?}", opened.err());
+        assert_eq!(made.load(Ordering::SeqCst), 2, "a fresh connection for it");
+        assert_eq!(decided.lock().unwrap().get(&second), Some(&1));
     }
 }
