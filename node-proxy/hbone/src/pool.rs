@@ -157,21 +157,39 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> HbonePool<K> {
         target: SocketAddr,
         protocol: Option<&'static str>,
     ) -> Result<H2Stream, HboneError> {
+        self.open_sending(key, addr, target, protocol, Bytes::new())
+            .await
+    }
+
+    /// Like [`HbonePool::open_with`], sending `first` (bytes the client
+    /// already wrote) right behind the CONNECT instead of after its answer:
+    /// the destination proxy holds them in the stream until it has checked
+    /// the client and connected to the application, and the client's first
+    /// message does not wait a round trip between the nodes. A refused
+    /// stream delivered none of them: the caller may send them elsewhere.
+    pub async fn open_sending(
+        &self,
+        key: K,
+        addr: SocketAddr,
+        target: SocketAddr,
+        protocol: Option<&'static str>,
+        first: Bytes,
+    ) -> Result<H2Stream, HboneError> {
         let (conn, pooled) = match self.inner.lease(&key) {
             Some(conn) => (conn, true),
             None => (self.connect(key.clone(), addr).await?, false),
         };
-        match open_on(&conn, target, protocol).await {
+        match open_on(&conn, target, protocol, &first).await {
             Ok(stream) => Ok(stream),
             // The peer certainly did not process the CONNECT (a draining
             // node proxy's GOAWAY, a connection already closed): once more
             // on a fresh connection, which a restarted peer accepts. Only
             // then: a CONNECT the destination may have decided would be
-            // decided twice.
+            // decided twice, and its first bytes maybe delivered twice.
             Err(Failed::Unprocessed(_)) if pooled => {
                 conn.alive.store(false, Ordering::Relaxed);
                 let conn = self.connect(key, addr).await?;
-                open_on(&conn, target, protocol)
+                open_on(&conn, target, protocol, &first)
                     .await
                     .map_err(Failed::into_error)
             }
@@ -306,11 +324,13 @@ fn unprocessed(e: &h2::Error) -> bool {
 }
 
 /// Opens a CONNECT stream to `target` on `conn` (its stream slot already
-/// counted: released when the stream is dropped, or on failure).
+/// counted: released when the stream is dropped, or on failure), `first`
+/// sent before the answer.
 async fn open_on(
     conn: &Arc<Conn>,
     target: SocketAddr,
     protocol: Option<&'static str>,
+    first: &Bytes,
 ) -> Result<H2Stream, Failed> {
     let lease = Lease(conn.clone());
     let mut request = Request::builder()
@@ -333,9 +353,19 @@ async fn open_on(
         .ready()
         .await
         .map_err(|e| Failed::Unprocessed(h2_err(e)))?;
-    let (response, stream) = send
+    let (response, mut stream) = send
         .send_request(request, false)
         .map_err(|e| Failed::Unprocessed(h2_err(e)))?;
+    // Queued by h2 behind the HEADERS frame (the stream's window, 4 MiB at
+    // our peers, is far above what detection reads). The HEADERS may be on
+    // the wire already and the stream answered and closed by the time this
+    // runs (h2's connection task runs on its own): then the bytes are not
+    // sent, and the answer says what the destination did.
+    let sent = if first.is_empty() {
+        Ok(())
+    } else {
+        stream.send_data(first.clone(), false)
+    };
     let response = response.await.map_err(|e| {
         if unprocessed(&e) {
             Failed::Unprocessed(h2_err(e))
@@ -355,6 +385,9 @@ async fn open_on(
             reason,
         }));
     }
+    // Accepted, but the stream ended before the first bytes could go: the
+    // application got none of them.
+    sent.map_err(|e| Failed::Final(h2_err(e)))?;
     Ok(H2Stream::new(stream, response.into_body()).with_lease(Box::new(lease)))
 }
 
@@ -415,15 +448,21 @@ mod tests {
     use super::*;
     use crate::{HboneRequest, connect_target, serve_connection};
 
-    #[tokio::test]
-    async fn the_protocol_header_reaches_the_destination_stream() {
-        // One in-memory "TLS connection": the pool's side and a server.
+    /// One in-memory "TLS connection": a connector that hands it to the
+    /// pool once, and the server's end.
+    fn one_connection() -> (Connector<&'static str>, tokio::io::DuplexStream) {
         let (client_io, server_io) = tokio::io::duplex(64 * 1024);
         let client_io = Arc::new(Mutex::new(Some(client_io)));
         let connector: Connector<&'static str> = Arc::new(move |_key| {
             let io = client_io.lock().unwrap().take();
             Box::pin(async move { Ok(Connected::new(Box::new(io.expect("one connection")))) })
         });
+        (connector, server_io)
+    }
+
+    #[tokio::test]
+    async fn the_protocol_header_reaches_the_destination_stream() {
+        let (connector, server_io) = one_connection();
         let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(serve_connection(
             server_io,
@@ -443,6 +482,75 @@ mod tests {
         assert_eq!(seen_rx.recv().await.unwrap().as_deref(), Some("h2"));
         let _b = pool.open("k", addr, target).await.unwrap();
         assert_eq!(seen_rx.recv().await.unwrap(), None, "no header: no claim");
+    }
+
+    /// `open_sending`: the client's first bytes reach the destination
+    /// before it answers the CONNECT (the round trip they no longer wait
+    /// for), a refusal says nothing reached the application, and an
+    /// accepted stream gives the application those bytes once, then what
+    /// follows, in order.
+    #[tokio::test]
+    async fn first_bytes_travel_with_the_connect() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (connector, server_io) = one_connection();
+        let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
+        let refused: SocketAddr = "127.0.0.1:9001".parse().unwrap();
+        tokio::spawn(serve_connection(
+            server_io,
+            move |mut request: HboneRequest| {
+                let seen = seen_tx.clone();
+                async move {
+                    if request.target == refused {
+                        // Read before answering: only early data can be there.
+                        let early = tokio::time::timeout(
+                            Duration::from_secs(10),
+                            request.data_before_answer(),
+                        )
+                        .await
+                        .ok()
+                        .flatten();
+                        seen.send(early).unwrap();
+                        request.reject_unprocessed();
+                        return;
+                    }
+                    let mut stream = request.accept().unwrap();
+                    let mut got = vec![0; b"hello, world".len()];
+                    stream.read_exact(&mut got).await.unwrap();
+                    seen.send(Some(Bytes::from(got))).unwrap();
+                }
+            },
+            std::future::pending(),
+        ));
+        let pool = HbonePool::new(PoolConfig::default(), connector);
+        let addr: SocketAddr = "127.0.0.1:15008".parse().unwrap();
+
+        let Err(err) = pool
+            .open_sending("k", addr, refused, None, Bytes::from_static(b"hello"))
+            .await
+        else {
+            panic!("a refused stream opened");
+        };
+        assert_eq!(
+            seen_rx.recv().await.unwrap().as_deref(),
+            Some(&b"hello"[..]),
+            "the bytes arrived before the answer"
+        );
+        assert!(
+            matches!(&err, HboneError::Refused { status, reason: Some(r), .. }
+                if *status == StatusCode::SERVICE_UNAVAILABLE && r == crate::CONNECT_FAILED),
+            "{err:?}"
+        );
+
+        let target: SocketAddr = "127.0.0.1:9000".parse().unwrap();
+        let mut stream = pool
+            .open_sending("k", addr, target, None, Bytes::from_static(b"hello"))
+            .await
+            .unwrap();
+        stream.write_all(b", world").await.unwrap();
+        assert_eq!(
+            seen_rx.recv().await.unwrap().as_deref(),
+            Some(&b"hello, world"[..])
+        );
     }
 
     /// A connector whose every call makes a fresh in-memory connection to
@@ -630,6 +738,75 @@ mod tests {
         .await;
     }
 
+    /// The destination's policy refuses every connection from this client
+    /// (403) without reading what the client sent. Many connections, 64 at
+    /// a time, each with its first bytes behind the CONNECT on one pooled
+    /// HBONE connection: the destination decides each CONNECT exactly
+    /// once, and each client sees the refusal. (The source sent a CONNECT
+    /// again when the destination had answered and closed the stream
+    /// before the first bytes were queued: h2 refused those bytes, and that
+    /// error was taken for the peer going away. A race: some in 10,000
+    /// here, hence the number.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 8)]
+    async fn refused_connects_with_early_data_are_each_decided_once() {
+        const CONNECTS: usize = 20_000;
+        const AT_ONCE: usize = 64;
+        let decided = Decided::default();
+        let on_server = decided.clone();
+        let (connector, made) = scripted_connector(move |_, io| {
+            counting_server(io, on_server.clone(), |request| {
+                request.reject(StatusCode::FORBIDDEN)
+            })
+        });
+        let pool = Arc::new(HbonePool::new(PoolConfig::default(), connector));
+        let addr: SocketAddr = ADDR.parse().unwrap();
+        let next = Arc::new(AtomicUsize::new(0));
+        let clients: Vec<_> = (0..AT_ONCE)
+            .map(|_| {
+                let (pool, next) = (pool.clone(), next.clone());
+                tokio::spawn(async move {
+                    let mut outcomes = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= CONNECTS {
+                            return outcomes;
+                        }
+                        // A target per connection, to count its CONNECTs.
+                        let target = SocketAddr::from(([10, 0, (i >> 8) as u8, i as u8], 9000));
+                        let first = Bytes::from_static(b"ping\n");
+                        let outcome = match pool.open_sending("k", addr, target, None, first).await
+                        {
+                            Err(HboneError::Refused { status, .. }) => status.to_string(),
+                            Err(e) => e.to_string(),
+                            Ok(_) => "opened".to_string(),
+                        };
+                        outcomes.push(outcome);
+                    }
+                })
+            })
+            .collect();
+        let mut outcomes: HashMap<String, usize> = HashMap::new();
+        for client in clients {
+            for outcome in client.await.unwrap() {
+                *outcomes.entry(outcome).or_default() += 1;
+            }
+        }
+        let decided = decided.lock().unwrap();
+        let twice: Vec<_> = decided.iter().filter(|(_, n)| **n > 1).collect();
+        assert!(
+            twice.is_empty(),
+            "{} of {CONNECTS} CONNECTs decided more than once (HBONE connections made: {}), e.g. {:?}",
+            twice.len(),
+            made.load(Ordering::SeqCst),
+            &twice[..twice.len().min(3)]
+        );
+        assert_eq!(decided.len(), CONNECTS);
+        assert_eq!(
+            outcomes,
+            HashMap::from([(StatusCode::FORBIDDEN.to_string(), CONNECTS)])
+        );
+    }
+
     /// How the first HBONE connection ends, in
     /// `a_connect_the_destination_may_have_decided_is_not_sent_again`,
     /// once the destination took the second CONNECT.
@@ -645,7 +822,8 @@ mod tests {
     /// The second CONNECT on a pooled connection reaches the destination,
     /// which decides it; then the connection ends before the answer. That
     /// CONNECT is reported failed, not sent again on a fresh connection:
-    /// the destination saw it once.
+    /// the destination saw it once (had it accepted it, the application
+    /// would have got the first bytes once).
     #[tokio::test]
     async fn a_connect_the_destination_may_have_decided_is_not_sent_again() {
         for ending in [Ending::ErrorGoaway, Ending::Closed] {
@@ -680,7 +858,9 @@ mod tests {
             let (addr, target) = (ADDR.parse().unwrap(), TARGET.parse().unwrap());
             let _first = pool.open("k", addr, target).await.unwrap();
             let second: SocketAddr = "127.0.0.1:9001".parse().unwrap();
-            let result = pool.open("k", addr, second).await;
+            let result = pool
+                .open_sending("k", addr, second, None, Bytes::from_static(b"hello"))
+                .await;
             assert!(
                 matches!(result, Err(HboneError::H2 { .. })),
                 "{ending:?}: {:?}",
@@ -728,7 +908,9 @@ mod tests {
         let (addr, target) = (ADDR.parse().unwrap(), TARGET.parse().unwrap());
         let _first = pool.open("k", addr, target).await.unwrap();
         let second: SocketAddr = "127.0.0.1:9001".parse().unwrap();
-        let opened = pool.open("k", addr, second).await;
+        let opened = pool
+            .open_sending("k", addr, second, None, Bytes::from_static(b"hello"))
+            .await;
         assert!(opened.is_ok(), "{:?}", opened.err());
         assert_eq!(made.load(Ordering::SeqCst), 2, "a fresh connection for it");
         assert_eq!(decided.lock().unwrap().get(&second), Some(&1));

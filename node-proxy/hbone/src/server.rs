@@ -45,6 +45,15 @@ impl HboneRequest {
         Ok(H2Stream::new(send, self.body).with_protocol(self.protocol))
     }
 
+    /// The next DATA of the stream before it is answered (tests look at
+    /// what arrives ahead of the answer).
+    #[cfg(test)]
+    pub(crate) async fn data_before_answer(&mut self) -> Option<Bytes> {
+        let data = self.body.data().await?.ok()?;
+        let _ = self.body.flow_control().release_capacity(data.len());
+        Some(data)
+    }
+
     /// Answers with an error status and ends the stream.
     pub fn reject(mut self, status: StatusCode) {
         let mut response = Response::new(());

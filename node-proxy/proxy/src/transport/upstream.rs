@@ -4,11 +4,12 @@
 use super::pod::LocalPod;
 use super::tunnel::TunnelKey;
 use crate::state::Route;
+use bytes::Bytes;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use weft_hbone::{H2Stream, HboneError, HbonePool};
 use weft_stream::Protocol;
@@ -43,6 +44,22 @@ pub async fn open_upstream(
     tunnels: Option<&HbonePool<TunnelKey>>,
     protocol: Protocol,
 ) -> Result<Upstream, ConnectError> {
+    open_upstream_sending(route, pod, tunnels, protocol, Bytes::new()).await
+}
+
+/// Like [`open_upstream`], sending `first` (bytes the client already
+/// wrote) as part of opening: behind the CONNECT of an HBONE stream,
+/// without waiting for its answer ([`HbonePool::open_sending`]); right
+/// after the connect of plain TCP. An error means that none of them
+/// reached the application through an HBONE stream the destination
+/// refused, or that the plain connection failed.
+pub async fn open_upstream_sending(
+    route: &Route,
+    pod: &Arc<LocalPod>,
+    tunnels: Option<&HbonePool<TunnelKey>>,
+    protocol: Protocol,
+    first: Bytes,
+) -> Result<Upstream, ConnectError> {
     let target = route.target();
     match route {
         Route::Hbone {
@@ -56,17 +73,20 @@ pub async fn open_upstream(
                     tunnel: *tunnel,
                 };
                 let stream = pool
-                    .open_with(key, *tunnel, target, Some(protocol.token()))
+                    .open_sending(key, *tunnel, target, Some(protocol.token()), first)
                     .await?;
                 Ok(Upstream::Hbone(stream))
             }
             _ => Err(ConnectError::NoIdentity { pod: pod.key() }),
         },
-        Route::Plain { .. } => pod
-            .connect(target)
-            .await
-            .map(Upstream::Plain)
-            .map_err(|source| ConnectError::Tcp { target, source }),
+        Route::Plain { .. } => {
+            let tcp = |source| ConnectError::Tcp { target, source };
+            let mut stream = pod.connect(target).await.map_err(tcp)?;
+            if !first.is_empty() {
+                stream.write_all(&first).await.map_err(tcp)?;
+            }
+            Ok(Upstream::Plain(stream))
+        }
     }
 }
 
