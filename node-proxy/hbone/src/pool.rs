@@ -264,7 +264,11 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> HbonePool<K> {
             .max_frame_size(MAX_FRAME_SIZE)
             .handshake::<_, Bytes>(io)
             .await
-            .map_err(|source| HboneError::H2 { addr, source })?;
+            .map_err(|source| HboneError::H2 {
+                addr,
+                source,
+                unprocessed: true,
+            })?;
         let conn = Arc::new(Conn {
             send,
             streams: AtomicUsize::new(1),
@@ -296,7 +300,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> HbonePool<K> {
 #[derive(Debug)]
 enum Failed {
     /// The peer did not process the stream: it failed before it was sent,
-    /// or h2 says the peer did not take it (see [`unprocessed`]).
+    /// or h2 says the peer did not take it (see [`peer_did_not_process`]).
     Unprocessed(HboneError),
     /// The destination may have decided it (an answer, a reset, or the
     /// connection ending with the stream in flight).
@@ -318,7 +322,7 @@ impl Failed {
 /// stream ID that the connection's end cuts short fails with an I/O error
 /// instead, like any stream of a connection that died: the peer may have
 /// processed it.
-fn unprocessed(e: &h2::Error) -> bool {
+fn peer_did_not_process(e: &h2::Error) -> bool {
     e.is_remote()
         && (e.is_go_away() || (e.is_reset() && e.reason() == Some(h2::Reason::REFUSED_STREAM)))
 }
@@ -342,20 +346,23 @@ async fn open_on(
     let request = request
         .body(())
         .expect("CONNECT to ip:port with a token header is a valid request");
-    let h2_err = |source| HboneError::H2 {
-        addr: conn.addr,
-        source,
+    let unprocessed = |source| {
+        Failed::Unprocessed(HboneError::H2 {
+            addr: conn.addr,
+            source,
+            unprocessed: true,
+        })
+    };
+    let maybe_processed = |source| {
+        Failed::Final(HboneError::H2 {
+            addr: conn.addr,
+            source,
+            unprocessed: false,
+        })
     };
     // Nothing of the stream was sent when these fail.
-    let mut send = conn
-        .send
-        .clone()
-        .ready()
-        .await
-        .map_err(|e| Failed::Unprocessed(h2_err(e)))?;
-    let (response, mut stream) = send
-        .send_request(request, false)
-        .map_err(|e| Failed::Unprocessed(h2_err(e)))?;
+    let mut send = conn.send.clone().ready().await.map_err(unprocessed)?;
+    let (response, mut stream) = send.send_request(request, false).map_err(unprocessed)?;
     // Queued by h2 behind the HEADERS frame (the stream's window, 4 MiB at
     // our peers, is far above what detection reads). The HEADERS may be on
     // the wire already and the stream answered and closed by the time this
@@ -367,10 +374,10 @@ async fn open_on(
         stream.send_data(first.clone(), false)
     };
     let response = response.await.map_err(|e| {
-        if unprocessed(&e) {
-            Failed::Unprocessed(h2_err(e))
+        if peer_did_not_process(&e) {
+            unprocessed(e)
         } else {
-            Failed::Final(h2_err(e))
+            maybe_processed(e)
         }
     })?;
     if response.status() != StatusCode::OK {
@@ -387,7 +394,7 @@ async fn open_on(
     }
     // Accepted, but the stream ended before the first bytes could go: the
     // application got none of them.
-    sent.map_err(|e| Failed::Final(h2_err(e)))?;
+    sent.map_err(maybe_processed)?;
     Ok(H2Stream::new(stream, response.into_body()).with_lease(Box::new(lease)))
 }
 
@@ -862,7 +869,13 @@ mod tests {
                 .open_sending("k", addr, second, None, Bytes::from_static(b"hello"))
                 .await;
             assert!(
-                matches!(result, Err(HboneError::H2 { .. })),
+                matches!(
+                    result,
+                    Err(HboneError::H2 {
+                        unprocessed: false,
+                        ..
+                    })
+                ),
                 "{ending:?}: {:?}",
                 result.map(|_| "opened")
             );

@@ -127,8 +127,12 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<LocalPod>, cx:
                 ..
             })
         );
+        // Nor when the client's first bytes may have reached this one's
+        // application: another would get them a second time.
+        let delivered = !first.is_empty() && e.may_have_delivered();
         let another = balanced
             && !forbidden
+            && !delivered
             && failed.len() <= MAX_FAILOVERS
             && has_another_endpoint(&snapshot.view, dst, &failed);
         if another {

@@ -29,10 +29,37 @@ pub enum ConnectError {
         target: SocketAddr,
         source: std::io::Error,
     },
+    /// Connected, but writing the client's first bytes failed: the
+    /// application may have read some of them.
+    #[error(
+        "connected to {target} from the pod, then sending the client's first bytes failed: {source}"
+    )]
+    FirstBytes {
+        target: SocketAddr,
+        source: std::io::Error,
+    },
     #[error(
         "pod {pod} has no certificate identity: an mTLS tunnel needs one (is the node proxy connected to the control plane?)"
     )]
     NoIdentity { pod: String },
+}
+
+impl ConnectError {
+    /// Whether the first bytes sent with the opening
+    /// ([`open_upstream_sending`]) may have reached the application: the
+    /// destination proxy may have processed the CONNECT (the HBONE
+    /// connection ended, or the stream was reset, before its answer), or
+    /// the plain connection failed while they were written. Sending them
+    /// to another endpoint then could deliver them twice.
+    pub fn may_have_delivered(&self) -> bool {
+        match self {
+            ConnectError::Hbone(HboneError::H2 { unprocessed, .. }) => !unprocessed,
+            ConnectError::FirstBytes { .. } => true,
+            ConnectError::Hbone(_) | ConnectError::Tcp { .. } | ConnectError::NoIdentity { .. } => {
+                false
+            }
+        }
+    }
 }
 
 /// Opens the transport for `route`: an HBONE stream (pooled TLS connection)
@@ -50,9 +77,8 @@ pub async fn open_upstream(
 /// Like [`open_upstream`], sending `first` (bytes the client already
 /// wrote) as part of opening: behind the CONNECT of an HBONE stream,
 /// without waiting for its answer ([`HbonePool::open_sending`]); right
-/// after the connect of plain TCP. An error means that none of them
-/// reached the application through an HBONE stream the destination
-/// refused, or that the plain connection failed.
+/// after the connect of plain TCP. On an error, none of them reached the
+/// application unless [`ConnectError::may_have_delivered`] says so.
 pub async fn open_upstream_sending(
     route: &Route,
     pod: &Arc<LocalPod>,
@@ -83,7 +109,10 @@ pub async fn open_upstream_sending(
             let tcp = |source| ConnectError::Tcp { target, source };
             let mut stream = pod.connect(target).await.map_err(tcp)?;
             if !first.is_empty() {
-                stream.write_all(&first).await.map_err(tcp)?;
+                stream
+                    .write_all(&first)
+                    .await
+                    .map_err(|source| ConnectError::FirstBytes { target, source })?;
             }
             Ok(Upstream::Plain(stream))
         }
@@ -134,6 +163,73 @@ impl AsyncWrite for Upstream {
         match self.get_mut() {
             Upstream::Hbone(s) => Pin::new(s).poll_shutdown(cx),
             Upstream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the outbound proxy may do with the client's first bytes after
+    /// a failed opening: send them to another endpoint only if none of
+    /// them can have reached this one's application.
+    #[test]
+    fn the_first_bytes_go_elsewhere_only_if_they_cannot_have_been_delivered() {
+        let addr: SocketAddr = "10.0.0.2:15008".parse().unwrap();
+        let target: SocketAddr = "10.0.0.2:9000".parse().unwrap();
+        let h2 = |unprocessed| {
+            ConnectError::Hbone(HboneError::H2 {
+                addr,
+                source: h2::Reason::CANCEL.into(),
+                unprocessed,
+            })
+        };
+        let refused = |status| {
+            ConnectError::Hbone(HboneError::Refused {
+                target,
+                status,
+                reason: None,
+            })
+        };
+        let io = || std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        let cases = [
+            ("tunnel ended with the CONNECT in flight", h2(false), true),
+            ("CONNECT the peer did not process", h2(true), false),
+            (
+                "tunnel refused",
+                refused(http::StatusCode::SERVICE_UNAVAILABLE),
+                false,
+            ),
+            (
+                "policy refused",
+                refused(http::StatusCode::FORBIDDEN),
+                false,
+            ),
+            (
+                "no HBONE connection",
+                ConnectError::Hbone(HboneError::Connect { addr, source: io() }),
+                false,
+            ),
+            (
+                "plain connect failed",
+                ConnectError::Tcp {
+                    target,
+                    source: io(),
+                },
+                false,
+            ),
+            (
+                "plain write failed",
+                ConnectError::FirstBytes {
+                    target,
+                    source: io(),
+                },
+                true,
+            ),
+        ];
+        for (case, error, delivered) in cases {
+            assert_eq!(error.may_have_delivered(), delivered, "{case}: {error}");
         }
     }
 }
