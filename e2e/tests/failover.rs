@@ -329,9 +329,9 @@ spec: {selector: {talk: "yes"}, ports: [{port: 2600, targetPort: 2500}]}
 /// N connections one after another from the client pod. `banner`: to
 /// `echo.demo:2500`, prints each one's first line (the banner) or its
 /// error. `talk`: to `talk.demo:2600` (not declared opaque: the proxy reads
-/// the first bytes to detect the protocol, then replays them to the
-/// endpoint it connects to), the client speaks first, ends its side, and
-/// prints everything it got back.
+/// the first bytes to detect the protocol, and sends them with the
+/// tunnel's opening), the client speaks first, ends its side, and prints
+/// everything it got back.
 const CONNECT: &str = r#"#!/usr/bin/env python3
 import socket, sys
 mode = sys.argv[2] if len(sys.argv) > 2 else "banner"
@@ -402,8 +402,8 @@ fn a_retry_after_a_503_and_an_opaque_connection_go_to_a_live_replica() {
         "echo-1 was never tried: the test shows nothing"
     );
 
-    // The client speaks first: the bytes detection read go to the
-    // endpoint; when talk-1 refuses, the same bytes go to a live one, once.
+    // The client speaks first: its bytes go with the tunnel's CONNECT, and
+    // when talk-1 refuses, the same bytes go to a live endpoint, once.
     let out = mc
         .cluster()
         .exec_ok("demo/client", &["./connect.py", "30", "talk"]);

@@ -79,6 +79,11 @@ pub enum HboneError {
     H2 {
         addr: std::net::SocketAddr,
         source: h2::Error,
+        /// The peer certainly did not process the stream (it was not
+        /// sent, or h2 says the peer did not take it). Otherwise the
+        /// destination may have decided it, and delivered what was sent
+        /// with it ([`HbonePool::open_sending`]).
+        unprocessed: bool,
     },
     #[error("the destination node proxy refused the tunnel to {target}: HTTP {status}{}", reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default())]
     Refused {

@@ -157,21 +157,43 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> HbonePool<K> {
         target: SocketAddr,
         protocol: Option<&'static str>,
     ) -> Result<H2Stream, HboneError> {
+        self.open_sending(key, addr, target, protocol, Bytes::new())
+            .await
+    }
+
+    /// Like [`HbonePool::open_with`], sending `first` (bytes the client
+    /// already wrote) right behind the CONNECT instead of after its answer:
+    /// the destination proxy holds them in the stream until it has checked
+    /// the client and connected to the application, and the client's first
+    /// message does not wait a round trip between the nodes. A refused
+    /// stream delivered none of them: the caller may send them elsewhere.
+    pub async fn open_sending(
+        &self,
+        key: K,
+        addr: SocketAddr,
+        target: SocketAddr,
+        protocol: Option<&'static str>,
+        first: Bytes,
+    ) -> Result<H2Stream, HboneError> {
         let (conn, pooled) = match self.inner.lease(&key) {
             Some(conn) => (conn, true),
             None => (self.connect(key.clone(), addr).await?, false),
         };
-        match open_on(&conn, target, protocol).await {
-            // A pooled connection that failed before the CONNECT was
-            // answered (its peer is going away: a draining node proxy's
-            // GOAWAY, or it just died): nothing crossed, so once more on a
-            // fresh connection, which a restarted peer accepts.
-            Err(HboneError::H2 { .. }) if pooled => {
+        match open_on(&conn, target, protocol, &first).await {
+            Ok(stream) => Ok(stream),
+            // The peer certainly did not process the CONNECT (a draining
+            // node proxy's GOAWAY, a connection already closed): once more
+            // on a fresh connection, which a restarted peer accepts. Only
+            // then: a CONNECT the destination may have decided would be
+            // decided twice, and its first bytes maybe delivered twice.
+            Err(Failed::Unprocessed(_)) if pooled => {
                 conn.alive.store(false, Ordering::Relaxed);
                 let conn = self.connect(key, addr).await?;
-                open_on(&conn, target, protocol).await
+                open_on(&conn, target, protocol, &first)
+                    .await
+                    .map_err(Failed::into_error)
             }
-            other => other,
+            Err(failed) => Err(failed.into_error()),
         }
     }
 
@@ -242,7 +264,11 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> HbonePool<K> {
             .max_frame_size(MAX_FRAME_SIZE)
             .handshake::<_, Bytes>(io)
             .await
-            .map_err(|source| HboneError::H2 { addr, source })?;
+            .map_err(|source| HboneError::H2 {
+                addr,
+                source,
+                unprocessed: true,
+            })?;
         let conn = Arc::new(Conn {
             send,
             streams: AtomicUsize::new(1),
@@ -270,13 +296,46 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> HbonePool<K> {
     }
 }
 
+/// Why a CONNECT failed, and whether sending it again is safe.
+#[derive(Debug)]
+enum Failed {
+    /// The peer did not process the stream: it failed before it was sent,
+    /// or h2 says the peer did not take it (see [`peer_did_not_process`]).
+    Unprocessed(HboneError),
+    /// The destination may have decided it (an answer, a reset, or the
+    /// connection ending with the stream in flight).
+    Final(HboneError),
+}
+
+impl Failed {
+    fn into_error(self) -> HboneError {
+        match self {
+            Failed::Unprocessed(e) | Failed::Final(e) => e,
+        }
+    }
+}
+
+/// Whether h2's error for a sent stream says that the peer did not process
+/// it: a GOAWAY whose last stream ID is below the stream (h2 fails exactly
+/// those streams with the GOAWAY's error; RFC 9113 §6.8), or a
+/// RST_STREAM(REFUSED_STREAM) (§8.7). A stream at or below a GOAWAY's last
+/// stream ID that the connection's end cuts short fails with an I/O error
+/// instead, like any stream of a connection that died: the peer may have
+/// processed it.
+fn peer_did_not_process(e: &h2::Error) -> bool {
+    e.is_remote()
+        && (e.is_go_away() || (e.is_reset() && e.reason() == Some(h2::Reason::REFUSED_STREAM)))
+}
+
 /// Opens a CONNECT stream to `target` on `conn` (its stream slot already
-/// counted: released when the stream is dropped, or on failure).
+/// counted: released when the stream is dropped, or on failure), `first`
+/// sent before the answer.
 async fn open_on(
     conn: &Arc<Conn>,
     target: SocketAddr,
     protocol: Option<&'static str>,
-) -> Result<H2Stream, HboneError> {
+    first: &Bytes,
+) -> Result<H2Stream, Failed> {
     let lease = Lease(conn.clone());
     let mut request = Request::builder()
         .method(Method::CONNECT)
@@ -287,25 +346,55 @@ async fn open_on(
     let request = request
         .body(())
         .expect("CONNECT to ip:port with a token header is a valid request");
-    let h2_err = |source| HboneError::H2 {
-        addr: conn.addr,
-        source,
+    let unprocessed = |source| {
+        Failed::Unprocessed(HboneError::H2 {
+            addr: conn.addr,
+            source,
+            unprocessed: true,
+        })
     };
-    let mut send = conn.send.clone().ready().await.map_err(h2_err)?;
-    let (response, stream) = send.send_request(request, false).map_err(h2_err)?;
-    let response = response.await.map_err(h2_err)?;
+    let maybe_processed = |source| {
+        Failed::Final(HboneError::H2 {
+            addr: conn.addr,
+            source,
+            unprocessed: false,
+        })
+    };
+    // Nothing of the stream was sent when these fail.
+    let mut send = conn.send.clone().ready().await.map_err(unprocessed)?;
+    let (response, mut stream) = send.send_request(request, false).map_err(unprocessed)?;
+    // Queued by h2 behind the HEADERS frame (the stream's window, 4 MiB at
+    // our peers, is far above what detection reads). The HEADERS may be on
+    // the wire already and the stream answered and closed by the time this
+    // runs (h2's connection task runs on its own): then the bytes are not
+    // sent, and the answer says what the destination did.
+    let sent = if first.is_empty() {
+        Ok(())
+    } else {
+        stream.send_data(first.clone(), false)
+    };
+    let response = response.await.map_err(|e| {
+        if peer_did_not_process(&e) {
+            unprocessed(e)
+        } else {
+            maybe_processed(e)
+        }
+    })?;
     if response.status() != StatusCode::OK {
         let reason = response
             .headers()
             .get(super::UNPROCESSED_HEADER)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
-        return Err(HboneError::Refused {
+        return Err(Failed::Final(HboneError::Refused {
             target,
             status: response.status(),
             reason,
-        });
+        }));
     }
+    // Accepted, but the stream ended before the first bytes could go: the
+    // application got none of them.
+    sent.map_err(maybe_processed)?;
     Ok(H2Stream::new(stream, response.into_body()).with_lease(Box::new(lease)))
 }
 
@@ -364,17 +453,23 @@ async fn reap_idle<K: Hash + Eq>(pool: Weak<Inner<K>>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{HboneRequest, serve_connection};
+    use crate::{HboneRequest, connect_target, serve_connection};
 
-    #[tokio::test]
-    async fn the_protocol_header_reaches_the_destination_stream() {
-        // One in-memory "TLS connection": the pool's side and a server.
+    /// One in-memory "TLS connection": a connector that hands it to the
+    /// pool once, and the server's end.
+    fn one_connection() -> (Connector<&'static str>, tokio::io::DuplexStream) {
         let (client_io, server_io) = tokio::io::duplex(64 * 1024);
         let client_io = Arc::new(Mutex::new(Some(client_io)));
         let connector: Connector<&'static str> = Arc::new(move |_key| {
             let io = client_io.lock().unwrap().take();
             Box::pin(async move { Ok(Connected::new(Box::new(io.expect("one connection")))) })
         });
+        (connector, server_io)
+    }
+
+    #[tokio::test]
+    async fn the_protocol_header_reaches_the_destination_stream() {
+        let (connector, server_io) = one_connection();
         let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(serve_connection(
             server_io,
@@ -394,6 +489,75 @@ mod tests {
         assert_eq!(seen_rx.recv().await.unwrap().as_deref(), Some("h2"));
         let _b = pool.open("k", addr, target).await.unwrap();
         assert_eq!(seen_rx.recv().await.unwrap(), None, "no header: no claim");
+    }
+
+    /// `open_sending`: the client's first bytes reach the destination
+    /// before it answers the CONNECT (the round trip they no longer wait
+    /// for), a refusal says nothing reached the application, and an
+    /// accepted stream gives the application those bytes once, then what
+    /// follows, in order.
+    #[tokio::test]
+    async fn first_bytes_travel_with_the_connect() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (connector, server_io) = one_connection();
+        let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
+        let refused: SocketAddr = "127.0.0.1:9001".parse().unwrap();
+        tokio::spawn(serve_connection(
+            server_io,
+            move |mut request: HboneRequest| {
+                let seen = seen_tx.clone();
+                async move {
+                    if request.target == refused {
+                        // Read before answering: only early data can be there.
+                        let early = tokio::time::timeout(
+                            Duration::from_secs(10),
+                            request.data_before_answer(),
+                        )
+                        .await
+                        .ok()
+                        .flatten();
+                        seen.send(early).unwrap();
+                        request.reject_unprocessed();
+                        return;
+                    }
+                    let mut stream = request.accept().unwrap();
+                    let mut got = vec![0; b"hello, world".len()];
+                    stream.read_exact(&mut got).await.unwrap();
+                    seen.send(Some(Bytes::from(got))).unwrap();
+                }
+            },
+            std::future::pending(),
+        ));
+        let pool = HbonePool::new(PoolConfig::default(), connector);
+        let addr: SocketAddr = "127.0.0.1:15008".parse().unwrap();
+
+        let Err(err) = pool
+            .open_sending("k", addr, refused, None, Bytes::from_static(b"hello"))
+            .await
+        else {
+            panic!("a refused stream opened");
+        };
+        assert_eq!(
+            seen_rx.recv().await.unwrap().as_deref(),
+            Some(&b"hello"[..]),
+            "the bytes arrived before the answer"
+        );
+        assert!(
+            matches!(&err, HboneError::Refused { status, reason: Some(r), .. }
+                if *status == StatusCode::SERVICE_UNAVAILABLE && r == crate::CONNECT_FAILED),
+            "{err:?}"
+        );
+
+        let target: SocketAddr = "127.0.0.1:9000".parse().unwrap();
+        let mut stream = pool
+            .open_sending("k", addr, target, None, Bytes::from_static(b"hello"))
+            .await
+            .unwrap();
+        stream.write_all(b", world").await.unwrap();
+        assert_eq!(
+            seen_rx.recv().await.unwrap().as_deref(),
+            Some(&b"hello, world"[..])
+        );
     }
 
     /// A connector whose every call makes a fresh in-memory connection to
@@ -541,5 +705,227 @@ mod tests {
         let second = pool.open("k", addr, target).await;
         assert!(second.is_ok(), "{:?}", second.err());
         assert_eq!(made.load(Ordering::SeqCst), 2, "a fresh connection for it");
+    }
+
+    /// A connector whose `n`th call (from 0) makes an in-memory connection
+    /// served by `serve(n, io)`; counts the connections made.
+    fn scripted_connector<F, Fut>(serve: F) -> (Connector<&'static str>, Arc<AtomicUsize>)
+    where
+        F: Fn(usize, tokio::io::DuplexStream) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let made = Arc::new(AtomicUsize::new(0));
+        let counter = made.clone();
+        let connector: Connector<&'static str> = Arc::new(move |_key| {
+            let n = counter.fetch_add(1, Ordering::SeqCst);
+            let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+            tokio::spawn(serve(n, server_io));
+            Box::pin(async move { Ok(Connected::new(Box::new(client_io))) })
+        });
+        (connector, made)
+    }
+
+    type Decided = Arc<Mutex<HashMap<SocketAddr, usize>>>;
+
+    /// Serves with [`serve_connection`], counting the CONNECTs each target
+    /// got, and answering each with `answer`.
+    async fn counting_server(
+        io: tokio::io::DuplexStream,
+        decided: Decided,
+        answer: fn(HboneRequest),
+    ) {
+        let _ = serve_connection(
+            io,
+            move |request: HboneRequest| {
+                *decided.lock().unwrap().entry(request.target).or_default() += 1;
+                async move { answer(request) }
+            },
+            std::future::pending(),
+        )
+        .await;
+    }
+
+    /// The destination's policy refuses every connection from this client
+    /// (403) without reading what the client sent. Many connections, 64 at
+    /// a time, each with its first bytes behind the CONNECT on one pooled
+    /// HBONE connection: the destination decides each CONNECT exactly
+    /// once, and each client sees the refusal. (The source sent a CONNECT
+    /// again when the destination had answered and closed the stream
+    /// before the first bytes were queued: h2 refused those bytes, and that
+    /// error was taken for the peer going away. A race: some in 10,000
+    /// here, hence the number.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 8)]
+    async fn refused_connects_with_early_data_are_each_decided_once() {
+        const CONNECTS: usize = 20_000;
+        const AT_ONCE: usize = 64;
+        let decided = Decided::default();
+        let on_server = decided.clone();
+        let (connector, made) = scripted_connector(move |_, io| {
+            counting_server(io, on_server.clone(), |request| {
+                request.reject(StatusCode::FORBIDDEN)
+            })
+        });
+        let pool = Arc::new(HbonePool::new(PoolConfig::default(), connector));
+        let addr: SocketAddr = ADDR.parse().unwrap();
+        let next = Arc::new(AtomicUsize::new(0));
+        let clients: Vec<_> = (0..AT_ONCE)
+            .map(|_| {
+                let (pool, next) = (pool.clone(), next.clone());
+                tokio::spawn(async move {
+                    let mut outcomes = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= CONNECTS {
+                            return outcomes;
+                        }
+                        // A target per connection, to count its CONNECTs.
+                        let target = SocketAddr::from(([10, 0, (i >> 8) as u8, i as u8], 9000));
+                        let first = Bytes::from_static(b"ping\n");
+                        let outcome = match pool.open_sending("k", addr, target, None, first).await
+                        {
+                            Err(HboneError::Refused { status, .. }) => status.to_string(),
+                            Err(e) => e.to_string(),
+                            Ok(_) => "opened".to_string(),
+                        };
+                        outcomes.push(outcome);
+                    }
+                })
+            })
+            .collect();
+        let mut outcomes: HashMap<String, usize> = HashMap::new();
+        for client in clients {
+            for outcome in client.await.unwrap() {
+                *outcomes.entry(outcome).or_default() += 1;
+            }
+        }
+        let decided = decided.lock().unwrap();
+        let twice: Vec<_> = decided.iter().filter(|(_, n)| **n > 1).collect();
+        assert!(
+            twice.is_empty(),
+            "{} of {CONNECTS} CONNECTs decided more than once (HBONE connections made: {}), e.g. {:?}",
+            twice.len(),
+            made.load(Ordering::SeqCst),
+            &twice[..twice.len().min(3)]
+        );
+        assert_eq!(decided.len(), CONNECTS);
+        assert_eq!(
+            outcomes,
+            HashMap::from([(StatusCode::FORBIDDEN.to_string(), CONNECTS)])
+        );
+    }
+
+    /// How the first HBONE connection ends, in
+    /// `a_connect_the_destination_may_have_decided_is_not_sent_again`,
+    /// once the destination took the second CONNECT.
+    #[derive(Clone, Copy, Debug)]
+    enum Ending {
+        /// GOAWAY with an error (what h2 sends a client it takes for
+        /// abusive), its last stream ID that CONNECT's.
+        ErrorGoaway,
+        /// The connection just closes (the node proxy died).
+        Closed,
+    }
+
+    /// The second CONNECT on a pooled connection reaches the destination,
+    /// which decides it; then the connection ends before the answer. That
+    /// CONNECT is reported failed, not sent again on a fresh connection:
+    /// the destination saw it once (had it accepted it, the application
+    /// would have got the first bytes once).
+    #[tokio::test]
+    async fn a_connect_the_destination_may_have_decided_is_not_sent_again() {
+        for ending in [Ending::ErrorGoaway, Ending::Closed] {
+            let decided = Decided::default();
+            let on_server = decided.clone();
+            let (connector, made) = scripted_connector(move |n, io| {
+                let decided = on_server.clone();
+                async move {
+                    if n > 0 {
+                        return counting_server(io, decided, |request| {
+                            let _ = request.accept();
+                        })
+                        .await;
+                    }
+                    let mut conn: h2::server::Connection<_, Bytes> =
+                        h2::server::handshake(io).await.unwrap();
+                    let (_, mut respond) = conn.accept().await.unwrap().unwrap();
+                    let _open = respond.send_response(http::Response::new(()), false);
+                    let (request, _respond) = conn.accept().await.unwrap().unwrap();
+                    let target = connect_target(request.uri()).unwrap();
+                    *decided.lock().unwrap().entry(target).or_default() += 1;
+                    match ending {
+                        Ending::ErrorGoaway => {
+                            conn.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
+                            let _ = futures::future::poll_fn(|cx| conn.poll_closed(cx)).await;
+                        }
+                        Ending::Closed => drop(conn),
+                    }
+                }
+            });
+            let pool = HbonePool::new(PoolConfig::default(), connector);
+            let (addr, target) = (ADDR.parse().unwrap(), TARGET.parse().unwrap());
+            let _first = pool.open("k", addr, target).await.unwrap();
+            let second: SocketAddr = "127.0.0.1:9001".parse().unwrap();
+            let result = pool
+                .open_sending("k", addr, second, None, Bytes::from_static(b"hello"))
+                .await;
+            assert!(
+                matches!(
+                    result,
+                    Err(HboneError::H2 {
+                        unprocessed: false,
+                        ..
+                    })
+                ),
+                "{ending:?}: {:?}",
+                result.map(|_| "opened")
+            );
+            assert_eq!(
+                decided.lock().unwrap().get(&second),
+                Some(&1),
+                "{ending:?}: the destination decided it once"
+            );
+            assert_eq!(
+                made.load(Ordering::SeqCst),
+                1,
+                "{ending:?}: no other connection"
+            );
+        }
+    }
+
+    /// A CONNECT the destination refused unprocessed at the HTTP/2 level
+    /// (RST_STREAM REFUSED_STREAM: it took too many streams at once) goes
+    /// once more, on a fresh connection, and opens there.
+    #[tokio::test]
+    async fn a_connect_refused_as_unprocessed_opens_on_a_fresh_connection() {
+        let decided = Decided::default();
+        let on_server = decided.clone();
+        let (connector, made) = scripted_connector(move |n, io| {
+            let decided = on_server.clone();
+            async move {
+                if n > 0 {
+                    return counting_server(io, decided, |request| {
+                        let _ = request.accept();
+                    })
+                    .await;
+                }
+                let mut conn: h2::server::Connection<_, Bytes> =
+                    h2::server::handshake(io).await.unwrap();
+                let (_, mut respond) = conn.accept().await.unwrap().unwrap();
+                let _open = respond.send_response(http::Response::new(()), false);
+                let (_, mut respond) = conn.accept().await.unwrap().unwrap();
+                respond.send_reset(h2::Reason::REFUSED_STREAM);
+                while let Some(Ok(_)) = conn.accept().await {}
+            }
+        });
+        let pool = HbonePool::new(PoolConfig::default(), connector);
+        let (addr, target) = (ADDR.parse().unwrap(), TARGET.parse().unwrap());
+        let _first = pool.open("k", addr, target).await.unwrap();
+        let second: SocketAddr = "127.0.0.1:9001".parse().unwrap();
+        let opened = pool
+            .open_sending("k", addr, second, None, Bytes::from_static(b"hello"))
+            .await;
+        assert!(opened.is_ok(), "{:?}", opened.err());
+        assert_eq!(made.load(Ordering::SeqCst), 2, "a fresh connection for it");
+        assert_eq!(decided.lock().unwrap().get(&second), Some(&1));
     }
 }

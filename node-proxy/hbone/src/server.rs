@@ -12,6 +12,7 @@ use h2::server::SendResponse;
 use http::{Method, Response, StatusCode};
 use std::future::Future;
 use std::net::SocketAddr;
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 /// HTTP/2 settings shared by both ends: windows large enough that one
@@ -45,11 +46,21 @@ impl HboneRequest {
         Ok(H2Stream::new(send, self.body).with_protocol(self.protocol))
     }
 
+    /// The next DATA of the stream before it is answered (tests look at
+    /// what arrives ahead of the answer).
+    #[cfg(test)]
+    pub(crate) async fn data_before_answer(&mut self) -> Option<Bytes> {
+        let data = self.body.data().await?.ok()?;
+        let _ = self.body.flow_control().release_capacity(data.len());
+        Some(data)
+    }
+
     /// Answers with an error status and ends the stream.
     pub fn reject(mut self, status: StatusCode) {
         let mut response = Response::new(());
         *response.status_mut() = status;
         let _ = self.respond.send_response(response, true);
+        discard_until_closed(self.body);
     }
 
     /// Answers 503 saying that the application could not be reached: no
@@ -62,7 +73,36 @@ impl HboneRequest {
             http::HeaderValue::from_static(super::CONNECT_FAILED),
         );
         let _ = self.respond.send_response(response, true);
+        discard_until_closed(self.body);
     }
+}
+
+/// How long a refused stream waits for the client to close its side.
+const REFUSED_DRAIN: Duration = Duration::from_secs(10);
+
+/// Reads and discards what the client sends on a refused stream until the
+/// client ends or resets it (the source proxy resets it as soon as it has
+/// the refusal), for [`REFUSED_DRAIN`] at most.
+///
+/// Dropped unread, the stream would be reset at once while the client's
+/// first bytes, sent right behind the CONNECT, may still be on their way.
+/// h2 holds a DATA frame for a stream it reset against the connection's
+/// lifetime limits meant for abusive clients: answered with
+/// RST_STREAM(STREAM_CLOSED) once it forgot the stream (1024 of those),
+/// ignored while it remembers it but its framing overhead taken from the
+/// small-DATA budget for good (about 33 000 frames of 5 bytes). Enough
+/// refused tunnels whose first bytes came late would end the HBONE
+/// connection, and every tunnel on it, with GOAWAY ENHANCE_YOUR_CALM.
+/// Read, the frames cost nothing.
+fn discard_until_closed(mut body: RecvStream) {
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(REFUSED_DRAIN, async {
+            while let Some(Ok(data)) = body.data().await {
+                let _ = body.flow_control().release_capacity(data.len());
+            }
+        })
+        .await;
+    });
 }
 
 /// Serves every stream of one connection: each valid CONNECT is passed to
@@ -132,4 +172,127 @@ where
 pub fn connect_target(uri: &http::Uri) -> Option<SocketAddr> {
     uri.authority()
         .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    /// An HTTP/2 frame: type, flags, stream, payload.
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        f.extend_from_slice(&[kind, flags]);
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    async fn read_frame(io: &mut DuplexStream) -> (u8, u8, u32, Vec<u8>) {
+        let mut head = [0u8; 9];
+        io.read_exact(&mut head).await.expect("a frame");
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let mut payload = vec![0; len];
+        io.read_exact(&mut payload).await.expect("its payload");
+        let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+        (head[3], head[4], stream, payload)
+    }
+
+    const DATA: u8 = 0;
+    const HEADERS: u8 = 1;
+    const RST_STREAM: u8 = 3;
+    const SETTINGS: u8 = 4;
+    const PING: u8 = 6;
+    const GOAWAY: u8 = 7;
+    const END_STREAM: u8 = 0x1;
+    const ACK: u8 = 0x1;
+    const END_HEADERS: u8 = 0x4;
+    const CANCEL: u32 = 0x8;
+
+    /// A source proxy's CONNECTs, each refused by the destination's policy
+    /// with the client's first bytes arriving only after the refusal (sent
+    /// right behind the CONNECT, still on their way when the destination
+    /// decided), then reset by the source as it does once it has the
+    /// refusal. Written frame by frame so that the bytes are late every
+    /// time. The connection refuses them all and stays up: no GOAWAY, and
+    /// it still answers a PING after the last.
+    #[tokio::test]
+    async fn refused_tunnels_whose_first_bytes_come_late_do_not_end_the_connection() {
+        // Past h2's 1024 locally reset streams and its 50 remembered ones.
+        const TUNNELS: u32 = 1500;
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let decided = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let counted = decided.clone();
+        let served = tokio::spawn(serve_connection(
+            server,
+            move |request: HboneRequest| {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                async move { request.reject(StatusCode::FORBIDDEN) }
+            },
+            std::future::pending(),
+        ));
+        client
+            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await
+            .unwrap();
+        client.write_all(&frame(SETTINGS, 0, 0, &[])).await.unwrap();
+        // HPACK, literal fields with a static table name: :method (2)
+        // CONNECT, :authority (1) 10.0.0.1:9000.
+        let mut connect = vec![0x02, 7];
+        connect.extend_from_slice(b"CONNECT");
+        connect.extend_from_slice(&[0x01, 13]);
+        connect.extend_from_slice(b"10.0.0.1:9000");
+        for i in 0..TUNNELS {
+            let id = 2 * i + 1;
+            client
+                .write_all(&frame(HEADERS, END_HEADERS, id, &connect))
+                .await
+                .unwrap();
+            // Until the refusal.
+            loop {
+                let (kind, flags, stream, payload) = read_frame(&mut client).await;
+                match kind {
+                    SETTINGS if flags & ACK == 0 => client
+                        .write_all(&frame(SETTINGS, ACK, 0, &[]))
+                        .await
+                        .unwrap(),
+                    GOAWAY => panic!(
+                        "GOAWAY after {i} refused tunnels: {:?}",
+                        String::from_utf8_lossy(&payload[8..])
+                    ),
+                    HEADERS if stream == id => {
+                        assert_eq!(flags & END_STREAM, END_STREAM, "refused, ended");
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            client
+                .write_all(&frame(DATA, 0, id, b"ping\n"))
+                .await
+                .unwrap();
+            client
+                .write_all(&frame(RST_STREAM, 0, id, &CANCEL.to_be_bytes()))
+                .await
+                .unwrap();
+        }
+        client.write_all(&frame(PING, 0, 0, &[7; 8])).await.unwrap();
+        loop {
+            let (kind, flags, _, payload) = read_frame(&mut client).await;
+            match kind {
+                GOAWAY => panic!(
+                    "GOAWAY after the last refused tunnel: {:?}",
+                    String::from_utf8_lossy(&payload[8..])
+                ),
+                PING if flags & ACK == ACK => break,
+                _ => {}
+            }
+        }
+        assert_eq!(
+            decided.load(std::sync::atomic::Ordering::SeqCst),
+            TUNNELS,
+            "each decided"
+        );
+        assert!(!served.is_finished(), "the connection is up");
+    }
 }

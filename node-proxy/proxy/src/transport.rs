@@ -4,7 +4,8 @@
 //! (or one HTTP connection) is carried on.
 //!
 //! - [`pod`]: [`LocalPod`] (a local pod and its sockets) and [`SocketFactory`];
-//! - [`upstream`]: [`Upstream`], [`open_upstream`], [`ConnectError`];
+//! - [`upstream`]: [`Upstream`], [`open_upstream`] (and [`open_upstream_sending`], the
+//!   client's first bytes with it), [`ConnectError`];
 //! - [`tunnel`]: the HBONE pool's key and connector (TLS with the source
 //!   pod's certificate, requiring the destination's identity);
 //! - [`drain`]: shutdown, one mechanism for every connection and server;
@@ -23,7 +24,9 @@ pub use drain::{Drain, DrainWatch};
 pub use limits::{ConnectionLimits, ConnectionPermit};
 pub use pod::{LocalPod, SocketFactory};
 pub use tunnel::{RequestConnections, TunnelKey, tunnel_connector};
-pub use upstream::{ConnectError, Upstream, open_requests_upstream, open_upstream};
+pub use upstream::{
+    ConnectError, Upstream, open_requests_upstream, open_upstream, open_upstream_sending,
+};
 
 use std::net::SocketAddr;
 

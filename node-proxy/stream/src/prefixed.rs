@@ -25,6 +25,12 @@ impl<IO> Prefixed<IO> {
         &self.inner
     }
 
+    /// The bytes not replayed yet, taken out: reads then come from the
+    /// inner stream (the caller sends them on its own).
+    pub fn take_prefix(&mut self) -> bytes::Bytes {
+        self.prefix.split().freeze()
+    }
+
     /// The inner stream; replayed bytes not read yet are dropped.
     pub fn into_inner(self) -> IO {
         self.inner

@@ -12,14 +12,15 @@
 //! Before that, the first bytes decide how ([`crate::protocol`]): HTTP/1
 //! and HTTP/2 are served request by request ([`requests`]);
 //! anything else, and ports declared opaque, are spliced as TCP here, the
-//! bytes detection read replayed first.
+//! bytes detection read sent with the opening of the upstream (behind the
+//! HBONE CONNECT, without waiting for its answer).
 
 mod requests;
 
 use crate::proxy::ProxyInputs;
 use crate::state::{self, Route};
 use crate::telemetry::{DetectionOutcome, Peers, Reporter, SecurityPolicy, TcpLabels};
-use crate::transport::{LocalPod, open_upstream};
+use crate::transport::{LocalPod, open_upstream_sending};
 use bytes::BytesMut;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -83,13 +84,24 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<LocalPod>, cx:
     // another one is tried before the client's connection is answered: no
     // byte was exchanged yet.
     let mut failed: Vec<SocketAddr> = Vec::new();
+    // What detection read goes with the opening (behind an HBONE CONNECT,
+    // not a round trip between the nodes after it); kept here so that an
+    // endpoint that refuses is followed by another that gets them too.
+    let first = client.take_prefix();
     let (route, mut upstream, open) = loop {
         let picked = tokio::time::Instant::now();
         let (route, balanced) =
             state::route(&snapshot.view, dst, &cx.balancer, &failed, &mut rand::rng());
         let target = route.target();
         let open = cx.tcp_metrics.open(labels(&pod, &route));
-        let connected = open_upstream(&route, &pod, cx.tunnels.as_deref(), Protocol::Opaque).await;
+        let connected = open_upstream_sending(
+            &route,
+            &pod,
+            cx.tunnels.as_deref(),
+            Protocol::Opaque,
+            first.clone(),
+        )
+        .await;
         let e = match connected {
             Ok(u) => {
                 if balanced {
@@ -115,8 +127,12 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<LocalPod>, cx:
                 ..
             })
         );
+        // Nor when the client's first bytes may have reached this one's
+        // application: another would get them a second time.
+        let delivered = !first.is_empty() && e.may_have_delivered();
         let another = balanced
             && !forbidden
+            && !delivered
             && failed.len() <= MAX_FAILOVERS
             && has_another_endpoint(&snapshot.view, dst, &failed);
         if another {
@@ -132,7 +148,8 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<LocalPod>, cx:
     let target = route.target();
     // A client may write in pieces here too: ACK them at once.
     let mut acked = QuickAck::new(&mut client);
-    let (moved, err) = splice(&mut acked, &mut upstream).await;
+    let (mut moved, err) = splice(&mut acked, &mut upstream).await;
+    moved.a_to_b += first.len() as u64;
     tracing::info!(
         target: "access",
         direction = "outbound",

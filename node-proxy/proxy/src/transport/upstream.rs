@@ -5,11 +5,12 @@ use super::TlsSocket;
 use super::pod::LocalPod;
 use super::tunnel::{RequestConnections, TunnelKey};
 use crate::state::Route;
+use bytes::Bytes;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use weft_hbone::{H2Stream, HboneError, HbonePool};
 use weft_stream::Protocol;
@@ -54,10 +55,37 @@ pub enum ConnectError {
         target: SocketAddr,
         source: std::io::Error,
     },
+    /// Connected, but writing the client's first bytes failed: the
+    /// application may have read some of them.
+    #[error(
+        "connected to {target} from the pod, then sending the client's first bytes failed: {source}"
+    )]
+    FirstBytes {
+        target: SocketAddr,
+        source: std::io::Error,
+    },
     #[error(
         "pod {pod} has no certificate identity: an mTLS tunnel needs one (is the node proxy connected to the control plane?)"
     )]
     NoIdentity { pod: String },
+}
+
+impl ConnectError {
+    /// Whether the first bytes sent with the opening
+    /// ([`open_upstream_sending`]) may have reached the application: the
+    /// destination proxy may have processed the CONNECT (the HBONE
+    /// connection ended, or the stream was reset, before its answer), or
+    /// the plain connection failed while they were written. Sending them
+    /// to another endpoint then could deliver them twice.
+    pub fn may_have_delivered(&self) -> bool {
+        match self {
+            ConnectError::Hbone(HboneError::H2 { unprocessed, .. }) => !unprocessed,
+            ConnectError::FirstBytes { .. } => true,
+            ConnectError::Hbone(_) | ConnectError::Tcp { .. } | ConnectError::NoIdentity { .. } => {
+                false
+            }
+        }
+    }
 }
 
 /// Opens the transport for `route`: an HBONE stream (pooled TLS connection)
@@ -68,6 +96,21 @@ pub async fn open_upstream(
     pod: &Arc<LocalPod>,
     tunnels: Option<&HbonePool<TunnelKey>>,
     protocol: Protocol,
+) -> Result<Upstream, ConnectError> {
+    open_upstream_sending(route, pod, tunnels, protocol, Bytes::new()).await
+}
+
+/// Like [`open_upstream`], sending `first` (bytes the client already
+/// wrote) as part of opening: behind the CONNECT of an HBONE stream,
+/// without waiting for its answer ([`HbonePool::open_sending`]); right
+/// after the connect of plain TCP. On an error, none of them reached the
+/// application unless [`ConnectError::may_have_delivered`] says so.
+pub async fn open_upstream_sending(
+    route: &Route,
+    pod: &Arc<LocalPod>,
+    tunnels: Option<&HbonePool<TunnelKey>>,
+    protocol: Protocol,
+    first: Bytes,
 ) -> Result<Upstream, ConnectError> {
     let target = route.target();
     match route {
@@ -82,17 +125,23 @@ pub async fn open_upstream(
                     tunnel: *tunnel,
                 };
                 let stream = pool
-                    .open_with(key, *tunnel, target, Some(protocol.token()))
+                    .open_sending(key, *tunnel, target, Some(protocol.token()), first)
                     .await?;
                 Ok(Upstream::Hbone(stream))
             }
             _ => Err(ConnectError::NoIdentity { pod: pod.key() }),
         },
-        Route::Plain { .. } => pod
-            .connect(target)
-            .await
-            .map(Upstream::Plain)
-            .map_err(|source| ConnectError::Tcp { target, source }),
+        Route::Plain { .. } => {
+            let tcp = |source| ConnectError::Tcp { target, source };
+            let mut stream = pod.connect(target).await.map_err(tcp)?;
+            if !first.is_empty() {
+                stream
+                    .write_all(&first)
+                    .await
+                    .map_err(|source| ConnectError::FirstBytes { target, source })?;
+            }
+            Ok(Upstream::Plain(stream))
+        }
     }
 }
 
@@ -202,6 +251,73 @@ impl AsyncWrite for Upstream {
             Upstream::Hbone(s) => Pin::new(s).poll_shutdown(cx),
             Upstream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Upstream::Requests { tls, .. } => Pin::new(tls.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the outbound proxy may do with the client's first bytes after
+    /// a failed opening: send them to another endpoint only if none of
+    /// them can have reached this one's application.
+    #[test]
+    fn the_first_bytes_go_elsewhere_only_if_they_cannot_have_been_delivered() {
+        let addr: SocketAddr = "10.0.0.2:15008".parse().unwrap();
+        let target: SocketAddr = "10.0.0.2:9000".parse().unwrap();
+        let h2 = |unprocessed| {
+            ConnectError::Hbone(HboneError::H2 {
+                addr,
+                source: h2::Reason::CANCEL.into(),
+                unprocessed,
+            })
+        };
+        let refused = |status| {
+            ConnectError::Hbone(HboneError::Refused {
+                target,
+                status,
+                reason: None,
+            })
+        };
+        let io = || std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        let cases = [
+            ("tunnel ended with the CONNECT in flight", h2(false), true),
+            ("CONNECT the peer did not process", h2(true), false),
+            (
+                "tunnel refused",
+                refused(http::StatusCode::SERVICE_UNAVAILABLE),
+                false,
+            ),
+            (
+                "policy refused",
+                refused(http::StatusCode::FORBIDDEN),
+                false,
+            ),
+            (
+                "no HBONE connection",
+                ConnectError::Hbone(HboneError::Connect { addr, source: io() }),
+                false,
+            ),
+            (
+                "plain connect failed",
+                ConnectError::Tcp {
+                    target,
+                    source: io(),
+                },
+                false,
+            ),
+            (
+                "plain write failed",
+                ConnectError::FirstBytes {
+                    target,
+                    source: io(),
+                },
+                true,
+            ),
+        ];
+        for (case, error, delivered) in cases {
+            assert_eq!(error.may_have_delivered(), delivered, "{case}: {error}");
         }
     }
 }
