@@ -289,14 +289,21 @@ impl Kubelet {
                 }
             }
         }
-        // A pod whose ConfigMap or Secret was missing is tried again.
+        // A pod whose ConfigMap or Secret was missing, or whose sandbox
+        // could not be made, is tried again.
         let retry: Vec<String> = self
             .running
             .iter()
             .filter(|(_, r)| {
                 r.terminating.is_none()
                     && r.failure.as_ref().is_some_and(|(reason, _)| {
-                        reason == "CreateContainerConfigError" || reason == "FailedCreatePodSandBox"
+                        // A kubelet tries a sandbox again whatever failed.
+                        matches!(
+                            reason.as_str(),
+                            "CreateContainerConfigError"
+                                | "FailedCreatePodSandBox"
+                                | "CreatePodSandboxError"
+                        )
                     })
                     && r.started.elapsed() > CONFIG_RETRY
             })
@@ -1098,6 +1105,14 @@ impl Kubelet {
             }
         }
         if !running.host_network {
+            // The node's end of the pod's veth, at once: deleting the pod's
+            // namespace removes it only when the kernel has destroyed that
+            // namespace, which can take seconds on a busy machine, and a
+            // new sandbox in the same slot would find the name taken.
+            if let Some(node) = self.state.node(&p.node) {
+                let veth = format!("p{}", running.slot);
+                let _ = sys::run("ip", &["-n", &node.netns, "link", "del", &veth], None);
+            }
             if sys::netns_list().contains(&p.netns)
                 && let Err(e) = sys::run("ip", &["netns", "del", &p.netns], None)
             {

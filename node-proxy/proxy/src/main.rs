@@ -16,7 +16,7 @@ use weft_node_proxy::proxy::ProxyInputs;
 use weft_node_proxy::state::ControlPlane;
 use weft_node_proxy::state::admission::{Admission, admit};
 use weft_node_proxy::telemetry::{ProcessCollector, TcpMetrics};
-use weft_node_proxy::transport::DrainWatch;
+use weft_node_proxy::transport::{ConnectionThreads, DrainWatch};
 use weft_redirector::{PodRegistrationListener, Redirector, RedirectorConfig};
 use weft_registration::PodEvent;
 
@@ -93,12 +93,12 @@ struct Args {
     ///
     /// The node proxy shares the node with the pods it serves, so its
     /// share is bounded rather than one thread per core, as ztunnel's two
-    /// workers by default and Linkerd's per-pod CPU limit do. Fewer threads
-    /// also cost less CPU per request: a request crosses several tasks (the
-    /// client's connection, the tunnel, the upstream connection), and each
-    /// hop to another thread is a wake-up through the kernel. Measured on 2
-    /// cores: ~10 000 gRPC requests per CPU second with 1 thread against
-    /// ~7 200 with 2 (docs/benchmarks.md).
+    /// workers by default and Linkerd's per-pod CPU limit do. Each pod's
+    /// connections run on one of these threads, pods dealt out in turn: a
+    /// request crosses several tasks (the client's connection, the
+    /// upstream connection, the tunnel), and a hop to another thread is a
+    /// wake-up through the kernel (docs/benchmarks.md). One pod's traffic
+    /// therefore uses one thread at most.
     #[arg(long, env = "WEFT_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=256))]
     worker_threads: Option<u16>,
     /// Connections one local pod may have through the proxy at once (both
@@ -196,18 +196,27 @@ fn main() -> std::process::ExitCode {
     raise_open_file_limit();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let workers = args.worker_threads.map_or(cores.min(2), usize::from);
+    // The control plane, certificates, pods' registration and the admin
+    // server: one thread; traffic runs on the connection threads.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
+        .worker_threads(1)
         .enable_all()
         .build()
     {
         Ok(r) => r,
         Err(e) => {
-            tracing::error!("cannot start the runtime with {workers} worker threads: {e}");
+            tracing::error!("cannot start the runtime: {e}");
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(args)) {
+    let threads = match ConnectionThreads::start(workers) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!("cannot start {workers} connection threads: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args, threads)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -216,7 +225,7 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
+async fn run(args: Args, threads: ConnectionThreads) -> anyhow::Result<()> {
     let mut registry = Registry::default();
     let tcp_metrics = TcpMetrics::default();
     tcp_metrics.register(&mut registry);
@@ -238,6 +247,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     })?);
     release_freed_heap();
     let mut inputs = ProxyInputs::new(tcp_metrics.clone(), mesh.clone());
+    inputs.threads = threads;
     inputs.limits = weft_node_proxy::transport::ConnectionLimits::new(
         args.max_connections_per_pod,
         args.max_connections,

@@ -609,6 +609,11 @@ impl PodRegistry {
         if let Err(e) = netns.run(|| std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1")) {
             tracing::warn!(pod = %key, error = %e, "cannot set tcp_migrate_req: connections queued at a hand-over may be reset");
         }
+        // The pod's connections run on one thread (`transport::threads`):
+        // its listeners are registered with that thread's runtime and their
+        // tasks spawned there. Nothing below awaits while it is entered.
+        let thread = self.inputs.threads.next_for_pod();
+        let entered = thread.enter();
         let mut listeners = Guard(Vec::new());
         for ip in [
             IpAddr::V4(Ipv4Addr::LOCALHOST),
@@ -660,6 +665,7 @@ impl PodRegistry {
                 )));
             }
         }
+        drop(entered);
         let enrollment = PodEnrollment {
             netns,
             pod_uid: r.pod.uid.clone(),

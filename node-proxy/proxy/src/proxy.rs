@@ -24,7 +24,7 @@ use crate::state::snapshot::Snapshot;
 use crate::telemetry::{RequestMetrics, TcpMetrics};
 use crate::transport::limits;
 use crate::transport::tunnel::tunnel_pool;
-use crate::transport::{ConnectionLimits, Drain, RequestConnections, TunnelKey};
+use crate::transport::{ConnectionLimits, ConnectionThreads, Drain, RequestConnections, TunnelKey};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -74,6 +74,8 @@ pub struct ProxyInputs {
     pub detect_timeout: Duration,
     /// Bounds on the connections carried per pod and for the node.
     pub limits: Arc<ConnectionLimits>,
+    /// The threads pods' connections run on (`transport::threads`).
+    pub threads: ConnectionThreads,
 }
 
 impl ProxyInputs {
@@ -106,6 +108,7 @@ impl ProxyInputs {
                 tcp_metrics.clone(),
             ),
             tcp_metrics,
+            threads: ConnectionThreads::current(),
         }
     }
 

@@ -17,12 +17,14 @@
 pub mod drain;
 pub mod limits;
 pub mod pod;
+pub mod threads;
 pub mod tunnel;
 pub mod upstream;
 
 pub use drain::{Drain, DrainWatch};
 pub use limits::{ConnectionLimits, ConnectionPermit};
 pub use pod::{LocalPod, SocketFactory};
+pub use threads::ConnectionThreads;
 pub use tunnel::{RequestConnections, TunnelKey, tunnel_connector};
 pub use upstream::{
     ConnectError, Upstream, open_requests_upstream, open_upstream, open_upstream_sending,

@@ -28,6 +28,8 @@
 //!   run): 10,000 concurrent connections through the node proxies, each
 //!   echoing periodically: errors, echo latency against direct, RSS per
 //!   connection;
+//! - `WEFT_BENCH_PART=latency`: only the HTTP/1.1 and gRPC open-loop
+//!   rounds above;
 //! - `WEFT_BENCH_PART=memory` (`memory.rs`, not in the full run): RSS with
 //!   0, 1 and 100 enrolled pods and a CPU spot check, median of 3, for this
 //!   build and others given in `WEFT_BENCH_MEMORY_BUILDS`.
@@ -265,6 +267,28 @@ fn profile(cluster: &TestCluster, mesh: &Mesh, proto: http::Proto) {
     }
 }
 
+/// `WEFT_BENCH_PART=latency`: the open-loop HTTP/1.1 and gRPC rounds
+/// alone (to compare two builds quickly); medians of the rounds' p50.
+fn latency_rounds(cluster: &TestCluster) {
+    for proto in [http::Proto::Http1, http::Proto::Grpc] {
+        let mut p50s = vec![Vec::new(); HTTP_PATHS.len()];
+        for round in 0..HTTP_ROUNDS {
+            for (i, (label, ns, port)) in HTTP_PATHS.iter().enumerate() {
+                let r = http_round(cluster, ns, *port, proto);
+                eprintln!("round {round} {proto:?} {label}: {r:?}");
+                p50s[i].push(r.p50_us);
+            }
+        }
+        for (i, (label, _, _)) in HTTP_PATHS.iter().enumerate() {
+            println!(
+                "{proto:?} {label}: p50 {:.0} us [{}]",
+                median(&mut p50s[i]),
+                spread(&p50s[i])
+            );
+        }
+    }
+}
+
 /// Closed-loop throughput run: seconds and concurrent callers.
 const MAX_SECONDS: f64 = 4.0;
 const MAX_CONCURRENCY: usize = 16;
@@ -485,6 +509,12 @@ fn main() {
         .and_then(|p| http::Proto::parse(&p))
     {
         profile(&cluster, &mesh, proto);
+        drop(cluster);
+        mesh.reap();
+        return;
+    }
+    if std::env::var("WEFT_BENCH_PART").as_deref() == Ok("latency") {
+        latency_rounds(&cluster);
         drop(cluster);
         mesh.reap();
         return;

@@ -54,6 +54,10 @@ where
     }
 }
 
+/// Rounds of [`Started::drive`] in one poll while the connection keeps
+/// starting futures.
+const TURNS: usize = 16;
+
 impl Started {
     /// Polls `connection` and every future started for it until the
     /// connection has ended and so has each of them (a stream still
@@ -68,7 +72,9 @@ impl Started {
         let mut output = None;
         let mut open = true;
         std::future::poll_fn(move |cx| {
-            loop {
+            // Bounded, so that a connection that keeps starting streams
+            // lets the worker's other tasks run.
+            for _ in 0..TURNS {
                 while open {
                     match rx.poll_recv(cx) {
                         Poll::Ready(Some(task)) => tasks.push(task),
@@ -88,11 +94,16 @@ impl Started {
                 if connection.is_none() && !open && tasks.is_empty() {
                     return Poll::Ready(output.take().expect("the connection's output, once"));
                 }
-                // Its end dropped senders: look at the receiver again.
-                if !ended {
+                // What polling the connection started (a stream it just
+                // accepted) runs now rather than after another turn of the
+                // scheduler; and its end dropped senders: look at the
+                // receiver again.
+                if !ended && (!open || rx.is_empty()) {
                     return Poll::Pending;
                 }
             }
+            cx.waker().wake_by_ref();
+            Poll::Pending
         })
         .await
     }
