@@ -62,3 +62,41 @@ impl ConnectionThreads {
         self.handles.len()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn thread_name() -> String {
+        std::thread::current()
+            .name()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    #[tokio::test]
+    async fn pods_are_dealt_out_in_turn_and_what_their_tasks_start_stays_on_their_thread() {
+        let threads = ConnectionThreads::start(2).unwrap();
+        assert_eq!(threads.count(), 2);
+        let mut seen = Vec::new();
+        for _ in 0..4 {
+            let pod = threads.next_for_pod();
+            // A listener's task, and a task it starts (a connection's).
+            let names = pod
+                .spawn(async {
+                    let outer = thread_name();
+                    let inner = tokio::spawn(async { thread_name() }).await.unwrap();
+                    (outer, inner)
+                })
+                .await
+                .unwrap();
+            seen.push(names);
+        }
+        let outer: Vec<&str> = seen.iter().map(|(o, _)| o.as_str()).collect();
+        assert_eq!(
+            outer,
+            ["weft-conn-0", "weft-conn-1", "weft-conn-0", "weft-conn-1"]
+        );
+        assert!(seen.iter().all(|(o, i)| o == i), "{seen:?}");
+    }
+}

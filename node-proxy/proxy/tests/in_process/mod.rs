@@ -161,23 +161,35 @@ impl InProcessMesh {
         &self.nodes[name]
     }
 
-    /// The pod `namespace/name` of node `node`, as its node proxy serves
-    /// it: HBONE on `podIP:15008` for an enrolled pod, and an outbound
-    /// listener per destination ([`MeshPod::outbound_to`]).
-    pub fn pod(&mut self, node: &str, namespace: &str, name: &str) -> MeshPod {
-        let n = &self.nodes[node];
-        let view = n.view.borrow().clone();
+    /// The workload `namespace/name` in node `node`'s view, and its first
+    /// address.
+    fn workload(
+        &self,
+        node: &str,
+        namespace: &str,
+        name: &str,
+    ) -> (weft_destination_api::Workload, Option<std::net::IpAddr>) {
+        let view = self.nodes[node].view.borrow().clone();
         let w = view
             .workloads
             .values()
             .find(|w| w.namespace == namespace && w.name == name)
             .unwrap_or_else(|| panic!("no workload {namespace}/{name} in {node}'s view"))
             .clone();
-        let identity: Option<SpiffeId> = w.identity.parse().ok();
         let ip = w
             .addresses
             .iter()
             .find_map(|a| weft_destination_api::address::decode(a));
+        (w, ip)
+    }
+
+    /// The pod `namespace/name` of node `node`, as its node proxy serves
+    /// it: HBONE on `podIP:15008` for an enrolled pod, and an outbound
+    /// listener per destination ([`MeshPod::outbound_to`]).
+    pub fn pod(&mut self, node: &str, namespace: &str, name: &str) -> MeshPod {
+        let n = &self.nodes[node];
+        let (w, ip) = self.workload(node, namespace, name);
+        let identity: Option<SpiffeId> = w.identity.parse().ok();
         let (pod, sockets) = loopback_pod(PodInfo {
             namespace: namespace.into(),
             name: name.into(),
@@ -234,19 +246,9 @@ impl InProcessMesh {
     /// spliced to its target.
     pub fn pod_behind_an_older_proxy(&mut self, node: &str, namespace: &str, name: &str) {
         let n = &self.nodes[node];
-        let view = n.view.borrow().clone();
-        let w = view
-            .workloads
-            .values()
-            .find(|w| w.namespace == namespace && w.name == name)
-            .unwrap_or_else(|| panic!("no workload {namespace}/{name} in {node}'s view"))
-            .clone();
+        let (w, ip) = self.workload(node, namespace, name);
         let identity: SpiffeId = w.identity.parse().expect("an identity");
-        let ip = w
-            .addresses
-            .iter()
-            .find_map(|a| weft_destination_api::address::decode(a))
-            .expect("an address");
+        let ip = ip.expect("an address");
         let certs = n
             .inputs
             .control_plane

@@ -140,9 +140,25 @@ pub async fn deliver<S: InboundStream>(
             let from_client = Arc::new(AtomicU64::new(0));
             let to_client = Arc::new(AtomicU64::new(0));
             let inbound = Counted::new(inbound, from_client.clone());
+            // When the application closes its connection (an HTTP/2
+            // GOAWAY, an HTTP/1.1 close), the next request opens a new one:
+            // this inbound connection goes on. (Finishing it instead, so
+            // that the client side opens a new one, raced with the requests
+            // the source proxy had sent meanwhile: they failed with a 502.)
+            let guard = RouteGuard {
+                pod: pod.clone(),
+                access,
+            };
+            let peers = labels.peers.clone();
+            let serving = async {
+                match Delivery::open(app, to_client.clone(), http, target, peers, cx, guard).await {
+                    Ok(delivery) => serve(inbound, delivery).await,
+                    Err(e) => Some(io::Error::other(e)),
+                }
+            };
             // Dropping the server connection closes both sides.
             let err = tokio::select! {
-                err = serve(inbound, app, to_client.clone(), http, target, labels.peers.clone(), cx, RouteGuard { pod: pod.clone(), access }) => err,
+                err = serving => err,
                 () = stop => Some(io::Error::new(
                     io::ErrorKind::ConnectionAborted,
                     "closed by the proxy: no longer allowed by policy",
@@ -234,29 +250,11 @@ pub(super) struct Delivery {
     upgrades: Upgrades,
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn serve<S>(
-    inbound: S,
-    app: TcpStream,
-    to_client: Arc<AtomicU64>,
-    protocol: Protocol,
-    target: SocketAddr,
-    peers: Peers,
-    cx: &ProxyInputs,
-    guard: RouteGuard,
-) -> Option<io::Error>
+async fn serve<S>(inbound: S, delivery: Arc<Delivery>) -> Option<io::Error>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    // When the application closes its connection (an HTTP/2 GOAWAY, an
-    // HTTP/1.1 close), the next request opens a new one: this inbound
-    // connection goes on. (Finishing it instead, so that the client side
-    // opens a new one, raced with the requests the source proxy had sent
-    // meanwhile: they failed with a 502.)
-    let delivery = match Delivery::open(app, to_client, protocol, target, peers, cx, guard).await {
-        Ok(d) => d,
-        Err(e) => return Some(io::Error::other(e)),
-    };
+    let (cx, protocol, target) = (&delivery.cx, delivery.protocol, delivery.target);
     let serving = delivery.clone();
     let http2 = protocol == Protocol::Http2;
     let service = service_fn(move |request: Request<Incoming>| {
