@@ -727,6 +727,33 @@ mod tests {
 
     type Decided = Arc<Mutex<HashMap<SocketAddr, usize>>>;
 
+    /// A scripted destination: connection `n` > 0 accepts every CONNECT
+    /// (counted in `decided`, `None` once it ends); the first one answers
+    /// the pool's first CONNECT with 200 and is handed back for the
+    /// script's next step, with that stream (kept open while it is held).
+    async fn first_connection_after_one_stream(
+        n: usize,
+        io: tokio::io::DuplexStream,
+        decided: &Decided,
+    ) -> Option<(
+        h2::server::Connection<tokio::io::DuplexStream, Bytes>,
+        h2::SendStream<Bytes>,
+    )> {
+        if n > 0 {
+            counting_server(io, decided.clone(), |request| {
+                let _ = request.accept();
+            })
+            .await;
+            return None;
+        }
+        let mut conn = h2::server::handshake(io).await.unwrap();
+        let (_, mut respond) = conn.accept().await.unwrap().unwrap();
+        let open = respond
+            .send_response(http::Response::new(()), false)
+            .unwrap();
+        Some((conn, open))
+    }
+
     /// Serves with [`serve_connection`], counting the CONNECTs each target
     /// got, and answering each with `answer`.
     async fn counting_server(
@@ -839,16 +866,11 @@ mod tests {
             let (connector, made) = scripted_connector(move |n, io| {
                 let decided = on_server.clone();
                 async move {
-                    if n > 0 {
-                        return counting_server(io, decided, |request| {
-                            let _ = request.accept();
-                        })
-                        .await;
-                    }
-                    let mut conn: h2::server::Connection<_, Bytes> =
-                        h2::server::handshake(io).await.unwrap();
-                    let (_, mut respond) = conn.accept().await.unwrap().unwrap();
-                    let _open = respond.send_response(http::Response::new(()), false);
+                    let Some((mut conn, _open)) =
+                        first_connection_after_one_stream(n, io, &decided).await
+                    else {
+                        return;
+                    };
                     let (request, _respond) = conn.accept().await.unwrap().unwrap();
                     let target = connect_target(request.uri()).unwrap();
                     *decided.lock().unwrap().entry(target).or_default() += 1;
@@ -902,16 +924,11 @@ mod tests {
         let (connector, made) = scripted_connector(move |n, io| {
             let decided = on_server.clone();
             async move {
-                if n > 0 {
-                    return counting_server(io, decided, |request| {
-                        let _ = request.accept();
-                    })
-                    .await;
-                }
-                let mut conn: h2::server::Connection<_, Bytes> =
-                    h2::server::handshake(io).await.unwrap();
-                let (_, mut respond) = conn.accept().await.unwrap().unwrap();
-                let _open = respond.send_response(http::Response::new(()), false);
+                let Some((mut conn, _open)) =
+                    first_connection_after_one_stream(n, io, &decided).await
+                else {
+                    return;
+                };
                 let (_, mut respond) = conn.accept().await.unwrap().unwrap();
                 respond.send_reset(h2::Reason::REFUSED_STREAM);
                 while let Some(Ok(_)) = conn.accept().await {}
