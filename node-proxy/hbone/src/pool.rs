@@ -180,20 +180,19 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> HbonePool<K> {
             None => (self.connect(key.clone(), addr).await?, false),
         };
         match open_on(&conn, target, protocol, &first).await {
-            Ok(stream) => Ok(stream),
             // The peer certainly did not process the CONNECT (a draining
             // node proxy's GOAWAY, a connection already closed): once more
             // on a fresh connection, which a restarted peer accepts. Only
             // then: a CONNECT the destination may have decided would be
             // decided twice, and its first bytes maybe delivered twice.
-            Err(Failed::Unprocessed(_)) if pooled => {
+            Err(HboneError::H2 {
+                unprocessed: true, ..
+            }) if pooled => {
                 conn.alive.store(false, Ordering::Relaxed);
                 let conn = self.connect(key, addr).await?;
-                open_on(&conn, target, protocol, &first)
-                    .await
-                    .map_err(Failed::into_error)
+                open_on(&conn, target, protocol, &first).await
             }
-            Err(failed) => Err(failed.into_error()),
+            other => other,
         }
     }
 
@@ -296,25 +295,6 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> HbonePool<K> {
     }
 }
 
-/// Why a CONNECT failed, and whether sending it again is safe.
-#[derive(Debug)]
-enum Failed {
-    /// The peer did not process the stream: it failed before it was sent,
-    /// or h2 says the peer did not take it (see [`peer_did_not_process`]).
-    Unprocessed(HboneError),
-    /// The destination may have decided it (an answer, a reset, or the
-    /// connection ending with the stream in flight).
-    Final(HboneError),
-}
-
-impl Failed {
-    fn into_error(self) -> HboneError {
-        match self {
-            Failed::Unprocessed(e) | Failed::Final(e) => e,
-        }
-    }
-}
-
 /// Whether h2's error for a sent stream says that the peer did not process
 /// it: a GOAWAY whose last stream ID is below the stream (h2 fails exactly
 /// those streams with the GOAWAY's error; RFC 9113 §6.8), or a
@@ -335,7 +315,7 @@ async fn open_on(
     target: SocketAddr,
     protocol: Option<&'static str>,
     first: &Bytes,
-) -> Result<H2Stream, Failed> {
+) -> Result<H2Stream, HboneError> {
     let lease = Lease(conn.clone());
     let mut request = Request::builder()
         .method(Method::CONNECT)
@@ -346,20 +326,13 @@ async fn open_on(
     let request = request
         .body(())
         .expect("CONNECT to ip:port with a token header is a valid request");
-    let unprocessed = |source| {
-        Failed::Unprocessed(HboneError::H2 {
-            addr: conn.addr,
-            source,
-            unprocessed: true,
-        })
+    let h2_err = |source, unprocessed| HboneError::H2 {
+        addr: conn.addr,
+        source,
+        unprocessed,
     };
-    let maybe_processed = |source| {
-        Failed::Final(HboneError::H2 {
-            addr: conn.addr,
-            source,
-            unprocessed: false,
-        })
-    };
+    let unprocessed = |source| h2_err(source, true);
+    let maybe_processed = |source| h2_err(source, false);
     // Nothing of the stream was sent when these fail.
     let mut send = conn.send.clone().ready().await.map_err(unprocessed)?;
     let (response, mut stream) = send.send_request(request, false).map_err(unprocessed)?;
@@ -374,11 +347,8 @@ async fn open_on(
         stream.send_data(first.clone(), false)
     };
     let response = response.await.map_err(|e| {
-        if peer_did_not_process(&e) {
-            unprocessed(e)
-        } else {
-            maybe_processed(e)
-        }
+        let unprocessed = peer_did_not_process(&e);
+        h2_err(e, unprocessed)
     })?;
     if response.status() != StatusCode::OK {
         let reason = response
@@ -386,11 +356,11 @@ async fn open_on(
             .get(super::UNPROCESSED_HEADER)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
-        return Err(Failed::Final(HboneError::Refused {
+        return Err(HboneError::Refused {
             target,
             status: response.status(),
             reason,
-        }));
+        });
     }
     // Accepted, but the stream ended before the first bytes could go: the
     // application got none of them.
@@ -727,31 +697,39 @@ mod tests {
 
     type Decided = Arc<Mutex<HashMap<SocketAddr, usize>>>;
 
-    /// A scripted destination: connection `n` > 0 accepts every CONNECT
-    /// (counted in `decided`, `None` once it ends); the first one answers
-    /// the pool's first CONNECT with 200 and is handed back for the
-    /// script's next step, with that stream (kept open while it is held).
-    async fn first_connection_after_one_stream(
-        n: usize,
-        io: tokio::io::DuplexStream,
-        decided: &Decided,
-    ) -> Option<(
-        h2::server::Connection<tokio::io::DuplexStream, Bytes>,
-        h2::SendStream<Bytes>,
-    )> {
-        if n > 0 {
-            counting_server(io, decided.clone(), |request| {
-                let _ = request.accept();
-            })
-            .await;
-            return None;
-        }
-        let mut conn = h2::server::handshake(io).await.unwrap();
-        let (_, mut respond) = conn.accept().await.unwrap().unwrap();
-        let open = respond
-            .send_response(http::Response::new(()), false)
-            .unwrap();
-        Some((conn, open))
+    type ServerConn = h2::server::Connection<tokio::io::DuplexStream, Bytes>;
+
+    /// A scripted destination: its first connection answers the pool's
+    /// first CONNECT with 200 (the stream kept open), then is handed to
+    /// `script`; later connections accept every CONNECT. The CONNECTs each
+    /// target got are counted in the returned map (by `script` too).
+    fn scripted_after_first_stream<F, Fut>(
+        script: F,
+    ) -> (Connector<&'static str>, Arc<AtomicUsize>, Decided)
+    where
+        F: Fn(ServerConn, Decided) -> Fut + Clone + Send + Sync + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let decided = Decided::default();
+        let on_server = decided.clone();
+        let (connector, made) = scripted_connector(move |n, io| {
+            let (decided, script) = (on_server.clone(), script.clone());
+            async move {
+                if n > 0 {
+                    return counting_server(io, decided, |request| {
+                        let _ = request.accept();
+                    })
+                    .await;
+                }
+                let mut conn = h2::server::handshake(io).await.unwrap();
+                let (_, mut respond) = conn.accept().await.unwrap().unwrap();
+                let _open = respond
+                    .send_response(http::Response::new(()), false)
+                    .unwrap();
+                script(conn, decided).await;
+            }
+        });
+        (connector, made, decided)
     }
 
     /// Serves with [`serve_connection`], counting the CONNECTs each target
@@ -861,16 +839,8 @@ mod tests {
     #[tokio::test]
     async fn a_connect_the_destination_may_have_decided_is_not_sent_again() {
         for ending in [Ending::ErrorGoaway, Ending::Closed] {
-            let decided = Decided::default();
-            let on_server = decided.clone();
-            let (connector, made) = scripted_connector(move |n, io| {
-                let decided = on_server.clone();
-                async move {
-                    let Some((mut conn, _open)) =
-                        first_connection_after_one_stream(n, io, &decided).await
-                    else {
-                        return;
-                    };
+            let (connector, made, decided) = scripted_after_first_stream(
+                move |mut conn: ServerConn, decided: Decided| async move {
                     let (request, _respond) = conn.accept().await.unwrap().unwrap();
                     let target = connect_target(request.uri()).unwrap();
                     *decided.lock().unwrap().entry(target).or_default() += 1;
@@ -881,8 +851,8 @@ mod tests {
                         }
                         Ending::Closed => drop(conn),
                     }
-                }
-            });
+                },
+            );
             let pool = HbonePool::new(PoolConfig::default(), connector);
             let (addr, target) = (ADDR.parse().unwrap(), TARGET.parse().unwrap());
             let _first = pool.open("k", addr, target).await.unwrap();
@@ -919,21 +889,12 @@ mod tests {
     /// once more, on a fresh connection, and opens there.
     #[tokio::test]
     async fn a_connect_refused_as_unprocessed_opens_on_a_fresh_connection() {
-        let decided = Decided::default();
-        let on_server = decided.clone();
-        let (connector, made) = scripted_connector(move |n, io| {
-            let decided = on_server.clone();
-            async move {
-                let Some((mut conn, _open)) =
-                    first_connection_after_one_stream(n, io, &decided).await
-                else {
-                    return;
-                };
+        let (connector, made, decided) =
+            scripted_after_first_stream(|mut conn: ServerConn, _| async move {
                 let (_, mut respond) = conn.accept().await.unwrap().unwrap();
                 respond.send_reset(h2::Reason::REFUSED_STREAM);
                 while let Some(Ok(_)) = conn.accept().await {}
-            }
-        });
+            });
         let pool = HbonePool::new(PoolConfig::default(), connector);
         let (addr, target) = (ADDR.parse().unwrap(), TARGET.parse().unwrap());
         let _first = pool.open("k", addr, target).await.unwrap();

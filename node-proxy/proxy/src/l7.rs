@@ -99,10 +99,21 @@ pub async fn serve_until_drained<C: Future>(
     shutdown: impl FnOnce(Pin<&mut C>),
 ) -> C::Output {
     let mut draining = drain.watch();
+    serve_until(conn, draining.signaled(), shutdown).await
+}
+
+/// Drives an HTTP server connection; once `stop` completes, asks it to
+/// finish gracefully (`shutdown`, as [`serve_until_drained`]) and waits
+/// for that.
+pub async fn serve_until<C: Future>(
+    conn: C,
+    stop: impl Future<Output = ()>,
+    shutdown: impl FnOnce(Pin<&mut C>),
+) -> C::Output {
     let mut conn = std::pin::pin!(conn);
     tokio::select! {
         out = conn.as_mut() => return out,
-        () = draining.signaled() => {}
+        () = stop => {}
     }
     shutdown(conn.as_mut());
     conn.await

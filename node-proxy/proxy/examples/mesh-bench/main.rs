@@ -270,23 +270,36 @@ fn profile(cluster: &TestCluster, mesh: &Mesh, proto: http::Proto) {
 /// `WEFT_BENCH_PART=latency`: the open-loop HTTP/1.1 and gRPC rounds
 /// alone (to compare two builds quickly); medians of the rounds' p50.
 fn latency_rounds(cluster: &TestCluster) {
-    for proto in [http::Proto::Http1, http::Proto::Grpc] {
-        let mut p50s = vec![Vec::new(); HTTP_PATHS.len()];
-        for round in 0..HTTP_ROUNDS {
-            for (i, (label, ns, port)) in HTTP_PATHS.iter().enumerate() {
-                let r = http_round(cluster, ns, *port, proto);
-                eprintln!("round {round} {proto:?} {label}: {r:?}");
-                p50s[i].push(r.p50_us);
-            }
-        }
-        for (i, (label, _, _)) in HTTP_PATHS.iter().enumerate() {
+    for (proto, paths) in PROTOS.iter().zip(latency_runs(cluster)) {
+        for ((label, _, _), runs) in HTTP_PATHS.iter().zip(paths) {
+            let mut p50s: Vec<f64> = runs.iter().map(|r| r.p50_us).collect();
             println!(
                 "{proto:?} {label}: p50 {:.0} us [{}]",
-                median(&mut p50s[i]),
-                spread(&p50s[i])
+                median(&mut p50s),
+                spread(&p50s)
             );
         }
     }
+}
+
+/// The protocols of the open-loop rounds.
+const PROTOS: [http::Proto; 2] = [http::Proto::Http1, http::Proto::Grpc];
+
+/// HTTP and gRPC at a fixed rate, [`HTTP_ROUNDS`] rounds: each round goes
+/// over every protocol and path, so that the machine's load drifts over
+/// all of them alike. By protocol, then path, then round.
+fn latency_runs(cluster: &TestCluster) -> Vec<Vec<Vec<http::LoadResult>>> {
+    let mut latency = vec![vec![Vec::new(); HTTP_PATHS.len()]; PROTOS.len()];
+    for round in 0..HTTP_ROUNDS {
+        for (pi, proto) in PROTOS.iter().enumerate() {
+            for (i, (label, ns, port)) in HTTP_PATHS.iter().enumerate() {
+                let r = http_round(cluster, ns, *port, *proto);
+                eprintln!("round {round} {proto:?} {label}: {r:?}");
+                latency[pi][i].push(r);
+            }
+        }
+    }
+    latency
 }
 
 /// Closed-loop throughput run: seconds and concurrent callers.
@@ -532,23 +545,10 @@ fn main() {
         measure_connections(&cluster, "direct", &mut direct);
         measure_connections(&cluster, "mesh", &mut meshed);
     }
-    // HTTP and gRPC at a fixed rate: rounds alternate the paths so that
-    // the machine's load drifts over all of them alike.
-    let protos = [http::Proto::Http1, http::Proto::Grpc];
-    let mut latency: Vec<Vec<Vec<http::LoadResult>>> =
-        vec![vec![Vec::new(); HTTP_PATHS.len()]; protos.len()];
-    for round in 0..HTTP_ROUNDS {
-        for (pi, proto) in protos.iter().enumerate() {
-            for (i, (label, ns, port)) in HTTP_PATHS.iter().enumerate() {
-                let r = http_round(&cluster, ns, *port, *proto);
-                eprintln!("round {round} {proto:?} {label}: {r:?}");
-                latency[pi][i].push(r);
-            }
-        }
-    }
+    let latency = latency_runs(&cluster);
     // Requests per CPU second of the proxies, L7 and L4.
     let mut per_cpu = Vec::new();
-    for proto in protos {
+    for proto in PROTOS {
         for (label, port) in [("L7", 8080), ("L4 only", 8090)] {
             let (per_cpu_s, rps) = per_cpu_second(&cluster, &mesh, port, proto);
             eprintln!(
@@ -602,7 +602,7 @@ fn main() {
             mm / dm
         );
     }
-    for (pi, proto) in protos.iter().enumerate() {
+    for (pi, proto) in PROTOS.iter().enumerate() {
         let name = match proto {
             http::Proto::Http1 => "HTTP/1.1 GET",
             http::Proto::Grpc => "gRPC unary (HTTP/2)",

@@ -153,25 +153,25 @@ impl SharedH2 {
     }
 }
 
-/// A shared HTTP/2 connection, and whether its requests name their target
-/// (a peer node proxy's connection for requests,
-/// [`weft_hbone::TARGET_HEADER`]).
+/// A shared HTTP/2 connection, and the target its requests name, if they
+/// must (a peer node proxy's connection for requests,
+/// [`weft_hbone::TARGET_HEADER`]): made once per connection, not per
+/// request.
 #[derive(Clone)]
 struct HttpTwo {
     send: http2::SendRequest<ProxyBody>,
-    names_targets: bool,
+    target: Option<http::HeaderValue>,
 }
 
 impl HttpTwo {
-    fn address(&self, request: &mut Request<ProxyBody>, target: SocketAddr) {
+    /// Names the target on a connection for requests; elsewhere no
+    /// client's own header of that name goes on.
+    fn address(&self, request: &mut Request<ProxyBody>) {
         let headers = request.headers_mut();
-        if self.names_targets {
-            let value = http::HeaderValue::try_from(target.to_string())
-                .expect("an address is a valid header value");
-            headers.insert(weft_hbone::TARGET_HEADER, value);
-        } else {
-            headers.remove(weft_hbone::TARGET_HEADER);
-        }
+        match &self.target {
+            Some(target) => headers.insert(weft_hbone::TARGET_HEADER, target.clone()),
+            None => headers.remove(weft_hbone::TARGET_HEADER),
+        };
     }
 }
 
@@ -315,7 +315,7 @@ impl UpstreamPool {
             Some(conn) => conn,
             None => self.connect_h2(key, &connect).await?,
         };
-        conn.address(&mut request, target);
+        conn.address(&mut request);
         let mut request = match conn.send.try_send_request(request).await {
             Ok(response) => return Ok(response),
             Err(mut e) => match e.take_message() {
@@ -336,7 +336,7 @@ impl UpstreamPool {
         // more on a fresh one.
         self.inner.h2.lock().expect("pool lock").remove(key);
         let mut conn = self.connect_h2(key, &connect).await?;
-        conn.address(&mut request, target);
+        conn.address(&mut request);
         conn.send
             .send_request(request)
             .await
@@ -378,7 +378,10 @@ impl UpstreamPool {
             return Ok(send);
         }
         let upstream = connect().await?;
-        let names_targets = upstream.names_targets();
+        let target = upstream.names_targets().then(|| {
+            http::HeaderValue::try_from(key.target.to_string())
+                .expect("an address is a valid header value")
+        });
         // On the runtime's clock, as every pool's expiry.
         let expires = upstream.expires().map(|at| {
             Instant::now()
@@ -387,7 +390,7 @@ impl UpstreamPool {
         });
         let send = HttpTwo {
             send: handshake_h2(upstream, key.target).await?,
-            names_targets,
+            target,
         };
         self.inner.h2.lock().expect("pool lock").insert(
             key.clone(),

@@ -153,7 +153,6 @@ pub async fn open_requests_upstream(
     pod: &Arc<LocalPod>,
     tunnels: Option<&HbonePool<TunnelKey>>,
     requests: Option<&RequestConnections>,
-    protocol: Protocol,
 ) -> Result<Upstream, ConnectError> {
     if let (
         Route::Hbone {
@@ -176,7 +175,7 @@ pub async fn open_requests_upstream(
             });
         }
     }
-    open_upstream(route, pod, tunnels, protocol).await
+    open_upstream(route, pod, tunnels, Protocol::Http2).await
 }
 
 impl AsyncRead for Upstream {

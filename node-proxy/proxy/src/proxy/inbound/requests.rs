@@ -81,19 +81,13 @@ pub(super) async fn serve_requests<IO>(
     let conn = http2::Builder::new(exec)
         .max_local_error_reset_streams(crate::l7::LOCAL_ERROR_RESET_LIMIT)
         .serve_connection(TokioIo::new(Counted::new(io, from_client.clone())), service);
-    let served = started.drive(async {
-        let mut conn = std::pin::pin!(conn);
-        tokio::select! {
-            result = conn.as_mut() => return result,
-            () = until => {}
-        }
-        conn.as_mut().graceful_shutdown();
-        conn.await
-    });
+    // `until` includes the drain.
+    let served = started.drive(crate::l7::serve_until(conn, until, |c| {
+        c.graceful_shutdown()
+    }));
     let revoked = async {
         match admitted_rx.await {
             Ok(mut admission) => {
-                let admission: &mut Admission = &mut admission;
                 admission.revoked().await;
             }
             // Nothing was admitted on this connection.

@@ -33,7 +33,7 @@ use crate::telemetry::Reporter;
 use crate::telemetry::classify::{MethodClass, grpc_server_failed, grpc_status, is_grpc};
 use crate::telemetry::grpc::GrpcCode;
 use crate::transport::LocalPod;
-use crate::transport::{open_requests_upstream, open_upstream};
+use crate::transport::{ConnectError, Upstream, open_requests_upstream, open_upstream};
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Incoming};
@@ -402,7 +402,6 @@ impl Connection {
             protocol: self.protocol,
             mtls: matches!(route, Route::Hbone { .. }),
         };
-        let pod = &self.pod;
         let sent = Instant::now();
         // The balancer's latency is the time to the response headers, not
         // to the end of a peek.
@@ -410,32 +409,7 @@ impl Connection {
         let send = async {
             let response = cx
                 .upstreams
-                .send(
-                    &key,
-                    || async {
-                        match self.protocol {
-                            // Requests as streams of their own where the
-                            // peer proxy takes them (no tunnel inside).
-                            Protocol::Http2 => {
-                                let requests = cx.requests.as_deref();
-                                open_requests_upstream(
-                                    route,
-                                    pod,
-                                    cx.tunnels.as_deref(),
-                                    requests,
-                                    self.protocol,
-                                )
-                                .await
-                            }
-                            _ => {
-                                open_upstream(route, pod, cx.tunnels.as_deref(), self.protocol)
-                                    .await
-                            }
-                        }
-                    },
-                    request,
-                    reusable,
-                )
+                .send(&key, || self.open_upstream(route), request, reusable)
                 .await?;
             latency = sent.elapsed();
             Ok::<_, Failure>(if peek_grpc {
@@ -509,6 +483,20 @@ impl Connection {
             Err(_) => None,
         };
         (result, outcome)
+    }
+
+    /// The transport of a connection for this client's requests to
+    /// `route`: HTTP/2 requests go as streams of their own where the peer
+    /// proxy takes them (no tunnel inside); the rest as usual.
+    async fn open_upstream(&self, route: &Route) -> Result<Upstream, ConnectError> {
+        let (pod, cx) = (&self.pod, &self.cx);
+        let tunnels = cx.tunnels.as_deref();
+        match self.protocol {
+            Protocol::Http2 => {
+                open_requests_upstream(route, pod, tunnels, cx.requests.as_deref()).await
+            }
+            _ => open_upstream(route, pod, tunnels, self.protocol).await,
+        }
     }
 
     /// Where this attempt goes: a backend of the rule by weight (else the
