@@ -8,7 +8,9 @@
 //! frameworks do), item 4 (a client authorized per route gets no byte
 //! stream past the routes, however the connection is delivered) and item 6
 //! (no new stream on an HBONE connection whose peer certificate expired or
-//! whose trust bundle changed). See docs/security.md.
+//! whose trust bundle changed); and one client's connection churn does not
+//! use up the source ports the destination's proxy needs to reach the
+//! application for every other client. See docs/security.md.
 
 mod support;
 
@@ -892,5 +894,121 @@ fn no_new_stream_on_a_tunnel_made_under_an_older_trust_bundle() {
     );
     assert_eq!(long.round_trip("after"), "echo after");
     assert_eq!(long.finish(), "done");
+    mc.down();
+}
+
+// ---------------------------------------------------------------------------
+// One client's connection churn leaves ports for every other client.
+
+/// A `server` (echo on 9000) in namespace `shared` on node-a, used by two
+/// tenants' clients on node-b: `churn/client` and `calm/client`.
+const SHARED_SERVER: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shared, labels: {weft.io/mesh: enabled}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: churn, labels: {weft.io/mesh: enabled}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: calm, labels: {weft.io/mesh: enabled}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: server, namespace: shared}
+spec: {nodeName: node-a, containers: [{name: main, command: [./tcp_echo.py, "9000"], ports: [{containerPort: 9000}]}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: churn}
+spec: {nodeName: node-b, containers: [{name: main, command: [sleep, infinity]}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: calm}
+spec: {nodeName: node-b, containers: [{name: main, command: [sleep, infinity]}]}
+"#;
+
+/// `echo_timed.py` from `pod` to `server:9000`: every exchange's result.
+fn echo_timed(mc: &MeshCluster, pod: &str, server: &str, count: usize, gap_ms: u64) -> Vec<Value> {
+    let out = mc.cluster().exec_ok(
+        pod,
+        &[
+            "./echo_timed.py",
+            server,
+            "9000",
+            &count.to_string(),
+            &gap_ms.to_string(),
+        ],
+    );
+    let results: Value = serde_json::from_str(out.trim())
+        .unwrap_or_else(|e| panic!("echo_timed.py from {pod}: {e}: {out}"));
+    results.as_array().cloned().unwrap_or_default()
+}
+
+/// Every connection the destination's proxy delivers to an application
+/// leaves from the pod's own address to the same address and port, so all
+/// the port's clients draw on one range of source ports, and the proxy,
+/// closing first whenever its client does, leaves each port in TIME_WAIT
+/// for a minute. Before the proxy turned on TIME_WAIT reuse in the pod,
+/// the range ran out at about 470 new connections a second summed over all
+/// clients, and then every client's connections were refused. The server
+/// pod's range is narrowed here (a sysctl any pod may set) to 64 ports, so
+/// that a minute's worth is a few seconds of one client's churn.
+#[test]
+fn one_clients_connection_churn_leaves_ports_for_the_other_clients() {
+    let mc = MeshCluster::up(&files(SHARED_SERVER), |_| {});
+    let cluster = mc.cluster();
+    let server = cluster.pod("shared/server").ip.to_string();
+    let sysctl = |args: &[&str]| {
+        let mut argv = vec!["sysctl"];
+        argv.extend_from_slice(args);
+        cluster.exec_ok("shared/server", &argv).trim().to_string()
+    };
+    assert_eq!(
+        sysctl(&["-n", "net.ipv4.tcp_tw_reuse"]),
+        "1",
+        "TIME_WAIT reuse in the captured pod"
+    );
+    sysctl(&["-w", "net.ipv4.ip_local_port_range=40000 40063"]);
+
+    // 200 connections, 30 ms apart: at most ~33 a second, so a port comes
+    // round again after about two seconds, when it may be reused; without
+    // reuse the 65th connection finds no port.
+    let churn = echo_timed(&mc, "churn/client", &server, 200, 30);
+    let failed: Vec<&Value> = churn.iter().filter(|r| r["ok"] != true).collect();
+    assert!(
+        churn.len() == 200 && failed.is_empty(),
+        "churn's exchanges: {} made, failed: {failed:?}",
+        churn.len()
+    );
+    let calm = echo_timed(&mc, "calm/client", &server, 5, 0);
+    assert!(
+        calm.len() == 5 && calm.iter().all(|r| r["ok"] == true),
+        "calm's exchanges after churn's: {calm:?}"
+    );
+    // The connections did draw on the narrowed range, and did reuse it:
+    // 205 connections, at most 64 ports held.
+    let held = cluster.exec_ok(
+        "shared/server",
+        &["ss", "-Htn", "state", "time-wait", "( dport = :9000 )"],
+    );
+    let ports: BTreeSet<u16> = held
+        .lines()
+        .filter_map(|l| {
+            l.split_whitespace()
+                .nth(2)?
+                .rsplit_once(':')?
+                .1
+                .parse()
+                .ok()
+        })
+        .collect();
+    assert!(
+        !ports.is_empty() && ports.iter().all(|p| (40000..=40063).contains(p)),
+        "the proxy's closed connections to the server hold ports of its range: {held}"
+    );
     mc.down();
 }

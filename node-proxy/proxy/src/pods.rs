@@ -603,12 +603,7 @@ impl PodRegistry {
                     source,
                 })
         };
-        // When a proxy closes its listeners (a rollout's old proxy), the
-        // connections in their accept queues move to the successor's
-        // listeners of the same reuseport group instead of being reset.
-        if let Err(e) = netns.run(|| std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1")) {
-            tracing::warn!(pod = %key, error = %e, "cannot set tcp_migrate_req: connections queued at a hand-over may be reset");
-        }
+        tune_namespace(netns, &key);
         // The pod's connections run on one thread (`transport::threads`):
         // its listeners are registered with that thread's runtime and their
         // tasks spawned there. Nothing below awaits while it is entered.
@@ -833,5 +828,58 @@ impl Drop for PodRegistry {
                 h.abort();
             }
         }
+    }
+}
+
+/// The two settings of a captured pod's namespace the proxy depends on,
+/// made in one visit.
+fn tune_namespace(netns: &Netns, key: &str) {
+    // When a proxy closes its listeners (a rollout's old proxy), the
+    // connections in their accept queues move to the successor's
+    // listeners of the same reuseport group instead of being reset.
+    let tuned = netns.run(|| {
+        Ok((
+            std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1"),
+            reuse_time_wait(),
+        ))
+    });
+    let (migrate, reuse) = match tuned {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!(pod = %key, error = %e, "cannot tune the pod's network namespace (tcp_migrate_req, tcp_tw_reuse)");
+            return;
+        }
+    };
+    if let Err(e) = migrate {
+        tracing::warn!(pod = %key, error = %e, "cannot set tcp_migrate_req: connections queued at a hand-over may be reset");
+    }
+    match reuse {
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::warn!(pod = %key, "the pod sets net.ipv4.tcp_tw_reuse to 0: each of its ports takes at most about 470 new connections a second through the mesh (docs/node-proxy.md, \"Source ports of the connections to an application\")")
+        }
+        Err(e) => {
+            tracing::warn!(pod = %key, error = %e, "cannot set tcp_tw_reuse: each of the pod's ports takes at most about 470 new connections a second through the mesh")
+        }
+    }
+}
+
+/// Every connection the proxy delivers to an application leaves from the
+/// pod's own address to the same address and port, whoever the client: all
+/// of a port's clients share one range of source ports. The proxy closes
+/// first whenever the client does, so each such connection holds its
+/// source port in TIME_WAIT for 60 s, and with the kernel's default (reuse
+/// for loopback addresses only) the range (28,232 ports) ran out at about
+/// 470 new connections a second, summed over every client: one client's
+/// churn refused everyone's connections. Reuse (1) lets a port in TIME_WAIT
+/// serve a new connection a second later, as loopback connections already
+/// may; these connections never leave the pod either. A pod's own choice
+/// (0) is kept. Returns whether reuse is on.
+fn reuse_time_wait() -> std::io::Result<bool> {
+    const TW_REUSE: &str = "/proc/sys/net/ipv4/tcp_tw_reuse";
+    match std::fs::read_to_string(TW_REUSE)?.trim() {
+        "1" => Ok(true),
+        "2" => std::fs::write(TW_REUSE, "1").map(|()| true),
+        _ => Ok(false),
     }
 }

@@ -9,7 +9,10 @@
 //! ([`Netns::proxy_tcp_socket`]), one per new connection to an application,
 //! come from one long-lived thread that joins whichever namespace each
 //! request names: a thread created per connection cost more than the rest
-//! of the connection's set-up (docs/benchmarks.md, new connections).
+//! of the connection's set-up (docs/benchmarks.md, new connections). It
+//! also makes sockets ahead, several per visit
+//! ([`Netns::make_proxy_tcp_sockets`]), so that a connection need not wait
+//! for it.
 
 use crate::{Error, PROXY_SOCKET_MARK};
 use socket2::{Domain, Protocol, Socket, Type};
@@ -115,40 +118,65 @@ impl Netns {
 
     /// A TCP socket inside this namespace carrying [`PROXY_SOCKET_MARK`]:
     /// the proxy's own connections from the pod are never redirected.
-    /// Made by the process's socket thread; the caller's thread (a runtime
+    /// Non-blocking, ready for the runtime. Made by the process's socket thread; the caller's thread (a runtime
     /// worker) only waits for the answer.
     pub async fn proxy_tcp_socket(&self, domain: Domain) -> Result<Socket, Error> {
-        let failed = |source| Error::Netns {
-            path: self.path.clone(),
-            source,
-        };
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.make_proxy_tcp_sockets(domain, 1, move |made| {
+            // The asker may have given up (its connection was dropped).
+            let _ = reply.send(made);
+        })?;
+        answer
+            .await
+            .unwrap_or_else(|_| Err(io::Error::other("the socket thread has exited")))
+            .and_then(|mut made| {
+                made.pop()
+                    .ok_or_else(|| io::Error::other("the socket thread made no socket"))
+            })
+            .map_err(|source| self.failed(source))
+    }
+
+    /// Asks the socket thread for `count` sockets like
+    /// [`Netns::proxy_tcp_socket`]'s, made in one visit to the namespace,
+    /// and returns at once: `deliver` gets them (or the error) on the
+    /// socket thread, so it must be quick and must not block.
+    pub fn make_proxy_tcp_sockets(
+        &self,
+        domain: Domain,
+        count: usize,
+        deliver: impl FnOnce(io::Result<Vec<Socket>>) + Send + 'static,
+    ) -> Result<(), Error> {
         // The thread gets its own descriptor of the namespace: this one may
         // be closed (the pod gone) before the request is served.
-        let netns = self.fd.try_clone().map_err(failed)?;
-        let (reply, answer) = tokio::sync::oneshot::channel();
+        let netns = self.fd.try_clone().map_err(|e| self.failed(e))?;
         socket_thread()
             .and_then(|requests| {
                 requests
                     .send(SocketRequest {
                         netns,
                         domain,
-                        reply,
+                        count,
+                        deliver: Box::new(deliver),
                     })
                     .map_err(|_| io::Error::other("the socket thread has exited"))
             })
-            .map_err(failed)?;
-        answer
-            .await
-            .unwrap_or_else(|_| Err(io::Error::other("the socket thread has exited")))
-            .map_err(failed)
+            .map_err(|e| self.failed(e))
+    }
+
+    fn failed(&self, source: io::Error) -> Error {
+        Error::Netns {
+            path: self.path.clone(),
+            source,
+        }
     }
 }
 
-/// A socket to make in a namespace, and where to send it.
+/// Sockets to make in a namespace, and who gets them.
 struct SocketRequest {
     netns: OwnedFd,
     domain: Domain,
-    reply: tokio::sync::oneshot::Sender<io::Result<Socket>>,
+    count: usize,
+    deliver: Box<dyn FnOnce(io::Result<Vec<Socket>>) + Send>,
 }
 
 /// The requests of the process's socket thread, started on first use. It
@@ -159,7 +187,7 @@ fn socket_thread() -> io::Result<&'static mpsc::Sender<SocketRequest>> {
         return Ok(requests);
     }
     let (send, receive) = mpsc::channel::<SocketRequest>();
-    // The thread goes back to the proxy's own namespace after each socket:
+    // The thread goes back to the proxy's own namespace after each visit:
     // a thread left in a pod's namespace would keep that namespace (and
     // its interfaces) alive after the pod is gone.
     let home = File::open("/proc/thread-self/ns/net")?;
@@ -171,14 +199,22 @@ fn socket_thread() -> io::Result<&'static mpsc::Sender<SocketRequest>> {
             };
             for request in receive {
                 let made = join(request.netns.as_fd()).and_then(|()| {
-                    let sock = Socket::new(request.domain, Type::STREAM, Some(Protocol::TCP));
+                    let made: io::Result<Vec<Socket>> = (0..request.count)
+                        .map(|_| {
+                            let sock = Socket::new(
+                                request.domain,
+                                Type::STREAM.nonblocking(),
+                                Some(Protocol::TCP),
+                            )?;
+                            sock.set_mark(PROXY_SOCKET_MARK)?;
+                            Ok(sock)
+                        })
+                        .collect();
                     let back = join(home.as_fd());
-                    let sock = sock?;
-                    sock.set_mark(PROXY_SOCKET_MARK)?;
-                    back.map(|()| sock)
+                    let made = made?;
+                    back.map(|()| made)
                 });
-                // The asker may have given up (its connection was dropped).
-                let _ = request.reply.send(made);
+                (request.deliver)(made);
             }
         });
     // Two callers racing here each start a thread; the loser's exits at

@@ -144,6 +144,29 @@ fn the_socket_thread_leaves_the_pods_namespace() {
     assert_eq!(ns(&thread.path()), ns(std::path::Path::new("/proc/self")));
 }
 
+/// Sockets made ahead (`make_proxy_tcp_sockets`, the node proxy's stock):
+/// several in one visit of the pod's namespace, each the pod's and marked
+/// as the proxy's own, handed to the asker on the socket thread.
+#[test]
+fn sockets_made_ahead_are_the_pods_and_marked() {
+    let pods = PodPair::new();
+    let (sender, made) = std::sync::mpsc::channel();
+    pods.client
+        .netns
+        .make_proxy_tcp_sockets(socket2::Domain::IPV4, 3, move |m| sender.send(m).unwrap())
+        .expect("asked");
+    let sockets = made
+        .recv_timeout(TIMEOUT)
+        .expect("delivered")
+        .expect("made");
+    assert_eq!(sockets.len(), 3);
+    for sock in sockets {
+        assert_eq!(sock.mark().unwrap(), weft_redirector::PROXY_SOCKET_MARK);
+        sock.bind(&addr("10.99.0.1:0").into())
+            .expect("made in the pod: it has the pod's address");
+    }
+}
+
 #[test]
 fn loopback_and_udp_are_untouched() {
     let pods = PodPair::new();

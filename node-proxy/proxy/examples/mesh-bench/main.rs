@@ -29,7 +29,8 @@
 //!   echoing periodically: errors, echo latency against direct, RSS per
 //!   connection;
 //! - `WEFT_BENCH_PART=latency`: only the HTTP/1.1 and gRPC open-loop
-//!   rounds above;
+//!   rounds above; `WEFT_BENCH_PART=new-connections`: only the new
+//!   connections' rounds;
 //! - `WEFT_BENCH_PART=memory` (`memory.rs`, not in the full run): RSS with
 //!   0, 1 and 100 enrolled pods and a CPU spot check, median of 3, for this
 //!   build and others given in `WEFT_BENCH_MEMORY_BUILDS`.
@@ -189,6 +190,38 @@ fn measure_connections(cluster: &TestCluster, ns: &str, r: &mut PathResult) {
         .push(lat.len() as f64 / v["seconds"].as_f64().unwrap());
     r.p50_us.push(percentile(&mut lat, 0.5));
     r.p99_us.push(percentile(&mut lat, 0.99));
+}
+
+/// [`CONN_ROUNDS`] rounds of new connections per path, alternating, so
+/// that the machine's load drifts over both alike.
+fn connection_rounds(cluster: &TestCluster, direct: &mut PathResult, meshed: &mut PathResult) {
+    for _ in 0..CONN_ROUNDS {
+        measure_connections(cluster, "direct", direct);
+        measure_connections(cluster, "mesh", meshed);
+    }
+}
+
+/// The new-connection rows of the table: direct, the mesh, their ratio.
+fn print_connection_rows(direct: &PathResult, meshed: &PathResult) {
+    println!(
+        "connections: {CONN_ROUNDS} rounds of 300 per path, alternating (median of the rounds [min-max]):"
+    );
+    let conn_rows: [(&str, Column); 3] = [
+        ("new connections/s (seq.)", |r| &r.conn_per_s),
+        ("conn+64B RTT p50 (us)", |r| &r.p50_us),
+        ("conn+64B RTT p99 (us)", |r| &r.p99_us),
+    ];
+    for (label, values) in conn_rows {
+        let (d, m) = (values(direct), values(meshed));
+        let (dm, mm) = (median(&mut d.to_vec()), median(&mut m.to_vec()));
+        println!(
+            "{:<28} {:>14} {:>14} {:>8.2}",
+            label,
+            format!("{dm:.0} [{}]", spread(d)),
+            format!("{mm:.0} [{}]", spread(m)),
+            mm / dm
+        );
+    }
 }
 
 /// The HTTP paths compared: (label, namespace, server port). The mesh's
@@ -532,6 +565,14 @@ fn main() {
         mesh.reap();
         return;
     }
+    if std::env::var("WEFT_BENCH_PART").as_deref() == Ok("new-connections") {
+        let (mut direct, mut meshed) = (PathResult::default(), PathResult::default());
+        connection_rounds(&cluster, &mut direct, &mut meshed);
+        print_connection_rows(&direct, &meshed);
+        drop(cluster);
+        mesh.reap();
+        return;
+    }
     let idle: Vec<f64> = ["node-a", "node-b"]
         .iter()
         .map(|n| proxy_rss(&mesh, n))
@@ -540,11 +581,7 @@ fn main() {
     let mut meshed = PathResult::default();
     measure_throughput(&cluster, "direct", &mut direct);
     measure_throughput(&cluster, "mesh", &mut meshed);
-    // Alternating, so that the machine's load drifts over both alike.
-    for _ in 0..CONN_ROUNDS {
-        measure_connections(&cluster, "direct", &mut direct);
-        measure_connections(&cluster, "mesh", &mut meshed);
-    }
+    connection_rounds(&cluster, &mut direct, &mut meshed);
     let latency = latency_runs(&cluster);
     // Requests per CPU second of the proxies, L7 and L4.
     let mut per_cpu = Vec::new();
@@ -583,25 +620,7 @@ fn main() {
         format!("{mg:.2} [{}]", spread2(&meshed.gbps)),
         mg / dg
     );
-    println!(
-        "connections: {CONN_ROUNDS} rounds of 300 per path, alternating (median of the rounds [min-max]):"
-    );
-    let conn_rows: [(&str, Column); 3] = [
-        ("new connections/s (seq.)", |r| &r.conn_per_s),
-        ("conn+64B RTT p50 (us)", |r| &r.p50_us),
-        ("conn+64B RTT p99 (us)", |r| &r.p99_us),
-    ];
-    for (label, values) in conn_rows {
-        let (d, m) = (values(&direct), values(&meshed));
-        let (dm, mm) = (median(&mut d.to_vec()), median(&mut m.to_vec()));
-        println!(
-            "{:<28} {:>14} {:>14} {:>8.2}",
-            label,
-            format!("{dm:.0} [{}]", spread(d)),
-            format!("{mm:.0} [{}]", spread(m)),
-            mm / dm
-        );
-    }
+    print_connection_rows(&direct, &meshed);
     for (pi, proto) in PROTOS.iter().enumerate() {
         let name = match proto {
             http::Proto::Http1 => "HTTP/1.1 GET",
