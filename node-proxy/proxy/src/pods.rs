@@ -856,7 +856,7 @@ fn tune_namespace(netns: &Netns, key: &str) {
     match reuse {
         Ok(true) => {}
         Ok(false) => {
-            tracing::warn!(pod = %key, "the pod sets net.ipv4.tcp_tw_reuse to 0: each of its ports takes at most about 470 new connections a second through the mesh (docs/node-proxy.md, \"Source ports of the connections to an application\")")
+            tracing::warn!(pod = %key, "the pod sets net.ipv4.tcp_tw_reuse to 0: each of its ports takes at most about 470 new connections a second through the mesh (docs/node-proxy.md, \"Sockets and source ports of the connections to an application\")")
         }
         Err(e) => {
             tracing::warn!(pod = %key, error = %e, "cannot set tcp_tw_reuse: each of the pod's ports takes at most about 470 new connections a second through the mesh")
