@@ -17,6 +17,8 @@
 //! - [`body`]: the response body that records metrics when it ends;
 //! - [`connection_tasks`]: what hyper starts for an HTTP/2 connection, run
 //!   on the connection's task;
+//! - [`corked_io`]: an HTTP/2 client connection's writes held to the end of
+//!   its task's poll, so that a request's HEADERS and DATA leave together;
 //! - [`path`]: the one normal spelling of a request's path.
 //!
 //! Layering: above `transport`, `policy`, `telemetry` and `state`; below
@@ -27,6 +29,7 @@ pub mod app_connection;
 pub mod body;
 pub mod client_body;
 pub mod connection_tasks;
+pub mod corked_io;
 pub mod deadline;
 pub mod grpc_peek;
 pub mod path;

@@ -15,10 +15,12 @@
 //! written in order by one task); many connections still spread over the
 //! workers.
 
+use super::corked_io::Cork;
 use futures::stream::{FuturesUnordered, StreamExt};
 use std::future::Future;
 use std::pin::Pin;
-use std::task::Poll;
+use std::task::{Context, Poll};
+use tokio::io::AsyncWrite;
 use tokio::sync::mpsc;
 
 type Task = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -64,6 +66,25 @@ impl Started {
     /// sending its response when the connection ends finishes first,
     /// as a task of its own would).
     pub async fn drive<T>(self, connection: impl Future<Output = T>) -> T {
+        self.drive_around(connection, ()).await
+    }
+
+    /// [`Self::drive`], with the connection's writes held during each poll
+    /// and written at its end ([`super::corked_io`]): `cork` is the other
+    /// side of the connection's IO.
+    pub async fn drive_corked<T, IO: AsyncWrite + Unpin>(
+        self,
+        connection: impl Future<Output = T>,
+        cork: Cork<IO>,
+    ) -> T {
+        self.drive_around(connection, cork).await
+    }
+
+    async fn drive_around<T>(
+        self,
+        connection: impl Future<Output = T>,
+        around: impl AroundPoll,
+    ) -> T {
         let Started { mut rx } = self;
         let mut tasks: FuturesUnordered<Task> = FuturesUnordered::new();
         // Dropped as soon as it ends: it holds senders, and the receiver
@@ -72,40 +93,66 @@ impl Started {
         let mut output = None;
         let mut open = true;
         std::future::poll_fn(move |cx| {
-            // Bounded, so that a connection that keeps starting streams
-            // lets the worker's other tasks run.
-            for _ in 0..TURNS {
-                while open {
-                    match rx.poll_recv(cx) {
-                        Poll::Ready(Some(task)) => tasks.push(task),
-                        Poll::Ready(None) => open = false,
-                        Poll::Pending => break,
+            around.begin();
+            let polled = (|| {
+                // Bounded, so that a connection that keeps starting streams
+                // lets the worker's other tasks run.
+                for _ in 0..TURNS {
+                    while open {
+                        match rx.poll_recv(cx) {
+                            Poll::Ready(Some(task)) => tasks.push(task),
+                            Poll::Ready(None) => open = false,
+                            Poll::Pending => break,
+                        }
+                    }
+                    while let Poll::Ready(Some(())) = tasks.poll_next_unpin(cx) {}
+                    let mut ended = false;
+                    if let Some(c) = connection.as_mut()
+                        && let Poll::Ready(out) = c.as_mut().poll(cx)
+                    {
+                        output = Some(out);
+                        connection = None;
+                        ended = true;
+                    }
+                    if connection.is_none() && !open && tasks.is_empty() {
+                        return Poll::Ready(output.take().expect("the connection's output, once"));
+                    }
+                    // What polling the connection started (a stream it just
+                    // accepted) runs now rather than after another turn of
+                    // the scheduler; and its end dropped senders: look at
+                    // the receiver again.
+                    if !ended && (!open || rx.is_empty()) {
+                        return Poll::Pending;
                     }
                 }
-                while let Poll::Ready(Some(())) = tasks.poll_next_unpin(cx) {}
-                let mut ended = false;
-                if let Some(c) = connection.as_mut()
-                    && let Poll::Ready(out) = c.as_mut().poll(cx)
-                {
-                    output = Some(out);
-                    connection = None;
-                    ended = true;
-                }
-                if connection.is_none() && !open && tasks.is_empty() {
-                    return Poll::Ready(output.take().expect("the connection's output, once"));
-                }
-                // What polling the connection started (a stream it just
-                // accepted) runs now rather than after another turn of the
-                // scheduler; and its end dropped senders: look at the
-                // receiver again.
-                if !ended && (!open || rx.is_empty()) {
-                    return Poll::Pending;
-                }
-            }
-            cx.waker().wake_by_ref();
-            Poll::Pending
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            })();
+            around.end(cx);
+            polled
         })
         .await
+    }
+}
+
+/// What [`Started`] does around each poll of a connection's task.
+trait AroundPoll {
+    fn begin(&self);
+    fn end(&self, cx: &mut Context<'_>);
+}
+
+impl AroundPoll for () {
+    fn begin(&self) {}
+    fn end(&self, _: &mut Context<'_>) {}
+}
+
+impl<IO: AsyncWrite + Unpin> AroundPoll for Cork<IO> {
+    fn begin(&self) {
+        self.cork()
+    }
+
+    fn end(&self, cx: &mut Context<'_>) {
+        self.uncork(cx)
     }
 }
 

@@ -460,14 +460,17 @@ where
 {
     // The connection's driver and its request bodies run on the task
     // below, not one each.
+    // A request's HEADERS and the body's DATA in hand leave in one write
+    // (`corked_io`).
     let (exec, started) = super::connection_tasks::ConnectionTasks::new();
+    let (io, cork) = super::corked_io::cork(io);
     let (send, conn) = http2::Builder::new(exec)
         .max_local_error_reset_streams(None)
         .handshake(TokioIo::new(io))
         .await
         .map_err(|source| UpstreamError::Handshake { target, source })?;
     tokio::spawn(async move {
-        if let Err(e) = started.drive(conn).await {
+        if let Err(e) = started.drive_corked(conn, cork).await {
             tracing::debug!(%target, error = %e, "HTTP/2 client connection ended");
         }
     });
