@@ -724,3 +724,148 @@ mod tests {
         assert_eq!(pool.connections(), 1);
     }
 }
+
+#[cfg(test)]
+mod corked_tests {
+    use super::handshake_h2;
+    use crate::l7::body::proxy_body;
+    use crate::l7::corked_io::HOLD_AT_MOST;
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::rt::TokioIo;
+    use std::io;
+    use std::pin::Pin;
+    use std::sync::{Arc, Mutex};
+    use std::task::{Context, Poll, ready};
+    use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+    /// The bytes of every write the client connection made to its socket.
+    type Writes = Arc<Mutex<Vec<Vec<u8>>>>;
+
+    /// An IO that records each write it is given.
+    struct Recorded<IO> {
+        io: IO,
+        writes: Writes,
+    }
+
+    impl<IO: AsyncRead + Unpin> AsyncRead for Recorded<IO> {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_read(cx, buf)
+        }
+    }
+
+    impl<IO: AsyncWrite + Unpin> AsyncWrite for Recorded<IO> {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, buf))?;
+            self.writes.lock().unwrap().push(buf[..n].to_vec());
+            Poll::Ready(Ok(n))
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_flush(cx)
+        }
+
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_shutdown(cx)
+        }
+    }
+
+    /// The HTTP/2 frames (type, stream) a write carries, if it holds whole
+    /// frames (the connection preface is skipped).
+    fn frames(mut write: &[u8]) -> Vec<(u8, u32)> {
+        const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+        write = write.strip_prefix(PREFACE).unwrap_or(write);
+        let mut frames = Vec::new();
+        while write.len() >= 9 {
+            let len = u32::from_be_bytes([0, write[0], write[1], write[2]]) as usize;
+            let stream = u32::from_be_bytes([write[5], write[6], write[7], write[8]]) & 0x7fff_ffff;
+            frames.push((write[3], stream));
+            write = &write[(9 + len).min(write.len())..];
+        }
+        frames
+    }
+
+    const HEADERS: u8 = 0x1;
+    const DATA: u8 = 0x0;
+
+    /// An HTTP/2 server that answers each request with its body's length.
+    fn length_server(io: tokio::io::DuplexStream) {
+        let service =
+            hyper::service::service_fn(|request: http::Request<hyper::body::Incoming>| async {
+                let body = request.into_body().collect().await?.to_bytes();
+                Ok::<_, hyper::Error>(http::Response::new(Full::new(Bytes::from(
+                    body.len().to_string(),
+                ))))
+            });
+        tokio::spawn(
+            hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .serve_connection(TokioIo::new(io), service),
+        );
+    }
+
+    async fn post(
+        send: &mut hyper::client::conn::http2::SendRequest<crate::l7::body::ProxyBody>,
+        body: Vec<u8>,
+    ) -> String {
+        let request = http::Request::post("http://app/upload")
+            .body(proxy_body(Full::new(Bytes::from(body))))
+            .unwrap();
+        let response = send.send_request(request).await.unwrap();
+        String::from_utf8(
+            response
+                .into_body()
+                .collect()
+                .await
+                .unwrap()
+                .to_bytes()
+                .to_vec(),
+        )
+        .unwrap()
+    }
+
+    /// A request whose body is in hand leaves in one write, HEADERS and
+    /// DATA together (`corked_io`; without the cork: two writes, the
+    /// HEADERS flushed first); a body larger than what is held still
+    /// arrives whole.
+    #[tokio::test]
+    async fn a_requests_headers_and_data_leave_in_one_write() {
+        let (client_io, server_io) = tokio::io::duplex(1 << 20);
+        length_server(server_io);
+        let writes = Writes::default();
+        let io = Recorded {
+            io: client_io,
+            writes: writes.clone(),
+        };
+        let mut send = handshake_h2(io, "127.0.0.1:1".parse().unwrap())
+            .await
+            .unwrap();
+        for stream in [1u32, 3, 5] {
+            assert_eq!(post(&mut send, vec![b'x'; 100]).await, "100");
+            let writes = writes.lock().unwrap();
+            let carrying: Vec<Vec<(u8, u32)>> = writes
+                .iter()
+                .map(|w| frames(w))
+                .filter(|f| {
+                    f.iter()
+                        .any(|(kind, id)| *id == stream && (*kind == HEADERS || *kind == DATA))
+                })
+                .collect();
+            assert!(
+                carrying.len() == 1
+                    && carrying[0].contains(&(HEADERS, stream))
+                    && carrying[0].contains(&(DATA, stream)),
+                "stream {stream}'s HEADERS and DATA in one write: {carrying:?}"
+            );
+        }
+        let large = HOLD_AT_MOST * 4;
+        assert_eq!(post(&mut send, vec![b'y'; large]).await, large.to_string());
+    }
+}
