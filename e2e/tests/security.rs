@@ -268,18 +268,7 @@ fn a_tenants_costly_identity_patterns_do_not_slow_other_tenants() {
 
     // shop's exchanges while the load lasts (one connection each, 100 ms
     // apart), each timed in shop's pod.
-    let out = cluster.exec(
-        "shop/client",
-        &["./echo_timed.py", &web, "9000", "10", "100"],
-    );
-    let shop: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "echo_timed.py: {e}: {} {}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    let shop = shop.as_array().unwrap();
+    let shop = echo_timed(&mc, "shop/client", &web, 10, 100);
     let took: Vec<f64> = shop
         .iter()
         .map(|r| r["seconds"].as_f64().unwrap())

@@ -118,8 +118,9 @@ impl Netns {
 
     /// A TCP socket inside this namespace carrying [`PROXY_SOCKET_MARK`]:
     /// the proxy's own connections from the pod are never redirected.
-    /// Non-blocking, ready for the runtime. Made by the process's socket thread; the caller's thread (a runtime
-    /// worker) only waits for the answer.
+    /// Non-blocking, ready for the runtime. Made by the process's socket
+    /// thread; the caller's thread (a runtime worker) only waits for the
+    /// answer.
     pub async fn proxy_tcp_socket(&self, domain: Domain) -> Result<Socket, Error> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.make_proxy_tcp_sockets(domain, 1, move |made| {

@@ -115,6 +115,9 @@ impl<IO: AsyncWrite + Unpin> Cork<IO> {
         if let Poll::Ready(Err(e)) = flushed {
             shared.held.clear();
             shared.failed = Some(e);
+            // Polled again at once, so that h2 meets the error and ends
+            // the connection rather than waiting on a read.
+            cx.waker().wake_by_ref();
         }
     }
 }

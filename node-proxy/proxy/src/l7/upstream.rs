@@ -459,9 +459,9 @@ where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     // The connection's driver and its request bodies run on the task
-    // below, not one each.
-    // A request's HEADERS and the body's DATA in hand leave in one write
-    // (`corked_io`).
+    // below, not one each; their writes are held to the end of each of its
+    // polls, so a request's HEADERS and the body's DATA in hand leave in
+    // one write (`corked_io`).
     let (exec, started) = super::connection_tasks::ConnectionTasks::new();
     let (io, cork) = super::corked_io::cork(io);
     let (send, conn) = http2::Builder::new(exec)
@@ -742,13 +742,13 @@ mod corked_tests {
     /// The bytes of every write the client connection made to its socket.
     type Writes = Arc<Mutex<Vec<Vec<u8>>>>;
 
-    /// An IO that records each write it is given.
-    struct Recorded<IO> {
+    /// An IO that logs each write it is given.
+    struct LoggedWrites<IO> {
         io: IO,
         writes: Writes,
     }
 
-    impl<IO: AsyncRead + Unpin> AsyncRead for Recorded<IO> {
+    impl<IO: AsyncRead + Unpin> AsyncRead for LoggedWrites<IO> {
         fn poll_read(
             mut self: Pin<&mut Self>,
             cx: &mut Context<'_>,
@@ -758,7 +758,7 @@ mod corked_tests {
         }
     }
 
-    impl<IO: AsyncWrite + Unpin> AsyncWrite for Recorded<IO> {
+    impl<IO: AsyncWrite + Unpin> AsyncWrite for LoggedWrites<IO> {
         fn poll_write(
             mut self: Pin<&mut Self>,
             cx: &mut Context<'_>,
@@ -840,7 +840,7 @@ mod corked_tests {
         let (client_io, server_io) = tokio::io::duplex(1 << 20);
         length_server(server_io);
         let writes = Writes::default();
-        let io = Recorded {
+        let io = LoggedWrites {
             io: client_io,
             writes: writes.clone(),
         };

@@ -8,7 +8,6 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::net::TcpStream;
-use tokio::sync::oneshot;
 use weft_redirector::Netns;
 
 /// Sockets inside one pod's network namespace. Outgoing ones carry the
@@ -67,74 +66,28 @@ impl NetnsSockets {
             stock: Arc::default(),
         }
     }
+}
 
-    /// A socket of `domain` in the pod: from the stock, or made now when
-    /// the stock is empty. Either way the stock is topped up behind it, in
-    /// the same visit of the socket thread.
-    fn socket(&self, domain: Domain) -> BoxFuture<'static, io::Result<Socket>> {
-        let taken = self.stock.family(domain).take();
-        if let Some(socket) = taken {
-            // A failed refill is not this connection's error: the next one
-            // without a socket in stock makes its own and reports it.
-            let _ = self.ask(domain, None);
-            return Box::pin(std::future::ready(Ok(socket)));
-        }
-        let (reply, answer) = oneshot::channel();
-        let asked = self.ask(domain, Some(reply));
-        Box::pin(async move {
-            asked.map_err(io::Error::other)?;
-            answer
-                .await
-                .unwrap_or_else(|_| Err(io::Error::other("the socket thread has exited")))
-        })
+/// Asks the socket thread to fill `domain`'s stock once it is down to
+/// [`REFILL_AT`], unless a refill is already on its way. The sockets are
+/// delivered straight into the stock, on the socket thread: no task waits
+/// for them; a pod gone by then drops them. A refill that cannot be asked
+/// for is no connection's error: the next one without a socket in stock
+/// makes its own and reports what fails.
+fn refill(netns: &Netns, stock: &Arc<SocketStock>, domain: Domain) {
+    let family = stock.family(domain);
+    let left = family.len();
+    if left > REFILL_AT || family.refilling.swap(true, Ordering::AcqRel) {
+        return;
     }
-
-    /// Asks the socket thread for a socket for `waiter`, if any, and for
-    /// what `domain`'s stock misses once it is down to [`REFILL_AT`],
-    /// unless a refill is already on its way.
-    /// The stock's share is delivered straight into it, on the socket
-    /// thread: no task waits for it; a pod gone by then drops it.
-    fn ask(
-        &self,
-        domain: Domain,
-        waiter: Option<oneshot::Sender<io::Result<Socket>>>,
-    ) -> Result<(), weft_redirector::Error> {
-        let family = self.stock.family(domain);
-        let left = family.len();
-        let missing = if left <= REFILL_AT { STOCK - left } else { 0 };
-        let for_stock = if missing > 0 && !family.refilling.swap(true, Ordering::AcqRel) {
-            missing
-        } else {
-            0
-        };
-        let count = for_stock + usize::from(waiter.is_some());
-        if count == 0 {
-            return Ok(());
+    let stock = Arc::downgrade(stock);
+    let asked = netns.make_proxy_tcp_sockets(domain, STOCK - left, move |made| {
+        if let Some(stock) = stock.upgrade() {
+            stock.family(domain).restock(made.unwrap_or_default());
         }
-        let stock = Arc::downgrade(&self.stock);
-        let asked = self
-            .netns
-            .make_proxy_tcp_sockets(domain, count, move |made| {
-                let mut made = made;
-                if let Some(waiter) = waiter {
-                    let mine = match &mut made {
-                        Ok(made) => made.pop().ok_or_else(|| io::Error::other("no socket made")),
-                        Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
-                    };
-                    // The asker may have given up (its connection was dropped).
-                    let _ = waiter.send(mine);
-                }
-                let made = made.unwrap_or_default();
-                if for_stock > 0
-                    && let Some(stock) = stock.upgrade()
-                {
-                    stock.family(domain).restock(made);
-                }
-            });
-        if asked.is_err() && for_stock > 0 {
-            family.refilling.store(false, Ordering::Release);
-        }
-        asked
+    });
+    if asked.is_err() {
+        family.refilling.store(false, Ordering::Release);
     }
 }
 
@@ -160,10 +113,21 @@ impl Family {
 
 impl SocketFactory for NetnsSockets {
     fn connect(&self, target: SocketAddr) -> BoxFuture<'static, io::Result<TcpStream>> {
-        let socket = self.socket(Domain::for_address(target));
+        let domain = Domain::for_address(target);
+        let taken = self.stock.family(domain).take();
+        let (netns, stock) = (self.netns.clone(), self.stock.clone());
         Box::pin(async move {
+            // From the stock, or made now when it is empty (the pod's first
+            // connection, a burst); either way it is topped up behind.
+            let socket = match taken {
+                Some(socket) => socket,
+                None => netns
+                    .proxy_tcp_socket(domain)
+                    .await
+                    .map_err(io::Error::other)?,
+            };
+            refill(&netns, &stock, domain);
             // Made non-blocking.
-            let socket = socket.await?;
             match socket.connect(&SockAddr::from(target)) {
                 Ok(()) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
@@ -219,7 +183,7 @@ mod tests {
     }
 
     /// The first connection finds no stock and has a socket made for it,
-    /// with a full stock in the same visit; the next connections take
+    /// and the stock is filled behind it; the next connections take
     /// theirs from the stock, which is refilled once it is down to half:
     /// proxy-marked sockets of the namespace, which connect and carry
     /// bytes.
