@@ -4,9 +4,9 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use support::capture::{Capture, contains};
 use support::mesh_cluster::{MeshCluster, PATIENCE, wait_until};
 use support::{
     DEMO_CLUSTER, assert_not_counted, echo_through, http_get, metric, promtool_accepts, wait_metric,
@@ -20,111 +20,6 @@ fn up(extra: &[(&str, &str)]) -> MeshCluster {
     let mut files = vec![("c.yaml", DEMO_CLUSTER)];
     files.extend_from_slice(extra);
     MeshCluster::up(&files, |_| {})
-}
-
-/// tcpdump on the fabric bridge, inside the fabric namespace.
-struct Capture {
-    child: Child,
-    file: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Capture {
-    fn start(fabric_netns: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("fabric.pcap");
-        let err = dir.path().join("tcpdump.err");
-        let child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                fabric_netns,
-                "tcpdump",
-                "-i",
-                "br0",
-                "-U",
-                "-n",
-                "-s",
-                "0",
-                "-w",
-            ])
-            .arg(&file)
-            .arg("tcp")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&err).unwrap())
-            .spawn()
-            .expect("tcpdump (cargo xtask setup installs it)");
-        let mut capture = Self {
-            child,
-            file,
-            _dir: dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let text = std::fs::read_to_string(&err).unwrap_or_default();
-            if text.contains("listening on") {
-                break;
-            }
-            if let Ok(Some(status)) = capture.child.try_wait() {
-                panic!("tcpdump exited ({status}): {text}");
-            }
-            assert!(Instant::now() < deadline, "tcpdump did not start: {text}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        capture
-    }
-
-    /// Stops the capture and returns the raw pcap bytes.
-    fn stop(&mut self) -> Vec<u8> {
-        // SAFETY: SIGINT to the ip-netns-exec process we started (it execs
-        // tcpdump, same pid), so tcpdump flushes and exits.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.child.try_wait().unwrap().is_none() {
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.wait();
-        std::fs::read(&self.file).unwrap()
-    }
-
-    /// Polls the file (bounded) until `done` says it has what is expected.
-    fn wait_for(&self, done: impl Fn(&[u8], &Self) -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            let pcap = std::fs::read(&self.file).unwrap_or_default();
-            if done(&pcap, self) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!("the capture did not see the expected traffic within 10s");
-    }
-
-    /// Packets in the capture matching a tcpdump filter.
-    fn count(&self, filter: &str) -> usize {
-        let out = Command::new("tcpdump")
-            .args(["-r"])
-            .arg(&self.file)
-            .args(["-n", filter])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).lines().count()
-    }
-}
-
-impl Drop for Capture {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 const MB4: usize = 4 << 20;
@@ -141,7 +36,7 @@ fn enrolled_pods_talk_over_mutual_tls_with_their_own_identities() {
     let outsider_ip = cluster.pod("plain/outsider").ip.to_string();
     let vip = state.services[0].cluster_ip.unwrap().to_string();
 
-    let mut capture = Capture::start(&state.fabric.netns);
+    let mut capture = Capture::fabric(&state.fabric.netns);
     // A control for the capture: plaintext to a pod outside the mesh is
     // visible on the same wire.
     echo_through(
@@ -164,12 +59,12 @@ fn enrolled_pods_talk_over_mutual_tls_with_their_own_identities() {
     // tcpdump writes packets as it dequeues them: wait until the file has
     // both flows before stopping it (a stop drops what is still queued).
     capture.wait_for(|pcap, c| {
-        contains(pcap, VISIBLE.as_bytes()) && c.count("tcp src port 15008") > 100
+        contains(pcap, VISIBLE.as_bytes()) && c.payload_bytes("tcp src port 15008") >= 3 * MB4
     });
     let pcap = capture.stop();
     assert!(
-        capture.count("tcp dst port 15008") > 100,
-        "the cross-node connections went to the HBONE port"
+        capture.payload_bytes("tcp dst port 15008") >= 3 * MB4,
+        "the cross-node connections' 12 MiB went to the HBONE port"
     );
     assert!(
         contains(&pcap, VISIBLE.as_bytes()),
@@ -598,14 +493,14 @@ spec:
     let echo = cluster.pod("demo/echo");
     let (echo_v4, echo_v6) = (echo.ip.to_string(), echo.ipv6.to_string());
 
-    let mut capture = Capture::start(&state.fabric.netns);
+    let mut capture = Capture::fabric(&state.fabric.netns);
     let r = echo_through(cluster, "demo/client", &echo_v6, 9000, MB4, Some(SECRET));
     assert_eq!(r["received"], MB4);
-    capture.wait_for(|_, c| c.count("ip6 and tcp src port 15008") > 100);
+    capture.wait_for(|_, c| c.payload_bytes("ip6 and tcp src port 15008") >= MB4);
     let pcap = capture.stop();
     assert!(
-        capture.count("ip6 and tcp dst port 15008") > 100,
-        "the IPv6 connection went to the HBONE port over IPv6"
+        capture.payload_bytes("ip6 and tcp dst port 15008") >= MB4,
+        "the IPv6 connection's 4 MiB went to the HBONE port over IPv6"
     );
     assert!(
         !contains(&pcap, SECRET.as_bytes()),

@@ -15,6 +15,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use support::capture::{Capture, contains};
 use support::mesh_cluster::{MeshCluster, PATIENCE, wait_until};
 use support::stream::{STREAM_CLIENT, Stream};
 use support::{echo_through, http_get, metric_sum};
@@ -188,64 +189,6 @@ fn tail(log: &Path) -> String {
     lines[lines.len().saturating_sub(40)..].join("\n")
 }
 
-/// tcpdump on the fabric bridge (inside the fabric namespace).
-struct Capture {
-    child: Child,
-    file: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Capture {
-    fn start(fabric_netns: &str) -> Self {
-        Self::start_on(fabric_netns, "br0", "tcp")
-    }
-
-    /// A capture of `filter` on `iface` inside the network namespace `netns`.
-    fn start_on(netns: &str, iface: &str, filter: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("fabric.pcap");
-        let err = dir.path().join("tcpdump.err");
-        let child = Command::new("ip")
-            .args(["netns", "exec", netns])
-            .args(["tcpdump", "-i", iface, "-U", "-n", "-s", "0", "-w"])
-            .arg(&file)
-            .arg(filter)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&err).unwrap())
-            .spawn()
-            .expect("tcpdump (cargo xtask setup installs it)");
-        let mut capture = Self {
-            child,
-            file,
-            _dir: dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let text = std::fs::read_to_string(&err).unwrap_or_default();
-            if text.contains("listening on") {
-                return capture;
-            }
-            if let Ok(Some(status)) = capture.child.try_wait() {
-                panic!("tcpdump exited ({status}): {text}");
-            }
-            assert!(Instant::now() < deadline, "tcpdump did not start: {text}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn contains(&self, needle: &str) -> bool {
-        let pcap = std::fs::read(&self.file).unwrap_or_default();
-        pcap.windows(needle.len()).any(|w| w == needle.as_bytes())
-    }
-}
-
-impl Drop for Capture {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// A metric without labels, from a node proxy's `/metrics`.
 fn unlabelled(node: std::net::Ipv4Addr, name: &str) -> Option<f64> {
     let (_, body) = http_get(SocketAddr::new(node.into(), 15020), "/metrics")?;
@@ -294,8 +237,8 @@ fn a_killed_node_proxy_started_again_serves_its_pods_without_their_restart() {
     // never the captured client's; one in the echo pod sees a datagram sent
     // to it (positive control: UDP is never captured) and never the
     // payload of a connection to or from it.
-    let capture = Capture::start(&cluster.state().fabric.netns);
-    let in_pod = Capture::start_on(&cluster.pod("demo/echo").netns, "eth0", "tcp or udp");
+    let mut capture = Capture::fabric(&cluster.state().fabric.netns);
+    let mut in_pod = Capture::start(&cluster.pod("demo/echo").netns, "eth0", "tcp or udp");
     let datagram = |mark: &str| {
         cluster.exec_ok(
             "plain/plain-client",
@@ -360,14 +303,13 @@ fn a_killed_node_proxy_started_again_serves_its_pods_without_their_restart() {
         in_pod.contains("WEFT-LAST-CONTROL")
     });
     assert!(
-        !capture.contains(SECRET),
+        !contains(&capture.stop(), SECRET.as_bytes()),
         "the captured pods' payload crossed the fabric in plaintext while no proxy served them"
     );
     assert!(
-        !in_pod.contains(SECRET),
+        !contains(&in_pod.stop(), SECRET.as_bytes()),
         "a payload reached or left the echo pod in plaintext while no proxy served it"
     );
-    drop((capture, in_pod));
 
     // Meanwhile the runtime lets go of one pod's namespace (a pod deleted
     // while no proxy ran, its CNI DEL lost): the proxy kept it (positive

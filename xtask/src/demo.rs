@@ -186,6 +186,7 @@ fn output(cmd: &mut Command) -> Result<String> {
 struct Capture {
     child: Child,
     file: PathBuf,
+    err: PathBuf,
 }
 
 impl Capture {
@@ -202,10 +203,10 @@ impl Capture {
             .stderr(std::fs::File::create(&err)?)
             .spawn()
             .context("starting tcpdump")?;
-        let mut capture = Self { child, file };
+        let mut capture = Self { child, file, err };
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let text = std::fs::read_to_string(&err).unwrap_or_default();
+            let text = std::fs::read_to_string(&capture.err).unwrap_or_default();
             if text.contains("listening on") {
                 return Ok(capture);
             }
@@ -246,6 +247,17 @@ impl Capture {
         let status = self.child.wait()?;
         if !status.success() {
             eprintln!("demo: tcpdump ended with {status}; the capture may be incomplete");
+        }
+        // What tcpdump could not keep up with is missing from the pcap too.
+        let report = std::fs::read_to_string(&self.err).unwrap_or_default();
+        if let Some(n) = report
+            .lines()
+            .find_map(|l| l.strip_suffix(" packets dropped by kernel"))
+            .filter(|n| n.trim() != "0")
+        {
+            eprintln!(
+                "demo: the kernel dropped {n} packets before tcpdump read them; the capture is incomplete"
+            );
         }
         Ok(std::fs::read(&self.file)?)
     }

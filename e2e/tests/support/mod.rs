@@ -218,6 +218,8 @@ pub fn promtool_accepts(node: Ipv4Addr) {
     );
 }
 
+/// tcpdump in a namespace of the cluster.
+pub mod capture;
 pub mod mesh_cluster;
 /// `replica_load.py` in a client pod, read line by line.
 pub mod replica_load;
