@@ -6,6 +6,8 @@
 //! - [`Prefixed`]: a stream that replays the bytes detection consumed;
 //! - [`QuickAck`]: acknowledging at once what is read (no Nagle ×
 //!   delayed-ACK stall when a peer writes in pieces);
+//! - [`AckOnDemand`]: the same, only when the proxy waits for the rest of
+//!   a message it parses;
 //! - [`reset`]: refusing a TCP connection the way a closed port does.
 //!
 //! The proxy *reads* (rather than `MSG_PEEK`s) the first bytes: a peek
@@ -16,11 +18,13 @@
 //!
 //! Layering: a leaf. It imports nothing of Weft's.
 
+pub mod ack_on_wait;
 pub mod detect;
 mod prefixed;
 pub mod quickack;
 pub mod splice;
 
+pub use ack_on_wait::{AckOnDemand, AckOnWait, Acker};
 pub use detect::{DETECT_TIMEOUT, Detected, Protocol, detect};
 pub use prefixed::Prefixed;
 pub use quickack::QuickAck;

@@ -27,10 +27,15 @@
 //! not help a keep-alive client): this also removes the stall an
 //! application has with a keep-alive client *without* the mesh.
 //!
-//! Cost: one `setsockopt` per read that returned data (under a
-//! microsecond), and a pure ACK segment where the kernel would have waited
-//! to piggyback it: within the noise of the proxies' ~115 µs of CPU per
-//! request (docs/benchmarks.md, "applications as they are found").
+//! Cost: one `setsockopt` per read that returned data, and a pure ACK
+//! segment (sent, and received by the peer) where the kernel would have
+//! waited to piggyback it. That was within the noise when it was added;
+//! once the rest of a request got cheaper it was the largest single cost
+//! of a small request: a quarter of an opaque HTTP/1.1 request's proxy
+//! CPU (docs/benchmarks.md, "An ACK only when the rest is awaited"). So
+//! where the proxy parses HTTP it acknowledges only when it waits for the
+//! rest of a message ([`crate::ack_on_wait`]); this per-read form stays
+//! for opaque streams, where it cannot tell.
 
 use std::io;
 use std::os::fd::AsFd;

@@ -24,14 +24,62 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
-use weft_stream::Counted;
-use weft_stream::Protocol;
+use weft_stream::{AckOnDemand, AckOnWait, Acker, Counted, Protocol};
 
-/// hyper's handle on one application connection.
+/// hyper's handle on one application connection, and what acknowledges
+/// the application's writes on it.
 #[derive(Clone)]
-enum Sender {
+struct Sender {
+    hyper: HyperSender,
+    acker: Acker,
+}
+
+#[derive(Clone)]
+enum HyperSender {
     Http1(Arc<Mutex<client1::SendRequest<ProxyBody>>>),
     Http2(client2::SendRequest<ProxyBody>),
+}
+
+/// A response body from the application. When its next part is not there
+/// yet, what the application wrote of the response is acknowledged at once
+/// (`weft_stream::ack_on_wait`): an application writing the head, then
+/// the body, with Nagle on, waits for that ACK.
+pub struct AppBody {
+    inner: Incoming,
+    ack: AckOnWait,
+}
+
+impl AppBody {
+    /// The connection was upgraded (101): its bytes are no longer parsed,
+    /// so every read is acknowledged at once from now on.
+    pub fn ack_every_read(&self) {
+        if let Some(acker) = self.ack.acker() {
+            acker.ack_every_read();
+        }
+    }
+}
+
+impl Body for AppBody {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let poll = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
+        this.ack.polled(&poll);
+        poll
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// The current application connection and its generation (how many were
@@ -109,7 +157,7 @@ impl AppConnection {
     }
 
     /// Sends `request` to the application (see the module's comment).
-    pub async fn send<B>(&self, request: Request<B>) -> Result<Response<Incoming>, UpstreamError>
+    pub async fn send<B>(&self, request: Request<B>) -> Result<Response<AppBody>, UpstreamError>
     where
         B: Body<Data = bytes::Bytes> + Send + Sync + 'static,
         B::Error: Into<BoxError>,
@@ -155,29 +203,31 @@ type SendError = (hyper::Error, Option<Request<ProxyBody>>);
 
 impl Sender {
     fn is_closed(&self) -> bool {
-        match self {
-            Sender::Http1(send) => send.try_lock().is_ok_and(|s| s.is_closed()),
-            Sender::Http2(send) => send.is_closed(),
+        match &self.hyper {
+            HyperSender::Http1(send) => send.try_lock().is_ok_and(|s| s.is_closed()),
+            HyperSender::Http2(send) => send.is_closed(),
         }
     }
 
     /// Sends on this connection; a request that was not sent comes back
     /// with the error.
-    async fn send(&self, request: Request<ProxyBody>) -> Result<Response<Incoming>, SendError> {
-        match self {
-            Sender::Http2(send) => {
+    async fn send(&self, request: Request<ProxyBody>) -> Result<Response<AppBody>, SendError> {
+        let response = match &self.hyper {
+            HyperSender::Http2(send) => {
                 let mut send = send.clone();
-                send.try_send_request(request).await.map_err(split)
+                send.try_send_request(request).await.map_err(split)?
             }
-            Sender::Http1(send) => {
+            HyperSender::Http1(send) => {
                 // One request at a time on an HTTP/1.1 connection.
                 let mut send = send.lock().await;
                 if let Err(e) = send.ready().await {
                     return Err((e, Some(request)));
                 }
-                send.try_send_request(request).await.map_err(split)
+                send.try_send_request(request).await.map_err(split)?
             }
-        }
+        };
+        let ack = AckOnWait::new(Some(self.acker.clone()));
+        Ok(response.map(|inner| AppBody { inner, ack }))
     }
 }
 
@@ -229,12 +279,16 @@ async fn handshake(
     protocol: Protocol,
     to_client: &Arc<AtomicU64>,
 ) -> Result<Sender, UpstreamError> {
-    // The application may write a response in pieces: ACK them at once.
-    let io = Counted::new(weft_stream::QuickAck::new(app), to_client.clone());
-    Ok(match protocol {
-        Protocol::Http2 => Sender::Http2(handshake_h2(io, target).await?),
-        _ => Sender::Http1(Arc::new(Mutex::new(handshake_h1(io, target).await?))),
-    })
+    // The application may write a response in pieces: its bodies
+    // acknowledge them when the rest is awaited (`AppBody`).
+    let app = AckOnDemand::new(app);
+    let acker = app.acker();
+    let io = Counted::new(app, to_client.clone());
+    let hyper = match protocol {
+        Protocol::Http2 => HyperSender::Http2(handshake_h2(io, target).await?),
+        _ => HyperSender::Http1(Arc::new(Mutex::new(handshake_h1(io, target).await?))),
+    };
+    Ok(Sender { hyper, acker })
 }
 
 #[cfg(test)]

@@ -26,6 +26,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
+use weft_stream::{AckOnWait, Acker};
 
 /// At most this much of an unneeded body is read (more than the DATA a
 /// client has in flight when it learns of the answer: hyper's default
@@ -40,20 +41,21 @@ pub struct ClientBody {
     /// Read to its end when dropped early (HTTP/2; an HTTP/1.1 body left
     /// unread is hyper's to handle: it closes the connection).
     drain: bool,
+    /// Acknowledges the client's socket when the body's next part is not
+    /// there yet (a client writing the head, then the body, with Nagle).
+    ack: AckOnWait,
 }
 
 impl ClientBody {
     /// `http2`: the body came on an HTTP/2 connection (only those are
-    /// read to their end when dropped).
-    pub fn new(inner: Incoming, http2: bool) -> Self {
+    /// read to their end when dropped); `acker`: of a pod's socket (a
+    /// peer proxy never waits for an ACK).
+    pub fn new(inner: Incoming, http2: bool, acker: Option<Acker>) -> Self {
         Self {
             inner: Some(inner),
             drain: http2,
+            ack: AckOnWait::new(acker),
         }
-    }
-
-    fn inner(self: Pin<&mut Self>) -> Option<Pin<&mut Incoming>> {
-        self.get_mut().inner.as_mut().map(Pin::new)
     }
 }
 
@@ -65,10 +67,13 @@ impl Body for ClientBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match self.inner() {
-            Some(inner) => inner.poll_frame(cx),
-            None => Poll::Ready(None),
-        }
+        let this = self.get_mut();
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let poll = Pin::new(inner).poll_frame(cx);
+        this.ack.polled(&poll);
+        poll
     }
 
     fn is_end_stream(&self) -> bool {

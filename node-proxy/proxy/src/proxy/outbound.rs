@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::Instant;
 use tokio::net::{TcpListener, TcpStream};
 use weft_stream::splice;
-use weft_stream::{Prefixed, Protocol, QuickAck};
+use weft_stream::{AckOnDemand, Prefixed, Protocol, QuickAck};
 
 pub async fn serve(listener: TcpListener, pod: Arc<LocalPod>, cx: ProxyInputs) {
     let drain = cx.drain.clone();
@@ -66,9 +66,12 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<LocalPod>, cx:
             .detected(Reporter::Source, DetectionOutcome::of(&detected));
         match detected.protocol {
             Protocol::Http1 | Protocol::Http2 => {
-                // A client may write a request in pieces: ACK them at once.
-                let client = Prefixed::new(detected.prefix, QuickAck::new(client));
-                requests::serve(client, detected.protocol, dst, pod, cx).await;
+                // A client may write a request in pieces: its bodies
+                // acknowledge them when the rest is awaited.
+                let client = AckOnDemand::new(client);
+                let acker = client.acker();
+                let client = Prefixed::new(detected.prefix, client);
+                requests::serve(client, acker, detected.protocol, dst, pod, cx).await;
                 return;
             }
             Protocol::Opaque => {

@@ -259,7 +259,9 @@ where
     let http2 = protocol == Protocol::Http2;
     let service = service_fn(move |request: Request<Incoming>| {
         let delivery = serving.clone();
-        let request = request.map(|b| ClientBody::new(b, http2));
+        // A peer proxy's tunnel, or a plaintext client whose every read is
+        // acknowledged (`QuickAck`): no acker.
+        let request = request.map(|b| ClientBody::new(b, http2, None));
         async move { Ok::<_, Infallible>(delivery.forward(request).await) }
     });
     let io = TokioIo::new(inbound);
@@ -403,6 +405,7 @@ impl Delivery {
                 if let Some(client_upgrade) = client_upgrade
                     && response.status() == StatusCode::SWITCHING_PROTOCOLS
                 {
+                    response.body().ack_every_read();
                     let app_upgrade = hyper::upgrade::on(&mut response);
                     self.upgrades.spawn(client_upgrade, app_upgrade, target);
                 }

@@ -169,7 +169,7 @@ impl RequestConnection {
             );
         }
         delivery
-            .forward(request.map(|body| ClientBody::new(body, true)))
+            .forward(request.map(|body| ClientBody::new(body, true, None)))
             .await
     }
 

@@ -49,6 +49,7 @@ use tokio::time::Instant;
 use weft_balance::{Balancer, Verdict};
 use weft_destination_api::routing::Request as RouteRequest;
 use weft_hbone::UNPROCESSED_HEADER;
+use weft_stream::Acker;
 use weft_stream::Protocol;
 
 /// What the last attempt of a request leaves for its response.
@@ -77,12 +78,17 @@ struct Connection {
     protocol: Protocol,
     /// Connections handed over after a 101: they outlive the HTTP one.
     upgrades: Upgrades,
+    /// Acknowledges the client's socket (see `serve`).
+    acker: Acker,
 }
 
 /// Serves the client connection `io` (its first bytes already replayed by
-/// the caller) until the client closes it.
+/// the caller) until the client closes it. `acker` acknowledges what the
+/// client wrote when a request body's next part is awaited, and every read
+/// once the connection is upgraded (a client may write in pieces).
 pub async fn serve<IO>(
     io: IO,
+    acker: Acker,
     protocol: Protocol,
     dst: SocketAddr,
     pod: Arc<LocalPod>,
@@ -99,12 +105,14 @@ pub async fn serve<IO>(
         cx,
         protocol,
         upgrades: Upgrades::default(),
+        acker,
     });
     let serving = conn.clone();
     let http2 = protocol == Protocol::Http2;
     let service = service_fn(move |request: Request<Incoming>| {
         let conn = serving.clone();
-        let request = request.map(|b| ClientBody::new(b, http2));
+        let acker = conn.acker.clone();
+        let request = request.map(|b| ClientBody::new(b, http2, Some(acker)));
         async move { Ok::<_, Infallible>(conn.forward(request).await) }
     });
     let io = TokioIo::new(io);
@@ -217,6 +225,7 @@ impl Connection {
                 if let Some(client_upgrade) = client_upgrade
                     && response.status() == StatusCode::SWITCHING_PROTOCOLS
                 {
+                    self.acker.ack_every_read();
                     let upstream_upgrade = hyper::upgrade::on(&mut response);
                     self.upgrades
                         .spawn(client_upgrade, upstream_upgrade, target);
