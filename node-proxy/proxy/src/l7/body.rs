@@ -14,6 +14,7 @@ use http_body_util::BodyExt;
 use http_body_util::combinators::BoxBody;
 use hyper::body::{Body, Frame, SizeHint};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use tokio::time::Instant;
 
@@ -52,7 +53,7 @@ where
 pub struct Recorder {
     pub metrics: RequestMetrics,
     pub reporter: Reporter,
-    pub peers: Peers,
+    pub peers: Arc<Peers>,
     /// The HTTPRoute rule (`<route>/<rule>`); empty: the default route.
     pub route: String,
     pub method: MethodClass,
@@ -164,7 +165,7 @@ mod tests {
         Recorder {
             metrics: metrics.clone(),
             reporter: Reporter::Source,
-            peers: Peers::default(),
+            peers: Arc::default(),
             route: String::new(),
             method: MethodClass::Post,
             started: Instant::now(),

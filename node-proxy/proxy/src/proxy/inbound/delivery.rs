@@ -240,7 +240,7 @@ impl RouteGuard {
 pub(super) struct Delivery {
     app: AppConnection,
     target: SocketAddr,
-    peers: Peers,
+    peers: Arc<Peers>,
     cx: ProxyInputs,
     protocol: Protocol,
     /// Route-level authorization of each request.
@@ -314,7 +314,7 @@ impl Delivery {
         Ok(Arc::new(Delivery {
             app,
             target,
-            peers,
+            peers: Arc::new(peers),
             cx: cx.clone(),
             protocol,
             guard,

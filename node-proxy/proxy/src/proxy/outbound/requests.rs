@@ -212,7 +212,7 @@ impl Connection {
         let mut recorder = Recorder {
             metrics: cx.request_metrics.clone(),
             reporter: Reporter::Source,
-            peers: super::source_peers(&self.pod, &route),
+            peers: Arc::new(super::source_peers(&self.pod, &route)),
             route: plan.label().to_string(),
             method,
             started,
