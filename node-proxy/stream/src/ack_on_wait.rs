@@ -2,7 +2,7 @@
 //! rest of it: the Nagle × delayed-ACK stall of [`crate::quickack`]
 //! avoided at the moment it could happen, not after every read.
 //!
-//! [`crate::QuickAck`] sets `TCP_QUICKACK` after every read, because on an
+//! [`AckOnDemand::every_read`] sets `TCP_QUICKACK` after every read, because on an
 //! opaque stream the proxy cannot tell a whole message from a piece. Where
 //! the proxy parses HTTP it can: a peer that writes a message in pieces
 //! (a head, then the body) waits for the ACK of the first piece only while
@@ -53,13 +53,24 @@ struct AckState {
 pub struct Acker(Arc<AckState>);
 
 impl<T: AsFd> AckOnDemand<T> {
+    /// Acknowledged when an [`Acker`] asks.
     pub fn new(inner: T) -> Self {
+        Self::with(inner, false)
+    }
+
+    /// Acknowledged after every read ([`crate::quickack`]): a stream the
+    /// proxy does not parse.
+    pub fn every_read(inner: T) -> Self {
+        Self::with(inner, true)
+    }
+
+    fn with(inner: T, every_read: bool) -> Self {
         let fd = inner.as_fd().as_raw_fd();
         Self {
             inner,
             state: Arc::new(AckState {
                 fd: Mutex::new(Some(fd)),
-                every_read: AtomicBool::new(false),
+                every_read: AtomicBool::new(every_read),
             }),
         }
     }
@@ -95,9 +106,9 @@ impl Acker {
         }
     }
 
-    /// From now on every read is acknowledged at once, as by
-    /// [`crate::QuickAck`]: the stream carries bytes the proxy no longer
-    /// parses (an HTTP/1.1 upgrade).
+    /// From now on every read is acknowledged at once, as with
+    /// [`AckOnDemand::every_read`]: the stream carries bytes the proxy no
+    /// longer parses (an HTTP/1.1 upgrade).
     pub fn ack_every_read(&self) {
         self.0.every_read.store(true, Ordering::Relaxed);
     }

@@ -4,10 +4,10 @@
 //! - [`detect`]: what an application speaks on a connection, from the first
 //!   bytes the client sends (HTTP/1, HTTP/2, or opaque TCP);
 //! - [`Prefixed`]: a stream that replays the bytes detection consumed;
-//! - [`QuickAck`]: acknowledging at once what is read (no Nagle ×
-//!   delayed-ACK stall when a peer writes in pieces);
-//! - [`AckOnDemand`]: the same, only when the proxy waits for the rest of
-//!   a message it parses;
+//! - [`AckOnDemand`]: acknowledging what is read at once (no Nagle ×
+//!   delayed-ACK stall when a peer writes in pieces; [`quickack`]), after
+//!   every read or only when the proxy waits for the rest of a message it
+//!   parses;
 //! - [`reset`]: refusing a TCP connection the way a closed port does.
 //!
 //! The proxy *reads* (rather than `MSG_PEEK`s) the first bytes: a peek
@@ -27,7 +27,6 @@ pub mod splice;
 pub use ack_on_wait::{AckOnDemand, AckOnWait, Acker};
 pub use detect::{DETECT_TIMEOUT, Detected, Protocol, detect};
 pub use prefixed::Prefixed;
-pub use quickack::QuickAck;
 pub use splice::{Counted, Transferred, splice, splice_until};
 
 /// Refuses an accepted TCP connection the way a closed port would: a reset

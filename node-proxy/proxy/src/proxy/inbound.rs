@@ -23,7 +23,7 @@ use tokio::net::{TcpListener, TcpStream};
 use weft_cert_manager::{SpiffeId, peer_identity, peer_not_after};
 use weft_destination_api::View;
 use weft_hbone::{HboneRequest, serve_connection};
-use weft_stream::{QuickAck, Transferred};
+use weft_stream::{AckOnDemand, Transferred};
 
 pub async fn serve_plaintext(listener: TcpListener, pod: Arc<LocalPod>, cx: ProxyInputs) {
     let drain = cx.drain.clone();
@@ -217,15 +217,15 @@ trait Arrival: Send + 'static {
 
 impl Arrival for TcpStream {
     /// A client may write a request in pieces: ACK them at once.
-    type Stream = QuickAck<TcpStream>;
+    type Stream = AckOnDemand<TcpStream>;
 
     /// As a closed port or a refusing application would: a reset.
     fn refuse(self, _: Refusal) {
         weft_stream::reset(self)
     }
 
-    fn accept(self) -> std::io::Result<QuickAck<TcpStream>> {
-        Ok(QuickAck::new(self))
+    fn accept(self) -> std::io::Result<AckOnDemand<TcpStream>> {
+        Ok(AckOnDemand::every_read(self))
     }
 }
 

@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::Instant;
 use tokio::net::{TcpListener, TcpStream};
 use weft_stream::splice;
-use weft_stream::{AckOnDemand, Prefixed, Protocol, QuickAck};
+use weft_stream::{AckOnDemand, Prefixed, Protocol};
 
 pub async fn serve(listener: TcpListener, pod: Arc<LocalPod>, cx: ProxyInputs) {
     let drain = cx.drain.clone();
@@ -150,8 +150,9 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<LocalPod>, cx:
     };
     let target = route.target();
     // A client may write in pieces here too: ACK them at once.
-    let mut acked = QuickAck::new(&mut client);
+    let mut acked = AckOnDemand::every_read(&mut client);
     let (mut moved, err) = splice(&mut acked, &mut upstream).await;
+    drop(acked);
     moved.a_to_b += first.len() as u64;
     tracing::info!(
         target: "access",

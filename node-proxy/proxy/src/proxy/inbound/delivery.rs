@@ -46,7 +46,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use weft_destination_api::routing::Request as RouteRequest;
 use weft_hbone::{H2Stream, UNPROCESSED_HEADER};
-use weft_stream::{Counted, Prefixed, Protocol, QuickAck};
+use weft_stream::{AckOnDemand, Counted, Prefixed, Protocol};
 use weft_stream::{Transferred, splice_until};
 
 /// Carries `inbound` to `app` (a connection to the application at `app`'s
@@ -114,7 +114,7 @@ pub async fn deliver<S: InboundStream>(
         if !access.connection.serve_opaque() {
             return refuse_opaque(inbound.reset_handle());
         }
-        return splice_until(&mut inbound, &mut QuickAck::new(&mut app), stop).await;
+        return splice_until(&mut inbound, &mut AckOnDemand::every_read(&mut app), stop).await;
     }
     // The source proxy already detected (and said so in the tunnel): trust
     // it, an authenticated peer; otherwise (plaintext, older proxies) look.
@@ -134,7 +134,9 @@ pub async fn deliver<S: InboundStream>(
     }
     let mut inbound = Prefixed::new(prefix, inbound);
     match found {
-        Protocol::Opaque => splice_until(&mut inbound, &mut QuickAck::new(&mut app), stop).await,
+        Protocol::Opaque => {
+            splice_until(&mut inbound, &mut AckOnDemand::every_read(&mut app), stop).await
+        }
         http => {
             access.connection.serve_http();
             let from_client = Arc::new(AtomicU64::new(0));
@@ -196,7 +198,7 @@ impl InboundStream for TcpStream {
 
 /// A plaintext client connection, acknowledged at once (a client may
 /// write a request in pieces).
-impl InboundStream for QuickAck<TcpStream> {
+impl InboundStream for AckOnDemand<TcpStream> {
     fn declared_protocol(&self) -> Option<Protocol> {
         self.get_ref().declared_protocol()
     }
@@ -260,7 +262,7 @@ where
     let service = service_fn(move |request: Request<Incoming>| {
         let delivery = serving.clone();
         // A peer proxy's tunnel, or a plaintext client whose every read is
-        // acknowledged (`QuickAck`): no acker.
+        // acknowledged (`AckOnDemand::every_read`): no acker.
         let request = request.map(|b| ClientBody::new(b, http2, None));
         async move { Ok::<_, Infallible>(delivery.forward(request).await) }
     });
