@@ -10,7 +10,10 @@
 //! are such receivers — the destination proxy reuses its keep-alive
 //! connection to the application even for clients that open a fresh
 //! connection per request — so they must acknowledge at once what they
-//! read. Each case: 20 sequential requests through both proxies, at most 3
+//! read (where they parse HTTP: when they wait for the rest of a body;
+//! on a connection upgraded past HTTP: after every read, checked by a
+//! fourth case where both ends write each message in two pieces). Each
+//! case: 20 sequential requests through both proxies, at most 3
 //! of them over 30 ms (today's kernel timer is 40 ms; the slack is the
 //! shared machine's noise). Never a mean: one stall in 20 would hide in it.
 //!
@@ -51,7 +54,7 @@ kind: Service
 metadata: {name: app, namespace: demo}
 spec:
   selector: {app: app}
-  ports: [{name: pieces, port: 80, targetPort: 8080}, {name: whole, port: 81, targetPort: 8081}]
+  ports: [{name: pieces, port: 80, targetPort: 8080}, {name: whole, port: 81, targetPort: 8081}, {name: upgrade, port: 82, targetPort: 8082}]
 "#;
 
 const REQUESTS: usize = 20;
@@ -175,6 +178,72 @@ async fn serve(listener: TcpListener, answer: Answer) {
     }
 }
 
+/// The application on an upgraded connection: it answers the upgrade
+/// with 101, then echoes each 4-byte message in two writes, Nagle on (a
+/// WebSocket server flushing a frame's header, then its payload).
+async fn serve_upgraded(listener: TcpListener) {
+    loop {
+        let Ok((mut tcp, _)) = listener.accept().await else {
+            return;
+        };
+        tokio::spawn(async move {
+            let mut pending = Vec::new();
+            if read_message(&mut tcp, &mut pending).await.is_none() {
+                return;
+            }
+            let switched = b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n";
+            if tcp.write_all(switched).await.is_err() {
+                return;
+            }
+            let mut message = [0u8; 4];
+            while tcp.read_exact(&mut message).await.is_ok() {
+                let echoed = match tcp.write_all(&message[..2]).await {
+                    Ok(()) => tcp.write_all(&message[2..]).await,
+                    Err(e) => Err(e),
+                };
+                if echoed.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+/// Upgrades `stream` (an HTTP/1.1 request asking for a WebSocket), then
+/// times each of `n` 4-byte messages written in two pieces, Nagle on, and
+/// echoed by [`serve_upgraded`].
+async fn upgraded_round_trips(stream: &mut TcpStream, n: usize) -> Vec<Duration> {
+    stream
+        .write_all(b"GET /chat HTTP/1.1\r\nHost: app.demo\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n")
+        .await
+        .unwrap();
+    let mut pending = Vec::new();
+    let head = tokio::time::timeout(Duration::from_secs(10), read_message(stream, &mut pending))
+        .await
+        .expect("an answer to the upgrade within 10 s")
+        .expect("an answer to the upgrade");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(pending.is_empty(), "nothing past the 101 yet");
+    let mut took = Vec::new();
+    for _ in 0..n {
+        let started = Instant::now();
+        let round_trip = async {
+            stream.write_all(b"pi").await?;
+            stream.write_all(b"ng").await?;
+            let mut echoed = [0u8; 4];
+            stream.read_exact(&mut echoed).await?;
+            assert_eq!(&echoed, b"ping");
+            Ok::<_, std::io::Error>(())
+        };
+        tokio::time::timeout(Duration::from_secs(10), round_trip)
+            .await
+            .expect("an echo within 10 s")
+            .expect("an echo");
+        took.push(started.elapsed());
+    }
+    took
+}
+
 /// One request on `stream`, its response read whole; how long it took.
 /// A `post`'s head and body go in two writes.
 async fn exchange(stream: &mut TcpStream, post: bool, pending: &mut Vec<u8>) -> Duration {
@@ -234,11 +303,13 @@ fn applications_and_clients_writing_in_pieces_do_not_wait_for_delayed_acks() {
         Answer::InPieces,
     ));
     runtime.spawn(serve(listen_in_pod(&mc, "demo/app", 8081), Answer::Whole));
+    runtime.spawn(serve_upgraded(listen_in_pod(&mc, "demo/app", 8082)));
     let pieces = service_addr(&mc, 80);
     let whole = service_addr(&mc, 81);
+    let upgrade = service_addr(&mc, 82);
     let node_b = mc.node_ip("node-b");
 
-    let (fresh, kept, posts) = runtime.block_on(async {
+    let (fresh, kept, posts, upgraded) = runtime.block_on(async {
         // The destination proxy's connection to the application is set up
         // (and its first request served) before anything is timed.
         let mut warm = connect_from_pod(&mc, "demo/client", pieces, true);
@@ -275,7 +346,14 @@ fn applications_and_clients_writing_in_pieces_do_not_wait_for_delayed_acks() {
         for _ in 0..REQUESTS {
             posts.push(exchange(&mut c, true, &mut pending).await);
         }
-        (fresh, kept, posts)
+        // 4. An upgraded connection: the proxies no longer parse what
+        //    crosses it, so they acknowledge every read again — the
+        //    client's first piece on the source side, the application's
+        //    on the destination side (the first round trips warm the
+        //    connection into ping-pong mode, and are not timed).
+        let mut c = connect_from_pod(&mc, "demo/client", upgrade, false);
+        let upgraded = upgraded_round_trips(&mut c, 3 + REQUESTS).await[3..].to_vec();
+        (fresh, kept, posts, upgraded)
     });
     // All three measured before any verdict, so a failure shows them all.
     let cases = [
@@ -290,6 +368,10 @@ fn applications_and_clients_writing_in_pieces_do_not_wait_for_delayed_acks() {
         (
             "POST head and body apart, one keep-alive connection",
             &posts,
+        ),
+        (
+            "upgraded connection, both ends writing in two pieces",
+            &upgraded,
         ),
     ];
     for (case, latencies) in &cases {
