@@ -2,8 +2,9 @@
 //! rest of it: the Nagle × delayed-ACK stall of [`crate::quickack`]
 //! avoided at the moment it could happen, not after every read.
 //!
-//! [`AckOnDemand::every_read`] sets `TCP_QUICKACK` after every read, because on an
-//! opaque stream the proxy cannot tell a whole message from a piece. Where
+//! [`AckOnDemand::every_read`] sets `TCP_QUICKACK` after every read,
+//! because on an opaque stream the proxy cannot tell a whole message from
+//! a piece. Where
 //! the proxy parses HTTP it can: a peer that writes a message in pieces
 //! (a head, then the body) waits for the ACK of the first piece only while
 //! the proxy waits for the rest. A message that arrived whole is answered
@@ -30,9 +31,10 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// A TCP stream whose reads are acknowledged when its [`Acker`]s ask (or
-/// after every read, once [`Acker::ack_every_read`] was called: a
-/// connection upgraded to a byte stream).
+/// A TCP stream whose reads are acknowledged when its [`Acker`]s ask, or
+/// after every read ([`AckOnDemand::every_read`], or once
+/// [`Acker::ack_every_read`] was called: a connection upgraded to a byte
+/// stream).
 #[derive(Debug)]
 pub struct AckOnDemand<T: AsFd> {
     inner: T,

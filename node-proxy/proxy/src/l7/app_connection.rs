@@ -11,7 +11,7 @@
 //! to replay (a GET, a HEAD, …). One that was refused with a body fails, as
 //! it would for a client talking to the application directly.
 
-use super::body::{BoxError, ProxyBody, proxy_body};
+use super::body::{Acking, BoxError, ProxyBody, proxy_body};
 use super::upstream::{UpstreamError, handshake_h1, handshake_h2};
 use crate::transport::ConnectError;
 use crate::transport::LocalPod;
@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
-use weft_stream::{AckOnDemand, AckOnWait, Acker, Counted, Protocol};
+use weft_stream::{AckOnDemand, Acker, Counted, Protocol};
 
 /// hyper's handle on one application connection, and what acknowledges
 /// the application's writes on it.
@@ -40,47 +40,9 @@ enum HyperSender {
     Http2(client2::SendRequest<ProxyBody>),
 }
 
-/// A response body from the application. When its next part is not there
-/// yet, what the application wrote of the response is acknowledged at once
-/// (`weft_stream::ack_on_wait`): an application writing the head, then
-/// the body, with Nagle on, waits for that ACK.
-pub struct AppBody {
-    inner: Incoming,
-    ack: AckOnWait,
-}
-
-impl AppBody {
-    /// The connection was upgraded (101): its bytes are no longer parsed,
-    /// so every read is acknowledged at once from now on.
-    pub fn ack_every_read(&self) {
-        if let Some(acker) = self.ack.acker() {
-            acker.ack_every_read();
-        }
-    }
-}
-
-impl Body for AppBody {
-    type Data = bytes::Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, hyper::Error>>> {
-        let this = self.get_mut();
-        let poll = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
-        this.ack.polled(&poll);
-        poll
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        self.inner.size_hint()
-    }
-}
+/// A response body from the application, acknowledging what the
+/// application wrote when its rest is awaited.
+pub type AppBody = Acking<Incoming>;
 
 /// The current application connection and its generation (how many were
 /// opened before it), so that requests that all found it closed replace
@@ -226,8 +188,7 @@ impl Sender {
                 send.try_send_request(request).await.map_err(split)?
             }
         };
-        let ack = AckOnWait::new(Some(self.acker.clone()));
-        Ok(response.map(|inner| AppBody { inner, ack }))
+        Ok(response.map(|body| Acking::new(body, Some(self.acker.clone()))))
     }
 }
 

@@ -1,4 +1,7 @@
-//! A response body that records the request's metrics when it ends.
+//! Bodies as the proxy passes them on: [`Recorded`], a response body that
+//! records the request's metrics when it ends; [`Acking`], a body read
+//! from a peer's socket that acknowledges the peer's writes when its rest
+//! is awaited.
 //!
 //! A request is complete only when its response is: for gRPC the status
 //! usually arrives in the trailers, after a streamed body. So the metrics
@@ -17,6 +20,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use tokio::time::Instant;
+use weft_stream::{AckOnWait, Acker};
 
 /// What a body in the proxy fails with: hyper's errors, and the proxy's
 /// own (a request timeout ending a response, a replayed request body
@@ -83,7 +87,7 @@ impl Recorder {
         self.metrics.record(
             self.reporter,
             &self.peers,
-            &self.route,
+            self.route,
             self.method,
             &outcome,
             self.started.elapsed(),
@@ -152,6 +156,62 @@ impl Drop for Recorded {
         // An empty body hyper never polls, or a client that left before the
         // end: recorded with what is known.
         self.finish(false);
+    }
+}
+
+/// A body read from a socket wrapped in `weft_stream::AckOnDemand` (a pod's
+/// client connection, the connection to the application). When its next
+/// part is not there yet, what the peer wrote of the message is
+/// acknowledged at once (`weft_stream::ack_on_wait`): a peer writing the
+/// head, then the body, with Nagle on, waits for that ACK.
+pub struct Acking<B> {
+    inner: B,
+    ack: AckOnWait,
+}
+
+impl<B> Acking<B> {
+    /// `acker`: `None` for a peer that never waits for an ACK (another node
+    /// proxy, which writes with `TCP_NODELAY`).
+    pub fn new(inner: B, acker: Option<Acker>) -> Self {
+        Self {
+            inner,
+            ack: AckOnWait::new(acker),
+        }
+    }
+
+    pub fn into_inner(self) -> B {
+        self.inner
+    }
+
+    /// The connection was upgraded (101): its bytes are no longer parsed,
+    /// so every read is acknowledged at once from now on.
+    pub fn ack_every_read(&self) {
+        if let Some(acker) = self.ack.acker() {
+            acker.ack_every_read();
+        }
+    }
+}
+
+impl<B: Body + Unpin> Body for Acking<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.inner).poll_frame(cx);
+        this.ack.polled(&poll);
+        poll
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 

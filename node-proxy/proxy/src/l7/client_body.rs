@@ -20,13 +20,14 @@
 //! while it is read the stream still counts against the connection's
 //! concurrent stream limit, so a client cannot open more than that many.
 
+use super::body::Acking;
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
-use weft_stream::{AckOnWait, Acker};
+use weft_stream::Acker;
 
 /// At most this much of an unneeded body is read (more than the DATA a
 /// client has in flight when it learns of the answer: hyper's default
@@ -37,13 +38,12 @@ pub const DRAIN_FOR: Duration = Duration::from_secs(5);
 
 /// A request body from a client connection of the proxy.
 pub struct ClientBody {
-    inner: Option<Incoming>,
+    /// Acknowledging the client's socket when the body's next part is not
+    /// there yet (a client writing the head, then the body, with Nagle).
+    inner: Option<Acking<Incoming>>,
     /// Read to its end when dropped early (HTTP/2; an HTTP/1.1 body left
     /// unread is hyper's to handle: it closes the connection).
     drain: bool,
-    /// Acknowledges the client's socket when the body's next part is not
-    /// there yet (a client writing the head, then the body, with Nagle).
-    ack: AckOnWait,
 }
 
 impl ClientBody {
@@ -52,9 +52,8 @@ impl ClientBody {
     /// peer proxy never waits for an ACK).
     pub fn new(inner: Incoming, http2: bool, acker: Option<Acker>) -> Self {
         Self {
-            inner: Some(inner),
+            inner: Some(Acking::new(inner, acker)),
             drain: http2,
-            ack: AckOnWait::new(acker),
         }
     }
 }
@@ -67,13 +66,10 @@ impl Body for ClientBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = self.get_mut();
-        let Some(inner) = this.inner.as_mut() else {
-            return Poll::Ready(None);
-        };
-        let poll = Pin::new(inner).poll_frame(cx);
-        this.ack.polled(&poll);
-        poll
+        match self.get_mut().inner.as_mut() {
+            Some(inner) => Pin::new(inner).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
     }
 
     fn is_end_stream(&self) -> bool {
@@ -97,7 +93,7 @@ impl Drop for ClientBody {
         }
         // Outside a runtime (never in the proxy) the body is dropped: reset.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(drain(body));
+            runtime.spawn(drain(body.into_inner()));
         }
     }
 }

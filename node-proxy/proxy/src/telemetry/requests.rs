@@ -16,6 +16,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -203,7 +204,7 @@ impl RequestMetrics {
         &self,
         reporter: Reporter,
         peers: &Arc<Peers>,
-        route: &str,
+        route: String,
         method: MethodClass,
         outcome: &Outcome,
         duration: Duration,
@@ -211,7 +212,11 @@ impl RequestMetrics {
         let key = SeriesKey {
             reporter,
             peers: peers.clone(),
-            route: route_label(route).into(),
+            route: if route.is_empty() {
+                Cow::Borrowed(DEFAULT_ROUTE)
+            } else {
+                Cow::Owned(route)
+            },
             method,
             status: outcome.status,
             grpc_status: outcome.grpc_status,
@@ -250,7 +255,7 @@ impl RequestMetrics {
 struct SeriesKey {
     reporter: Reporter,
     peers: Arc<Peers>,
-    route: Box<str>,
+    route: Cow<'static, str>,
     method: MethodClass,
     status: u16,
     grpc_status: Option<u32>,
@@ -310,7 +315,7 @@ mod tests {
         m.record(
             Reporter::Source,
             &peers,
-            "",
+            String::new(),
             MethodClass::Get,
             &ok,
             Duration::from_millis(30),
@@ -363,7 +368,7 @@ mod tests {
             m.record(
                 Reporter::Destination,
                 peers,
-                "web/0",
+                "web/0".to_string(),
                 MethodClass::Post,
                 outcome,
                 Duration::from_millis(1),
