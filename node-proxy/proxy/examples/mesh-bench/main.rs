@@ -174,11 +174,21 @@ fn measure_throughput(cluster: &TestCluster, ns: &str, r: &mut PathResult) {
     }
 }
 
-/// One round of 300 sequential connections into `r`.
+/// Sequential connections per round: 300, or `WEFT_BENCH_CONNECTIONS`
+/// (longer rounds to profile the proxies under).
+fn connections_per_round() -> u32 {
+    std::env::var("WEFT_BENCH_CONNECTIONS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(300)
+}
+
+/// One round of sequential connections into `r`.
 fn measure_connections(cluster: &TestCluster, ns: &str, r: &mut PathResult) {
     let server = cluster.pod(&format!("{ns}/server")).ip.to_string();
     let client = format!("{ns}/client");
-    let out = cluster.exec_ok(&client, &["./conn_rtt.py", &server, "9000", "300"]);
+    let n = connections_per_round().to_string();
+    let out = cluster.exec_ok(&client, &["./conn_rtt.py", &server, "9000", &n]);
     let v: serde_json::Value = serde_json::from_str(&out).expect("conn_rtt JSON");
     let mut lat: Vec<f64> = v["lat_us"]
         .as_array()
@@ -204,7 +214,8 @@ fn connection_rounds(cluster: &TestCluster, direct: &mut PathResult, meshed: &mu
 /// The new-connection rows of the table: direct, the mesh, their ratio.
 fn print_connection_rows(direct: &PathResult, meshed: &PathResult) {
     println!(
-        "connections: {CONN_ROUNDS} rounds of 300 per path, alternating (median of the rounds [min-max]):"
+        "connections: {CONN_ROUNDS} rounds of {} per path, alternating (median of the rounds [min-max]):",
+        connections_per_round()
     );
     let conn_rows: [(&str, Column); 3] = [
         ("new connections/s (seq.)", |r| &r.conn_per_s),
@@ -286,18 +297,22 @@ fn profile(cluster: &TestCluster, mesh: &Mesh, proto: http::Proto) {
         .ok()
         .and_then(|p| p.parse().ok())
         .unwrap_or(8080);
-    let pids: Vec<String> = ["node-a", "node-b"]
-        .iter()
-        .filter_map(|n| mesh.pid(&Component::NodeProxy(n.to_string())))
-        .map(|p| p.to_string())
-        .collect();
-    eprintln!("node proxy pids: {}", pids.join(","));
+    eprintln!("node proxy pids: {}", proxy_pids(mesh).join(","));
     for _ in 0..8 {
         let (per_cpu_s, rps) = per_cpu_second(cluster, mesh, port, proto);
         eprintln!(
             "closed loop {proto:?} port {port}: {per_cpu_s:.0} req per proxy CPU second, {rps:.0} req/s"
         );
     }
+}
+
+/// Both node proxies' process IDs (to profile them from outside).
+fn proxy_pids(mesh: &Mesh) -> Vec<String> {
+    ["node-a", "node-b"]
+        .iter()
+        .filter_map(|n| mesh.pid(&Component::NodeProxy(n.to_string())))
+        .map(|p| p.to_string())
+        .collect()
 }
 
 /// `WEFT_BENCH_PART=latency`: the open-loop HTTP/1.1 and gRPC rounds
@@ -566,6 +581,7 @@ fn main() {
         return;
     }
     if std::env::var("WEFT_BENCH_PART").as_deref() == Ok("new-connections") {
+        eprintln!("node proxy pids: {}", proxy_pids(&mesh).join(","));
         let (mut direct, mut meshed) = (PathResult::default(), PathResult::default());
         connection_rounds(&cluster, &mut direct, &mut meshed);
         print_connection_rows(&direct, &meshed);
