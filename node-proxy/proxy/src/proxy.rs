@@ -84,6 +84,10 @@ impl ProxyInputs {
         let requests = control_plane
             .as_ref()
             .map(|c| Arc::new(RequestConnections::new(c.certs.clone())));
+        let upstreams = UpstreamPool::new();
+        if let Some(c) = &control_plane {
+            upstreams.follow_trust_bundle(c.certs.trust_bundle());
+        }
         let snapshots = match &control_plane {
             Some(c) => c.snapshot.clone(),
             // The sender goes at once: the receiver keeps this one value.
@@ -98,7 +102,7 @@ impl ProxyInputs {
             drain: Drain::default(),
             authz: Arc::default(),
             request_metrics: RequestMetrics::default(),
-            upstreams: UpstreamPool::new(),
+            upstreams,
             routing: Arc::default(),
             inbound_routing: Arc::default(),
             detect_timeout: weft_stream::DETECT_TIMEOUT,

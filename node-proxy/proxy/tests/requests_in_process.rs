@@ -321,3 +321,55 @@ async fn a_revoked_client_loses_its_connection_and_its_next_call_is_refused() {
         "nothing more reached web-1"
     );
 }
+
+/// A connection for requests does not outlive the trust bundle its peer
+/// was verified under: when the CA adds (or retires) an anchor, node-a
+/// takes it out of use at once (not when the destination says GOAWAY, nor
+/// when it has been idle for long), and the next calls go on a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_for_requests_is_made_again_when_the_trust_bundle_changes() {
+    let c = start(5, false).await;
+    let answers = call(&c.client, 2, false).await;
+    assert!(answers.iter().all(|(s, _, _)| *s == 200), "{answers:?}");
+    assert_eq!(node_a(&c).upstreams.connections(), 1);
+
+    // The CA's bundle gains an anchor, as the first step of a rotation.
+    let certs = &node_a(&c).control_plane.as_ref().unwrap().certs;
+    let anchors = certs.trust_bundle().borrow().certificates().len();
+    let extra = weft_identity::init::trust_anchor(
+        "cluster.local",
+        "next",
+        Duration::from_secs(365 * 24 * 3600),
+    )
+    .unwrap();
+    let ca = &c.mesh.ca;
+    weft_identity::init::write_anchors(&ca.ca_dir(), &[&ca.anchor, &extra]).unwrap();
+    let mut bundle = certs.trust_bundle();
+    tokio::time::timeout(
+        PATIENCE,
+        bundle.wait_for(|b| b.certificates().len() == anchors + 1),
+    )
+    .await
+    .expect("the new bundle reaches node-a")
+    .unwrap();
+    // The follower retires it within moments. The destination learns the
+    // bundle too and sends GOAWAY, and the pool's reaper would then drop
+    // the closed connection, but not before its first pass, 10 s after the
+    // pool started: this waits for less.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while node_a(&c).upstreams.connections() != 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the connection made under the old bundle is still in use"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let answers = call(&c.client, 2, false).await;
+    assert!(answers.iter().all(|(s, _, _)| *s == 200), "{answers:?}");
+    assert_eq!(
+        node_a(&c).upstreams.connections(),
+        1,
+        "a new one, under the new bundle"
+    );
+    assert_eq!(c.seen.lock().unwrap().len(), 4);
+}

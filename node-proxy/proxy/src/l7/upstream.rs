@@ -18,6 +18,13 @@
 //!
 //! A reaper drops connections idle for [`IDLE_TIMEOUT`], which also frees
 //! their HBONE stream slots.
+//!
+//! Mutual-TLS connections (to a peer node proxy, or in an HBONE tunnel) are
+//! tagged with the trust generation they were made under, and
+//! [`UpstreamPool::retire_mutual_tls`] takes them all out of use when the
+//! trust bundle changes: no new request goes on a connection whose peer was
+//! verified under a bundle that may have lost an anchor since. Requests
+//! running on one finish.
 
 use super::body::ProxyBody;
 use crate::transport::{ConnectError, Upstream};
@@ -28,9 +35,11 @@ use hyper_util::rt::TokioIo;
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use weft_stream::Protocol;
 
@@ -138,6 +147,8 @@ pub fn refused_unprocessed(e: &hyper::Error) -> bool {
 struct IdleH1 {
     send: http1::SendRequest<ProxyBody>,
     since: Instant,
+    /// The trust generation it was made under.
+    trust: u64,
 }
 
 struct SharedH2 {
@@ -179,6 +190,11 @@ impl HttpTwo {
 struct Inner {
     h1: Mutex<HashMap<UpstreamKey, Vec<IdleH1>>>,
     h2: Mutex<HashMap<UpstreamKey, SharedH2>>,
+    /// Counts the trust bundles seen ([`UpstreamPool::retire_mutual_tls`]).
+    /// Bumped, and its connections retired, under the `h1` and `h2` locks,
+    /// so a connection is pooled under the generation it was made in or
+    /// not at all.
+    trust: AtomicU64,
     /// One HTTP/2 connection attempt per key at a time: a burst of gRPC
     /// calls to a cold endpoint shares one connection.
     h2_connecting: Mutex<HashMap<UpstreamKey, Arc<tokio::sync::Mutex<()>>>>,
@@ -236,7 +252,7 @@ impl UpstreamPool {
     {
         let target = key.target;
         let mut request = request;
-        if let Some(mut send) = self.checkout_h1(key) {
+        if let Some((mut send, trust)) = self.checkout_h1(key) {
             // An idle keep-alive connection may be closed by the server
             // (its idle timeout, a draining node proxy) just as the request
             // goes out: it then ends before any response, and the server
@@ -247,7 +263,7 @@ impl UpstreamPool {
             match send.try_send_request(request).await {
                 Ok(response) => {
                     if reusable {
-                        self.checkin_h1(key, send);
+                        self.checkin_h1(key, send, trust);
                     }
                     return Ok(response);
                 }
@@ -267,36 +283,84 @@ impl UpstreamPool {
                 },
             }
         }
-        let mut send = handshake_h1(connect().await?, target).await?;
+        let (upstream, trust) = self.connect_trusted(key, &connect).await?;
+        let mut send = handshake_h1(upstream, target).await?;
         let response = send
             .send_request(request)
             .await
             .map_err(|source| UpstreamError::Request { target, source })?;
         if reusable {
-            self.checkin_h1(key, send);
+            self.checkin_h1(key, send, trust);
         }
         Ok(response)
     }
 
-    fn checkout_h1(&self, key: &UpstreamKey) -> Option<http1::SendRequest<ProxyBody>> {
+    /// An idle connection for `key`, and the trust generation it was made
+    /// under.
+    fn checkout_h1(&self, key: &UpstreamKey) -> Option<(http1::SendRequest<ProxyBody>, u64)> {
         let mut idle = self.inner.h1.lock().expect("pool lock");
         let list = idle.get_mut(key)?;
         list.retain(|c| !c.send.is_closed());
         // Most recently returned first: the warmest connection, and the one
         // least likely to have been timed out by the server.
         let i = list.iter().rposition(|c| c.send.is_ready())?;
-        Some(list.remove(i).send)
+        let c = list.remove(i);
+        Some((c.send, c.trust))
     }
 
-    fn checkin_h1(&self, key: &UpstreamKey, send: http1::SendRequest<ProxyBody>) {
+    /// Pools a connection again, unless the trust bundle changed since it
+    /// was made (it was in use when its generation was retired).
+    fn checkin_h1(&self, key: &UpstreamKey, send: http1::SendRequest<ProxyBody>, trust: u64) {
         let mut idle = self.inner.h1.lock().expect("pool lock");
+        if key.mtls && trust != self.inner.trust.load(Ordering::Acquire) {
+            return;
+        }
         let list = idle.entry(key.clone()).or_default();
         if list.len() < MAX_IDLE_HTTP1 {
             list.push(IdleH1 {
                 send,
                 since: Instant::now(),
+                trust,
             });
         }
+    }
+
+    /// A new transport for `key` from `connect`, and the trust generation
+    /// it was made under. A mutual-TLS one made while the trust bundle
+    /// changed may have verified its peer under the old bundle: it is
+    /// dropped and made again.
+    async fn connect_trusted<C, F>(
+        &self,
+        key: &UpstreamKey,
+        connect: &C,
+    ) -> Result<(Upstream, u64), ConnectError>
+    where
+        C: Fn() -> F,
+        F: Future<Output = Result<Upstream, ConnectError>>,
+    {
+        loop {
+            let trust = self.inner.trust.load(Ordering::Acquire);
+            let upstream = connect().await?;
+            if !key.mtls || trust == self.inner.trust.load(Ordering::Acquire) {
+                return Ok((upstream, trust));
+            }
+            tracing::debug!(target = %key.target, "the trust bundle changed during the handshake: connecting again");
+        }
+    }
+
+    /// Takes every mutual-TLS connection out of use: the trust bundle
+    /// changed, and a peer verified under the old one may no longer be
+    /// trusted. Requests running on one finish; the next request to the
+    /// same endpoint makes a new connection, verified under the current
+    /// bundle. Returns how many pooled connections were retired.
+    pub fn retire_mutual_tls(&self) -> usize {
+        let mut idle = self.inner.h1.lock().expect("pool lock");
+        let mut shared = self.inner.h2.lock().expect("pool lock");
+        self.inner.trust.fetch_add(1, Ordering::AcqRel);
+        let before = shared.len() + idle.values().map(Vec::len).sum::<usize>();
+        shared.retain(|k, _| !k.mtls);
+        idle.retain(|k, _| !k.mtls);
+        before - shared.len() - idle.values().map(Vec::len).sum::<usize>()
     }
 
     async fn send_h2<C, F>(
@@ -374,10 +438,26 @@ impl UpstreamPool {
             .or_default()
             .clone();
         let _one_at_a_time = gate.lock().await;
-        if let Some(send) = self.shared_h2(key) {
-            return Ok(send);
+        loop {
+            if let Some(send) = self.shared_h2(key) {
+                return Ok(send);
+            }
+            let (upstream, trust) = self.connect_trusted(key, connect).await?;
+            if let Some(send) = self.pool_h2(key, upstream, trust).await? {
+                return Ok(send);
+            }
+            tracing::debug!(target = %key.target, "the trust bundle changed during the handshake: connecting again");
         }
-        let upstream = connect().await?;
+    }
+
+    /// Pools an HTTP/2 connection on `upstream` for `key`; `None` when
+    /// the trust bundle changed since `trust` (it is dropped).
+    async fn pool_h2(
+        &self,
+        key: &UpstreamKey,
+        upstream: Upstream,
+        trust: u64,
+    ) -> Result<Option<HttpTwo>, UpstreamError> {
         let target = upstream.names_targets().then(|| {
             http::HeaderValue::try_from(key.target.to_string())
                 .expect("an address is a valid header value")
@@ -392,7 +472,11 @@ impl UpstreamPool {
             send: handshake_h2(upstream, key.target).await?,
             target,
         };
-        self.inner.h2.lock().expect("pool lock").insert(
+        let mut shared = self.inner.h2.lock().expect("pool lock");
+        if key.mtls && trust != self.inner.trust.load(Ordering::Acquire) {
+            return Ok(None);
+        }
+        shared.insert(
             key.clone(),
             SharedH2 {
                 send: send.clone(),
@@ -400,7 +484,25 @@ impl UpstreamPool {
                 expires,
             },
         );
-        Ok(send)
+        Ok(Some(send))
+    }
+
+    /// Retires the pool's mutual-TLS connections whenever `bundle` (the
+    /// trust bundle peers are verified under) changes, from a task of its
+    /// own that ends with the pool. Needs a Tokio runtime.
+    pub fn follow_trust_bundle<T: Send + Sync + 'static>(&self, mut bundle: watch::Receiver<T>) {
+        bundle.mark_unchanged();
+        let pool = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            while bundle.changed().await.is_ok() {
+                let Some(inner) = pool.upgrade() else { return };
+                let retired = UpstreamPool { inner }.retire_mutual_tls();
+                tracing::info!(
+                    retired,
+                    "trust bundle changed: HTTP connections to peers are made again under it"
+                );
+            }
+        });
     }
 
     /// Pooled connections (idle HTTP/1.1 ones and shared HTTP/2 ones).
@@ -711,6 +813,152 @@ mod tests {
         let err = send_method(&pool, &k, post, b"b").await.unwrap_err();
         assert!(matches!(err, UpstreamError::Request { .. }), "{err}");
         assert_eq!(accepted.load(Ordering::SeqCst), 1, "not sent again");
+    }
+
+    /// A loopback server like [`server`] (keep-alive) whose `/hold`
+    /// requests are answered only once `release` is notified; `arrived`
+    /// hears of each when it reaches the server.
+    async fn holding_server(
+        protocol: Protocol,
+    ) -> (
+        SocketAddr,
+        Arc<AtomicUsize>,
+        tokio::sync::mpsc::UnboundedReceiver<()>,
+        Arc<tokio::sync::Notify>,
+    ) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        let (arrived_tx, arrived) = tokio::sync::mpsc::unbounded_channel();
+        let release = Arc::new(tokio::sync::Notify::new());
+        let held = release.clone();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, Ordering::SeqCst);
+                let (arrived_tx, held) = (arrived_tx.clone(), held.clone());
+                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let (arrived_tx, held) = (arrived_tx.clone(), held.clone());
+                    async move {
+                        let body = if req.uri().path() == "/hold" {
+                            arrived_tx.send(()).unwrap();
+                            held.notified().await;
+                            "held"
+                        } else {
+                            "ok"
+                        };
+                        Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
+                            Bytes::from_static(body.as_bytes()),
+                        )))
+                    }
+                });
+                let io = TokioIo::new(tcp);
+                tokio::spawn(async move {
+                    let _ = match protocol {
+                        Protocol::Http2 => {
+                            hyper::server::conn::http2::Builder::new(
+                                hyper_util::rt::TokioExecutor::new(),
+                            )
+                            .serve_connection(io, service)
+                            .await
+                        }
+                        _ => {
+                            hyper::server::conn::http1::Builder::new()
+                                .serve_connection(io, service)
+                                .await
+                        }
+                    };
+                });
+            }
+        });
+        (addr, accepted, arrived, release)
+    }
+
+    /// GET `path` of `k`'s target through `pool`: the body.
+    async fn get_path(pool: &UpstreamPool, k: &UpstreamKey, path: &str) -> Bytes {
+        let target = k.target;
+        let connect = move || async move {
+            TcpStream::connect(target)
+                .await
+                .map(Upstream::Plain)
+                .map_err(|source| ConnectError::Tcp { target, source })
+        };
+        let request = Request::builder()
+            .uri(format!("http://{target}{path}"))
+            .body(Empty::<Bytes>::new().map_err(|n| match n {}).boxed())
+            .unwrap();
+        let response = pool.send(k, connect, request, true).await.unwrap();
+        response.into_body().collect().await.unwrap().to_bytes()
+    }
+
+    /// When the trust bundle changes, no new request goes on a mutual-TLS
+    /// connection made before: the next one makes a new connection, while
+    /// a request running on the old one finishes; a connection outside the
+    /// mesh (no peer identity verified) is kept.
+    #[tokio::test]
+    async fn after_a_trust_bundle_change_http2_requests_take_a_new_mutual_tls_connection() {
+        let (addr, accepted, mut arrived, release) = holding_server(Protocol::Http2).await;
+        let (plain_addr, plain_accepted) = server(Protocol::Http2, true).await;
+        let pool = UpstreamPool::new();
+        let meshed = UpstreamKey {
+            mtls: true,
+            ..key(addr, Protocol::Http2)
+        };
+        let plain = key(plain_addr, Protocol::Http2);
+        assert_eq!(get_path(&pool, &meshed, "/").await, "ok");
+        assert_eq!(get_path(&pool, &plain, "/").await, "ok");
+        let in_flight = tokio::spawn({
+            let (pool, meshed) = (pool.clone(), meshed.clone());
+            async move { get_path(&pool, &meshed, "/hold").await }
+        });
+        arrived.recv().await.unwrap();
+
+        assert_eq!(pool.retire_mutual_tls(), 1, "the meshed connection only");
+        assert_eq!(get_path(&pool, &meshed, "/").await, "ok");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2, "a new connection");
+        release.notify_one();
+        assert_eq!(
+            in_flight.await.unwrap(),
+            "held",
+            "the old one's request finishes"
+        );
+        assert_eq!(get_path(&pool, &plain, "/").await, "ok");
+        assert_eq!(plain_accepted.load(Ordering::SeqCst), 1, "kept");
+        assert_eq!(get_path(&pool, &meshed, "/").await, "ok");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2, "the new one is pooled");
+    }
+
+    /// HTTP/1.1: an idle keep-alive connection is dropped at the change,
+    /// and one in use then is not pooled again after its response.
+    #[tokio::test]
+    async fn after_a_trust_bundle_change_http1_keep_alive_connections_are_not_reused() {
+        let (addr, accepted, mut arrived, release) = holding_server(Protocol::Http1).await;
+        let pool = UpstreamPool::new();
+        let meshed = UpstreamKey {
+            mtls: true,
+            ..key(addr, Protocol::Http1)
+        };
+        assert_eq!(get_path(&pool, &meshed, "/").await, "ok");
+        settle().await;
+        assert_eq!(pool.retire_mutual_tls(), 1, "the idle one");
+        assert_eq!(get_path(&pool, &meshed, "/").await, "ok");
+        settle().await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+
+        // In use (taken out of the pool) when the bundle changes.
+        let in_flight = tokio::spawn({
+            let (pool, meshed) = (pool.clone(), meshed.clone());
+            async move { get_path(&pool, &meshed, "/hold").await }
+        });
+        arrived.recv().await.unwrap();
+        assert_eq!(pool.retire_mutual_tls(), 0, "nothing idle");
+        release.notify_one();
+        assert_eq!(in_flight.await.unwrap(), "held");
+        settle().await;
+        assert_eq!(pool.connections(), 0, "not pooled again");
+        assert_eq!(get_path(&pool, &meshed, "/").await, "ok");
+        assert_eq!(accepted.load(Ordering::SeqCst), 3, "a new connection");
     }
 
     #[tokio::test]
