@@ -616,39 +616,7 @@ mod tests {
     /// A loopback HTTP server (HTTP/1.1 or h2c) that counts its connections;
     /// `keep_alive: false` closes each HTTP/1.1 connection after a response.
     async fn server(protocol: Protocol, keep_alive: bool) -> (SocketAddr, Arc<AtomicUsize>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
-        tokio::spawn(async move {
-            loop {
-                let (tcp, _) = listener.accept().await.unwrap();
-                count.fetch_add(1, Ordering::SeqCst);
-                let service = hyper::service::service_fn(|_req| async {
-                    Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
-                        Bytes::from_static(b"ok"),
-                    )))
-                });
-                let io = TokioIo::new(tcp);
-                tokio::spawn(async move {
-                    let _ = match protocol {
-                        Protocol::Http2 => {
-                            hyper::server::conn::http2::Builder::new(
-                                hyper_util::rt::TokioExecutor::new(),
-                            )
-                            .serve_connection(io, service)
-                            .await
-                        }
-                        _ => {
-                            hyper::server::conn::http1::Builder::new()
-                                .keep_alive(keep_alive)
-                                .serve_connection(io, service)
-                                .await
-                        }
-                    };
-                });
-            }
-        });
+        let (addr, accepted, _, _) = holding_server(protocol, keep_alive).await;
         (addr, accepted)
     }
 
@@ -661,14 +629,12 @@ mod tests {
         }
     }
 
-    fn request(target: SocketAddr) -> Request<ProxyBody> {
-        Request::builder()
-            .uri(format!("http://{target}/"))
-            .body(Empty::<Bytes>::new().map_err(|n| match n {}).boxed())
-            .unwrap()
+    async fn get(pool: &UpstreamPool, k: &UpstreamKey) -> Bytes {
+        get_path(pool, k, "/").await
     }
 
-    async fn get(pool: &UpstreamPool, k: &UpstreamKey) -> Bytes {
+    /// GET `path` of `k`'s target through `pool`: the body.
+    async fn get_path(pool: &UpstreamPool, k: &UpstreamKey, path: &str) -> Bytes {
         let target = k.target;
         let connect = move || async move {
             TcpStream::connect(target)
@@ -676,7 +642,11 @@ mod tests {
                 .map(Upstream::Plain)
                 .map_err(|source| ConnectError::Tcp { target, source })
         };
-        let response = pool.send(k, connect, request(target), true).await.unwrap();
+        let request = Request::builder()
+            .uri(format!("http://{target}{path}"))
+            .body(Empty::<Bytes>::new().map_err(|n| match n {}).boxed())
+            .unwrap();
+        let response = pool.send(k, connect, request, true).await.unwrap();
         response.into_body().collect().await.unwrap().to_bytes()
     }
 
@@ -815,11 +785,12 @@ mod tests {
         assert_eq!(accepted.load(Ordering::SeqCst), 1, "not sent again");
     }
 
-    /// A loopback server like [`server`] (keep-alive) whose `/hold`
-    /// requests are answered only once `release` is notified; `arrived`
-    /// hears of each when it reaches the server.
+    /// Like [`server`], and its `/hold` requests are answered only once
+    /// `release` is notified; `arrived` hears of each when it reaches the
+    /// server.
     async fn holding_server(
         protocol: Protocol,
+        keep_alive: bool,
     ) -> (
         SocketAddr,
         Arc<AtomicUsize>,
@@ -842,7 +813,7 @@ mod tests {
                     let (arrived_tx, held) = (arrived_tx.clone(), held.clone());
                     async move {
                         let body = if req.uri().path() == "/hold" {
-                            arrived_tx.send(()).unwrap();
+                            let _ = arrived_tx.send(());
                             held.notified().await;
                             "held"
                         } else {
@@ -865,6 +836,7 @@ mod tests {
                         }
                         _ => {
                             hyper::server::conn::http1::Builder::new()
+                                .keep_alive(keep_alive)
                                 .serve_connection(io, service)
                                 .await
                         }
@@ -875,30 +847,13 @@ mod tests {
         (addr, accepted, arrived, release)
     }
 
-    /// GET `path` of `k`'s target through `pool`: the body.
-    async fn get_path(pool: &UpstreamPool, k: &UpstreamKey, path: &str) -> Bytes {
-        let target = k.target;
-        let connect = move || async move {
-            TcpStream::connect(target)
-                .await
-                .map(Upstream::Plain)
-                .map_err(|source| ConnectError::Tcp { target, source })
-        };
-        let request = Request::builder()
-            .uri(format!("http://{target}{path}"))
-            .body(Empty::<Bytes>::new().map_err(|n| match n {}).boxed())
-            .unwrap();
-        let response = pool.send(k, connect, request, true).await.unwrap();
-        response.into_body().collect().await.unwrap().to_bytes()
-    }
-
     /// When the trust bundle changes, no new request goes on a mutual-TLS
     /// connection made before: the next one makes a new connection, while
     /// a request running on the old one finishes; a connection outside the
     /// mesh (no peer identity verified) is kept.
     #[tokio::test]
     async fn after_a_trust_bundle_change_http2_requests_take_a_new_mutual_tls_connection() {
-        let (addr, accepted, mut arrived, release) = holding_server(Protocol::Http2).await;
+        let (addr, accepted, mut arrived, release) = holding_server(Protocol::Http2, true).await;
         let (plain_addr, plain_accepted) = server(Protocol::Http2, true).await;
         let pool = UpstreamPool::new();
         let meshed = UpstreamKey {
@@ -933,7 +888,7 @@ mod tests {
     /// and one in use then is not pooled again after its response.
     #[tokio::test]
     async fn after_a_trust_bundle_change_http1_keep_alive_connections_are_not_reused() {
-        let (addr, accepted, mut arrived, release) = holding_server(Protocol::Http1).await;
+        let (addr, accepted, mut arrived, release) = holding_server(Protocol::Http1, true).await;
         let pool = UpstreamPool::new();
         let meshed = UpstreamKey {
             mtls: true,
