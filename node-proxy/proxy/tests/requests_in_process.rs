@@ -334,24 +334,7 @@ async fn a_connection_for_requests_is_made_again_when_the_trust_bundle_changes()
     assert_eq!(node_a(&c).upstreams.connections(), 1);
 
     // The CA's bundle gains an anchor, as the first step of a rotation.
-    let certs = &node_a(&c).control_plane.as_ref().unwrap().certs;
-    let anchors = certs.trust_bundle().borrow().certificates().len();
-    let extra = weft_identity::init::trust_anchor(
-        "cluster.local",
-        "next",
-        Duration::from_secs(365 * 24 * 3600),
-    )
-    .unwrap();
-    let ca = &c.mesh.ca;
-    weft_identity::init::write_anchors(&ca.ca_dir(), &[&ca.anchor, &extra]).unwrap();
-    let mut bundle = certs.trust_bundle();
-    tokio::time::timeout(
-        PATIENCE,
-        bundle.wait_for(|b| b.certificates().len() == anchors + 1),
-    )
-    .await
-    .expect("the new bundle reaches node-a")
-    .unwrap();
+    c.mesh.add_trust_anchor().await;
     // The follower retires it within moments. The destination learns the
     // bundle too and sends GOAWAY, and the pool's reaper would then drop
     // the closed connection, but not before its first pass, 10 s after the

@@ -240,6 +240,32 @@ impl InProcessMesh {
         }
     }
 
+    /// The CA's trust bundle gains an anchor, as the first step of a
+    /// rotation; returns once every node proxy has the new bundle (each
+    /// learns it from its own stream, at its own moment).
+    pub async fn add_trust_anchor(&self) {
+        let certs = |n: &Node| n.inputs.control_plane.as_ref().unwrap().certs.clone();
+        let any = self.nodes.values().next().expect("a node");
+        let anchors = certs(any).trust_bundle().borrow().certificates().len();
+        let extra = weft_identity::init::trust_anchor(
+            "cluster.local",
+            "next",
+            Duration::from_secs(365 * 24 * 3600),
+        )
+        .unwrap();
+        weft_identity::init::write_anchors(&self.ca.ca_dir(), &[&self.ca.anchor, &extra]).unwrap();
+        for node in self.nodes.values() {
+            let mut bundle = certs(node).trust_bundle();
+            tokio::time::timeout(
+                Duration::from_secs(30),
+                bundle.wait_for(|b| b.certificates().len() == anchors + 1),
+            )
+            .await
+            .expect("the new bundle reaches the node proxy")
+            .unwrap();
+        }
+    }
+
     /// Like [`InProcessMesh::pod`], with the HBONE listener of a node proxy
     /// from before requests without a tunnel: TLS with the pod's
     /// certificate offering only the tunnels' ALPN protocol, each CONNECT
