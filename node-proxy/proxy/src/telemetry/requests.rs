@@ -7,9 +7,14 @@
 //! the view, a method *class* (the standard methods, else `other`), the
 //! status code, the gRPC status, and a route name (the HTTPRoute rule from
 //! the view, `default` without routes, `unmatched` for the proxy's 404).
-//! Paths, hosts and header values never become labels.
+//! Paths, hosts and header values never become labels. A server chooses
+//! its statuses, so only the registered ones are labels of their own
+//! ([`status_label`]): a hostile application answering every number from
+//! 100 to 999, with every gRPC status, must not make the node proxy hold
+//! a quarter of a million series per client for good.
 
 use super::classify::{Classification, MethodClass};
+use super::grpc::GrpcCode;
 use super::tcp::{Peers, Reporter};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -218,8 +223,8 @@ impl RequestMetrics {
                 Cow::Owned(route)
             },
             method,
-            status: outcome.status,
-            grpc_status: outcome.grpc_status,
+            status: status_label(outcome.status),
+            grpc_status: outcome.grpc_status.map(grpc_status_label),
             classification: outcome.classification,
         };
         let cached = self
@@ -248,6 +253,43 @@ impl RequestMetrics {
     }
 }
 
+/// The `status_code` label of an HTTP status: the number for a status the
+/// HTTP registry knows (what dashboards and alerts filter on), its class
+/// (`5xx`) for any other.
+fn status_label(status: u16) -> StatusLabel {
+    let registered = http::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .is_some();
+    if registered {
+        StatusLabel::Code(status)
+    } else {
+        StatusLabel::Class((status / 100) as u8)
+    }
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+enum StatusLabel {
+    Code(u16),
+    /// The hundreds digit of an unregistered status.
+    Class(u8),
+}
+
+impl std::fmt::Display for StatusLabel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StatusLabel::Code(code) => write!(f, "{code}"),
+            StatusLabel::Class(class) => write!(f, "{class}xx"),
+        }
+    }
+}
+
+/// The `grpc_status` label of a gRPC status: the number for one of the
+/// spec's codes (0 to 16), `None` (`other`) for any other.
+fn grpc_status_label(code: u32) -> Option<u32> {
+    (code <= GrpcCode::Unauthenticated.code()).then_some(code)
+}
+
 /// What tells one request series from another, cheap to hash and compare:
 /// the peers are shared with the connection (equal `Arc`s compare by
 /// pointer first), the numbers stay numbers.
@@ -257,8 +299,9 @@ struct SeriesKey {
     peers: Arc<Peers>,
     route: Cow<'static, str>,
     method: MethodClass,
-    status: u16,
-    grpc_status: Option<u32>,
+    status: StatusLabel,
+    /// `None`: plain HTTP; `Some(None)`: a gRPC status outside the spec.
+    grpc_status: Option<Option<u32>>,
     classification: Classification,
 }
 
@@ -274,7 +317,11 @@ impl SeriesKey {
             route: self.route.to_string(),
             method: self.method,
             status_code: self.status.to_string(),
-            grpc_status: self.grpc_status.map(|s| s.to_string()).unwrap_or_default(),
+            grpc_status: match self.grpc_status {
+                None => String::new(),
+                Some(Some(code)) => code.to_string(),
+                Some(None) => "other".to_string(),
+            },
             classification: self.classification,
         }
     }
@@ -392,5 +439,67 @@ mod tests {
         assert_eq!(count("503", "").as_deref(), Some("1"), "{text}");
         assert_eq!(count("200", "0").as_deref(), Some("1"), "{text}");
         assert_eq!(text.matches("weft_requests_total{").count(), 3, "{text}");
+    }
+
+    /// A server that answers every status from 100 to 999, and every gRPC
+    /// status a header can carry, makes a bounded number of series: the
+    /// registered statuses each, the others by class; the spec's gRPC codes
+    /// each, the others as `other`.
+    #[test]
+    fn a_server_cannot_make_series_without_bound() {
+        let mut registry = Registry::default();
+        let m = RequestMetrics::default();
+        m.register(&mut registry);
+        let peers = Arc::new(Peers {
+            destination_workload: "hostile".into(),
+            ..Default::default()
+        });
+        let record = |status, grpc_status| {
+            let outcome = Outcome {
+                status,
+                grpc_status,
+                classification: Classification::Failure,
+            };
+            m.record(
+                Reporter::Source,
+                &peers,
+                String::new(),
+                MethodClass::Post,
+                &outcome,
+                Duration::from_millis(1),
+            );
+        };
+        for status in 100..=999 {
+            record(status, None);
+        }
+        for code in 0..=255 {
+            record(200, Some(code));
+        }
+        let text = render(&registry);
+        let count = |status: &str, grpc: &str| {
+            let labels = format!("status_code=\"{status}\",grpc_status=\"{grpc}\"");
+            text.lines()
+                .filter(|l| l.starts_with("weft_requests_total{"))
+                .find(|l| l.contains(&labels))
+                .and_then(|l| l.rsplit(' ').next())
+                .map(|v| v.to_string())
+        };
+        assert_eq!(count("418", "").as_deref(), Some("1"), "registered");
+        assert_eq!(count("503", "").as_deref(), Some("1"), "registered");
+        // 509 is not registered; 510 and 511 are.
+        assert_eq!(count("509", ""), None, "{text}");
+        assert_eq!(count("510", "").as_deref(), Some("1"));
+        assert_eq!(
+            count("5xx", "").as_deref(),
+            Some("89"),
+            "500-599 but 500-508, 510, 511"
+        );
+        assert_eq!(count("9xx", "").as_deref(), Some("100"));
+        assert_eq!(count("200", "16").as_deref(), Some("1"));
+        assert_eq!(count("200", "other").as_deref(), Some("239"), "17 to 255");
+        let series = text.matches("weft_requests_total{").count();
+        // The 62 registered statuses (the `http` crate's registry), the 9
+        // classes 1xx to 9xx; with status 200, the 17 gRPC codes and `other`.
+        assert_eq!(series, 62 + 9 + 17 + 1, "{text}");
     }
 }
