@@ -505,6 +505,7 @@ async fn follow_view(
         let version = (snapshot.view.epoch.clone(), snapshot.view.version);
         if last_version.as_ref() != Some(&version) {
             pods.reconcile();
+            weft_node_proxy::state::forget_departed_endpoints(&snapshot.view, &pods.balancer());
             // Policies change with the view: close what is no longer allowed.
             let revoked = authz.revalidate(Some(&snapshot.view));
             if revoked > 0 {

@@ -18,7 +18,8 @@ pub mod routes;
 pub mod snapshot;
 
 pub use control_plane::{
-    ControlPlane, Route, endpoints_of, identity_of, local_workload, route, route_to_service,
+    ControlPlane, Route, endpoints_of, forget_departed_endpoints, identity_of, local_workload,
+    route, route_to_service,
 };
 pub use snapshot::Snapshot;
 

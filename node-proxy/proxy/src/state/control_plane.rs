@@ -247,6 +247,26 @@ pub fn endpoints_of(
         .collect()
 }
 
+/// Forgets the balancer's statistics of endpoints that left the view: a
+/// deleted pod's address (a new pod may get it next, and must not inherit
+/// its latency or its ejection), an address outside any workload removed
+/// from its Service. A pod that is only not ready keeps them (it may come
+/// back). Without this, the statistics of every endpoint ever picked stayed
+/// for the proxy's lifetime. Run at each new view; one pass over the
+/// Services' endpoints, hashing only those outside any workload.
+pub fn forget_departed_endpoints(view: &View, balancer: &Balancer<SocketAddr>) {
+    let outside_workloads: std::collections::HashSet<IpAddr> = view
+        .services
+        .values()
+        .flat_map(|s| s.endpoints.iter())
+        .filter(|ep| ep.workload_uid.is_empty())
+        .flat_map(|ep| ep.addresses.iter().filter_map(|a| address::decode(a)))
+        .collect();
+    balancer.retain(|k| {
+        view.workload_by_address(k.ip()).is_some() || outside_workloads.contains(&k.ip())
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -313,6 +333,46 @@ mod tests {
 
     fn addr(s: &str) -> SocketAddr {
         s.parse().unwrap()
+    }
+
+    /// The statistics of a deleted pod's address are forgotten with the
+    /// next view; those of endpoints still in a Service (a pod's, or an
+    /// address outside any workload) are kept.
+    #[test]
+    fn a_departed_endpoints_statistics_are_forgotten() {
+        let external = Endpoint {
+            addresses: vec![address::encode("192.0.2.7".parse().unwrap())],
+            weight: 1,
+            ports: [(80, 9000)].into(),
+            ..Default::default()
+        };
+        let before = view(
+            vec![
+                workload("u1", "echo-1", "10.244.1.2", true),
+                workload("u2", "echo-2", "10.244.1.3", true),
+            ],
+            vec![service(vec![
+                endpoint_of("u1"),
+                endpoint_of("u2"),
+                external.clone(),
+            ])],
+        );
+        let b = Balancer::new(BalancerConfig::default());
+        for ep in ["10.244.1.2:9000", "10.244.1.3:9000", "192.0.2.7:9000"] {
+            b.connected(&addr(ep), std::time::Duration::from_millis(5));
+        }
+        forget_departed_endpoints(&before, &b);
+        assert_eq!(b.snapshot().len(), 3, "all still in the view");
+
+        // echo-2 is deleted.
+        let after = view(
+            vec![workload("u1", "echo-1", "10.244.1.2", true)],
+            vec![service(vec![endpoint_of("u1"), external])],
+        );
+        forget_departed_endpoints(&after, &b);
+        let mut kept: Vec<SocketAddr> = b.snapshot().into_iter().map(|(k, _)| k).collect();
+        kept.sort();
+        assert_eq!(kept, [addr("10.244.1.2:9000"), addr("192.0.2.7:9000")]);
     }
 
     #[test]
