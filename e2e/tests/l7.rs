@@ -580,5 +580,35 @@ fn grpc_and_http2_are_proxied_per_request_and_server_first_protocols_do_not_stal
     }
     promtool_accepts(node_a);
 
+    // grpc-2 is deleted: node A's balancer forgets what it measured of it
+    // with the first view without it (a new pod may get its address), and
+    // keeps grpc-1's.
+    let manifest = cluster.manifest_dir().join("c.yaml");
+    let yaml = std::fs::read_to_string(&manifest).unwrap();
+    let kept: Vec<&str> = yaml
+        .split("\n---\n")
+        .filter(|doc| !doc.contains("name: grpc-2,"))
+        .collect();
+    assert_eq!(
+        kept.len() + 1,
+        yaml.split("\n---\n").count(),
+        "one pod removed"
+    );
+    std::fs::write(&manifest, kept.join("\n---\n")).unwrap();
+    let measured = |pod: &str| {
+        let addr = format!("{}:50051", cluster.pod(pod).ip);
+        mc.config_dump("node-a")["balancer"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["address"] == addr.as_str())
+    };
+    support::mesh_cluster::wait_until(
+        "node A forgets grpc-2",
+        support::mesh_cluster::PATIENCE,
+        || !measured("demo/grpc-2"),
+    );
+    assert!(measured("demo/grpc-1"), "grpc-1 is still an endpoint");
+
     mc.down();
 }
