@@ -317,6 +317,16 @@ mod tests {
         }
     }
 
+    /// An endpoint outside any workload: an address, port 80 to `port`.
+    fn endpoint_at(ip: &str, port: u32) -> Endpoint {
+        Endpoint {
+            addresses: vec![address::encode(ip.parse().unwrap())],
+            weight: 1,
+            ports: [(80, port)].into(),
+            ..Default::default()
+        }
+    }
+
     fn view(workloads: Vec<Workload>, services: Vec<Service>) -> View {
         let mut v = View::default();
         v.apply(WatchResponse {
@@ -340,12 +350,7 @@ mod tests {
     /// address outside any workload) are kept.
     #[test]
     fn a_departed_endpoints_statistics_are_forgotten() {
-        let external = Endpoint {
-            addresses: vec![address::encode("192.0.2.7".parse().unwrap())],
-            weight: 1,
-            ports: [(80, 9000)].into(),
-            ..Default::default()
-        };
+        let external = endpoint_at("192.0.2.7", 9000);
         let before = view(
             vec![
                 workload("u1", "echo-1", "10.244.1.2", true),
@@ -463,12 +468,7 @@ mod tests {
 
     #[test]
     fn backends_outside_the_mesh_and_undeclared_ports_are_plain() {
-        let outside = Endpoint {
-            addresses: vec![address::encode("10.244.3.9".parse().unwrap())],
-            weight: 1,
-            ports: [(80, 8080)].into(),
-            ..Default::default()
-        };
+        let outside = endpoint_at("10.244.3.9", 8080);
         let v = view(vec![], vec![service(vec![outside])]);
         let b = Balancer::new(BalancerConfig::default());
         let (r, balanced) = route(&v, addr("10.96.0.10:80"), &b, &[], &mut rand::rng());

@@ -338,6 +338,14 @@ fn retry_labels(destination_service: &str, route: &str) -> RetryLabels {
 mod tests {
     use super::*;
 
+    /// Request metrics and the registry they are registered in.
+    fn registered() -> (Registry, RequestMetrics) {
+        let mut registry = Registry::default();
+        let m = RequestMetrics::default();
+        m.register(&mut registry);
+        (registry, m)
+    }
+
     fn render(registry: &Registry) -> String {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, registry).unwrap();
@@ -346,9 +354,7 @@ mod tests {
 
     #[test]
     fn a_request_is_counted_and_its_duration_lands_in_the_right_bucket() {
-        let mut registry = Registry::default();
-        let m = RequestMetrics::default();
-        m.register(&mut registry);
+        let (registry, m) = registered();
         let peers = Arc::new(Peers {
             source_workload: "client".into(),
             destination_service: "echo.demo.svc.cluster.local".into(),
@@ -395,9 +401,7 @@ mod tests {
     /// its own.
     #[test]
     fn the_same_labels_count_into_one_series_whoever_records_them() {
-        let mut registry = Registry::default();
-        let m = RequestMetrics::default();
-        m.register(&mut registry);
+        let (registry, m) = registered();
         let peers = || {
             Arc::new(Peers {
                 source_workload: "client".into(),
@@ -447,9 +451,7 @@ mod tests {
     /// each, the others as `other`.
     #[test]
     fn a_server_cannot_make_series_without_bound() {
-        let mut registry = Registry::default();
-        let m = RequestMetrics::default();
-        m.register(&mut registry);
+        let (registry, m) = registered();
         let peers = Arc::new(Peers {
             destination_workload: "hostile".into(),
             ..Default::default()
