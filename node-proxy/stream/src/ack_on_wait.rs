@@ -205,13 +205,15 @@ mod tests {
     use tokio::net::{TcpListener, TcpStream};
 
     /// A connection in ping-pong mode (the kernel delays its ACKs), the
-    /// server side read through [`AckOnDemand`], and `TCP_QUICKACK`
-    /// cleared so the flag shows what the wrapper did.
-    async fn interactive() -> (TcpStream, AckOnDemand<TcpStream>) {
+    /// server side read through the [`AckOnDemand`] `wrap` makes, and
+    /// `TCP_QUICKACK` cleared so the flag shows what the wrapper did.
+    async fn interactive(
+        wrap: fn(TcpStream) -> AckOnDemand<TcpStream>,
+    ) -> (TcpStream, AckOnDemand<TcpStream>) {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let mut c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (s, _) = l.accept().await.unwrap();
-        let mut s = AckOnDemand::new(s);
+        let mut s = wrap(s);
         c.write_all(b"ping").await.unwrap();
         let mut buf = [0u8; 4];
         s.read_exact(&mut buf).await.unwrap();
@@ -227,6 +229,14 @@ mod tests {
             .unwrap();
     }
 
+    /// `c` writes `msg`; it is read, unchanged, through `s`.
+    async fn crosses(c: &mut TcpStream, s: &mut AckOnDemand<TcpStream>, msg: &[u8; 4]) {
+        let mut buf = [0u8; 4];
+        c.write_all(msg).await.unwrap();
+        s.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, msg);
+    }
+
     fn in_quickack_mode(s: &AckOnDemand<TcpStream>) -> bool {
         socket2::SockRef::from(s.get_ref()).tcp_quickack().unwrap()
     }
@@ -235,7 +245,7 @@ mod tests {
     /// an upgrade every read does.
     #[tokio::test]
     async fn reads_are_acknowledged_when_the_proxy_waits_for_the_rest() {
-        let (mut c, mut s) = interactive().await;
+        let (mut c, mut s) = interactive(AckOnDemand::new).await;
         let mut buf = [0u8; 4];
         c.write_all(b"head").await.unwrap();
         s.read_exact(&mut buf).await.unwrap();
@@ -255,17 +265,25 @@ mod tests {
 
         quickack(&s, false);
         s.acker().ack_every_read();
-        c.write_all(b"byte").await.unwrap();
-        s.read_exact(&mut buf).await.unwrap();
-        assert_eq!(&buf, b"byte");
+        crosses(&mut c, &mut s, b"byte").await;
         assert!(in_quickack_mode(&s), "upgraded: every read acknowledged");
+    }
+
+    /// Reading through [`AckOnDemand::every_read`] leaves the socket in
+    /// quick-ACK mode (the kernel reports the one-shot flag as set until
+    /// its next ping-pong exchange), and the bytes arrive unchanged.
+    #[tokio::test]
+    async fn a_read_rearms_quickack() {
+        let (mut c, mut s) = interactive(AckOnDemand::every_read).await;
+        crosses(&mut c, &mut s, b"next").await;
+        assert!(in_quickack_mode(&s), "quick-ACK mode after a read");
     }
 
     /// An acker outliving its stream forgets the descriptor before the
     /// stream closes it (its number may be another socket's next).
     #[tokio::test]
     async fn an_acker_of_a_closed_stream_holds_no_descriptor() {
-        let (_c, s) = interactive().await;
+        let (_c, s) = interactive(AckOnDemand::new).await;
         let acker = s.acker();
         assert!(acker.0.fd.lock().unwrap().is_some());
         drop(s);

@@ -58,37 +58,3 @@ where
     }
     poll
 }
-
-#[cfg(test)]
-mod tests {
-    use crate::AckOnDemand;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::{TcpListener, TcpStream};
-
-    /// Reading through the wrapper leaves the socket in quick-ACK mode
-    /// (the kernel reports the one-shot flag as set until its next
-    /// ping-pong exchange), and the bytes arrive unchanged.
-    #[tokio::test]
-    async fn a_read_rearms_quickack() {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let (s, _) = l.accept().await.unwrap();
-        let mut s = AckOnDemand::every_read(s);
-        // Interactive exchange: the server side enters ping-pong mode.
-        c.write_all(b"ping").await.unwrap();
-        let mut buf = [0u8; 4];
-        s.read_exact(&mut buf).await.unwrap();
-        s.write_all(b"pong").await.unwrap();
-        c.read_exact(&mut buf).await.unwrap();
-        socket2::SockRef::from(s.get_ref())
-            .set_tcp_quickack(false)
-            .unwrap();
-        c.write_all(b"next").await.unwrap();
-        s.read_exact(&mut buf).await.unwrap();
-        assert_eq!(&buf, b"next");
-        assert!(
-            socket2::SockRef::from(s.get_ref()).tcp_quickack().unwrap(),
-            "quick-ACK mode after a read"
-        );
-    }
-}

@@ -152,7 +152,7 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<LocalPod>, cx:
     // A client may write in pieces here too: ACK them at once.
     let mut acked = AckOnDemand::every_read(&mut client);
     let (mut moved, err) = splice(&mut acked, &mut upstream).await;
-    drop(acked);
+    drop(acked); // gives `client` back (reset below on an error)
     moved.a_to_b += first.len() as u64;
     tracing::info!(
         target: "access",
