@@ -6,7 +6,9 @@
 //! (direct). For each path:
 //! - single-connection throughput: `iperf3 -t 4`, 3 runs, median;
 //! - connection set-up: 300 sequential new connections, each a 64-byte
-//!   round trip (`conn_rtt.py`): connections/s and latency p50/p99;
+//!   round trip (`conn_rtt.py`): connections/s, latency p50/p99 and the
+//!   node proxies' CPU per connection; the same through two plain TCP
+//!   relays, one per node (`relays.rs`): the floor of any proxy per node;
 //! - HTTP/1.1 and gRPC latency at a fixed request rate, open loop
 //!   (`http.rs`): p50/p99 per round, rounds alternating direct, the mesh
 //!   with L7 (HTTP detected: request-level proxying and metrics) and the
@@ -47,6 +49,7 @@ mod connections;
 mod failover;
 mod http;
 mod memory;
+mod relays;
 mod rollout;
 mod stacks;
 mod throughput;
@@ -135,6 +138,9 @@ struct PathResult {
     conn_per_s: Vec<f64>,
     p50_us: Vec<f64>,
     p99_us: Vec<f64>,
+    /// Microseconds of CPU per connection of the processes between the
+    /// client and the server (the node proxies, or the relays).
+    hop_cpu_us: Vec<f64>,
 }
 
 /// Connection rounds per path: one round of 300 was at the mercy of
@@ -183,12 +189,12 @@ fn connections_per_round() -> u32 {
         .unwrap_or(300)
 }
 
-/// One round of sequential connections into `r`.
-fn measure_connections(cluster: &TestCluster, ns: &str, r: &mut PathResult) {
-    let server = cluster.pod(&format!("{ns}/server")).ip.to_string();
+/// One round of sequential connections from `ns/client` to `host:port`
+/// into `r`.
+fn measure_connections(cluster: &TestCluster, ns: &str, host: &str, port: u16, r: &mut PathResult) {
     let client = format!("{ns}/client");
-    let n = connections_per_round().to_string();
-    let out = cluster.exec_ok(&client, &["./conn_rtt.py", &server, "9000", &n]);
+    let (port, n) = (port.to_string(), connections_per_round().to_string());
+    let out = cluster.exec_ok(&client, &["./conn_rtt.py", host, &port, &n]);
     let v: serde_json::Value = serde_json::from_str(&out).expect("conn_rtt JSON");
     let mut lat: Vec<f64> = v["lat_us"]
         .as_array()
@@ -202,20 +208,85 @@ fn measure_connections(cluster: &TestCluster, ns: &str, r: &mut PathResult) {
     r.p99_us.push(percentile(&mut lat, 0.99));
 }
 
+/// The new-connection rounds' results per path.
+#[derive(Default)]
+struct ConnectionPaths {
+    direct: PathResult,
+    meshed: PathResult,
+    /// Direct's client and server through two plain relays
+    /// ([`relays::Relays`]): the floor of any mesh with a proxy per node.
+    relayed: PathResult,
+}
+
 /// [`CONN_ROUNDS`] rounds of new connections per path, alternating, so
-/// that the machine's load drifts over both alike.
-fn connection_rounds(cluster: &TestCluster, direct: &mut PathResult, meshed: &mut PathResult) {
+/// that the machine's load drifts over all alike. The CPU the node proxies
+/// (or the relays) spent in a round, per connection, goes with it: each
+/// is idle in the other paths' rounds.
+fn connection_rounds(cluster: &TestCluster, mesh: &Mesh, paths: &mut ConnectionPaths) {
+    let server = |ns: &str| cluster.pod(&format!("{ns}/server")).ip.to_string();
+    let relays = relays::Relays::start(cluster, &server("direct"), 9000);
+    let entry = relays.entry.ip().to_string();
+    let proxies: Vec<u32> = ["node-a", "node-b"]
+        .iter()
+        .filter_map(|n| mesh.pid(&Component::NodeProxy(n.to_string())))
+        .collect();
+    let per_connection = |pids: &[u32], round: &mut dyn FnMut()| {
+        let before = cpu_ns(pids);
+        round();
+        let spent = cpu_ns(pids) - before;
+        spent as f64 / 1e3 / f64::from(connections_per_round())
+    };
     for _ in 0..CONN_ROUNDS {
-        measure_connections(cluster, "direct", direct);
-        measure_connections(cluster, "mesh", meshed);
+        measure_connections(
+            cluster,
+            "direct",
+            &server("direct"),
+            9000,
+            &mut paths.direct,
+        );
+        let cpu = per_connection(&proxies, &mut || {
+            measure_connections(cluster, "mesh", &server("mesh"), 9000, &mut paths.meshed)
+        });
+        paths.meshed.hop_cpu_us.push(cpu);
+        let port = relays.entry.port();
+        let cpu = per_connection(&relays.pids(), &mut || {
+            measure_connections(cluster, "direct", &entry, port, &mut paths.relayed)
+        });
+        paths.relayed.hop_cpu_us.push(cpu);
     }
 }
 
-/// The new-connection rows of the table: direct, the mesh, their ratio.
-fn print_connection_rows(direct: &PathResult, meshed: &PathResult) {
+/// Nanoseconds on a CPU of every thread of these processes so far
+/// (`/proc/PID/task/*/schedstat`: finer than the clock ticks of
+/// `/proc/PID/stat`, which are 10 ms).
+fn cpu_ns(pids: &[u32]) -> u64 {
+    let mut total = 0;
+    for pid in pids {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let stat = std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
+            total += stat
+                .split_whitespace()
+                .next()
+                .and_then(|ns| ns.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    total
+}
+
+/// The new-connection rows of the table: direct, the mesh, their ratio,
+/// then the two plain relays and their ratio to direct.
+fn print_connection_rows(paths: &ConnectionPaths) {
     println!(
-        "connections: {CONN_ROUNDS} rounds of {} per path, alternating (median of the rounds [min-max]):",
+        "connections: {CONN_ROUNDS} rounds of {} per path, alternating (median of the rounds [min-max]; two relays: plain TCP relays on both nodes, the floor of a proxy per node):",
         connections_per_round()
+    );
+    println!(
+        "{:<28} {:>14} {:>14} {:>8} {:>14} {:>8}",
+        "", "direct", "mesh", "ratio", "two relays", "ratio"
     );
     let conn_rows: [(&str, Column); 3] = [
         ("new connections/s (seq.)", |r| &r.conn_per_s),
@@ -223,16 +294,38 @@ fn print_connection_rows(direct: &PathResult, meshed: &PathResult) {
         ("conn+64B RTT p99 (us)", |r| &r.p99_us),
     ];
     for (label, values) in conn_rows {
-        let (d, m) = (values(direct), values(meshed));
-        let (dm, mm) = (median(&mut d.to_vec()), median(&mut m.to_vec()));
+        let (d, m, f) = (
+            values(&paths.direct),
+            values(&paths.meshed),
+            values(&paths.relayed),
+        );
+        let (dm, mm, fm) = (
+            median(&mut d.to_vec()),
+            median(&mut m.to_vec()),
+            median(&mut f.to_vec()),
+        );
         println!(
-            "{:<28} {:>14} {:>14} {:>8.2}",
+            "{:<28} {:>14} {:>14} {:>8.2} {:>14} {:>8.2}",
             label,
             format!("{dm:.0} [{}]", spread(d)),
             format!("{mm:.0} [{}]", spread(m)),
-            mm / dm
+            mm / dm,
+            format!("{fm:.0} [{}]", spread(f)),
+            fm / dm
         );
     }
+    let hop_cpu = |r: &PathResult| {
+        let v = &r.hop_cpu_us;
+        format!("{:.0} [{}]", median(&mut v.clone()), spread(v))
+    };
+    println!(
+        "{:<28} {:>14} {:>14} {:>8} {:>14}",
+        "proxies' CPU/conn (us)",
+        "-",
+        hop_cpu(&paths.meshed),
+        "",
+        hop_cpu(&paths.relayed)
+    );
 }
 
 /// The HTTP paths compared: (label, namespace, server port). The mesh's
@@ -458,6 +551,19 @@ fn main() {
             }
             http::server(&ports)
         }
+        Some("relay") => {
+            let usage = "usage: mesh-bench relay PORT HOST:PORT ahead|on-first-byte";
+            let (Some(port), Some(target), Some(mode)) = (
+                args.get(2).and_then(|p| p.parse().ok()),
+                args.get(3).and_then(|t| t.parse().ok()),
+                args.get(4)
+                    .filter(|m| ["ahead", "on-first-byte"].contains(&m.as_str())),
+            ) else {
+                eprintln!("{usage}");
+                std::process::exit(2)
+            };
+            relays::serve(port, target, mode == "ahead")
+        }
         Some("echo-server") => {
             let Some(port) = args.get(2).and_then(|p| p.parse().ok()) else {
                 eprintln!("usage: mesh-bench echo-server PORT");
@@ -582,9 +688,9 @@ fn main() {
     }
     if std::env::var("WEFT_BENCH_PART").as_deref() == Ok("new-connections") {
         eprintln!("node proxy pids: {}", proxy_pids(&mesh).join(","));
-        let (mut direct, mut meshed) = (PathResult::default(), PathResult::default());
-        connection_rounds(&cluster, &mut direct, &mut meshed);
-        print_connection_rows(&direct, &meshed);
+        let mut paths = ConnectionPaths::default();
+        connection_rounds(&cluster, &mesh, &mut paths);
+        print_connection_rows(&paths);
         drop(cluster);
         mesh.reap();
         return;
@@ -593,11 +699,10 @@ fn main() {
         .iter()
         .map(|n| proxy_rss(&mesh, n))
         .collect();
-    let mut direct = PathResult::default();
-    let mut meshed = PathResult::default();
-    measure_throughput(&cluster, "direct", &mut direct);
-    measure_throughput(&cluster, "mesh", &mut meshed);
-    connection_rounds(&cluster, &mut direct, &mut meshed);
+    let mut paths = ConnectionPaths::default();
+    measure_throughput(&cluster, "direct", &mut paths.direct);
+    measure_throughput(&cluster, "mesh", &mut paths.meshed);
+    connection_rounds(&cluster, &mesh, &mut paths);
     let latency = latency_runs(&cluster);
     // Requests per CPU second of the proxies, L7 and L4.
     let mut per_cpu = Vec::new();
@@ -618,7 +723,11 @@ fn main() {
     mesh.reap();
     let (many_up, many_rss, none_rss, captured) = many_pods(binaries.clone());
 
-    let (dg, mg) = (median(&mut direct.gbps), median(&mut meshed.gbps));
+    let (direct, meshed) = (&paths.direct, &paths.meshed);
+    let (dg, mg) = (
+        median(&mut direct.gbps.clone()),
+        median(&mut meshed.gbps.clone()),
+    );
     println!(
         "mesh benchmark (simulator, 2 nodes, cross-node, {} cores)",
         std::thread::available_parallelism()
@@ -636,7 +745,7 @@ fn main() {
         format!("{mg:.2} [{}]", spread2(&meshed.gbps)),
         mg / dg
     );
-    print_connection_rows(&direct, &meshed);
+    print_connection_rows(&paths);
     for (pi, proto) in PROTOS.iter().enumerate() {
         let name = match proto {
             http::Proto::Http1 => "HTTP/1.1 GET",
