@@ -14,6 +14,9 @@
 //!   with L7 (HTTP detected: request-level proxying and metrics) and the
 //!   mesh at L4 only (the same server on a port the pod declares opaque);
 //! - requests per CPU second of the node proxies, closed loop, L7 and L4;
+//!   and gRPC calls per CPU second of two plain TCP relays against two
+//!   plain HTTP/2 relays (`relays.rs`), the floor of the L7/L4 ratio;
+//!   `WEFT_BENCH_PART=grpc-floor` runs the relays' part alone;
 //! - the node proxies' RSS idle, after the runs, and (a second cluster)
 //!   with 100 enrolled pods on one node against a node with none;
 //! - applications as they are found (`stacks.rs`, a third cluster): real
@@ -224,7 +227,7 @@ struct ConnectionPaths {
 /// is idle in the other paths' rounds.
 fn connection_rounds(cluster: &TestCluster, mesh: &Mesh, paths: &mut ConnectionPaths) {
     let server = |ns: &str| cluster.pod(&format!("{ns}/server")).ip.to_string();
-    let relays = relays::Relays::start(cluster, &server("direct"), 9000);
+    let relays = relays::Relays::start(cluster, relays::RelayKind::Tcp, 0, &server("direct"), 9000);
     let entry = relays.entry.ip().to_string();
     let proxies: Vec<u32> = ["node-a", "node-b"]
         .iter()
@@ -366,22 +369,75 @@ fn per_cpu_second(cluster: &TestCluster, mesh: &Mesh, port: u16, proto: http::Pr
     let server = cluster.pod("mesh/server").ip.to_string();
     let cpu = || proxies_cpu_seconds(mesh);
     let before = cpu();
+    let (completed, seconds) = closed_loop(cluster, "mesh", &format!("{server}:{port}"), proto);
+    let used = cpu() - before;
+    (completed / used, completed / seconds)
+}
+
+/// One closed-loop run ([`MAX_CONCURRENCY`] callers, [`MAX_SECONDS`]) from
+/// `ns/client` to `target`: the requests completed and the seconds taken.
+fn closed_loop(cluster: &TestCluster, ns: &str, target: &str, proto: http::Proto) -> (f64, f64) {
     let out = cluster.exec_ok(
-        "mesh/client",
+        &format!("{ns}/client"),
         &[
             &exe(),
             "http-max",
-            &format!("{server}:{port}"),
+            target,
             proto.arg(),
             &MAX_SECONDS.to_string(),
             &MAX_CONCURRENCY.to_string(),
         ],
     );
-    let used = cpu() - before;
     let v: serde_json::Value = serde_json::from_str(out.trim()).expect("http-max JSON");
     let completed = v["completed"].as_f64().unwrap_or(0.0);
     let seconds = v["seconds"].as_f64().unwrap_or(f64::NAN);
-    (completed / used, completed / seconds)
+    (completed, seconds)
+}
+
+/// Rounds of the gRPC floor per kind of relay.
+const FLOOR_ROUNDS: usize = 3;
+
+/// gRPC calls per relay CPU second through two plain TCP relays and two
+/// plain HTTP/2 relays ([`relays`]), direct's client to direct's server,
+/// closed loop as [`per_cpu_second`], [`FLOOR_ROUNDS`] rounds alternating:
+/// what taking each call apart costs by itself. Returns the rows.
+fn grpc_floor(cluster: &TestCluster) -> String {
+    use relays::{RelayKind, Relays};
+    let server = cluster.pod("direct/server").ip.to_string();
+    let pairs = [RelayKind::Tcp, RelayKind::Http2].map(|kind| {
+        let relays = Relays::start(cluster, kind, 1 + kind as u16, &server, 8080);
+        (kind, relays, Vec::new())
+    });
+    let mut pairs = pairs;
+    for _ in 0..FLOOR_ROUNDS {
+        for (_, relays, per_cpu_s) in pairs.iter_mut() {
+            let before = cpu_ns(&relays.pids());
+            let (completed, _) = closed_loop(
+                cluster,
+                "direct",
+                &relays.entry.to_string(),
+                http::Proto::Grpc,
+            );
+            let used = (cpu_ns(&relays.pids()) - before) as f64 / 1e9;
+            per_cpu_s.push(completed / used);
+        }
+    }
+    let mut rows = format!(
+        "gRPC unary through two plain relays (no TLS, nothing but the relaying; closed loop, {MAX_CONCURRENCY} callers, {MAX_SECONDS}s, {FLOOR_ROUNDS} rounds alternating; calls per relay CPU second, median [min-max]):"
+    );
+    let tcp = median(&mut pairs[0].2.clone());
+    for (kind, _, per_cpu_s) in &pairs {
+        let m = median(&mut per_cpu_s.clone());
+        rows += &format!(
+            "\n  {:<14} {:>8.0} [{}] calls/CPU-s, {:.1} us per call, {:.2}x the TCP relays' CPU per call",
+            format!("{kind:?} relays"),
+            m,
+            spread(per_cpu_s),
+            1e6 / m,
+            tcp / m
+        );
+    }
+    rows
 }
 
 /// The closed loop alone, for a profiler (see the module's doc).
@@ -552,17 +608,23 @@ fn main() {
             http::server(&ports)
         }
         Some("relay") => {
-            let usage = "usage: mesh-bench relay PORT HOST:PORT ahead|on-first-byte";
+            let usage = "usage: mesh-bench relay PORT HOST:PORT ahead|on-first-byte|http2";
             let (Some(port), Some(target), Some(mode)) = (
                 args.get(2).and_then(|p| p.parse().ok()),
                 args.get(3).and_then(|t| t.parse().ok()),
-                args.get(4)
-                    .filter(|m| ["ahead", "on-first-byte"].contains(&m.as_str())),
+                args.get(4).map(String::as_str),
             ) else {
                 eprintln!("{usage}");
                 std::process::exit(2)
             };
-            relays::serve(port, target, mode == "ahead")
+            match mode {
+                "ahead" | "on-first-byte" => relays::serve(port, target, mode == "ahead"),
+                "http2" => relays::serve_http2(port, target),
+                _ => {
+                    eprintln!("{usage}");
+                    std::process::exit(2)
+                }
+            }
         }
         Some("echo-server") => {
             let Some(port) = args.get(2).and_then(|p| p.parse().ok()) else {
@@ -680,6 +742,12 @@ fn main() {
         mesh.reap();
         return;
     }
+    if std::env::var("WEFT_BENCH_PART").as_deref() == Ok("grpc-floor") {
+        println!("{}", grpc_floor(&cluster));
+        drop(cluster);
+        mesh.reap();
+        return;
+    }
     if std::env::var("WEFT_BENCH_PART").as_deref() == Ok("latency") {
         latency_rounds(&cluster);
         drop(cluster);
@@ -715,6 +783,7 @@ fn main() {
             per_cpu.push((proto, label, per_cpu_s, rps));
         }
     }
+    let floor = grpc_floor(&cluster);
     let busy: Vec<f64> = ["node-a", "node-b"]
         .iter()
         .map(|n| proxy_rss(&mesh, n))
@@ -796,6 +865,7 @@ fn main() {
     for (proto, label, per_cpu_s, rps) in &per_cpu {
         println!("  {proto:?} {label:<8} {per_cpu_s:>8.0} req/CPU-s   ({rps:.0} req/s)");
     }
+    println!("{floor}");
     for ((node, i), b) in ["node-a", "node-b"].iter().zip(&idle).zip(&busy) {
         println!(
             "node proxy {node} RSS: {i:.1} MiB idle (1 enrolled pod), {b:.1} MiB after the runs"

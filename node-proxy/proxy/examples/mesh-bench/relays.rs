@@ -1,25 +1,47 @@
-//! The floor under the new-connection row: two plain TCP relays, one in
-//! each node's namespace, between the direct path's client and server.
+//! The floors under two rows: plain relays, one in each node's namespace,
+//! between the direct path's client and server.
 //!
-//! Any mesh with a user-space proxy on each node makes a new connection
-//! cross two more processes than the direct path: client → node A's proxy
-//! → node B's proxy → application and back. These relays do nothing else:
-//! no TLS, no HTTP/2, no policy, no metrics, no log, one thread each (no
-//! hand-over between threads). Node A's relay keeps [`AHEAD`] connections
-//! to node B's relay made ahead (as the mesh keeps its HBONE connection),
-//! so a client's connection costs no handshake between the nodes; node B's
-//! relay connects to the application when the first bytes arrive. What
-//! the row measures through them is what the hops alone cost on this
-//! machine, the part of the mesh's ratio no proxy code can remove.
+//! Any mesh with a user-space proxy on each node makes a request cross two
+//! more processes than the direct path: client → node A's proxy → node B's
+//! proxy → application and back. These relays do nothing else: no TLS, no
+//! policy, no metrics, no log, one thread each (no hand-over between
+//! threads).
+//!
+//! - [`RelayKind::Tcp`] copies bytes. Node A's relay keeps [`AHEAD`]
+//!   connections to node B's made ahead (as the mesh keeps its HBONE
+//!   connection), so a client's connection costs no handshake between the
+//!   nodes; node B's relay connects to the application when the first
+//!   bytes arrive. Through them, new connections cost what the hops alone
+//!   cost on this machine: the part of the mesh's ratio no proxy code can
+//!   remove.
+//! - [`RelayKind::Http2`] takes each request apart and sends it on, with
+//!   hyper (the HTTP/2 the mesh uses): an HTTP/2 server for the incoming
+//!   connections, one HTTP/2 client connection to the next hop. Against
+//!   the TCP relays, per call, it is what parsing and re-encoding each call
+//!   costs by itself, whatever else a proxy does.
 
+use bytes::Bytes;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Stdio};
 use tokio::net::{TcpListener, TcpStream};
 use weft_sim::TestCluster;
 
-/// The relays' port on each node's address.
-const PORT: u16 = 15999;
+/// What a relay does with a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RelayKind {
+    /// Copies bytes, to the next hop on a connection of its own.
+    Tcp,
+    /// Serves HTTP/2 and sends each request on one HTTP/2 connection to
+    /// the next hop.
+    Http2,
+}
+
+/// The first of the relays' ports on each node's address (one per pair of
+/// relays started at once).
+const FIRST_PORT: u16 = 15990;
 /// Connections node A's relay holds ready to node B's.
 const AHEAD: usize = 8;
 
@@ -74,6 +96,61 @@ pub fn serve(port: u16, target: SocketAddr, ahead: bool) -> ! {
     std::process::exit(1)
 }
 
+/// `relay PORT TARGET http2`: serves HTTP/2 (prior knowledge) on PORT and
+/// sends every request on one HTTP/2 connection to TARGET, made when the
+/// relay starts. Prints `listening` once bound and connected.
+pub fn serve_http2(port: u16, target: SocketAddr) -> ! {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(async move {
+        let listener = TcpListener::bind(("0.0.0.0", port))
+            .await
+            .unwrap_or_else(|e| panic!("relay: port {port}: {e}"));
+        let upstream = TcpStream::connect(target)
+            .await
+            .unwrap_or_else(|e| panic!("relay: connect {target}: {e}"));
+        let _ = upstream.set_nodelay(true);
+        let (sender, connection) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(upstream))
+                .await
+                .unwrap_or_else(|e| panic!("relay: HTTP/2 to {target}: {e}"));
+        tokio::spawn(connection);
+        println!("listening");
+        loop {
+            let Ok((client, _)) = listener.accept().await else {
+                continue;
+            };
+            let _ = client.set_nodelay(true);
+            let sender = sender.clone();
+            tokio::spawn(async move {
+                let service =
+                    hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
+                        let mut sender = sender.clone();
+                        async move {
+                            match sender.send_request(request).await {
+                                Ok(response) => Ok(response.map(http_body_util::Either::Left)),
+                                Err(_) => {
+                                    let mut refused =
+                                        hyper::Response::new(http_body_util::Either::Right(
+                                            http_body_util::Empty::<Bytes>::new(),
+                                        ));
+                                    *refused.status_mut() = hyper::StatusCode::BAD_GATEWAY;
+                                    Ok::<_, std::convert::Infallible>(refused)
+                                }
+                            }
+                        }
+                    });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(client), service)
+                    .await;
+            });
+        }
+    });
+    std::process::exit(1)
+}
+
 /// The two relays of a cluster, stopped when dropped.
 pub struct Relays {
     children: Vec<Child>,
@@ -83,20 +160,32 @@ pub struct Relays {
 
 impl Relays {
     /// Starts node B's relay to `server:port`, then node A's to node B's,
-    /// each in its node's namespace, and waits until both listen.
-    pub fn start(cluster: &TestCluster, server: &str, port: u16) -> Relays {
+    /// each in its node's namespace, and waits until both listen. `pair`
+    /// tells apart pairs that run at the same time (their ports).
+    pub fn start(
+        cluster: &TestCluster,
+        kind: RelayKind,
+        pair: u16,
+        server: &str,
+        port: u16,
+    ) -> Relays {
         let node_ip = |n: &str| -> std::net::IpAddr { cluster.state().node(n).unwrap().ip.into() };
-        let entry = SocketAddr::new(node_ip("node-a"), PORT);
-        let exit = SocketAddr::new(node_ip("node-b"), PORT);
+        let listen = FIRST_PORT + pair;
+        let entry = SocketAddr::new(node_ip("node-a"), listen);
+        let exit = SocketAddr::new(node_ip("node-b"), listen);
+        let (first, second) = match kind {
+            RelayKind::Tcp => ("on-first-byte", "ahead"),
+            RelayKind::Http2 => ("http2", "http2"),
+        };
         let mut relays = Relays {
             children: Vec::new(),
             entry,
         };
         for (node, target, mode) in [
-            ("node-b", format!("{server}:{port}"), "on-first-byte"),
-            ("node-a", exit.to_string(), "ahead"),
+            ("node-b", format!("{server}:{port}"), first),
+            ("node-a", exit.to_string(), second),
         ] {
-            let args = ["relay".to_string(), PORT.to_string(), target, mode.into()];
+            let args = ["relay".to_string(), listen.to_string(), target, mode.into()];
             let mut command =
                 weft_sim::cluster::node_command(cluster.state(), node, &super::exe(), &args)
                     .expect("a command in the node's namespace");
