@@ -50,14 +50,7 @@ const AHEAD: usize = 8;
 /// when the accepted one's first bytes arrive. Prints `listening` once
 /// bound.
 pub fn serve(port: u16, target: SocketAddr, ahead: bool) -> ! {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    runtime.block_on(async move {
-        let listener = TcpListener::bind(("0.0.0.0", port))
-            .await
-            .unwrap_or_else(|e| panic!("relay: port {port}: {e}"));
+    on_one_thread(port, async move |listener| {
         println!("listening");
         let (ready_tx, mut ready) = tokio::sync::mpsc::channel::<TcpStream>(AHEAD);
         if ahead {
@@ -92,14 +85,12 @@ pub fn serve(port: u16, target: SocketAddr, ahead: bool) -> ! {
                 let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
             });
         }
-    });
-    std::process::exit(1)
+    })
 }
 
-/// `relay PORT TARGET http2`: serves HTTP/2 (prior knowledge) on PORT and
-/// sends every request on one HTTP/2 connection to TARGET, made when the
-/// relay starts. Prints `listening` once bound and connected.
-pub fn serve_http2(port: u16, target: SocketAddr) -> ! {
+/// Runs `relay` with a listener on `port`, on a single-threaded runtime
+/// (no hand-over between threads), until it ends: then exits.
+fn on_one_thread(port: u16, relay: impl AsyncFnOnce(TcpListener)) -> ! {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -108,6 +99,16 @@ pub fn serve_http2(port: u16, target: SocketAddr) -> ! {
         let listener = TcpListener::bind(("0.0.0.0", port))
             .await
             .unwrap_or_else(|e| panic!("relay: port {port}: {e}"));
+        relay(listener).await
+    });
+    std::process::exit(1)
+}
+
+/// `relay PORT TARGET http2`: serves HTTP/2 (prior knowledge) on PORT and
+/// sends every request on one HTTP/2 connection to TARGET, made when the
+/// relay starts. Prints `listening` once bound and connected.
+pub fn serve_http2(port: u16, target: SocketAddr) -> ! {
+    on_one_thread(port, async move |listener| {
         let upstream = TcpStream::connect(target)
             .await
             .unwrap_or_else(|e| panic!("relay: connect {target}: {e}"));
@@ -147,8 +148,7 @@ pub fn serve_http2(port: u16, target: SocketAddr) -> ! {
                     .await;
             });
         }
-    });
-    std::process::exit(1)
+    })
 }
 
 /// The two relays of a cluster, stopped when dropped.
