@@ -46,7 +46,10 @@
 //! Profiling: with `WEFT_BENCH_PROFILE=h1|grpc` (and `WEFT_BENCH_PORT=8090`
 //! for the L4 path), the program only brings the cluster up, prints the
 //! node proxies' pids and runs the closed loop for about 30 s, e.g. while
-//! `perf record -g -p PID,PID` looks at where their CPU goes.
+//! `perf record -g -p PID,PID` looks at where their CPU goes. With
+//! `WEFT_BENCH_PROFILE_RATE=N` it runs an open loop of N requests a second
+//! on one connection for 10 s instead (each request alone, as a quiet
+//! client's: where a request's latency goes) and prints its result.
 
 mod connections;
 mod failover;
@@ -447,6 +450,23 @@ fn profile(cluster: &TestCluster, mesh: &Mesh, proto: http::Proto) {
         .and_then(|p| p.parse().ok())
         .unwrap_or(8080);
     eprintln!("node proxy pids: {}", proxy_pids(mesh).join(","));
+    if let Ok(rate) = std::env::var("WEFT_BENCH_PROFILE_RATE") {
+        let server = cluster.pod("mesh/server").ip.to_string();
+        let out = cluster.exec_ok(
+            "mesh/client",
+            &[
+                &exe(),
+                "http-load",
+                &format!("{server}:{port}"),
+                proto.arg(),
+                &rate,
+                "10",
+                "1",
+            ],
+        );
+        eprintln!("open loop {proto:?} port {port}, {rate}/s: {}", out.trim());
+        return;
+    }
     for _ in 0..8 {
         let (per_cpu_s, rps) = per_cpu_second(cluster, mesh, port, proto);
         eprintln!(
