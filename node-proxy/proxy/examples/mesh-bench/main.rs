@@ -231,16 +231,12 @@ struct ConnectionPaths {
 fn connection_rounds(cluster: &TestCluster, mesh: &Mesh, paths: &mut ConnectionPaths) {
     let server = |ns: &str| cluster.pod(&format!("{ns}/server")).ip.to_string();
     let relays = relays::Relays::start(cluster, relays::RelayKind::Tcp, 0, &server("direct"), 9000);
-    let entry = relays.entry.ip().to_string();
-    let proxies: Vec<u32> = ["node-a", "node-b"]
-        .iter()
-        .filter_map(|n| mesh.pid(&Component::NodeProxy(n.to_string())))
-        .collect();
+    let (entry, entry_port) = (relays.entry.ip().to_string(), relays.entry.port());
     let per_connection = |pids: &[u32], round: &mut dyn FnMut()| {
-        let before = cpu_ns(pids);
+        let before = processes_cpu_seconds(pids);
         round();
-        let spent = cpu_ns(pids) - before;
-        spent as f64 / 1e3 / f64::from(connections_per_round())
+        let spent = processes_cpu_seconds(pids) - before;
+        spent * 1e6 / f64::from(connections_per_round())
     };
     for _ in 0..CONN_ROUNDS {
         measure_connections(
@@ -250,37 +246,15 @@ fn connection_rounds(cluster: &TestCluster, mesh: &Mesh, paths: &mut ConnectionP
             9000,
             &mut paths.direct,
         );
-        let cpu = per_connection(&proxies, &mut || {
+        let cpu = per_connection(&proxy_pids(mesh), &mut || {
             measure_connections(cluster, "mesh", &server("mesh"), 9000, &mut paths.meshed)
         });
         paths.meshed.hop_cpu_us.push(cpu);
-        let port = relays.entry.port();
         let cpu = per_connection(&relays.pids(), &mut || {
-            measure_connections(cluster, "direct", &entry, port, &mut paths.relayed)
+            measure_connections(cluster, "direct", &entry, entry_port, &mut paths.relayed)
         });
         paths.relayed.hop_cpu_us.push(cpu);
     }
-}
-
-/// Nanoseconds on a CPU of every thread of these processes so far
-/// (`/proc/PID/task/*/schedstat`: finer than the clock ticks of
-/// `/proc/PID/stat`, which are 10 ms).
-fn cpu_ns(pids: &[u32]) -> u64 {
-    let mut total = 0;
-    for pid in pids {
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-            continue;
-        };
-        for task in tasks.flatten() {
-            let stat = std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
-            total += stat
-                .split_whitespace()
-                .next()
-                .and_then(|ns| ns.parse::<u64>().ok())
-                .unwrap_or(0);
-        }
-    }
-    total
 }
 
 /// The new-connection rows of the table: direct, the mesh, their ratio,
@@ -343,21 +317,27 @@ const HTTP_PATHS: [(&str, &str, u16); 3] = [
     ("mesh L4 only", "mesh", 8090),
 ];
 
-/// One open-loop run from `ns/client` to `ns/server:port`, this program
-/// re-executed inside the client pod.
-fn http_round(cluster: &TestCluster, ns: &str, port: u16, proto: http::Proto) -> http::LoadResult {
+/// An open-loop run from `ns/client` to `ns/server:port` at `(requests a
+/// second, seconds, connections)`, this program re-executed inside the
+/// client pod.
+fn open_loop(
+    cluster: &TestCluster,
+    ns: &str,
+    port: u16,
+    proto: http::Proto,
+    (rate, seconds, connections): (f64, f64, usize),
+) -> http::LoadResult {
     let server = cluster.pod(&format!("{ns}/server")).ip.to_string();
-    let exe = exe();
     let out = cluster.exec_ok(
         &format!("{ns}/client"),
         &[
-            &exe,
+            &exe(),
             "http-load",
             &format!("{server}:{port}"),
             proto.arg(),
-            &HTTP_RATE.to_string(),
-            &HTTP_SECONDS.to_string(),
-            &HTTP_CONNECTIONS.to_string(),
+            &rate.to_string(),
+            &seconds.to_string(),
+            &connections.to_string(),
         ],
     );
     let v: serde_json::Value = serde_json::from_str(out.trim()).expect("http-load JSON");
@@ -407,21 +387,20 @@ const FLOOR_ROUNDS: usize = 3;
 fn grpc_floor(cluster: &TestCluster) -> String {
     use relays::{RelayKind, Relays};
     let server = cluster.pod("direct/server").ip.to_string();
-    let pairs = [RelayKind::Tcp, RelayKind::Http2].map(|kind| {
-        let relays = Relays::start(cluster, kind, 1 + kind as u16, &server, 8080);
+    let mut pairs = [(1, RelayKind::Tcp), (2, RelayKind::Http2)].map(|(pair, kind)| {
+        let relays = Relays::start(cluster, kind, pair, &server, 8080);
         (kind, relays, Vec::new())
     });
-    let mut pairs = pairs;
     for _ in 0..FLOOR_ROUNDS {
         for (_, relays, per_cpu_s) in pairs.iter_mut() {
-            let before = cpu_ns(&relays.pids());
+            let before = processes_cpu_seconds(&relays.pids());
             let (completed, _) = closed_loop(
                 cluster,
                 "direct",
                 &relays.entry.to_string(),
                 http::Proto::Grpc,
             );
-            let used = (cpu_ns(&relays.pids()) - before) as f64 / 1e9;
+            let used = processes_cpu_seconds(&relays.pids()) - before;
             per_cpu_s.push(completed / used);
         }
     }
@@ -449,22 +428,13 @@ fn profile(cluster: &TestCluster, mesh: &Mesh, proto: http::Proto) {
         .ok()
         .and_then(|p| p.parse().ok())
         .unwrap_or(8080);
-    eprintln!("node proxy pids: {}", proxy_pids(mesh).join(","));
-    if let Ok(rate) = std::env::var("WEFT_BENCH_PROFILE_RATE") {
-        let server = cluster.pod("mesh/server").ip.to_string();
-        let out = cluster.exec_ok(
-            "mesh/client",
-            &[
-                &exe(),
-                "http-load",
-                &format!("{server}:{port}"),
-                proto.arg(),
-                &rate,
-                "10",
-                "1",
-            ],
-        );
-        eprintln!("open loop {proto:?} port {port}, {rate}/s: {}", out.trim());
+    announce_proxy_pids(mesh);
+    if let Some(rate) = std::env::var("WEFT_BENCH_PROFILE_RATE")
+        .ok()
+        .and_then(|r| r.parse().ok())
+    {
+        let result = open_loop(cluster, "mesh", port, proto, (rate, 10.0, 1));
+        eprintln!("open loop {proto:?} port {port}, {rate}/s on one connection: {result:?}");
         return;
     }
     for _ in 0..8 {
@@ -476,12 +446,17 @@ fn profile(cluster: &TestCluster, mesh: &Mesh, proto: http::Proto) {
 }
 
 /// Both node proxies' process IDs (to profile them from outside).
-fn proxy_pids(mesh: &Mesh) -> Vec<String> {
+fn proxy_pids(mesh: &Mesh) -> Vec<u32> {
     ["node-a", "node-b"]
         .iter()
         .filter_map(|n| mesh.pid(&Component::NodeProxy(n.to_string())))
-        .map(|p| p.to_string())
         .collect()
+}
+
+/// Prints both node proxies' process IDs, for a profiler to attach to.
+fn announce_proxy_pids(mesh: &Mesh) {
+    let pids: Vec<String> = proxy_pids(mesh).iter().map(u32::to_string).collect();
+    eprintln!("node proxy pids: {}", pids.join(","));
 }
 
 /// `WEFT_BENCH_PART=latency`: the open-loop HTTP/1.1 and gRPC rounds
@@ -510,7 +485,13 @@ fn latency_runs(cluster: &TestCluster) -> Vec<Vec<Vec<http::LoadResult>>> {
     for round in 0..HTTP_ROUNDS {
         for (pi, proto) in PROTOS.iter().enumerate() {
             for (i, (label, ns, port)) in HTTP_PATHS.iter().enumerate() {
-                let r = http_round(cluster, ns, *port, *proto);
+                let r = open_loop(
+                    cluster,
+                    ns,
+                    *port,
+                    *proto,
+                    (HTTP_RATE, HTTP_SECONDS, HTTP_CONNECTIONS),
+                );
                 eprintln!("round {round} {proto:?} {label}: {r:?}");
                 latency[pi][i].push(r);
             }
@@ -523,23 +504,25 @@ fn latency_runs(cluster: &TestCluster) -> Vec<Vec<Vec<http::LoadResult>>> {
 const MAX_SECONDS: f64 = 4.0;
 const MAX_CONCURRENCY: usize = 16;
 
-/// User + system CPU seconds of a process so far.
+/// CPU seconds a process has used so far, to the nanosecond: its CPU-time
+/// clock (`clock_getcpuclockid`), which counts every thread, those already
+/// ended too (`/proc/PID/stat` counts 10 ms ticks, too coarse for a few
+/// hundred requests; summing the threads' `schedstat` loses those that
+/// ended).
 fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-    // SAFETY: sysconf reads a constant of the system; no memory is shared.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Some(ticks / hz)
+    let clock = nix::time::clock_getcpuclockid(nix::unistd::Pid::from_raw(pid as i32)).ok()?;
+    let t = nix::time::clock_gettime(clock).ok()?;
+    Some(t.tv_sec() as f64 + t.tv_nsec() as f64 / 1e9)
 }
 
-/// User + system CPU seconds of both node proxies so far.
+/// CPU seconds these processes have used so far ([`cpu_seconds`]).
+fn processes_cpu_seconds(pids: &[u32]) -> f64 {
+    pids.iter().copied().filter_map(cpu_seconds).sum()
+}
+
+/// CPU seconds both node proxies have used so far.
 fn proxies_cpu_seconds(mesh: &Mesh) -> f64 {
-    ["node-a", "node-b"]
-        .iter()
-        .filter_map(|n| mesh.pid(&Component::NodeProxy(n.to_string())))
-        .filter_map(cpu_seconds)
-        .sum()
+    processes_cpu_seconds(&proxy_pids(mesh))
 }
 
 fn exe() -> String {
@@ -775,7 +758,7 @@ fn main() {
         return;
     }
     if std::env::var("WEFT_BENCH_PART").as_deref() == Ok("new-connections") {
-        eprintln!("node proxy pids: {}", proxy_pids(&mesh).join(","));
+        announce_proxy_pids(&mesh);
         let mut paths = ConnectionPaths::default();
         connection_rounds(&cluster, &mesh, &mut paths);
         print_connection_rows(&paths);

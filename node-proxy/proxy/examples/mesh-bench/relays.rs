@@ -203,9 +203,7 @@ impl Relays {
         }
         relays
     }
-}
 
-impl Relays {
     /// The relays' process ids.
     pub fn pids(&self) -> Vec<u32> {
         self.children.iter().map(Child::id).collect()

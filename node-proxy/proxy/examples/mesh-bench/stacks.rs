@@ -25,9 +25,10 @@
 //! speed: the figure to compare between two builds.
 
 use super::http::{Conn, Proto};
+use super::proxies_cpu_seconds;
 use std::time::{Duration, Instant};
 use weft_sim::TestCluster;
-use weft_sim::mesh::{Component, Mesh, MeshBinaries};
+use weft_sim::mesh::{Mesh, MeshBinaries};
 
 /// Requests per run, runs per cell (alternating with the other paths),
 /// and the pause between two requests of a run.
@@ -270,29 +271,6 @@ pub fn seq(target: &str, proto: Proto, fresh: bool, n: usize, gap_ms: u64) -> se
     })
 }
 
-/// CPU seconds the two node proxies have used so far, to the nanosecond:
-/// the sum over their threads of `/proc/PID/task/TID/schedstat` (time on
-/// a CPU), where `/proc/PID/stat` counts 10 ms ticks, too coarse for a few
-/// hundred requests.
-fn proxies_cpu(mesh: &Mesh) -> f64 {
-    let on_cpu_ns = |pid: u32| -> u64 {
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-            return 0;
-        };
-        tasks
-            .flatten()
-            .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
-            .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-            .sum()
-    };
-    ["node-a", "node-b"]
-        .iter()
-        .filter_map(|n| mesh.pid(&Component::NodeProxy(n.to_string())))
-        .map(on_cpu_ns)
-        .sum::<u64>() as f64
-        / 1e9
-}
-
 /// Closed loop for the CPU price per request: one keep-alive connection,
 /// requests back to back for [`CLOSED_SECONDS`], mesh L7.
 const CLOSED_SECONDS: f64 = 3.0;
@@ -305,7 +283,7 @@ fn closed_loop(cluster: &TestCluster, mesh: &Mesh, stack: &Stack) -> (f64, f64) 
     let server = cluster.pod("mesh/stacks").ip;
     let (mut cpu, mut rps) = (Vec::new(), Vec::new());
     for _ in 0..CLOSED_ROUNDS {
-        let before = proxies_cpu(mesh);
+        let before = proxies_cpu_seconds(mesh);
         let out = cluster.exec_ok(
             "mesh/client",
             &[
@@ -317,7 +295,7 @@ fn closed_loop(cluster: &TestCluster, mesh: &Mesh, stack: &Stack) -> (f64, f64) 
                 "1",
             ],
         );
-        let used = proxies_cpu(mesh) - before;
+        let used = proxies_cpu_seconds(mesh) - before;
         let v: serde_json::Value = serde_json::from_str(out.trim()).expect("http-max JSON");
         let completed = v["completed"].as_f64().unwrap_or(0.0);
         cpu.push(used / completed.max(1.0) * 1e6);
@@ -357,7 +335,7 @@ pub fn run(binaries: MeshBinaries) {
                     } else {
                         stack.port
                     };
-                    let before = proxies_cpu(&mesh);
+                    let before = proxies_cpu_seconds(&mesh);
                     let out = cluster.exec_ok(
                         &format!("{client_ns}/client"),
                         &[
@@ -370,7 +348,7 @@ pub fn run(binaries: MeshBinaries) {
                             &GAP_MS.to_string(),
                         ],
                     );
-                    let used = proxies_cpu(&mesh) - before;
+                    let used = proxies_cpu_seconds(&mesh) - before;
                     let v: serde_json::Value = serde_json::from_str(out.trim()).expect("seq JSON");
                     let cell = &mut cells[si][mi][pi];
                     let lat = v["lat_us"].as_array().expect("lat_us");
