@@ -12,7 +12,9 @@
 //! - HTTP/1.1 and gRPC latency at a fixed request rate, open loop
 //!   (`http.rs`): p50/p99 per round, rounds alternating direct, the mesh
 //!   with L7 (HTTP detected: request-level proxying and metrics) and the
-//!   mesh at L4 only (the same server on a port the pod declares opaque);
+//!   mesh at L4 only (the same server on a port the pod declares opaque),
+//!   and direct's client and server through two plain TCP relays and (for
+//!   gRPC) two plain HTTP/2 relays (`relays.rs`): the latency floors;
 //! - requests per CPU second of the node proxies, closed loop, L7 and L4;
 //!   and gRPC calls per CPU second of two plain TCP relays against two
 //!   plain HTTP/2 relays (`relays.rs`), the floor of the L7/L4 ratio;
@@ -49,7 +51,9 @@
 //! `perf record -g -p PID,PID` looks at where their CPU goes. With
 //! `WEFT_BENCH_PROFILE_RATE=N` it runs an open loop of N requests a second
 //! on one connection for 10 s instead (each request alone, as a quiet
-//! client's: where a request's latency goes) and prints its result.
+//! client's: where a request's latency goes) and prints its result; then,
+//! after printing their pids and 2 s to attach, the same through two plain
+//! relays of the same layer (HTTP/2 for gRPC on 8080, TCP otherwise).
 
 mod connections;
 mod failover;
@@ -308,32 +312,59 @@ fn print_connection_rows(paths: &ConnectionPaths) {
     );
 }
 
-/// The HTTP paths compared: (label, namespace, server port). The mesh's
-/// server declares 8090 opaque (`weft.io/opaque-ports`), so the proxies
-/// carry it as TCP: the same hop without L7.
-const HTTP_PATHS: [(&str, &str, u16); 3] = [
-    ("direct", "direct", 8080),
-    ("mesh L7", "mesh", 8080),
-    ("mesh L4 only", "mesh", 8090),
-];
+/// One path of the open-loop rounds: its label in the table, the
+/// namespace whose client sends, and where to (`host:port`).
+struct HttpPath {
+    label: &'static str,
+    ns: &'static str,
+    target: String,
+}
 
-/// An open-loop run from `ns/client` to `ns/server:port` at `(requests a
-/// second, seconds, connections)`, this program re-executed inside the
-/// client pod.
+/// One path's label and its rounds' results.
+type PathRuns = (&'static str, Vec<http::LoadResult>);
+
+/// The paths the open-loop rounds compare for `proto`: direct; the mesh
+/// with L7; the mesh at L4 only (its server declares 8090 opaque,
+/// `weft.io/opaque-ports`, so the proxies carry it as TCP: the same hops
+/// without L7); direct's client and server through two plain TCP relays
+/// (`tcp`), and for gRPC through two plain HTTP/2 relays (`http2`): the
+/// latency floors of a proxy per node at L4 and at L7.
+fn http_paths(
+    cluster: &TestCluster,
+    proto: http::Proto,
+    tcp: &relays::Relays,
+    http2: &relays::Relays,
+) -> Vec<HttpPath> {
+    let server = |ns: &str| cluster.pod(&format!("{ns}/server")).ip.to_string();
+    let path = |label, ns, target: String| HttpPath { label, ns, target };
+    let mut paths = vec![
+        path("direct", "direct", format!("{}:8080", server("direct"))),
+        path("mesh L7", "mesh", format!("{}:8080", server("mesh"))),
+        path("mesh L4 only", "mesh", format!("{}:8090", server("mesh"))),
+        path("two TCP relays", "direct", tcp.entry.to_string()),
+    ];
+    if proto == http::Proto::Grpc {
+        paths.push(path("two HTTP/2 relays", "direct", http2.entry.to_string()));
+    }
+    paths
+}
+
+/// An open-loop run from `ns/client` to `target` (`host:port`) at
+/// `(requests a second, seconds, connections)`, this program re-executed
+/// inside the client pod.
 fn open_loop(
     cluster: &TestCluster,
     ns: &str,
-    port: u16,
+    target: &str,
     proto: http::Proto,
     (rate, seconds, connections): (f64, f64, usize),
 ) -> http::LoadResult {
-    let server = cluster.pod(&format!("{ns}/server")).ip.to_string();
     let out = cluster.exec_ok(
         &format!("{ns}/client"),
         &[
             &exe(),
             "http-load",
-            &format!("{server}:{port}"),
+            target,
             proto.arg(),
             &rate.to_string(),
             &seconds.to_string(),
@@ -433,8 +464,25 @@ fn profile(cluster: &TestCluster, mesh: &Mesh, proto: http::Proto) {
         .ok()
         .and_then(|r| r.parse().ok())
     {
-        let result = open_loop(cluster, "mesh", port, proto, (rate, 10.0, 1));
+        let server = cluster.pod("mesh/server").ip;
+        let target = format!("{server}:{port}");
+        let result = open_loop(cluster, "mesh", &target, proto, (rate, 10.0, 1));
         eprintln!("open loop {proto:?} port {port}, {rate}/s on one connection: {result:?}");
+        // The same through the relays of the same layer, to compare.
+        let kind = match (proto, port) {
+            (http::Proto::Grpc, 8080) => relays::RelayKind::Http2,
+            _ => relays::RelayKind::Tcp,
+        };
+        let server = cluster.pod("direct/server").ip.to_string();
+        let relays = relays::Relays::start(cluster, kind, 5, &server, 8080);
+        let pids: Vec<String> = relays.pids().iter().map(u32::to_string).collect();
+        eprintln!("relay pids: {}", pids.join(","));
+        std::thread::sleep(Duration::from_secs(2));
+        let target = relays.entry.to_string();
+        let result = open_loop(cluster, "direct", &target, proto, (rate, 10.0, 1));
+        eprintln!(
+            "open loop {proto:?} through {kind:?} relays, {rate}/s on one connection: {result:?}"
+        );
         return;
     }
     for _ in 0..8 {
@@ -463,7 +511,7 @@ fn announce_proxy_pids(mesh: &Mesh) {
 /// alone (to compare two builds quickly); medians of the rounds' p50.
 fn latency_rounds(cluster: &TestCluster) {
     for (proto, paths) in PROTOS.iter().zip(latency_runs(cluster)) {
-        for ((label, _, _), runs) in HTTP_PATHS.iter().zip(paths) {
+        for (label, runs) in paths {
             let mut p50s: Vec<f64> = runs.iter().map(|r| r.p50_us).collect();
             println!(
                 "{proto:?} {label}: p50 {:.0} us [{}]",
@@ -478,22 +526,33 @@ fn latency_rounds(cluster: &TestCluster) {
 const PROTOS: [http::Proto; 2] = [http::Proto::Http1, http::Proto::Grpc];
 
 /// HTTP and gRPC at a fixed rate, [`HTTP_ROUNDS`] rounds: each round goes
-/// over every protocol and path, so that the machine's load drifts over
-/// all of them alike. By protocol, then path, then round.
-fn latency_runs(cluster: &TestCluster) -> Vec<Vec<Vec<http::LoadResult>>> {
-    let mut latency = vec![vec![Vec::new(); HTTP_PATHS.len()]; PROTOS.len()];
+/// over every protocol and path ([`http_paths`]), so that the machine's
+/// load drifts over all of them alike. By protocol, then path, then round.
+fn latency_runs(cluster: &TestCluster) -> Vec<Vec<PathRuns>> {
+    use relays::{RelayKind, Relays};
+    let server = cluster.pod("direct/server").ip.to_string();
+    let tcp = Relays::start(cluster, RelayKind::Tcp, 3, &server, 8080);
+    let http2 = Relays::start(cluster, RelayKind::Http2, 4, &server, 8080);
+    let paths: Vec<Vec<HttpPath>> = PROTOS
+        .iter()
+        .map(|proto| http_paths(cluster, *proto, &tcp, &http2))
+        .collect();
+    let mut latency: Vec<Vec<PathRuns>> = paths
+        .iter()
+        .map(|p| p.iter().map(|path| (path.label, Vec::new())).collect())
+        .collect();
     for round in 0..HTTP_ROUNDS {
         for (pi, proto) in PROTOS.iter().enumerate() {
-            for (i, (label, ns, port)) in HTTP_PATHS.iter().enumerate() {
+            for (i, path) in paths[pi].iter().enumerate() {
                 let r = open_loop(
                     cluster,
-                    ns,
-                    *port,
+                    path.ns,
+                    &path.target,
                     *proto,
                     (HTTP_RATE, HTTP_SECONDS, HTTP_CONNECTIONS),
                 );
-                eprintln!("round {round} {proto:?} {label}: {r:?}");
-                latency[pi][i].push(r);
+                eprintln!("round {round} {proto:?} {}: {r:?}", path.label);
+                latency[pi][i].1.push(r);
             }
         }
     }
@@ -818,50 +877,7 @@ fn main() {
         mg / dg
     );
     print_connection_rows(&paths);
-    for (pi, proto) in PROTOS.iter().enumerate() {
-        let name = match proto {
-            http::Proto::Http1 => "HTTP/1.1 GET",
-            http::Proto::Grpc => "gRPC unary (HTTP/2)",
-        };
-        println!(
-            "{name}, open loop, {HTTP_RATE} req/s for {HTTP_SECONDS}s over {HTTP_CONNECTIONS} connections, {HTTP_ROUNDS} rounds per path (median of the rounds [min-max]; ratio to direct):"
-        );
-        println!(
-            "{:<14} {:>20} {:>20} {:>20}",
-            "", HTTP_PATHS[0].0, HTTP_PATHS[1].0, HTTP_PATHS[2].0
-        );
-        let row = |what: &str, pick: fn(&http::LoadResult) -> f64| {
-            let mut cells = Vec::new();
-            let mut base = f64::NAN;
-            for (i, runs) in latency[pi].iter().enumerate() {
-                let mut v: Vec<f64> = runs.iter().map(pick).collect();
-                let m = median(&mut v);
-                if i == 0 {
-                    base = m;
-                    cells.push(format!("{m:.0} [{}]", spread(&v)));
-                } else {
-                    cells.push(format!("{m:.0} [{}] {:.2}x", spread(&v), m / base));
-                }
-            }
-            println!(
-                "{what:<14} {:>20} {:>20} {:>20}",
-                cells[0], cells[1], cells[2]
-            );
-        };
-        row("p50 (us)", |r| r.p50_us);
-        row("p99 (us)", |r| r.p99_us);
-        row("achieved/s", |r| r.achieved_rps);
-        let errors: Vec<String> = latency[pi]
-            .iter()
-            .zip(HTTP_PATHS)
-            .map(|(runs, (label, _, _))| {
-                let e: usize = runs.iter().map(|r| r.errors).sum();
-                let n: usize = runs.iter().map(|r| r.sent).sum();
-                format!("{label} {e}/{n}")
-            })
-            .collect();
-        println!("errors: {}", errors.join(", "));
-    }
+    print_latency_tables(&latency);
     println!(
         "requests per CPU second of the two node proxies together (closed loop, {MAX_CONCURRENCY} callers, {MAX_SECONDS}s; each request crosses both):"
     );
@@ -881,6 +897,68 @@ fn main() {
     stacks::run(binaries.clone());
     failover::bench(binaries.clone());
     rollout::bench(binaries);
+}
+
+/// The open-loop tables, one per protocol: each path's p50, p99 and
+/// achieved rate against direct's, its errors, and the mesh's p50 against
+/// the relays' of the same layer (its floor).
+fn print_latency_tables(latency: &[Vec<PathRuns>]) {
+    for (proto, paths) in PROTOS.iter().zip(latency) {
+        let name = match proto {
+            http::Proto::Http1 => "HTTP/1.1 GET",
+            http::Proto::Grpc => "gRPC unary (HTTP/2)",
+        };
+        println!(
+            "{name}, open loop, {HTTP_RATE} req/s for {HTTP_SECONDS}s over {HTTP_CONNECTIONS} connections, {HTTP_ROUNDS} rounds per path (median of the rounds [min-max]; ratio to direct):"
+        );
+        let header: String = paths.iter().map(|(l, _)| format!(" {l:>22}")).collect();
+        println!("{:<14}{header}", "");
+        let p50 = |label: &str| {
+            let (_, runs) = paths.iter().find(|(l, _)| *l == label)?;
+            Some(median(
+                &mut runs.iter().map(|r| r.p50_us).collect::<Vec<_>>(),
+            ))
+        };
+        let row = |what: &str, pick: fn(&http::LoadResult) -> f64| {
+            let mut cells = String::new();
+            let mut base = f64::NAN;
+            for (i, (_, runs)) in paths.iter().enumerate() {
+                let mut v: Vec<f64> = runs.iter().map(pick).collect();
+                let m = median(&mut v);
+                let cell = if i == 0 {
+                    base = m;
+                    format!("{m:.0} [{}]", spread(&v))
+                } else {
+                    format!("{m:.0} [{}] {:.2}x", spread(&v), m / base)
+                };
+                cells += &format!(" {cell:>22}");
+            }
+            println!("{what:<14}{cells}");
+        };
+        row("p50 (us)", |r| r.p50_us);
+        row("p99 (us)", |r| r.p99_us);
+        row("achieved/s", |r| r.achieved_rps);
+        let errors: Vec<String> = paths
+            .iter()
+            .map(|(label, runs)| {
+                let e: usize = runs.iter().map(|r| r.errors).sum();
+                let n: usize = runs.iter().map(|r| r.sent).sum();
+                format!("{label} {e}/{n}")
+            })
+            .collect();
+        println!("errors: {}", errors.join(", "));
+        let floors = [
+            ("mesh L4 only", "two TCP relays"),
+            ("mesh L7", "two HTTP/2 relays"),
+        ];
+        let over: Vec<String> = floors
+            .iter()
+            .filter_map(|(mesh, floor)| {
+                Some(format!("{mesh} / {floor} {:.2}x", p50(mesh)? / p50(floor)?))
+            })
+            .collect();
+        println!("p50 over its floor: {}", over.join(", "));
+    }
 }
 
 fn spread2(v: &[f64]) -> String {
