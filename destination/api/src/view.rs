@@ -5,13 +5,17 @@
 use crate::{Policy, Service, WatchResponse, Workload, address};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 #[derive(Clone, Debug, Default)]
 pub struct View {
     /// The control plane run this view came from (empty: nothing received).
     pub epoch: String,
     pub version: u64,
-    pub workloads: BTreeMap<String, Workload>,
+    /// Shared, so that what a connection or a request keeps of its peer
+    /// (its route, its metrics labels) costs a reference count, not a copy
+    /// of the record with all its labels.
+    pub workloads: BTreeMap<String, Arc<Workload>>,
     pub services: BTreeMap<String, Service>,
     pub policies: BTreeMap<String, Policy>,
     /// The namespaces in the mesh; `None` until a response has said.
@@ -85,7 +89,8 @@ impl View {
             for ip in workload.addresses.iter().filter_map(|a| address::decode(a)) {
                 self.by_address.insert(ip, workload.uid.clone());
             }
-            self.workloads.insert(workload.uid.clone(), workload);
+            self.workloads
+                .insert(workload.uid.clone(), Arc::new(workload));
         }
         for service in response.services {
             let key = service.key();
@@ -121,7 +126,7 @@ impl View {
     }
 
     /// The workload that owns a pod IP.
-    pub fn workload_by_address(&self, ip: IpAddr) -> Option<&Workload> {
+    pub fn workload_by_address(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
         self.by_address
             .get(&ip)
             .and_then(|uid| self.workloads.get(uid))

@@ -152,9 +152,7 @@ fn destination_labels(
     source_principal: String,
     security: SecurityPolicy,
 ) -> TcpLabels {
-    let source = view
-        .as_ref()
-        .and_then(|v| v.workload_by_address(peer.ip()).cloned());
+    let source = view.as_ref().and_then(|v| v.workload_by_address(peer.ip()));
     let service = view
         .as_ref()
         .and_then(|v| service_of(v, pod.workload_uid.as_deref(), port));
@@ -162,7 +160,7 @@ fn destination_labels(
         reporter: Reporter::Destination,
         peers: Peers {
             source_workload: source.as_ref().map(|w| w.name.clone()).unwrap_or_default(),
-            source_namespace: source.map(|w| w.namespace).unwrap_or_default(),
+            source_namespace: source.map(|w| w.namespace.clone()).unwrap_or_default(),
             source_principal,
             destination_workload: pod.name.clone(),
             destination_namespace: pod.namespace.clone(),

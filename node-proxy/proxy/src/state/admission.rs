@@ -100,7 +100,7 @@ pub fn admit(view: &View, pod: Registering<'_>) -> Admission {
 /// gave no uid.
 fn workload_of<'v>(view: &'v View, pod: Registering<'_>) -> Option<&'v Workload> {
     if !pod.uid.is_empty() {
-        return view.workloads.get(pod.uid);
+        return view.workloads.get(pod.uid).map(|w| &**w);
     }
     let mut same_name = view
         .workloads

@@ -56,7 +56,7 @@ impl ControlPlane {
 /// which pod this is. Never by namespace/name: a pod recreated under the
 /// same name (a StatefulSet's) is another pod, and giving it the old one's
 /// workload would be an identity decision made on a name.
-pub fn local_workload(view: &View, uid: &str) -> Option<Workload> {
+pub fn local_workload(view: &View, uid: &str) -> Option<Arc<Workload>> {
     if uid.is_empty() {
         return None;
     }
@@ -90,13 +90,13 @@ pub enum Route {
         target: SocketAddr,
         tunnel: SocketAddr,
         identity: SpiffeId,
-        workload: Workload,
+        workload: Arc<Workload>,
         service: Option<String>,
     },
     /// A plain TCP connection to `target` (outside the mesh).
     Plain {
         target: SocketAddr,
-        workload: Option<Workload>,
+        workload: Option<Arc<Workload>>,
         service: Option<String>,
     },
 }

@@ -175,6 +175,7 @@ impl InProcessMesh {
             .values()
             .find(|w| w.namespace == namespace && w.name == name)
             .unwrap_or_else(|| panic!("no workload {namespace}/{name} in {node}'s view"))
+            .as_ref()
             .clone();
         let ip = w
             .addresses
