@@ -511,15 +511,30 @@ fn announce_proxy_pids(mesh: &Mesh) {
 /// alone (to compare two builds quickly); medians of the rounds' p50.
 fn latency_rounds(cluster: &TestCluster) {
     for (proto, paths) in PROTOS.iter().zip(latency_runs(cluster)) {
-        for (label, runs) in paths {
+        for (i, (label, runs)) in paths.iter().enumerate() {
             let mut p50s: Vec<f64> = runs.iter().map(|r| r.p50_us).collect();
+            let mut ratios = p50_ratios_per_round(&paths, i);
             println!(
-                "{proto:?} {label}: p50 {:.0} us [{}]",
+                "{proto:?} {label}: p50 {:.0} us [{}]; per round, to direct's: {:.2}x [{}]",
                 median(&mut p50s),
-                spread(&p50s)
+                spread(&p50s),
+                median(&mut ratios),
+                spread2(&ratios)
             );
         }
     }
+}
+
+/// Path `i`'s p50 over direct's (path 0) in each round: the two ran
+/// seconds apart, so the machine's drift between rounds, which moves the
+/// medians of the rounds, cancels out.
+fn p50_ratios_per_round(paths: &[PathRuns], i: usize) -> Vec<f64> {
+    paths[i]
+        .1
+        .iter()
+        .zip(&paths[0].1)
+        .map(|(r, direct)| r.p50_us / direct.p50_us)
+        .collect()
 }
 
 /// The protocols of the open-loop rounds.
@@ -909,7 +924,7 @@ fn print_latency_tables(latency: &[Vec<PathRuns>]) {
             http::Proto::Grpc => "gRPC unary (HTTP/2)",
         };
         println!(
-            "{name}, open loop, {HTTP_RATE} req/s for {HTTP_SECONDS}s over {HTTP_CONNECTIONS} connections, {HTTP_ROUNDS} rounds per path (median of the rounds [min-max]; ratio to direct):"
+            "{name}, open loop, {HTTP_RATE} req/s for {HTTP_SECONDS}s over {HTTP_CONNECTIONS} connections, {HTTP_ROUNDS} rounds per path (median of the rounds [min-max]; ratio to direct's median; p50 per round: the ratio to direct's p50 of the same round, median [min-max]):"
         );
         let header: String = paths.iter().map(|(l, _)| format!(" {l:>22}")).collect();
         println!("{:<14}{header}", "");
@@ -936,6 +951,18 @@ fn print_latency_tables(latency: &[Vec<PathRuns>]) {
             println!("{what:<14}{cells}");
         };
         row("p50 (us)", |r| r.p50_us);
+        let per_round: String = (0..paths.len())
+            .map(|i| {
+                let mut ratios = p50_ratios_per_round(paths, i);
+                let cell = if i == 0 {
+                    "-".to_string()
+                } else {
+                    format!("{:.2}x [{}]", median(&mut ratios), spread2(&ratios))
+                };
+                format!(" {cell:>22}")
+            })
+            .collect();
+        println!("{:<14}{per_round}", "p50 per round");
         row("p99 (us)", |r| r.p99_us);
         row("achieved/s", |r| r.achieved_rps);
         let errors: Vec<String> = paths
