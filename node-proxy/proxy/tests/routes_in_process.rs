@@ -441,3 +441,65 @@ async fn the_request_timeout_covers_the_response_body() {
         1.0
     );
 }
+
+/// Requests on one keep-alive connection go to different endpoints, and
+/// each is counted under the workload that answered it. The connection
+/// keeps the metrics' peers of the last route for the next request that
+/// takes the same one: a request that takes another must not inherit them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_on_one_connection_are_counted_under_the_workload_that_answered() {
+    let (mesh, client) = start(5).await;
+    let (via, _) = client.outbound_to("10.96.31.1:80".parse().unwrap());
+    let tcp = tokio::net::TcpStream::connect(via).await.expect("connect");
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    const N: usize = 200;
+    let mut answered = std::collections::BTreeMap::<String, f64>::new();
+    let mut switches = 0;
+    let mut previous = String::new();
+    for _ in 0..N {
+        send.ready().await.expect("the connection stays open");
+        let request = http::Request::get("/hello")
+            .header(http::header::HOST, "web.demo")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .expect("request");
+        let response = tokio::time::timeout(PATIENCE, send.send_request(request))
+            .await
+            .expect("answered")
+            .expect("a response");
+        assert_eq!(response.status(), 200);
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        let body = String::from_utf8_lossy(&body).into_owned();
+        let workload = body
+            .strip_prefix("hello from ")
+            .unwrap_or_else(|| panic!("unexpected body {body:?}"))
+            .to_string();
+        switches += usize::from(!previous.is_empty() && previous != workload);
+        previous.clone_from(&workload);
+        *answered.entry(workload).or_default() += 1.0;
+    }
+    // The 90/10 split alone moves the requests between workloads dozens
+    // of times (the canary's share is Binomial(200, 0.1)).
+    assert!(switches >= 5, "{switches} switches: {answered:?}");
+    let text = mesh.node("node-a").metrics();
+    for (workload, count) in &answered {
+        let counted = metric(
+            &text,
+            "weft_requests_total",
+            &[
+                ("reporter", "source"),
+                ("source_workload", "client"),
+                ("destination_workload", workload),
+                ("route", "web-split/hello"),
+            ],
+        );
+        assert_eq!(counted, Some(*count), "{workload}: {answered:?}");
+    }
+}

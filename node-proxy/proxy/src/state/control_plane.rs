@@ -108,6 +108,14 @@ impl Route {
         }
     }
 
+    /// What the view knows of the workload at the target, if anything.
+    pub fn workload(&self) -> Option<&Arc<Workload>> {
+        match self {
+            Route::Hbone { workload, .. } => Some(workload),
+            Route::Plain { workload, .. } => workload.as_ref(),
+        }
+    }
+
     pub fn service(&self) -> Option<&str> {
         match self {
             Route::Hbone { service, .. } | Route::Plain { service, .. } => service.as_deref(),

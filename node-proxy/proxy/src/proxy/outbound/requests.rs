@@ -29,9 +29,9 @@ use crate::policy::retry::{MAX_REPLAY_BODY, Outcome as RetryOutcome, should_retr
 use crate::proxy::ProxyInputs;
 use crate::state::routes::{Plan, path_of, pick_backend, vip_of};
 use crate::state::{self, Route};
-use crate::telemetry::Reporter;
 use crate::telemetry::classify::{MethodClass, grpc_server_failed, grpc_status, is_grpc};
 use crate::telemetry::grpc::GrpcCode;
+use crate::telemetry::{Peers, Reporter};
 use crate::transport::LocalPod;
 use crate::transport::{ConnectError, Upstream, open_requests_upstream, open_upstream};
 use http::{Request, Response, StatusCode};
@@ -80,6 +80,68 @@ struct Connection {
     upgrades: Upgrades,
     /// Acknowledges the client's socket (see `serve`).
     acker: Acker,
+    /// The metrics' peers of the last route taken, for the next request
+    /// that takes the same one (most do).
+    peers: std::sync::Mutex<Option<RoutePeers>>,
+}
+
+/// The metrics' peers of one route: what they are made of, and them.
+struct RoutePeers {
+    /// Held, so that no other record can take its address while compared.
+    workload: Option<Arc<weft_destination_api::Workload>>,
+    service: Option<String>,
+    mutual_tls: bool,
+    peers: Arc<Peers>,
+}
+
+impl RoutePeers {
+    fn of(
+        route: &Route,
+    ) -> (
+        Option<&Arc<weft_destination_api::Workload>>,
+        Option<&str>,
+        bool,
+    ) {
+        (
+            route.workload(),
+            route.service(),
+            matches!(route, Route::Hbone { .. }),
+        )
+    }
+
+    /// Made of the same as `route`'s: the same workload record (the view
+    /// replaces a record whole when anything in it changes), service and
+    /// security.
+    fn matches(&self, route: &Route) -> bool {
+        let (workload, service, mutual_tls) = Self::of(route);
+        let same_workload = match (&self.workload, workload) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        same_workload && self.service.as_deref() == service && self.mutual_tls == mutual_tls
+    }
+}
+
+impl Connection {
+    /// The source-side metrics' peers of `route`: the last request's when
+    /// it took the same route, so that a request builds no label strings
+    /// and its series is found by the `Arc`'s address.
+    fn peers(&self, route: &Route) -> Arc<Peers> {
+        let mut last = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(cached) = last.as_ref().filter(|c| c.matches(route)) {
+            return cached.peers.clone();
+        }
+        let peers = Arc::new(super::source_peers(&self.pod, route));
+        let (workload, service, mutual_tls) = RoutePeers::of(route);
+        *last = Some(RoutePeers {
+            workload: workload.cloned(),
+            service: service.map(str::to_string),
+            mutual_tls,
+            peers: peers.clone(),
+        });
+        peers
+    }
 }
 
 /// Serves the client connection `io` (its first bytes already replayed by
@@ -106,6 +168,7 @@ pub async fn serve<IO>(
         protocol,
         upgrades: Upgrades::default(),
         acker,
+        peers: Default::default(),
     });
     let serving = conn.clone();
     let http2 = protocol == Protocol::Http2;
@@ -212,7 +275,7 @@ impl Connection {
         let mut recorder = Recorder {
             metrics: cx.request_metrics.clone(),
             reporter: Reporter::Source,
-            peers: Arc::new(super::source_peers(&self.pod, &route)),
+            peers: self.peers(&route),
             route: plan.label().to_string(),
             method,
             started,
