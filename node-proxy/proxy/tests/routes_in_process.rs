@@ -10,7 +10,9 @@ mod in_process;
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use in_process::{InProcessMesh, get, metric, pod_yaml, post_chunked, serve_app, streamed, text};
+use in_process::{
+    InProcessMesh, get, get_on, metric, pod_yaml, post_chunked, serve_app, streamed, text,
+};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -460,23 +462,11 @@ async fn requests_on_one_connection_are_counted_under_the_workload_that_answered
     let mut switches = 0;
     let mut previous = String::new();
     for _ in 0..N {
-        send.ready().await.expect("the connection stays open");
-        let request = http::Request::get("/hello")
-            .header(http::header::HOST, "web.demo")
-            .body(http_body_util::Empty::<Bytes>::new())
-            .expect("request");
-        let response = tokio::time::timeout(PATIENCE, send.send_request(request))
-            .await
-            .expect("answered")
-            .expect("a response");
-        assert_eq!(response.status(), 200);
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .expect("body")
-            .to_bytes();
-        let body = String::from_utf8_lossy(&body).into_owned();
+        let (status, body) =
+            tokio::time::timeout(PATIENCE, get_on(&mut send, "web.demo", "/hello"))
+                .await
+                .expect("answered");
+        assert_eq!(status, 200, "{body}");
         let workload = body
             .strip_prefix("hello from ")
             .unwrap_or_else(|| panic!("unexpected body {body:?}"))

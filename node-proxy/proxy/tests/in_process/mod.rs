@@ -500,6 +500,20 @@ pub async fn get(via: SocketAddr, host: &str, path: &str) -> (u16, String) {
         .await
         .expect("handshake");
     tokio::spawn(conn);
+    get_on(&mut send, host, path).await
+}
+
+/// A GET on an open HTTP/1.1 connection (once it is ready for the next
+/// request); returns the status and body (status 0 and the error when it
+/// failed).
+pub async fn get_on(
+    send: &mut hyper::client::conn::http1::SendRequest<http_body_util::Empty<Bytes>>,
+    host: &str,
+    path: &str,
+) -> (u16, String) {
+    if let Err(e) = send.ready().await {
+        return (0, e.to_string());
+    }
     let req = http::Request::get(path)
         .header(http::header::HOST, host)
         .body(http_body_util::Empty::<Bytes>::new())
