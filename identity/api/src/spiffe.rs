@@ -15,7 +15,9 @@ pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 /// Held as the URI itself, shared, with where its names are: a route, a
 /// pool key or a connection takes a copy of its peer's identity for every
 /// request, and a copy is then a reference count, not three strings.
-#[derive(Clone)]
+///
+/// Equal, and hashed alike, as URIs: the offsets follow from the URI.
+#[derive(Clone, PartialEq, Eq, Hash)]
 pub struct SpiffeId {
     uri: Arc<str>,
     /// Where the namespace starts and ends in `uri`.
@@ -103,20 +105,6 @@ impl SpiffeId {
             self.namespace(),
             self.service_account(),
         )
-    }
-}
-
-impl PartialEq for SpiffeId {
-    fn eq(&self, other: &Self) -> bool {
-        self.uri == other.uri
-    }
-}
-
-impl Eq for SpiffeId {}
-
-impl std::hash::Hash for SpiffeId {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.names().hash(state);
     }
 }
 

@@ -383,14 +383,23 @@ fn per_cpu_second(cluster: &TestCluster, mesh: &Mesh, port: u16, proto: http::Pr
     let server = cluster.pod("mesh/server").ip.to_string();
     let cpu = || proxies_cpu_seconds(mesh);
     let before = cpu();
-    let (completed, seconds) = closed_loop(cluster, "mesh", &format!("{server}:{port}"), proto);
+    let target = format!("{server}:{port}");
+    let load = (MAX_SECONDS, MAX_CONCURRENCY);
+    let (completed, seconds) = closed_loop(cluster, "mesh", &target, proto, load);
     let used = cpu() - before;
     (completed / used, completed / seconds)
 }
 
-/// One closed-loop run ([`MAX_CONCURRENCY`] callers, [`MAX_SECONDS`]) from
-/// `ns/client` to `target`: the requests completed and the seconds taken.
-fn closed_loop(cluster: &TestCluster, ns: &str, target: &str, proto: http::Proto) -> (f64, f64) {
+/// One closed-loop run from `ns/client` to `target`, `(seconds, callers)`
+/// (each caller sends its next request when the last one is answered):
+/// the requests completed and the seconds taken.
+fn closed_loop(
+    cluster: &TestCluster,
+    ns: &str,
+    target: &str,
+    proto: http::Proto,
+    (seconds, callers): (f64, usize),
+) -> (f64, f64) {
     let out = cluster.exec_ok(
         &format!("{ns}/client"),
         &[
@@ -398,8 +407,8 @@ fn closed_loop(cluster: &TestCluster, ns: &str, target: &str, proto: http::Proto
             "http-max",
             target,
             proto.arg(),
-            &MAX_SECONDS.to_string(),
-            &MAX_CONCURRENCY.to_string(),
+            &seconds.to_string(),
+            &callers.to_string(),
         ],
     );
     let v: serde_json::Value = serde_json::from_str(out.trim()).expect("http-max JSON");
@@ -430,6 +439,7 @@ fn grpc_floor(cluster: &TestCluster) -> String {
                 "direct",
                 &relays.entry.to_string(),
                 http::Proto::Grpc,
+                (MAX_SECONDS, MAX_CONCURRENCY),
             );
             let used = processes_cpu_seconds(&relays.pids()) - before;
             per_cpu_s.push(completed / used);
@@ -475,8 +485,7 @@ fn profile(cluster: &TestCluster, mesh: &Mesh, proto: http::Proto) {
         };
         let server = cluster.pod("direct/server").ip.to_string();
         let relays = relays::Relays::start(cluster, kind, 5, &server, 8080);
-        let pids: Vec<String> = relays.pids().iter().map(u32::to_string).collect();
-        eprintln!("relay pids: {}", pids.join(","));
+        announce_pids("relay", &relays.pids());
         std::thread::sleep(Duration::from_secs(2));
         let target = relays.entry.to_string();
         let result = open_loop(cluster, "direct", &target, proto, (rate, 10.0, 1));
@@ -503,8 +512,14 @@ fn proxy_pids(mesh: &Mesh) -> Vec<u32> {
 
 /// Prints both node proxies' process IDs, for a profiler to attach to.
 fn announce_proxy_pids(mesh: &Mesh) {
-    let pids: Vec<String> = proxy_pids(mesh).iter().map(u32::to_string).collect();
-    eprintln!("node proxy pids: {}", pids.join(","));
+    announce_pids("node proxy", &proxy_pids(mesh));
+}
+
+/// Prints `what pids: PID,PID` on stderr (what a profiling script waits
+/// for).
+fn announce_pids(what: &str, pids: &[u32]) {
+    let pids: Vec<String> = pids.iter().map(u32::to_string).collect();
+    eprintln!("{what} pids: {}", pids.join(","));
 }
 
 /// `WEFT_BENCH_PART=latency`: the open-loop HTTP/1.1 and gRPC rounds

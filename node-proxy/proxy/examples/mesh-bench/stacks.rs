@@ -280,26 +280,15 @@ const CLOSED_ROUNDS: usize = 3;
 /// on one keep-alive connection from `mesh/client` to `port` (median of
 /// [`CLOSED_ROUNDS`]).
 fn closed_loop(cluster: &TestCluster, mesh: &Mesh, stack: &Stack) -> (f64, f64) {
-    let server = cluster.pod("mesh/stacks").ip;
+    let target = format!("{}:{}", cluster.pod("mesh/stacks").ip, stack.port);
     let (mut cpu, mut rps) = (Vec::new(), Vec::new());
     for _ in 0..CLOSED_ROUNDS {
         let before = proxies_cpu_seconds(mesh);
-        let out = cluster.exec_ok(
-            "mesh/client",
-            &[
-                &super::exe(),
-                "http-max",
-                &format!("{server}:{}", stack.port),
-                stack.proto.arg(),
-                &CLOSED_SECONDS.to_string(),
-                "1",
-            ],
-        );
+        let (completed, seconds) =
+            super::closed_loop(cluster, "mesh", &target, stack.proto, (CLOSED_SECONDS, 1));
         let used = proxies_cpu_seconds(mesh) - before;
-        let v: serde_json::Value = serde_json::from_str(out.trim()).expect("http-max JSON");
-        let completed = v["completed"].as_f64().unwrap_or(0.0);
         cpu.push(used / completed.max(1.0) * 1e6);
-        rps.push(completed / v["seconds"].as_f64().unwrap_or(f64::NAN));
+        rps.push(completed / seconds);
     }
     (super::median(&mut cpu), super::median(&mut rps))
 }

@@ -15,6 +15,7 @@
 
 use super::control_plane::identity_of;
 use std::net::IpAddr;
+use std::sync::Arc;
 use weft_cert_manager::SpiffeId;
 use weft_destination_api::{View, Workload, address};
 
@@ -100,7 +101,7 @@ pub fn admit(view: &View, pod: Registering<'_>) -> Admission {
 /// gave no uid.
 fn workload_of<'v>(view: &'v View, pod: Registering<'_>) -> Option<&'v Workload> {
     if !pod.uid.is_empty() {
-        return view.workloads.get(pod.uid).map(|w| &**w);
+        return view.workloads.get(pod.uid).map(Arc::as_ref);
     }
     let mut same_name = view
         .workloads
